@@ -1,0 +1,30 @@
+# Two commands for a new user: `make demo` and `make test`. Each creates .venv when it is missing.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fcache-installed
+
+.PHONY: setup test demo bench bench-gpu lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) examples/store_demo.py
+
+bench: $(STAMP)
+	$(PY) benchmarks/store_io.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
+	$(VENV)/bin/mypy src/fcache/spec.py src/fcache/store
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from fcache.cli import main
+
+main()

@@ -1,0 +1,383 @@
+"""The shared vocabulary of fcache: level specs, view geometry and the store manifest.
+
+Everything written to disk is a frozen dataclass with ``to_dict``/``from_dict`` (format version 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import math
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import numpy as np
+
+from fcache import __version__
+
+FORMAT_VERSION = 1
+
+LEVEL_NAMES = {4: "p2", 8: "p3", 16: "p4", 32: "p5", 64: "p6"}
+
+
+def level_name(stride: int) -> str:
+    """FPN name of a feature level of the given stride (4 -> p2 ... 32 -> p5)."""
+    if stride not in LEVEL_NAMES:
+        raise ValueError(f"no level name for stride {stride}; strides must be one of {sorted(LEVEL_NAMES)}")
+    return LEVEL_NAMES[stride]
+
+
+class Status(IntEnum):
+    """Per-sample extraction status, stored as uint8 in ``samples/status``."""
+
+    PENDING = 0
+    OK = 1
+    EMPTY_FILE = 2
+    TRUNCATED = 3
+    DECODE_ERROR = 4
+    TOO_LARGE = 5
+    SIZE_MISMATCH = 6
+    VIDEO_PARTIAL = 7
+    TIMEOUT = 8
+    OUTSIDE_ROOT = 9
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True)
+class LevelSpec:
+    """One stored feature level: its name (p2..p5), channel count and stride in input pixels."""
+
+    name: str
+    channels: int
+    stride: int
+
+    def size(self, input_size: int) -> int:
+        """Side of this level's square feature map for a square canvas of ``input_size``."""
+        return math.ceil(input_size / self.stride)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LevelSpec:
+        return cls(name=str(d["name"]), channels=int(d["channels"]), stride=int(d["stride"]))
+
+
+GEOMETRY_FIELDS = (
+    "orig_h",  # original image height, after EXIF orientation
+    "orig_w",
+    "scale",  # resize factor original -> resized image
+    "crop_x0",  # top-left of the crop in resized-image pixels
+    "crop_y0",
+    "valid_w",  # width of image content on the canvas (content starts at 0,0)
+    "valid_h",
+    "flip",  # 1 when the view is mirrored horizontally
+    "canvas",  # side of the square padded canvas given to the backbone
+    "orientation",  # EXIF orientation that was applied (1 = none)
+    "t_start",  # video: clip start / end in seconds (0 for images)
+    "t_end",
+)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How one view was cut from its sample: original -> resized -> cropped -> flipped -> padded.
+
+    A point (x, y) of the original image lands on the canvas at
+    ``x' = x * scale - crop_x0`` (then ``valid_w - x'`` when flipped), ``y' = y * scale - crop_y0``.
+    Content occupies ``[0, valid_w) x [0, valid_h)`` of the square ``canvas``; the rest is padding.
+    """
+
+    orig_h: float
+    orig_w: float
+    scale: float
+    crop_x0: float = 0.0
+    crop_y0: float = 0.0
+    valid_w: float = 0.0
+    valid_h: float = 0.0
+    flip: float = 0.0
+    canvas: float = 0.0
+    orientation: float = 1.0
+    t_start: float = 0.0
+    t_end: float = 0.0
+
+    def to_array(self) -> np.ndarray:
+        return np.array([getattr(self, f) for f in GEOMETRY_FIELDS], dtype=np.float32)
+
+    @classmethod
+    def from_array(cls, a: np.ndarray) -> Geometry:
+        if len(a) != len(GEOMETRY_FIELDS):
+            raise ValueError(f"geometry vector has {len(a)} fields, expected {len(GEOMETRY_FIELDS)}")
+        return cls(**{f: float(v) for f, v in zip(GEOMETRY_FIELDS, a, strict=True)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Geometry:
+        return cls(**{f: float(d[f]) for f in GEOMETRY_FIELDS if f in d})
+
+    def boxes_to_view(self, boxes: np.ndarray, clip: bool = True) -> np.ndarray:
+        """Map xyxy boxes (..., 4) from original-image to canvas coordinates."""
+        b = np.asarray(boxes, dtype=np.float64).copy()
+        b[..., [0, 2]] = b[..., [0, 2]] * self.scale - self.crop_x0
+        b[..., [1, 3]] = b[..., [1, 3]] * self.scale - self.crop_y0
+        if clip:
+            b[..., [0, 2]] = b[..., [0, 2]].clip(0, self.valid_w)
+            b[..., [1, 3]] = b[..., [1, 3]].clip(0, self.valid_h)
+        if self.flip:
+            b[..., [0, 2]] = self.valid_w - b[..., [2, 0]]
+        return b
+
+    def boxes_from_view(self, boxes: np.ndarray) -> np.ndarray:
+        """Map xyxy boxes (..., 4) from canvas back to original-image coordinates."""
+        b = np.asarray(boxes, dtype=np.float64).copy()
+        if self.flip:
+            b[..., [0, 2]] = self.valid_w - b[..., [2, 0]]
+        b[..., [0, 2]] = (b[..., [0, 2]] + self.crop_x0) / self.scale
+        b[..., [1, 3]] = (b[..., [1, 3]] + self.crop_y0) / self.scale
+        b[..., [0, 2]] = b[..., [0, 2]].clip(0, self.orig_w)
+        b[..., [1, 3]] = b[..., [1, 3]].clip(0, self.orig_h)
+        return b
+
+    def points_to_view(self, xy: np.ndarray) -> np.ndarray:
+        """Map points (..., 2) from original-image to canvas coordinates (unclipped)."""
+        p = np.asarray(xy, dtype=np.float64).copy()
+        p[..., 0] = p[..., 0] * self.scale - self.crop_x0
+        p[..., 1] = p[..., 1] * self.scale - self.crop_y0
+        if self.flip:
+            p[..., 0] = self.valid_w - p[..., 0]
+        return p
+
+
+def _subset(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """The frozen base network whose features are stored."""
+
+    alias: str
+    timm_name: str
+    weights: str  # sha256 of the weights file or timm tag, or "random-init"
+    input_size: int
+    window: int | None
+    levels: tuple[LevelSpec, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["levels"] = [lv.to_dict() for lv in self.levels]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BackboneInfo:
+        d = dict(_subset(cls, d))
+        d["levels"] = tuple(LevelSpec.from_dict(x) for x in d["levels"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How samples become backbone inputs (see ``Geometry``)."""
+
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    resize: str = "longest-side+pad"
+    views: int = 1  # training views per sample (view 0 is the plain resize+pad)
+    view_scale: tuple[float, float] = (1.0, 1.0)
+    view_flip: bool = False
+    test_views: tuple[str, ...] = ()
+    seed: int = 0
+    frames: int | None = None  # video: frames per clip
+    clips: int = 1  # video: temporal clips per sample
+    crops: int = 1  # video: spatial crops per clip
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        d = dict(_subset(cls, d))
+        for k in ("mean", "std", "view_scale", "test_views"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    """How feature bytes are laid out: dtype, codec and shard size along N."""
+
+    dtype: str = "fp16"  # fp16 | bf16 | int8 | fp32
+    codec: str = "zstd"  # zstd | zstd:LEVEL | lz4 | none
+    shard_size: int = 16
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StorageSpec:
+        return cls(**_subset(cls, d))
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Which samples the store holds. ``root``/``annotations`` are informative only."""
+
+    kind: str  # coco | ade20k | video | folder | wds | synthetic
+    n: int
+    digest: str  # sha256 of the ordered sample keys
+    split: str = ""
+    root: str = ""
+    annotations: str = ""
+    task: str = ""  # detection | segmentation | video | classification | ""
+    label_names: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DatasetInfo:
+        d = dict(_subset(cls, d))
+        d["label_names"] = tuple(d.get("label_names", ()))
+        return cls(**d)
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that shape a store's bytes (provenance, not fingerprinted)."""
+    out = {}
+    for name in ("torch", "timm", "zarr", "numcodecs", "numpy", "pillow", "av"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def keys_digest(keys: list[str]) -> str:
+    """sha256 of an ordered list of sample keys."""
+    h = hashlib.sha256()
+    for k in keys:
+        h.update(k.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+# Fields excluded from the fingerprint: they describe where things were, not what the bytes are.
+_NOT_FINGERPRINTED = {"dataset.root", "dataset.annotations"}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``attrs["fcache"]`` of a store: everything that decides its bytes, plus provenance."""
+
+    backbone: BackboneInfo
+    preprocessing: Preprocessing
+    storage: StorageSpec
+    dataset: DatasetInfo
+    format_version: int = FORMAT_VERSION
+    fcache_version: str = __version__
+    libraries: dict[str, str] = field(default_factory=library_versions)
+
+    @property
+    def video(self) -> bool:
+        return self.preprocessing.frames is not None
+
+    @property
+    def num_views(self) -> int:
+        p = self.preprocessing
+        if self.video:
+            return p.clips * p.crops
+        return p.views + len(p.test_views)
+
+    @property
+    def train_views(self) -> tuple[int, ...]:
+        """View indices a trainer samples from: the K training views (video: every clip x crop)."""
+        return tuple(range(self.num_views if self.video else self.preprocessing.views))
+
+    @property
+    def levels(self) -> tuple[LevelSpec, ...]:
+        return self.backbone.levels
+
+    def level(self, name: str) -> LevelSpec:
+        for lv in self.levels:
+            if lv.name == name:
+                return lv
+        raise KeyError(f"level {name!r} is not in this store (it has {', '.join(lv.name for lv in self.levels)})")
+
+    def level_shape(self, name: str) -> tuple[int, ...]:
+        """Per sample-view shape of a level: (C, H, W), or (T, C, H, W) for video."""
+        lv = self.level(name)
+        s = lv.size(self.backbone.input_size)
+        chw = (lv.channels, s, s)
+        return (int(self.preprocessing.frames or 0), *chw) if self.video else chw
+
+    def fingerprinted(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "format_version": self.format_version,
+            "backbone": self.backbone.to_dict(),
+            "preprocessing": self.preprocessing.to_dict(),
+            "storage": self.storage.to_dict(),
+            "dataset": self.dataset.to_dict(),
+        }
+        for dotted in _NOT_FINGERPRINTED:
+            top, key = dotted.split(".")
+            d[top].pop(key, None)
+        return d
+
+    @property
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.fingerprinted(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def differences(self, other: Manifest) -> list[str]:
+        """Dotted names of fingerprinted fields that differ, with both values."""
+        return _diff(self.fingerprinted(), other.fingerprinted(), "")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "format_version": self.format_version,
+            "fcache_version": self.fcache_version,
+            "backbone": self.backbone.to_dict(),
+            "preprocessing": self.preprocessing.to_dict(),
+            "storage": self.storage.to_dict(),
+            "dataset": self.dataset.to_dict(),
+            "libraries": dict(self.libraries),
+        }
+        d["fingerprint"] = self.fingerprint
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        version = int(d.get("format_version", -1))
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"store format version {version} is not supported (this fcache reads version {FORMAT_VERSION}); "
+                "re-extract the store with this fcache version"
+            )
+        return cls(
+            backbone=BackboneInfo.from_dict(d["backbone"]),
+            preprocessing=Preprocessing.from_dict(d["preprocessing"]),
+            storage=StorageSpec.from_dict(d["storage"]),
+            dataset=DatasetInfo.from_dict(d["dataset"]),
+            format_version=version,
+            fcache_version=str(d.get("fcache_version", "")),
+            libraries=dict(d.get("libraries", {})),
+        )
+
+
+def _diff(a: Any, b: Any, prefix: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if a == b else [f"{prefix}: {json.dumps(a)} != {json.dumps(b)}"]

@@ -1,0 +1,147 @@
+"""Where things live inside a store directory, and the unit/shard arithmetic shared by writer and reader.
+
+A unit of work is one shard along N (samples ``[u*S, min((u+1)*S, N))``); its ledger record is
+``ledger/done/<unit>.json``. zarr's LocalStore writes every file through ``*.partial`` temporaries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fcache.spec import Manifest
+
+MANIFEST_ATTR = "fcache"
+FEATURES = "features"
+SCALES = "scales"
+KEYS = "samples/key"
+STATUS = "samples/status"
+GEOMETRY = "samples/geometry"
+TARGETS = "targets"
+LEDGER = "ledger"
+ERRORS = "errors.jsonl"
+TEMP_SUFFIX = ".partial"
+
+
+class StoreError(Exception):
+    """A store cannot be used as asked; the message says what to do."""
+
+
+class CorruptStoreError(StoreError):
+    """Bytes on disk do not match what was committed."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of work: a shard index and its sample range."""
+
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.index:06d}"
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def units(n: int, shard_size: int) -> list[Unit]:
+    return [Unit(u, s, min(s + shard_size, n)) for u, s in enumerate(range(0, n, shard_size))]
+
+
+def unit_of(i: int, shard_size: int, n: int) -> Unit:
+    start = (i // shard_size) * shard_size
+    return Unit(i // shard_size, start, min(start + shard_size, n))
+
+
+def shard_file(root: Path, array: str, shard: int, ndim: int) -> Path:
+    """Path of the shard (or chunk) file holding ``shard`` along N of a zarr array (default encoding)."""
+    return root.joinpath(array, "c", str(shard), *(["0"] * (ndim - 1)))
+
+
+def manifest_attrs(root: Path) -> dict[str, Any] | None:
+    """The raw ``attrs["fcache"]`` of a store, or None when ``root`` is not an fcache store."""
+    import zarr
+
+    if not (root / "zarr.json").is_file():
+        return None
+    attrs = zarr.open_group(str(root), mode="r").attrs.asdict()
+    value = attrs.get(MANIFEST_ATTR)
+    return dict(value) if isinstance(value, Mapping) else None
+
+
+def unit_files(root: Path, manifest: Manifest, unit: Unit, targets: Mapping[str, int]) -> list[Path]:
+    """Every file a unit owns: feature shards, int8 scales, samples, and targets (name -> ndim)."""
+    arrays: list[tuple[str, int]] = []
+    for lv in manifest.levels:
+        nd = 2 + len(manifest.level_shape(lv.name))
+        arrays.append((f"{FEATURES}/{lv.name}", nd))
+        if manifest.storage.dtype == "int8":
+            arrays.append((f"{SCALES}/{lv.name}", nd - 2))
+    arrays += [(STATUS, 1), (GEOMETRY, 3)]
+    arrays += [(f"{TARGETS}/{name}", nd) for name, nd in sorted(targets.items())]
+    return [shard_file(root, a, unit.index, nd) for a, nd in arrays]
+
+
+def ledger_dir(root: Path, kind: str) -> Path:
+    return root / LEDGER / kind
+
+
+def done_path(root: Path, unit: Unit) -> Path:
+    return ledger_dir(root, "done") / f"{unit.name}.json"
+
+
+def read_ledger(root: Path) -> dict[int, dict[str, Any]]:
+    """All committed unit records, by unit index."""
+    out: dict[int, dict[str, Any]] = {}
+    d = ledger_dir(root, "done")
+    if not d.is_dir():
+        return out
+    for p in d.glob("*.json"):
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise CorruptStoreError(f"ledger record {p} is unreadable ({e}); run `fcache verify {root}`") from e
+        out[int(rec["unit"])] = rec
+    return out
+
+
+def temporaries(root: Path) -> list[Path]:
+    """Leftover temporary files anywhere in the store (from a writer that was killed)."""
+    return sorted(p for p in root.rglob(f"*{TEMP_SUFFIX}") if p.is_file())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, obj: Any, exclusive: bool = False) -> bool:
+    """Write JSON through a temporary file; with ``exclusive`` the first writer wins (returns False after)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}{TEMP_SUFFIX}")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        if exclusive:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+        else:
+            os.replace(tmp, path)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,93 @@
+"""``fcache info``: what a store holds, how big it is on disk, and how well it compressed."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from fcache.store import layout
+from fcache.store.encoding import STORED_DTYPES
+from fcache.store.reader import FeatureStore
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """Manifest, per-level shapes and sizes, status counts and quantisation error, as plain data."""
+    store = FeatureStore(path)
+    m = store.manifest
+    committed = sum(rec["samples"] for rec in store.ledger.values())
+    itemsize = STORED_DTYPES[m.storage.dtype].itemsize
+    levels = []
+    for lv in store.levels:
+        shape = m.level_shape(lv.name)
+        disk = _disk_bytes(store.root / layout.FEATURES / lv.name)
+        if m.storage.dtype == "int8":
+            disk += _disk_bytes(store.root / layout.SCALES / lv.name)
+        raw = committed * store.num_views * math.prod(shape) * itemsize
+        levels.append(
+            {
+                "name": lv.name,
+                "channels": lv.channels,
+                "stride": lv.stride,
+                "shape": [m.dataset.n, store.num_views, *shape],
+                "dtype": m.storage.dtype,
+                "disk_bytes": disk,
+                "raw_bytes": raw,
+                "bytes_per_sample": disk / committed if committed else 0.0,
+                "compression_ratio": raw / disk if disk else 0.0,
+                "quantisation_error": store.quantisation_error.get(lv.name),
+            }
+        )
+    disk_total = sum(lv["disk_bytes"] for lv in levels)
+    raw_total = sum(lv["raw_bytes"] for lv in levels)
+    return {
+        "store": str(store.root),
+        "manifest": store.attrs,
+        "samples": m.dataset.n,
+        "views": store.num_views,
+        "units_committed": len(store.ledger),
+        "units_total": len(store.units),
+        "status_counts": store.status_counts(),
+        "levels": levels,
+        "disk_bytes": disk_total,
+        "store_bytes": _disk_bytes(store.root),
+        "compression_ratio": raw_total / disk_total if disk_total else 0.0,
+        "targets": list(store.target_names),
+    }
+
+
+def format_info(d: dict[str, Any]) -> str:
+    m = d["manifest"]
+    bb, st, ds = m["backbone"], m["storage"], m["dataset"]
+    lines = [
+        f"store      {d['store']}  (format {m['format_version']}, fcache {m.get('fcache_version', '?')})",
+        f"backbone   {bb['alias']} ({bb['timm_name']}) @ {bb['input_size']}px, weights {bb['weights'][:16]}",
+        f"dataset    {ds['kind']} {ds.get('split', '')}  {d['samples']} samples x {d['views']} views",
+        f"targets    {', '.join(d['targets']) or '-'}",
+        f"storage    {st['dtype']}, codec {st['codec']}, shards of {st['shard_size']} samples",
+        f"units      {d['units_committed']}/{d['units_total']} committed",
+        "status     " + ", ".join(f"{k} {v}" for k, v in sorted(d["status_counts"].items())),
+        "",
+        f"{'level':6s} {'C':>5s} {'stride':>6s} {'shape':>24s} {'on disk':>10s} {'per sample':>11s} {'ratio':>6s} {'rel.RMSE':>9s}",
+    ]
+    for lv in d["levels"]:
+        err = lv["quantisation_error"]
+        lines.append(
+            f"{lv['name']:6s} {lv['channels']:5d} {lv['stride']:6d} {str(tuple(lv['shape'])):>24s} "
+            f"{human(lv['disk_bytes']):>10s} {human(lv['bytes_per_sample']):>11s} {lv['compression_ratio']:6.2f} "
+            f"{'-' if err is None else f'{err:.2e}':>9s}"
+        )
+    lines.append(f"{'total':6s} {'':>5s} {'':>6s} {'':>24s} {human(d['disk_bytes']):>10s} {'':>11s} {d['compression_ratio']:6.2f}")
+    return "\n".join(lines)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _disk_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0

@@ -1,0 +1,145 @@
+"""``fcache verify``: is every committed byte of a store what the ledger says it is?
+
+Checks (design, "Commit protocol"): no temporary files or dead writers' locks left; every unit
+committed; each committed unit's files present with the recorded size (and, unless fast, sha256);
+statuses equal to the ledger's; every chunk decodes with a valid CRC32C and holds no NaN/Inf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fcache.store import layout
+from fcache.store.encoding import decode
+from fcache.store.reader import FeatureStore
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong, with where it is."""
+
+    kind: str  # temporary | lock | incomplete | missing | size | checksum | decode | nonfinite | status
+    path: str
+    message: str
+    samples: tuple[int, int] | None = None  # first, last sample index affected
+
+    def line(self) -> str:
+        where = f" (samples {self.samples[0]}-{self.samples[1]})" if self.samples else ""
+        return f"{self.kind.upper():10s} {self.path}{where}: {self.message}"
+
+
+@dataclass
+class VerifyReport:
+    store: str
+    fast: bool
+    units_total: int = 0
+    units_committed: int = 0
+    files_checked: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+
+def verify(path: str | Path, *, fast: bool = False, progress: Callable[[int], None] | None = None) -> VerifyReport:
+    """Check a store; ``progress`` is called with 1 after each committed unit."""
+    store = FeatureStore(path)
+    root = store.root
+    report = VerifyReport(store=str(root), fast=fast, units_total=len(store.units), units_committed=len(store.ledger))
+    for tmp in layout.temporaries(root):
+        report.problems.append(Problem("temporary", _rel(tmp, root), "leftover temporary file from an interrupted write"))
+    lock_dir = layout.ledger_dir(root, "lock")
+    for lock in sorted(lock_dir.glob("*.lock")) if lock_dir.is_dir() else []:
+        report.problems.append(Problem("lock", _rel(lock, root), "a writer stopped while holding this unit's lock"))
+    for unit in store.units:
+        if unit.index not in store.ledger:
+            report.problems.append(
+                Problem(
+                    "incomplete",
+                    f"unit {unit.name}",
+                    "not committed; rerun the same extract command to finish",
+                    (unit.start, unit.stop - 1),
+                )
+            )
+    targets = {name: store.array(f"{layout.TARGETS}/{name}").ndim for name in store.target_names}
+    raw_status = np.asarray(store.array(layout.STATUS)[:], dtype=np.uint8)
+    for u, rec in sorted(store.ledger.items()):
+        unit = store.units[u]
+        report.problems += _check_unit(store, unit, rec, targets, raw_status, fast, report)
+        if progress:
+            progress(1)
+    return report
+
+
+def _check_unit(
+    store: FeatureStore,
+    unit: layout.Unit,
+    rec: dict[str, Any],
+    targets: dict[str, int],
+    raw_status: np.ndarray,
+    fast: bool,
+    report: VerifyReport,
+) -> list[Problem]:
+    root, span = store.root, (unit.start, unit.stop - 1)
+    problems: list[Problem] = []
+    files = rec.get("files", {})
+    bad_files: set[str] = set()
+    for p in layout.unit_files(root, store.manifest, unit, targets):
+        rel = _rel(p, root)
+        want = files.get(rel)
+        report.files_checked += 1
+        if want is None:
+            problems.append(Problem("missing", rel, "not in the unit's ledger record", span))
+        elif not p.exists():
+            problems.append(Problem("missing", rel, "file is missing", span))
+        elif p.stat().st_size != want["size"]:
+            problems.append(
+                Problem("size", rel, f"{p.stat().st_size} bytes, the ledger recorded {want['size']} (truncated or rewritten)", span)
+            )
+        elif not fast and layout.sha256_file(p) != want["sha256"]:
+            problems.append(Problem("checksum", rel, "content differs from what was committed", span))
+            continue  # still decoded below, to say whether the damage reaches the values
+        else:
+            continue
+        bad_files.add(rel)
+    if not np.array_equal(raw_status[unit.start : unit.stop], np.asarray(rec["status"], dtype=np.uint8)):
+        problems.append(Problem("status", _rel(root / layout.STATUS, root), "statuses differ from the unit's ledger record", span))
+    if fast:
+        return problems
+    for lv in store.levels:
+        name = f"{layout.FEATURES}/{lv.name}"
+        shard = _rel(layout.shard_file(root, name, unit.index, 2 + len(store.manifest.level_shape(lv.name))), root)
+        if shard in bad_files:
+            continue  # already named; decoding a missing or cut file would only read fill values
+        problems += _decode_level(store, lv.name, unit, shard, span)
+    return problems
+
+
+def _decode_level(store: FeatureStore, level: str, unit: layout.Unit, shard: str, span: tuple[int, int]) -> list[Problem]:
+    dtype = store.manifest.storage.dtype
+    try:
+        values = np.asarray(store.array(f"{layout.FEATURES}/{level}")[unit.start : unit.stop])
+        scales = np.asarray(store.array(f"{layout.SCALES}/{level}")[unit.start : unit.stop]) if dtype == "int8" else None
+    except (ValueError, RuntimeError) as e:
+        return [Problem("decode", shard, f"does not decode ({e})", span)]
+    x = decode(values, dtype, scales)
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if bad.any():
+        idx = np.flatnonzero(bad) + unit.start
+        return [Problem("nonfinite", shard, f"NaN/Inf in samples {', '.join(map(str, idx))}", (int(idx[0]), int(idx[-1])))]
+    return []
+
+
+def _rel(p: Path, root: Path) -> str:
+    return str(p.relative_to(root))

@@ -1,0 +1,350 @@
+"""Creating a store and committing units into it (the design's commit protocol).
+
+The driver calls :func:`create` once: every array exists at full length N before any work. Workers
+call :meth:`StoreWriter.write_unit`, which owns one shard along N exclusively, writes it whole and
+commits by creating ``ledger/done/<unit>.json`` exclusively. Resume = units minus ledger.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from fcache.spec import GEOMETRY_FIELDS, Manifest, Status, keys_digest
+from fcache.store import layout
+from fcache.store.encoding import STORED_DTYPES, Encoded, chunk_codecs, encode
+from fcache.store.layout import StoreError, Unit
+
+WRITE_CONFIG: Any = {"write_empty_chunks": True}
+LOCK_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """A per-sample target array ``targets/<name>`` of shape [N, *shape].
+
+    dtype is a numpy dtype name or ``str`` (variable-length UTF-8, e.g. one JSON document per sample).
+    """
+
+    dtype: str
+    shape: tuple[int, ...] = ()
+    fill: Any = 0
+
+
+def create(
+    path: str | Path,
+    manifest: Manifest,
+    keys: Sequence[str],
+    *,
+    targets: Mapping[str, TargetSpec] | None = None,
+    target_attrs: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> StoreWriter:
+    """Create a store (or reopen it to resume, if its fingerprint matches).
+
+    Raises:
+        StoreError: the path holds another configuration (names the fields that differ), or is not a store.
+    """
+    root = Path(path)
+    if len(keys) != manifest.dataset.n or keys_digest(list(keys)) != manifest.dataset.digest:
+        raise ValueError("manifest.dataset.n/digest do not describe the given keys")
+    if root.exists():
+        existing = _existing_manifest(root)
+        if overwrite:
+            if existing is None and any(root.iterdir()):
+                raise StoreError(f"{root} exists and is not an fcache store; refusing to replace it, choose another path")
+            shutil.rmtree(root)
+        elif existing is None and any(root.iterdir()):
+            raise StoreError(f"{root} exists and is not an fcache store; choose another path")
+        elif existing is not None:
+            if existing.fingerprint != manifest.fingerprint:
+                diffs = "; ".join(existing.differences(manifest))
+                raise StoreError(
+                    f"{root} holds a store of another configuration ({diffs}); "
+                    "use the original settings to resume, or --overwrite to replace it"
+                )
+            return StoreWriter(root)
+        else:
+            root.rmdir()
+    tmp = root.with_name(f".{root.name}.{os.getpid()}{layout.TEMP_SUFFIX}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _build(tmp, manifest, keys, dict(targets or {}), dict(target_attrs or {}))
+        os.replace(tmp, root)  # a store appears whole or not at all
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return StoreWriter(root)
+
+
+def _existing_manifest(root: Path) -> Manifest | None:
+    attrs = layout.manifest_attrs(root)
+    return None if attrs is None else Manifest.from_dict(attrs)
+
+
+def _build(root: Path, m: Manifest, keys: Sequence[str], targets: dict[str, TargetSpec], target_attrs: dict) -> None:
+    n, s, v = m.dataset.n, m.storage.shard_size, m.num_views
+    dtype = m.storage.dtype
+    g = zarr.open_group(str(root), mode="w", zarr_format=3)
+    for lv in m.levels:
+        shape = m.level_shape(lv.name)
+        g.create_array(
+            f"{layout.FEATURES}/{lv.name}",
+            shape=(n, v, *shape),
+            chunks=(1, 1, *shape),
+            shards=(s, v, *shape),
+            dtype=STORED_DTYPES[dtype],
+            compressors=chunk_codecs(m.storage.codec, dtype),
+            fill_value=0,
+            attributes={"fcache_dtype": dtype, "level": lv.to_dict()},
+        )
+        if dtype == "int8":
+            per = shape[:-2]  # (C,) or (T, C)
+            g.create_array(f"{layout.SCALES}/{lv.name}", shape=(n, v, *per), chunks=(s, v, *per), dtype="float32", fill_value=0)
+    g.create_array(layout.KEYS, shape=(n,), chunks=(s,), dtype=str, config=WRITE_CONFIG)[:] = np.array(list(keys), dtype=object)
+    g.create_array(layout.STATUS, shape=(n,), chunks=(s,), dtype="uint8", fill_value=int(Status.PENDING))
+    g.create_array(
+        layout.GEOMETRY,
+        shape=(n, v, len(GEOMETRY_FIELDS)),
+        chunks=(s, v, len(GEOMETRY_FIELDS)),
+        dtype="float32",
+        fill_value=0,
+        attributes={"fields": list(GEOMETRY_FIELDS)},
+    )
+    tg = g.create_group(layout.TARGETS, attributes=target_attrs)
+    for name, t in targets.items():
+        if t.dtype == "str":
+            tg.create_array(name, shape=(n,), chunks=(s,), dtype=str)
+        else:
+            tg.create_array(name, shape=(n, *t.shape), chunks=(1, *t.shape), shards=(s, *t.shape), dtype=t.dtype, fill_value=t.fill)
+    g.attrs[layout.MANIFEST_ATTR] = m.to_dict()
+    for d in ("done", "lock"):
+        layout.ledger_dir(root, d).mkdir(parents=True, exist_ok=True)
+
+
+class StoreWriter:
+    """Writes units into an existing store. Picklable (holds only the path), so it can travel to workers."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.root = Path(path)
+        manifest = _existing_manifest(self.root)
+        if manifest is None:
+            raise StoreError(f"{self.root} is not an fcache store")
+        self.manifest = manifest
+        self.units = layout.units(manifest.dataset.n, manifest.storage.shard_size)
+        self._target_ndims: dict[str, int] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"root": self.root}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["root"])  # type: ignore[misc]
+
+    def committed(self) -> dict[int, dict[str, Any]]:
+        return layout.read_ledger(self.root)
+
+    def pending(self) -> list[Unit]:
+        """Units without a ledger record: all that remains to be done."""
+        done = set(self.committed())
+        return [u for u in self.units if u.index not in done]
+
+    def write_targets(self, name: str, values: np.ndarray, start: int = 0) -> None:
+        """Driver-side: fill ``targets/<name>`` before any unit runs (e.g. annotations known from metadata)."""
+        arr = self._array(f"{layout.TARGETS}/{name}")
+        if arr.dtype.kind in "OT":
+            values = np.asarray(values, dtype=object)
+        arr[start : start + len(values)] = values
+
+    def write_unit(
+        self,
+        unit: Unit,
+        features: Mapping[str, np.ndarray],
+        status: np.ndarray,
+        geometry: np.ndarray,
+        *,
+        targets: Mapping[str, np.ndarray] | None = None,
+        errors: Sequence[Mapping[str, Any]] = (),
+        hook: Callable[[str], None] | None = None,
+    ) -> dict[str, Any] | None:
+        """Write one whole unit and commit it. Returns the ledger record, or None when another writer has it.
+
+        Args:
+            features: level -> float32 (n_unit, V, C, H, W) or (n_unit, V, T, C, H, W); failed samples zeros.
+            status: (n_unit,) uint8 ``Status`` codes.
+            geometry: (n_unit, V, len(GEOMETRY_FIELDS)) float32.
+            targets: name -> (n_unit, ...) values for targets written by workers.
+            errors: one dict per failed sample (key, status, message), kept in the ledger record.
+            hook: called with the stage name before each step (tests use it to crash at a known point).
+        """
+        encoded = self._encode(unit, features, status, geometry)
+        step = hook or (lambda stage: None)
+        if layout.done_path(self.root, unit).exists() or not self._lock(unit):
+            return None
+        try:
+            if layout.done_path(self.root, unit).exists():
+                return None
+            t0 = time.time()
+            step("delete")
+            written = self._clear(unit)
+            for name, enc in encoded.items():
+                step(f"level:{name}")
+                self._array(f"{layout.FEATURES}/{name}")[unit.start : unit.stop] = enc.values
+                if enc.scales is not None:
+                    self._array(f"{layout.SCALES}/{name}")[unit.start : unit.stop] = enc.scales
+            step("samples")
+            self._array(layout.STATUS)[unit.start : unit.stop] = status.astype(np.uint8)
+            self._array(layout.GEOMETRY)[unit.start : unit.stop] = geometry.astype(np.float32)
+            for name, values in (targets or {}).items():
+                self.write_targets(name, values, unit.start)
+            step("commit")
+            record = {
+                "unit": unit.index,
+                "start": unit.start,
+                "stop": unit.stop,
+                "samples": len(unit),
+                "status": [int(x) for x in status],
+                "status_counts": _counts(status),
+                "files": {
+                    str(p.relative_to(self.root)): {"size": p.stat().st_size, "sha256": layout.sha256_file(p)}
+                    for p in written
+                    if p.exists()
+                },
+                "quant": {name: [enc.sq_err, enc.sq_ref] for name, enc in encoded.items()},
+                "errors": [dict(e) for e in errors],
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "seconds": round(time.time() - t0, 3),
+                "time": time.time(),
+            }
+            if not layout.write_json_atomic(layout.done_path(self.root, unit), record, exclusive=True):
+                return None
+            return record
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise StoreError(
+                    f"disk full while writing unit {unit.name} (samples {unit.start}-{unit.stop - 1}) to {self.root}: "
+                    "free some space and rerun the same command; committed units are intact"
+                ) from e
+            raise
+        finally:
+            self._unlock(unit)
+
+    def _encode(self, unit: Unit, features: Mapping[str, np.ndarray], status: np.ndarray, geometry: np.ndarray) -> dict[str, Encoded]:
+        m, n_u = self.manifest, len(unit)
+        names = {lv.name for lv in m.levels}
+        if set(features) != names:
+            raise ValueError(f"unit {unit.name}: got levels {sorted(features)}, the store holds {sorted(names)}")
+        out = {}
+        for lv in m.levels:
+            want = (n_u, m.num_views, *m.level_shape(lv.name))
+            x = features[lv.name]
+            if tuple(x.shape) != want:
+                raise ValueError(f"unit {unit.name}: level {lv.name} has shape {tuple(x.shape)}, expected {want}")
+            out[lv.name] = encode(x, m.storage.dtype, lv.name)
+        if status.shape != (n_u,) or geometry.shape != (n_u, m.num_views, len(GEOMETRY_FIELDS)):
+            raise ValueError(f"unit {unit.name}: status {status.shape} / geometry {geometry.shape} do not match {n_u} samples")
+        return out
+
+    def _unit_files(self, unit: Unit) -> list[Path]:
+        return layout.unit_files(self.root, self.manifest, unit, self.target_ndims())
+
+    def target_ndims(self) -> dict[str, int]:
+        if self._target_ndims is None:
+            tg = zarr.open_group(str(self.root / layout.TARGETS), mode="r")
+            self._target_ndims = {name: arr.ndim for name, arr in tg.arrays()}
+        return self._target_ndims
+
+    def _clear(self, unit: Unit) -> list[Path]:
+        """Delete the unit's files (features, scales, samples; not driver-written targets) and temporaries."""
+        files = self._unit_files(unit)
+        for p in files:
+            if p.parent.is_dir():
+                for tmp in p.parent.glob(f"{p.name}.*{layout.TEMP_SUFFIX}"):
+                    tmp.unlink(missing_ok=True)
+            if p.parts[len(self.root.parts)] != layout.TARGETS:
+                p.unlink(missing_ok=True)
+        return files
+
+    def _array(self, name: str) -> zarr.Array:
+        return zarr.open_array(str(self.root / name), mode="r+", config=WRITE_CONFIG)
+
+    def _lock(self, unit: Unit) -> bool:
+        """Take the unit's write lock; a stale lock (dead pid on this host, or too old) is taken over."""
+        path = layout.ledger_dir(self.root, "lock") / f"{unit.name}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not _stale(path):
+                    return False
+                path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            return True
+        return False
+
+    def _unlock(self, unit: Unit) -> None:
+        (layout.ledger_dir(self.root, "lock") / f"{unit.name}.lock").unlink(missing_ok=True)
+
+    def finalize(self) -> dict[str, Any]:
+        """Driver-side, after the work: errors.jsonl and the measured statistics from the ledger."""
+        ledger = self.committed()
+        stats = summarize_ledger(ledger, len(self.units))
+        lines = [json.dumps(e, sort_keys=True) for u in sorted(ledger) for e in ledger[u]["errors"]]
+        tmp = self.root / f"{layout.ERRORS}.{os.getpid()}{layout.TEMP_SUFFIX}"
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.replace(tmp, self.root / layout.ERRORS)
+        attrs = layout.manifest_attrs(self.root) or {}
+        attrs["quantisation_error"] = stats["quantisation_error"]
+        zarr.open_group(str(self.root), mode="r+").attrs[layout.MANIFEST_ATTR] = attrs
+        return stats
+
+
+def summarize_ledger(ledger: Mapping[int, Mapping[str, Any]], total_units: int) -> dict[str, Any]:
+    """Status counts and per-level relative RMSE of the committed units."""
+    counts: dict[str, int] = {}
+    quant: dict[str, list[float]] = {}
+    for rec in ledger.values():
+        for k, c in rec["status_counts"].items():
+            counts[k] = counts.get(k, 0) + c
+        for level, (err, ref) in rec["quant"].items():
+            acc = quant.setdefault(level, [0.0, 0.0])
+            acc[0] += err
+            acc[1] += ref
+    rel = {lv: (float(np.sqrt(e / r)) if r > 0 else 0.0) for lv, (e, r) in sorted(quant.items())}
+    return {"units_committed": len(ledger), "units_total": total_units, "status_counts": counts, "quantisation_error": rel}
+
+
+def _counts(status: np.ndarray) -> dict[str, int]:
+    vals, cnt = np.unique(status.astype(np.uint8), return_counts=True)
+    return {Status(int(v)).label: int(c) for v, c in zip(vals, cnt, strict=True)}
+
+
+def _stale(path: Path) -> bool:
+    try:
+        info = json.loads(path.read_text() or "{}")
+        age = time.time() - path.stat().st_mtime
+    except (OSError, ValueError):
+        return True
+    if info.get("host") == socket.gethostname():
+        try:
+            os.kill(int(info["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, KeyError, ValueError):
+            pass
+    return age > LOCK_TIMEOUT_S

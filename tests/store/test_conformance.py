@@ -1,0 +1,165 @@
+"""One conformance suite, run for every dtype x codec, for image- and video-shaped levels."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fcache import store as fstore
+from fcache.cli import main
+from fcache.spec import Status
+from fcache.store.encoding import bf16_bits_to_float32, float32_to_bf16_bits
+from helpers import decoded, make_manifest, sample_features, write_all
+
+
+class StoreConformance:
+    """Behaviour every store must have, whatever its dtype and codec (subclassed below)."""
+
+    dtype = "fp16"
+    codec = "zstd"
+    frames: int | None = None
+    views = 2
+    failed = (3,)
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def built(cls, tmp_path_factory):
+        path = tmp_path_factory.mktemp("store") / "s.zarr"
+        m, keys = make_manifest(n=10, dtype=cls.dtype, codec=cls.codec, shard_size=4, views=cls.views, frames=cls.frames)
+        write_all(fstore.create(path, m, keys), failed=cls.failed)
+        return path, m
+
+    def expected(self, m, i):
+        """What decoding must give back for sample i (inputs rounded to the stored dtype)."""
+        feats = sample_features(m, i)
+        if self.dtype == "fp16":
+            return {k: v.astype(np.float16).astype(np.float32) for k, v in feats.items()}
+        if self.dtype == "bf16":
+            return {k: bf16_bits_to_float32(float32_to_bf16_bits(v)) for k, v in feats.items()}
+        return feats
+
+    def test_round_trip(self, built):
+        path, m = built
+        s = fstore.open(path)
+        for i in s.ok_indices:
+            want = self.expected(m, int(i))
+            for lv in s.level_names:
+                got = s.read(lv, int(i))
+                assert got.dtype == np.float32 and got.shape == want[lv].shape
+                if self.dtype == "int8":
+                    rel = np.sqrt(np.square(got - want[lv]).sum() / np.square(want[lv]).sum())
+                    assert rel < 0.01, (lv, rel)
+                else:
+                    np.testing.assert_array_equal(got, want[lv])
+
+    def test_stored_bits(self, built):
+        path, m = built
+        s = fstore.open(path)
+        raw = np.asarray(s.array(f"features/{s.level_names[0]}")[0])
+        x = sample_features(m, 0)[s.level_names[0]]
+        if self.dtype == "bf16":  # raw 16 bits equal torch's own bfloat16 rounding
+            ref = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+            assert raw.dtype == np.uint16
+            np.testing.assert_array_equal(raw, ref)
+            assert s.array(f"features/{s.level_names[0]}").attrs["fcache_dtype"] == "bf16"
+        elif self.dtype == "int8":
+            assert raw.dtype == np.int8 and np.abs(raw).max() == 127
+            scales = np.asarray(s.array(f"scales/{s.level_names[0]}")[0])
+            assert scales.shape == raw.shape[:-2]
+        else:
+            assert raw.dtype == {"fp16": np.float16, "fp32": np.float32}[self.dtype]
+
+    def test_statuses_and_failed_samples(self, built):
+        path, _ = built
+        s = fstore.open(path)
+        assert s.status[3] == Status.DECODE_ERROR
+        assert list(s.ok_indices) == [i for i in range(10) if i != 3]
+        assert s.status_counts() == {"ok": 9, "decode_error": 1}
+        with pytest.raises(fstore.StoreError, match="decode_error"):
+            s.read("p2", 3)
+        errors = [json.loads(line) for line in (path / "errors.jsonl").read_text().splitlines()]
+        assert [e["key"] for e in errors] == ["img_0003.jpg"]
+
+    def test_dataset_items(self, built):
+        path, m = built
+        s = fstore.open(path)
+        ds = s.dataset(["p3", "p5"], view=1)
+        assert len(ds) == 9
+        item = ds[3]  # the 4th ok sample is sample 4
+        assert item["index"] == 4 and item["view"] == 1
+        assert set(item["features"]) == {"p3", "p5"}
+        for lv, t in item["features"].items():
+            assert t.dtype == torch.float32
+            assert tuple(t.shape) == m.level_shape(lv)
+            np.testing.assert_allclose(t.numpy(), s.read(lv, 4, 1))
+        assert item["geometry"][0].item() == 104  # orig_h of sample 4
+
+    def test_random_views_are_seeded(self, built):
+        path, _ = built
+        ds = fstore.open(path).dataset(["p5"], view="random", views=(0, 1), seed=7)
+        first = [ds[j]["view"] for j in range(len(ds))]
+        assert first == [ds[j]["view"] for j in range(len(ds))]
+        epochs = []
+        for e in range(4):
+            ds.set_epoch(e)
+            epochs.append(tuple(ds[j]["view"] for j in range(len(ds))))
+        assert len(set(epochs)) > 1 and {v for ep in epochs for v in ep} == {0, 1}
+
+    def test_dataloader_workers(self, built):
+        path, _ = built
+        ds = fstore.open(path).dataset(["p4"])
+        ref = torch.stack([ds[j]["features"]["p4"] for j in range(len(ds))])
+        loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2, collate_fn=lambda b: b)
+        got = torch.stack([it["features"]["p4"] for batch in loader for it in batch])
+        assert torch.equal(ref, got)
+
+    def test_to_dask(self, built):
+        path, _ = built
+        s = fstore.open(path)
+        arr = s.to_dask("p3")
+        assert arr.dtype == np.float32 and arr.shape == (10, s.num_views, *s.manifest.level_shape("p3"))
+        np.testing.assert_allclose(np.asarray(arr[5].compute()), s.read("p3", 5))
+
+    def test_info(self, built):
+        path, m = built
+        r = CliRunner().invoke(main, ["info", str(path), "--json"])
+        assert r.exit_code == 0, r.output
+        d = json.loads(r.output)
+        assert d["units_committed"] == d["units_total"] == 3
+        assert d["status_counts"] == {"ok": 9, "decode_error": 1}
+        p2 = d["levels"][0]
+        assert p2["name"] == "p2" and p2["shape"] == [10, self.views, *m.level_shape("p2")]
+        assert p2["disk_bytes"] > 0 and p2["compression_ratio"] > 0
+        err = p2["quantisation_error"]
+        assert (err == 0) if self.dtype == "fp32" else (0 < err < 0.01)
+        text = CliRunner().invoke(main, ["info", str(path)]).output
+        assert "p5" in text and "3/3 committed" in text
+
+    def test_verify_clean(self, built):
+        path, _ = built
+        for flags in ([], ["--fast"]):
+            r = CliRunner().invoke(main, ["verify", str(path), *flags])
+            assert r.exit_code == 0, r.output
+            assert r.output.startswith("OK")
+
+    def test_reopen_same_config_resumes_nothing(self, built):
+        path, m = built
+        before = decoded(path)
+        w = fstore.create(path, m, [f"img_{i:04d}.jpg" for i in range(10)])
+        assert w.pending() == []
+        after = decoded(path)
+        for k in before:
+            np.testing.assert_array_equal(before[k], after[k])
+
+
+DTYPES = ("fp32", "fp16", "bf16", "int8")
+CODECS = ("zstd", "zstd:7", "lz4", "none")
+for _dtype in DTYPES:
+    for _codec in CODECS:
+        for _frames in (None, 3):
+            _name = f"TestStore_{_dtype}_{_codec.replace(':', '')}_{'video' if _frames else 'image'}"
+            globals()[_name] = type(_name, (StoreConformance,), {"dtype": _dtype, "codec": _codec, "frames": _frames})
