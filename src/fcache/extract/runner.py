@@ -1,0 +1,348 @@
+"""``fcache extract``: run the frozen backbone once over a dataset and commit its features unit by unit.
+
+Three stages overlap so the device never waits on I/O: decoding + views in DataLoader workers,
+the backbone on the device in the main thread, encoding + compression + commit on a writer thread.
+Crash-safe through the store's commit protocol: a rerun finishes only the units missing from the ledger.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from fcache import store as fstore
+from fcache.extract.backbones import Backbone, build_backbone
+from fcache.extract.decode import DEFAULT_MAX_PIXELS
+from fcache.extract.sources import build_source
+from fcache.extract.sources.base import SampleRef, Source
+from fcache.extract.views import expand_test_views
+from fcache.extract.work import SampleDataset, UnitAssembler
+from fcache.spec import DatasetInfo, Manifest, Preprocessing, Status, StorageSpec, keys_digest
+from fcache.store.encoding import check_dtype, parse_codec
+from fcache.store.summary import human
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything ``fcache extract`` (and ``fcache plan``) needs; built from flags in cli.py."""
+
+    dataset: str
+    root: str
+    out: str = ""
+    annotations: str = ""
+    split: str = ""
+    model: str = "swinv2-t"
+    weights: str = ""
+    random_init: bool = False
+    input_size: int = 256
+    levels: tuple[str, ...] = ("p2", "p3", "p4", "p5")
+    dtype: str = "fp16"
+    codec: str = "zstd"
+    shard_size: int = 16
+    views: int = 1
+    view_scale: tuple[float, float] = (1.0, 1.0)
+    view_flip: bool = False
+    test_views: tuple[str, ...] = ()
+    seed: int = 0
+    frames: int = 16
+    clips: int = 1
+    crops: int = 1
+    batch_size: int = 8
+    num_workers: int = 2
+    device: str = "cpu"
+    limit: int = 0
+    on_error: str = "skip"  # skip | fail
+    overwrite: bool = False
+    decode_timeout: float = 60.0
+    drop_degenerate_boxes: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def validate(self) -> None:
+        check_dtype(self.dtype)
+        parse_codec(self.codec)
+        positive = {"input-size": self.input_size, "shard-size": self.shard_size, "views": self.views, "batch-size": self.batch_size}
+        positive |= {"frames": self.frames, "clips": self.clips, "crops": self.crops}
+        bad = [f"--{k} {v}" for k, v in positive.items() if v < 1]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: must be at least 1")
+        if self.input_size % 32:
+            raise ValueError(f"--input-size {self.input_size} is not a multiple of 32 (the backbone's coarsest stride)")
+        lo, hi = self.view_scale
+        if not 0 < lo <= hi:
+            raise ValueError(f"--view-scale {lo},{hi}: need 0 < LO <= HI")
+        if self.on_error not in ("skip", "fail"):
+            raise ValueError(f"--on-error {self.on_error}: use skip or fail")
+
+
+@dataclass
+class ExtractSummary:
+    """What a run did; ``exit_code`` is 0 when no sample failed, 3 when some were skipped."""
+
+    store: str
+    samples: int
+    processed: int
+    status_counts: dict[str, int]
+    seconds: float
+    images_per_s: float
+    bytes_written: int
+    levels: list[dict[str, Any]] = field(default_factory=list)
+    compression_ratio: float = 0.0
+    timing: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if set(self.status_counts) <= {"ok", "video_partial"} else 3
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "exit_code": self.exit_code}
+
+
+class SampleFailed(RuntimeError):
+    """``--on-error fail``: the first failed sample stops the run."""
+
+
+def preprocessing_of(cfg: ExtractConfig, backbone: Backbone, video: bool) -> Preprocessing:
+    return Preprocessing(
+        mean=backbone.mean,
+        std=backbone.std,
+        views=1 if video else cfg.views,
+        view_scale=tuple(cfg.view_scale) if cfg.views > 1 and not video else (1.0, 1.0),  # type: ignore[arg-type]
+        view_flip=cfg.view_flip and cfg.views > 1 and not video,
+        test_views=() if video else expand_test_views(cfg.test_views),
+        seed=cfg.seed,
+        frames=cfg.frames if video else None,
+        clips=cfg.clips if video else 1,
+        crops=cfg.crops if video else 1,
+    )
+
+
+def prepare(cfg: ExtractConfig, *, meta: bool = False) -> tuple[Source, list[SampleRef], Backbone, Manifest]:
+    """Validate the config and the dataset's metadata, build the backbone and the manifest (no writes)."""
+    cfg.validate()
+    source = build_source(
+        cfg.dataset,
+        root=cfg.root,
+        annotations=cfg.annotations or None,
+        split=cfg.split,
+        frames=cfg.frames,
+        clips=cfg.clips,
+        decode_timeout=cfg.decode_timeout,
+        drop_degenerate_boxes=cfg.drop_degenerate_boxes,
+        max_pixels=cfg.max_pixels,
+    )
+    refs = source.samples()
+    if cfg.limit:
+        refs = refs[: cfg.limit]
+    if not refs:
+        raise ValueError(f"{cfg.root}: the dataset has no samples; check --root/--annotations/--split")
+    backbone = build_backbone(
+        cfg.model,
+        input_size=cfg.input_size,
+        levels=cfg.levels,
+        weights=cfg.weights or None,
+        random_init=cfg.random_init,
+        seed=cfg.seed,
+        device=cfg.device,
+        meta=meta,
+    )
+    keys = [r.key for r in refs]
+    dataset = DatasetInfo(
+        kind=source.kind,
+        n=len(refs),
+        digest=keys_digest(keys),
+        split=cfg.split,
+        root=str(cfg.root),
+        annotations=str(cfg.annotations or ""),
+        task=source.task,
+        label_names=tuple(source.label_names()),
+    )
+    manifest = Manifest(
+        backbone=backbone.info,
+        preprocessing=preprocessing_of(cfg, backbone, source.kind == "video"),
+        storage=StorageSpec(dtype=cfg.dtype, codec=cfg.codec, shard_size=cfg.shard_size),
+        dataset=dataset,
+    )
+    return source, refs, backbone, manifest
+
+
+def run_extract(cfg: ExtractConfig, show_progress: bool = False) -> ExtractSummary:
+    """Extract (or resume extracting) ``cfg.out``, with a progress bar on stderr when asked."""
+    t0 = time.perf_counter()
+    source, refs, backbone, manifest = prepare(cfg)
+    fresh = not fstore_exists(cfg.out) or cfg.overwrite
+    writer = fstore.create(
+        cfg.out, manifest, [r.key for r in refs], targets=source.target_specs(), target_attrs=source.target_attrs(), overwrite=cfg.overwrite
+    )
+    if fresh:
+        for name, values in source.driver_targets(refs).items():
+            writer.write_targets(name, values)
+    pending = writer.pending()
+    indices = [i for u in pending for i in range(u.start, u.stop)]
+    stats = _Stats()
+    if indices:
+        with tqdm(total=len(indices), unit="sample", desc="extract", disable=not show_progress, file=sys.stderr) as bar:
+
+            def progress(done: int) -> None:
+                bar.update(1)
+                bar.set_postfix(
+                    img_s=f"{stats.images / max(time.perf_counter() - t0, 1e-9):.2f}", written=human(stats.bytes), refresh=False
+                )
+
+            _pipeline(cfg, source, refs, backbone, writer, pending, indices, stats, progress)
+    writer.finalize()
+    info = fstore.describe(cfg.out)
+    seconds = time.perf_counter() - t0
+    return ExtractSummary(
+        store=str(cfg.out),
+        samples=len(refs),
+        processed=len(indices),
+        status_counts=info["status_counts"],
+        seconds=seconds,
+        images_per_s=stats.images / max(stats.busy, 1e-9),
+        bytes_written=stats.bytes,
+        levels=info["levels"],
+        compression_ratio=info["compression_ratio"],
+        timing=stats.timing(),
+    )
+
+
+def fstore_exists(path: str) -> bool:
+    from pathlib import Path
+
+    return (Path(path) / "zarr.json").is_file()
+
+
+@dataclass
+class _Stats:
+    images: int = 0
+    bytes: int = 0
+    busy: float = 0.0  # wall time of the pipeline
+    loader_wait: float = 0.0  # main thread waiting for decoded samples
+    forward: float = 0.0  # backbone forward, including the copy back to the host
+    writer_wait: float = 0.0  # main thread waiting for the writer's queue
+
+    def timing(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in asdict(self).items() if k not in ("images", "bytes")}
+
+
+def _pipeline(cfg, source, refs, backbone, writer, pending, indices, stats: _Stats, progress) -> None:  # noqa: ANN001
+    """Decode -> forward -> write, overlapped; raises the writer's error, if any, in the main thread."""
+    m = writer.manifest
+    dataset = SampleDataset(source, refs, indices, m, timeout=cfg.decode_timeout)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=cfg.num_workers,
+        prefetch_factor=4 if cfg.num_workers else None,
+        pin_memory=cfg.device.startswith("cuda"),
+        collate_fn=_as_is,
+    )
+    assembler = UnitAssembler(m, pending)
+    out: queue.Queue = queue.Queue(maxsize=2)
+    thread = _WriterThread(writer, out, stats)
+    thread.start()
+    t_start = time.perf_counter()
+    batch: list[tuple[int, int, torch.Tensor]] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        t = time.perf_counter()
+        feats = backbone.forward(torch.stack([img for _, _, img in batch]))
+        host = {k: v.cpu().numpy() for k, v in feats.items()}
+        stats.forward += time.perf_counter() - t
+        stats.images += len(batch)
+        for b, (i, k, _) in enumerate(batch):
+            assembler.put(i, k, {k2: v[b] for k2, v in host.items()})
+        batch.clear()
+        _drain(assembler, out, thread, stats)
+
+    try:
+        for done, item in enumerate(_timed(loader, stats), start=1):
+            if cfg.on_error == "fail" and item["status"] != Status.OK:
+                raise SampleFailed(f"sample {item['key']} failed ({Status(item['status']).label}): {item['message']}")
+            assembler.start(item)
+            for k, img in enumerate(item["pixels"]):
+                batch.append((item["index"], k, img))
+                if len(batch) >= cfg.batch_size:
+                    flush()
+            _drain(assembler, out, thread, stats)
+            progress(done)
+        flush()
+        _drain(assembler, out, thread, stats, final=True)
+    finally:
+        out.put(None)
+        thread.join()
+        stats.busy = time.perf_counter() - t_start
+    if thread.error is not None:
+        raise thread.error
+
+
+def _as_is(item: dict[str, Any]) -> dict[str, Any]:
+    return item
+
+
+def _timed(loader: Any, stats: _Stats) -> Iterator[dict[str, Any]]:
+    it = iter(loader)
+    while True:
+        t = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        stats.loader_wait += time.perf_counter() - t
+        yield item
+
+
+def _drain(assembler: UnitAssembler, out: queue.Queue, thread: _WriterThread, stats: _Stats, final: bool = False) -> None:
+    if thread.error is not None:
+        raise thread.error
+    for payload in assembler.ready():
+        t = time.perf_counter()
+        out.put(payload)
+        stats.writer_wait += time.perf_counter() - t
+    if final and assembler.open_units():
+        raise RuntimeError(f"extraction ended with incomplete units {assembler.open_units()}")
+
+
+class _WriterThread(threading.Thread):
+    """Commits finished units in the background; the first error stops it and is re-raised by the driver."""
+
+    def __init__(self, writer: fstore.StoreWriter, inbox: queue.Queue, stats: _Stats) -> None:
+        super().__init__(name="fcache-writer", daemon=True)
+        self.writer, self.inbox, self.stats = writer, inbox, stats
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while (payload := self.inbox.get()) is not None:
+            if self.error is not None:
+                continue  # keep draining so the driver never blocks on a full queue
+            try:
+                rec = self.writer.write_unit(
+                    payload.unit, payload.features, payload.status, payload.geometry, targets=payload.targets, errors=payload.errors
+                )
+                if rec:
+                    self.stats.bytes += sum(f["size"] for f in rec["files"].values())
+            except BaseException as e:  # noqa: BLE001 - re-raised in the driver thread
+                self.error = e
+
+
+def summary_lines(s: ExtractSummary) -> list[str]:
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(s.status_counts.items()))
+    lines = [
+        f"extracted {s.processed} of {s.samples} samples into {s.store} in {s.seconds:.1f}s ({s.images_per_s:.2f} images/s)",
+        f"status: {counts}",
+        f"written: {human(s.bytes_written)}, compression ratio {s.compression_ratio:.2f}",
+    ]
+    lines += [f"  {lv['name']}: {human(lv['bytes_per_sample'])}/sample on disk, ratio {lv['compression_ratio']:.2f}" for lv in s.levels]
+    if s.exit_code:
+        lines.append(f"some samples failed: see {s.store}/errors.jsonl")
+    return lines

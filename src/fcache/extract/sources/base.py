@@ -1,0 +1,77 @@
+"""What every source (raw dataset reader) gives the extraction runner.
+
+A source lists its samples once (validating all metadata up front and reporting every problem at
+once), says which target arrays the store needs, and decodes one sample at a time inside a
+DataLoader worker. Decoding failures are ``SampleError``s carrying the sample's status.
+``SampleError`` and ``Decoded`` live in ``fcache.extract.decode`` (which must not import this package) and are
+re-exported here as part of the contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from fcache.extract.decode import Decoded, SampleError  # defined with the decoders that return / raise them
+from fcache.store import TargetSpec
+
+__all__ = ["Decoded", "MetadataError", "SampleError", "SampleRef", "Source"]
+
+
+class MetadataError(ValueError):
+    """The dataset's metadata is invalid; ``problems`` lists every problem found, not just the first."""
+
+    def __init__(self, source: str, problems: list[str], limit: int = 20, *, hint: str = "") -> None:
+        shown = "; ".join(problems[:limit]) + (f"; ... and {len(problems) - limit} more" if len(problems) > limit else "")
+        super().__init__(f"{source}: {len(problems)} problem(s) in the metadata: {shown}" + (f" -- {hint}" if hint else ""))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """One sample as listed by a source: its key in the store and where its media is."""
+
+    key: str  # the store's samples/key: COCO image id as a string, or a path relative to --root
+    path: str  # absolute media path ('' when the media lives elsewhere, e.g. inside a tar shard)
+    label: int = -1  # class index for classification / video sources
+    extra: Mapping[str, Any] = field(default_factory=dict)  # source-specific (annotation path, tar member...)
+
+
+class Source(Protocol):
+    """A raw dataset. Implementations: coco, ade20k, video, folder, wds."""
+
+    kind: str  # coco | ade20k | video | folder | wds
+    root: Path
+
+    @property
+    def task(self) -> str:
+        """detection | segmentation | video | classification | "" (folder / wds: known once the files are listed)."""
+        ...
+
+    def samples(self) -> list[SampleRef]:
+        """All samples in a deterministic order, metadata validated (raises MetadataError listing all problems)."""
+        ...
+
+    def label_names(self) -> tuple[str, ...]:
+        """Class names, index = label (empty for detection: categories travel in target attrs)."""
+        ...
+
+    def target_specs(self) -> dict[str, TargetSpec]:
+        """The ``targets/<name>`` arrays this source's stores hold (see ``fcache.spec.Targets``)."""
+        ...
+
+    def target_attrs(self) -> dict[str, Any]:
+        """Attributes of the ``targets/`` group (COCO: ``categories``)."""
+        ...
+
+    def driver_targets(self, refs: list[SampleRef]) -> dict[str, np.ndarray]:
+        """Targets known from metadata alone, written by the driver at store creation: name -> (N, ...)."""
+        ...
+
+    def decode(self, ref: SampleRef) -> Decoded:
+        """Decode one sample (runs in DataLoader workers). Raises SampleError with the sample's status."""
+        ...

@@ -1,0 +1,257 @@
+"""The ``coco`` source: an image folder (``--root``) plus a COCO detection json (``--annotations``).
+
+Follows the COCO data format (https://cocodataset.org/#format-data). ``samples()`` checks the whole json before any
+backbone work and reports every problem at once: required fields (images: id, file_name, width, height; annotations:
+id, image_id, category_id, bbox; categories: id, name), integer ids, unique image / annotation / category ids,
+annotations pointing at existing images and categories, width/height > 0, bbox = 4 finite numbers with w, h > 0
+(``drop_degenerate_boxes=True`` drops w or h <= 0 boxes with a logged warning instead), iscrowd in {0, 1},
+segmentation a polygon list or an RLE dict whose size is the image's, image files present under ``--root``.
+
+Choices where the format leaves room: samples are ordered by image id, key = ``str(id)``; images without
+annotations are samples; a json without ``annotations`` (test-dev) is valid; a missing ``iscrowd`` is stored as 0
+and a missing ``area`` as ``w * h`` (pycocotools' evaluation needs both); annotations are stored sorted by id.
+A ``file_name`` escaping ``--root`` is not a metadata problem but that sample's status (OUTSIDE_ROOT), as for every
+source. EXIF orientation is applied when the oriented size is the json's width x height; when only the stored
+(un-oriented) size matches, the annotations are taken to be on the stored pixel grid and the orientation is not
+applied (recorded as 1); a size matching neither is SIZE_MISMATCH.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fcache.extract.decode import DEFAULT_MAX_PIXELS, load_image, oriented_size, to_rgb
+from fcache.extract.sources.base import Decoded, MetadataError, SampleError, SampleRef
+from fcache.spec import Status, Targets
+from fcache.store import TargetSpec
+
+log = logging.getLogger(__name__)
+
+IMAGE_FIELDS = ("id", "file_name", "width", "height")
+ANNOTATION_FIELDS = ("id", "image_id", "category_id", "bbox")
+CATEGORY_FIELDS = ("id", "name")
+DEGENERATE = "has w or h <= 0"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _missing(entry: Any, fields: tuple[str, ...], where: str, problems: list[str]) -> bool:
+    """Record missing fields / non-object entries; True when the entry is unusable."""
+    if not isinstance(entry, Mapping):
+        problems.append(f"{where}: not a JSON object")
+        return True
+    absent = [f for f in fields if f not in entry]
+    if absent:
+        problems.append(f"{where}: missing field(s) {', '.join(absent)}")
+    if "id" in entry and not _is_int(entry["id"]):
+        problems.append(f"{where}: id {entry['id']!r} is not an integer")
+        return True
+    return bool(absent)
+
+
+def _duplicates(ids: list[int], what: str, problems: list[str]) -> None:
+    problems += [f"{what} id {i} appears {n} times" for i, n in sorted(Counter(ids).items()) if n > 1]
+
+
+def check_categories(categories: Any, problems: list[str]) -> list[dict[str, Any]]:
+    """The valid categories; problems appended for the others."""
+    if not isinstance(categories, list):
+        problems.append("'categories' is missing or not a list")
+        return []
+    good = [c for k, c in enumerate(categories) if not _missing(c, CATEGORY_FIELDS, f"categories[{k}]", problems)]
+    _duplicates([c["id"] for c in good], "category", problems)
+    return good
+
+
+def check_images(images: Any, root: Path, problems: list[str]) -> dict[int, dict[str, Any]]:
+    """Images with their required fields, by id; problems appended for bad values, duplicates and missing files."""
+    if not isinstance(images, list):
+        problems.append("'images' is missing or not a list")
+        return {}
+    good: dict[int, dict[str, Any]] = {}
+    ids = []
+    for k, im in enumerate(images):
+        where = f"image {im.get('id')}" if isinstance(im, Mapping) and "id" in im else f"images[{k}]"
+        if _missing(im, IMAGE_FIELDS, where, problems):
+            continue
+        ids.append(im["id"])
+        good.setdefault(im["id"], im)  # a duplicate is reported below; the first one stays the reference
+        bad = [f"{f} {im[f]!r}" for f in ("width", "height") if not (_is_number(im[f]) and im[f] > 0)]
+        if bad:
+            problems.append(f"{where}: {' and '.join(bad)} must be > 0")
+        name = im["file_name"]
+        if not isinstance(name, str) or not name:
+            problems.append(f"{where}: file_name {name!r} is not a path")
+            continue
+        path = os.path.normpath(os.path.join(root, name))
+        if path.startswith(str(root) + os.sep) and not os.path.isfile(path):
+            problems.append(f"{where}: file {name!r} does not exist under {root}")
+    _duplicates(ids, "image", problems)
+    return good
+
+
+def check_annotations(
+    annotations: Any, images: Mapping[int, Mapping[str, Any]], category_ids: set[int], problems: list[str], *, drop_degenerate: bool
+) -> dict[int, list[dict[str, Any]]]:
+    """Valid annotations grouped by image id (sorted by id, ``iscrowd`` and ``area`` filled in)."""
+    if annotations is None:
+        return {}
+    if not isinstance(annotations, list):
+        problems.append("'annotations' is not a list")
+        return {}
+    per_image: dict[int, list[dict[str, Any]]] = {}
+    ids, dropped = [], 0
+    for k, ann in enumerate(annotations):
+        where = f"annotation {ann.get('id')}" if isinstance(ann, Mapping) and "id" in ann else f"annotations[{k}]"
+        if _missing(ann, ANNOTATION_FIELDS, where, problems):
+            continue
+        ids.append(ann["id"])
+        found: list[str] = []
+        degenerate = _check_annotation(ann, images, category_ids, found)
+        if degenerate and drop_degenerate and not found:
+            dropped += 1
+            continue
+        if degenerate:
+            found.append(f"bbox {ann['bbox']} {DEGENERATE} (w and h must be > 0)")
+        if found:
+            problems += [f"{where}: {p}" for p in found]
+            continue
+        w, h = ann["bbox"][2:]
+        per_image.setdefault(ann["image_id"], []).append({"iscrowd": 0, "area": float(w * h), **ann})
+    _duplicates(ids, "annotation", problems)
+    if dropped:
+        log.warning("coco: dropped %d annotation(s) whose bbox has w or h <= 0", dropped)
+    return {i: sorted(anns, key=lambda a: a["id"]) for i, anns in per_image.items()}
+
+
+def _check_annotation(ann: Mapping[str, Any], images: Mapping[int, Mapping[str, Any]], category_ids: set[int], found: list[str]) -> bool:
+    """Append this annotation's problems to ``found``; True when its box is degenerate (w or h <= 0)."""
+    image_id, category_id = ann["image_id"], ann["category_id"]
+    image = images.get(image_id) if _is_int(image_id) else None
+    if image is None:
+        found.append(f"image_id {image_id!r} is not an id in images[]")
+    if not (_is_int(category_id) and category_id in category_ids):
+        found.append(f"category_id {category_id!r} is not an id in categories[]")
+    if ann.get("iscrowd", 0) not in (0, 1):
+        found.append(f"iscrowd {ann['iscrowd']!r} must be 0 or 1")
+    if "area" in ann and not (_is_number(ann["area"]) and ann["area"] >= 0):
+        found.append(f"area {ann['area']!r} must be a number >= 0")
+    seg = ann.get("segmentation")
+    if seg is not None and not _segmentation_ok(seg, image):
+        found.append("segmentation must be a list of polygons [x0, y0, x1, y1, ...] (>= 3 points) or an RLE {counts, size=[h, w]}")
+    box = ann["bbox"]
+    if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
+        found.append(f"bbox {box!r} must be 4 numbers [x, y, w, h]")
+        return False
+    return box[2] <= 0 or box[3] <= 0
+
+
+def _segmentation_ok(seg: Any, image: Mapping[str, Any] | None) -> bool:
+    if isinstance(seg, list):
+        return all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(_is_number(v) for v in p) for p in seg)
+    if isinstance(seg, Mapping):
+        size_ok = image is None or list(seg.get("size", [])) == [image["height"], image["width"]]
+        return "counts" in seg and size_ok
+    return False
+
+
+class CocoSource:
+    """COCO detection: one sample per ``images[]`` entry; targets ``image`` and ``annotations`` (JSON strings)."""
+
+    kind = "coco"
+    task = "detection"
+
+    def __init__(
+        self, root: str | Path, annotations: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, drop_degenerate_boxes: bool = False
+    ) -> None:
+        self.root = Path(os.path.abspath(root))
+        self.annotations = Path(annotations)
+        self.max_pixels = max_pixels
+        self.drop_degenerate_boxes = drop_degenerate_boxes
+        self._images: dict[int, dict[str, Any]] | None = None
+        self._anns: dict[int, list[dict[str, Any]]] = {}
+        self._categories: list[dict[str, Any]] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Workers only decode: leave the (possibly large) json index behind."""
+        return {**self.__dict__, "_images": None, "_anns": {}, "_categories": []}
+
+    def _load(self) -> dict[int, dict[str, Any]]:
+        if self._images is not None:
+            return self._images
+        try:
+            data = json.loads(self.annotations.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(
+                f"--annotations {self.annotations}: cannot read a COCO json ({e}); give the path of a COCO json file"
+            ) from None
+        if not isinstance(data, dict):
+            raise MetadataError(f"coco {self.annotations}", ["the top level is not a JSON object with images/annotations/categories"])
+        problems: list[str] = []
+        self._categories = check_categories(data.get("categories"), problems)
+        images = check_images(data.get("images"), self.root, problems)
+        cat_ids = {c["id"] for c in self._categories}
+        anns = check_annotations(data.get("annotations"), images, cat_ids, problems, drop_degenerate=self.drop_degenerate_boxes)
+        if problems:
+            degenerate = any(DEGENERATE in p for p in problems)
+            hint = "fix the json" + (" (or drop them: --drop-degenerate-boxes)" if degenerate else "")
+            raise MetadataError(f"coco {self.annotations}", problems, hint=hint)
+        self._images, self._anns = images, anns
+        return images
+
+    def samples(self) -> list[SampleRef]:
+        images = self._load()
+        refs = []
+        for image_id in sorted(images):
+            im = images[image_id]
+            path = os.path.normpath(os.path.join(self.root, im["file_name"]))
+            refs.append(SampleRef(key=str(image_id), path=path, extra={"width": int(im["width"]), "height": int(im["height"])}))
+        outside = [r.key for r in refs if not r.path.startswith(str(self.root) + os.sep)]
+        if outside:
+            log.warning("coco: %d image(s) have a file_name escaping --root (ids %s); they will be refused", len(outside), outside[:10])
+        return refs
+
+    def label_names(self) -> tuple[str, ...]:
+        return ()
+
+    def target_specs(self) -> dict[str, TargetSpec]:
+        return {Targets.IMAGE: TargetSpec("str", (), fill=""), Targets.ANNOTATIONS: TargetSpec("str", (), fill="[]")}
+
+    def target_attrs(self) -> dict[str, Any]:
+        self._load()
+        return {"categories": self._categories}
+
+    def driver_targets(self, refs: list[SampleRef]) -> dict[str, np.ndarray]:
+        images = self._load()
+        ids = [int(r.key) for r in refs]
+        return {
+            Targets.IMAGE: np.array([json.dumps(images[i]) for i in ids], dtype=object),
+            Targets.ANNOTATIONS: np.array([json.dumps(self._anns.get(i, [])) for i in ids], dtype=object),
+        }
+
+    def decode(self, ref: SampleRef) -> Decoded:
+        im, orientation = load_image(ref.path, root=self.root, max_pixels=self.max_pixels)
+        expected = (ref.extra["width"], ref.extra["height"])
+        message = ""
+        if oriented_size(im.size, orientation) != expected:
+            if im.size != expected:
+                got = "x".join(map(str, oriented_size(im.size, orientation)))
+                raise SampleError(Status.SIZE_MISMATCH, f"{ref.path}: the image is {got} but the json says {expected[0]}x{expected[1]}")
+            message = f"EXIF orientation {orientation} not applied: the json's width/height are those of the stored pixels"
+            orientation = 1
+        return Decoded(image=to_rgb(im, orientation, name=ref.path), orientation=orientation, message=message)

@@ -1,0 +1,166 @@
+"""The coco source: validation that reports every problem at once, targets, EXIF / size rules, escaping paths."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from corpus import encode, photo, with_exif_orientation
+
+from fcache.extract.sources import build_source
+from fcache.extract.sources.base import MetadataError, SampleError
+from fcache.extract.sources.coco import CocoSource
+from fcache.spec import Status, Targets
+
+CATEGORIES = [{"id": 1, "name": "person"}, {"id": 3, "name": "cat"}]
+
+
+def write_dataset(root: Path) -> tuple[Path, dict]:
+    """root/images/<k>.jpg (real photos, varied sizes) + a valid COCO json; image ids in reverse file order."""
+    (root / "images").mkdir(parents=True)
+    images, anns = [], []
+    for k in range(3):
+        a = photo(k, 48 + 8 * k)
+        (root / "images" / f"{k}.jpg").write_bytes(encode(a, "JPEG"))
+        images.append({"id": 10 - k, "file_name": f"{k}.jpg", "width": a.shape[1], "height": a.shape[0]})
+    anns.append({"id": 7, "image_id": 10, "category_id": 1, "bbox": [1, 2, 10, 20], "iscrowd": 0, "area": 200.0, "segmentation": []})
+    anns.append({"id": 5, "image_id": 10, "category_id": 3, "bbox": [5, 5, 4, 4], "segmentation": [[5, 5, 9, 5, 9, 9]]})
+    rle = {"counts": "x", "size": [images[1]["height"], images[1]["width"]]}
+    anns.append({"id": 6, "image_id": 9, "category_id": 3, "bbox": [0, 0, 8, 8], "iscrowd": 1, "segmentation": rle})
+    data = {"images": images, "annotations": anns, "categories": CATEGORIES}
+    path = root / "instances.json"
+    path.write_text(json.dumps(data))
+    return path, data
+
+
+def test_valid_dataset_lists_samples_and_targets(tmp_path: Path) -> None:
+    ann_path, data = write_dataset(tmp_path)
+    src = build_source("coco", tmp_path / "images", annotations=ann_path)
+    assert isinstance(src, CocoSource) and src.task == "detection" and src.label_names() == ()
+    refs = src.samples()
+    assert [r.key for r in refs] == ["8", "9", "10"]  # ordered by image id; image 8 has no annotation and is a sample
+    assert refs[0].path == str(tmp_path / "images" / "2.jpg")
+    assert src.target_attrs() == {"categories": CATEGORIES}
+    assert set(src.target_specs()) == {Targets.IMAGE, Targets.ANNOTATIONS}
+    t = src.driver_targets(refs)
+    assert json.loads(t[Targets.IMAGE][2]) == data["images"][0]
+    assert json.loads(t[Targets.ANNOTATIONS][0]) == []
+    anns10 = json.loads(t[Targets.ANNOTATIONS][2])
+    assert [a["id"] for a in anns10] == [5, 7]  # sorted by annotation id
+    assert anns10[0]["iscrowd"] == 0 and anns10[0]["area"] == 16.0  # filled in when missing
+    assert anns10[1]["area"] == 200.0  # kept when present
+    d = src.decode(refs[2])
+    assert d.image.shape == (data["images"][0]["height"], data["images"][0]["width"], 3) and d.orientation == 1
+    again = pickle.loads(pickle.dumps(src))  # what a spawned DataLoader worker gets: no json index
+    assert again._images is None and again.decode(refs[0]).image.dtype == np.uint8
+
+
+def test_every_metadata_problem_is_reported_at_once(tmp_path: Path) -> None:
+    ann_path, data = write_dataset(tmp_path)
+    data["images"].append({"id": 9, "file_name": "1.jpg", "width": 5, "height": 5})  # duplicate image id
+    data["images"].append({"id": 20, "file_name": "0.jpg", "height": 5})  # missing width
+    data["images"].append({"id": 21, "file_name": "missing.jpg", "width": 5, "height": 0})  # h = 0, no file
+    data["annotations"] += [
+        {"id": 7, "image_id": 10, "category_id": 1, "bbox": [0, 0, 1, 1]},  # duplicate annotation id
+        {"id": 30, "image_id": 999, "category_id": 1, "bbox": [0, 0, 1, 1]},  # dangling image id
+        {"id": 31, "image_id": 10, "category_id": 2, "bbox": [0, 0, 1, 1]},  # dangling category id
+        {"id": 32, "image_id": 10, "category_id": 1, "bbox": [0, 0, 0, 5]},  # w = 0
+        {"id": 33, "image_id": 10, "category_id": 1},  # missing bbox
+        {"id": 34, "image_id": 10, "category_id": 1, "bbox": [0, 0, 1, 1], "iscrowd": 2},
+        {"id": 35, "image_id": 10, "category_id": 1, "bbox": [0, 0, 1]},  # not 4 numbers
+        {"id": 36, "image_id": 10, "category_id": 1, "bbox": [0, 0, 1, 1], "segmentation": [[1, 2, 3]]},
+    ]
+    ann_path.write_text(json.dumps(data))
+    with pytest.raises(MetadataError) as e:
+        CocoSource(tmp_path / "images", ann_path).samples()
+    expected = [
+        "image id 9 appears 2 times",
+        "image 20: missing field(s) width",
+        "image 21: height 0 must be > 0",
+        "image 21: file 'missing.jpg' does not exist",
+        "annotation id 7 appears 2 times",
+        "annotation 30: image_id 999 is not an id in images[]",
+        "annotation 31: category_id 2 is not an id in categories[]",
+        "annotation 32: bbox [0, 0, 0, 5] has w or h <= 0",
+        "annotation 33: missing field(s) bbox",
+        "annotation 34: iscrowd 2 must be 0 or 1",
+        "annotation 35: bbox [0, 0, 1] must be 4 numbers",
+        "annotation 36: segmentation must be",
+    ]
+    for text in expected:
+        assert any(text in p for p in e.value.problems), (text, e.value.problems)
+    assert len(e.value.problems) == len(expected), e.value.problems
+    assert "12 problem(s)" in str(e.value) and "fix the json" in str(e.value)
+
+
+def test_degenerate_boxes_can_be_dropped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ann_path, data = write_dataset(tmp_path)
+    data["annotations"].append({"id": 40, "image_id": 10, "category_id": 1, "bbox": [3, 3, 0, 0]})
+    ann_path.write_text(json.dumps(data))
+    with pytest.raises(MetadataError, match=r"bbox \[3, 3, 0, 0\] has w or h <= 0.*--drop-degenerate-boxes"):
+        CocoSource(tmp_path / "images", ann_path).samples()
+    src = build_source("coco", tmp_path / "images", annotations=ann_path, drop_degenerate_boxes=True)
+    with caplog.at_level(logging.WARNING):
+        refs = src.samples()
+    assert "dropped 1 annotation" in caplog.text
+    kept = json.loads(src.driver_targets(refs)[Targets.ANNOTATIONS][2])
+    assert [a["id"] for a in kept] == [5, 7]
+
+
+def test_unreadable_json_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read a COCO json"):
+        CocoSource(tmp_path, tmp_path / "bad.json").samples()
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(MetadataError, match="top level"):
+        CocoSource(tmp_path, tmp_path / "list.json").samples()
+
+
+def test_file_name_escaping_root_is_the_samples_status(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ann_path, data = write_dataset(tmp_path)
+    (tmp_path / "outside.jpg").write_bytes(encode(photo(0, 32), "JPEG"))
+    data["images"].append({"id": 50, "file_name": "../outside.jpg", "width": 32, "height": 32})
+    data["images"].append({"id": 51, "file_name": str(tmp_path / "outside.jpg"), "width": 32, "height": 32})
+    ann_path.write_text(json.dumps(data))
+    src = CocoSource(tmp_path / "images", ann_path)
+    with caplog.at_level(logging.WARNING):
+        refs = {r.key: r for r in src.samples()}
+    assert "2 image(s) have a file_name escaping --root" in caplog.text
+    for key in ("50", "51"):
+        with pytest.raises(SampleError) as e:
+            src.decode(refs[key])
+        assert e.value.status == Status.OUTSIDE_ROOT
+
+
+def test_size_and_exif_orientation_follow_the_json(tmp_path: Path) -> None:
+    ann_path, data = write_dataset(tmp_path)
+    a = photo(1, 40)  # (h, w) = (40 * h / w, 40): wider than high
+    h, w = a.shape[:2]
+    (tmp_path / "images" / "rot.png").write_bytes(with_exif_orientation(a, 6))
+    data["images"] += [
+        {"id": 60, "file_name": "rot.png", "width": h, "height": w},  # json in the oriented frame: applied
+        {"id": 61, "file_name": "rot.png", "width": w, "height": h},  # json in the stored frame: not applied
+        {"id": 62, "file_name": "rot.png", "width": w + 1, "height": h},  # neither
+    ]
+    ann_path.write_text(json.dumps(data))
+    src = CocoSource(tmp_path / "images", ann_path)
+    refs = {r.key: r for r in src.samples()}
+    d = src.decode(refs["60"])
+    assert d.orientation == 6 and d.image.shape == (w, h, 3)
+    np.testing.assert_array_equal(d.image, np.rot90(a, k=-1))
+    d = src.decode(refs["61"])
+    assert d.orientation == 1 and d.image.shape == (h, w, 3) and "not applied" in d.message
+    with pytest.raises(SampleError) as e:
+        src.decode(refs["62"])
+    assert e.value.status == Status.SIZE_MISMATCH
+
+
+def test_flags_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs --annotations"):
+        build_source("coco", tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        build_source("coco", tmp_path / "nope", annotations=tmp_path / "a.json")
