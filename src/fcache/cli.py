@@ -277,3 +277,119 @@ def plan(measure: int, no_run: bool, assume_tflops: float, as_json: bool, **kw: 
 
     p = make_plan(_extract_config("", False, kw), measure=measure, no_run=no_run, assume_tflops=assume_tflops)
     click.echo(json.dumps(p, indent=1) if as_json else format_plan(p))
+
+
+def _fractions(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of fractions, e.g. 0.667,0.917") from None
+
+
+@main.command("train-head")
+@click.option("--store", required=True, type=click.Path(exists=True, file_okay=False), help="Training feature store.")
+@click.option("--val-store", type=click.Path(exists=True, file_okay=False), help="Store to evaluate on when training finishes.")
+@click.option("--task", default="detection", show_default=True, help="Task the head solves.")
+@click.option("--head", required=True, help="Head spec NAME[:key=value,...], e.g. fpn, bifpn:layers=5,roi=cascade.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="RUN folder: config.json, checkpoint, metrics.jsonl.")
+@click.option("--iters", required=True, type=int, help="Training iterations (the schedule is relative to this).")
+@click.option("--batch-size", default=16, show_default=True, type=int, help="Samples per iteration (paper: 16).")
+@click.option("--lr", default=3e-4, show_default=True, type=float, help="Base AdamW learning rate (paper Table 11).")
+@click.option("--weight-decay", default=0.05, show_default=True, type=float)
+@click.option("--warmup", default=500, show_default=True, type=int, help="Linear warm-up iterations.")
+@click.option("--schedule", default="step", show_default=True, type=click.Choice(["step", "cosine", "linear"]))
+@click.option("--steps", callback=_fractions, help="Multi-step milestones as fractions of --iters [default: 8/12,11/12].")
+@click.option("--gamma", default=0.1, show_default=True, type=float, help="Multi-step decay factor.")
+@click.option("--clip", type=float, default=None, help="Clip the gradient norm to this value.")
+@click.option("--num-workers", default=2, show_default=True, type=int, help="DataLoader worker processes.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--train-fraction", default=1.0, show_default=True, type=float, help="Train on a seeded subset (Table 6: 0.01, 0.1).")
+@click.option("--checkpoint-every", default=1000, show_default=True, type=int)
+@click.option("--log-every", default=20, show_default=True, type=int, help="Iterations per metrics.jsonl record.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint (bit-exact on CPU).")
+@click.option("--stop-at", type=int, default=None, help="Stop (with a checkpoint) after this iteration; finish later with --resume.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON, without progress bar.")
+@user_errors
+def train_head(
+    store: str,
+    val_store: str | None,
+    task: str,
+    head: str,
+    out: str,
+    iters: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    warmup: int,
+    schedule: str,
+    steps: tuple[float, ...] | None,
+    gamma: float,
+    clip: float | None,
+    num_workers: int,
+    device: str,
+    seed: int,
+    train_fraction: float,
+    checkpoint_every: int,
+    log_every: int,
+    resume: bool,
+    stop_at: int | None,
+    as_json: bool,
+) -> None:
+    """Train a task head from a feature store; AdamW with the paper's Table 11 defaults.
+
+    Writes RUN/config.json, RUN/checkpoint.pt + model.safetensors (every --checkpoint-every iterations)
+    and RUN/metrics.jsonl; with --val-store also RUN/detections.json and the AP numbers.
+    """
+    from fcache.train_heads.config import TrainConfig
+    from fcache.train_heads.report import format_train_summary
+    from fcache.train_heads.run import run_train
+
+    cfg = TrainConfig(
+        store=store,
+        val_store=val_store,
+        task=task,
+        head=head,
+        out=out,
+        iters=iters,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup=warmup,
+        schedule=schedule,
+        gamma=gamma,
+        clip=clip,
+        num_workers=num_workers,
+        device=device,
+        seed=seed,
+        train_fraction=train_fraction,
+        checkpoint_every=checkpoint_every,
+        log_every=log_every,
+        resume=resume,
+        stop_at=stop_at,
+        **({"steps": steps} if steps is not None else {}),
+    )
+    summary = run_train(cfg, progress=not as_json)
+    click.echo(json.dumps(summary, indent=1) if as_json else format_train_summary(summary))
+
+
+@main.command("eval")
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--store", required=True, type=click.Path(exists=True, file_okay=False), help="Feature store to evaluate on.")
+@click.option("--batch-size", default=2, show_default=True, type=int)
+@click.option("--num-workers", default=2, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@user_errors
+def eval_run(run: str, store: str, batch_size: int, num_workers: int, device: str, as_json: bool) -> None:
+    """Evaluate the head trained in RUN on a store: box and mask AP (pycocotools), detections into RUN/detections.json."""
+    from fcache.train_heads.config import EvalConfig
+    from fcache.train_heads.report import format_eval
+    from fcache.train_heads.run import run_eval
+
+    summary = run_eval(
+        EvalConfig(run=run, store=store, batch_size=batch_size, num_workers=num_workers, device=device), progress=not as_json
+    )
+    click.echo(json.dumps(summary, indent=1) if as_json else format_eval(summary))

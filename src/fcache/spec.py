@@ -216,7 +216,7 @@ class Preprocessing:
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     resize: str = "longest-side+pad"
-    views: int = 1  # training views per sample (view 0 is the plain resize+pad)
+    views: int = 1  # training views per sample: 1 = the plain resize+pad, K > 1 = K random jittered views
     view_scale: tuple[float, float] = (1.0, 1.0)
     view_flip: bool = False
     test_views: tuple[str, ...] = ()

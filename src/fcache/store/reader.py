@@ -118,12 +118,15 @@ class FeatureStore:
         return zarr.open_group(str(self.root / layout.TARGETS), mode="r").attrs.asdict()
 
     def target(self, name: str, i: int | slice | None = None) -> Any:
-        """Values of ``targets/<name>``: all of them, or sample ``i``."""
+        """Values of ``targets/<name>``: all of them, or sample ``i`` (a ``str`` for string targets)."""
         if name not in self.target_names:
             have = ", ".join(self.target_names) or "none"
             raise StoreError(f"{self.root} has no target {name!r} (it has: {have})")
         arr = self.array(f"{layout.TARGETS}/{name}")
-        return arr[:] if i is None else arr[i]
+        values = np.asarray(arr[:] if i is None else arr[i])
+        if values.dtype.kind in "OTU":  # variable-length strings: plain Python str at the boundary
+            return str(values[()]) if values.ndim == 0 else np.asarray(values, dtype=object)
+        return values
 
     # -- features -----------------------------------------------------------------------------
     def array(self, name: str) -> zarr.Array:
@@ -179,7 +182,7 @@ class FeatureStore:
         self,
         levels: Sequence[str] | None = None,
         *,
-        indices: Sequence[int] | None = None,
+        indices: Sequence[int] | np.ndarray | None = None,
         view: int | str = 0,
         views: Sequence[int] | None = None,
         seed: int = 0,
@@ -214,7 +217,7 @@ class FeatureDataset(torch.utils.data.Dataset):
         store: FeatureStore,
         levels: Sequence[str] | None = None,
         *,
-        indices: Sequence[int] | None = None,
+        indices: Sequence[int] | np.ndarray | None = None,
         view: int | str = 0,
         views: Sequence[int] | None = None,
         seed: int = 0,

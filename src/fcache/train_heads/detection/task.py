@@ -1,0 +1,154 @@
+"""The detection task (COCO boxes + instance masks, paper §5.1, Tables 2 and 6): the HEADS table and the loop's Task.
+
+Head spec: ``fpn | fpn-res | bifpn`` with the neck's keys plus ``roi=standard|cascade``, ``rois`` (RoIs sampled
+per image, torchvision's 512), ``rpn_batch`` (anchors sampled per image, 256) and ``levels`` (``all`` or e.g. ``p3+p4+p5``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor, nn
+
+from fcache.spec import Geometry, LevelSpec, Targets
+from fcache.store import FeatureStore
+from fcache.train_heads.detection.evaluate import coco_evaluate, coco_ground_truth
+from fcache.train_heads.detection.model import build_detector
+from fcache.train_heads.detection.targets import category_labels, content_size, detections_to_coco, view_targets
+from fcache.train_heads.headspec import HeadSpec, Param, parse_head
+from fcache.train_heads.loop import Batch
+from fcache.train_heads.necks import NECKS
+from fcache.train_heads.rundir import DETECTIONS, write_json
+
+ROI_PARAMS: dict[str, Param] = {
+    "roi": Param("standard", kind="choice", choices=("standard", "cascade"), help="Mask R-CNN heads, or Cascade R-CNN (3 stages)"),
+    "rois": Param(512, help="RoIs sampled per image for the box head"),
+    "rpn_batch": Param(256, help="anchors sampled per image for the RPN loss"),
+    "levels": Param("all", kind="levels", help="stored levels the head reads: all, or e.g. p3+p4+p5"),
+}
+
+HEADS: dict[str, dict[str, Param]] = {name: {**neck.params, **ROI_PARAMS} for name, neck in NECKS.items()}
+
+
+def parse_detection_head(text: str) -> HeadSpec:
+    return parse_head(text, HEADS, task="detection")
+
+
+def _text(x: Any) -> str:
+    """A stored string target (zarr gives 0-d string arrays) as str."""
+    return str(x.item() if isinstance(x, np.ndarray) else x)
+
+
+def _json(raw: Mapping[str, Any], name: str, default: Any) -> Any:
+    text = _text(raw[name]) if name in raw else ""
+    return json.loads(text) if text else default
+
+
+class DetectionTask:
+    """Mask R-CNN / Cascade Mask R-CNN over cached features, scored by COCO box and mask AP."""
+
+    name: str = "detection"
+    target_names: tuple[str, ...] = (Targets.IMAGE, Targets.ANNOTATIONS)
+
+    def __init__(self, head: HeadSpec, categories: Sequence[Mapping[str, Any]]) -> None:
+        if not categories:
+            raise ValueError("a detection task needs the COCO categories (targets attrs['categories'] of the store)")
+        self.head = head
+        self.categories = tuple(dict(c) for c in categories)
+        self.labels = category_labels(self.categories)
+        self.category_ids = sorted(self.labels)
+
+    @classmethod
+    def from_store(cls, store: FeatureStore, head: str) -> DetectionTask:
+        check_store(store)
+        return cls(parse_detection_head(head), store.target_attrs["categories"])
+
+    @classmethod
+    def from_description(cls, d: Mapping[str, Any]) -> DetectionTask:
+        return cls(parse_detection_head(d["head"]), d["categories"])
+
+    def describe(self) -> dict[str, Any]:
+        return {"head": str(self.head), "categories": list(self.categories)}
+
+    def levels(self, available: Sequence[LevelSpec]) -> tuple[LevelSpec, ...]:
+        wanted = self.head["levels"]
+        have = {lv.name: lv for lv in available}
+        names = sorted(have, key=lambda n: have[n].stride) if wanted == "all" else wanted.split("+")
+        missing = [n for n in names if n not in have]
+        if missing:
+            raise ValueError(
+                f"head {self.head.name} reads levels {', '.join(names)} but the store holds only {', '.join(have)}; "
+                "pick levels=... among those, or extract the missing levels"
+            )
+        if len(names) < 2:
+            raise ValueError(
+                f"head {self.head.name} needs at least 2 feature levels and gets only {', '.join(names)}; "
+                "use a store extracted with several levels (e.g. --levels p3,p4,p5)"
+            )
+        return tuple(have[n] for n in names)
+
+    def build(self, levels: tuple[LevelSpec, ...]) -> nn.Module:
+        return build_detector(levels, self.head.name, dict(self.head.params), num_classes=len(self.labels) + 1)
+
+    def targets(self, item: Mapping[str, Any], geometry: Geometry) -> dict[str, Tensor]:
+        return view_targets(_json(item["targets"], Targets.ANNOTATIONS, []), geometry, self.labels)
+
+    def _forward(self, model: nn.Module, batch: Batch, targets: list[Any] | None) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+        canvas = {round(g.canvas) for g in batch.geometry}
+        if len(canvas) != 1:
+            raise ValueError(f"a batch mixes canvas sizes {sorted(canvas)}; views of one store share one input size")
+        return model(batch.features, [content_size(g) for g in batch.geometry], canvas.pop(), targets)
+
+    def loss(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        return self._forward(model, batch, batch.targets)[0]
+
+    def predict(self, model: nn.Module, batch: Batch) -> list[list[dict[str, Any]]]:
+        """COCO result records per sample, in original image coordinates."""
+        _, detections = self._forward(model, batch, None)
+        out = []
+        for det, g, raw, index in zip(detections, batch.geometry, batch.raw, batch.index, strict=True):
+            image_id = int(_json(raw, Targets.IMAGE, {}).get("id", index))
+            out.append(detections_to_coco(det, g, image_id, self.category_ids))
+        return out
+
+    def evaluate(self, raw: Sequence[Mapping[str, Any]], predictions: Sequence[Any], out: Path | None) -> dict[str, float]:
+        """Box and mask AP of the predictions against the items' own annotations; writes RUN/detections.json."""
+        images = [_json(r, Targets.IMAGE, {}) for r in raw]
+        bad = [i for i, im in enumerate(images) if not {"id", "height", "width"} <= set(im)]
+        if bad:
+            raise ValueError(f"{len(bad)} evaluated sample(s) lack an image record with id, height and width (targets/image)")
+        annotations = [_json(r, Targets.ANNOTATIONS, []) for r in raw]
+        detections = [d for per_image in predictions for d in per_image]
+        if out is not None:
+            write_json(Path(out) / DETECTIONS, detections, indent=None)
+        return coco_evaluate(coco_ground_truth(images, annotations, self.categories), detections)
+
+
+def check_store(store: FeatureStore) -> None:
+    """The store can train or evaluate a detection head: image features, COCO annotations and categories."""
+    if store.video:
+        raise ValueError(f"{store.root} is a video store; --task detection needs image features of a COCO-style source")
+    if Targets.ANNOTATIONS not in store.target_names:
+        kind = store.manifest.dataset.task or store.manifest.dataset.kind
+        have = ", ".join(store.target_names) or "none"
+        raise ValueError(
+            f"{store.root} has no '{Targets.ANNOTATIONS}' targets (it is a {kind} store with targets: {have}); "
+            "--task detection needs a store extracted from a COCO detection source"
+        )
+    if not store.target_attrs.get("categories"):
+        raise ValueError(f"{store.root} has no COCO categories in its targets attributes; re-extract it from the COCO json")
+
+
+def check_eval_store(task: DetectionTask, store: FeatureStore) -> None:
+    """``store`` can score ``task``'s head: a detection store with the categories the head was trained on."""
+    check_store(store)
+    ids = sorted(int(c["id"]) for c in store.target_attrs["categories"])
+    if ids != task.category_ids:
+        raise ValueError(
+            f"{store.root} has categories {ids[:10]}{'...' if len(ids) > 10 else ''} but the head was trained on "
+            f"{task.category_ids[:10]}{'...' if len(task.category_ids) > 10 else ''}; evaluate on a store of the same dataset"
+        )

@@ -1,0 +1,95 @@
+"""Head specs on the command line: ``NAME[:key=value,...]`` parsed against a table of typed parameters.
+
+Shared by every task's HEADS table; a spec prints back canonically (all parameters, sorted) for config.json.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fcache.spec import LEVEL_NAMES
+
+
+@dataclass(frozen=True)
+class Param:
+    """One head parameter: its default and what values it accepts.
+
+    ``kind`` is ``int``, ``choice`` (one of ``choices``) or ``levels`` (``all`` or names joined by ``+``,
+    e.g. ``p3+p4+p5``; a comma would end the value).
+    """
+
+    default: Any
+    kind: str = "int"
+    choices: tuple[str, ...] = ()
+    minimum: int = 1
+    help: str = ""
+
+    def parse(self, head: str, key: str, text: str) -> Any:
+        if self.kind == "int":
+            try:
+                value = int(text)
+            except ValueError:
+                raise ValueError(f"head {head}: {key}={text!r} is not an integer (e.g. {key}={self.default})") from None
+            if value < self.minimum:
+                raise ValueError(f"head {head}: {key}={value} must be at least {self.minimum}")
+            return value
+        if self.kind == "choice":
+            if text not in self.choices:
+                raise ValueError(f"head {head}: {key}={text!r} is not one of {', '.join(self.choices)}")
+            return text
+        if self.kind == "levels":
+            return _parse_levels(head, key, text)
+        raise AssertionError(f"unknown parameter kind {self.kind!r}")
+
+
+def _parse_levels(head: str, key: str, text: str) -> str:
+    if text == "all":
+        return text
+    names = text.split("+")
+    known = set(LEVEL_NAMES.values())
+    bad = [n for n in names if n not in known]
+    if bad or len(set(names)) != len(names):
+        raise ValueError(f"head {head}: {key}={text!r} must be 'all' or distinct level names joined by '+', e.g. p3+p4+p5")
+    return "+".join(sorted(names))
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A parsed head: its name and every parameter (defaults filled in)."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...]
+
+    def __getitem__(self, key: str) -> Any:
+        return dict(self.params)[key]
+
+    def __str__(self) -> str:
+        return self.name + (":" + ",".join(f"{k}={v}" for k, v in self.params) if self.params else "")
+
+
+def parse_head(text: str, table: Mapping[str, Mapping[str, Param]], task: str = "") -> HeadSpec:
+    """Parse ``NAME[:key=value,...]`` against ``table`` (head name -> its parameters).
+
+    Raises:
+        ValueError: unknown head or key, a malformed pair, a repeated key or a bad value; the message names the fix.
+    """
+    name, _, rest = text.strip().partition(":")
+    if name not in table:
+        for_task = f" for {task}" if task else ""
+        raise ValueError(f"unknown head {name!r}{for_task}; choose one of: {', '.join(sorted(table))}")
+    known = table[name]
+    given: dict[str, Any] = {}
+    for pair in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = pair.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not key or not value:
+            raise ValueError(f"head {name}: {pair!r} is not key=value (e.g. {name}:roi=cascade)")
+        if key not in known:
+            raise ValueError(f"head {name}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+        if key in given:
+            raise ValueError(f"head {name}: key {key!r} given twice")
+        given[key] = known[key].parse(name, key, value)
+    params = {k: given.get(k, p.default) for k, p in known.items()}
+    return HeadSpec(name, tuple(sorted(params.items())))

@@ -1,0 +1,50 @@
+"""Necks for multi-scale heads (the paper's Table 2): fpn, fpn-res, bifpn, in a NECKS table with their parameters.
+
+Each builder takes the stored LevelSpecs it reads and the parsed head parameters, never hard-coded channel counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fcache.spec import LevelSpec
+from fcache.train_heads.headspec import Param
+from fcache.train_heads.necks.base import NORMS, Neck, pyramid_levels
+from fcache.train_heads.necks.bifpn import BiFPN
+from fcache.train_heads.necks.fpn import FPN
+from fcache.train_heads.necks.fpn_res import FPNRes
+
+
+@dataclass(frozen=True)
+class NeckDef:
+    """How to build one neck family from levels + parsed parameters, and which parameters it takes."""
+
+    build: Callable[[Sequence[LevelSpec], Mapping[str, Any]], Neck]
+    params: Mapping[str, Param]
+
+
+CHANNELS = Param(256, help="output width of every pyramid level")
+NORM = Param("gn", kind="choice", choices=NORMS, help="norm inside the neck's added blocks")
+
+
+def _fpn(levels: Sequence[LevelSpec], p: Mapping[str, Any]) -> Neck:
+    return FPN(levels, channels=p["channels"])
+
+
+def _fpn_res(levels: Sequence[LevelSpec], p: Mapping[str, Any]) -> Neck:
+    return FPNRes(levels, channels=p["channels"], blocks=p["blocks"], norm=p["norm"])
+
+
+def _bifpn(levels: Sequence[LevelSpec], p: Mapping[str, Any]) -> Neck:
+    return BiFPN(levels, channels=p["channels"], layers=p["layers"], norm=p["norm"])
+
+
+NECKS: dict[str, NeckDef] = {
+    "fpn": NeckDef(_fpn, {"channels": CHANNELS}),
+    "fpn-res": NeckDef(_fpn_res, {"channels": CHANNELS, "blocks": Param(4, help="residual blocks per level"), "norm": NORM}),
+    "bifpn": NeckDef(_bifpn, {"channels": CHANNELS, "layers": Param(1, help="stacked BiFPN layers"), "norm": NORM}),
+}
+
+__all__ = ["NECKS", "FPN", "BiFPN", "FPNRes", "Neck", "NeckDef", "pyramid_levels"]

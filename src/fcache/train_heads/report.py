@@ -1,0 +1,36 @@
+"""Human-readable summaries of ``fcache train-head`` and ``fcache eval`` (the JSON forms are the dicts themselves)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+def format_metrics(metrics: Mapping[str, float]) -> list[str]:
+    """One line per metric family (``box/AP`` ... -> ``box   AP 45.0  AP50 ...``), in percent; '-' where undefined (-1)."""
+    families: dict[str, list[str]] = {}
+    for key, value in metrics.items():
+        family, _, name = key.partition("/")
+        shown = "-" if value < 0 else f"{100 * value:.1f}"
+        families.setdefault(family, []).append(f"{name} {shown}")
+    return [f"{family:<5} " + "  ".join(parts) for family, parts in families.items()]
+
+
+def format_train_summary(s: Mapping[str, Any]) -> str:
+    it = s["iters"]
+    status = "finished" if it["stop"] == it["total"] else f"stopped at {it['stop']}/{it['total']} (resume with --resume)"
+    lines = [
+        f"run       {s['run']}  ({status})",
+        f"head      {s['task']} {s['head']}  ({s['trainable_params']:,} trainable parameters)",
+        f"trained   iterations {it['start']}..{it['stop']} on {s['train_samples']} samples in {s['seconds']:.1f} s "
+        f"({s['samples_per_s']:.2f} samples/s)",
+        "loss      " + ("-" if s["final_loss"] is None else f"{s['final_loss']:.4f} (mean of the last logging window)"),
+    ]
+    if "eval" in s:
+        lines += ["eval      " + line for line in format_metrics(s["eval"])]
+    return "\n".join(lines)
+
+
+def format_eval(s: Mapping[str, Any]) -> str:
+    lines = [f"run       {s['run']} (iteration {s['iter']}) on {s['store']}, {s['samples']} samples"]
+    return "\n".join(lines + ["          " + line for line in format_metrics(s["metrics"])])

@@ -1,0 +1,209 @@
+"""``fcache train-head`` and ``fcache eval``: from stores to the loop, with the TASKS table.
+
+Everything is validated (store fits the task and head, training set not empty, RUN folder free or resumable)
+before the first byte is written into RUN.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fcache import store as fstore
+from fcache.spec import GEOMETRY_FIELDS, LevelSpec
+from fcache.store import FeatureStore
+from fcache.train_heads.config import EvalConfig, TrainConfig
+from fcache.train_heads.detection.task import DetectionTask, check_eval_store
+from fcache.train_heads.loop import Task, build_model, evaluate, resolve_device, train, trainable_parameters
+from fcache.train_heads.rundir import RunDir
+
+
+@dataclass(frozen=True)
+class TaskDef:
+    """How one task is made from a store + head spec, rebuilt from a run's config.json, and checked against an eval store."""
+
+    from_store: Callable[[FeatureStore, str], Task]
+    from_description: Callable[[Mapping[str, Any]], Task]
+    check_eval_store: Callable[[Any, FeatureStore], None]
+
+
+TASKS: dict[str, TaskDef] = {
+    "detection": TaskDef(DetectionTask.from_store, DetectionTask.from_description, check_eval_store),
+}
+
+
+def _task_def(name: str) -> TaskDef:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def train_indices(store: FeatureStore, fraction: float, seed: int) -> np.ndarray:
+    """The ok samples to train on: all of them, or a seeded subset of ``round(fraction * n)`` (at least 1; Table 6)."""
+    ok = store.ok_indices
+    if len(ok) == 0:
+        counts = ", ".join(f"{k}: {v}" for k, v in store.status_counts().items())
+        raise ValueError(f"{store.root} has no usable samples ({counts}); finish or rerun the extraction first")
+    if fraction >= 1.0:
+        return ok
+    k = max(1, round(fraction * len(ok)))
+    return np.sort(np.random.default_rng(seed).choice(ok, size=k, replace=False))
+
+
+def check_levels(store: FeatureStore, levels: tuple[LevelSpec, ...]) -> None:
+    """``store`` holds every level the head reads, with the same channels and stride."""
+    have = {lv.name: lv for lv in store.levels}
+    missing = [lv.name for lv in levels if lv.name not in have]
+    if missing:
+        raise ValueError(f"{store.root} lacks level(s) {', '.join(missing)} that the head reads (it holds {', '.join(have)})")
+    differ = [
+        f"{lv.name} {have[lv.name].channels}ch/{have[lv.name].stride} != {lv.channels}ch/{lv.stride}"
+        for lv in levels
+        if have[lv.name] != lv
+    ]
+    if differ:
+        raise ValueError(
+            f"{store.root} has other features than the head was trained on ({'; '.join(differ)}); use a store of the same backbone"
+        )
+
+
+def _echo(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+@dataclass
+class Prepared:
+    """A training run checked against its inputs, with nothing written yet."""
+
+    store: FeatureStore
+    task: Task
+    levels: tuple[LevelSpec, ...]
+    indices: np.ndarray
+    val: FeatureStore | None
+    model: Any
+    params: int
+
+
+def prepare_training(cfg: TrainConfig) -> Prepared:
+    """Open the stores, fit the task and head to them, pick the samples, build the model. Raises ValueError/StoreError."""
+    store = fstore.open(cfg.store)
+    tdef = _task_def(cfg.task)
+    task = tdef.from_store(store, cfg.head)
+    levels = task.levels(store.levels)
+    indices = train_indices(store, cfg.train_fraction, cfg.seed)
+    val = fstore.open(cfg.val_store) if cfg.val_store else None
+    if val is not None:
+        tdef.check_eval_store(task, val)
+        check_levels(val, levels)
+        _eval_data(val, task, levels)
+    resolve_device(cfg.device)
+    model = build_model(task, levels, cfg.seed)
+    return Prepared(store, task, levels, indices, val, model, trainable_parameters(model))
+
+
+def training_data(p: Prepared, seed: int) -> Any:
+    """The store's Dataset of the chosen samples; with several training views, one drawn per sample and epoch."""
+    views = p.store.manifest.train_views
+    view = "random" if len(views) > 1 else 0
+    return p.store.dataset(
+        [lv.name for lv in p.levels], indices=p.indices.tolist(), view=view, views=views, seed=seed, targets=p.task.target_names
+    )
+
+
+def run_train(cfg: TrainConfig, *, progress: bool = True, say: Callable[[str], None] = _echo) -> dict[str, Any]:
+    """Train one head as ``cfg`` says, evaluate it on ``cfg.val_store`` when the run is complete; returns the summary."""
+    p = prepare_training(cfg)
+    head = p.task.describe()["head"]
+    record = {
+        "config": cfg.to_dict(),
+        "store_fingerprint": p.store.manifest.fingerprint,
+        "task": p.task.describe(),
+        "levels": [lv.to_dict() for lv in p.levels],
+        "trainable_params": p.params,
+        "train_samples": len(p.indices),
+    }
+    run = RunDir(cfg.out)
+    checkpoint = run.begin(record, resume=cfg.resume)
+    say(f"{cfg.task} head {head}: {p.params:,} trainable parameters, {len(p.indices)} training samples")
+    result = train(cfg, p.task, p.model, training_data(p, cfg.seed), run, checkpoint=checkpoint, progress=progress)
+    summary: dict[str, Any] = {
+        "run": str(run.path),
+        "task": cfg.task,
+        "head": head,
+        "trainable_params": p.params,
+        "train_samples": len(p.indices),
+        "iters": {"start": result.start, "stop": result.stop, "total": cfg.iters},
+        "seconds": round(result.seconds, 3),
+        "samples_per_s": round(result.samples_per_s, 3),
+        "final_loss": result.final_loss,
+        "losses": result.losses,
+    }
+    if p.val is not None and result.stop == cfg.iters:
+        summary["eval"] = _evaluate_into(
+            run, p.task, p.model, p.val, p.levels, cfg.batch_size, cfg.num_workers, cfg.device, result.stop, progress
+        )
+    return summary
+
+
+def check_plain_view(store: FeatureStore) -> None:
+    """Evaluation reads view 0, which must be the plain resize + pad of every sample (no crop, no flip, longest side fits)."""
+    g = store.geometry_array[store.ok_indices, 0]  # (n, len(GEOMETRY_FIELDS))
+    f = {name: g[:, k] for k, name in enumerate(GEOMETRY_FIELDS)}
+    fits = np.isclose(f["scale"] * np.maximum(f["orig_h"], f["orig_w"]), f["canvas"], rtol=1e-3)
+    plain = (f["crop_x0"] == 0) & (f["crop_y0"] == 0) & (f["flip"] == 0) & fits
+    if not plain.all():
+        raise ValueError(
+            f"{store.root}: view 0 of {int((~plain).sum())} sample(s) is a random crop or flip, not the plain resize + pad; "
+            "evaluate on a store extracted with --views 1"
+        )
+
+
+def _eval_data(store: FeatureStore, task: Task, levels: tuple[LevelSpec, ...]) -> Any:
+    if len(store.ok_indices) == 0:
+        raise ValueError(f"{store.root} has no usable samples to evaluate on")
+    check_plain_view(store)
+    return store.dataset([lv.name for lv in levels], view=0, targets=task.target_names)
+
+
+def _evaluate_into(
+    run: RunDir,
+    task: Task,
+    model: Any,
+    store: FeatureStore,
+    levels: tuple[LevelSpec, ...],
+    batch_size: int,
+    num_workers: int,
+    device: str,
+    iteration: int,
+    progress: bool,
+) -> dict[str, float]:
+    """Score ``model`` on view 0 of every ok sample of ``store``; prediction files go into RUN, the metrics into metrics.jsonl."""
+    data = _eval_data(store, task, levels)
+    metrics = evaluate(
+        task, model, data, batch_size=batch_size, num_workers=num_workers, device=resolve_device(device), out=run.path, progress=progress
+    )
+    run.log({"event": "eval", "iter": iteration, "store": str(store.root), "samples": len(data), **metrics})
+    return metrics
+
+
+def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Score the weights in RUN on the store ``cfg.store``; writes RUN/detections.json (detection) and logs the metrics."""
+    run = RunDir(cfg.run)
+    record = run.require_config()
+    tdef = _task_def(record["config"]["task"])
+    task = tdef.from_description(record["task"])
+    levels = tuple(LevelSpec.from_dict(d) for d in record["levels"])
+    store = fstore.open(cfg.store)
+    tdef.check_eval_store(task, store)
+    check_levels(store, levels)
+    n = len(_eval_data(store, task, levels))
+    resolve_device(cfg.device)
+    state, iteration = run.load_model()
+    model = build_model(task, levels, seed=0)
+    model.load_state_dict(state)
+    metrics = _evaluate_into(run, task, model, store, levels, cfg.batch_size, cfg.num_workers, cfg.device, iteration, progress)
+    return {"run": str(run.path), "store": str(store.root), "iter": iteration, "samples": n, "metrics": metrics}

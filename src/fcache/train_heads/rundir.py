@@ -1,0 +1,136 @@
+"""A RUN folder: config.json, the latest checkpoint, the model weights and metrics.jsonl.
+
+- ``config.json``: the TrainConfig, the store fingerprint, the task description, the trainable parameter count.
+  A folder holding another configuration (or the same one without ``--resume``) is refused before anything is written.
+- ``checkpoint.pt``: model, optimiser, schedule and RNG states at an iteration, replaced atomically; loaded with
+  ``torch.load(weights_only=True)``, never by unpickling.
+- ``model.safetensors``: the model weights of the same iteration (what ``fcache eval`` loads).
+- ``metrics.jsonl``: one JSON object per logged iteration or evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from fcache import __version__
+from fcache.train_heads.config import TrainConfig
+
+RUN_FORMAT = 1
+CONFIG, CHECKPOINT, MODEL, METRICS = "config.json", "checkpoint.pt", "model.safetensors", "metrics.jsonl"
+DETECTIONS = "detections.json"
+
+
+class RunDir:
+    """Paths and files of one run folder."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def read_config(self) -> dict[str, Any] | None:
+        p = self.path / CONFIG
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except ValueError as e:
+            raise ValueError(f"{p} is unreadable ({e}); choose another --out") from e
+
+    def require_config(self) -> dict[str, Any]:
+        record = self.read_config()
+        if record is None:
+            raise ValueError(f"{self.path} is not an fcache run folder (no {CONFIG}); pass the --out folder of `fcache train-head`")
+        return record
+
+    def begin(self, record: dict[str, Any], *, resume: bool) -> dict[str, Any] | None:
+        """Claim the folder for the run ``record`` describes; returns the checkpoint to resume from, if any.
+
+        Raises:
+            ValueError: the folder holds something else, another configuration, or this run without ``resume``.
+        """
+        existing = self.read_config()
+        if existing is None:
+            if self.path.exists() and any(self.path.iterdir()):
+                raise ValueError(f"{self.path} exists and is not an fcache run folder; choose another --out")
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_json(self.path / CONFIG, {"format_version": RUN_FORMAT, "fcache_version": __version__, **record})
+            return None
+        diffs = _diff(identity(existing), identity(record))
+        if diffs:
+            raise ValueError(
+                f"{self.path} holds a run of another configuration ({'; '.join(diffs)}); choose another --out, "
+                "or repeat the original flags to resume it"
+            )
+        checkpoint = self.load_checkpoint()
+        if not resume:
+            at = f"at iteration {checkpoint['iteration']}" if checkpoint else "without a checkpoint"
+            raise ValueError(f"{self.path} already holds this run ({at}); pass --resume to continue it, or choose another --out")
+        self.truncate_metrics(checkpoint["iteration"] if checkpoint else 0)
+        return checkpoint
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        """Write ``state`` (with ``iteration`` and ``model``) as checkpoint.pt and model.safetensors, each atomically."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.path / f".{CHECKPOINT}.{os.getpid()}.partial"
+        torch.save(state, tmp)
+        os.replace(tmp, self.path / CHECKPOINT)
+        weights = {k: v.detach().cpu().contiguous() for k, v in state["model"].items()}
+        tmp = self.path / f".{MODEL}.{os.getpid()}.partial"
+        save_file(weights, str(tmp), metadata={"iteration": str(state["iteration"])})
+        os.replace(tmp, self.path / MODEL)
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        p = self.path / CHECKPOINT
+        return torch.load(p, map_location="cpu", weights_only=True) if p.is_file() else None
+
+    def load_model(self) -> tuple[dict[str, torch.Tensor], int]:
+        """The saved model weights and the iteration they were saved at."""
+        p = self.path / MODEL
+        if not p.is_file():
+            raise ValueError(f"{self.path} has no trained weights yet ({MODEL}); train (or resume) until a checkpoint is written")
+        with safe_open(str(p), framework="pt") as f:
+            iteration = int((f.metadata() or {}).get("iteration", -1))
+        return load_file(str(p)), iteration
+
+    # -- metrics -------------------------------------------------------------------------------
+    def log(self, record: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / METRICS, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def metrics(self) -> list[dict[str, Any]]:
+        p = self.path / METRICS
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
+
+    def truncate_metrics(self, iteration: int) -> None:
+        """Drop records past ``iteration`` (logged after the checkpoint a resumed run restarts from)."""
+        kept = [r for r in self.metrics() if r.get("iter", 0) <= iteration]
+        tmp = self.path / f".{METRICS}.{os.getpid()}.partial"
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        os.replace(tmp, self.path / METRICS)
+
+
+def identity(record: dict[str, Any]) -> dict[str, Any]:
+    """What must match for a folder to hold the same run: the config's identity (with the head spelled canonically,
+    as the task describes it) and the training store's fingerprint."""
+    ident = TrainConfig.from_dict(record["config"]).identity()
+    ident["head"] = record.get("task", {}).get("head", ident["head"])
+    return {**ident, "store_fingerprint": record.get("store_fingerprint")}
+
+
+def write_json(path: Path, obj: Any, *, indent: int | None = 1) -> None:
+    """Write JSON atomically (a temporary file renamed into place)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp.write_text(json.dumps(obj, indent=indent, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    return [f"{k}: {json.dumps(a.get(k))} != {json.dumps(b.get(k))}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
