@@ -17,14 +17,14 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) examples/store_demo.py
+	$(VENV)/bin/fcache demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/store_io.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks examples
-	$(VENV)/bin/ruff format --check src tests benchmarks examples
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy src/fcache/spec.py src/fcache/store
 
 clean:

@@ -393,3 +393,27 @@ def eval_run(run: str, store: str, batch_size: int, num_workers: int, device: st
         EvalConfig(run=run, store=store, batch_size=batch_size, num_workers=num_workers, device=device), progress=not as_json
     )
     click.echo(json.dumps(summary, indent=1) if as_json else format_eval(summary))
+
+
+@main.command()
+@click.option(
+    "--out", default="demo-output", show_default=True, type=click.Path(file_okay=False), help="Folder for data, stores, run, report."
+)
+@click.option("--iters", type=int, default=120, show_default=True, help="Training iterations of the head.")
+@click.option("--train-images", type=int, default=48, show_default=True)
+@click.option("--val-images", type=int, default=16, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the summary.")
+@user_errors
+def demo(out: str, iters: int, train_images: int, val_images: int, as_json: bool) -> None:
+    """Run the whole tool on an embedded dataset, on the CPU, in a few minutes.
+
+    Real photos shipped with scikit-image / scikit-learn get pasted shapes (squares, discs, triangles)
+    with exact boxes and masks; a random-init SwinV2-T extracts them once at 256 px; a BiFPN Mask
+    R-CNN head trains from the store; pycocotools scores it against the untrained head. The report
+    (metrics.json, loss.png, predictions.png) is written to OUT/report.
+    """
+    from fcache.demo import DemoConfig, run_demo, summary_lines
+
+    cfg = DemoConfig(out=out, iters=iters, train_images=train_images, val_images=val_images)
+    metrics = run_demo(cfg, say=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps(metrics, indent=1) if as_json else "\n".join(summary_lines(metrics, out)))

@@ -10,8 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from fcache import store as fstore
-from fcache.extract.backbones import RANDOM_INIT, build_backbone
-from fcache.extract.sources import build_source
+from fcache.extract.rebuild import rebuild
 from fcache.extract.work import SampleDataset
 from fcache.spec import Status
 from fcache.store import Problem
@@ -24,48 +23,24 @@ def recompute(path: str, k: int, *, weights: str = "", device: str = "cpu", seed
     """Problems found re-extracting ``k`` random samples that have features (empty when all agree)."""
     s = fstore.open(path)
     m = s.manifest
-    bb_info, pre, ds = m.backbone, m.preprocessing, m.dataset
-    if bb_info.weights not in (RANDOM_INIT,) and not bb_info.weights.startswith("timm:") and not weights:
-        raise ValueError(f"{path} was extracted from a weights file (sha256 {bb_info.weights[:12]}...); pass the same file with --weights")
-    backbone = build_backbone(
-        bb_info.alias,
-        input_size=bb_info.input_size,
-        levels=[lv.name for lv in bb_info.levels],
-        weights=weights or None,
-        random_init=bb_info.weights == RANDOM_INIT,
-        seed=pre.seed,
-        device=device,
-    )
-    if weights and backbone.info.weights != bb_info.weights:
-        raise ValueError(f"--weights {weights} is not the file this store was extracted with (sha256 differs)")
-    source = build_source(ds.kind, ds.root, annotations=ds.annotations or None, split=ds.split, frames=pre.frames or 16, clips=pre.clips)
-    refs = source.samples()
-    if [r.key for r in refs] != [str(x) for x in s.keys]:
-        raise ValueError(f"the dataset at {ds.root} no longer lists the samples this store holds; recompute needs the original data")
-    candidates = s.ok_indices
-    chosen = np.random.default_rng(seed).choice(candidates, size=min(k, len(candidates)), replace=False)
+    r = rebuild(m, [str(x) for x in s.keys], weights=weights, device=device)
+    chosen = np.random.default_rng(seed).choice(s.ok_indices, size=min(k, len(s.ok_indices)), replace=False)
     tol = tolerance if tolerance is not None else TOLERANCE[m.storage.dtype]
-    dataset = SampleDataset(source, refs, [int(i) for i in sorted(chosen)], m)
+    dataset = SampleDataset(r.source, r.refs, [int(i) for i in sorted(chosen)], m)
     problems = []
     for j in range(len(dataset)):
         item = dataset[j]
         if not Status(item["status"]).has_features:
             problems.append(Problem("recompute", f"sample {item['index']}", f"no longer decodes ({item['message']})"))
             continue
-        feats = backbone.forward(item["pixels"])
-        for name, f in feats.items():
+        for name, f in r.backbone.forward(item["pixels"]).items():
             got = f.cpu().numpy()
             if m.video:
-                got = got.reshape(m.num_views, int(pre.frames or 1), *got.shape[1:])
+                got = got.reshape(m.num_views, int(m.preprocessing.frames or 1), *got.shape[1:])
             stored = s.read(name, item["index"])
             rel = float(np.sqrt(np.square(stored - got).sum() / max(np.square(got).sum(), 1e-30)))
             if rel > tol:
-                problems.append(
-                    Problem(
-                        "recompute",
-                        f"features/{name}",
-                        f"sample {item['index']} ({item['key']}) differs: relative RMSE {rel:.2e} > {tol:.0e}",
-                        (item["index"], item["index"]),
-                    )
-                )
+                where = (item["index"], item["index"])
+                message = f"sample {item['index']} ({item['key']}) differs: relative RMSE {rel:.2e} > {tol:.0e}"
+                problems.append(Problem("recompute", f"features/{name}", message, where))
     return problems

@@ -42,7 +42,7 @@ class SampleDataset(torch.utils.data.Dataset):
         try:
             with _deadline(self.timeout, ref.key):
                 decoded = self.source.decode(ref)
-            geoms, pixels = self._views(decoded, ref.key)
+            geoms, pixels = view_images(decoded, ref.key, self.m)
         except SampleError as e:
             return {**item, "status": int(e.status), "message": e.message, "pixels": torch.zeros(0), "geometry": self._zero_geometry()}
         return {
@@ -57,22 +57,25 @@ class SampleDataset(torch.utils.data.Dataset):
     def _zero_geometry(self) -> np.ndarray:
         return np.zeros((self.m.num_views, len(GEOMETRY_FIELDS)), np.float32)
 
-    def _views(self, d: Decoded, key: str) -> tuple[list[Geometry], torch.Tensor]:
-        p, canvas = self.m.preprocessing, self.m.backbone.input_size
-        mean, std = p.mean, p.std
-        if d.frames is not None:
-            t = int(p.frames or 1)
-            times = d.times if d.times is not None else np.zeros(len(d.frames))
-            clips = [(float(times[c * t]), float(times[c * t + t - 1])) for c in range(p.clips)]
-            h, w = d.frames.shape[1:3]
-            geoms = video_views(h, w, p, canvas, clips)
-            imgs = [render(d.frames[(v // p.crops) * t + f], g, mean, std) for v, g in enumerate(geoms) for f in range(t)]
-            return geoms, torch.stack(imgs)  # (V * T, 3, S, S), view-major
-        if d.image is None:
-            raise SampleError(Status.DECODE_ERROR, "the source returned neither an image nor frames")
-        h, w = d.image.shape[:2]
-        geoms = image_views(h, w, p, canvas, key, d.orientation)
-        return geoms, torch.stack([render(d.image, g, mean, std) for g in geoms])  # (V, 3, S, S)
+
+def view_images(d: Decoded, key: str, m: Manifest, only: int | None = None) -> tuple[list[Geometry], torch.Tensor]:
+    """Geometry of every view of a decoded sample and the images of all views (or of view ``only``).
+
+    Returns (geometries, images): images (V, 3, S, S), video (V * T, 3, S, S) view-major; one view's only with ``only``.
+    """
+    p, canvas = m.preprocessing, m.backbone.input_size
+    wanted = range(m.num_views) if only is None else [only]
+    if d.frames is not None:
+        t = int(p.frames or 1)
+        times = d.times if d.times is not None else np.zeros(len(d.frames))
+        clips = [(float(times[c * t]), float(times[c * t + t - 1])) for c in range(p.clips)]
+        geoms = video_views(d.frames.shape[1], d.frames.shape[2], p, canvas, clips)
+        imgs = [render(d.frames[(v // p.crops) * t + f], geoms[v], p.mean, p.std) for v in wanted for f in range(t)]
+        return geoms, torch.stack(imgs)
+    if d.image is None:
+        raise SampleError(Status.DECODE_ERROR, "the source returned neither an image nor frames")
+    geoms = image_views(d.image.shape[0], d.image.shape[1], p, canvas, key, d.orientation)
+    return geoms, torch.stack([render(d.image, geoms[v], p.mean, p.std) for v in wanted])
 
 
 @contextlib.contextmanager

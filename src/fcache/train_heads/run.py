@@ -7,7 +7,7 @@ before the first byte is written into RUN.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,19 +99,21 @@ def prepare_training(cfg: TrainConfig) -> Prepared:
     if val is not None:
         tdef.check_eval_store(task, val)
         check_levels(val, levels)
-        _eval_data(val, task, levels)
+        eval_data(val, task, levels)
     resolve_device(cfg.device)
     model = build_model(task, levels, cfg.seed)
     return Prepared(store, task, levels, indices, val, model, trainable_parameters(model))
 
 
-def training_data(p: Prepared, seed: int) -> Any:
-    """The store's Dataset of the chosen samples; with several training views, one drawn per sample and epoch."""
+def training_data(p: Prepared, seed: int, levels: Sequence[str] | None = None) -> Any:
+    """The store's Dataset of the chosen samples; with several training views, one drawn per sample and epoch.
+
+    ``levels=()`` gives the same items without features (for features computed online).
+    """
     views = p.store.manifest.train_views
     view = "random" if len(views) > 1 else 0
-    return p.store.dataset(
-        [lv.name for lv in p.levels], indices=p.indices.tolist(), view=view, views=views, seed=seed, targets=p.task.target_names
-    )
+    names = [lv.name for lv in p.levels] if levels is None else list(levels)
+    return p.store.dataset(names, indices=p.indices.tolist(), view=view, views=views, seed=seed, targets=p.task.target_names)
 
 
 def run_train(cfg: TrainConfig, *, progress: bool = True, say: Callable[[str], None] = _echo) -> dict[str, Any]:
@@ -162,7 +164,7 @@ def check_plain_view(store: FeatureStore) -> None:
         )
 
 
-def _eval_data(store: FeatureStore, task: Task, levels: tuple[LevelSpec, ...]) -> Any:
+def eval_data(store: FeatureStore, task: Task, levels: tuple[LevelSpec, ...]) -> Any:
     if len(store.ok_indices) == 0:
         raise ValueError(f"{store.root} has no usable samples to evaluate on")
     check_plain_view(store)
@@ -182,7 +184,7 @@ def _evaluate_into(
     progress: bool,
 ) -> dict[str, float]:
     """Score ``model`` on view 0 of every ok sample of ``store``; prediction files go into RUN, the metrics into metrics.jsonl."""
-    data = _eval_data(store, task, levels)
+    data = eval_data(store, task, levels)
     metrics = evaluate(
         task, model, data, batch_size=batch_size, num_workers=num_workers, device=resolve_device(device), out=run.path, progress=progress
     )
@@ -200,7 +202,7 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
     store = fstore.open(cfg.store)
     tdef.check_eval_store(task, store)
     check_levels(store, levels)
-    n = len(_eval_data(store, task, levels))
+    n = len(eval_data(store, task, levels))
     resolve_device(cfg.device)
     state, iteration = run.load_model()
     model = build_model(task, levels, seed=0)

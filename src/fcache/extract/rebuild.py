@@ -1,0 +1,49 @@
+"""Rebuild a store's source and frozen backbone from its manifest alone (for recompute and online features).
+
+The weights: ``random-init`` is re-seeded from the manifest, a timm tag is fetched again, a weights
+file must be given (``weights``) and must match the recorded sha256.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fcache.extract.backbones import RANDOM_INIT, Backbone, build_backbone
+from fcache.extract.sources import build_source
+from fcache.extract.sources.base import SampleRef, Source
+from fcache.spec import Manifest
+
+
+@dataclass
+class Rebuilt:
+    source: Source
+    refs: list[SampleRef]
+    backbone: Backbone
+
+
+def rebuild(manifest: Manifest, keys: list[str], *, weights: str = "", device: str = "cpu") -> Rebuilt:
+    """The source (listing exactly ``keys``) and backbone that produced a store.
+
+    Raises:
+        ValueError: a weights file is needed or differs, or the dataset no longer lists the store's samples.
+    """
+    bb, pre, ds = manifest.backbone, manifest.preprocessing, manifest.dataset
+    from_file = bb.weights != RANDOM_INIT and not bb.weights.startswith("timm:")
+    if from_file and not weights:
+        raise ValueError(f"the store was extracted from a weights file (sha256 {bb.weights[:12]}...); pass the same file with --weights")
+    backbone = build_backbone(
+        bb.alias,
+        input_size=bb.input_size,
+        levels=[lv.name for lv in bb.levels],
+        weights=weights or None,
+        random_init=bb.weights == RANDOM_INIT,
+        seed=pre.seed,
+        device=device,
+    )
+    if from_file and backbone.info.weights != bb.weights:
+        raise ValueError(f"--weights {weights} is not the file the store was extracted with (its sha256 differs)")
+    source = build_source(ds.kind, ds.root, annotations=ds.annotations or None, split=ds.split, frames=pre.frames or 16, clips=pre.clips)
+    refs = source.samples()
+    if [r.key for r in refs[: len(keys)]] != list(keys):
+        raise ValueError(f"the dataset at {ds.root} no longer lists the samples the store holds; the original data is needed")
+    return Rebuilt(source, refs[: len(keys)], backbone)
