@@ -83,3 +83,25 @@ def test_aliases_and_unknown_models():
         resolve("swinv9")
     with pytest.raises(ValueError, match="exclude each other"):
         build_backbone("swinv2-t", input_size=128, weights="x", random_init=True)
+
+
+def test_any_timm_model_with_features_only():
+    bb = build_backbone("resnet18", input_size=64, random_init=True, seed=2)
+    torch.manual_seed(2)
+    ref = timm.create_model("resnet18", pretrained=False, features_only=True, out_indices=(1, 2, 3, 4)).eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    feats = bb.forward(x)
+    with torch.inference_mode():
+        want = ref(x)
+    assert [lv.channels for lv in bb.info.levels] == [64, 128, 256, 512] and not bb.nhwc
+    for got, w in zip(feats.values(), want, strict=True):
+        torch.testing.assert_close(got, w, rtol=0, atol=1e-5)
+
+
+def test_pretrained_window_at_sizes_it_does_not_divide():
+    """SwinV2-B keeps its 12-wide window at 512 px (128/64/32/16 maps): timm pads the maps per block."""
+    bb = build_backbone("swinv2-b", input_size=512, meta=True)
+    assert bb.info.window == 12
+    with torch.device("meta"):
+        out = bb.model(torch.empty(1, 3, 512, 512))
+    assert [tuple(o.shape[1:3]) for o in out] == [(128, 128), (64, 64), (32, 32), (16, 16)]

@@ -42,15 +42,16 @@ class Backbone:
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Frozen features: inference mode, bf16 autocast on CUDA, float32 out."""
         device = next(self.model.parameters()).device
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
         with amp:
-            outs = self.model(images.to(device, non_blocking=True))
-        feats = {}
-        for lv, f in zip(self.info.levels, outs, strict=True):
-            f = f.permute(0, 3, 1, 2) if self.nhwc else f  # (B, H, W, C) -> (B, C, H, W)
-            feats[lv.name] = f.float()
-        return feats
+            return {k: v.float() for k, v in self.features(images.to(device, non_blocking=True)).items()}
+
+    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The plain forward (gradients flow when enabled: the full-finetune comparison of ``fcache bench``)."""
+        outs = self.model(images)
+        return {lv.name: f.permute(0, 3, 1, 2) if self.nhwc else f for lv, f in zip(self.info.levels, outs, strict=True)}  # NCHW
 
 
 def resolve(model: str) -> tuple[str, str]:
@@ -104,10 +105,16 @@ def build_backbone(
 
 
 def _create(timm_name: str, input_size: int, pretrained: bool) -> torch.nn.Module:
+    """The timm model at ``input_size``. SwinV2 gets ``strict_img_size=False``: maps that the (pretrained) window
+    does not divide are padded per block (timm's dynamic mask), so any multiple of 32 works with any window."""
+    attempts = ({"img_size": input_size, "strict_img_size": False}, {"img_size": input_size}, {})
     try:
-        return timm.create_model(timm_name, pretrained=pretrained, img_size=input_size)
-    except TypeError:  # models without an img_size argument (convnets)
-        return timm.create_model(timm_name, pretrained=pretrained)
+        for kwargs in attempts:
+            try:
+                return timm.create_model(timm_name, pretrained=pretrained, **kwargs)
+            except TypeError:  # the model has no such argument (convnets have no img_size)
+                continue
+        raise ValueError(f"timm cannot create {timm_name}")
     except (OSError, RuntimeError) as e:
         if not pretrained:
             raise
@@ -128,7 +135,10 @@ def _features(full: torch.nn.Module, levels: Sequence[str] | None) -> tuple[Feat
     order = sorted(wanted, key=lambda n: by_name[n])
     indices = tuple(by_name[n] for n in order)
     specs = tuple(LevelSpec(n, int(info[by_name[n]]["num_chs"]), int(info[by_name[n]]["reduction"])) for n in order)
-    return FeatureListNet(full, out_indices=indices, flatten_sequential=True), specs
+    try:  # timm builds SwinV2's features with flattened stages, convnets' without: take whichever fits
+        return FeatureListNet(full, out_indices=indices, flatten_sequential=True), specs
+    except AssertionError:
+        return FeatureListNet(full, out_indices=indices, flatten_sequential=False), specs
 
 
 def _window(model: torch.nn.Module) -> int | None:

@@ -1,12 +1,13 @@
 """``fcache extract``: run the frozen backbone once over a dataset and commit its features unit by unit.
 
 Three stages overlap so the device never waits on I/O: decoding + views in DataLoader workers,
-the backbone on the device in the main thread, encoding + compression + commit on a writer thread.
+the backbone on the device in the main thread, encoding + compression + commit on writer threads.
 Crash-safe through the store's commit protocol: a rerun finishes only the units missing from the ledger.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import sys
 import threading
@@ -64,6 +65,7 @@ class ExtractConfig:
     decode_timeout: float = 60.0
     drop_degenerate_boxes: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
+    writers: int = 0  # writer threads; 0 = one per ~4 CPU cores
 
     def validate(self) -> None:
         check_dtype(self.dtype)
@@ -246,9 +248,7 @@ def _pipeline(cfg, source, refs, backbone, writer, pending, indices, stats: _Sta
         collate_fn=_as_is,
     )
     assembler = UnitAssembler(m, pending)
-    out: queue.Queue = queue.Queue(maxsize=2)
-    thread = _WriterThread(writer, out, stats)
-    thread.start()
+    writers = _Writers(writer, stats, cfg.writers or default_writers())
     t_start = time.perf_counter()
     batch: list[tuple[int, int, torch.Tensor]] = []
 
@@ -263,7 +263,7 @@ def _pipeline(cfg, source, refs, backbone, writer, pending, indices, stats: _Sta
         for b, (i, k, _) in enumerate(batch):
             assembler.put(i, k, {k2: v[b] for k2, v in host.items()})
         batch.clear()
-        _drain(assembler, out, thread, stats)
+        _drain(assembler, writers, stats)
 
     try:
         for done, item in enumerate(_timed(loader, stats), start=1):
@@ -274,16 +274,14 @@ def _pipeline(cfg, source, refs, backbone, writer, pending, indices, stats: _Sta
                 batch.append((item["index"], k, img))
                 if len(batch) >= cfg.batch_size:
                     flush()
-            _drain(assembler, out, thread, stats)
+            _drain(assembler, writers, stats)
             progress(done)
         flush()
-        _drain(assembler, out, thread, stats, final=True)
+        _drain(assembler, writers, stats, final=True)
     finally:
-        out.put(None)
-        thread.join()
+        writers.close()
         stats.busy = time.perf_counter() - t_start
-    if thread.error is not None:
-        raise thread.error
+    writers.check()
 
 
 def _as_is(item: dict[str, Any]) -> dict[str, Any]:
@@ -302,37 +300,62 @@ def _timed(loader: Any, stats: _Stats) -> Iterator[dict[str, Any]]:
         yield item
 
 
-def _drain(assembler: UnitAssembler, out: queue.Queue, thread: _WriterThread, stats: _Stats, final: bool = False) -> None:
-    if thread.error is not None:
-        raise thread.error
+def _drain(assembler: UnitAssembler, writers: _Writers, stats: _Stats, final: bool = False) -> None:
+    writers.check()
     for payload in assembler.ready():
         t = time.perf_counter()
-        out.put(payload)
+        writers.put(payload)
         stats.writer_wait += time.perf_counter() - t
     if final and assembler.open_units():
         raise RuntimeError(f"extraction ended with incomplete units {assembler.open_units()}")
 
 
-class _WriterThread(threading.Thread):
-    """Commits finished units in the background; the first error stops it and is re-raised by the driver."""
+def default_writers() -> int:
+    """Writer threads: encoding, compression and hashing release the GIL, so one per ~4 cores keeps up with a GPU."""
+    return max(1, min(8, (os.cpu_count() or 2) // 4))
 
-    def __init__(self, writer: fstore.StoreWriter, inbox: queue.Queue, stats: _Stats) -> None:
-        super().__init__(name="fcache-writer", daemon=True)
-        self.writer, self.inbox, self.stats = writer, inbox, stats
-        self.error: BaseException | None = None
 
-    def run(self) -> None:
-        while (payload := self.inbox.get()) is not None:
-            if self.error is not None:
+class _Writers:
+    """Threads committing finished units (each unit owns its shard, so they never share a file).
+
+    The first error stops the pool; the driver re-raises it. The queue holds two units per thread,
+    which bounds the memory in flight.
+    """
+
+    def __init__(self, writer: fstore.StoreWriter, stats: _Stats, n: int) -> None:
+        self.writer, self.stats = writer, stats
+        self.inbox: queue.Queue = queue.Queue(maxsize=2 * n)
+        self.errors: list[BaseException] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, name=f"fcache-writer-{k}", daemon=True) for k in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def put(self, payload: Any) -> None:
+        self.inbox.put(payload)
+
+    def check(self) -> None:
+        if self.errors:
+            raise self.errors[0]
+
+    def close(self) -> None:
+        for _ in self.threads:
+            self.inbox.put(None)
+        for t in self.threads:
+            t.join()
+
+    def _run(self) -> None:
+        while (p := self.inbox.get()) is not None:
+            if self.errors:
                 continue  # keep draining so the driver never blocks on a full queue
             try:
-                rec = self.writer.write_unit(
-                    payload.unit, payload.features, payload.status, payload.geometry, targets=payload.targets, errors=payload.errors
-                )
-                if rec:
-                    self.stats.bytes += sum(f["size"] for f in rec["files"].values())
+                rec = self.writer.write_unit(p.unit, p.features, p.status, p.geometry, targets=p.targets, errors=p.errors)
             except BaseException as e:  # noqa: BLE001 - re-raised in the driver thread
-                self.error = e
+                self.errors.append(e)
+                continue
+            if rec:
+                with self.lock:
+                    self.stats.bytes += sum(f["size"] for f in rec["files"].values())
 
 
 def summary_lines(s: ExtractSummary) -> list[str]:
