@@ -171,6 +171,9 @@ def _extract_options(fn: F) -> F:
             show_default=True,
             help="skip: record a bad sample and go on; fail: stop at the first.",
         ),
+        click.option(
+            "--writers", type=int, default=0, help="Threads encoding + compressing + committing units [default: one per 4 cores]."
+        ),
         click.option("--decode-timeout", type=float, default=60.0, show_default=True, help="Seconds one sample may take to decode."),
         click.option(
             "--max-pixels",
@@ -230,6 +233,7 @@ def _extract_config(out: str, overwrite: bool, kw: dict[str, Any]) -> Any:
         limit=kw["limit"],
         on_error=kw["on_error"],
         decode_timeout=kw["decode_timeout"],
+        writers=kw["writers"],
         drop_degenerate_boxes=kw["drop_degenerate_boxes"],
         max_pixels=kw["max_pixels"],
     )
@@ -291,15 +295,16 @@ def _fractions(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @main.command("train-head")
 @click.option("--store", required=True, type=click.Path(exists=True, file_okay=False), help="Training feature store.")
 @click.option("--val-store", type=click.Path(exists=True, file_okay=False), help="Store to evaluate on when training finishes.")
-@click.option("--task", default="detection", show_default=True, help="Task the head solves.")
+@click.option("--task", default="detection", show_default=True, help="detection, segmentation, video or classification.")
 @click.option("--head", required=True, help="Head spec NAME[:key=value,...], e.g. fpn, bifpn:layers=5,roi=cascade.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="RUN folder: config.json, checkpoint, metrics.jsonl.")
 @click.option("--iters", required=True, type=int, help="Training iterations (the schedule is relative to this).")
-@click.option("--batch-size", default=16, show_default=True, type=int, help="Samples per iteration (paper: 16).")
-@click.option("--lr", default=3e-4, show_default=True, type=float, help="Base AdamW learning rate (paper Table 11).")
-@click.option("--weight-decay", default=0.05, show_default=True, type=float)
-@click.option("--warmup", default=500, show_default=True, type=int, help="Linear warm-up iterations.")
-@click.option("--schedule", default="step", show_default=True, type=click.Choice(["step", "cosine", "linear"]))
+@click.option("--batch-size", type=int, help="Samples per iteration [default: per task: 16, video and classification 64].")
+@click.option("--lr", type=float, help="Base AdamW learning rate [default: per task and head, see below].")
+@click.option("--weight-decay", type=float, help="AdamW weight decay [default: per task and head].")
+@click.option("--warmup", type=int, help="Linear warm-up iterations [default: per task and head].")
+@click.option("--warmup-epochs", type=float, help="Warm-up in epochs of the training set instead (video default: 2.5).")
+@click.option("--schedule", type=click.Choice(["step", "cosine", "linear"]), help="Learning-rate decay [default: per task and head].")
 @click.option("--steps", callback=_fractions, help="Multi-step milestones as fractions of --iters [default: 8/12,11/12].")
 @click.option("--gamma", default=0.1, show_default=True, type=float, help="Multi-step decay factor.")
 @click.option("--clip", type=float, default=None, help="Clip the gradient norm to this value.")
@@ -320,11 +325,12 @@ def train_head(
     head: str,
     out: str,
     iters: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
-    warmup: int,
-    schedule: str,
+    batch_size: int | None,
+    lr: float | None,
+    weight_decay: float | None,
+    warmup: int | None,
+    warmup_epochs: float | None,
+    schedule: str | None,
     steps: tuple[float, ...] | None,
     gamma: float,
     clip: float | None,
@@ -338,15 +344,23 @@ def train_head(
     stop_at: int | None,
     as_json: bool,
 ) -> None:
-    """Train a task head from a feature store; AdamW with the paper's Table 11 defaults.
+    """Train a task head from a feature store; AdamW with the paper's defaults for the task and head.
+
+    Defaults (frozen setting): detection lr 3e-4, weight decay 0.05, 500 warm-up iterations, step decay
+    (Table 11); segmentation upernet lr 2e-3, weight decay 0.05, 1500 warm-up, linear decay, mask2former
+    lr 3e-4, weight decay 0.02, no warm-up, linear decay (Table 12); video batch 64, lr 3e-4, weight decay
+    0.05, 2.5 warm-up epochs, cosine decay (Table 13); classification (linear probe) batch 64, lr 1e-3, no
+    weight decay, 1 warm-up epoch, cosine decay.
 
     Writes RUN/config.json, RUN/checkpoint.pt + model.safetensors (every --checkpoint-every iterations)
     and RUN/metrics.jsonl; with --val-store also RUN/detections.json and the AP numbers.
     """
-    from fcache.train_heads.config import TrainConfig
+    from fcache.train_heads.config import TrainConfig, hyper_parameters
     from fcache.train_heads.report import format_train_summary
-    from fcache.train_heads.run import run_train
+    from fcache.train_heads.run import run_train, task_defaults
 
+    given = {"batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "schedule": schedule, "steps": steps}
+    given |= {"warmup": warmup, "warmup_epochs": warmup_epochs}
     cfg = TrainConfig(
         store=store,
         val_store=val_store,
@@ -354,11 +368,6 @@ def train_head(
         head=head,
         out=out,
         iters=iters,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        warmup=warmup,
-        schedule=schedule,
         gamma=gamma,
         clip=clip,
         num_workers=num_workers,
@@ -369,7 +378,7 @@ def train_head(
         log_every=log_every,
         resume=resume,
         stop_at=stop_at,
-        **({"steps": steps} if steps is not None else {}),
+        **hyper_parameters(task_defaults(task, head), given),  # given flags win
     )
     summary = run_train(cfg, progress=not as_json)
     click.echo(json.dumps(summary, indent=1) if as_json else format_train_summary(summary))
@@ -384,7 +393,11 @@ def train_head(
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @user_errors
 def eval_run(run: str, store: str, batch_size: int, num_workers: int, device: str, as_json: bool) -> None:
-    """Evaluate the head trained in RUN on a store: box and mask AP (pycocotools), detections into RUN/detections.json."""
+    """Evaluate the head trained in RUN on a store: box and mask AP (pycocotools), detections into RUN/detections.json.
+
+    Video and classification: top-1 / top-5 of each view and of the views' mean scores, per-sample predictions
+    into RUN/predictions.jsonl.
+    """
     from fcache.train_heads.config import EvalConfig
     from fcache.train_heads.report import format_eval
     from fcache.train_heads.run import run_eval
@@ -417,3 +430,59 @@ def demo(out: str, iters: int, train_images: int, val_images: int, as_json: bool
     cfg = DemoConfig(out=out, iters=iters, train_images=train_images, val_images=val_images)
     metrics = run_demo(cfg, say=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(metrics, indent=1) if as_json else "\n".join(summary_lines(metrics, out)))
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--store", required=True, type=click.Path(exists=True, file_okay=False), help="Store whose samples are analysed.")
+@click.option("--samples", type=int, default=64, show_default=True, help="Samples drawn (seeded) from the store.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Minibatch of the unbiased HSIC estimator (>= 4).")
+@click.option("--out", type=click.Path(file_okay=False), default="", help="Folder for cka.json + cka.png [default: RUN/cka].")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the CKA matrices as JSON.")
+@user_errors
+def cka(run: str, store: str, samples: int, batch_size: int, out: str, device: str, as_json: bool) -> None:
+    """Linear CKA between a trained head's layers (the paper's Figures 3 and 5).
+
+    Per pyramid level: the stored input P_x against every neck block's output (BiFPN layers, FPN,
+    fpn-res residual blocks); for a cascade head: every stage's RoI features and hidden layers.
+    Writes a labelled heatmap (cka.png) and the matrices (cka.json).
+    """
+    from fcache.train_heads.cka import CkaConfig, run_cka
+
+    result = run_cka(CkaConfig(run=run, store=store, samples=samples, batch_size=batch_size, out=out, device=device), progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+        return
+    for group, g in result["groups"].items():
+        first = g["labels"][0]
+        row = ", ".join(f"{lab} {v:.2f}" for lab, v in zip(g["labels"][1:], g["cka"][0][1:], strict=True))
+        click.echo(f"{group:8s} CKA({first}, .): {row}")
+    click.echo(f"{result['samples']} samples; heatmap and matrices in {result['out']}")
+
+
+@main.command()
+@click.option("--model", default="swinv2-t", show_default=True, help="Backbone whose features (or shapes) are used.")
+@click.option("--input-size", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--head", default="fpn", show_default=True, help="Detection head spec, e.g. bifpn:layers=5.")
+@click.option("--steps", type=int, default=3, show_default=True, help="Timed iterations (after one warm-up).")
+@click.option("--device", default="cuda" if _cuda() else "cpu", show_default="cuda if available")
+@click.option("--features-only", is_flag=True, help="Only the from-store setting, on synthetic features of the backbone's shapes.")
+@click.option("--num-workers", type=int, default=2, show_default=True, help="DataLoader workers reading the store.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@user_errors
+def bench(model: str, input_size: int, batch_size: int, head: str, steps: int, device: str, features_only: bool, num_workers: int,
+          as_json: bool) -> None:  # fmt: skip
+    """Per-iteration time and peak memory of a head trained from the store, with the frozen backbone
+    online, and with the backbone finetuned (the paper's Tables 7 and 8).
+
+    Each setting runs in its own process. With --features-only (e.g. --model swinv2-g --input-size 1024
+    --batch-size 8 --head bifpn:layers=5) only the from-store row is measured, without any weights.
+    """
+    from fcache.bench import BenchConfig, format_rows, run_bench
+
+    cfg = BenchConfig(model=model, input_size=input_size, batch_size=batch_size, head=head, steps=steps, device=device,
+                      features_only=features_only, num_workers=num_workers)  # fmt: skip
+    rows = run_bench(cfg)
+    click.echo(json.dumps(rows, indent=1) if as_json else format_rows(rows))

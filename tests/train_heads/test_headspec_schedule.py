@@ -13,7 +13,7 @@ def test_parse_fills_defaults_and_prints_canonically():
     spec = parse_detection_head("bifpn:roi=cascade, layers=5")
     assert spec.name == "bifpn" and spec["layers"] == 5 and spec["roi"] == "cascade"
     assert spec["channels"] == 256 and spec["rois"] == 512 and spec["rpn_batch"] == 256 and spec["norm"] == "gn"
-    assert str(spec) == "bifpn:channels=256,layers=5,levels=all,norm=gn,roi=cascade,rois=512,rpn_batch=256"
+    assert str(spec) == "bifpn:channels=256,checkpoint=0,layers=5,levels=all,norm=gn,roi=cascade,rois=512,rpn_batch=256"
     assert parse_detection_head(str(spec)) == spec
     assert str(parse_detection_head("fpn:levels=p5+p3+p4")) == "fpn:channels=256,levels=p3+p4+p5,roi=standard,rois=512,rpn_batch=256"
     assert set(HEADS) == {"fpn", "fpn-res", "bifpn"} and parse_detection_head("fpn-res")["blocks"] == 4

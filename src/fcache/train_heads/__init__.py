@@ -1,11 +1,12 @@
-"""Heads trained from a feature store (the paper's H(.) on a frozen B(.)): necks, detection, the shared loop, evaluation."""
+"""Heads trained from a feature store (the paper's H(.) on a frozen B(.)): necks, detection, segmentation, video,
+classification, the shared loop, evaluation."""
 
 from __future__ import annotations
 
 from fcache.train_heads.config import EvalConfig, TrainConfig
 from fcache.train_heads.headspec import HeadSpec, Param, parse_head
 from fcache.train_heads.loop import Batch, Task, TrainResult, build_model, evaluate, train
-from fcache.train_heads.run import TASKS, prepare_training, run_eval, run_train, training_data
+from fcache.train_heads.run import TASKS, prepare_training, run_eval, run_train, task_defaults, training_data
 from fcache.train_heads.rundir import RunDir
 from fcache.train_heads.schedule import get_lr
 
@@ -26,6 +27,7 @@ __all__ = [
     "prepare_training",
     "run_eval",
     "run_train",
+    "task_defaults",
     "train",
     "training_data",
 ]

@@ -2,11 +2,14 @@
 
 Defaults follow the paper's Table 11 (COCO, frozen setting, 100% data): AdamW, lr 3e-4, weight decay 0.05,
 betas (0.9, 0.999), 500 warm-up iterations, batch 16, multi-step decay by 0.1 at 8/12 and 11/12 of the run.
+Other tasks' defaults come from their ``train_defaults`` (run.TASKS) and flags override them (``hyper_parameters``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +36,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     warmup: int = 500
     warmup_factor: float = 1e-3  # lr multiplier at iteration 0, rising linearly to 1 at ``warmup``
+    warmup_epochs: float | None = None  # warm-up in epochs of the training set instead: ``resolved`` sets ``warmup`` from it
     schedule: str = "step"
     steps: tuple[float, ...] = (8 / 12, 11 / 12)  # multi-step milestones as fractions of ``iters``
     gamma: float = 0.1
@@ -54,6 +58,7 @@ class TrainConfig:
             (self.lr > 0, f"--lr must be positive (got {self.lr})"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0 (got {self.weight_decay})"),
             (self.warmup >= 0, f"--warmup must be >= 0 (got {self.warmup})"),
+            (self.warmup_epochs is None or self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0 (got {self.warmup_epochs})"),
             (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)} (got {self.schedule!r})"),
             (all(0 < s <= 1 for s in self.steps), f"--steps must be fractions of the run in (0, 1] (got {self.steps})"),
             (self.clip is None or self.clip > 0, f"--clip must be positive (got {self.clip})"),
@@ -83,6 +88,28 @@ class TrainConfig:
     def identity(self) -> dict[str, Any]:
         """The fields that decide the trained weights (all but the operational ones)."""
         return {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL}
+
+    def resolved(self, train_samples: int) -> TrainConfig:
+        """This config with ``warmup_epochs`` (when set) turned into ``warmup = ceil(epochs * train_samples / batch_size)``."""
+        if self.warmup_epochs is None:
+            return self
+        return dataclasses.replace(self, warmup=math.ceil(self.warmup_epochs * train_samples / self.batch_size))
+
+
+WARMUP_FIELDS = ("warmup", "warmup_epochs")
+
+
+def hyper_parameters(defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """TrainConfig fields: a task's defaults under the flags given (None: not given).
+
+    A warm-up given in either unit (iterations or epochs) replaces the task's default warm-up in both.
+    """
+    chosen = {k: v for k, v in given.items() if v is not None}
+    if all(k in chosen for k in WARMUP_FIELDS):
+        raise ValueError("give --warmup (iterations) or --warmup-epochs, not both")
+    if any(k in chosen for k in WARMUP_FIELDS):
+        defaults = {k: v for k, v in defaults.items() if k not in WARMUP_FIELDS}
+    return {**defaults, **chosen}
 
 
 @dataclass(frozen=True)

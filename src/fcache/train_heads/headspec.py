@@ -16,8 +16,8 @@ from fcache.spec import LEVEL_NAMES
 class Param:
     """One head parameter: its default and what values it accepts.
 
-    ``kind`` is ``int``, ``choice`` (one of ``choices``) or ``levels`` (``all`` or names joined by ``+``,
-    e.g. ``p3+p4+p5``; a comma would end the value).
+    ``kind`` is ``int``, ``choice`` (one of ``choices``), ``levels`` (``all`` or names joined by ``+``,
+    e.g. ``p3+p4+p5``; a comma would end the value) or ``prob`` (a float in [0, 1): dropout, stochastic depth).
     """
 
     default: Any
@@ -41,6 +41,14 @@ class Param:
             return text
         if self.kind == "levels":
             return _parse_levels(head, key, text)
+        if self.kind == "prob":
+            try:
+                prob = float(text)
+            except ValueError:
+                raise ValueError(f"head {head}: {key}={text!r} is not a number (e.g. {key}={self.default})") from None
+            if not 0 <= prob < 1:
+                raise ValueError(f"head {head}: {key}={prob} must be in [0, 1)")
+            return prob
         raise AssertionError(f"unknown parameter kind {self.kind!r}")
 
 

@@ -16,10 +16,13 @@ import numpy as np
 from fcache import store as fstore
 from fcache.spec import GEOMETRY_FIELDS, LevelSpec
 from fcache.store import FeatureStore
+from fcache.train_heads.classification import task as classification
 from fcache.train_heads.config import EvalConfig, TrainConfig
 from fcache.train_heads.detection.task import DetectionTask, check_eval_store
 from fcache.train_heads.loop import Task, build_model, evaluate, resolve_device, train, trainable_parameters
 from fcache.train_heads.rundir import RunDir
+from fcache.train_heads.segmentation import task as segmentation
+from fcache.train_heads.video import task as video
 
 
 @dataclass(frozen=True)
@@ -29,10 +32,24 @@ class TaskDef:
     from_store: Callable[[FeatureStore, str], Task]
     from_description: Callable[[Mapping[str, Any]], Task]
     check_eval_store: Callable[[Any, FeatureStore], None]
+    defaults: Callable[[str], Mapping[str, Any]] = lambda head: {}  # head spec -> TrainConfig fields; {}: TrainConfig's own
 
 
 TASKS: dict[str, TaskDef] = {
     "detection": TaskDef(DetectionTask.from_store, DetectionTask.from_description, check_eval_store),
+    "segmentation": TaskDef(
+        segmentation.SegmentationTask.from_store,
+        segmentation.SegmentationTask.from_description,
+        segmentation.check_eval_store,
+        segmentation.train_defaults,
+    ),
+    "video": TaskDef(video.VideoTask.from_store, video.VideoTask.from_description, video.check_eval_store, video.train_defaults),
+    "classification": TaskDef(
+        classification.ClassificationTask.from_store,
+        classification.ClassificationTask.from_description,
+        classification.check_eval_store,
+        classification.train_defaults,
+    ),
 }
 
 
@@ -40,6 +57,11 @@ def _task_def(name: str) -> TaskDef:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
     return TASKS[name]
+
+
+def task_defaults(task: str, head: str) -> dict[str, Any]:
+    """Training hyper-parameters of ``task``'s ``head`` where no flag sets them (paper Tables 11-13; detection: TrainConfig's)."""
+    return dict(_task_def(task).defaults(head))
 
 
 def train_indices(store: FeatureStore, fraction: float, seed: int) -> np.ndarray:
@@ -119,6 +141,7 @@ def training_data(p: Prepared, seed: int, levels: Sequence[str] | None = None) -
 def run_train(cfg: TrainConfig, *, progress: bool = True, say: Callable[[str], None] = _echo) -> dict[str, Any]:
     """Train one head as ``cfg`` says, evaluate it on ``cfg.val_store`` when the run is complete; returns the summary."""
     p = prepare_training(cfg)
+    cfg = cfg.resolved(len(p.indices))  # warm-up given in epochs -> iterations of this training set
     head = p.task.describe()["head"]
     record = {
         "config": cfg.to_dict(),
@@ -167,7 +190,10 @@ def check_plain_view(store: FeatureStore) -> None:
 def eval_data(store: FeatureStore, task: Task, levels: tuple[LevelSpec, ...]) -> Any:
     if len(store.ok_indices) == 0:
         raise ValueError(f"{store.root} has no usable samples to evaluate on")
-    check_plain_view(store)
+    if not store.video:  # a video view is a clip x crop by construction
+        check_plain_view(store)
+    if hasattr(task, "eval_dataset"):  # a task that scores more than view 0 (segmentation: ms+flip over the test views)
+        return task.eval_dataset(store, levels)
     return store.dataset([lv.name for lv in levels], view=0, targets=task.target_names)
 
 
@@ -209,3 +235,19 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
     model.load_state_dict(state)
     metrics = _evaluate_into(run, task, model, store, levels, cfg.batch_size, cfg.num_workers, cfg.device, iteration, progress)
     return {"run": str(run.path), "store": str(store.root), "iter": iteration, "samples": n, "metrics": metrics}
+
+
+def load_trained(run_path: str, store_path: str) -> tuple[Task, tuple[LevelSpec, ...], Any, FeatureStore, int]:
+    """The task, levels and trained model of RUN, and ``store`` checked to fit them: (task, levels, model, store, iteration)."""
+    run = RunDir(run_path)
+    record = run.require_config()
+    tdef = _task_def(record["config"]["task"])
+    task = tdef.from_description(record["task"])
+    levels = tuple(LevelSpec.from_dict(d) for d in record["levels"])
+    store = fstore.open(store_path)
+    tdef.check_eval_store(task, store)
+    check_levels(store, levels)
+    state, iteration = run.load_model()
+    model = build_model(task, levels, seed=0)
+    model.load_state_dict(state)
+    return task, levels, model, store, iteration

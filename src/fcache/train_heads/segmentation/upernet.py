@@ -1,0 +1,130 @@
+"""UPerNet (Xiao et al., ECCV 2018) on cached features, after mmsegmentation's ``UPerHead`` + ``FCNHead`` auxiliary.
+
+Pyramid pooling (scales 1, 2, 3, 6) on the deepest stored level, then a neck from ``train_heads.necks`` over all
+levels (``fpn``: torchvision's FPN; ``bifpn``: k BiFPN layers, the paper's Table 10 replacement of the FPN part),
+then every level upsampled to the finest, concatenated, fused by a 3x3 conv-norm-ReLU, dropout 0.1 and a 1x1
+classifier. Our reading of the composition: the PPM output takes the deepest level's place as the neck's input
+(mmseg adds it after its lateral convs, so there it skips the top 3x3 conv); the neck's lateral and output convs
+are its own (torchvision's FPN ones carry no norm, mmseg's ConvModules do); FPN's max-pooled extra level (p6) is
+not fused (mmseg fuses the stored levels only), BiFPN's is (its last layer computes it, so every node is trained).
+The optional auxiliary head (``aux=1``) is mmseg's FCNHead on the second-deepest stored level: 3x3 conv-norm-ReLU
+at half width, dropout 0.1, 1x1 classifier, loss weight 0.4. Cross-entropy (ignore 255) on logits upsampled to
+the canvas, averaged over labelled pixels. GroupNorm by default: a PPM branch pools to 1x1, where BatchNorm
+cannot train on a batch of one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import Conv2dNormActivation
+
+from fcache.spec import Geometry, LevelSpec
+from fcache.train_heads.necks import NECKS
+from fcache.train_heads.necks.base import GN_GROUPS, norm_layer
+from fcache.train_heads.segmentation.targets import IGNORE, to_canvas, to_original
+
+POOL_SCALES = (1, 2, 3, 6)
+DROPOUT = 0.1
+AUX_WEIGHT = 0.4
+
+
+def conv_norm_relu(cin: int, cout: int, kernel: int, norm: str) -> Conv2dNormActivation:
+    return Conv2dNormActivation(cin, cout, kernel_size=kernel, norm_layer=lambda c: norm_layer(norm, c), activation_layer=nn.ReLU)
+
+
+def classifier(channels: int, num_classes: int) -> nn.Sequential:
+    """Dropout2d then a 1x1 conv, initialised N(0, 0.01) as mmseg's ``conv_seg``."""
+    conv = nn.Conv2d(channels, num_classes, 1)
+    nn.init.normal_(conv.weight, std=0.01)
+    nn.init.zeros_(conv.bias)
+    return nn.Sequential(nn.Dropout2d(DROPOUT), conv)
+
+
+def cross_entropy(logits: Tensor, stride: int, labels: Tensor) -> Tensor:
+    """Mean cross-entropy over labelled canvas pixels of (B, K, h, w) logits against (B, S, S) labels; 0 when none is."""
+    up = to_canvas(logits.float(), stride, labels.shape[-1])  # (B, K, S, S)
+    total = F.cross_entropy(up, labels, ignore_index=IGNORE, reduction="sum")
+    return total / (labels != IGNORE).sum().clamp(min=1)
+
+
+def fcn_head(in_channels: int, channels: int, num_classes: int, norm: str) -> nn.Sequential:
+    """mmseg's FCNHead with one conv: 3x3 conv-norm-ReLU, then the classifier."""
+    if norm == "gn" and channels % GN_GROUPS:
+        raise ValueError(f"upernet: aux=1 with norm=gn needs channels divisible by {2 * GN_GROUPS} (the aux head is half as wide)")
+    return nn.Sequential(conv_norm_relu(in_channels, channels, 3, norm), classifier(channels, num_classes))
+
+
+class PPM(nn.Module):
+    """Pyramid pooling module: adaptive average pools, 1x1 conv each, upsampled, concatenated with the input, 3x3 bottleneck."""
+
+    def __init__(self, in_channels: int, channels: int, norm: str) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_norm_relu(in_channels, channels, 1, norm)) for s in POOL_SCALES
+        )
+        self.bottleneck = conv_norm_relu(in_channels + len(POOL_SCALES) * channels, channels, 3, norm)
+
+    def forward(self, x: Tensor) -> Tensor:
+        size = x.shape[-2:]
+        pooled = [F.interpolate(b(x), size=size, mode="bilinear", align_corners=False) for b in self.branches]
+        return self.bottleneck(torch.cat([x, *pooled], dim=1))  # (B, channels, H, W)
+
+
+class UPerNet(nn.Module):
+    """PPM -> neck -> fuse -> classifier (+ FCN auxiliary head) over 2 or more stored levels."""
+
+    def __init__(
+        self, levels: Sequence[LevelSpec], *, neck: str, layers: int, channels: int, norm: str, aux: bool, num_classes: int
+    ) -> None:
+        super().__init__()
+        ins = tuple(sorted(levels, key=lambda lv: lv.stride))
+        if len(ins) < 2:
+            raise ValueError(f"upernet needs at least 2 feature levels; it was given: {', '.join(lv.name for lv in ins) or 'none'}")
+        self.in_levels, self.num_classes = ins, num_classes
+        top = ins[-1]
+        self.ppm = PPM(top.channels, channels, norm)
+        neck_in = (*ins[:-1], LevelSpec(top.name, channels, top.stride))
+        self.neck = NECKS[neck].build(neck_in, {"channels": channels, "layers": layers, "norm": norm})
+        self.fused = self.neck.out_levels if neck == "bifpn" else self.neck.in_levels  # pyramid levels fused, fine first
+        self.fuse = conv_norm_relu(len(self.fused) * channels, channels, 3, norm)
+        self.cls = classifier(channels, num_classes)
+        self.aux = fcn_head(ins[-2].channels, channels // 2, num_classes, norm) if aux else None
+
+    @property
+    def stride(self) -> int:
+        return self.in_levels[0].stride
+
+    def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``logits`` (B, K, H_0, W_0) at the finest stored stride; ``aux`` (B, K, H, W) at the second-deepest when enabled."""
+        top = self.in_levels[-1].name
+        x = {lv.name: features[lv.name] for lv in self.in_levels}
+        x[top] = self.ppm(x[top])
+        pyramid = self.neck(x)  # level -> (B, channels, H_l, W_l), plus the neck's extra level
+        size = pyramid[self.in_levels[0].name].shape[-2:]
+        maps = [F.interpolate(pyramid[lv.name], size=size, mode="bilinear", align_corners=False) for lv in self.fused]
+        out = {"logits": self.cls(self.fuse(torch.cat(maps, dim=1)))}
+        if self.aux is not None and self.training:
+            out["aux"] = self.aux(features[self.in_levels[-2].name])
+        return out
+
+    def losses(self, out: Mapping[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
+        """``ce`` (and ``aux_ce`` x 0.4) against (B, S, S) int64 canvas labels."""
+        losses = {"ce": cross_entropy(out["logits"], self.stride, labels)}
+        if "aux" in out:
+            losses["aux_ce"] = AUX_WEIGHT * cross_entropy(out["aux"], self.in_levels[-2].stride, labels)
+        return losses
+
+    def probabilities(self, out: Mapping[str, Tensor], j: int, g: Geometry) -> Tensor:
+        """(K, orig_h, orig_w) class probabilities of view ``j`` of the batch: logits resized to the original, then softmax."""
+        return to_original(out["logits"][j], self.stride, g).softmax(dim=0)
+
+
+def build_upernet(levels: Sequence[LevelSpec], p: Mapping[str, Any], num_classes: int) -> UPerNet:
+    return UPerNet(
+        levels, neck=p["neck"], layers=p["layers"], channels=p["channels"], norm=p["norm"], aux=bool(p["aux"]), num_classes=num_classes
+    )

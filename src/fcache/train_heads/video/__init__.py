@@ -1,0 +1,8 @@
+"""Video action recognition heads on cached per-frame features (paper Table 4): linear, temporal and global blocks."""
+
+from __future__ import annotations
+
+from fcache.train_heads.video.model import GlobalHead, TemporalHead, VideoLinear
+from fcache.train_heads.video.task import HEADS, VideoTask, parse_video_head
+
+__all__ = ["HEADS", "GlobalHead", "TemporalHead", "VideoLinear", "VideoTask", "parse_video_head"]

@@ -1,0 +1,99 @@
+"""The linear probe end to end: an ImageFolder extracted by a random-init SwinV2-T, trained, evaluated over views; CLI refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from fcache.cli import main
+
+COLOURS = {"blue": (40, 60, 200), "green": (40, 170, 60), "red": (200, 40, 40)}  # class folders, sorted = label order
+SIZES = ((48, 32), (32, 48), (40, 40))  # (w, h): the padding of the 64 px canvas differs between images
+EXTRACT = ["--dataset", "folder", "--random-init", "--model", "swinv2-t", "--input-size", "64", "--levels", "p5"]
+EXTRACT += ["--num-workers", "0", "--device", "cpu"]
+QUICK = ["--num-workers", "0", "--device", "cpu", "--json"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def colour_images(root: Path, per_class: int, seed: int) -> Path:
+    """root/<colour>/iNN.png: noisy images whose colour is their class."""
+    rng = np.random.default_rng(seed)
+    for name, rgb in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for k in range(per_class):
+            w, h = SIZES[k % len(SIZES)]
+            pixels = np.clip(np.array(rgb) + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"i{k:02d}.png")
+    return root
+
+
+def extract(root: Path, out: Path, *flags: str) -> Path:
+    r = CliRunner().invoke(main, ["extract", *EXTRACT, "--root", str(root), *flags, "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cls")
+    flat = d / "flat"
+    flat.mkdir()
+    for k in range(2):
+        Image.fromarray(np.full((32, 48, 3), 60 * k, np.uint8)).save(flat / f"f{k}.png")
+    return {
+        "train": extract(colour_images(d / "train", 8, seed=0), d / "train.zarr"),
+        "val": extract(colour_images(d / "val", 4, seed=1), d / "val.zarr", "--test-views", "flip"),
+        "flat": extract(flat, d / "flat.zarr"),
+    }
+
+
+def train(store: Path, out: Path, *flags: str, task: str = "classification", head: str = "linear"):
+    return CliRunner().invoke(main, ["train-head", "--store", str(store), "--task", task, "--head", head, "--out", str(out), *flags])
+
+
+def refused(r, *fragments):
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in r.output, r.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_linear_probe_learns_the_labels_the_features_carry(stores, tmp_path):
+    out = tmp_path / "run"
+    r = train(stores["train"], out, "--val-store", str(stores["val"]), "--iters", "60", "--batch-size", "8", *QUICK)
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["trainable_params"] == 768 * 3 + 3  # SwinV2-T p5: 768 channels, 3 classes
+    assert summary["eval"]["avg/top1"] >= 0.9, summary["eval"]
+    assert set(summary["eval"]) == {f"{f}/top{k}" for f in ("avg", "plain", "flip") for k in (1, 5)}
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert (config["batch_size"], config["lr"], config["weight_decay"], config["schedule"]) == (8, 1e-3, 0.0, "cosine")
+    assert config["warmup_epochs"] == 1.0 and config["warmup"] == 3  # ceil(1 epoch x 24 samples / batch 8)
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [x["key"] for x in lines] == [f"{c}/i{k:02d}.png" for c in COLOURS for k in range(4)]
+    assert sum(x["pred_name"] == x["label_name"] for x in lines) == round(12 * summary["eval"]["avg/top1"])
+
+    again = CliRunner().invoke(main, ["eval", str(out), "--store", str(stores["val"]), *QUICK])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["metrics"] == summary["eval"] and json.loads(again.stdout)["samples"] == 12
+
+
+def test_refusals(stores, tmp_path):
+    out = tmp_path / "run"
+    one = ["--iters", "1", *QUICK]
+    refused(train(stores["flat"], out, *one), "has no class labels (a folder store with targets: none)", "--task classification needs")
+    refused(train(stores["train"], out, *one, task="video"), "is an image store", "--task video needs per-frame features")
+    refused(train(stores["train"], out, *one, head="linear:level=p4"), "reads level p4 but the store holds only p5")
+    refused(train(stores["train"], out, *one, head="mlp"), "unknown head 'mlp' for classification; choose one of: linear")
+    refused(train(stores["train"], out, *one, "--warmup", "5", "--warmup-epochs", "1"), "not both")
+    refused(train(stores["train"], out, *one, task="captioning"), "unknown task 'captioning'")
+    assert not out.exists()
+    assert train(stores["train"], out, *one).exit_code == 0
+    refused(CliRunner().invoke(main, ["eval", str(out), "--store", str(stores["flat"])]), "has no class labels")

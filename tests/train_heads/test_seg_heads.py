@@ -1,0 +1,156 @@
+"""Segmentation heads built from LevelSpecs: output shapes for 2, 3 and 4 stored levels, losses, inference, head specs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fcache.spec import Geometry, LevelSpec
+from fcache.train_heads.run import task_defaults
+from fcache.train_heads.segmentation import HEADS, Mask2Former, UPerNet, parse_segmentation_head, train_defaults
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+LEVELS = (LevelSpec("p2", 8, 4), LevelSpec("p3", 16, 8), LevelSpec("p4", 24, 16), LevelSpec("p5", 40, 32))
+SUBSETS = {
+    "p2-p5": LEVELS,
+    "p3-p5": LEVELS[1:],
+    "p4+p5": LEVELS[2:],
+    "p2+p4": (LEVELS[0], LEVELS[2]),  # a gap between stored levels
+}
+SPECS = [
+    "upernet:channels=64,aux=1",
+    "upernet:neck=bifpn,layers=2,channels=32",
+    "mask2former:channels=32,queries=10,pixel_blocks=2,decoder_blocks=2",
+]
+CANVAS, K = 64, 5
+# a 60 x 40 image fitted into the canvas, mirrored: content 64 x 43 (rows 43..63 are padding)
+VIEW = Geometry(orig_h=40, orig_w=60, scale=CANVAS / 60, valid_w=CANVAS, valid_h=round(40 * CANVAS / 60), flip=1.0, canvas=CANVAS)
+
+
+def build(spec: str, levels):
+    head = parse_segmentation_head(spec)
+    torch.manual_seed(0)
+    return head, HEADS[head.name].build(levels, dict(head.params), K)
+
+
+def batch(levels):
+    torch.manual_seed(1)
+    feats = {lv.name: torch.randn(2, lv.channels, lv.size(CANVAS), lv.size(CANVAS)) for lv in levels}
+    labels = torch.randint(0, K, (2, CANVAS, CANVAS))
+    labels[:, int(VIEW.valid_h) :] = 255  # padding below the content
+    return feats, labels
+
+
+@pytest.mark.parametrize("subset", SUBSETS)
+@pytest.mark.parametrize("spec", SPECS)
+def test_shapes_losses_and_inference(spec, subset):
+    levels = SUBSETS[subset]
+    head, model = build(spec, levels)
+    feats, labels = batch(levels)
+    finest = min(lv.stride for lv in levels)
+    out = model(feats)
+    if isinstance(model, UPerNet):
+        assert out["logits"].shape == (2, K, CANVAS // finest, CANVAS // finest)
+        second = sorted(levels, key=lambda lv: lv.stride)[-2]
+        assert ("aux" in out) == bool(head["aux"])
+        if head["aux"]:
+            assert out["aux"].shape == (2, K, CANVAS // second.stride, CANVAS // second.stride)
+    else:
+        assert isinstance(model, Mask2Former)
+        assert len(out["logits"]) == len(out["masks"]) == head["decoder_blocks"] + 1  # the "(m+1)" predictions
+        assert all(x.shape == (2, 10, K + 1) for x in out["logits"])
+        assert all(x.shape == (2, 10, CANVAS // finest, CANVAS // finest) for x in out["masks"])
+    losses = model.losses(out, labels)
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not unused, unused
+    model.eval()
+    with torch.no_grad():
+        probs = model.probabilities(model(feats), 1, VIEW)
+    assert probs.shape == (K, 40, 60) and (probs >= 0).all()
+    if isinstance(model, UPerNet):
+        torch.testing.assert_close(probs.sum(0), torch.ones(40, 60))
+
+
+def test_mask2former_splits_levels_as_the_reference():
+    """p3..p5 go through the deformable encoder (coarse first), p2 joins by the FPN path and carries the mask features."""
+    cases = {
+        "p2-p5": (["p5", "p4", "p3"], ["p2"]),
+        "p3-p5": (["p5", "p4"], ["p3"]),
+        "p4+p5": (["p5"], ["p4"]),
+        "p2+p4": (["p4"], ["p2"]),
+    }
+    for subset, (deform, fpn) in cases.items():
+        _, model = build(SPECS[2], SUBSETS[subset])
+        assert [lv.name for lv in model.pixel_decoder.deform_levels] == deform
+        assert [lv.name for lv in model.pixel_decoder.fpn_levels] == fpn
+        assert model.stride == SUBSETS[subset][0].stride
+    _, model = build("mask2former:pixel_blocks=6,decoder_blocks=9", LEVELS)
+    assert len(model.pixel_decoder.encoder) == 6 and len(model.decoder.blocks) == 9
+    assert model.decoder.query_feat.weight.shape == (100, 256)  # the paper's 100 queries, reference width
+
+
+def test_upernet_takes_the_neck_from_the_necks_table():
+    _, fpn = build("upernet:channels=32", LEVELS)
+    _, bifpn = build("upernet:neck=bifpn,layers=3,channels=32", LEVELS)
+    assert type(fpn.neck).__name__ == "FPN" and type(bifpn.neck).__name__ == "BiFPN" and len(bifpn.neck.layers) == 3
+    # the PPM output (channels wide) replaces the deepest level as the neck's input
+    assert [lv.channels for lv in fpn.neck.in_levels] == [8, 16, 24, 32]
+    assert fpn.ppm.branches[0][1][0].in_channels == 40
+
+
+def test_head_specs_print_canonically():
+    assert str(parse_segmentation_head("upernet")) == "upernet:aux=0,channels=512,layers=1,levels=all,neck=fpn,norm=gn"
+    assert (
+        str(parse_segmentation_head("upernet:neck=bifpn,layers=5")) == "upernet:aux=0,channels=512,layers=5,levels=all,neck=bifpn,norm=gn"
+    )
+    m2f = parse_segmentation_head("mask2former:pixel_blocks=6,decoder_blocks=9")
+    assert str(m2f) == "mask2former:channels=256,decoder_blocks=9,levels=all,pixel_blocks=6,queries=100"
+    assert parse_segmentation_head(str(m2f)) == m2f
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("upernet:layers=5", "layers=5 applies to neck=bifpn only"),
+        ("upernet:aux=2", "aux=2 must be 0 or 1"),
+        ("upernet:neck=fancy", "neck='fancy' is not one of fpn, bifpn"),
+        ("mask2former:blocks=3", "unknown key 'blocks'"),
+        ("mask2former:decoder_blocks=0", "decoder_blocks=0 must be at least 1"),
+        ("fpn", "unknown head 'fpn' for segmentation; choose one of: mask2former, upernet"),
+    ],
+)
+def test_bad_head_specs(text, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_segmentation_head(text)
+
+
+@pytest.mark.parametrize(
+    ("spec", "levels", "message"),
+    [
+        ("upernet:channels=32,aux=1", LEVELS, "needs channels divisible by 64"),
+        ("mask2former:channels=48", LEVELS, "channels=48 must be divisible by 32"),
+        ("upernet", LEVELS[3:], "upernet needs at least 2 feature levels"),
+        ("mask2former", LEVELS[3:], "mask2former needs at least 2 feature levels"),
+    ],
+)
+def test_heads_that_cannot_work_are_refused(spec, levels, message):
+    with pytest.raises(ValueError, match=message):
+        build(spec, levels)
+
+
+def test_training_defaults_follow_table_12_per_head():
+    assert train_defaults("mask2former:pixel_blocks=6") == {"lr": 3e-4, "weight_decay": 0.02, "warmup": 0, "schedule": "linear"}
+    assert train_defaults("upernet:neck=bifpn,layers=5") == {
+        "lr": 2e-3,
+        "weight_decay": 0.05,
+        "warmup": 1500,
+        "warmup_factor": 1e-6,
+        "schedule": "linear",
+    }
+    assert task_defaults("segmentation", "upernet") == train_defaults("upernet")
+    assert task_defaults("detection", "bifpn:layers=5") == {}  # detection keeps TrainConfig's Table 11 defaults
+    with pytest.raises(ValueError, match="unknown task 'depth'"):
+        task_defaults("depth", "upernet")
