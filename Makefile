@@ -20,7 +20,10 @@ demo: $(STAMP)
 	$(VENV)/bin/fcache demo
 
 bench: $(STAMP)
-	$(PY) benchmarks/store_io.py
+	$(PY) benchmarks/run_all.py
+
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/gpu_profile.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

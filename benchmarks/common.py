@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ def photos(n: int) -> list[np.ndarray]:
 
 def save(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "machine": platform.node(), "time": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
+    payload = {"benchmark": name, "machine": platform.node(), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:], **payload}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=1))
     return path

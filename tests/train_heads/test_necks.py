@@ -94,3 +94,20 @@ def test_batchnorm_variant_builds_and_gn_needs_divisible_channels():
     assert isinstance(BiFPN(LEVELS, channels=32, norm="bn").layers[0].top_down[0].conv[2], torch.nn.BatchNorm2d)
     with pytest.raises(ValueError, match="divisible by 32"):
         BiFPN(LEVELS, channels=48, norm="gn")
+
+
+def test_bifpn_checkpointing_changes_memory_not_math():
+    """checkpoint=1 recomputes each layer in the backward pass: same outputs, same gradients."""
+    levels = (LevelSpec("p3", 16, 8), LevelSpec("p4", 24, 16), LevelSpec("p5", 32, 32))
+    feats = {
+        lv.name: torch.randn(2, lv.channels, 64 // lv.stride, 64 // lv.stride, generator=torch.Generator().manual_seed(1)) for lv in levels
+    }
+    grads = []
+    for flag in ("0", "1"):
+        torch.manual_seed(0)
+        neck = NECKS["bifpn"].build(levels, {"channels": 32, "layers": 3, "norm": "gn", "checkpoint": flag}).train()
+        out = neck(feats)
+        sum(o.square().mean() for o in out.values()).backward()
+        grads.append([p.grad.clone() for p in neck.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

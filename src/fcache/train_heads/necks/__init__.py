@@ -27,6 +27,9 @@ class NeckDef:
 
 CHANNELS = Param(256, help="output width of every pyramid level")
 NORM = Param("gn", kind="choice", choices=NORMS, help="norm inside the neck's added blocks")
+CHECKPOINT = Param(
+    "0", kind="choice", choices=("0", "1"), help="1: recompute each layer in the backward pass (less memory, ~30% more time)"
+)
 
 
 def _fpn(levels: Sequence[LevelSpec], p: Mapping[str, Any]) -> Neck:
@@ -38,13 +41,15 @@ def _fpn_res(levels: Sequence[LevelSpec], p: Mapping[str, Any]) -> Neck:
 
 
 def _bifpn(levels: Sequence[LevelSpec], p: Mapping[str, Any]) -> Neck:
-    return BiFPN(levels, channels=p["channels"], layers=p["layers"], norm=p["norm"])
+    return BiFPN(levels, channels=p["channels"], layers=p["layers"], norm=p["norm"], checkpoint=p.get("checkpoint") == "1")
 
 
 NECKS: dict[str, NeckDef] = {
     "fpn": NeckDef(_fpn, {"channels": CHANNELS}),
     "fpn-res": NeckDef(_fpn_res, {"channels": CHANNELS, "blocks": Param(4, help="residual blocks per level"), "norm": NORM}),
-    "bifpn": NeckDef(_bifpn, {"channels": CHANNELS, "layers": Param(1, help="stacked BiFPN layers"), "norm": NORM}),
+    "bifpn": NeckDef(
+        _bifpn, {"channels": CHANNELS, "layers": Param(1, help="stacked BiFPN layers"), "norm": NORM, "checkpoint": CHECKPOINT}
+    ),
 }
 
 __all__ = ["NECKS", "FPN", "BiFPN", "FPNRes", "Neck", "NeckDef", "pyramid_levels"]

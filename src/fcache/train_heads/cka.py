@@ -1,0 +1,253 @@
+"""``fcache cka``: linear CKA across a trained head's layers (the paper's Figures 3 and 5).
+
+Linear CKA (Kornblith et al., ICML 2019) with the minibatch-unbiased HSIC estimator of Nguyen et al.
+(ICLR 2021): HSIC_1 is averaged over minibatches, so memory stays bounded however many samples are
+used. Representations are taken with forward hooks, grouped like the paper's panels:
+- neck, one panel per level: the stored input P_x and the output of every block (BiFPN layer, FPN,
+  each residual block of fpn-res); an example is one image, its features the flattened map;
+- cascade: every stage's RoI features and its two hidden fc layers, over the same RoIs (the refined
+  boxes of stage s are stage s+1's RoIs one for one); an example is one RoI.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+MIN_EXAMPLES = 4  # HSIC_1 needs n >= 4
+
+
+def hsic1(k: Tensor, l: Tensor) -> Tensor:  # noqa: E741
+    """Unbiased HSIC estimator (Song et al., 2012) of two (n, n) Gram matrices, n >= 4."""
+    n = k.shape[0]
+    k = k.clone().fill_diagonal_(0)
+    l = l.clone().fill_diagonal_(0)  # noqa: E741
+    ones = torch.ones(n, 1, dtype=k.dtype, device=k.device)
+    trace = (k * l).sum()
+    sums = (ones.T @ k @ ones) * (ones.T @ l @ ones) / ((n - 1) * (n - 2))
+    cross = 2.0 / (n - 2) * (ones.T @ k @ l @ ones)
+    return ((trace + sums - cross) / (n * (n - 3))).squeeze()
+
+
+class MinibatchCKA:
+    """Accumulates HSIC_1 between every pair of named representations over minibatches; ``matrix()`` gives CKA."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.hsic = torch.zeros(len(names), len(names), dtype=torch.float64)
+        self.batches = 0
+
+    def update(self, reps: dict[str, Tensor]) -> None:
+        """reps: name -> (n, p) features of the same n examples (n >= 4)."""
+        grams = []
+        for name in self.names:
+            x = reps[name].reshape(reps[name].shape[0], -1).double()  # (n, p)
+            grams.append(x @ x.T)  # (n, n), linear kernel
+        for i in range(len(grams)):
+            for j in range(i, len(grams)):
+                v = hsic1(grams[i], grams[j])
+                self.hsic[i, j] += v
+                self.hsic[j, i] = self.hsic[i, j]
+        self.batches += 1
+
+    def matrix(self) -> Tensor:
+        d = self.hsic.diagonal().clamp_min(1e-30).sqrt()
+        return self.hsic / (d[:, None] * d[None, :])
+
+
+def cka(x: Tensor, y: Tensor) -> float:
+    """Linear CKA of two (n, p) representations of the same n examples, in one minibatch."""
+    m = MinibatchCKA(["x", "y"])
+    m.update({"x": x, "y": y})
+    return float(m.matrix()[0, 1])
+
+
+@dataclass
+class Taps:
+    """Representations captured during one forward: group -> label -> (n, ...) tensor."""
+
+    groups: dict[str, OrderedDict[str, Tensor]]
+
+
+@contextmanager
+def tapped(model: nn.Module, rois_per_batch: int = 256, seed: int = 0) -> Iterator[Callable[[], Taps]]:
+    """Hooks the neck (and cascade stages) of a detector; yields a function returning the last forward's taps."""
+    groups: dict[str, OrderedDict[str, Tensor]] = defaultdict(OrderedDict)
+    handles = []
+    neck = getattr(model, "neck", None)
+    if neck is not None:
+        handles += _neck_hooks(neck, groups)
+    roi_heads = getattr(model, "roi_heads", None)
+    if roi_heads is not None and hasattr(roi_heads, "stages"):
+        handles += _cascade_hooks(roi_heads, groups)
+    gen = torch.Generator().manual_seed(seed)
+
+    def taps() -> Taps:
+        out = {g: OrderedDict((k, v) for k, v in reps.items()) for g, reps in groups.items()}
+        if "cascade" in out:  # same RoIs in every stage: subsample them once, consistently
+            n = min(v.shape[0] for v in out["cascade"].values())
+            keep = torch.randperm(n, generator=gen)[:rois_per_batch]
+            out["cascade"] = OrderedDict((k, v[:n][keep]) for k, v in out["cascade"].items())
+        groups.clear()
+        return Taps(out)
+
+    try:
+        yield taps
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _neck_hooks(neck: nn.Module, groups: dict[str, OrderedDict[str, Tensor]]) -> list[Any]:
+    in_names = [lv.name for lv in neck.in_levels]
+    out_names = [lv.name for lv in neck.out_levels]
+
+    def inputs(_m: nn.Module, args: tuple[Any, ...]) -> None:
+        for name in in_names:
+            groups[name][f"{name.upper()} in"] = args[0][name].detach().float().cpu()
+
+    handles = [neck.register_forward_pre_hook(inputs)]
+    layers = getattr(neck, "layers", None)
+    if layers is not None:  # BiFPN: every layer's outputs, per level
+        for k, layer in enumerate(layers, start=1):
+
+            def bifpn_out(_m: nn.Module, _a: Any, out: list[Tensor], k: int = k) -> None:
+                for name, x in zip(out_names, out, strict=True):
+                    if name in in_names:
+                        groups[name][f"F{k}"] = x.detach().float().cpu()
+
+            handles.append(layer.register_forward_hook(bifpn_out))
+        return handles
+    fpn = getattr(neck, "fpn", None)
+    if fpn is not None:  # FPN (and fpn-res: the output conv then each residual block)
+        for name, block in zip(in_names, fpn.layer_blocks, strict=True):
+            parts = list(block) if isinstance(block, nn.Sequential) else [block]
+            for k, part in enumerate(parts):
+                label = "F1" if len(parts) == 1 else ("conv" if k == 0 else f"R{k}")
+
+                def out_hook(_m: nn.Module, _a: Any, out: Tensor, name: str = name, label: str = label) -> None:
+                    groups[name][label] = out.detach().float().cpu()
+
+                handles.append(part.register_forward_hook(out_hook))
+    return handles
+
+
+def _cascade_hooks(roi_heads: nn.Module, groups: dict[str, OrderedDict[str, Tensor]]) -> list[Any]:
+    """Each stage's RoI features (the input of its own box head: the RoIAlign module is shared) and its fc6, fc7."""
+    handles = []
+    for s, stage in enumerate(roi_heads.stages, start=1):
+
+        def roi(_m: nn.Module, args: tuple[Any, ...], key: str = f"s{s} RoI") -> None:
+            groups["cascade"][key] = args[0].detach().float().flatten(1).cpu()  # (R, C * 7 * 7)
+
+        handles.append(stage.box_head.register_forward_pre_hook(roi))
+        for label in ("fc6", "fc7"):
+
+            def hook(_m: nn.Module, _a: Any, out: Tensor, key: str = f"s{s} {label}") -> None:
+                groups["cascade"][key] = out.detach().float().flatten(1).cpu()  # (R, 1024), before the ReLU
+
+            handles.append(getattr(stage.box_head, label).register_forward_hook(hook))
+    return handles
+
+
+def analyse(batches: Iterator[Taps]) -> dict[str, dict[str, Any]]:
+    """CKA matrix per group over all batches (groups whose batches are too small are skipped)."""
+    acc: dict[str, MinibatchCKA] = {}
+    for taps in batches:
+        for group, reps in taps.groups.items():
+            if not reps or min(v.shape[0] for v in reps.values()) < MIN_EXAMPLES:
+                continue
+            acc.setdefault(group, MinibatchCKA(list(reps)))
+            acc[group].update(reps)
+    return {g: {"labels": m.names, "cka": m.matrix().tolist(), "minibatches": m.batches} for g, m in acc.items()}
+
+
+def heatmap(result: dict[str, dict[str, Any]], png: Path, title: str) -> None:
+    """One labelled heatmap panel per group, values written in the cells (like the paper's Figure 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(result)
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups) + 0.6, 3.6), squeeze=False)
+    for ax, g in zip(axes[0], groups, strict=True):
+        labels, m = result[g]["labels"], torch.tensor(result[g]["cka"])
+        im = ax.imshow(m.numpy(), vmin=0, vmax=1, cmap="magma")
+        ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize=7)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_title(g, fontsize=9)
+        if len(labels) <= 12:
+            for i in range(len(labels)):
+                for j in range(len(labels)):
+                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6, color="white" if m[i, j] < 0.6 else "black")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="linear CKA")
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def write(result: dict[str, dict[str, Any]], out: Path, title: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cka.json").write_text(json.dumps(result, indent=1))
+    heatmap(result, out / "cka.png", title)
+
+
+@dataclass(frozen=True)
+class CkaConfig:
+    """``fcache cka RUN --store S``."""
+
+    run: str
+    store: str
+    samples: int = 64
+    batch_size: int = 8
+    out: str = ""
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < MIN_EXAMPLES:
+            raise ValueError(f"--batch-size must be at least {MIN_EXAMPLES} (the unbiased HSIC needs 4 examples per minibatch)")
+        if self.samples < self.batch_size:
+            raise ValueError(f"--samples ({self.samples}) must be at least --batch-size ({self.batch_size})")
+
+
+def run_cka(cfg: CkaConfig, progress: bool = True) -> dict[str, Any]:
+    """CKA heatmaps of RUN's head on up to ``cfg.samples`` samples of ``cfg.store``; writes cka.json + cka.png."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from fcache.train_heads.loop import Collate, resolve_device
+    from fcache.train_heads.run import eval_data, load_trained
+
+    task, levels, model, store, iteration = load_trained(cfg.run, cfg.store)
+    data = eval_data(store, task, levels)
+    rng = np.random.default_rng(cfg.seed)
+    chosen = np.sort(rng.choice(len(data), size=min(cfg.samples, len(data)), replace=False))
+    full = len(chosen) - len(chosen) % cfg.batch_size  # whole minibatches only
+    subset = torch.utils.data.Subset(data, chosen[:full].tolist())
+    loader = torch.utils.data.DataLoader(subset, batch_size=cfg.batch_size, collate_fn=Collate(task, with_targets=False))
+    device = resolve_device(cfg.device)
+    model.to(device).eval()
+
+    def batches() -> Iterator[Taps]:
+        with tapped(model, seed=cfg.seed) as taps, torch.inference_mode():
+            for batch in tqdm(loader, desc="cka", unit="batch", disable=not progress):
+                task.predict(model, batch.to(device))
+                yield taps()
+
+    result = analyse(batches())
+    if not result:
+        raise ValueError(f"{cfg.run}: nothing to analyse (the head has no neck or cascade to tap, or too few samples)")
+    out = Path(cfg.out or Path(cfg.run) / "cka")
+    head = json.loads((Path(cfg.run) / "config.json").read_text())["config"]["head"]
+    write(result, out, f"linear CKA, {head} at iteration {iteration}, {full} samples of {store.root.name}")
+    return {"out": str(out), "samples": full, "groups": result}
