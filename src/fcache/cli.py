@@ -172,7 +172,7 @@ def _extract_options(fn: F) -> F:
             help="skip: record a bad sample and go on; fail: stop at the first.",
         ),
         click.option(
-            "--writers", type=int, default=0, help="Threads encoding + compressing + committing units [default: one per 4 cores]."
+            "--writers", type=int, default=0, help="Threads encoding + compressing + committing units [default: one per 2 cores]."
         ),
         click.option("--decode-timeout", type=float, default=60.0, show_default=True, help="Seconds one sample may take to decode."),
         click.option(

@@ -12,8 +12,14 @@ from click.testing import CliRunner
 from fcache import store as fstore
 from fcache.cli import main
 from fcache.spec import Status
-from fcache.store.encoding import bf16_bits_to_float32, float32_to_bf16_bits
+from fcache.store.encoding import bf16_bits_to_float32
 from helpers import decoded, make_manifest, sample_features, write_all
+
+
+def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """Reference rounding written independently in numpy: nearest, ties to even, raw 16 bits."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + ((u >> 16) & 1) + np.uint32(0x7FFF)) >> 16).astype(np.uint16)
 
 
 class StoreConformance:

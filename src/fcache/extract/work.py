@@ -20,6 +20,7 @@ from fcache.extract.sources.base import Decoded, SampleError, SampleRef, Source
 from fcache.extract.views import image_views, render, video_views
 from fcache.spec import GEOMETRY_FIELDS, Geometry, Manifest, Status
 from fcache.store import Unit
+from fcache.store.encoding import STORED_DTYPES, Encoded
 
 
 class SampleDataset(torch.utils.data.Dataset):
@@ -99,10 +100,10 @@ def _deadline(seconds: float, key: str) -> Iterator[None]:
 
 @dataclass
 class UnitPayload:
-    """Everything ``StoreWriter.write_unit`` needs for one unit."""
+    """Everything ``StoreWriter.write_unit`` needs for one unit; features already in the store's dtype."""
 
     unit: Unit
-    features: dict[str, np.ndarray]
+    features: dict[str, Encoded]
     status: np.ndarray
     geometry: np.ndarray
     targets: dict[str, np.ndarray] = field(default_factory=dict)
@@ -111,7 +112,7 @@ class UnitPayload:
 
 
 class UnitAssembler:
-    """Collects per-image backbone outputs into unit buffers; yields each unit once all its images are in."""
+    """Collects per-image encoded backbone outputs into unit buffers; yields each unit once all its images are in."""
 
     def __init__(self, manifest: Manifest, units: list[Unit]) -> None:
         self.m = manifest
@@ -124,8 +125,12 @@ class UnitAssembler:
     def _payload(self, u: int) -> UnitPayload:
         if u not in self.open:
             unit, m = self.todo[u], self.m
-            n_u, v = len(unit), m.num_views
-            feats = {lv.name: np.zeros((n_u, v, *m.level_shape(lv.name)), np.float32) for lv in m.levels}
+            n_u, v, dtype = len(unit), m.num_views, m.storage.dtype
+            feats = {}
+            for lv in m.levels:
+                shape = (n_u, v, *m.level_shape(lv.name))
+                scales = np.zeros(shape[:-2], np.float32) if dtype == "int8" else None
+                feats[lv.name] = Encoded(np.zeros(shape, STORED_DTYPES[dtype]), scales, np.zeros(n_u), np.zeros(n_u))
             self.open[u] = UnitPayload(unit, feats, np.zeros(n_u, np.uint8), np.zeros((n_u, v, len(GEOMETRY_FIELDS)), np.float32))
         return self.open[u]
 
@@ -145,15 +150,18 @@ class UnitAssembler:
         p.missing += len(item["pixels"])
         self.unstarted[u] -= 1
 
-    def put(self, i: int, k: int, feats: dict[str, np.ndarray]) -> None:
-        """Image k of sample i: view k (images) or view k // T, frame k % T (video)."""
+    def put(self, i: int, k: int, encoded: dict[str, Encoded], b: int) -> None:
+        """Item b of an encoded batch is image k of sample i: view k (images) or view k // T, frame k % T (video)."""
         p = self.open[i // self.shard]
         j = i - p.unit.start
-        for name, f in feats.items():
-            if self.frames > 1 or self.m.video:
-                p.features[name][j, k // self.frames, k % self.frames] = f
-            else:
-                p.features[name][j, k] = f
+        where = (j, k // self.frames, k % self.frames) if self.m.video else (j, k)
+        for name, enc in encoded.items():
+            dest = p.features[name]
+            dest.values[where] = enc.values[b]
+            if dest.scales is not None and enc.scales is not None:
+                dest.scales[where] = enc.scales[b]
+            dest.sq_err[j] += enc.sq_err[b]
+            dest.sq_ref[j] += enc.sq_ref[b]
         p.missing -= 1
 
     def ready(self) -> list[UnitPayload]:

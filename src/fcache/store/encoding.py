@@ -1,13 +1,17 @@
 """Feature dtypes and codecs of the store: fp16 / bf16 (raw 16-bit) / int8 (per-channel scales) / fp32.
 
-Encoding is pure numpy so workers need nothing but the arrays; decoding always returns float32.
+Encoding runs on torch tensors wherever the features are (the extraction encodes on the GPU, before
+the copy to the host: half the bytes to move, no CPU time) and returns numpy arrays; decoding is
+numpy and always returns float32.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from zarr.abc.codec import BytesBytesCodec
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
@@ -28,12 +32,18 @@ class Fp16OverflowError(ValueError):
 
 @dataclass(frozen=True)
 class Encoded:
-    """One batch of features in stored form, with what its quantisation cost."""
+    """Features in stored form, with what their quantisation cost, per item along the first axis."""
 
     values: np.ndarray  # stored dtype, same shape as the input
     scales: np.ndarray | None  # int8 only: float32, input shape without (H, W)
-    sq_err: float  # sum of squared reconstruction errors
-    sq_ref: float  # sum of squared reference values
+    sq_err: np.ndarray  # (n,) float64: sum of squared reconstruction errors of each item
+    sq_ref: np.ndarray  # (n,) float64: sum of squared reference values of each item
+
+    @property
+    def rel_rmse(self) -> float:
+        """Relative RMSE over all items."""
+        ref = float(self.sq_ref.sum())
+        return math.sqrt(float(self.sq_err.sum()) / ref) if ref > 0 else 0.0
 
 
 def check_dtype(dtype: str) -> str:
@@ -42,59 +52,65 @@ def check_dtype(dtype: str) -> str:
     return dtype
 
 
-def encode(x: np.ndarray, dtype: str, level: str = "") -> Encoded:
-    """Encode float32 features (..., C, H, W) into the stored dtype.
+def encode(x: np.ndarray | torch.Tensor, dtype: str, level: str = "") -> Encoded:
+    """Encode float features (..., C, H, W), a numpy array or a tensor on any device, into the stored dtype.
 
-    The reconstruction error is measured exactly on arrays up to ``ERROR_SAMPLE`` values and on an
-    evenly strided subset of that many values beyond (an unbiased estimate, at a fraction of the cost).
+    The reconstruction error is measured per item (first axis), exactly on up to ``ERROR_SAMPLE`` values
+    in all and on an evenly strided subset of that many beyond (an unbiased estimate, at a fraction of the cost).
 
     Raises:
         Fp16OverflowError: a finite value does not fit float16.
         ValueError: the features contain NaN or Inf.
     """
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) if isinstance(x, np.ndarray) else x.float().contiguous()
+    lo, hi = (float(v) for v in torch.aminmax(t))  # one pass; NaN and Inf propagate
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"features of level {level or '?'} contain NaN or Inf; the backbone output is broken")
+    peak = max(-lo, hi)
+    if dtype == "fp16" and peak > FP16_MAX:
+        raise Fp16OverflowError(
+            f"features of level {level or '?'} reach {peak:.3g}, beyond float16's range ({FP16_MAX:.0f}); "
+            "rerun with --dtype bf16 (same size, float32's range) or --dtype fp32"
+        )
     scales = None
     if dtype == "fp32":
-        values = x
+        values = t
     elif dtype == "fp16":
-        with np.errstate(over="ignore"):  # overflow is reported below, with advice
-            values = x.astype(np.float16)
+        values = t.half()
     elif dtype == "bf16":
-        values = float32_to_bf16_bits(x)
+        values = t.to(torch.bfloat16).view(torch.int16)  # round to nearest even; raw bits
     elif dtype == "int8":
-        values, scales = quantise_int8(x)
+        channel_peak = t.abs().amax(dim=(-2, -1))  # (..., C): symmetric, per channel of each sample-view
+        scales = torch.where(channel_peak > 0, channel_peak / 127.0, torch.ones_like(channel_peak))
+        values = torch.round(t / scales[..., None, None]).clamp_(-127, 127).to(torch.int8)
     else:
         check_dtype(dtype)
-    _check_finite(x, values if dtype == "fp16" else (scales if scales is not None else values), dtype, level)
-    step = max(1, x.size // ERROR_SAMPLE)
-    ref = x.reshape(-1)[::step]
-    if scales is not None:
-        flat_scales = np.broadcast_to(scales[..., None, None], x.shape).reshape(-1)[::step]
-        got = values.reshape(-1)[::step].astype(np.float32) * flat_scales
-    else:
-        got = decode(values.reshape(-1)[::step], dtype)
-    sq_err = float(np.square(got - ref, dtype=np.float64).sum()) * step
-    sq_ref = float(np.square(ref, dtype=np.float64).sum()) * step
-    return Encoded(values=values, scales=scales, sq_err=sq_err, sq_ref=sq_ref)
+    host = values.cpu().numpy()
+    if dtype == "bf16":
+        host = host.view(np.uint16)
+    host_scales = None if scales is None else scales.cpu().numpy()
+    sq_err, sq_ref = _error(t, values, scales, dtype)
+    return Encoded(values=host, scales=host_scales, sq_err=sq_err, sq_ref=sq_ref)
 
 
 ERROR_SAMPLE = 1 << 20
 
 
-def _check_finite(x: np.ndarray, probe: np.ndarray, dtype: str, level: str) -> None:
-    """One pass over the (smallest) encoded form; only a failure looks at the input again."""
-    if probe.dtype.kind == "f" and np.isfinite(probe).all():
-        return
-    if probe.dtype.kind != "f" and np.isfinite(x.sum(dtype=np.float64)):
-        return
-    if not np.isfinite(x).all():
-        raise ValueError(f"features of level {level or '?'} contain NaN or Inf; the backbone output is broken")
-    if dtype == "fp16":
-        peak = float(np.abs(x).max())
-        raise Fp16OverflowError(
-            f"features of level {level or '?'} reach {peak:.3g}, beyond float16's range ({FP16_MAX:.0f}); "
-            "rerun with --dtype bf16 (same size, float32's range) or --dtype fp32"
-        )
+def _error(t: torch.Tensor, values: torch.Tensor, scales: torch.Tensor | None, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per item (first axis): sums of squared reconstruction error and of squared reference, on the strided subset."""
+    n = t.shape[0] if t.ndim > 0 else 1
+    step = max(1, t.numel() // ERROR_SAMPLE)
+    ref = t.reshape(n, -1)[:, ::step].double()
+    if dtype == "int8":
+        assert scales is not None
+        flat_scales = scales[..., None, None].expand_as(t).reshape(n, -1)[:, ::step]
+        got = values.reshape(n, -1)[:, ::step].double() * flat_scales.double()
+    elif dtype == "bf16":
+        got = values.reshape(n, -1)[:, ::step].view(torch.bfloat16).double()
+    else:
+        got = values.reshape(n, -1)[:, ::step].double()
+    err = (got - ref).square().sum(dim=1) * step
+    return err.cpu().numpy(), (ref.square().sum(dim=1) * step).cpu().numpy()
 
 
 def decode(values: np.ndarray, dtype: str, scales: np.ndarray | None = None) -> np.ndarray:
@@ -108,23 +124,8 @@ def decode(values: np.ndarray, dtype: str, scales: np.ndarray | None = None) -> 
     return values.astype(np.float32, copy=False)
 
 
-def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """Round float32 to bfloat16 (nearest, ties to even) and return the raw 16 bits."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    bias = ((u >> 16) & 1) + np.uint32(0x7FFF)
-    return ((u + bias) >> 16).astype(np.uint16)
-
-
 def bf16_bits_to_float32(b: np.ndarray) -> np.ndarray:
     return (np.ascontiguousarray(b, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
-
-
-def quantise_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-channel int8: one float32 scale per (..., C), over each H x W map."""
-    peak = np.abs(x).max(axis=(-2, -1))  # (..., C)
-    scales = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(x / scales[..., None, None]), -127, 127).astype(np.int8)
-    return q, scales
 
 
 def parse_codec(spec: str) -> tuple[str, int]:

@@ -169,7 +169,7 @@ class StoreWriter:
     def write_unit(
         self,
         unit: Unit,
-        features: Mapping[str, np.ndarray],
+        features: Mapping[str, np.ndarray | Encoded],
         status: np.ndarray,
         geometry: np.ndarray,
         *,
@@ -180,7 +180,8 @@ class StoreWriter:
         """Write one whole unit and commit it. Returns the ledger record, or None when another writer has it.
 
         Args:
-            features: level -> float32 (n_unit, V, C, H, W) or (n_unit, V, T, C, H, W); failed samples zeros.
+            features: level -> float32 (n_unit, V, C, H, W) or (n_unit, V, T, C, H, W), failed samples zeros;
+                or the same already ``Encoded`` in the store's dtype.
             status: (n_unit,) uint8 ``Status`` codes.
             geometry: (n_unit, V, len(GEOMETRY_FIELDS)) float32.
             targets: name -> (n_unit, ...) values for targets written by workers.
@@ -220,7 +221,7 @@ class StoreWriter:
                     for p in written
                     if p.exists()
                 },
-                "quant": {name: [enc.sq_err, enc.sq_ref] for name, enc in encoded.items()},
+                "quant": {name: [float(enc.sq_err.sum()), float(enc.sq_ref.sum())] for name, enc in encoded.items()},
                 "errors": [dict(e) for e in errors],
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
@@ -240,20 +241,28 @@ class StoreWriter:
         finally:
             self._unlock(unit)
 
-    def _encode(self, unit: Unit, features: Mapping[str, np.ndarray], status: np.ndarray, geometry: np.ndarray) -> dict[str, Encoded]:
+    def _encode(
+        self, unit: Unit, features: Mapping[str, np.ndarray | Encoded], status: np.ndarray, geometry: np.ndarray
+    ) -> dict[str, Encoded]:
+        """Check shapes and encode float features; features already encoded (by the extraction, on its device) pass through."""
         m, n_u = self.manifest, len(unit)
         names = {lv.name for lv in m.levels}
         if set(features) != names:
             raise ValueError(f"unit {unit.name}: got levels {sorted(features)}, the store holds {sorted(names)}")
+        if status.shape != (n_u,) or geometry.shape != (n_u, m.num_views, len(GEOMETRY_FIELDS)):
+            raise ValueError(f"unit {unit.name}: status {status.shape} / geometry {geometry.shape} do not match {n_u} samples")
         out = {}
         for lv in m.levels:
             want = (n_u, m.num_views, *m.level_shape(lv.name))
             x = features[lv.name]
-            if tuple(x.shape) != want:
-                raise ValueError(f"unit {unit.name}: level {lv.name} has shape {tuple(x.shape)}, expected {want}")
-            out[lv.name] = encode(x, m.storage.dtype, lv.name)
-        if status.shape != (n_u,) or geometry.shape != (n_u, m.num_views, len(GEOMETRY_FIELDS)):
-            raise ValueError(f"unit {unit.name}: status {status.shape} / geometry {geometry.shape} do not match {n_u} samples")
+            values = x.values if isinstance(x, Encoded) else x
+            if tuple(values.shape) != want:
+                raise ValueError(f"unit {unit.name}: level {lv.name} has shape {tuple(values.shape)}, expected {want}")
+            if not isinstance(x, Encoded):
+                x = encode(x, m.storage.dtype, lv.name)
+            elif x.values.dtype != STORED_DTYPES[m.storage.dtype] or (m.storage.dtype == "int8") != (x.scales is not None):
+                raise ValueError(f"unit {unit.name}: level {lv.name} was encoded as {x.values.dtype}, the store holds {m.storage.dtype}")
+            out[lv.name] = x
         return out
 
     def _unit_files(self, unit: Unit) -> list[Path]:

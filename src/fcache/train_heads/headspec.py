@@ -5,11 +5,11 @@ Shared by every task's HEADS table; a spec prints back canonically (all paramete
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fcache.spec import LEVEL_NAMES
+from fcache.spec import LEVEL_NAMES, LevelSpec
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,29 @@ class HeadSpec:
 
     def __str__(self) -> str:
         return self.name + (":" + ",".join(f"{k}={v}" for k, v in self.params) if self.params else "")
+
+
+def select_levels(head: HeadSpec, available: Sequence[LevelSpec], minimum: int = 2) -> tuple[LevelSpec, ...]:
+    """The stored levels a head reads: its ``levels`` parameter (``all`` = every stored level, fine to coarse).
+
+    Raises:
+        ValueError: a wanted level is not stored, or fewer than ``minimum`` levels remain.
+    """
+    wanted = head["levels"]
+    have = {lv.name: lv for lv in available}
+    names = sorted(have, key=lambda n: have[n].stride) if wanted == "all" else wanted.split("+")
+    missing = [n for n in names if n not in have]
+    if missing:
+        raise ValueError(
+            f"head {head.name} reads levels {', '.join(names)} but the store holds only {', '.join(have)}; "
+            "pick levels=... among those, or extract the missing levels"
+        )
+    if len(names) < minimum:
+        raise ValueError(
+            f"head {head.name} needs at least {minimum} feature levels and gets only {', '.join(names)}; "
+            "use a store extracted with several levels (e.g. --levels p2,p3,p4,p5)"
+        )
+    return tuple(have[n] for n in names)
 
 
 def parse_head(text: str, table: Mapping[str, Mapping[str, Param]], task: str = "") -> HeadSpec:

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from fcache.extract.decode import Decoded, SampleError  # defined with the decoders that return / raise them
+from fcache.spec import Targets
 from fcache.store import TargetSpec
 
 __all__ = ["Decoded", "MetadataError", "SampleError", "SampleRef", "Source"]
@@ -39,6 +40,32 @@ class SampleRef:
     path: str  # absolute media path ('' when the media lives elsewhere, e.g. inside a tar shard)
     label: int = -1  # class index for classification / video sources
     extra: Mapping[str, Any] = field(default_factory=dict)  # source-specific (annotation path, tar member...)
+
+
+class ClassListing(Protocol):
+    classes: tuple[str, ...]
+    labelled: bool
+
+
+class LabelTargets:
+    """The label target of sources listing classes (folder, video): ``targets/label`` when the listing is labelled."""
+
+    def listing(self) -> ClassListing:
+        raise NotImplementedError
+
+    def label_names(self) -> tuple[str, ...]:
+        return self.listing().classes
+
+    def target_specs(self) -> dict[str, TargetSpec]:
+        return {Targets.LABEL: TargetSpec("int64", (), fill=-1)} if self.listing().labelled else {}
+
+    def target_attrs(self) -> dict[str, Any]:
+        return {}
+
+    def driver_targets(self, refs: list[SampleRef]) -> dict[str, np.ndarray]:
+        if not self.listing().labelled:
+            return {}
+        return {Targets.LABEL: np.array([r.label for r in refs], dtype=np.int64)}
 
 
 class Source(Protocol):

@@ -13,14 +13,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from fcache.extract.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_image
-from fcache.extract.sources.base import Decoded, MetadataError, SampleRef
-from fcache.spec import Targets
-from fcache.store import TargetSpec
+from fcache.extract.sources.base import Decoded, LabelTargets, MetadataError, SampleRef
 
 
 @dataclass(frozen=True)
@@ -69,7 +64,7 @@ def _walk(folder: Path, extensions: tuple[str, ...]) -> list[str]:
     return sorted(out)
 
 
-class FolderSource:
+class FolderSource(LabelTargets):
     """Images in class sub-folders (classification) or one flat folder (unlabelled)."""
 
     kind = "folder"
@@ -93,20 +88,6 @@ class FolderSource:
         if listing.problems:
             raise MetadataError(f"folder {self.root}", list(listing.problems), hint="fix the folder layout")
         return [SampleRef(key=rel, path=str(self.root / rel), label=label) for rel, label in listing.files]
-
-    def label_names(self) -> tuple[str, ...]:
-        return self.listing().classes
-
-    def target_specs(self) -> dict[str, TargetSpec]:
-        return {Targets.LABEL: TargetSpec("int64", (), fill=-1)} if self.listing().labelled else {}
-
-    def target_attrs(self) -> dict[str, Any]:
-        return {}
-
-    def driver_targets(self, refs: list[SampleRef]) -> dict[str, np.ndarray]:
-        if not self.listing().labelled:
-            return {}
-        return {Targets.LABEL: np.array([r.label for r in refs], dtype=np.int64)}
 
     def decode(self, ref: SampleRef) -> Decoded:
         return decode_image(ref.path, root=self.root, max_pixels=self.max_pixels)

@@ -16,15 +16,10 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from fcache.extract.decode import DEFAULT_MAX_FRAMES, DEFAULT_MAX_PIXELS, DEFAULT_TIMEOUT_S, VIDEO_EXTENSIONS, decode_video
-from fcache.extract.sources.base import Decoded, MetadataError, SampleRef
+from fcache.extract.sources.base import Decoded, LabelTargets, MetadataError, SampleRef
 from fcache.extract.sources.folder import Listing, list_class_folder
-from fcache.spec import Targets
-from fcache.store import TargetSpec
 
 log = logging.getLogger(__name__)
 _INT = re.compile(r"[+-]?\d+")
@@ -71,7 +66,7 @@ def _classes(labels: list[str], problems: list[str]) -> tuple[tuple[str, ...], d
     return names, {name: i for i, name in enumerate(names)}
 
 
-class VideoSource:
+class VideoSource(LabelTargets):
     """Videos with a class label each; ``decode`` samples clips of frames with PyAV."""
 
     kind = "video"
@@ -114,20 +109,6 @@ class VideoSource:
         if outside:
             log.warning("video: %d path(s) escape --root and will be refused (e.g. %s)", len(outside), outside[0])
         return refs
-
-    def label_names(self) -> tuple[str, ...]:
-        return self.listing().classes
-
-    def target_specs(self) -> dict[str, TargetSpec]:
-        return {Targets.LABEL: TargetSpec("int64", (), fill=-1)} if self.listing().labelled else {}
-
-    def target_attrs(self) -> dict[str, Any]:
-        return {}
-
-    def driver_targets(self, refs: list[SampleRef]) -> dict[str, np.ndarray]:
-        if not self.listing().labelled:
-            return {}
-        return {Targets.LABEL: np.array([r.label for r in refs], dtype=np.int64)}
 
     def decode(self, ref: SampleRef) -> Decoded:
         return decode_video(

@@ -20,11 +20,11 @@ from torch import Tensor, nn
 
 from fcache.spec import LEVEL_NAMES, Geometry, LevelSpec, Targets
 from fcache.store import FeatureStore
-from fcache.train_heads.classification.data import KEY, VIEW_GEOMETRY, VIEW_NAMES, EvalViews
 from fcache.train_heads.classification.model import LinearProbe
 from fcache.train_heads.classification.scoring import PREDICTIONS, prediction_records, score_views, write_predictions
 from fcache.train_heads.headspec import HeadSpec, Param, parse_head
 from fcache.train_heads.loop import Batch
+from fcache.train_heads.views import KEY, VIEW_GEOMETRY, VIEW_NAMES, AllViews
 
 LEVEL = Param("p5", kind="choice", choices=tuple(LEVEL_NAMES.values()), help="the stored level the head reads")
 
@@ -97,9 +97,9 @@ class LabelTask:
         ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
         return {"loss_cls": (ce * labelled).sum() / labelled.sum().clamp(min=1)}
 
-    def eval_dataset(self, store: FeatureStore, levels: Sequence[LevelSpec]) -> EvalViews:
+    def eval_dataset(self, store: FeatureStore, levels: Sequence[LevelSpec]) -> AllViews:
         """Every ok sample with all its views (the run's ``eval_data`` hook)."""
-        return EvalViews(store, [lv.name for lv in levels], self.target_names)
+        return AllViews(store, [lv.name for lv in levels], self.target_names)
 
     def predict(self, model: nn.Module, batch: Batch) -> list[dict[str, Any]]:
         """Per sample: its index and the softmax scores (V, K) of each of its views."""
@@ -107,7 +107,7 @@ class LabelTask:
         if x.ndim == self.view_ndim + 1:  # one view per sample (a FeatureDataset): V = 1
             x = x[:, None]
             geometry = [[g] for g in batch.geometry]
-        else:  # (B, V, ...) from EvalViews
+        else:  # (B, V, ...) from AllViews
             geometry = [[Geometry.from_array(a) for a in raw[VIEW_GEOMETRY]] for raw in batch.raw]
         b, v = x.shape[:2]
         logits = self.logits(model, x.flatten(0, 1), [g for per_sample in geometry for g in per_sample])  # (B * V, K)

@@ -19,7 +19,7 @@ from fcache.store import FeatureStore
 from fcache.train_heads.detection.evaluate import coco_evaluate, coco_ground_truth
 from fcache.train_heads.detection.model import build_detector
 from fcache.train_heads.detection.targets import category_labels, content_size, detections_to_coco, view_targets
-from fcache.train_heads.headspec import HeadSpec, Param, parse_head
+from fcache.train_heads.headspec import HeadSpec, Param, parse_head, select_levels
 from fcache.train_heads.loop import Batch
 from fcache.train_heads.necks import NECKS
 from fcache.train_heads.rundir import DETECTIONS, write_json
@@ -75,21 +75,7 @@ class DetectionTask:
         return {"head": str(self.head), "categories": list(self.categories)}
 
     def levels(self, available: Sequence[LevelSpec]) -> tuple[LevelSpec, ...]:
-        wanted = self.head["levels"]
-        have = {lv.name: lv for lv in available}
-        names = sorted(have, key=lambda n: have[n].stride) if wanted == "all" else wanted.split("+")
-        missing = [n for n in names if n not in have]
-        if missing:
-            raise ValueError(
-                f"head {self.head.name} reads levels {', '.join(names)} but the store holds only {', '.join(have)}; "
-                "pick levels=... among those, or extract the missing levels"
-            )
-        if len(names) < 2:
-            raise ValueError(
-                f"head {self.head.name} needs at least 2 feature levels and gets only {', '.join(names)}; "
-                "use a store extracted with several levels (e.g. --levels p3,p4,p5)"
-            )
-        return tuple(have[n] for n in names)
+        return select_levels(self.head, available)
 
     def build(self, levels: tuple[LevelSpec, ...]) -> nn.Module:
         return build_detector(levels, self.head.name, dict(self.head.params), num_classes=len(self.labels) + 1)

@@ -21,15 +21,15 @@ from torch import Tensor, nn
 
 from fcache.spec import Geometry, LevelSpec, Targets
 from fcache.store import FeatureStore
-from fcache.train_heads.headspec import HeadSpec, Param, parse_head
+from fcache.train_heads.headspec import HeadSpec, Param, parse_head, select_levels
 from fcache.train_heads.loop import Batch
 from fcache.train_heads.necks.base import NORMS
 from fcache.train_heads.rundir import write_json
 from fcache.train_heads.segmentation import metrics as M
-from fcache.train_heads.segmentation.data import VIEW_GEOMETRY, VIEW_NAMES, AllViews
 from fcache.train_heads.segmentation.mask2former import build_mask2former
 from fcache.train_heads.segmentation.targets import ground_truth, view_labels
 from fcache.train_heads.segmentation.upernet import build_upernet
+from fcache.train_heads.views import VIEW_GEOMETRY, VIEW_NAMES, AllViews
 
 SEGMENTATION_JSON = "segmentation.json"  # per-class IoU and accuracy, written into RUN by evaluation
 LEVELS = Param("all", kind="levels", help="stored levels the head reads: all, or e.g. p3+p4+p5")
@@ -115,21 +115,7 @@ class SegmentationTask:
         return {"head": str(self.head), "label_names": list(self.label_names)}
 
     def levels(self, available: Sequence[LevelSpec]) -> tuple[LevelSpec, ...]:
-        wanted = self.head["levels"]
-        have = {lv.name: lv for lv in available}
-        names = sorted(have, key=lambda n: have[n].stride) if wanted == "all" else wanted.split("+")
-        missing = [n for n in names if n not in have]
-        if missing:
-            raise ValueError(
-                f"head {self.head.name} reads levels {', '.join(names)} but the store holds only {', '.join(have)}; "
-                "pick levels=... among those, or extract the missing levels"
-            )
-        if len(names) < 2:
-            raise ValueError(
-                f"head {self.head.name} needs at least 2 feature levels and gets only {', '.join(names)}; "
-                "use a store extracted with several levels (e.g. --levels p2,p3,p4,p5)"
-            )
-        return tuple(have[n] for n in names)
+        return select_levels(self.head, available)
 
     def build(self, levels: tuple[LevelSpec, ...]) -> nn.Module:
         return HEADS[self.head.name].build(levels, dict(self.head.params), self.num_classes)

@@ -1,4 +1,5 @@
-"""Evaluation items of the label tasks (classification, video): every view of a sample at once, so scores can be averaged.
+"""Evaluation items with every view of a sample at once, so a task can average its views (segmentation's ms+flip,
+video's clip x crop protocol, classification's test views).
 
 An item is shaped like a ``FeatureDataset`` item (the loop's Collate takes it unchanged) except that each level holds
 all V views, (V, C, H, W) or for video (V, T, C, H, W). ``geometry`` is view 0's; every view's geometry, the view names
@@ -21,7 +22,7 @@ VIEW_GEOMETRY = "view_geometry"  # (V, len(GEOMETRY_FIELDS)) float32
 VIEW_NAMES = "view_names"  # the V names of manifest.view_names
 
 
-class EvalViews(Dataset):
+class AllViews(Dataset):
     """Ok samples of ``store`` with all their views: video clip x crop views, or an image's plain view and its test views."""
 
     def __init__(self, store: FeatureStore, levels: Sequence[str], targets: Sequence[str]) -> None:
