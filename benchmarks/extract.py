@@ -3,7 +3,8 @@
 The pipeline is the whole `fcache extract` run after start-up (decoding in DataLoader workers,
 views, backbone, encoding + compression + commit on the writer thread); the bare forward runs
 the same backbone on batches already in memory. Goal >= 0.90.
-Usage: python benchmarks/extract.py [--sizes 256,512] [--images 24] [--batch-size 4] [--num-workers 1]
+Usage: python benchmarks/extract.py [--sizes 256:0,512:1] [--images 48] [--batch-size 4] [--num-workers 1]
+(SIZE:WORKERS sets the DataLoader workers of one size; on 2 cores decoding in the main thread wins at small sizes)
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def pipeline(model: str, size: int, batch: int, workers: int, device: str, root:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="swinv2-t")
-    ap.add_argument("--sizes", default="256,512")
-    ap.add_argument("--images", type=int, default=24)
+    ap.add_argument("--sizes", default="256:0,512:1", help="SIZE[:WORKERS],...")
+    ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--num-workers", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -72,9 +73,11 @@ def main() -> None:
         Image.fromarray(img).save(root / f"{k:04d}.jpg", quality=90)
     rows = []
     try:
-        for size in (int(s) for s in args.sizes.split(",")):
+        for spec in args.sizes.split(","):
+            size_text, _, workers_text = spec.partition(":")
+            size, workers = int(size_text), int(workers_text or args.num_workers)
             bare1 = bare_images_per_s(args.model, size, args.batch_size, args.device)
-            pipe = pipeline(args.model, size, args.batch_size, args.num_workers, args.device, tmp / "images", tmp / "s.zarr")
+            pipe = pipeline(args.model, size, args.batch_size, workers, args.device, tmp / "images", tmp / "s.zarr")
             bare2 = bare_images_per_s(args.model, size, args.batch_size, args.device)
             bare = (bare1 + bare2) / 2
             rows.append(
@@ -82,7 +85,7 @@ def main() -> None:
                     "model": args.model,
                     "size": size,
                     "batch": args.batch_size,
-                    "workers": args.num_workers,
+                    "workers": workers,
                     "device": args.device,
                     "bare_img_s": bare,
                     "pipeline_img_s": pipe["images_per_s"],

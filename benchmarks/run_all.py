@@ -22,14 +22,14 @@ from common import RESULTS, table  # noqa: E402
 # script -> CPU-friendly arguments (the whole set runs in about 15 minutes on 2 cores)
 SCRIPTS = {
     "store_io": ["--samples", "8", "--size", "512"],
-    "extract": ["--sizes", "256,512", "--images", "16", "--batch-size", "4", "--num-workers", "1"],
-    "heads": ["--configs", "swinv2-t@256:4,swinv2-b@512:2", "--heads", "fpn:rois=128;bifpn:layers=5,rois=128", "--steps", "2"],
+    "extract": ["--sizes", "256:0,512:1", "--images", "48", "--batch-size", "4"],
+    "heads": ["--configs", "swinv2-t@256:4,swinv2-b@512:2", "--heads", "fpn:rois=128;bifpn:layers=5,rois=128", "--steps", "3"],
     "seg_heads": [],
     "video_heads": [],
     "distribution": [],
 }
 QUICK = {
-    "extract": ["--sizes", "256", "--images", "8"],
+    "extract": ["--sizes", "256:0", "--images", "8"],
     "heads": ["--configs", "swinv2-t@256:2", "--heads", "fpn:rois=128", "--steps", "1"],
 }
 
