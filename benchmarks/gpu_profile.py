@@ -80,8 +80,8 @@ def main() -> None:
         SIZE, DEVICE = 128, "cpu"
     elif not torch.cuda.is_available():
         sys.exit("bench-gpu needs a CUDA device; `make bench` gives the CPU figures")
-    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
-    print(f"device: {name}", flush=True)
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    print(f"device: {device}", flush=True)
     results = {}
     for name, fn in (("memory", memory), ("tables", tables), ("extract", extract)):
         if name in args.skip.split(","):
@@ -94,7 +94,7 @@ def main() -> None:
         except Exception:  # noqa: BLE001 - one failing part must not hide the others
             traceback.print_exc()
             results[name] = [{"error": traceback.format_exc().splitlines()[-1]}]
-    path = save("gpu_profile" if DEVICE == "cuda" else "gpu_profile_smoke", {"device": name, "results": results})
+    path = save("gpu_profile" if DEVICE == "cuda" else "gpu_profile_smoke", {"device": device, "results": results})
     if args.out:
         Path(args.out, "gpu_profile.json").write_text(json.dumps(json.loads(path.read_text()), indent=1))
     print(f"results: {path}")
