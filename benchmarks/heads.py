@@ -29,7 +29,7 @@ from fcache.extract.backbones import build_backbone  # noqa: E402
 from fcache.extract.runner import ExtractConfig, run_extract  # noqa: E402
 from fcache.extract.work import SampleDataset  # noqa: E402
 from fcache.train_heads.config import TrainConfig  # noqa: E402
-from fcache.train_heads.loop import Collate, EpochItems, TrainBatches, _step, make_optimizer  # noqa: E402
+from fcache.train_heads.loop import Collate, EpochItems, TrainBatches, make_optimizer, train_step  # noqa: E402
 from fcache.train_heads.run import prepare_training, training_data  # noqa: E402
 
 
@@ -42,7 +42,7 @@ def timed_steps(model, opt, task, batches, cfg, device, steps: int, before=None)
         batch = next(it)
         if before is not None:
             before(batch)
-        _step(model, opt, task, batch, cfg, device, k)
+        train_step(model, opt, task, batch, cfg, device, k)
     return (time.perf_counter() - t) / steps
 
 

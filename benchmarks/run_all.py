@@ -26,11 +26,14 @@ SCRIPTS = {
     "heads": ["--configs", "swinv2-t@256:4,swinv2-b@512:2", "--heads", "fpn:rois=128;bifpn:layers=5,rois=128", "--steps", "3"],
     "seg_heads": [],
     "video_heads": [],
-    "distribution": [],
+    "distribution": ["--images", "64"],
+    "heads_per_pass": ["--sizes", "256", "--rounds", "2"],
 }
 QUICK = {
     "extract": ["--sizes", "256:0", "--images", "8"],
     "heads": ["--configs", "swinv2-t@256:2", "--heads", "fpn:rois=128", "--steps", "1"],
+    "heads_per_pass": ["--sizes", "256", "--iters", "4", "--rounds", "1"],
+    "distribution": ["--images", "16"],
 }
 
 

@@ -145,7 +145,7 @@ def _measure(setting: str, cfg_dict: dict[str, Any], store: str) -> dict[str, An
 
 def _steps(setting: str, cfg: BenchConfig, store: str) -> dict[str, Any]:
     from fcache.train_heads.config import TrainConfig
-    from fcache.train_heads.loop import Collate, EpochItems, TrainBatches, _step, make_optimizer
+    from fcache.train_heads.loop import Collate, EpochItems, TrainBatches, make_optimizer, train_step
     from fcache.train_heads.run import prepare_training, training_data
 
     device = torch.device(cfg.device)
@@ -178,7 +178,7 @@ def _steps(setting: str, cfg: BenchConfig, store: str) -> dict[str, Any]:
         batch = batch.to(device)
         if backbone is not None:
             batch.features = _backbone_features(backbone, images, setting, device)
-        _step(model, optimizer, p.task, batch, tcfg, device, k)
+        train_step(model, optimizer, p.task, batch, tcfg, device, k)
         _sync(device)
         times.append(time.perf_counter() - t)
     timed = times[1:]  # the first step warms up

@@ -244,18 +244,23 @@ def _extract_config(out: str, overwrite: bool, kw: dict[str, Any]) -> Any:
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="The store to create (or resume).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store of another configuration.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--cluster", default="", help="local:N: units as dask tasks on a local cluster of N worker processes (CUDA: one per GPU).")
+@click.option("--scheduler", default="", help="tcp://HOST:PORT: units as dask tasks on a running dask cluster (TLS from dask's config).")
 @user_errors
-def extract(out: str, overwrite: bool, as_json: bool, **kw: Any) -> None:
+def extract(out: str, overwrite: bool, as_json: bool, cluster: str, scheduler: str, **kw: Any) -> None:
     """Run the frozen backbone once over a dataset and store its multi-scale features.
 
     Crash-safe: rerun the same command after an interruption and only the missing units are done.
     Exit code 0 when every sample was extracted, 3 when some were skipped (see STORE/errors.jsonl),
-    2 for bad flags or data.
+    2 for bad flags or data, or when another driver is running on the store.
     """
+    import dataclasses
+
     from fcache.extract.runner import SampleFailed, run_extract, summary_lines
 
+    cfg = dataclasses.replace(_extract_config(out, overwrite, kw), cluster=cluster, scheduler=scheduler)
     try:
-        summary = run_extract(_extract_config(out, overwrite, kw), show_progress=not as_json)
+        summary = run_extract(cfg, show_progress=not as_json)
     except SampleFailed as e:
         click.echo(f"Error: {e} (--on-error fail); committed units are kept, rerun to resume", err=True)
         sys.exit(1)
@@ -296,8 +301,18 @@ def _fractions(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.option("--store", required=True, type=click.Path(exists=True, file_okay=False), help="Training feature store.")
 @click.option("--val-store", type=click.Path(exists=True, file_okay=False), help="Store to evaluate on when training finishes.")
 @click.option("--task", default="detection", show_default=True, help="detection, segmentation, video or classification.")
-@click.option("--head", required=True, help="Head spec NAME[:key=value,...], e.g. fpn, bifpn:layers=5,roi=cascade.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="RUN folder: config.json, checkpoint, metrics.jsonl.")
+@click.option(
+    "--head",
+    required=True,
+    multiple=True,
+    help="Head spec NAME[:key=value,...], e.g. fpn, bifpn:layers=5,roi=cascade. Repeat it to train several heads in one read pass.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="RUN folder: config.json, checkpoint, metrics.jsonl. With several --head: the parent of one RUN folder per head.",
+)
 @click.option("--iters", required=True, type=int, help="Training iterations (the schedule is relative to this).")
 @click.option("--batch-size", type=int, help="Samples per iteration [default: per task: 16, video and classification 64].")
 @click.option("--lr", type=float, help="Base AdamW learning rate [default: per task and head, see below].")
@@ -322,7 +337,7 @@ def train_head(
     store: str,
     val_store: str | None,
     task: str,
-    head: str,
+    head: tuple[str, ...],
     out: str,
     iters: int,
     batch_size: int | None,
@@ -354,34 +369,47 @@ def train_head(
 
     Writes RUN/config.json, RUN/checkpoint.pt + model.safetensors (every --checkpoint-every iterations)
     and RUN/metrics.jsonl; with --val-store also RUN/detections.json and the AP numbers.
+
+    Several --head train in one read pass of the store, each into OUT/<its canonical spec>, each exactly as
+    if trained alone. One head on many GPUs: torchrun --nproc-per-node K -m fcache train-head ...
     """
     from fcache.train_heads.config import TrainConfig, hyper_parameters
+    from fcache.train_heads.distributed import is_main_process
+    from fcache.train_heads.multihead import run_train_heads
     from fcache.train_heads.report import format_train_summary
     from fcache.train_heads.run import run_train, task_defaults
 
     given = {"batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "schedule": schedule, "steps": steps}
     given |= {"warmup": warmup, "warmup_epochs": warmup_epochs}
-    cfg = TrainConfig(
-        store=store,
-        val_store=val_store,
-        task=task,
-        head=head,
-        out=out,
-        iters=iters,
-        gamma=gamma,
-        clip=clip,
-        num_workers=num_workers,
-        device=device,
-        seed=seed,
-        train_fraction=train_fraction,
-        checkpoint_every=checkpoint_every,
-        log_every=log_every,
-        resume=resume,
-        stop_at=stop_at,
-        **hyper_parameters(task_defaults(task, head), given),  # given flags win
-    )
-    summary = run_train(cfg, progress=not as_json)
-    click.echo(json.dumps(summary, indent=1) if as_json else format_train_summary(summary))
+    cfgs = [
+        TrainConfig(
+            store=store,
+            val_store=val_store,
+            task=task,
+            head=spec,
+            out=out,
+            iters=iters,
+            gamma=gamma,
+            clip=clip,
+            num_workers=num_workers,
+            device=device,
+            seed=seed,
+            train_fraction=train_fraction,
+            checkpoint_every=checkpoint_every,
+            log_every=log_every,
+            resume=resume,
+            stop_at=stop_at,
+            **hyper_parameters(task_defaults(task, spec), given),  # given flags win
+        )
+        for spec in head
+    ]
+    if len(cfgs) == 1:
+        summary = run_train(cfgs[0], progress=not as_json)
+        if is_main_process():  # under torchrun, rank 0 speaks for all
+            click.echo(json.dumps(summary, indent=1) if as_json else format_train_summary(summary))
+        return
+    summaries = run_train_heads(cfgs, progress=not as_json)
+    click.echo(json.dumps(summaries, indent=1) if as_json else "\n\n".join(map(format_train_summary, summaries)))
 
 
 @main.command("eval")
@@ -406,6 +434,27 @@ def eval_run(run: str, store: str, batch_size: int, num_workers: int, device: st
         EvalConfig(run=run, store=store, batch_size=batch_size, num_workers=num_workers, device=device), progress=not as_json
     )
     click.echo(json.dumps(summary, indent=1) if as_json else format_eval(summary))
+
+
+@main.command()
+@click.argument("spec", type=click.Path(exists=True, dir_okay=False))
+@click.option("--cluster", default="", help="local:N: one variant per worker of a local dask cluster of N processes.")
+@click.option("--scheduler", default="", help="tcp://HOST:PORT: one variant per worker thread of a running dask cluster.")
+@click.option("--out", type=click.Path(file_okay=False), default="", help="Folder for runs/ and results.* [default: SPEC's out key].")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary (with the rows) as JSON.")
+@user_errors
+def sweep(spec: str, cluster: str, scheduler: str, out: str, as_json: bool) -> None:
+    """Train a grid of head variants (SPEC.yaml, see the README) and tabulate and plot their results.
+
+    Each variant is a train-head run in OUT/runs/<head>-<hash>; rerunning skips finished variants and resumes
+    unfinished ones. Writes OUT/results.csv, results.md and results.png (main metric against trainable
+    parameters, one series per head family: the paper's Figures 1 and 4). Exit code 1 if a variant failed.
+    """
+    from fcache.train_heads.sweep import SweepConfig, format_sweep, run_sweep
+
+    summary = run_sweep(SweepConfig(spec=spec, out=out, cluster=cluster, scheduler=scheduler), progress=not as_json)
+    click.echo(json.dumps(summary, indent=1) if as_json else format_sweep(summary))
+    sys.exit(1 if summary["failed"] else 0)
 
 
 @main.command()

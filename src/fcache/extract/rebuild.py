@@ -27,7 +27,22 @@ def rebuild(manifest: Manifest, keys: list[str], *, weights: str = "", device: s
     Raises:
         ValueError: a weights file is needed or differs, or the dataset no longer lists the store's samples.
     """
-    bb, pre, ds = manifest.backbone, manifest.preprocessing, manifest.dataset
+    pre, ds = manifest.preprocessing, manifest.dataset
+    backbone = backbone_of(manifest, weights=weights, device=device)
+    source = build_source(ds.kind, ds.root, annotations=ds.annotations or None, split=ds.split, frames=pre.frames or 16, clips=pre.clips)
+    refs = source.samples()
+    if [r.key for r in refs[: len(keys)]] != list(keys):
+        raise ValueError(f"the dataset at {ds.root} no longer lists the samples the store holds; the original data is needed")
+    return Rebuilt(source, refs[: len(keys)], backbone)
+
+
+def backbone_of(manifest: Manifest, *, weights: str = "", device: str = "cpu") -> Backbone:
+    """The frozen backbone that produced (or produces) a store, built from its manifest.
+
+    Raises:
+        ValueError: the store was extracted from a weights file and ``weights`` is missing or another file.
+    """
+    bb, pre = manifest.backbone, manifest.preprocessing
     from_file = bb.weights != RANDOM_INIT and not bb.weights.startswith("timm:")
     if from_file and not weights:
         raise ValueError(f"the store was extracted from a weights file (sha256 {bb.weights[:12]}...); pass the same file with --weights")
@@ -42,8 +57,4 @@ def rebuild(manifest: Manifest, keys: list[str], *, weights: str = "", device: s
     )
     if from_file and backbone.info.weights != bb.weights:
         raise ValueError(f"--weights {weights} is not the file the store was extracted with (its sha256 differs)")
-    source = build_source(ds.kind, ds.root, annotations=ds.annotations or None, split=ds.split, frames=pre.frames or 16, clips=pre.clips)
-    refs = source.samples()
-    if [r.key for r in refs[: len(keys)]] != list(keys):
-        raise ValueError(f"the dataset at {ds.root} no longer lists the samples the store holds; the original data is needed")
-    return Rebuilt(source, refs[: len(keys)], backbone)
+    return backbone

@@ -1,19 +1,24 @@
 """``fcache extract``: run the frozen backbone once over a dataset and commit its features unit by unit.
 
-Three stages overlap so the device never waits on I/O: decoding + views in DataLoader workers,
-the backbone on the device in the main thread, encoding + compression + commit on writer threads.
-Crash-safe through the store's commit protocol: a rerun finishes only the units missing from the ledger.
+In process, three stages overlap so the device never waits on I/O: decoding + views in DataLoader workers,
+the backbone on the device in the main thread, encoding + compression + commit on writer threads. With
+``--cluster`` / ``--scheduler`` the units run as dask tasks instead (``executor.py``). Either way the driver holds
+the store's lease (``fcache.store.lease``), and the commit protocol makes a rerun finish only the missing units.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import errno
 import os
 import queue
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,13 +26,16 @@ from tqdm import tqdm
 
 from fcache import store as fstore
 from fcache.extract.backbones import Backbone, build_backbone
+from fcache.extract.cluster import ClusterTarget, parse_target
 from fcache.extract.decode import DEFAULT_MAX_PIXELS
 from fcache.extract.sources import build_source
 from fcache.extract.sources.base import SampleRef, Source
 from fcache.extract.views import expand_test_views
-from fcache.extract.work import SampleDataset, UnitAssembler
-from fcache.spec import DatasetInfo, Manifest, Preprocessing, Status, StorageSpec, keys_digest
-from fcache.store.encoding import check_dtype, encode, parse_codec
+from fcache.extract.work import Batcher, SampleDataset, UnitAssembler, check_sample
+from fcache.extract.work import SampleFailed as SampleFailed  # re-exported: cli catches it
+from fcache.spec import DatasetInfo, Manifest, Preprocessing, StorageSpec, keys_digest
+from fcache.store.encoding import check_dtype, parse_codec
+from fcache.store.lease import DriverLease, LeaseHeld
 from fcache.store.summary import human
 
 
@@ -66,6 +74,8 @@ class ExtractConfig:
     drop_degenerate_boxes: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     writers: int = 0  # writer threads; 0 = one per 2 CPU cores
+    cluster: str = ""  # local[:N]: units as dask tasks on a LocalCluster of N worker processes
+    scheduler: str = ""  # tcp://HOST:PORT: units as dask tasks on a running cluster
 
     def validate(self) -> None:
         check_dtype(self.dtype)
@@ -82,6 +92,11 @@ class ExtractConfig:
             raise ValueError(f"--view-scale {lo},{hi}: need 0 < LO <= HI")
         if self.on_error not in ("skip", "fail"):
             raise ValueError(f"--on-error {self.on_error}: use skip or fail")
+        self.target()
+
+    def target(self) -> ClusterTarget | None:
+        """The dask cluster the units run on, or None for an in-process run."""
+        return parse_target(self.cluster, self.scheduler, self.device)
 
 
 @dataclass
@@ -105,10 +120,6 @@ class ExtractSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "exit_code": self.exit_code}
-
-
-class SampleFailed(RuntimeError):
-    """``--on-error fail``: the first failed sample stops the run."""
 
 
 def preprocessing_of(cfg: ExtractConfig, backbone: Backbone, video: bool) -> Preprocessing:
@@ -176,38 +187,37 @@ def prepare(cfg: ExtractConfig, *, meta: bool = False) -> tuple[Source, list[Sam
 
 
 def run_extract(cfg: ExtractConfig, show_progress: bool = False) -> ExtractSummary:
-    """Extract (or resume extracting) ``cfg.out``, with a progress bar on stderr when asked."""
+    """Extract (or resume extracting) ``cfg.out``, with a progress bar on stderr when asked.
+
+    Raises:
+        LeaseHeld: another driver is running on the store.
+    """
     t0 = time.perf_counter()
-    source, refs, backbone, manifest = prepare(cfg)
-    fresh = not fstore_exists(cfg.out) or cfg.overwrite
-    writer = fstore.create(
-        cfg.out, manifest, [r.key for r in refs], targets=source.target_specs(), target_attrs=source.target_attrs(), overwrite=cfg.overwrite
-    )
-    if fresh:
-        for name, values in source.driver_targets(refs).items():
-            writer.write_targets(name, values)
-    pending = writer.pending()
-    indices = [i for u in pending for i in range(u.start, u.stop)]
-    stats = _Stats()
-    if indices:
-        with tqdm(total=len(indices), unit="sample", desc="extract", disable=not show_progress, file=sys.stderr) as bar:
-
-            def progress(done: int) -> None:
-                bar.update(1)
-                bar.set_postfix(
-                    img_s=f"{stats.images / max(time.perf_counter() - t0, 1e-9):.2f}", written=human(stats.bytes), refresh=False
-                )
-
-            _pipeline(cfg, source, refs, backbone, writer, pending, indices, stats, progress)
-    writer.finalize()
+    target = cfg.target()
+    # a cluster's workers build their own backbones: the driver's, for the manifest only, stays off the GPUs
+    source, refs, backbone, manifest = prepare(dataclasses.replace(cfg, device="cpu") if target else cfg)
+    with _leased_store(cfg, source, refs, manifest) as writer:
+        pending = writer.pending()
+        n = sum(len(u) for u in pending)
+        stats = _Stats()
+        if pending:
+            with _progress_bar(n, stats, t0, show_progress) as progress:
+                if target is None:
+                    _pipeline(cfg, source, refs, backbone, writer, pending, stats, progress)
+                else:
+                    del backbone
+                    _on_cluster(cfg, target, source, refs, pending, stats, progress)
+        done = writer.finalize()
+    if done["units_committed"] < done["units_total"]:
+        left = done["units_total"] - done["units_committed"]
+        raise fstore.StoreError(f"{left} unit(s) of {cfg.out} are not committed (another writer held their lock); rerun this command")
     info = fstore.describe(cfg.out)
-    seconds = time.perf_counter() - t0
     return ExtractSummary(
         store=str(cfg.out),
         samples=len(refs),
-        processed=len(indices),
+        processed=n,
         status_counts=info["status_counts"],
-        seconds=seconds,
+        seconds=time.perf_counter() - t0,
         images_per_s=stats.images / max(stats.busy, 1e-9),
         bytes_written=stats.bytes,
         levels=info["levels"],
@@ -216,9 +226,46 @@ def run_extract(cfg: ExtractConfig, show_progress: bool = False) -> ExtractSumma
     )
 
 
-def fstore_exists(path: str) -> bool:
-    from pathlib import Path
+@contextlib.contextmanager
+def _leased_store(cfg: ExtractConfig, source: Source, refs: list[SampleRef], manifest: Manifest) -> Iterator[fstore.StoreWriter]:
+    """Create or reopen the store under this driver's lease, taken before anything is replaced and held to the end."""
+    lease = DriverLease(cfg.out)
+    existed = fstore_exists(cfg.out)
+    try:
+        if existed:
+            lease.acquire()
+        try:
+            writer = fstore.create(
+                cfg.out, manifest, [r.key for r in refs], targets=source.target_specs(), target_attrs=source.target_attrs(),
+                overwrite=cfg.overwrite,
+            )  # fmt: skip
+        except OSError as e:
+            if not existed and e.errno in (errno.EEXIST, errno.ENOTEMPTY) and fstore_exists(cfg.out):
+                raise LeaseHeld(f"another driver created {cfg.out} at the same moment; rerun this command once it is done") from None
+            raise
+        lease.acquire()  # a new store (or one just replaced by --overwrite) gets its lease now
+        if not existed or cfg.overwrite:
+            for name, values in source.driver_targets(refs).items():
+                writer.write_targets(name, values)
+        yield writer
+    finally:
+        lease.release()
 
+
+@contextlib.contextmanager
+def _progress_bar(total: int, stats: _Stats, t0: float, show: bool) -> Iterator[Callable[[int], None]]:
+    """``progress(k)``: k more samples done; the bar shows samples, images/s and bytes written."""
+    with tqdm(total=total, unit="sample", desc="extract", disable=not show, file=sys.stderr) as bar:
+
+        def progress(k: int) -> None:
+            bar.update(k)
+            rate = stats.images / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(img_s=f"{rate:.2f}", written=human(stats.bytes), refresh=False)
+
+        yield progress
+
+
+def fstore_exists(path: str) -> bool:
     return (Path(path) / "zarr.json").is_file()
 
 
@@ -226,18 +273,41 @@ def fstore_exists(path: str) -> bool:
 class _Stats:
     images: int = 0
     bytes: int = 0
-    busy: float = 0.0  # wall time of the pipeline
-    loader_wait: float = 0.0  # main thread waiting for decoded samples
-    forward: float = 0.0  # backbone forward, including the copy back to the host
-    writer_wait: float = 0.0  # main thread waiting for the writer's queue
+    busy: float = 0.0  # wall time of the pipeline (or of the cluster's tasks, from submission to the last result)
+    loader_wait: float = 0.0  # waiting for decoded samples (cluster: summed over the units)
+    forward: float = 0.0  # backbone forward, including the copy back to the host (cluster: summed)
+    writer_wait: float = 0.0  # main thread waiting for the writer's queue (in process)
+    write: float = 0.0  # encoding the shards and committing (cluster: summed over the units)
 
     def timing(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in asdict(self).items() if k not in ("images", "bytes")}
 
 
-def _pipeline(cfg, source, refs, backbone, writer, pending, indices, stats: _Stats, progress) -> None:  # noqa: ANN001
+def _on_cluster(cfg: ExtractConfig, target: ClusterTarget, source: Source, refs: list[SampleRef], pending: list[fstore.Unit],
+                stats: _Stats, progress: Callable[[int], None]) -> None:  # fmt: skip
+    """The pending units as dask tasks; the same stats and progress as in process."""
+    from fcache.extract.executor import UnitOutcome, run_on_cluster, worker_job
+
+    def done(out: UnitOutcome) -> None:
+        stats.images += out.images
+        stats.bytes += out.bytes
+        stats.loader_wait += out.seconds.get("decode_wait", 0.0)
+        stats.forward += out.seconds.get("forward", 0.0)
+        stats.write += out.seconds.get("write", 0.0)
+        progress(out.samples)
+
+    t = time.perf_counter()
+    try:
+        run_on_cluster(target, worker_job(cfg, target, source), refs, pending, done)
+    finally:
+        stats.busy = time.perf_counter() - t
+
+
+def _pipeline(cfg: ExtractConfig, source: Source, refs: list[SampleRef], backbone: Backbone, writer: fstore.StoreWriter,
+              pending: list[fstore.Unit], stats: _Stats, progress: Callable[[int], None]) -> None:  # fmt: skip
     """Decode -> forward -> write, overlapped; raises the writer's error, if any, in the main thread."""
     m = writer.manifest
+    indices = [i for u in pending for i in range(u.start, u.stop)]
     dataset = SampleDataset(source, refs, indices, m, timeout=cfg.decode_timeout)
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -248,35 +318,18 @@ def _pipeline(cfg, source, refs, backbone, writer, pending, indices, stats: _Sta
         collate_fn=_as_is,
     )
     assembler = UnitAssembler(m, pending)
+    batcher = Batcher(backbone, assembler, cfg.batch_size)
     writers = _Writers(writer, stats, cfg.writers or default_writers())
     t_start = time.perf_counter()
-    batch: list[tuple[int, int, torch.Tensor]] = []
-
-    def flush() -> None:
-        if not batch:
-            return
-        t = time.perf_counter()
-        feats = backbone.forward(torch.stack([img for _, _, img in batch]))  # level -> (B, C, H, W) on the device
-        encoded = {name: encode(f, m.storage.dtype, name) for name, f in feats.items()}  # on the device, then to the host
-        stats.forward += time.perf_counter() - t
-        stats.images += len(batch)
-        for b, (i, k, _) in enumerate(batch):
-            assembler.put(i, k, encoded, b)
-        batch.clear()
-        _drain(assembler, writers, stats)
-
     try:
-        for done, item in enumerate(_timed(loader, stats), start=1):
-            if cfg.on_error == "fail" and item["status"] != Status.OK:
-                raise SampleFailed(f"sample {item['key']} failed ({Status(item['status']).label}): {item['message']}")
-            assembler.start(item)
-            for k, img in enumerate(item["pixels"]):
-                batch.append((item["index"], k, img))
-                if len(batch) >= cfg.batch_size:
-                    flush()
+        for item in _timed(loader, stats):
+            check_sample(item, cfg.on_error)
+            batcher.add(item)
             _drain(assembler, writers, stats)
-            progress(done)
-        flush()
+            stats.images, stats.forward = batcher.images, batcher.seconds
+            progress(1)
+        batcher.flush()
+        stats.images, stats.forward = batcher.images, batcher.seconds
         _drain(assembler, writers, stats, final=True)
     finally:
         writers.close()

@@ -1,6 +1,7 @@
-"""The moving parts of an extraction run: per-sample decoding (in workers) and unit assembly (in the driver).
+"""The moving parts of an extraction run: per-sample decoding (in workers), batching and unit assembly.
 
-``SampleDataset`` turns sample i into its view images; ``UnitAssembler`` collects backbone outputs
+``load_sample`` turns sample i into its view images (``SampleDataset`` wraps it for DataLoader workers);
+``Batcher`` runs the backbone over batches of view images; ``UnitAssembler`` collects the encoded outputs
 back into whole units, in any batch order, and hands each finished unit to the writer.
 """
 
@@ -9,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,15 +22,61 @@ from fcache.extract.sources.base import Decoded, SampleError, SampleRef, Source
 from fcache.extract.views import image_views, render, video_views
 from fcache.spec import GEOMETRY_FIELDS, Geometry, Manifest, Status
 from fcache.store import Unit
-from fcache.store.encoding import STORED_DTYPES, Encoded
+from fcache.store.encoding import STORED_DTYPES, Encoded, encode
+
+if TYPE_CHECKING:
+    from fcache.extract.backbones import Backbone
 
 
-class SampleDataset(torch.utils.data.Dataset):
-    """Item j: sample ``indices[j]`` decoded and cut into its views (runs in DataLoader workers).
+class SampleFailed(RuntimeError):
+    """``--on-error fail``: the first failed sample stops the run."""
+
+
+def check_sample(item: dict[str, Any], on_error: str) -> None:
+    """Raise SampleFailed for a failed sample under ``--on-error fail``."""
+    if on_error == "fail" and item["status"] != Status.OK:
+        raise SampleFailed(f"sample {item['key']} failed ({Status(item['status']).label}): {item['message']}")
+
+
+def load_sample(source: Source, ref: SampleRef, index: int, m: Manifest, timeout: float = 60.0) -> dict[str, Any]:
+    """Sample ``index`` decoded (under a SIGALRM deadline when on a main thread) and cut into its views.
 
     Returns ``{"index", "key", "status", "message", "pixels": (n_images, 3, S, S), "geometry": (V, G),
     "targets": {name: array}}``; a failed sample has no pixels and zero geometry.
     """
+    try:
+        with _deadline(timeout, ref.key):
+            decoded = source.decode(ref)
+        geoms, pixels = view_images(decoded, ref.key, m)
+    except SampleError as e:
+        return failed_sample(index, ref.key, m, e.status, e.message)
+    return {
+        "index": index,
+        "key": ref.key,
+        "status": int(decoded.status),
+        "message": decoded.message,
+        "pixels": pixels,
+        "geometry": np.stack([g.to_array() for g in geoms]),
+        "targets": decoded.targets,
+    }
+
+
+def failed_sample(index: int, key: str, m: Manifest, status: Status, message: str) -> dict[str, Any]:
+    """The item of a sample that could not be used (the shape ``load_sample`` returns)."""
+    geometry = np.zeros((m.num_views, len(GEOMETRY_FIELDS)), np.float32)
+    return {
+        "index": index,
+        "key": key,
+        "status": int(status),
+        "message": message,
+        "pixels": torch.zeros(0),
+        "geometry": geometry,
+        "targets": {},
+    }
+
+
+class SampleDataset(torch.utils.data.Dataset):
+    """Item j: ``load_sample`` of sample ``indices[j]`` (runs in DataLoader workers, whose main thread takes SIGALRM)."""
 
     def __init__(self, source: Source, refs: list[SampleRef], indices: list[int], manifest: Manifest, timeout: float = 60.0) -> None:
         self.source, self.refs, self.indices, self.m, self.timeout = source, refs, indices, manifest, timeout
@@ -38,25 +86,7 @@ class SampleDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, j: int) -> dict[str, Any]:
         i = self.indices[j]
-        ref = self.refs[i]
-        item: dict[str, Any] = {"index": i, "key": ref.key, "status": int(Status.OK), "message": "", "targets": {}}
-        try:
-            with _deadline(self.timeout, ref.key):
-                decoded = self.source.decode(ref)
-            geoms, pixels = view_images(decoded, ref.key, self.m)
-        except SampleError as e:
-            return {**item, "status": int(e.status), "message": e.message, "pixels": torch.zeros(0), "geometry": self._zero_geometry()}
-        return {
-            **item,
-            "status": int(decoded.status),
-            "message": decoded.message,
-            "pixels": pixels,
-            "geometry": np.stack([g.to_array() for g in geoms]),
-            "targets": decoded.targets,
-        }
-
-    def _zero_geometry(self) -> np.ndarray:
-        return np.zeros((self.m.num_views, len(GEOMETRY_FIELDS)), np.float32)
+        return load_sample(self.source, self.refs[i], i, self.m, self.timeout)
 
 
 def view_images(d: Decoded, key: str, m: Manifest, only: int | None = None) -> tuple[list[Geometry], torch.Tensor]:
@@ -170,3 +200,38 @@ class UnitAssembler:
 
     def open_units(self) -> list[int]:
         return sorted(self.open)
+
+
+class Batcher:
+    """Stacks view images into backbone batches; each batch's features, encoded on the device, go to the assembler.
+
+    Shared by the in-process pipeline and the cluster's unit tasks. ``images`` and ``seconds`` count the forwards.
+    """
+
+    def __init__(self, backbone: Backbone, assembler: UnitAssembler, batch_size: int) -> None:
+        self.backbone, self.assembler, self.size = backbone, assembler, batch_size
+        self.dtype = assembler.m.storage.dtype
+        self.waiting: list[tuple[int, int, torch.Tensor]] = []  # (sample index, image k, (3, S, S))
+        self.images = 0
+        self.seconds = 0.0
+
+    def add(self, item: dict[str, Any]) -> None:
+        """Register a decoded sample with the assembler and queue its images, running full batches."""
+        self.assembler.start(item)
+        for k, img in enumerate(item["pixels"]):
+            self.waiting.append((item["index"], k, img))
+            if len(self.waiting) >= self.size:
+                self.flush()
+
+    def flush(self) -> None:
+        """Run the backbone over the queued images (a partial batch at the end)."""
+        if not self.waiting:
+            return
+        t = time.perf_counter()
+        feats = self.backbone.forward(torch.stack([img for _, _, img in self.waiting]))  # level -> (B, C, H, W) on the device
+        encoded = {name: encode(f, self.dtype, name) for name, f in feats.items()}  # on the device, then to the host
+        self.seconds += time.perf_counter() - t
+        self.images += len(self.waiting)
+        for b, (i, k, _) in enumerate(self.waiting):
+            self.assembler.put(i, k, encoded, b)
+        self.waiting.clear()

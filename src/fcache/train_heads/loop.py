@@ -4,6 +4,8 @@ It consumes a map-style Dataset of items shaped like ``FeatureDataset`` items (`
 ``geometry``, ``targets``), so a test can feed it features computed online; the store is just the default source.
 Everything task-specific sits behind :class:`Task`. On CPU a run is deterministic, and resuming from a checkpoint
 continues bit-exactly: the batch order is a pure function of (seed, iteration) and every RNG state is checkpointed.
+Under torchrun each rank trains on its slice of every global batch (``distributed.py``); several heads in one read
+pass have their own driver (``multihead.py``) built from the same parts.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from fcache.spec import Geometry, LevelSpec
+from fcache.train_heads import distributed as ddp
 from fcache.train_heads.config import TrainConfig
 from fcache.train_heads.rundir import RunDir
 from fcache.train_heads.schedule import get_lr
@@ -126,11 +129,14 @@ class TrainBatches(Sampler[list[tuple[int, int]]]):
     """Batches ``start..stop-1`` of the stream made of one seeded permutation per epoch, cut into full batches.
 
     Batch ``it`` holds stream positions ``it*B .. it*B+B-1``; position p is item ``perm(seed, p // n)[p % n]``
-    of epoch ``p // n``. A resumed run starts at its iteration without reading what came before.
+    of epoch ``p // n``. A resumed run starts at its iteration without reading what came before. With ``world``
+    processes, rank r takes the r-th of ``world`` equal consecutive slices of each batch (B must divide evenly).
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, *, rank: int = 0, world: int = 1) -> None:
+        assert batch_size % world == 0, "ddp.check_batch refuses uneven slices first"
         self.n, self.batch_size, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
+        self.rank, self.world = rank, world
         self._perm: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -142,8 +148,10 @@ class TrainBatches(Sampler[list[tuple[int, int]]]):
         return self._perm[1]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        local = self.batch_size // self.world
         for it in range(self.start, self.stop):
-            positions = range(it * self.batch_size, (it + 1) * self.batch_size)
+            first = it * self.batch_size + self.rank * local
+            positions = range(first, first + local)
             yield [(p // self.n, int(self._order(p // self.n)[p % self.n])) for p in positions]
 
 
@@ -250,48 +258,58 @@ def train(
     *,
     checkpoint: Mapping[str, Any] | None = None,
     progress: bool = True,
+    dist: ddp.Dist = ddp.SINGLE,
 ) -> TrainResult:
-    """Train ``model`` on ``data`` for ``cfg.iters`` iterations (or until ``cfg.stop_at``), from ``checkpoint`` when given."""
+    """Train ``model`` on ``data`` for ``cfg.iters`` iterations (or until ``cfg.stop_at``), from ``checkpoint`` when given.
+
+    With ``dist`` of several processes each rank trains on its slice of every batch; rank 0 logs and checkpoints.
+    """
     if len(data) == 0:  # type: ignore[arg-type]
         raise ValueError("the training set is empty")
+    ddp.check_batch(cfg.batch_size, dist)
     device = resolve_device(cfg.device)
     model.to(device).train()
+    net = ddp.wrap(model, dist, device)  # ``model`` itself for one process
     optimizer = make_optimizer(model, cfg)
     start = 0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        set_rng_state(checkpoint["rng"])
+        set_rng_state(ddp.own_rng(checkpoint, dist))
         start = int(checkpoint["iteration"])
     else:
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed + dist.rank)
     stop = min(cfg.iters, cfg.stop_at or cfg.iters)
     loader = DataLoader(
         EpochItems(data),
-        batch_sampler=TrainBatches(len(data), cfg.batch_size, cfg.seed, start, stop),  # type: ignore[arg-type]
+        batch_sampler=TrainBatches(len(data), cfg.batch_size, cfg.seed, start, stop, rank=dist.rank, world=dist.world),  # type: ignore[arg-type]
         collate_fn=Collate(task, with_targets=True),
         num_workers=cfg.num_workers,
         prefetch_factor=cfg.prefetch if cfg.num_workers else None,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched by loader start-up
     )
-    bar = tqdm(total=cfg.iters, initial=start, desc=f"train {task.name}", unit="it", file=sys.stderr, disable=not progress)
+    show = progress and dist.is_main
+    bar = tqdm(total=cfg.iters, initial=start, desc=f"train {task.name}", unit="it", file=sys.stderr, disable=not show)
     meter = Meter(run, bar)
     for it, batch in zip(range(start, stop), loader, strict=True):
         lr = get_lr(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        meter.add(_step(model, optimizer, task, batch.to(device), cfg, device, it), len(batch.index))
-        if (it + 1) % cfg.log_every == 0 or it + 1 == stop:
+        losses = train_step(net, optimizer, task, batch.to(device), cfg, device, it)
+        meter.add(ddp.mean(losses, dist, device), len(batch.index) * dist.world)
+        if dist.is_main and ((it + 1) % cfg.log_every == 0 or it + 1 == stop):
             meter.flush(it + 1, lr)
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == stop:
-            run.save_checkpoint(_state(it + 1, model, optimizer, lr))
+            state = checkpoint_state(it + 1, model, optimizer, lr, ddp.gather(rng_state(), dist))
+            if dist.is_main:
+                run.save_checkpoint(state)
     bar.close()
     seconds = time.perf_counter() - meter.t0
     return TrainResult(start, stop, seconds, meter.samples, meter.last.get("loss"), dict(meter.last))
 
 
-def _step(
+def train_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, task: Task, batch: Batch, cfg: TrainConfig, device: torch.device, it: int
 ) -> dict[str, float]:
     """One optimisation step; returns the loss components as floats (plus ``loss`` and ``grad_norm`` when clipping)."""
@@ -299,7 +317,7 @@ def _step(
         losses = task.loss(model, batch)
     loss = torch.stack([v.float() for v in losses.values()]).sum()
     if not torch.isfinite(loss):
-        raise DivergedError(f"the loss is not finite at iteration {it + 1} ({float(loss)}); lower --lr, or add --clip 1.0")
+        raise DivergedError(f"the loss is not finite at iteration {it + 1} ({float(loss.detach())}); lower --lr, or add --clip 1.0")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     out = {k: float(v.detach()) for k, v in losses.items()}
@@ -310,14 +328,18 @@ def _step(
     return out
 
 
-def _state(iteration: int, model: nn.Module, optimizer: torch.optim.Optimizer, lr: float) -> dict[str, Any]:
-    return {
+def checkpoint_state(
+    iteration: int, model: nn.Module, optimizer: torch.optim.Optimizer, lr: float, rngs: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
+    """A checkpoint; ``rngs`` holds every rank's RNG state (one for a single process, kept as ``rng``)."""
+    state = {
         "iteration": iteration,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "schedule": {"iteration": iteration, "lr": lr},
-        "rng": rng_state(),
+        "rng": rngs[0],
     }
+    return state | ({"rng_ranks": list(rngs)} if len(rngs) > 1 else {})
 
 
 @torch.inference_mode()

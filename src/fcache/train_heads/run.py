@@ -16,10 +16,11 @@ import numpy as np
 from fcache import store as fstore
 from fcache.spec import GEOMETRY_FIELDS, LevelSpec
 from fcache.store import FeatureStore
+from fcache.train_heads import distributed as ddp
 from fcache.train_heads.classification import task as classification
 from fcache.train_heads.config import EvalConfig, TrainConfig
 from fcache.train_heads.detection.task import DetectionTask, check_eval_store
-from fcache.train_heads.loop import Task, build_model, evaluate, resolve_device, train, trainable_parameters
+from fcache.train_heads.loop import Task, TrainResult, build_model, evaluate, resolve_device, train, trainable_parameters
 from fcache.train_heads.rundir import RunDir
 from fcache.train_heads.segmentation import task as segmentation
 from fcache.train_heads.video import task as video
@@ -93,7 +94,7 @@ def check_levels(store: FeatureStore, levels: tuple[LevelSpec, ...]) -> None:
         )
 
 
-def _echo(message: str) -> None:
+def echo(message: str) -> None:
     print(message, file=sys.stderr)
 
 
@@ -138,12 +139,9 @@ def training_data(p: Prepared, seed: int, levels: Sequence[str] | None = None) -
     return p.store.dataset(names, indices=p.indices.tolist(), view=view, views=views, seed=seed, targets=p.task.target_names)
 
 
-def run_train(cfg: TrainConfig, *, progress: bool = True, say: Callable[[str], None] = _echo) -> dict[str, Any]:
-    """Train one head as ``cfg`` says, evaluate it on ``cfg.val_store`` when the run is complete; returns the summary."""
-    p = prepare_training(cfg)
-    cfg = cfg.resolved(len(p.indices))  # warm-up given in epochs -> iterations of this training set
-    head = p.task.describe()["head"]
-    record = {
+def training_record(cfg: TrainConfig, p: Prepared) -> dict[str, Any]:
+    """What RUN/config.json holds for ``cfg`` (already ``resolved``): the identity of the run and what it trains."""
+    return {
         "config": cfg.to_dict(),
         "store_fingerprint": p.store.manifest.fingerprint,
         "task": p.task.describe(),
@@ -151,14 +149,14 @@ def run_train(cfg: TrainConfig, *, progress: bool = True, say: Callable[[str], N
         "trainable_params": p.params,
         "train_samples": len(p.indices),
     }
-    run = RunDir(cfg.out)
-    checkpoint = run.begin(record, resume=cfg.resume)
-    say(f"{cfg.task} head {head}: {p.params:,} trainable parameters, {len(p.indices)} training samples")
-    result = train(cfg, p.task, p.model, training_data(p, cfg.seed), run, checkpoint=checkpoint, progress=progress)
-    summary: dict[str, Any] = {
+
+
+def train_summary(cfg: TrainConfig, p: Prepared, run: RunDir, result: TrainResult) -> dict[str, Any]:
+    """The summary ``fcache train-head`` prints (as JSON with --json) for one head."""
+    return {
         "run": str(run.path),
         "task": cfg.task,
-        "head": head,
+        "head": p.task.describe()["head"],
         "trainable_params": p.params,
         "train_samples": len(p.indices),
         "iters": {"start": result.start, "stop": result.stop, "total": cfg.iters},
@@ -167,11 +165,37 @@ def run_train(cfg: TrainConfig, *, progress: bool = True, say: Callable[[str], N
         "final_loss": result.final_loss,
         "losses": result.losses,
     }
-    if p.val is not None and result.stop == cfg.iters:
-        summary["eval"] = _evaluate_into(
-            run, p.task, p.model, p.val, p.levels, cfg.batch_size, cfg.num_workers, cfg.device, result.stop, progress
-        )
-    return summary
+
+
+def evaluate_finished(cfg: TrainConfig, p: Prepared, run: RunDir, result: TrainResult, progress: bool) -> dict[str, float] | None:
+    """Score the head on ``cfg.val_store`` when its training is complete (None otherwise)."""
+    if p.val is None or result.stop != cfg.iters:
+        return None
+    return _evaluate_into(run, p.task, p.model, p.val, p.levels, cfg.batch_size, cfg.num_workers, cfg.device, result.stop, progress)
+
+
+def run_train(cfg: TrainConfig, *, progress: bool = True, say: Callable[[str], None] = echo) -> dict[str, Any]:
+    """Train one head as ``cfg`` says, evaluate it on ``cfg.val_store`` when the run is complete; returns the summary.
+
+    Under torchrun (WORLD_SIZE > 1) every process trains its slice of each batch; rank 0 writes RUN and evaluates.
+    """
+    dist = ddp.Dist.from_env()
+    with ddp.process_group(dist, cfg.device):
+        p = prepare_training(cfg)
+        ddp.check_batch(cfg.batch_size, dist)
+        cfg = cfg.resolved(len(p.indices))  # warm-up given in epochs -> iterations of this training set
+        record = training_record(cfg, p)
+        run = RunDir(cfg.out)
+        checkpoint = ddp.on_main(lambda: run.begin(record, resume=cfg.resume), dist)
+        if not dist.is_main and cfg.resume:
+            checkpoint = run.load_checkpoint()
+        if dist.is_main:
+            on = f" on {dist.world} processes" if dist.enabled else ""
+            say(f"{cfg.task} head {record['task']['head']}: {p.params:,} trainable parameters, {len(p.indices)} training samples{on}")
+        result = train(cfg, p.task, p.model, training_data(p, cfg.seed), run, checkpoint=checkpoint, progress=progress, dist=dist)
+        summary = train_summary(cfg, p, run, result) | ({"processes": dist.world} if dist.enabled else {})
+        metrics = evaluate_finished(cfg, p, run, result, progress) if dist.is_main else None
+    return summary | ({"eval": metrics} if metrics is not None else {})
 
 
 def check_plain_view(store: FeatureStore) -> None:

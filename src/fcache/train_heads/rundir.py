@@ -48,8 +48,8 @@ class RunDir:
             raise ValueError(f"{self.path} is not an fcache run folder (no {CONFIG}); pass the --out folder of `fcache train-head`")
         return record
 
-    def begin(self, record: dict[str, Any], *, resume: bool) -> dict[str, Any] | None:
-        """Claim the folder for the run ``record`` describes; returns the checkpoint to resume from, if any.
+    def check(self, record: dict[str, Any], *, resume: bool) -> dict[str, Any] | None:
+        """What :meth:`begin` would do, without writing anything: the checkpoint to resume from, if any.
 
         Raises:
             ValueError: the folder holds something else, another configuration, or this run without ``resume``.
@@ -58,8 +58,6 @@ class RunDir:
         if existing is None:
             if self.path.exists() and any(self.path.iterdir()):
                 raise ValueError(f"{self.path} exists and is not an fcache run folder; choose another --out")
-            self.path.mkdir(parents=True, exist_ok=True)
-            write_json(self.path / CONFIG, {"format_version": RUN_FORMAT, "fcache_version": __version__, **record})
             return None
         diffs = _diff(identity(existing), identity(record))
         if diffs:
@@ -71,6 +69,20 @@ class RunDir:
         if not resume:
             at = f"at iteration {checkpoint['iteration']}" if checkpoint else "without a checkpoint"
             raise ValueError(f"{self.path} already holds this run ({at}); pass --resume to continue it, or choose another --out")
+        return checkpoint
+
+    def begin(self, record: dict[str, Any], *, resume: bool) -> dict[str, Any] | None:
+        """Claim the folder for the run ``record`` describes; returns the checkpoint to resume from, if any.
+
+        Raises:
+            ValueError: as :meth:`check`, before anything is written.
+        """
+        fresh = self.read_config() is None
+        checkpoint = self.check(record, resume=resume)
+        if fresh:
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_json(self.path / CONFIG, {"format_version": RUN_FORMAT, "fcache_version": __version__, **record})
+            return None
         self.truncate_metrics(checkpoint["iteration"] if checkpoint else 0)
         return checkpoint
 

@@ -1,0 +1,216 @@
+"""Results of many runs: one row per RUN folder, written as CSV and Markdown, and the plot of each task's main metric
+against trainable parameters with one series per head family (the paper's Figures 1 and 4).
+
+Reads RUN folders only (config.json, metrics.jsonl), so it serves ``fcache sweep`` and any later report alike.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from fcache.train_heads.rundir import RunDir
+
+MAIN_METRIC = {"detection": "box/AP", "segmentation": "ss/mIoU", "video": "avg/top1", "classification": "avg/top1"}
+COLUMNS = (
+    "run",
+    "task",
+    "head",
+    "family",
+    "trainable_params",
+    "lr",
+    "train_fraction",
+    "store",
+    "iters",
+    "seed",
+    "metric",
+    "value",
+    "time_s",
+)
+CSV_NAME, MARKDOWN_NAME, PLOT_NAME = "results.csv", "results.md", "results.png"
+
+
+def head_family(head: str) -> str:
+    """A plot series: the head's name and its non-numeric keys (``bifpn:layers=3,roi=cascade`` -> ``bifpn:roi=cascade``)."""
+    name, _, rest = head.partition(":")
+    kept = [pair for pair in filter(None, rest.split(",")) if not _is_number(pair.partition("=")[2])]
+    return name + (":" + ",".join(sorted(kept)) if kept else "")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def training_seconds(records: Iterable[dict[str, Any]]) -> float:
+    """Seconds spent training over every session of a run (``time_s`` restarts at 0 when a run is resumed)."""
+    total = last = 0.0
+    for r in records:
+        if "time_s" not in r:
+            continue
+        if r["time_s"] < last:
+            total += last
+        last = r["time_s"]
+    return round(total + last, 3)
+
+
+def run_row(path: str | Path) -> dict[str, Any]:
+    """One row for the RUN folder ``path``: configuration, trainable parameters, the last evaluation's metrics, time.
+
+    ``value`` is the task's main metric (MAIN_METRIC); every metric of the evaluation follows as its own column.
+    A run not evaluated yet has no metrics (``value`` None).
+    """
+    run = RunDir(path)
+    record = run.require_config()
+    cfg, records = record["config"], run.metrics()
+    evals = [r for r in records if r.get("event") == "eval"]
+    metrics = {k: v for k, v in evals[-1].items() if "/" in k} if evals else {}
+    metric = MAIN_METRIC.get(cfg["task"], "")
+    row = {
+        "run": str(run.path),
+        "task": cfg["task"],
+        "head": cfg["head"],
+        "family": head_family(cfg["head"]),
+        "trainable_params": int(record["trainable_params"]),
+        "lr": cfg["lr"],
+        "train_fraction": cfg["train_fraction"],
+        "store": cfg["store"],
+        "iters": cfg["iters"],
+        "seed": cfg["seed"],
+        "metric": metric,
+        "value": metrics.get(metric),
+        "time_s": training_seconds(records),
+    }
+    return row | dict(sorted(metrics.items()))
+
+
+def collect(runs: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Rows of the RUN folders ``runs``, sorted by task, family, trainable parameters, lr, train fraction and store.
+
+    Raises:
+        ValueError: a path is not a RUN folder.
+    """
+    rows = [run_row(p) for p in runs]
+    return sorted(rows, key=lambda r: (r["task"], r["family"], r["trainable_params"], r["lr"], r["train_fraction"], r["store"]))
+
+
+def columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """COLUMNS, then every metric any row has (sorted)."""
+    return list(COLUMNS) + sorted({k for r in rows for k in r} - set(COLUMNS))
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """The rows as CSV (metrics as fractions, empty where a run has none)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns(rows), restval="")
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    return Path(path)
+
+
+def _shown(key: str, value: Any) -> str:
+    if value is None or value == "":
+        return "-"
+    if key == "trainable_params":
+        return f"{value / 1e6:.2f} M"
+    if key == "run":
+        return Path(value).name
+    if key == "store":
+        return Path(value).name
+    if "/" in key or key == "value":
+        return "-" if value < 0 else f"{100 * value:.1f}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table of the rows: metrics in percent, parameters in millions, run and store by folder name."""
+    cols = columns(rows)
+    lines = ["| " + " | ".join(c.replace("_", " ") for c in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_shown(c, r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    Path(path).write_text(markdown(rows))
+    return Path(path)
+
+
+def series(rows: Sequence[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """Plot series of one task's rows: label -> (trainable parameters, best main metric there), by parameters.
+
+    A series is a head family, split further by store and by train fraction when the rows hold several of them
+    (Figure 4's series are base networks, i.e. stores); other settings (lr, seed) keep their best value.
+    """
+    many_stores = len({r["store"] for r in rows}) > 1
+    many_fractions = len({r["train_fraction"] for r in rows}) > 1
+    best: dict[str, dict[int, float]] = {}
+    for r in rows:
+        if r["value"] is None or r["value"] < 0:
+            continue
+        label = r["family"] + (f" @ {Path(r['store']).name}" if many_stores else "")
+        label += f", {100 * r['train_fraction']:g}% data" if many_fractions else ""
+        points = best.setdefault(label, {})
+        points[r["trainable_params"]] = max(points.get(r["trainable_params"], -math.inf), r["value"])
+    return {label: sorted(points.items()) for label, points in sorted(best.items())}
+
+
+def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Main metric (percent) against trainable parameters (log scale), one panel per task, one line per series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    tasks = sorted({r["task"] for r in rows}) or ["(no runs)"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for label, points in series([r for r in rows if r["task"] == task]).items():
+            ax.plot([p / 1e6 for p, _ in points], [100 * v for _, v in points], marker="o", label=label)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("trainable parameters (M)")
+        ax.set_ylabel(MAIN_METRIC.get(task, "metric") + " (%)")
+        ax.set_title(task)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_results(runs: Iterable[str | Path], out: str | Path) -> list[dict[str, Any]]:
+    """Rows of ``runs`` written into ``out`` as results.csv, results.md and results.png; returns the rows."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = collect(runs)
+    write_csv(rows, out / CSV_NAME)
+    write_markdown(rows, out / MARKDOWN_NAME)
+    plot(rows, out / PLOT_NAME)
+    return rows
+
+
+def load_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows read back from a results.csv (numbers parsed; metrics and value None where empty)."""
+    with open(path, newline="") as f:
+        return [{k: _parse(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def _parse(text: str) -> Any:
+    if text == "":
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

@@ -1,0 +1,316 @@
+"""``fcache sweep SPEC.yaml``: a grid of head-training variants, trained in sequence or one per dask worker, then
+results.csv / results.md / results.png (``results.py``): the paper's Figures 1 and 4 from one file.
+
+Every variant is an ordinary ``train-head`` run in ``OUT/runs/<head>-<hash of its configuration>``, so a rerun finds
+finished variants (skipped), unfinished ones (resumed from their checkpoint) and new ones (trained) by name alone.
+The SPEC schema is documented in the README ("Sweeps") and enforced by :func:`load_spec`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fcache.train_heads.config import TrainConfig, hyper_parameters
+from fcache.train_heads.multihead import folder_name
+from fcache.train_heads.results import write_results
+from fcache.train_heads.run import echo, prepare_training, run_train, task_defaults, training_record
+from fcache.train_heads.rundir import RunDir, identity
+
+GRID_KEYS = ("store", "head", "lr", "train_fraction", "weight_decay", "seed", "batch_size")  # a list = one grid axis
+FLOAT_KEYS = ("lr", "weight_decay", "train_fraction", "warmup_epochs", "warmup_factor", "gamma", "clip")
+INT_KEYS = ("iters", "batch_size", "seed", "warmup", "num_workers", "prefetch", "checkpoint_every", "log_every")
+STR_KEYS = ("task", "store", "val_store", "head", "schedule", "device")
+SWEEP_KEYS = ("out", "threads")  # of the sweep itself, not of a variant
+SPEC_KEYS = (*STR_KEYS, *FLOAT_KEYS, *INT_KEYS, "steps", *SWEEP_KEYS)
+REQUIRED = ("store", "head", "iters")
+HYPER = ("batch_size", "lr", "weight_decay", "schedule", "steps", "warmup", "warmup_epochs")  # task defaults fill these
+RUNS = "runs"
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """``fcache sweep``: the SPEC file, the output folder (``""``: the spec's) and where variants run."""
+
+    spec: str
+    out: str = ""
+    cluster: str = ""  # local:N
+    scheduler: str = ""  # tcp://HOST:PORT
+
+    def __post_init__(self) -> None:
+        if self.cluster and self.scheduler:
+            raise ValueError("give --cluster local:N or --scheduler tcp://HOST:PORT, not both")
+        if self.cluster:
+            local_workers(self.cluster)
+
+
+def local_workers(cluster: str) -> int:
+    """N of ``local:N``."""
+    kind, _, n = cluster.partition(":")
+    if kind != "local" or not n.isdigit() or int(n) < 1:
+        raise ValueError(f"--cluster {cluster!r} is not local:N with N >= 1 (e.g. local:4); use --scheduler for a remote cluster")
+    return int(n)
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A parsed SPEC: grid axes (key -> values, GRID_KEYS order) and the values every variant shares."""
+
+    path: str
+    grid: tuple[tuple[str, tuple[Any, ...]], ...]
+    fixed: tuple[tuple[str, Any], ...]
+    out: str = ""
+    threads: int | None = None
+
+    def points(self) -> list[dict[str, Any]]:
+        """Every combination of the grid values, with the shared values: one dict of TrainConfig fields each.
+
+        A ``store`` value may be a (store, val_store) pair: ``val_store`` given as a list paired with ``store``'s.
+        """
+        keys = [k for k, _ in self.grid]
+        out = []
+        for combo in itertools.product(*(v for _, v in self.grid)):
+            point = dict(self.fixed) | dict(zip(keys, combo, strict=True))
+            if isinstance(point.get("store"), tuple):
+                point["store"], point["val_store"] = point["store"]
+            out.append(point)
+        return out
+
+
+def _coerce(path: str, key: str, value: Any) -> Any:
+    """A SPEC value as its field's type (YAML reads ``3e-4`` as a string)."""
+    if value is None and key in ("clip", "val_store"):
+        return None
+    try:
+        if key in FLOAT_KEYS:
+            return float(value)
+        if key in INT_KEYS or key == "threads":
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if key == "steps":
+            return tuple(float(v) for v in (value if isinstance(value, list) else [value]))
+    except (TypeError, ValueError):
+        kind = "an integer" if key in INT_KEYS or key == "threads" else "a number" if key in FLOAT_KEYS else "a list of fractions"
+        raise ValueError(f"{path}: {key}: {value!r} is not {kind}") from None
+    if not isinstance(value, str):
+        raise ValueError(f"{path}: {key}: {value!r} is not a string")
+    return value
+
+
+def _resolve(base: Path, key: str, value: Any) -> Any:
+    """Store paths relative to the SPEC file's folder become absolute (dask workers may run elsewhere)."""
+    return str((base / value).resolve()) if key in ("store", "val_store", "out") and value else value
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ValueError(f"{path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must be a YAML mapping of sweep keys (e.g. head: [fpn, bifpn:layers=3]); see the README")
+    return data
+
+
+def load_spec(path: str) -> SweepSpec:
+    """Read and check a SPEC file: known keys, required keys, lists only for grid keys, values of the right type.
+
+    Raises:
+        ValueError: naming the key and the fix.
+    """
+    data = _read_yaml(path)
+    unknown = sorted(set(map(str, data)) - set(SPEC_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))} (known: {', '.join(sorted(SPEC_KEYS))})")
+    missing = [k for k in REQUIRED if data.get(k) in (None, [], "")]
+    if missing:
+        raise ValueError(f"{path}: missing {', '.join(missing)} (e.g. store: train.zarr, head: [fpn], iters: 1000)")
+    base = Path(path).resolve().parent
+    values = {k: _values(path, base, k, v) for k, v in data.items() if k not in SWEEP_KEYS}
+    if isinstance(values.get("val_store"), list):  # paired with the training stores (one validation store per backbone)
+        stores = values["store"] if isinstance(values["store"], list) else [values["store"]]
+        if len(values["val_store"]) != len(stores):
+            raise ValueError(f"{path}: val_store lists {len(values['val_store'])} stores for {len(stores)} in store; pair them one to one")
+        values["store"] = [tuple(pair) for pair in zip(stores, values.pop("val_store"), strict=True)]
+    grid = tuple((k, tuple(values[k])) for k in GRID_KEYS if isinstance(values.get(k), list))
+    fixed = tuple((k, v) for k, v in values.items() if not isinstance(v, list))
+    out = _resolve(base, "out", _coerce(path, "out", data["out"])) if "out" in data else ""
+    threads = _coerce(path, "threads", data["threads"]) if "threads" in data else None
+    return SweepSpec(str(path), grid, fixed, out, threads)
+
+
+def _values(path: str, base: Path, key: str, value: Any) -> Any:
+    """One SPEC value, or a list of them (a grid axis; ``val_store`` paired with ``store``), coerced and resolved."""
+    if isinstance(value, list) and (key in GRID_KEYS or key == "val_store"):
+        if len(value) == 0:
+            raise ValueError(f"{path}: {key} is an empty list; give at least one value")
+        return [_resolve(base, key, _coerce(path, key, v)) for v in value]
+    if isinstance(value, list) and key != "steps":
+        raise ValueError(f"{path}: {key} takes one value; lists (grid axes) are allowed for {', '.join(GRID_KEYS)}")
+    return _resolve(base, key, _coerce(path, key, value))
+
+
+def variant_config(values: Mapping[str, Any]) -> TrainConfig:
+    """The TrainConfig of one grid point: the task's defaults for its head under the values the SPEC gives."""
+    given = {k: v for k, v in values.items() if k in HYPER}
+    rest = {k: v for k, v in values.items() if k not in HYPER}
+    defaults = task_defaults(rest.get("task", "detection"), rest["head"])
+    return TrainConfig(out="", **{**hyper_parameters(defaults, given), **rest})
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One grid point: its RUN folder name, its configuration (``out`` set, resumable) and whether it is done."""
+
+    name: str
+    cfg: TrainConfig
+    finished: bool
+
+
+def plan(spec: SweepSpec, out: Path) -> list[Variant]:
+    """Every variant checked as ``train-head`` would (stores, head, RUN folder) and named; nothing is written."""
+    variants: dict[str, Variant] = {}
+    for values in spec.points():
+        cfg = variant_config(values)
+        p = prepare_training(cfg)
+        record = training_record(cfg.resolved(len(p.indices)), p)
+        digest = hashlib.sha256(json.dumps(identity(record), sort_keys=True).encode()).hexdigest()[:10]
+        name = f"{folder_name(record['task']['head'])}-{digest}"
+        if name in variants:
+            raise ValueError(f"{spec.path}: two grid points are the same variant ({cfg.head}); list each head and value once")
+        cfg = dataclasses.replace(cfg, out=str(out / RUNS / name), resume=True)
+        RunDir(cfg.out).check(record, resume=True)
+        variants[name] = Variant(name, cfg, is_finished(cfg.out))
+    return list(variants.values())
+
+
+def is_finished(path: str | Path) -> bool:
+    """The RUN folder trained all its iterations and, when it has a validation store, was evaluated after them."""
+    run = RunDir(path)
+    cfg = (run.read_config() or {}).get("config")
+    if cfg is None or not (run.path / "model.safetensors").is_file():
+        return False
+    _, iteration = run.load_model()
+    evaluated = any(r.get("event") == "eval" and r.get("iter") == cfg["iters"] for r in run.metrics())
+    return iteration == cfg["iters"] and (evaluated or not cfg.get("val_store"))
+
+
+def run_variant(cfg: dict[str, Any], threads: int | None, progress: bool = False) -> dict[str, Any]:
+    """Train (or resume) one variant; runs in the sweep's process or on a dask worker. Returns the train-head summary.
+
+    ``threads`` sets torch's intra-op threads for the variant. Inside a daemonic dask worker, which may not start
+    processes, the DataLoader reads in-process (``num_workers`` is operational: the result is the same).
+    """
+    import torch
+
+    c = TrainConfig.from_dict(cfg)
+    if multiprocessing.current_process().daemon:
+        c = dataclasses.replace(c, num_workers=0)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return run_train(c, progress=progress, say=lambda m: None)
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
+def dask_client(cfg: SweepConfig, threads: int | None = None) -> Iterator[Any]:
+    """A dask Client on a LocalCluster of N single-threaded worker processes, or on the scheduler given; None for neither."""
+    if not cfg.cluster and not cfg.scheduler:
+        yield None
+        return
+    from dask.distributed import Client
+
+    from fcache.extract.cluster import local_cluster
+
+    if cfg.scheduler:
+        with Client(cfg.scheduler) as client:
+            yield client
+        return
+    n = local_workers(cfg.cluster)
+    with local_cluster(n, threads_per_worker=1, torch_threads=threads or max(1, (os.cpu_count() or 1) // n)) as client:
+        yield client
+
+
+def train_all(variants: Sequence[Variant], client: Any, threads: int | None, progress: bool, say: Callable[[str], None]) -> dict[str, str]:
+    """Train ``variants`` in sequence (``client`` None) or one dask task each; returns name -> error of those that failed."""
+    failed: dict[str, str] = {}
+    if client is None:
+        for k, v in enumerate(variants, start=1):
+            say(f"[{k}/{len(variants)}] {v.name}")
+            try:
+                run_variant(v.cfg.to_dict(), threads, progress)
+            except Exception as e:  # a failed variant must not stop the sweep; it is reported and retried on rerun
+                failed[v.name] = f"{type(e).__name__}: {e}"
+        return failed
+    from dask.distributed import as_completed
+
+    futures = {client.submit(run_variant, v.cfg.to_dict(), threads, key=f"fcache-sweep-{v.name}", pure=False): v for v in variants}
+    for k, future in enumerate(as_completed(futures), start=1):
+        name = futures[future].name
+        try:
+            future.result()
+            say(f"[{k}/{len(variants)}] {name} done")
+        except Exception as e:
+            failed[name] = f"{type(e).__name__}: {e}"
+    return failed
+
+
+def default_out(spec: SweepSpec) -> Path:
+    """The spec's ``out``, else a folder named after the SPEC file next to it."""
+    return Path(spec.out) if spec.out else Path(spec.path).resolve().with_suffix("")
+
+
+def run_sweep(cfg: SweepConfig, *, progress: bool = True, say: Callable[[str], None] = echo) -> dict[str, Any]:
+    """Check every variant, train the unfinished ones, write results.csv/md/png into the output folder; returns a summary.
+
+    Raises:
+        ValueError: a bad SPEC, head, store or output folder, before anything is written.
+    """
+    spec = load_spec(cfg.spec)
+    out = Path(cfg.out) if cfg.out else default_out(spec)
+    variants = plan(spec, out)
+    pending = [v for v in variants if not v.finished]
+    say(f"{len(variants)} variant(s): {len(variants) - len(pending)} finished already, {len(pending)} to train, in {out}")
+    threads = spec.threads or (max(1, (os.cpu_count() or 1) // local_workers(cfg.cluster)) if cfg.cluster else None)
+    with dask_client(cfg, threads) as client:
+        failed = train_all(pending, client, threads, progress and client is None, say) if pending else {}
+    rows = write_results([v.cfg.out for v in variants if is_finished(v.cfg.out)], out)
+    return {
+        "out": str(out),
+        "variants": len(variants),
+        "skipped": len(variants) - len(pending),
+        "trained": len(pending) - len(failed),
+        "failed": failed,
+        "results": {k: str(out / f"results.{k}") for k in ("csv", "md", "png")},
+        "rows": rows,
+    }
+
+
+def format_sweep(summary: Mapping[str, Any]) -> str:
+    """What ``fcache sweep`` prints: counts, failures, the results table and where the files are."""
+    from fcache.train_heads.results import markdown
+
+    lines = [f"{summary['variants']} variant(s): {summary['skipped']} skipped (finished), {summary['trained']} trained"]
+    lines += [f"FAILED {name}: {error}" for name, error in summary["failed"].items()]
+    if summary["failed"]:
+        lines.append("rerun the same command to retry the failed variants (finished ones are skipped)")
+    lines += ["", markdown(summary["rows"]) if summary["rows"] else "(no finished variant)"]
+    lines.append("results: " + ", ".join(summary["results"].values()))
+    return "\n".join(lines)
