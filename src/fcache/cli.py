@@ -458,6 +458,24 @@ def sweep(spec: str, cluster: str, scheduler: str, out: str, as_json: bool) -> N
 
 
 @main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default="report", show_default=True, help="Folder for the report files.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary (with the rows) as JSON.")
+@user_errors
+def report(runs: tuple[str, ...], out: str, as_json: bool) -> None:
+    """Tabulate and plot runs: RUN folders, or folders holding them (a multi-head --out, a sweep's folder).
+
+    Writes OUT/results.csv and results.md (one row per run: head, trainable parameters, settings, every metric of
+    its last evaluation, training time), results.png (the task's main metric against trainable parameters, one
+    line per head family), losses.png (training loss curves, one line per run) and report.md showing them all.
+    """
+    from fcache.train_heads.runs_report import format_report, write_report
+
+    summary = write_report(runs, out)
+    click.echo(json.dumps(summary, indent=1) if as_json else format_report(summary))
+
+
+@main.command()
 @click.option(
     "--out", default="demo-output", show_default=True, type=click.Path(file_okay=False), help="Folder for data, stores, run, report."
 )
