@@ -19,6 +19,7 @@ from hanging import HangingFolder
 
 from fcache import store as fstore
 from fcache.cli import main
+from fcache.dask_local import THREAD_VARS
 from fcache.extract import runner
 from fcache.extract.cluster import ClusterTarget, parse_target, worker_device
 from fcache.extract.isolate import DecodePool
@@ -119,6 +120,8 @@ def test_killed_worker_is_retried_and_store_equals_in_process(tmp_path, data, re
     import psutil
     from distributed import Client, LocalCluster
 
+    for k in ("MALLOC_TRIM_THRESHOLD_", *THREAD_VARS):  # dask's nanny writes them into this process: restore them after
+        monkeypatch.setenv(k, os.environ[k]) if k in os.environ else monkeypatch.delenv(k, raising=False)
     use_source(monkeypatch, delay=0.6)  # slow units, so the kill lands inside one
     out = tmp_path / "s.zarr"
     with LocalCluster(n_workers=2, threads_per_worker=2, dashboard_address=None, memory_limit=0) as cluster, Client(cluster) as client:

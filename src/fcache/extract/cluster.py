@@ -10,7 +10,6 @@ Parsing here is dask-free; ``connect`` imports dask only when a cluster is used.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -83,6 +82,8 @@ def connect(target: ClusterTarget) -> Iterator[Any]:
     """
     from distributed import Client
 
+    from fcache.dask_local import local_cluster
+
     if target.local:
         with local_cluster(target.local, THREADS_PER_WORKER, worker_threads(target) or 1) as client:
             yield client
@@ -103,46 +104,6 @@ def connect(target: ClusterTarget) -> Iterator[Any]:
                 f"start some (e.g. `dask worker {target.scheduler}`) and rerun"
             ) from None
         yield client
-
-
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-
-
-@contextlib.contextmanager
-def local_cluster(workers: int, threads_per_worker: int, torch_threads: int) -> Iterator[Any]:
-    """A Client on a LocalCluster of ``workers`` processes on loopback (no dashboard), set up for torch.
-
-    dask starts its workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which turns off glibc's adaptive mmap threshold:
-    every large tensor is then mapped and unmapped afresh, and a SwinV2 forward on CPU ran 1.6x slower (measured
-    here). Ours start without it, and with ``torch_threads`` OpenMP/BLAS threads instead of dask's 1. The nanny
-    writes these variables into this process's environment too; they are restored on exit.
-    """
-    import dask
-    from distributed import Client, LocalCluster
-
-    environ = {"MALLOC_TRIM_THRESHOLD_": None} | {k: str(torch_threads) for k in THREAD_VARS}
-    saved = {k: os.environ.get(k) for k in environ}
-    try:
-        with (
-            dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in environ.items()}),
-            LocalCluster(
-                n_workers=workers,
-                threads_per_worker=threads_per_worker,
-                processes=True,
-                host="127.0.0.1",
-                dashboard_address=None,
-                memory_limit=0,  # a worker holds one model and a few units; nothing to spill or pause
-                silence_logs=logging.ERROR,
-            ) as cluster,
-            Client(cluster) as client,
-        ):
-            yield client
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _cuda_devices() -> int:

@@ -237,7 +237,7 @@ def dask_client(cfg: SweepConfig, threads: int | None = None) -> Iterator[Any]:
         return
     from dask.distributed import Client
 
-    from fcache.extract.cluster import local_cluster
+    from fcache.dask_local import local_cluster
 
     if cfg.scheduler:
         with Client(cfg.scheduler) as client:
