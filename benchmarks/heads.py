@@ -5,6 +5,8 @@ For each backbone@size and head, on one machine in one run:
   - in-memory step: the same head step on batches already in memory;
   - online-frozen step: the frozen backbone's forward on the batch's images + the same head step;
   - reader: samples/s of the store DataLoader alone (features + targets, collated).
+The three step settings start from the same weights, optimiser state and RNG seed and see the same batches, so
+they run the same computation and differ only in where the features come from.
 Ratios: speed-up = online / from-cache (ceiling (backbone + head) / head), cache overhead =
 from-cache / in-memory (goal <= 1.10), loader headroom = reader samples/s / head samples/s (goal >= 3).
 Usage: python benchmarks/heads.py [--configs swinv2-t@256:4,swinv2-b@512:2] [--heads fpn,bifpn:layers=5] [--steps 3]
@@ -13,6 +15,7 @@ Usage: python benchmarks/heads.py [--configs swinv2-t@256:4,swinv2-b@512:2] [--h
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import sys
 import tempfile
@@ -63,8 +66,18 @@ def measure(store: Path, images: Path, ann: Path, head: str, model_name: str, si
     p = prepare_training(cfg)
     p.model.train()
     opt = make_optimizer(p.model, cfg)
+    start = copy.deepcopy((p.model.state_dict(), opt.state_dict()))
+
+    def reset() -> None:
+        """Every setting runs the same steps: same weights, optimiser state, batches and RoI sampling."""
+        p.model.load_state_dict(start[0])
+        opt.load_state_dict(copy.deepcopy(start[1]))
+        torch.manual_seed(cfg.seed)
+
+    reset()
     cached = timed_steps(p.model, opt, p.task, loader(cfg, p, workers), cfg, device, steps)
     in_memory = [b for _, b in zip(range(steps + 1), loader(cfg, p, 0), strict=False)]
+    reset()
     memory = timed_steps(p.model, opt, p.task, in_memory, cfg, device, steps)
     # online-frozen: decoded, view-cut images of each batch are ready; the backbone runs, then the head
     backbone = build_backbone(model_name, input_size=size, levels=[lv.name for lv in p.levels], random_init=True)
@@ -75,6 +88,7 @@ def measure(store: Path, images: Path, ann: Path, head: str, model_name: str, si
     def forward(b) -> None:  # noqa: ANN001
         backbone.forward(torch.stack([pixels[i][v] for i, v in zip(b.index, b.view, strict=True)]))
 
+    reset()
     online = timed_steps(p.model, opt, p.task, in_memory, cfg, device, steps, before=forward)
     reader_loader = loader(cfg, p, workers)
     reader_iter = iter(reader_loader)
