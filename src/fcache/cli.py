@@ -448,7 +448,8 @@ def sweep(spec: str, cluster: str, scheduler: str, out: str, as_json: bool) -> N
 
     Each variant is a train-head run in OUT/runs/<head>-<hash>; rerunning skips finished variants and resumes
     unfinished ones. Writes OUT/results.csv, results.md and results.png (main metric against trainable
-    parameters, one series per head family: the paper's Figures 1 and 4). Exit code 1 if a variant failed.
+    parameters, one series per head family: the paper's Figures 1 and 4) and losses.png (training loss per
+    variant). Exit code 1 if a variant failed.
     """
     from fcache.train_heads.sweep import SweepConfig, format_sweep, run_sweep
 

@@ -66,6 +66,8 @@ def test_results_hold_one_row_per_variant(sequential):
     table = (d / "out" / "results.md").read_text().splitlines()
     assert len(table) == 2 + 3 and all(any(h in line for line in table) for h in HEADS)
     assert table[0].startswith("| run | task | head | family | trainable params | lr |")
+    losses = imread(d / "out" / "losses.png")
+    assert losses.shape[0] > 300 and losses[..., :3].std() > 0.01
     image = imread(d / "out" / "results.png")
     assert image.ndim == 3 and image.shape[0] > 100
 

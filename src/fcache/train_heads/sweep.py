@@ -27,6 +27,7 @@ from fcache.train_heads.multihead import folder_name
 from fcache.train_heads.results import write_results
 from fcache.train_heads.run import echo, prepare_training, run_train, task_defaults, training_record
 from fcache.train_heads.rundir import RunDir, identity
+from fcache.train_heads.runs_report import LOSS_PLOT, plot_losses
 
 GRID_KEYS = ("store", "head", "lr", "train_fraction", "weight_decay", "seed", "batch_size")  # a list = one grid axis
 FLOAT_KEYS = ("lr", "weight_decay", "train_fraction", "warmup_epochs", "warmup_factor", "gamma", "clip")
@@ -292,13 +293,14 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, say: Callable[[str], N
     with dask_client(cfg, threads) as client:
         failed = train_all(pending, client, threads, progress and client is None, say) if pending else {}
     rows = write_results([v.cfg.out for v in variants if is_finished(v.cfg.out)], out)
+    plot_losses(rows, out / LOSS_PLOT)
     return {
         "out": str(out),
         "variants": len(variants),
         "skipped": len(variants) - len(pending),
         "trained": len(pending) - len(failed),
         "failed": failed,
-        "results": {k: str(out / f"results.{k}") for k in ("csv", "md", "png")},
+        "results": {k: str(out / f"results.{k}") for k in ("csv", "md", "png")} | {"losses": str(out / LOSS_PLOT)},
         "rows": rows,
     }
 
