@@ -34,6 +34,17 @@ def photos(n: int) -> list[np.ndarray]:
     return [np.asarray(Image.open(root / PHOTOS[k % len(PHOTOS)]).convert("RGB")) for k in range(n)]
 
 
+def photo_folder(root: Path, n: int, size: tuple[int, int] | None = None) -> Path:
+    """``root/all/<k>.jpg``: n photos (resized to ``size`` = (w, h) when given), as a ``--dataset folder`` root."""
+    from PIL import Image
+
+    (root / "all").mkdir(parents=True)
+    for k, img in enumerate(photos(n)):
+        pil = Image.fromarray(img)
+        (pil.resize(size) if size else pil).save(root / "all" / f"{k:04d}.jpg", quality=90)
+    return root
+
+
 def save(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "machine": platform.node(), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:], **payload}

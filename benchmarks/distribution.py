@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import photos, save, table  # noqa: E402
+from common import photo_folder, save, table  # noqa: E402
 
 from fcache.extract.runner import ExtractConfig, run_extract  # noqa: E402
 
@@ -53,12 +53,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="N of --cluster local:N")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="fcache-bench-"))
-    root = tmp / "images" / "all"
-    root.mkdir(parents=True)
-    from PIL import Image
-
-    for k, img in enumerate(photos(args.images)):
-        Image.fromarray(img).save(root / f"{k:04d}.jpg", quality=90)
+    photo_folder(tmp / "images", args.images)
     try:
         before = measure(args, tmp / "images", tmp / "a.zarr", "")
         cluster = measure(args, tmp / "images", tmp / "b.zarr", f"local:{args.workers}")

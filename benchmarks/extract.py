@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import photos, save, table  # noqa: E402
+from common import photo_folder, save, table  # noqa: E402
 
 from fcache.extract.backbones import build_backbone  # noqa: E402
 from fcache.extract.runner import ExtractConfig, run_extract  # noqa: E402
@@ -65,12 +65,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="fcache-bench-"))
-    root = tmp / "images" / "all"
-    root.mkdir(parents=True)
-    from PIL import Image
-
-    for k, img in enumerate(photos(args.images)):
-        Image.fromarray(img).save(root / f"{k:04d}.jpg", quality=90)
+    photo_folder(tmp / "images", args.images)
     rows = []
     try:
         for spec in args.sizes.split(","):

@@ -51,16 +51,12 @@ def tables() -> list[dict]:
 def extract() -> list[dict]:
     import tempfile
 
-    from common import photos
-    from PIL import Image
+    from common import photo_folder
 
     from extract import bare_images_per_s, pipeline
 
     tmp = Path(tempfile.mkdtemp(prefix="fcache-gpu-"))
-    root = tmp / "images" / "all"
-    root.mkdir(parents=True)
-    for k, img in enumerate(photos(48)):
-        Image.fromarray(img).resize((SIZE, SIZE * 3 // 4)).save(root / f"{k:04d}.jpg", quality=90)
+    photo_folder(tmp / "images", 48, size=(SIZE, SIZE * 3 // 4))
     bare = bare_images_per_s("swinv2-l", SIZE, 8, DEVICE, seconds=10)
     pipe = pipeline("swinv2-l", SIZE, 8, 8, DEVICE, tmp / "images", tmp / "s.zarr")
     timing = {k: v for k, v in pipe.items() if k.endswith("_s") and k != "images_per_s"}

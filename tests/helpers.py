@@ -99,3 +99,13 @@ def decoded(path: Path) -> dict[str, np.ndarray]:
     for lv in s.level_names:
         out[lv] = np.asarray(s.to_dask(lv).compute())
     return out
+
+
+def refused(r, *fragments: str) -> None:
+    """A CLI result refused as users should see it: exit code 2, one `Error: ` line holding ``fragments``, no traceback."""
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+    assert "Traceback" not in r.output
+    for f in fragments:
+        assert f in lines[0], lines[0]

@@ -14,19 +14,37 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner
-from media import coco_dataset, image_folder
 
 from fcache import store as fstore
 from fcache.cli import main
 from fcache.extract.runner import ExtractConfig, run_extract
 from fcache.extract.views import image_views, render
 from fcache.spec import Status, Targets
+from media import coco_dataset, image_folder
 
 BASE = dict(model="swinv2-t", random_init=True, input_size=128, shard_size=2, batch_size=3, num_workers=0, seed=0)
 
 
 def cfg(**kw) -> ExtractConfig:
     return ExtractConfig(**{**BASE, **kw})
+
+
+def folder_flags(root, *extra: str) -> list[str]:
+    """CLI flags for BASE's random-init SwinV2-T at 128 px over the folder ``root``, in process, on the CPU."""
+    return [
+        "--dataset",
+        "folder",
+        "--root",
+        str(root),
+        "--random-init",
+        "--input-size",
+        "128",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def all_arrays(path) -> dict[str, np.ndarray]:
@@ -96,23 +114,7 @@ def test_coco_targets_are_copied(tmp_path):
 
 
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path, folder):
-    args = [
-        "--dataset",
-        "folder",
-        "--root",
-        str(folder),
-        "--random-init",
-        "--input-size",
-        "128",
-        "--shard-size",
-        "1",
-        "--batch-size",
-        "1",
-        "--num-workers",
-        "0",
-        "--device",
-        "cpu",
-    ]
+    args = folder_flags(folder, "--shard-size", "1", "--batch-size", "1")
     ref = tmp_path / "ref.zarr"
     r = subprocess.run([sys.executable, "-m", "fcache", "extract", *args, "--out", str(ref), "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -135,24 +137,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, folder):
 def test_other_configuration_is_refused_then_overwritten(tmp_path, folder):
     out = tmp_path / "s.zarr"
     run_extract(cfg(dataset="folder", root=str(folder), out=str(out)))
-    base = [
-        "extract",
-        "--dataset",
-        "folder",
-        "--root",
-        str(folder),
-        "--random-init",
-        "--input-size",
-        "128",
-        "--num-workers",
-        "0",
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-        "--shard-size",
-        "2",
-    ]
+    base = ["extract", *folder_flags(folder, "--out", str(out), "--shard-size", "2")]
     r = CliRunner().invoke(main, [*base, "--dtype", "bf16"])
     assert r.exit_code == 2 and 'storage.dtype: "fp16" != "bf16"' in r.output and "--overwrite" in r.output
     assert fstore.open(out).manifest.storage.dtype == "fp16"
@@ -177,27 +162,7 @@ def test_bad_samples_are_skipped_or_stop_the_run(tmp_path, folder):
     errors = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
     assert {e["key"]: e["status"] for e in errors} == {"cats/broken.jpg": "empty_file", "dogs/noise.png": "decode_error"}
     fail = tmp_path / "f.zarr"
-    r = CliRunner().invoke(
-        main,
-        [
-            "extract",
-            "--dataset",
-            "folder",
-            "--root",
-            str(root),
-            "--random-init",
-            "--input-size",
-            "128",
-            "--num-workers",
-            "0",
-            "--device",
-            "cpu",
-            "--out",
-            str(fail),
-            "--on-error",
-            "fail",
-        ],
-    )
+    r = CliRunner().invoke(main, ["extract", *folder_flags(root, "--out", str(fail), "--on-error", "fail")])
     assert r.exit_code == 1 and "cats/broken.jpg" in r.output
     assert fstore.open(fail).status_counts().get("ok", 0) < 5
 
@@ -242,25 +207,7 @@ def test_plan_reports_sizes_and_giant_bytes(folder):
     assert p["bytes_per_sample"] == 2 * (512 * 256**2 + 1024 * 128**2 + 2048 * 64**2 + 4096 * 32**2)  # ~126 MB per image
     assert 125e6 < p["bytes_per_sample"] < 127e6 and p["total_bytes"] == 5 * p["bytes_per_sample"]
     assert p["gflops_per_image"] > 1000
-    r = CliRunner().invoke(
-        main,
-        [
-            "plan",
-            "--dataset",
-            "folder",
-            "--root",
-            str(folder),
-            "--random-init",
-            "--input-size",
-            "128",
-            "--num-workers",
-            "0",
-            "--device",
-            "cpu",
-            "--measure",
-            "2",
-        ],
-    )
+    r = CliRunner().invoke(main, ["plan", *folder_flags(folder, "--measure", "2")])
     assert r.exit_code == 0, r.output
     assert "compression ratio" in r.output and "measured on 2 samples" in r.output
 

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from fcache.cli import main
+from helpers import refused
 
 COLOURS = {"blue": (40, 60, 200), "green": (40, 170, 60), "red": (200, 40, 40)}  # class folders, sorted = label order
 SIZES = ((48, 32), (32, 48), (40, 40))  # (w, h): the padding of the 64 px canvas differs between images
@@ -55,14 +56,6 @@ def stores(tmp_path_factory):
 
 def train(store: Path, out: Path, *flags: str, task: str = "classification", head: str = "linear"):
     return CliRunner().invoke(main, ["train-head", "--store", str(store), "--task", task, "--head", head, "--out", str(out), *flags])
-
-
-def refused(r, *fragments):
-    assert r.exit_code == 2, r.output
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in r.output, r.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def test_linear_probe_learns_the_labels_the_features_carry(stores, tmp_path):

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from matplotlib.image import imread
-from test_train_cli import refused
 
 from fcache.cli import main
 from fcache.train_heads.results import load_rows
 from fcache.train_heads.runs_report import find_runs, loss_curves
+from helpers import refused
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,6 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from fcache.cli import main
+from helpers import refused
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = ["--iters", "1", "--batch-size", "2", "--num-workers", "0", "--device", "cpu"]
@@ -14,15 +15,6 @@ TINY = ["--iters", "1", "--batch-size", "2", "--num-workers", "0", "--device", "
 def train(store, out, head, *extra, task="segmentation"):
     args = ["train-head", "--task", task, "--store", str(store), "--out", str(out), "--head", head, *TINY, *extra]
     return CliRunner().invoke(main, args)
-
-
-def refused(r, *fragments):
-    assert r.exit_code == 2, r.output
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
-    assert "Traceback" not in r.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 @pytest.mark.parametrize(

@@ -12,11 +12,11 @@ import yaml
 from click.testing import CliRunner
 from matplotlib.image import imread
 from safetensors.torch import load_file
-from test_train_cli import refused
 
 from fcache.cli import main
 from fcache.train_heads.results import head_family, load_rows, markdown, training_seconds
 from fcache.train_heads.sweep import load_spec
+from helpers import refused
 
 FPN = "fpn:channels=8,rois=8,rpn_batch=8"
 BIFPN = "bifpn:channels=32,rois=8,rpn_batch=8,layers={}"

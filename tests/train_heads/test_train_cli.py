@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from dethelpers import LEVELS, build_detection_store
 
 from fcache.cli import main
+from helpers import refused
 
 TINY = ["--head", "fpn:channels=32,rois=8,rpn_batch=8", "--iters", "1", "--batch-size", "1", "--num-workers", "0", "--device", "cpu"]
 
@@ -19,15 +20,6 @@ def train(store, out, *extra, head=None):
     if head is not None:
         args[args.index("--head") + 1] = head
     return CliRunner().invoke(main, args)
-
-
-def refused(r, *fragments):
-    assert r.exit_code == 2, r.output
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
-    assert "Traceback" not in r.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

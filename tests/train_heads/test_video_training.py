@@ -26,6 +26,7 @@ from fcache.spec import Status
 from fcache.train_heads import TrainConfig
 from fcache.train_heads.run import prepare_training, training_data
 from fcache.train_heads.video import VideoTask
+from helpers import refused
 
 QUICK = ["--num-workers", "0", "--device", "cpu", "--json"]
 FIT = ["--batch-size", "16", "--lr", "1e-3", "--log-every", "50", *QUICK]
@@ -168,14 +169,6 @@ def test_damaged_videos_get_their_status_and_training_skips_them(damaged, tmp_pa
     r = CliRunner().invoke(main, [*args, "--iters", "1", "--batch-size", "2", *QUICK])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["train_samples"] == 3  # the whole clips and the partly decoded one
-
-
-def refused(r, *fragments):
-    assert r.exit_code == 2, r.output
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in r.output, r.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def test_refusals(motion, damaged, temporal_run, tmp_path):

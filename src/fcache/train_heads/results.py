@@ -161,18 +161,38 @@ def series(rows: Sequence[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]
     return {label: sorted(points.items()) for label, points in sorted(best.items())}
 
 
-def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Main metric (percent) against trainable parameters (log scale), one panel per task, one line per series."""
+def task_panels(rows: Sequence[dict[str, Any]], panel_width: float) -> tuple[Any, list[tuple[Any, str, list[dict[str, Any]]]]]:
+    """A matplotlib figure with one panel per task of ``rows``: (figure, [(axes, task, that task's rows)])."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     tasks = sorted({r["task"] for r in rows}) or ["(no runs)"]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        for label, points in series([r for r in rows if r["task"] == task]).items():
+    fig, axes = plt.subplots(1, len(tasks), figsize=(panel_width * len(tasks), 4.2), squeeze=False)
+    return fig, [(ax, task, [r for r in rows if r["task"] == task]) for ax, task in zip(axes[0], tasks, strict=True)]
+
+
+def save_figure(fig: Any, path: str | Path, legend_size: int) -> Path:
+    """Legends on the panels that have lines, then the figure written to ``path`` and closed."""
+    import matplotlib.pyplot as plt
+
+    for ax in fig.axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Main metric (percent) against trainable parameters (log scale), one panel per task, one line per series."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    fig, panels = task_panels(rows, 5.5)
+    for ax, task, mine in panels:
+        for label, points in series(mine).items():
             ax.plot([p / 1e6 for p, _ in points], [100 * v for _, v in points], marker="o", label=label)
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
@@ -182,12 +202,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
         ax.set_ylabel(MAIN_METRIC.get(task, "metric") + " (%)")
         ax.set_title(task)
         ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, legend_size=8)
 
 
 def write_results(runs: Iterable[str | Path], out: str | Path) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fcache.train_heads.results import CSV_NAME, MARKDOWN_NAME, PLOT_NAME, markdown, write_results
+from fcache.train_heads.results import CSV_NAME, MARKDOWN_NAME, PLOT_NAME, markdown, save_figure, task_panels, write_results
 from fcache.train_heads.rundir import CONFIG, RunDir
 
 LOSS_PLOT = "losses.png"
@@ -63,15 +63,8 @@ def _labels(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 def plot_losses(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Training loss against iteration, one panel per task, one line per run (log scale when it spans a decade)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = sorted({r["task"] for r in rows}) or ["(no runs)"]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        mine = [r for r in rows if r["task"] == task]
+    fig, panels = task_panels(rows, 6.5)
+    for ax, task, mine in panels:
         values: list[float] = []
         for row, label in zip(mine, _labels(mine), strict=True):
             points = loss_curves(row["run"])
@@ -83,12 +76,7 @@ def plot_losses(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
             ax.set_yscale("log")
         ax.set(xlabel="iteration", ylabel="training loss", title=task)
         ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, legend_size=7)
 
 
 def write_report(paths: Iterable[str | Path], out: str | Path) -> dict[str, Any]:
