@@ -18,8 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import photo_folder, save, table  # noqa: E402
-
-from fcache.extract.runner import ExtractConfig, run_extract  # noqa: E402
+from fcache.extract.driver import ExtractConfig, run_extract  # noqa: E402
 
 
 def measure(args: argparse.Namespace, root: Path, out: Path, cluster: str) -> dict[str, float]:

@@ -21,8 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import save, table  # noqa: E402
-
-from fcache.bench import BenchConfig, run_bench  # noqa: E402
+from fcache.apps.bench import BenchConfig, run_bench  # noqa: E402
 
 SIZE, DEVICE = 1024, "cuda"  # --smoke: 128 on the CPU, to check the script itself
 SKIP: set[str] = set()
@@ -52,7 +51,6 @@ def extract() -> list[dict]:
     import tempfile
 
     from common import photo_folder
-
     from extract import bare_images_per_s, pipeline
 
     tmp = Path(tempfile.mkdtemp(prefix="fcache-gpu-"))

@@ -26,14 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import save, table  # noqa: E402
-
-from fcache.demo import build_dataset  # noqa: E402
+from fcache.apps.demo import build_dataset  # noqa: E402
 from fcache.extract.backbones import build_backbone  # noqa: E402
-from fcache.extract.runner import ExtractConfig, run_extract  # noqa: E402
-from fcache.extract.work import SampleDataset  # noqa: E402
+from fcache.extract.driver import ExtractConfig, run_extract  # noqa: E402
+from fcache.extract.stages import SampleDataset  # noqa: E402
 from fcache.train_heads.config import TrainConfig  # noqa: E402
 from fcache.train_heads.loop import Collate, EpochItems, TrainBatches, make_optimizer, train_step  # noqa: E402
-from fcache.train_heads.run import prepare_training, training_data  # noqa: E402
+from fcache.train_heads.training import prepare_training, training_data  # noqa: E402
 
 
 def timed_steps(model, opt, task, batches, cfg, device, steps: int, before=None) -> float:  # noqa: ANN001

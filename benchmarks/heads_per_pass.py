@@ -24,13 +24,12 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import save, table  # noqa: E402
-
-from fcache.demo import build_dataset  # noqa: E402
-from fcache.extract.runner import ExtractConfig, run_extract  # noqa: E402
+from fcache.apps.demo import build_dataset  # noqa: E402
+from fcache.extract.driver import ExtractConfig, run_extract  # noqa: E402
 from fcache.train_heads.config import TrainConfig  # noqa: E402
 from fcache.train_heads.loop import Collate, EpochItems, TrainBatches  # noqa: E402
 from fcache.train_heads.multihead import run_train_heads  # noqa: E402
-from fcache.train_heads.run import prepare_training, run_train, training_data  # noqa: E402
+from fcache.train_heads.training import prepare_training, run_train, training_data  # noqa: E402
 
 SMALL = "channels=64,rois=64,rpn_batch=64"
 HEADS = f"fpn:{SMALL};bifpn:layers=1,{SMALL};bifpn:layers=3,{SMALL}"

@@ -19,7 +19,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import photos, save, table  # noqa: E402
-
 from fcache import store as fstore  # noqa: E402
 from fcache.spec import GEOMETRY_FIELDS, BackboneInfo, DatasetInfo, LevelSpec, Manifest, Preprocessing, StorageSpec, keys_digest  # noqa: E402
 from fcache.store.encoding import STORED_DTYPES  # noqa: E402

@@ -23,9 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import photos, save, table  # noqa: E402
-
 from extract import bare_images_per_s  # noqa: E402
-from fcache.extract.runner import ExtractConfig, run_extract  # noqa: E402
+from fcache.extract.driver import ExtractConfig, run_extract  # noqa: E402
 from fcache.spec import Geometry, LevelSpec  # noqa: E402
 from fcache.train_heads.config import TrainConfig  # noqa: E402
 from fcache.train_heads.loop import Batch, make_optimizer, trainable_parameters  # noqa: E402

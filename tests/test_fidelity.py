@@ -11,12 +11,12 @@ import dataclasses
 import pytest
 import torch
 
-from fcache.extract.runner import ExtractConfig, run_extract
-from fcache.online import OnlineFeatures
+from fcache.extract.driver import ExtractConfig, run_extract
+from fcache.extract.online import OnlineFeatures
 from fcache.train_heads.config import TrainConfig
 from fcache.train_heads.loop import train
-from fcache.train_heads.run import prepare_training, training_data
-from fcache.train_heads.rundir import RunDir
+from fcache.train_heads.runfolder import RunDir
+from fcache.train_heads.training import prepare_training, training_data
 from media import coco_dataset
 
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from fcache.common.errors import StoreError
 from fcache.spec import GEOMETRY_FIELDS, Geometry, LevelSpec, Manifest, level_name
 from helpers import make_manifest
 
@@ -60,5 +61,5 @@ def test_fingerprint_ignores_paths_but_not_bytes():
 
 def test_unknown_format_version_is_refused():
     m, _ = make_manifest()
-    with pytest.raises(ValueError, match="format version 2 is not supported"):
+    with pytest.raises(StoreError, match="format version 2 is not supported"):
         Manifest.from_dict({**m.to_dict(), "format_version": 2})

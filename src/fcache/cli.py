@@ -23,14 +23,15 @@ class UserError(click.ClickException):
 
 
 def user_errors(fn: F) -> F:
-    """Turn the errors fcache raises for users into one clear line and exit code 2."""
-    from fcache.store import StoreError
+    """Turn a user's mistake (an ``FcacheError``) into one clear line and exit code 2; bugs keep their traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from fcache.common.errors import FcacheError
+
         try:
             return fn(*args, **kwargs)
-        except (StoreError, ValueError, FileNotFoundError) as e:
+        except FcacheError as e:
             raise UserError(str(e)) from None
         except OSError as e:
             if e.errno == errno.ENOSPC:
@@ -56,7 +57,7 @@ def main() -> None:
 @user_errors
 def info(store: str, as_json: bool) -> None:
     """Show what STORE holds: manifest, levels and shapes, bytes on disk, compression, statuses, int8 error."""
-    from fcache.store.summary import describe, format_info
+    from fcache.store.info import describe, format_info
 
     d = describe(store)
     click.echo(json.dumps(d, indent=1) if as_json else format_info(d))
@@ -202,7 +203,7 @@ def _cuda() -> bool:
 
 def _extract_config(out: str, overwrite: bool, kw: dict[str, Any]) -> Any:
     from fcache.extract.backbones import iter_levels
-    from fcache.extract.runner import ExtractConfig
+    from fcache.extract.driver import ExtractConfig
 
     return ExtractConfig(
         out=out,
@@ -256,7 +257,8 @@ def extract(out: str, overwrite: bool, as_json: bool, cluster: str, scheduler: s
     """
     import dataclasses
 
-    from fcache.extract.runner import SampleFailed, run_extract, summary_lines
+    from fcache.common.errors import SampleFailed
+    from fcache.extract.driver import run_extract, summary_lines
 
     cfg = dataclasses.replace(_extract_config(out, overwrite, kw), cluster=cluster, scheduler=scheduler)
     try:
@@ -374,10 +376,10 @@ def train_head(
     if trained alone. One head on many GPUs: torchrun --nproc-per-node K -m fcache train-head ...
     """
     from fcache.train_heads.config import TrainConfig, hyper_parameters
+    from fcache.train_heads.console import format_train_summary
     from fcache.train_heads.distributed import is_main_process
     from fcache.train_heads.multihead import run_train_heads
-    from fcache.train_heads.report import format_train_summary
-    from fcache.train_heads.run import run_train, task_defaults
+    from fcache.train_heads.training import run_train, task_defaults
 
     given = {"batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "schedule": schedule, "steps": steps}
     given |= {"warmup": warmup, "warmup_epochs": warmup_epochs}
@@ -427,8 +429,8 @@ def eval_run(run: str, store: str, batch_size: int, num_workers: int, device: st
     into RUN/predictions.jsonl.
     """
     from fcache.train_heads.config import EvalConfig
-    from fcache.train_heads.report import format_eval
-    from fcache.train_heads.run import run_eval
+    from fcache.train_heads.console import format_eval
+    from fcache.train_heads.training import run_eval
 
     summary = run_eval(
         EvalConfig(run=run, store=store, batch_size=batch_size, num_workers=num_workers, device=device), progress=not as_json
@@ -451,7 +453,7 @@ def sweep(spec: str, cluster: str, scheduler: str, out: str, as_json: bool) -> N
     parameters, one series per head family: the paper's Figures 1 and 4) and losses.png (training loss per
     variant). Exit code 1 if a variant failed.
     """
-    from fcache.train_heads.sweep import SweepConfig, format_sweep, run_sweep
+    from fcache.train_heads.analysis.sweep import SweepConfig, format_sweep, run_sweep
 
     summary = run_sweep(SweepConfig(spec=spec, out=out, cluster=cluster, scheduler=scheduler), progress=not as_json)
     click.echo(json.dumps(summary, indent=1) if as_json else format_sweep(summary))
@@ -470,7 +472,7 @@ def report(runs: tuple[str, ...], out: str, as_json: bool) -> None:
     its last evaluation, training time), results.png (the task's main metric against trainable parameters, one
     line per head family), losses.png (training loss curves, one line per run) and report.md showing them all.
     """
-    from fcache.train_heads.runs_report import format_report, write_report
+    from fcache.train_heads.analysis.report import format_report, write_report
 
     summary = write_report(runs, out)
     click.echo(json.dumps(summary, indent=1) if as_json else format_report(summary))
@@ -493,7 +495,7 @@ def demo(out: str, iters: int, train_images: int, val_images: int, as_json: bool
     R-CNN head trains from the store; pycocotools scores it against the untrained head. The report
     (metrics.json, loss.png, predictions.png) is written to OUT/report.
     """
-    from fcache.demo import DemoConfig, run_demo, summary_lines
+    from fcache.apps.demo import DemoConfig, run_demo, summary_lines
 
     cfg = DemoConfig(out=out, iters=iters, train_images=train_images, val_images=val_images)
     metrics = run_demo(cfg, say=lambda m: click.echo(m, err=True))
@@ -516,7 +518,7 @@ def cka(run: str, store: str, samples: int, batch_size: int, out: str, device: s
     fpn-res residual blocks); for a cascade head: every stage's RoI features and hidden layers.
     Writes a labelled heatmap (cka.png) and the matrices (cka.json).
     """
-    from fcache.train_heads.cka import CkaConfig, run_cka
+    from fcache.train_heads.analysis.cka import CkaConfig, run_cka
 
     result = run_cka(CkaConfig(run=run, store=store, samples=samples, batch_size=batch_size, out=out, device=device), progress=not as_json)
     if as_json:
@@ -548,7 +550,7 @@ def bench(model: str, input_size: int, batch_size: int, head: str, steps: int, d
     Each setting runs in its own process. With --features-only (e.g. --model swinv2-g --input-size 1024
     --batch-size 8 --head bifpn:layers=5) only the from-store row is measured, without any weights.
     """
-    from fcache.bench import BenchConfig, format_rows, run_bench
+    from fcache.apps.bench import BenchConfig, format_rows, run_bench
 
     cfg = BenchConfig(model=model, input_size=input_size, batch_size=batch_size, head=head, steps=steps, device=device,
                       features_only=features_only, num_workers=num_workers)  # fmt: skip

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from fcache import __version__
+from fcache.common.errors import StoreError
 
 FORMAT_VERSION = 1
 
@@ -393,7 +394,7 @@ class Manifest:
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
         version = int(d.get("format_version", -1))
         if version != FORMAT_VERSION:
-            raise ValueError(
+            raise StoreError(
                 f"store format version {version} is not supported (this fcache reads version {FORMAT_VERSION}); "
                 "re-extract the store with this fcache version"
             )

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from corpus import encode, photo, with_exif_orientation
 
+from fcache.common.errors import MetadataError
 from fcache.extract.sources import build_source
 from fcache.extract.sources.ade20k import ADE20K_CLASSES, Ade20kSource
-from fcache.extract.sources.base import MetadataError, SampleError
+from fcache.extract.sources.base import SampleError
 from fcache.spec import Status, Targets
 
 SPLIT = "training"

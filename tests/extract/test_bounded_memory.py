@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from fcache.extract import runner
-from fcache.extract.runner import ExtractConfig, run_extract
+from fcache.extract import driver as runner
+from fcache.extract.driver import ExtractConfig, run_extract
 from media import image_folder
 
 

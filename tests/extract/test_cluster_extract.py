@@ -19,12 +19,12 @@ from hanging import HangingFolder
 
 from fcache import store as fstore
 from fcache.cli import main
-from fcache.dask_local import THREAD_VARS
-from fcache.extract import runner
+from fcache.common.cluster import THREAD_VARS
+from fcache.extract import driver as runner
 from fcache.extract.cluster import ClusterTarget, parse_target, worker_device
+from fcache.extract.driver import ExtractConfig, run_extract
 from fcache.extract.isolate import DecodePool
-from fcache.extract.runner import ExtractConfig, run_extract
-from fcache.extract.work import load_sample
+from fcache.extract.stages import load_sample
 from fcache.spec import Status
 from fcache.store import layout
 from fcache.store.lease import DriverLease, is_stale

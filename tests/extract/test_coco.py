@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from corpus import encode, photo, with_exif_orientation
 
+from fcache.common.errors import MetadataError
 from fcache.extract.sources import build_source
-from fcache.extract.sources.base import MetadataError, SampleError
+from fcache.extract.sources.base import SampleError
 from fcache.extract.sources.coco import CocoSource
 from fcache.spec import Status, Targets
 

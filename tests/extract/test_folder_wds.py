@@ -12,8 +12,9 @@ import pytest
 import webdataset as wds
 from corpus import encode, photo
 
+from fcache.common.errors import MetadataError
 from fcache.extract.sources import SOURCES, build_source
-from fcache.extract.sources.base import MetadataError, SampleError
+from fcache.extract.sources.base import SampleError
 from fcache.extract.sources.folder import FolderSource
 from fcache.extract.sources.wds import WdsSource
 from fcache.spec import Status, Targets

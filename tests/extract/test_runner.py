@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from fcache import store as fstore
 from fcache.cli import main
-from fcache.extract.runner import ExtractConfig, run_extract
+from fcache.extract.driver import ExtractConfig, run_extract
 from fcache.extract.views import image_views, render
 from fcache.spec import Status, Targets
 from media import coco_dataset, image_folder

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from corpus import frame_ids, video
 
+from fcache.common.errors import MetadataError
 from fcache.extract.decode import clip_indices
 from fcache.extract.sources import build_source
-from fcache.extract.sources.base import MetadataError, SampleError
+from fcache.extract.sources.base import SampleError
 from fcache.extract.sources.video import VideoSource
 from fcache.spec import Status, Targets
 

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from fcache.cli import main
+from fcache.common.errors import DivergedError
 from fcache.train_heads import TrainConfig, run_train
 from fcache.train_heads.detection.task import DetectionTask
-from fcache.train_heads.loop import DivergedError
 from fcache.train_heads.multihead import folder_name, run_train_heads
 from helpers import refused
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fcache.spec import Geometry, LevelSpec
-from fcache.train_heads.run import task_defaults
 from fcache.train_heads.segmentation import HEADS, Mask2Former, UPerNet, parse_segmentation_head, train_defaults
+from fcache.train_heads.training import task_defaults
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LEVELS = (LevelSpec("p2", 8, 4), LevelSpec("p3", 16, 8), LevelSpec("p4", 24, 16), LevelSpec("p5", 40, 32))

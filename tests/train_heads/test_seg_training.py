@@ -12,10 +12,10 @@ from seghelpers import PHOTOS
 
 from fcache import store as fstore
 from fcache.cli import main
-from fcache.online import OnlineFeatures
+from fcache.extract.online import OnlineFeatures
 from fcache.train_heads import RunDir, TrainConfig, run_train, train
-from fcache.train_heads.run import prepare_training, training_data
 from fcache.train_heads.segmentation.task import SEGMENTATION_JSON
+from fcache.train_heads.training import prepare_training, training_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUICK = ["--num-workers", "0", "--device", "cpu", "--json"]

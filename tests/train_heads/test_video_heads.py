@@ -8,7 +8,7 @@ from timm.layers import DropPath
 
 from fcache.spec import LevelSpec
 from fcache.train_heads.config import TrainConfig, hyper_parameters
-from fcache.train_heads.run import task_defaults
+from fcache.train_heads.training import task_defaults
 from fcache.train_heads.video import GlobalHead, TemporalHead, VideoLinear, VideoTask, parse_video_head
 
 B, T, C, H, W, K = 2, 4, 8, 2, 2, 3

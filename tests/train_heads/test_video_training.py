@@ -24,7 +24,7 @@ from fcache import store as fstore
 from fcache.cli import main
 from fcache.spec import Status
 from fcache.train_heads import TrainConfig
-from fcache.train_heads.run import prepare_training, training_data
+from fcache.train_heads.training import prepare_training, training_data
 from fcache.train_heads.video import VideoTask
 from helpers import refused
 

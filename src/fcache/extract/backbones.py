@@ -15,6 +15,7 @@ import timm
 import torch
 from timm.models._features import FeatureListNet
 
+from fcache.common.errors import InputError
 from fcache.spec import BackboneInfo, LevelSpec, level_name
 from fcache.store.layout import sha256_file
 
@@ -60,7 +61,7 @@ def resolve(model: str) -> tuple[str, str]:
         return model, ALIASES[model]
     base = model.split(".")[0]
     if not timm.is_model(base):
-        raise ValueError(f"unknown model {model!r}: use one of {', '.join(ALIASES)} or a timm model name (see timm.list_models())")
+        raise InputError(f"unknown model {model!r}: use one of {', '.join(ALIASES)} or a timm model name (see timm.list_models())")
     return model, model
 
 
@@ -84,9 +85,9 @@ def build_backbone(
     """
     alias, timm_name = resolve(model)
     if weights and random_init:
-        raise ValueError("--weights and --random-init exclude each other; give one")
+        raise InputError("--weights and --random-init exclude each other; give one")
     if alias in UNPUBLISHED and not (weights or random_init or meta):
-        raise ValueError(f"{alias} weights were never published: pass --weights FILE with your checkpoint, or --random-init")
+        raise InputError(f"{alias} weights were never published: pass --weights FILE with your checkpoint, or --random-init")
     pretrained = not (weights or random_init or meta)
     torch.manual_seed(seed)
     with torch.device("meta") if meta else contextlib.nullcontext():
@@ -114,11 +115,11 @@ def _create(timm_name: str, input_size: int, pretrained: bool) -> torch.nn.Modul
                 return timm.create_model(timm_name, pretrained=pretrained, **kwargs)
             except TypeError:  # the model has no such argument (convnets have no img_size)
                 continue
-        raise ValueError(f"timm cannot create {timm_name}")
+        raise InputError(f"timm cannot create {timm_name}")
     except (OSError, RuntimeError) as e:
         if not pretrained:
             raise
-        raise ValueError(
+        raise InputError(
             f"could not load timm's pretrained weights for {timm_name} ({type(e).__name__}: {e}); "
             "without network access pass --weights FILE, or --random-init for a random backbone"
         ) from e
@@ -131,7 +132,7 @@ def _features(full: torch.nn.Module, levels: Sequence[str] | None) -> tuple[Feat
     wanted = list(levels) if levels else [n for n in ("p2", "p3", "p4", "p5") if n in by_name]
     missing = [n for n in wanted if n not in by_name]
     if missing:
-        raise ValueError(f"the model has no level {', '.join(missing)}; it offers {', '.join(sorted(by_name))}")
+        raise InputError(f"the model has no level {', '.join(missing)}; it offers {', '.join(sorted(by_name))}")
     order = sorted(wanted, key=lambda n: by_name[n])
     indices = tuple(by_name[n] for n in order)
     specs = tuple(LevelSpec(n, int(info[by_name[n]]["num_chs"]), int(info[by_name[n]]["reduction"])) for n in order)
@@ -171,7 +172,7 @@ def load_weights(model: torch.nn.Module, path: str) -> str:
             for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
             if keys
         ]
-        raise ValueError(f"weights {p} do not fit {type(model).__name__}: " + "; ".join(parts))
+        raise InputError(f"weights {p} do not fit {type(model).__name__}: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
     return sha256_file(p)
 
@@ -184,13 +185,13 @@ def _read_checkpoint(p: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)  # never full unpickling
     except Exception as e:
-        raise ValueError(f"cannot read {p} as a safetensors or torch weights-only checkpoint ({e})") from e
+        raise InputError(f"cannot read {p} as a safetensors or torch weights-only checkpoint ({e})") from e
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{p} holds no state dict of tensors")
+        raise InputError(f"{p} holds no state dict of tensors")
     return obj
 
 
@@ -202,5 +203,5 @@ def iter_levels(names: str) -> Iterator[str]:
     """Parse ``p2,p3,p4,p5`` into level names, validated."""
     for n in (x.strip() for x in names.split(",") if x.strip()):
         if n not in ("p2", "p3", "p4", "p5", "p6"):
-            raise ValueError(f"unknown level {n!r}; levels are p2, p3, p4, p5 (strides 4 to 32)")
+            raise InputError(f"unknown level {n!r}; levels are p2, p3, p4, p5 (strides 4 to 32)")
         yield n

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from fcache.common.errors import InputError
+
 SCHEMES = ("tcp://", "tls://")
 WORKER_WAIT_S = 60.0
 THREADS_PER_WORKER = 2  # one unit decodes + runs the backbone while the previous one is written
@@ -39,25 +41,25 @@ def parse_target(cluster: str, scheduler: str, device: str) -> ClusterTarget | N
         ValueError: both flags, a malformed value, or more local workers than GPUs on CUDA.
     """
     if cluster and scheduler:
-        raise ValueError("--cluster and --scheduler exclude each other: start a local cluster or join a running one")
+        raise InputError("--cluster and --scheduler exclude each other: start a local cluster or join a running one")
     if scheduler:
         if not scheduler.startswith(SCHEMES) or not scheduler.split("://", 1)[1]:
-            raise ValueError(f"--scheduler {scheduler}: give the address as tcp://HOST:PORT (or tls://HOST:PORT, TLS set in dask's config)")
+            raise InputError(f"--scheduler {scheduler}: give the address as tcp://HOST:PORT (or tls://HOST:PORT, TLS set in dask's config)")
         return ClusterTarget(scheduler=scheduler)
     if not cluster:
         return None
     kind, _, count = cluster.partition(":")
     if kind != "local" or (count and not count.isdigit()):
-        raise ValueError(f"--cluster {cluster}: use local:N (N worker processes) or local (one per GPU, or per 2 CPU cores)")
+        raise InputError(f"--cluster {cluster}: use local:N (N worker processes) or local (one per GPU, or per 2 CPU cores)")
     cuda = device.startswith("cuda")
     gpus = _cuda_devices() if cuda else 0
     n = int(count) if count else (gpus if cuda else max(1, (os.cpu_count() or 2) // 2))
     if n < 1:
-        raise ValueError(f"--cluster {cluster}: needs at least one worker" + (" (no CUDA device is visible)" if cuda else ""))
+        raise InputError(f"--cluster {cluster}: needs at least one worker" + (" (no CUDA device is visible)" if cuda else ""))
     if cuda and device != "cuda":
-        raise ValueError(f"--device {device} with --cluster: use --device cuda, and each local worker gets its own GPU")
+        raise InputError(f"--device {device} with --cluster: use --device cuda, and each local worker gets its own GPU")
     if cuda and n > gpus:
-        raise ValueError(f"--cluster {cluster}: {n} workers but {gpus} visible GPU(s); use local:{gpus} (one worker per GPU)")
+        raise InputError(f"--cluster {cluster}: {n} workers but {gpus} visible GPU(s); use local:{gpus} (one worker per GPU)")
     return ClusterTarget(local=n, gpus=cuda)
 
 
@@ -82,7 +84,7 @@ def connect(target: ClusterTarget) -> Iterator[Any]:
     """
     from distributed import Client
 
-    from fcache.dask_local import local_cluster
+    from fcache.common.cluster import local_cluster
 
     if target.local:
         with local_cluster(target.local, THREADS_PER_WORKER, worker_threads(target) or 1) as client:
@@ -91,7 +93,7 @@ def connect(target: ClusterTarget) -> Iterator[Any]:
     try:
         client = Client(target.scheduler, timeout=f"{WORKER_WAIT_S:.0f}s")
     except (OSError, TimeoutError) as e:
-        raise ValueError(
+        raise InputError(
             f"cannot reach the dask scheduler at {target.scheduler} ({e}); check --scheduler and that the scheduler runs "
             "(TLS: set distributed.comm.tls.* in dask's config)"
         ) from None
@@ -99,7 +101,7 @@ def connect(target: ClusterTarget) -> Iterator[Any]:
         try:
             client.wait_for_workers(1, timeout=WORKER_WAIT_S)
         except (OSError, TimeoutError):
-            raise ValueError(
+            raise InputError(
                 f"no dask worker joined the scheduler at {target.scheduler} within {WORKER_WAIT_S:.0f}s; "
                 f"start some (e.g. `dask worker {target.scheduler}`) and rerun"
             ) from None

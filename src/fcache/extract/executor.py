@@ -23,16 +23,17 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from distributed import WorkerPlugin, as_completed, get_worker
 
+from fcache.common.errors import FcacheError, InputError, SampleFailed, StoreError
 from fcache.extract.backbones import Backbone
 from fcache.extract.cluster import ClusterTarget, connect, worker_device, worker_threads
 from fcache.extract.isolate import DecodePool
 from fcache.extract.rebuild import backbone_of
 from fcache.extract.sources.base import SampleRef, Source
-from fcache.extract.work import Batcher, SampleFailed, UnitAssembler, check_sample
-from fcache.store import StoreError, StoreWriter, Unit, layout
+from fcache.extract.stages import Batcher, UnitAssembler, check_sample
+from fcache.store import StoreWriter, Unit, layout
 
 if TYPE_CHECKING:
-    from fcache.extract.runner import ExtractConfig
+    from fcache.extract.driver import ExtractConfig
 
 RETRIES = 2  # a task that raises runs at most twice more; one whose worker died is rescheduled by dask itself
 UNITS_PER_WORKER = 2  # units in flight in one worker process (bounds its memory whatever its thread count)
@@ -110,7 +111,7 @@ class UnitWorkers(WorkerPlugin):
                     torch.cuda.set_device(self.device)  # this worker's GPU is also its current device
                 bb = backbone_of(manifest, weights=self.job.weights, device=self.device)
                 if bb.info.to_dict() != manifest.backbone.to_dict():
-                    raise ValueError(f"worker {socket.gethostname()} built another backbone than the store's; give it the same --weights")
+                    raise InputError(f"worker {socket.gethostname()} built another backbone than the store's; give it the same --weights")
                 self._backbone = bb
             return self._backbone
 
@@ -140,7 +141,7 @@ def run_unit(plugin: str, unit: Unit, refs: list[SampleRef]) -> UnitOutcome:
             return UnitOutcome(unit.index, len(unit), bytes=sum(f["size"] for f in files))
         with workers.slots:
             return _extract_unit(workers, unit, refs)
-    except (ValueError, StoreError) as e:  # deterministic: a retry would fail alike
+    except (FcacheError, ValueError) as e:  # deterministic: a retry would fail alike
         return UnitOutcome(unit.index, len(unit), error=e)
 
 

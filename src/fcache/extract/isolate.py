@@ -30,7 +30,7 @@ import cloudpickle
 import torch
 
 from fcache.extract.sources.base import SampleRef, Source
-from fcache.extract.work import failed_sample, load_sample
+from fcache.extract.stages import failed_sample, load_sample
 from fcache.spec import Manifest, Status
 
 START_TIMEOUT_S = 300.0  # a child imports torch and unpickles the source before it is ready

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fcache.extract.runner import ExtractConfig, prepare, run_extract
+from fcache.extract.driver import ExtractConfig, prepare, run_extract
 from fcache.store.encoding import STORED_DTYPES
-from fcache.store.summary import human
+from fcache.store.info import human
 
 
 def plan(cfg: ExtractConfig, *, measure: int = 4, no_run: bool = False, assume_tflops: float = 100.0) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fcache.common.errors import InputError
 from fcache.extract.backbones import RANDOM_INIT, Backbone, build_backbone
 from fcache.extract.sources import build_source
 from fcache.extract.sources.base import SampleRef, Source
@@ -32,7 +33,7 @@ def rebuild(manifest: Manifest, keys: list[str], *, weights: str = "", device: s
     source = build_source(ds.kind, ds.root, annotations=ds.annotations or None, split=ds.split, frames=pre.frames or 16, clips=pre.clips)
     refs = source.samples()
     if [r.key for r in refs[: len(keys)]] != list(keys):
-        raise ValueError(f"the dataset at {ds.root} no longer lists the samples the store holds; the original data is needed")
+        raise InputError(f"the dataset at {ds.root} no longer lists the samples the store holds; the original data is needed")
     return Rebuilt(source, refs[: len(keys)], backbone)
 
 
@@ -45,7 +46,7 @@ def backbone_of(manifest: Manifest, *, weights: str = "", device: str = "cpu") -
     bb, pre = manifest.backbone, manifest.preprocessing
     from_file = bb.weights != RANDOM_INIT and not bb.weights.startswith("timm:")
     if from_file and not weights:
-        raise ValueError(f"the store was extracted from a weights file (sha256 {bb.weights[:12]}...); pass the same file with --weights")
+        raise InputError(f"the store was extracted from a weights file (sha256 {bb.weights[:12]}...); pass the same file with --weights")
     backbone = build_backbone(
         bb.alias,
         input_size=bb.input_size,
@@ -56,5 +57,5 @@ def backbone_of(manifest: Manifest, *, weights: str = "", device: str = "cpu") -
         device=device,
     )
     if from_file and backbone.info.weights != bb.weights:
-        raise ValueError(f"--weights {weights} is not the file the store was extracted with (its sha256 differs)")
+        raise InputError(f"--weights {weights} is not the file the store was extracted with (its sha256 differs)")
     return backbone

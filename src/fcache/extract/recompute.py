@@ -11,7 +11,7 @@ import numpy as np
 
 from fcache import store as fstore
 from fcache.extract.rebuild import rebuild
-from fcache.extract.work import SampleDataset
+from fcache.extract.stages import SampleDataset
 from fcache.spec import Status
 from fcache.store import Problem
 

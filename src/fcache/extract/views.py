@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fcache.common.errors import InputError
 from fcache.spec import Geometry, Preprocessing
 
 MS_SCALES = (0.5, 0.75)
@@ -27,7 +28,7 @@ def expand_test_views(tokens: tuple[str, ...]) -> tuple[str, ...]:
     """``("flip", "ms")`` -> the named test views stored after the training views."""
     unknown = set(tokens) - {"flip", "ms"}
     if unknown:
-        raise ValueError(f"unknown test view(s) {', '.join(sorted(unknown))}; use flip and/or ms")
+        raise InputError(f"unknown test view(s) {', '.join(sorted(unknown))}; use flip and/or ms")
     names = ["flip"] if "flip" in tokens else []
     for s in MS_SCALES if "ms" in tokens else ():
         names.append(f"s{s}")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fcache.store.encoding import Fp16OverflowError
-from fcache.store.layout import CorruptStoreError, StoreError, Unit
+from fcache.common.errors import CorruptStoreError, Fp16OverflowError, StoreError
+from fcache.store.info import describe
+from fcache.store.layout import Unit
 from fcache.store.reader import FeatureDataset, FeatureStore
 from fcache.store.reader import open_store as open
-from fcache.store.summary import describe
 from fcache.store.verify import Problem, VerifyReport, verify
 from fcache.store.writer import StoreWriter, TargetSpec, create
 

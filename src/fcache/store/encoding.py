@@ -15,6 +15,8 @@ import torch
 from zarr.abc.codec import BytesBytesCodec
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
+from fcache.common.errors import Fp16OverflowError, InputError
+
 FP16_MAX = float(np.finfo(np.float16).max)
 
 # stored numpy dtype of each feature dtype; bf16 is kept as its raw 16 bits
@@ -24,10 +26,6 @@ STORED_DTYPES: dict[str, np.dtype] = {
     "int8": np.dtype("int8"),
     "fp32": np.dtype("float32"),
 }
-
-
-class Fp16OverflowError(ValueError):
-    """Features exceed float16's range; the run must switch dtype."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +46,7 @@ class Encoded:
 
 def check_dtype(dtype: str) -> str:
     if dtype not in STORED_DTYPES:
-        raise ValueError(f"unknown feature dtype {dtype!r}; choose one of {', '.join(STORED_DTYPES)}")
+        raise InputError(f"unknown feature dtype {dtype!r}; choose one of {', '.join(STORED_DTYPES)}")
     return dtype
 
 
@@ -65,7 +63,7 @@ def encode(x: np.ndarray | torch.Tensor, dtype: str, level: str = "") -> Encoded
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) if isinstance(x, np.ndarray) else x.float().contiguous()
     lo, hi = (float(v) for v in torch.aminmax(t))  # one pass; NaN and Inf propagate
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"features of level {level or '?'} contain NaN or Inf; the backbone output is broken")
+        raise InputError(f"features of level {level or '?'} contain NaN or Inf; the backbone output is broken")
     peak = max(-lo, hi)
     if dtype == "fp16" and peak > FP16_MAX:
         raise Fp16OverflowError(
@@ -133,11 +131,11 @@ def parse_codec(spec: str) -> tuple[str, int]:
     name, _, level = spec.partition(":")
     defaults = {"zstd": 1, "lz4": 5, "none": 0}
     if name not in defaults or (level and name != "zstd"):
-        raise ValueError(f"unknown codec {spec!r}; use zstd, zstd:LEVEL (1-9), lz4 or none")
+        raise InputError(f"unknown codec {spec!r}; use zstd, zstd:LEVEL (1-9), lz4 or none")
     if not level:
         return name, defaults[name]
     if not level.isdigit() or not 1 <= int(level) <= 9:
-        raise ValueError(f"zstd level must be 1..9, got {level!r} in codec {spec!r}")
+        raise InputError(f"zstd level must be 1..9, got {level!r} in codec {spec!r}")
     return name, int(level)
 
 

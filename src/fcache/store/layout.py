@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fcache.common.errors import CorruptStoreError
 from fcache.spec import Manifest
 
 MANIFEST_ATTR = "fcache"
@@ -26,14 +27,6 @@ TARGETS = "targets"
 LEDGER = "ledger"
 ERRORS = "errors.jsonl"
 TEMP_SUFFIX = ".partial"
-
-
-class StoreError(Exception):
-    """A store cannot be used as asked; the message says what to do."""
-
-
-class CorruptStoreError(StoreError):
-    """Bytes on disk do not match what was committed."""
 
 
 @dataclass(frozen=True)

@@ -21,16 +21,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from fcache.common.errors import LeaseHeld
 from fcache.store import layout
-from fcache.store.layout import StoreError
 
 LEASE_FILE = "driver.lease"
 LEASE_TIMEOUT_S = 1800.0
 HEARTBEAT_S = 60.0
-
-
-class LeaseHeld(StoreError):
-    """Another live driver holds the store's lease; the message names it and what to do."""
 
 
 class DriverLease:

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 import zarr
 
+from fcache.common.errors import CorruptStoreError, StoreError
 from fcache.spec import Geometry, LevelSpec, Manifest, Status
 from fcache.store import layout
 from fcache.store.encoding import decode
-from fcache.store.layout import CorruptStoreError, StoreError
 
 
 def open_store(path: str | Path) -> FeatureStore:

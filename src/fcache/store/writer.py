@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 import zarr
 
+from fcache.common.errors import StoreError
 from fcache.spec import GEOMETRY_FIELDS, Manifest, Status, keys_digest
 from fcache.store import layout
 from fcache.store.encoding import STORED_DTYPES, Encoded, chunk_codecs, encode
-from fcache.store.layout import StoreError, Unit
+from fcache.store.layout import Unit
 
 WRITE_CONFIG: Any = {"write_empty_chunks": True}
 LOCK_TIMEOUT_S = 600.0

@@ -6,9 +6,9 @@ from __future__ import annotations
 from fcache.train_heads.config import EvalConfig, TrainConfig
 from fcache.train_heads.headspec import HeadSpec, Param, parse_head
 from fcache.train_heads.loop import Batch, Task, TrainResult, build_model, evaluate, train
-from fcache.train_heads.run import TASKS, prepare_training, run_eval, run_train, task_defaults, training_data
-from fcache.train_heads.rundir import RunDir
+from fcache.train_heads.runfolder import RunDir
 from fcache.train_heads.schedule import get_lr
+from fcache.train_heads.training import TASKS, prepare_training, run_eval, run_train, task_defaults, training_data
 
 __all__ = [
     "TASKS",

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fcache.common.errors import InputError
+
 SCHEDULES = ("step", "cosine", "linear")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -71,7 +73,7 @@ class TrainConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise InputError(message)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,7 +108,7 @@ def hyper_parameters(defaults: Mapping[str, Any], given: Mapping[str, Any]) -> d
     """
     chosen = {k: v for k, v in given.items() if v is not None}
     if all(k in chosen for k in WARMUP_FIELDS):
-        raise ValueError("give --warmup (iterations) or --warmup-epochs, not both")
+        raise InputError("give --warmup (iterations) or --warmup-epochs, not both")
     if any(k in chosen for k in WARMUP_FIELDS):
         defaults = {k: v for k, v in defaults.items() if k not in WARMUP_FIELDS}
     return {**defaults, **chosen}
@@ -124,9 +126,9 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1 (got {self.batch_size})")
+            raise InputError(f"--batch-size must be at least 1 (got {self.batch_size})")
         if self.device not in DEVICES:
-            raise ValueError(f"--device must be one of {', '.join(DEVICES)} (got {self.device!r})")
+            raise InputError(f"--device must be one of {', '.join(DEVICES)} (got {self.device!r})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -19,6 +19,8 @@ import torch.distributed as tdist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from fcache.common.errors import FcacheError, InputError
+
 T = TypeVar("T")
 
 
@@ -113,14 +115,14 @@ def on_main(fn: Callable[[], T], d: Dist) -> T | None:
     if d.is_main:
         try:
             result = fn()
-        except ValueError as e:
+        except FcacheError as e:
             message = str(e)
     if d.enabled:
         box = [message]
         tdist.broadcast_object_list(box, src=0)
         message = box[0]
     if message is not None:
-        raise ValueError(message)
+        raise InputError(message)
     return result
 
 
@@ -128,7 +130,7 @@ def own_rng(checkpoint: Mapping[str, Any], d: Dist) -> Any:
     """This rank's RNG state in ``checkpoint`` (``rng_ranks`` holds every rank's when several processes wrote it)."""
     states = checkpoint.get("rng_ranks") or [checkpoint["rng"]]
     if len(states) != d.world:
-        raise ValueError(
+        raise InputError(
             f"the checkpoint was written by {len(states)} training process(es) and this run has {d.world}; "
             f"resume with the same number (torchrun --nproc-per-node {len(states)}) to continue bit-exactly"
         )
@@ -138,7 +140,7 @@ def own_rng(checkpoint: Mapping[str, Any], d: Dist) -> Any:
 def check_batch(batch_size: int, d: Dist) -> None:
     """Every rank takes an equal slice of each global batch."""
     if batch_size % d.world:
-        raise ValueError(
+        raise InputError(
             f"--batch-size {batch_size} (the global batch) does not split evenly over {d.world} processes; use a multiple of {d.world}"
         )
 

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fcache.common.errors import InputError
 from fcache.spec import LEVEL_NAMES, LevelSpec
 
 
@@ -31,13 +32,13 @@ class Param:
             try:
                 value = int(text)
             except ValueError:
-                raise ValueError(f"head {head}: {key}={text!r} is not an integer (e.g. {key}={self.default})") from None
+                raise InputError(f"head {head}: {key}={text!r} is not an integer (e.g. {key}={self.default})") from None
             if value < self.minimum:
-                raise ValueError(f"head {head}: {key}={value} must be at least {self.minimum}")
+                raise InputError(f"head {head}: {key}={value} must be at least {self.minimum}")
             return value
         if self.kind == "choice":
             if text not in self.choices:
-                raise ValueError(f"head {head}: {key}={text!r} is not one of {', '.join(self.choices)}")
+                raise InputError(f"head {head}: {key}={text!r} is not one of {', '.join(self.choices)}")
             return text
         if self.kind == "levels":
             return _parse_levels(head, key, text)
@@ -45,9 +46,9 @@ class Param:
             try:
                 prob = float(text)
             except ValueError:
-                raise ValueError(f"head {head}: {key}={text!r} is not a number (e.g. {key}={self.default})") from None
+                raise InputError(f"head {head}: {key}={text!r} is not a number (e.g. {key}={self.default})") from None
             if not 0 <= prob < 1:
-                raise ValueError(f"head {head}: {key}={prob} must be in [0, 1)")
+                raise InputError(f"head {head}: {key}={prob} must be in [0, 1)")
             return prob
         raise AssertionError(f"unknown parameter kind {self.kind!r}")
 
@@ -59,7 +60,7 @@ def _parse_levels(head: str, key: str, text: str) -> str:
     known = set(LEVEL_NAMES.values())
     bad = [n for n in names if n not in known]
     if bad or len(set(names)) != len(names):
-        raise ValueError(f"head {head}: {key}={text!r} must be 'all' or distinct level names joined by '+', e.g. p3+p4+p5")
+        raise InputError(f"head {head}: {key}={text!r} must be 'all' or distinct level names joined by '+', e.g. p3+p4+p5")
     return "+".join(sorted(names))
 
 
@@ -88,12 +89,12 @@ def select_levels(head: HeadSpec, available: Sequence[LevelSpec], minimum: int =
     names = sorted(have, key=lambda n: have[n].stride) if wanted == "all" else wanted.split("+")
     missing = [n for n in names if n not in have]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"head {head.name} reads levels {', '.join(names)} but the store holds only {', '.join(have)}; "
             "pick levels=... among those, or extract the missing levels"
         )
     if len(names) < minimum:
-        raise ValueError(
+        raise InputError(
             f"head {head.name} needs at least {minimum} feature levels and gets only {', '.join(names)}; "
             "use a store extracted with several levels (e.g. --levels p2,p3,p4,p5)"
         )
@@ -109,18 +110,18 @@ def parse_head(text: str, table: Mapping[str, Mapping[str, Param]], task: str = 
     name, _, rest = text.strip().partition(":")
     if name not in table:
         for_task = f" for {task}" if task else ""
-        raise ValueError(f"unknown head {name!r}{for_task}; choose one of: {', '.join(sorted(table))}")
+        raise InputError(f"unknown head {name!r}{for_task}; choose one of: {', '.join(sorted(table))}")
     known = table[name]
     given: dict[str, Any] = {}
     for pair in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = pair.partition("=")
         key, value = key.strip(), value.strip()
         if not eq or not key or not value:
-            raise ValueError(f"head {name}: {pair!r} is not key=value (e.g. {name}:roi=cascade)")
+            raise InputError(f"head {name}: {pair!r} is not key=value (e.g. {name}:roi=cascade)")
         if key not in known:
-            raise ValueError(f"head {name}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+            raise InputError(f"head {name}: unknown key {key!r} (known: {', '.join(sorted(known))})")
         if key in given:
-            raise ValueError(f"head {name}: key {key!r} given twice")
+            raise InputError(f"head {name}: key {key!r} given twice")
         given[key] = known[key].parse(name, key, value)
     params = {k: given.get(k, p.default) for k, p in known.items()}
     return HeadSpec(name, tuple(sorted(params.items())))

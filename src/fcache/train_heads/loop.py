@@ -24,15 +24,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from fcache.common.errors import DivergedError, InputError
 from fcache.spec import Geometry, LevelSpec
 from fcache.train_heads import distributed as ddp
 from fcache.train_heads.config import TrainConfig
-from fcache.train_heads.rundir import RunDir
+from fcache.train_heads.runfolder import RunDir
 from fcache.train_heads.schedule import get_lr
-
-
-class DivergedError(ValueError):
-    """The loss stopped being finite."""
 
 
 @dataclass
@@ -159,7 +156,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here; use --device cpu")
+        raise InputError("--device cuda: no CUDA device is available here; use --device cpu")
     return torch.device(name)
 
 
@@ -265,7 +262,7 @@ def train(
     With ``dist`` of several processes each rank trains on its slice of every batch; rank 0 logs and checkpoints.
     """
     if len(data) == 0:  # type: ignore[arg-type]
-        raise ValueError("the training set is empty")
+        raise InputError("the training set is empty")
     ddp.check_batch(cfg.batch_size, dist)
     device = resolve_device(cfg.device)
     model.to(device).train()

@@ -23,12 +23,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from fcache.common.errors import DivergedError, InputError
 from fcache.train_heads import distributed as ddp
 from fcache.train_heads.config import TrainConfig
 from fcache.train_heads.loop import (
     Batch,
     Collate,
-    DivergedError,
     EpochItems,
     Meter,
     Task,
@@ -41,9 +41,9 @@ from fcache.train_heads.loop import (
     set_rng_state,
     train_step,
 )
-from fcache.train_heads.run import Prepared, echo, evaluate_finished, prepare_training, train_summary, training_data, training_record
-from fcache.train_heads.rundir import RunDir
+from fcache.train_heads.runfolder import RunDir
 from fcache.train_heads.schedule import get_lr
+from fcache.train_heads.training import Prepared, echo, evaluate_finished, prepare_training, train_summary, training_data, training_record
 
 # Fields every head of one pass shares: they decide which batches are read (and when the pass stops).
 SHARED = ("store", "task", "iters", "batch_size", "seed", "train_fraction", "stop_at", "num_workers", "prefetch", "device")
@@ -139,7 +139,7 @@ def check_shared(cfgs: Sequence[TrainConfig]) -> None:
     for name in SHARED:
         values = {repr(getattr(c, name)) for c in cfgs}
         if len(values) > 1:
-            raise ValueError(
+            raise InputError(
                 f"heads trained in one pass must share {name.replace('_', '-')} (got {', '.join(sorted(values))}); "
                 f"give --{name.replace('_', '-')} explicitly, or train those heads in separate runs"
             )
@@ -156,7 +156,7 @@ def _prepare(cfgs: Sequence[TrainConfig]) -> list[tuple[TrainConfig, Prepared, d
     names = [cfg.out for cfg, _, _ in out]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise ValueError(f"a head is given twice ({', '.join(Path(n).name for n in twice)}); give each head once")
+        raise InputError(f"a head is given twice ({', '.join(Path(n).name for n in twice)}); give each head once")
     for cfg, _, record in out:
         checkpoint = RunDir(cfg.out).check(record, resume=cfg.resume)
         if checkpoint is not None:
@@ -171,7 +171,7 @@ def run_train_heads(cfgs: Sequence[TrainConfig], *, progress: bool = True, say: 
     ``val_store`` when its training is complete. Returns one ``train-head`` summary per head.
     """
     if ddp.Dist.from_env().enabled:
-        raise ValueError("torchrun trains one head on many processes; give one --head, or run several heads without torchrun")
+        raise InputError("torchrun trains one head on many processes; give one --head, or run several heads without torchrun")
     check_shared(cfgs)
     prepared = _prepare(cfgs)
     heads = []

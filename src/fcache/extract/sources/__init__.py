@@ -10,9 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fcache.common.errors import InputError, MetadataError
 from fcache.extract.decode import DEFAULT_MAX_PIXELS, DEFAULT_TIMEOUT_S
 from fcache.extract.sources.ade20k import Ade20kSource
-from fcache.extract.sources.base import Decoded, MetadataError, SampleError, SampleRef, Source
+from fcache.extract.sources.base import Decoded, SampleError, SampleRef, Source
 from fcache.extract.sources.coco import CocoSource
 from fcache.extract.sources.folder import FolderSource
 from fcache.extract.sources.video import VideoSource
@@ -35,31 +36,31 @@ class Flags:
 def _existing(root: str | Path, what: str) -> Path:
     p = Path(root)
     if not p.exists():
-        raise ValueError(f"--root {p} does not exist; give the {what} folder")
+        raise InputError(f"--root {p} does not exist; give the {what} folder")
     return p
 
 
 def _no_annotations(kind: str, f: Flags) -> None:
     if f.annotations:
-        raise ValueError(f"--annotations is not used by --dataset {kind}; drop it (or choose coco / video)")
+        raise InputError(f"--annotations is not used by --dataset {kind}; drop it (or choose coco / video)")
 
 
 def _coco(root: str | Path, f: Flags) -> Source:
     if not f.annotations:
-        raise ValueError("--dataset coco needs --annotations PATH (the COCO json, e.g. annotations/instances_val2017.json)")
+        raise InputError("--dataset coco needs --annotations PATH (the COCO json, e.g. annotations/instances_val2017.json)")
     return CocoSource(_existing(root, "COCO image"), f.annotations, max_pixels=f.max_pixels, drop_degenerate_boxes=f.drop_degenerate_boxes)
 
 
 def _ade20k(root: str | Path, f: Flags) -> Source:
     _no_annotations("ade20k", f)
     if not f.split:
-        raise ValueError("--dataset ade20k needs --split training or --split validation")
+        raise InputError("--dataset ade20k needs --split training or --split validation")
     return Ade20kSource(_existing(root, "ADEChallengeData2016"), f.split, max_pixels=f.max_pixels)
 
 
 def _video(root: str | Path, f: Flags) -> Source:
     if f.annotations and not Path(f.annotations).is_file():
-        raise ValueError(f"--annotations {f.annotations} does not exist; give a CSV of path,label rows or leave it out")
+        raise InputError(f"--annotations {f.annotations} does not exist; give a CSV of path,label rows or leave it out")
     root = _existing(root, "video")
     return VideoSource(root, f.annotations or None, frames=f.frames, clips=f.clips, max_pixels=f.max_pixels, timeout_s=f.decode_timeout)
 
@@ -109,7 +110,7 @@ def build_source(
         drop_degenerate_boxes: coco: drop boxes with w or h <= 0 with a logged warning instead of refusing the json.
     """
     if kind not in SOURCES:
-        raise ValueError(f"--dataset {kind!r} is not a known source; choose one of {', '.join(SOURCES)}")
+        raise InputError(f"--dataset {kind!r} is not a known source; choose one of {', '.join(SOURCES)}")
     flags = Flags(annotations, split, frames, clips, max_pixels, decode_timeout, drop_degenerate_boxes)
     return SOURCES[kind](root, flags)
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from fcache.common.errors import InputError, MetadataError
 from fcache.extract.decode import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -31,7 +32,7 @@ from fcache.extract.decode import (
     oriented_size,
     to_rgb,
 )
-from fcache.extract.sources.base import Decoded, MetadataError, SampleError, SampleRef
+from fcache.extract.sources.base import Decoded, SampleError, SampleRef
 from fcache.spec import Status, Targets
 from fcache.store import TargetSpec
 
@@ -89,7 +90,7 @@ class Ade20kSource:
         images, labels = self.root / "images" / self.split, self.root / "annotations" / self.split
         if not self.split or not images.is_dir() or not labels.is_dir():
             have = sorted(p.name for p in (self.root / "images").glob("*") if p.is_dir()) if (self.root / "images").is_dir() else []
-            raise ValueError(
+            raise InputError(
                 f"--root {self.root} --split {self.split!r}: expected folders images/{self.split or '<split>'} and "
                 f"annotations/{self.split or '<split>'} (ADEChallengeData2016 layout); splits found: {', '.join(have) or 'none'}"
             )

@@ -16,20 +16,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fcache.common.errors import MetadataError
 from fcache.extract.decode import Decoded, SampleError  # defined with the decoders that return / raise them
 from fcache.spec import Targets
 from fcache.store import TargetSpec
 
 __all__ = ["Decoded", "MetadataError", "SampleError", "SampleRef", "Source"]
-
-
-class MetadataError(ValueError):
-    """The dataset's metadata is invalid; ``problems`` lists every problem found, not just the first."""
-
-    def __init__(self, source: str, problems: list[str], limit: int = 20, *, hint: str = "") -> None:
-        shown = "; ".join(problems[:limit]) + (f"; ... and {len(problems) - limit} more" if len(problems) > limit else "")
-        super().__init__(f"{source}: {len(problems)} problem(s) in the metadata: {shown}" + (f" -- {hint}" if hint else ""))
-        self.problems = problems
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from fcache.common.errors import InputError, MetadataError
 from fcache.extract.decode import DEFAULT_MAX_PIXELS, load_image, oriented_size, to_rgb
-from fcache.extract.sources.base import Decoded, MetadataError, SampleError, SampleRef
+from fcache.extract.sources.base import Decoded, SampleError, SampleRef
 from fcache.spec import Status, Targets
 from fcache.store import TargetSpec
 
@@ -197,7 +198,7 @@ class CocoSource:
         try:
             data = json.loads(self.annotations.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(
+            raise InputError(
                 f"--annotations {self.annotations}: cannot read a COCO json ({e}); give the path of a COCO json file"
             ) from None
         if not isinstance(data, dict):

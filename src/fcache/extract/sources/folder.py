@@ -14,8 +14,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from fcache.common.errors import MetadataError
 from fcache.extract.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_image
-from fcache.extract.sources.base import Decoded, LabelTargets, MetadataError, SampleRef
+from fcache.extract.sources.base import Decoded, LabelTargets, SampleRef
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ import os
 import re
 from pathlib import Path
 
+from fcache.common.errors import InputError, MetadataError
 from fcache.extract.decode import DEFAULT_MAX_FRAMES, DEFAULT_MAX_PIXELS, DEFAULT_TIMEOUT_S, VIDEO_EXTENSIONS, decode_video
-from fcache.extract.sources.base import Decoded, LabelTargets, MetadataError, SampleRef
+from fcache.extract.sources.base import Decoded, LabelTargets, SampleRef
 from fcache.extract.sources.folder import Listing, list_class_folder
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def read_label_csv(path: Path, root: Path) -> Listing:
         with open(path, newline="", encoding="utf-8") as f:
             rows = [(n, [c.strip() for c in row]) for n, row in enumerate(csv.reader(f), 1) if any(c.strip() for c in row)]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise ValueError(f"--annotations {path}: cannot read the CSV ({e}); give a CSV of path,label rows") from None
+        raise InputError(f"--annotations {path}: cannot read the CSV ({e}); give a CSV of path,label rows") from None
     if rows and [c.lower() for c in rows[0][1]] == ["path", "label"]:
         rows = rows[1:]
     problems = [f"line {n}: expected 'path,label', got {','.join(cells)!r}" for n, cells in rows if len(cells) != 2 or not all(cells)]
@@ -84,7 +85,7 @@ class VideoSource(LabelTargets):
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         if frames < 1 or clips < 1:
-            raise ValueError(f"--frames {frames} --clips {clips}: both must be at least 1")
+            raise InputError(f"--frames {frames} --clips {clips}: both must be at least 1")
         self.root = Path(os.path.abspath(root))
         self.annotations = Path(annotations) if annotations else None
         self.frames, self.clips = frames, clips

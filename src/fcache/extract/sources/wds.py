@@ -27,8 +27,9 @@ import braceexpand
 import numpy as np
 from webdataset.tariterators import base_plus_ext
 
+from fcache.common.errors import MetadataError
 from fcache.extract.decode import DEFAULT_MAX_PIXELS, MAX_FILE_BYTES, decode_image_bytes
-from fcache.extract.sources.base import Decoded, MetadataError, SampleError, SampleRef
+from fcache.extract.sources.base import Decoded, SampleError, SampleRef
 from fcache.spec import Status, Targets
 from fcache.store import TargetSpec
 

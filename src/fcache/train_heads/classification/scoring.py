@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from fcache.common.errors import InputError
+
 PREDICTIONS = "predictions.jsonl"
 AVERAGED = "avg"  # metric family of the views' mean scores
 TOPK = (1, 5)
@@ -37,7 +39,7 @@ def score_views(probs: np.ndarray, labels: np.ndarray, view_names: Sequence[str]
         raise ValueError(f"scores {probs.shape} do not match {len(labels)} labels and views {list(view_names)}")
     keep = labels >= 0
     if not keep.any():
-        raise ValueError("no evaluated sample has a label; evaluate on a labelled store")
+        raise InputError("no evaluated sample has a label; evaluate on a labelled store")
     probs, labels = probs[keep], labels[keep]
     out: dict[str, float] = {}
     for family, scores in ((AVERAGED, probs.mean(axis=1)), *((name, probs[:, v]) for v, name in enumerate(view_names))):

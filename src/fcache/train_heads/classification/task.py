@@ -18,13 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fcache.common.errors import InputError
 from fcache.spec import LEVEL_NAMES, Geometry, LevelSpec, Targets
 from fcache.store import FeatureStore
 from fcache.train_heads.classification.model import LinearProbe
 from fcache.train_heads.classification.scoring import PREDICTIONS, prediction_records, score_views, write_predictions
+from fcache.train_heads.data import KEY, VIEW_GEOMETRY, VIEW_NAMES, AllViews
 from fcache.train_heads.headspec import HeadSpec, Param, parse_head
 from fcache.train_heads.loop import Batch
-from fcache.train_heads.views import KEY, VIEW_GEOMETRY, VIEW_NAMES, AllViews
 
 LEVEL = Param("p5", kind="choice", choices=tuple(LEVEL_NAMES.values()), help="the stored level the head reads")
 
@@ -48,7 +49,7 @@ def find_level(head: HeadSpec, available: Sequence[LevelSpec]) -> LevelSpec:
     """The stored level named by the head's ``level`` key; ValueError naming the levels there are."""
     have = {lv.name: lv for lv in available}
     if head["level"] not in have:
-        raise ValueError(
+        raise InputError(
             f"head {head.name} reads level {head['level']} but the store holds only {', '.join(have)}; "
             "pick level=... among those, or extract that level"
         )
@@ -64,7 +65,7 @@ class LabelTask:
 
     def __init__(self, head: HeadSpec, label_names: Sequence[str]) -> None:
         if not label_names:
-            raise ValueError(f"a {self.name} task needs the class names (dataset.label_names of the store)")
+            raise InputError(f"a {self.name} task needs the class names (dataset.label_names of the store)")
         self.head = head
         self.label_names = tuple(label_names)
 
@@ -117,7 +118,7 @@ class LabelTask:
     def evaluate(self, raw: Sequence[Mapping[str, Any]], predictions: Sequence[Any], out: Path | None) -> dict[str, float]:
         """Top-1 / top-5 per view and of the views' mean scores; writes RUN/predictions.jsonl."""
         if not predictions:
-            raise ValueError("no sample to evaluate")
+            raise InputError("no sample to evaluate")
         names = tuple(raw[0].get(VIEW_NAMES, ("plain",)))
         probs = np.stack([p["probs"] for p in predictions])  # (N, V, K)
         labels = np.array([int(r[Targets.LABEL]) for r in raw], dtype=np.int64)
@@ -156,16 +157,16 @@ def check_labels(store: FeatureStore, task: str, hint: str) -> None:
     dataset = store.manifest.dataset
     if Targets.LABEL not in store.target_names or not dataset.label_names:
         have = ", ".join(store.target_names) or "none"
-        raise ValueError(f"{store.root} has no class labels (a {dataset.kind} store with targets: {have}); --task {task} needs {hint}")
+        raise InputError(f"{store.root} has no class labels (a {dataset.kind} store with targets: {have}); --task {task} needs {hint}")
     ok = store.ok_indices
     if len(ok) and not (np.asarray(store.target(Targets.LABEL))[ok] >= 0).any():
-        raise ValueError(f"no usable sample of {store.root} has a label (all are -1); --task {task} needs {hint}")
+        raise InputError(f"no usable sample of {store.root} has a label (all are -1); --task {task} needs {hint}")
 
 
 def check_store(store: FeatureStore) -> None:
     """The store can train or evaluate a linear probe: image features with class labels."""
     if store.video:
-        raise ValueError(f"{store.root} is a video store; train its clips with --task video")
+        raise InputError(f"{store.root} is a video store; train its clips with --task video")
     check_labels(store, "classification", "an ImageFolder layout (--dataset folder with a sub-folder per class) or labelled wds shards")
 
 
@@ -173,7 +174,7 @@ def check_same_classes(task: LabelTask, store: FeatureStore) -> None:
     have = tuple(store.manifest.dataset.label_names)
     if have != task.label_names:
         show = lambda names: ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")  # noqa: E731
-        raise ValueError(
+        raise InputError(
             f"{store.root} has classes ({len(have)}: {show(have)}) but the head was trained on ({task.num_classes}: "
             f"{show(task.label_names)}); evaluate on a store of the same dataset"
         )

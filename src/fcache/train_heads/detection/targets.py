@@ -16,6 +16,7 @@ from pycocotools import mask as mask_utils
 from torch import Tensor
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
+from fcache.common.errors import InputError
 from fcache.spec import Geometry
 
 MASK_THRESHOLD = 0.5
@@ -100,7 +101,7 @@ def view_targets(
     anns = [a for a in annotations if not a.get("iscrowd", 0)]
     unknown = sorted({int(a["category_id"]) for a in anns} - set(labels))
     if unknown:
-        raise ValueError(f"annotations use category ids {unknown} that are not in the store's categories; the store is inconsistent")
+        raise InputError(f"annotations use category ids {unknown} that are not in the store's categories; the store is inconsistent")
     xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
     xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
     boxes = g.boxes_to_view(xyxy, clip=True)  # (G, 4)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
+from fcache.common.errors import InputError
 from fcache.spec import Geometry, LevelSpec, Targets
 from fcache.store import FeatureStore
 from fcache.train_heads.detection.evaluate import coco_evaluate, coco_ground_truth
@@ -22,7 +23,7 @@ from fcache.train_heads.detection.targets import category_labels, content_size, 
 from fcache.train_heads.headspec import HeadSpec, Param, parse_head, select_levels
 from fcache.train_heads.loop import Batch
 from fcache.train_heads.necks import NECKS
-from fcache.train_heads.rundir import DETECTIONS, write_json
+from fcache.train_heads.runfolder import DETECTIONS, write_json
 
 ROI_PARAMS: dict[str, Param] = {
     "roi": Param("standard", kind="choice", choices=("standard", "cascade"), help="Mask R-CNN heads, or Cascade R-CNN (3 stages)"),
@@ -56,7 +57,7 @@ class DetectionTask:
 
     def __init__(self, head: HeadSpec, categories: Sequence[Mapping[str, Any]]) -> None:
         if not categories:
-            raise ValueError("a detection task needs the COCO categories (targets attrs['categories'] of the store)")
+            raise InputError("a detection task needs the COCO categories (targets attrs['categories'] of the store)")
         self.head = head
         self.categories = tuple(dict(c) for c in categories)
         self.labels = category_labels(self.categories)
@@ -106,7 +107,7 @@ class DetectionTask:
         images = [_json(r, Targets.IMAGE, {}) for r in raw]
         bad = [i for i, im in enumerate(images) if not {"id", "height", "width"} <= set(im)]
         if bad:
-            raise ValueError(f"{len(bad)} evaluated sample(s) lack an image record with id, height and width (targets/image)")
+            raise InputError(f"{len(bad)} evaluated sample(s) lack an image record with id, height and width (targets/image)")
         annotations = [_json(r, Targets.ANNOTATIONS, []) for r in raw]
         detections = [d for per_image in predictions for d in per_image]
         if out is not None:
@@ -117,16 +118,16 @@ class DetectionTask:
 def check_store(store: FeatureStore) -> None:
     """The store can train or evaluate a detection head: image features, COCO annotations and categories."""
     if store.video:
-        raise ValueError(f"{store.root} is a video store; --task detection needs image features of a COCO-style source")
+        raise InputError(f"{store.root} is a video store; --task detection needs image features of a COCO-style source")
     if Targets.ANNOTATIONS not in store.target_names:
         kind = store.manifest.dataset.task or store.manifest.dataset.kind
         have = ", ".join(store.target_names) or "none"
-        raise ValueError(
+        raise InputError(
             f"{store.root} has no '{Targets.ANNOTATIONS}' targets (it is a {kind} store with targets: {have}); "
             "--task detection needs a store extracted from a COCO detection source"
         )
     if not store.target_attrs.get("categories"):
-        raise ValueError(f"{store.root} has no COCO categories in its targets attributes; re-extract it from the COCO json")
+        raise InputError(f"{store.root} has no COCO categories in its targets attributes; re-extract it from the COCO json")
 
 
 def check_eval_store(task: DetectionTask, store: FeatureStore) -> None:
@@ -134,7 +135,7 @@ def check_eval_store(task: DetectionTask, store: FeatureStore) -> None:
     check_store(store)
     ids = sorted(int(c["id"]) for c in store.target_attrs["categories"])
     if ids != task.category_ids:
-        raise ValueError(
+        raise InputError(
             f"{store.root} has categories {ids[:10]}{'...' if len(ids) > 10 else ''} but the head was trained on "
             f"{task.category_ids[:10]}{'...' if len(task.category_ids) > 10 else ''}; evaluate on a store of the same dataset"
         )

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from fcache.common.errors import InputError
 from fcache.spec import LevelSpec, level_name
 
 NORMS = ("gn", "bn")
@@ -26,10 +27,10 @@ def pyramid_levels(levels: Sequence[LevelSpec], channels: int) -> tuple[tuple[Le
     ins = tuple(sorted(levels, key=lambda lv: lv.stride))
     if len(ins) < 2:
         have = ", ".join(lv.name for lv in ins) or "none"
-        raise ValueError(f"a detection neck needs at least 2 feature levels (p2..p5); it was given: {have}")
+        raise InputError(f"a detection neck needs at least 2 feature levels (p2..p5); it was given: {have}")
     strides = [lv.stride for lv in ins]
     if len(set(strides)) != len(strides):
-        raise ValueError(f"feature levels {', '.join(lv.name for lv in ins)} repeat a stride")
+        raise InputError(f"feature levels {', '.join(lv.name for lv in ins)} repeat a stride")
     top = 2 * ins[-1].stride
     outs = tuple(LevelSpec(lv.name, channels, lv.stride) for lv in ins) + (LevelSpec(level_name(top), channels, top),)
     return ins, outs
@@ -49,8 +50,8 @@ def norm_layer(kind: str, channels: int, *, bn_momentum: float = 0.1, bn_eps: fl
     """GroupNorm (32 groups) or BatchNorm over ``channels``."""
     if kind == "gn":
         if channels % GN_GROUPS:
-            raise ValueError(f"norm=gn needs channels divisible by {GN_GROUPS} (got channels={channels}); use norm=bn or change channels")
+            raise InputError(f"norm=gn needs channels divisible by {GN_GROUPS} (got channels={channels}); use norm=bn or change channels")
         return nn.GroupNorm(GN_GROUPS, channels)
     if kind == "bn":
         return nn.BatchNorm2d(channels, momentum=bn_momentum, eps=bn_eps)
-    raise ValueError(f"norm={kind!r} is not one of {', '.join(NORMS)}")
+    raise InputError(f"norm={kind!r} is not one of {', '.join(NORMS)}")

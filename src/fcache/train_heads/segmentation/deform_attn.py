@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fcache.common.errors import InputError
+
 
 def ms_deform_attn(value: Tensor, shapes: Sequence[tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:
     """Sample and weight the value maps.
@@ -48,7 +50,7 @@ class MSDeformAttn(nn.Module):
     def __init__(self, channels: int, levels: int, heads: int = 8, points: int = 4) -> None:
         super().__init__()
         if channels % heads:
-            raise ValueError(f"channels={channels} must be divisible by the {heads} attention heads")
+            raise InputError(f"channels={channels} must be divisible by the {heads} attention heads")
         self.levels, self.heads, self.points = levels, heads, points
         self.sampling_offsets = nn.Linear(channels, heads * levels * points * 2)
         self.attention_weights = nn.Linear(channels, heads * levels * points)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fcache.common.errors import InputError
 from fcache.spec import Geometry, LevelSpec
 from fcache.train_heads.segmentation.criterion import set_losses
 from fcache.train_heads.segmentation.pixel_decoder import PixelDecoder, sine_position
@@ -105,7 +106,7 @@ class Mask2Former(nn.Module):
     ) -> None:
         super().__init__()
         if channels % HEADS:
-            raise ValueError(f"mask2former: channels={channels} must be divisible by the {HEADS} attention heads")
+            raise InputError(f"mask2former: channels={channels} must be divisible by the {HEADS} attention heads")
         self.num_classes = num_classes
         self.pixel_decoder = PixelDecoder(levels, channels=channels, blocks=pixel_blocks)
         self.decoder = MaskedDecoder(

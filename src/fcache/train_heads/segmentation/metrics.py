@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from fcache.common.errors import InputError
 from fcache.train_heads.segmentation.targets import IGNORE
 
 Sparse = tuple[np.ndarray, np.ndarray]  # (codes gt * K + pred, counts)
@@ -25,7 +26,7 @@ def confusion_codes(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> Spars
     valid = gt != IGNORE
     g = gt[valid].astype(np.int64)
     if g.size and g.max() >= num_classes:
-        raise ValueError(f"ground-truth label {int(g.max())} is outside the head's {num_classes} classes")
+        raise InputError(f"ground-truth label {int(g.max())} is outside the head's {num_classes} classes")
     codes, counts = np.unique(g * num_classes + pred[valid].astype(np.int64), return_counts=True)
     return codes, counts.astype(np.int64)
 

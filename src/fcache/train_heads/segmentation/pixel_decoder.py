@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fcache.common.errors import InputError
 from fcache.spec import LevelSpec
 from fcache.train_heads.necks.base import GN_GROUPS
 from fcache.train_heads.segmentation.deform_attn import MSDeformAttn
@@ -79,9 +80,9 @@ class PixelDecoder(nn.Module):
         super().__init__()
         ins = tuple(sorted(levels, key=lambda lv: lv.stride))
         if len(ins) < 2:
-            raise ValueError(f"mask2former needs at least 2 feature levels; it was given: {', '.join(lv.name for lv in ins) or 'none'}")
+            raise InputError(f"mask2former needs at least 2 feature levels; it was given: {', '.join(lv.name for lv in ins) or 'none'}")
         if channels % GN_GROUPS:
-            raise ValueError(f"mask2former: channels={channels} must be divisible by {GN_GROUPS} (GroupNorm)")
+            raise InputError(f"mask2former: channels={channels} must be divisible by {GN_GROUPS} (GroupNorm)")
         self.deform_levels = ins[1:][-MAX_DEFORM_LEVELS:][::-1]  # coarse first
         self.fpn_levels = tuple(lv for lv in ins if lv not in self.deform_levels)[::-1]  # coarse to fine
         self.input_proj = nn.ModuleList(

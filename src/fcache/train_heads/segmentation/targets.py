@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fcache.common.errors import InputError
 from fcache.spec import Geometry, Targets
 
 IGNORE = Targets.IGNORE
@@ -75,7 +76,7 @@ def to_original(x: Tensor, stride: int, g: Geometry) -> Tensor:
         ValueError: the view is a crop (only whole-image views, such as the plain and test views, map back).
     """
     if g.crop_x0 or g.crop_y0:
-        raise ValueError("a cropped view cannot be mapped back to the whole image; evaluate on plain or test views")
+        raise InputError("a cropped view cannot be mapped back to the whole image; evaluate on plain or test views")
     vh, vw = content_size(g)
     content = to_canvas(x[None].float(), stride, round(g.canvas))[0, :, :vh, :vw]  # (C, vh, vw)
     if g.flip:

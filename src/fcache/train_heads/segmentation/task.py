@@ -19,17 +19,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fcache.common.errors import InputError
 from fcache.spec import Geometry, LevelSpec, Targets
 from fcache.store import FeatureStore
+from fcache.train_heads.data import VIEW_GEOMETRY, VIEW_NAMES, AllViews
 from fcache.train_heads.headspec import HeadSpec, Param, parse_head, select_levels
 from fcache.train_heads.loop import Batch
 from fcache.train_heads.necks.base import NORMS
-from fcache.train_heads.rundir import write_json
+from fcache.train_heads.runfolder import write_json
 from fcache.train_heads.segmentation import metrics as M
 from fcache.train_heads.segmentation.mask2former import build_mask2former
 from fcache.train_heads.segmentation.targets import ground_truth, view_labels
 from fcache.train_heads.segmentation.upernet import build_upernet
-from fcache.train_heads.views import VIEW_GEOMETRY, VIEW_NAMES, AllViews
 
 SEGMENTATION_JSON = "segmentation.json"  # per-class IoU and accuracy, written into RUN by evaluation
 LEVELS = Param("all", kind="levels", help="stored levels the head reads: all, or e.g. p3+p4+p5")
@@ -75,9 +76,9 @@ def parse_segmentation_head(text: str) -> HeadSpec:
     spec = parse_head(text, {name: h.params for name, h in HEADS.items()}, task="segmentation")
     if spec.name == "upernet":
         if spec["neck"] != "bifpn" and spec["layers"] != 1:
-            raise ValueError(f"head upernet: layers={spec['layers']} applies to neck=bifpn only (e.g. upernet:neck=bifpn,layers=5)")
+            raise InputError(f"head upernet: layers={spec['layers']} applies to neck=bifpn only (e.g. upernet:neck=bifpn,layers=5)")
         if spec["aux"] > 1:
-            raise ValueError(f"head upernet: aux={spec['aux']} must be 0 or 1")
+            raise InputError(f"head upernet: aux={spec['aux']} must be 0 or 1")
     return spec
 
 
@@ -95,7 +96,7 @@ class SegmentationTask:
 
     def __init__(self, head: HeadSpec, label_names: Sequence[str]) -> None:
         if not label_names:
-            raise ValueError("a segmentation task needs the class names (dataset.label_names of the store)")
+            raise InputError("a segmentation task needs the class names (dataset.label_names of the store)")
         self.head, self.label_names = head, tuple(label_names)
 
     @property
@@ -159,7 +160,7 @@ class SegmentationTask:
     def evaluate(self, raw: Sequence[Mapping[str, Any]], predictions: Sequence[Any], out: Path | None) -> dict[str, float]:
         """``ss/mIoU|mAcc|aAcc`` and, with test views, the same for their mean (``ms+flip/...``); writes RUN/segmentation.json."""
         if not predictions:
-            raise ValueError("no sample to evaluate")
+            raise InputError("no sample to evaluate")
         names = predictions[0]["names"]
         single = M.scores(M.accumulate((p["views"][0] for p in predictions), self.num_classes))
         metrics = _summary("ss", single)
@@ -205,16 +206,16 @@ def _report(label_names: Sequence[str], s: Mapping[str, Any]) -> dict[str, Any]:
 def check_store(store: FeatureStore) -> None:
     """The store can train or evaluate a segmentation head: image features, label maps and class names."""
     if store.video:
-        raise ValueError(f"{store.root} is a video store; --task segmentation needs image features of an ADE20K-style source")
+        raise InputError(f"{store.root} is a video store; --task segmentation needs image features of an ADE20K-style source")
     if Targets.SEGMENTATION not in store.target_names:
         kind = store.manifest.dataset.task or store.manifest.dataset.kind
         have = ", ".join(store.target_names) or "none"
-        raise ValueError(
+        raise InputError(
             f"{store.root} has no '{Targets.SEGMENTATION}' targets (it is a {kind} store with targets: {have}); "
             "--task segmentation needs a store extracted with --dataset ade20k"
         )
     if not store.manifest.dataset.label_names:
-        raise ValueError(f"{store.root} records no class names (dataset.label_names); re-extract it with a segmentation source")
+        raise InputError(f"{store.root} records no class names (dataset.label_names); re-extract it with a segmentation source")
 
 
 def check_eval_store(task: SegmentationTask, store: FeatureStore) -> None:
@@ -222,7 +223,7 @@ def check_eval_store(task: SegmentationTask, store: FeatureStore) -> None:
     check_store(store)
     names = tuple(store.manifest.dataset.label_names)
     if names != task.label_names:
-        raise ValueError(
+        raise InputError(
             f"{store.root} has {len(names)} classes ({', '.join(names[:3])}, ...) but the head was trained on "
             f"{task.num_classes} ({', '.join(task.label_names[:3])}, ...); evaluate on a store of the same dataset"
         )

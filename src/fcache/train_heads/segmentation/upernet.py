@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation
 
+from fcache.common.errors import InputError
 from fcache.spec import Geometry, LevelSpec
 from fcache.train_heads.necks import NECKS
 from fcache.train_heads.necks.base import GN_GROUPS, norm_layer
@@ -55,7 +56,7 @@ def cross_entropy(logits: Tensor, stride: int, labels: Tensor) -> Tensor:
 def fcn_head(in_channels: int, channels: int, num_classes: int, norm: str) -> nn.Sequential:
     """mmseg's FCNHead with one conv: 3x3 conv-norm-ReLU, then the classifier."""
     if norm == "gn" and channels % GN_GROUPS:
-        raise ValueError(f"upernet: aux=1 with norm=gn needs channels divisible by {2 * GN_GROUPS} (the aux head is half as wide)")
+        raise InputError(f"upernet: aux=1 with norm=gn needs channels divisible by {2 * GN_GROUPS} (the aux head is half as wide)")
     return nn.Sequential(conv_norm_relu(in_channels, channels, 3, norm), classifier(channels, num_classes))
 
 
@@ -84,7 +85,7 @@ class UPerNet(nn.Module):
         super().__init__()
         ins = tuple(sorted(levels, key=lambda lv: lv.stride))
         if len(ins) < 2:
-            raise ValueError(f"upernet needs at least 2 feature levels; it was given: {', '.join(lv.name for lv in ins) or 'none'}")
+            raise InputError(f"upernet needs at least 2 feature levels; it was given: {', '.join(lv.name for lv in ins) or 'none'}")
         self.in_levels, self.num_classes = ins, num_classes
         top = ins[-1]
         self.ppm = PPM(top.channels, channels, norm)

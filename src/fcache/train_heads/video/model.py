@@ -23,6 +23,7 @@ from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from fcache.common.errors import InputError
 from fcache.train_heads.classification.model import Classifier
 
 HEAD_DIM = 32  # channels per attention head, as Swin (SwinV2-B's last stage: 1024 channels, 32 heads)
@@ -66,7 +67,7 @@ class BlockHead(nn.Module):
     ) -> None:
         super().__init__()
         if dim % heads or dim % 2:
-            raise ValueError(f"dim={dim} must be even and a multiple of heads={heads}")
+            raise InputError(f"dim={dim} must be even and a multiple of heads={heads}")
         self.proj = nn.Identity() if dim == channels else nn.Linear(channels, dim)
         self.pos_time = nn.Parameter(sincos_table(frames, dim))  # (T, dim)
         rates = torch.linspace(0, drop_path, blocks).tolist()
@@ -110,7 +111,7 @@ class GlobalHead(BlockHead):
         dropout: float = 0.5,
     ) -> None:
         if dim % 4:
-            raise ValueError(f"dim={dim} must be a multiple of 4 (the 2-D sin-cos table of the global head)")
+            raise InputError(f"dim={dim} must be a multiple of 4 (the 2-D sin-cos table of the global head)")
         super().__init__(channels, num_classes, frames=frames, blocks=blocks, dim=dim, heads=heads, drop_path=drop_path, dropout=dropout)
         self.pos_space = nn.Parameter(build_sincos2d_pos_embed(list(grid), dim))  # (H*W, dim)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from fcache.common.errors import InputError
 from fcache.spec import Geometry, LevelSpec
 from fcache.store import FeatureStore
 from fcache.train_heads.classification.task import LEVEL, LabelTask, check_labels, check_same_classes, find_level
@@ -94,7 +95,7 @@ class VideoTask(LabelTask):
                 return TemporalHead(level.channels, self.num_classes, **common)
             return GlobalHead(level.channels, self.num_classes, grid=self.grid, **common)
         except ValueError as e:
-            raise ValueError(f"head {p}: {e}") from None
+            raise InputError(f"head {p}: {e}") from None
 
     def logits(self, model: nn.Module, x: Tensor, geometry: Sequence[Geometry]) -> Tensor:
         return model(x)  # (n, T, C, H, W) -> (n, K); every crop fills the canvas, nothing to mask
@@ -103,7 +104,7 @@ class VideoTask(LabelTask):
 def check_store(store: FeatureStore) -> None:
     """The store can train or evaluate a video head: per-frame features of labelled clips."""
     if not store.video:
-        raise ValueError(f"{store.root} is an image store; --task video needs per-frame features of clips (fcache extract --dataset video)")
+        raise InputError(f"{store.root} is an image store; --task video needs per-frame features of clips (fcache extract --dataset video)")
     check_labels(store, "video", "videos in class folders or a path,label CSV (fcache extract --dataset video)")
 
 
@@ -115,11 +116,11 @@ def check_eval_store(task: VideoTask, store: FeatureStore) -> None:
         return  # run.check_levels names the missing level
     frames, _, h, w = store.manifest.level_shape(task.level)
     if task.head.name != "linear" and frames != task.frames:
-        raise ValueError(
+        raise InputError(
             f"{store.root} has clips of {frames} frames but the head learned {task.frames}; extract it with --frames {task.frames}"
         )
     if task.head.name == "global" and (h, w) != task.grid:
-        raise ValueError(
+        raise InputError(
             f"{store.root} has {task.level} maps of {h}x{w} but the head learned {task.grid[0]}x{task.grid[1]} "
             "(its spatial position embeddings); extract it with the training store's --input-size"
         )

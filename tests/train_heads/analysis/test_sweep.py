@@ -14,8 +14,8 @@ from matplotlib.image import imread
 from safetensors.torch import load_file
 
 from fcache.cli import main
-from fcache.train_heads.results import head_family, load_rows, markdown, training_seconds
-from fcache.train_heads.sweep import load_spec
+from fcache.train_heads.analysis.results import head_family, load_rows, markdown, training_seconds
+from fcache.train_heads.analysis.sweep import load_spec
 from helpers import refused
 
 FPN = "fpn:channels=8,rois=8,rpn_batch=8"

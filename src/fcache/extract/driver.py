@@ -25,18 +25,18 @@ import torch
 from tqdm import tqdm
 
 from fcache import store as fstore
+from fcache.common.errors import InputError, LeaseHeld
 from fcache.extract.backbones import Backbone, build_backbone
 from fcache.extract.cluster import ClusterTarget, parse_target
 from fcache.extract.decode import DEFAULT_MAX_PIXELS
 from fcache.extract.sources import build_source
 from fcache.extract.sources.base import SampleRef, Source
+from fcache.extract.stages import Batcher, SampleDataset, UnitAssembler, check_sample
 from fcache.extract.views import expand_test_views
-from fcache.extract.work import Batcher, SampleDataset, UnitAssembler, check_sample
-from fcache.extract.work import SampleFailed as SampleFailed  # re-exported: cli catches it
 from fcache.spec import DatasetInfo, Manifest, Preprocessing, StorageSpec, keys_digest
 from fcache.store.encoding import check_dtype, parse_codec
-from fcache.store.lease import DriverLease, LeaseHeld
-from fcache.store.summary import human
+from fcache.store.info import human
+from fcache.store.lease import DriverLease
 
 
 @dataclass(frozen=True)
@@ -84,14 +84,14 @@ class ExtractConfig:
         positive |= {"frames": self.frames, "clips": self.clips, "crops": self.crops}
         bad = [f"--{k} {v}" for k, v in positive.items() if v < 1]
         if bad:
-            raise ValueError(f"{', '.join(bad)}: must be at least 1")
+            raise InputError(f"{', '.join(bad)}: must be at least 1")
         if self.input_size % 32:
-            raise ValueError(f"--input-size {self.input_size} is not a multiple of 32 (the backbone's coarsest stride)")
+            raise InputError(f"--input-size {self.input_size} is not a multiple of 32 (the backbone's coarsest stride)")
         lo, hi = self.view_scale
         if not 0 < lo <= hi:
-            raise ValueError(f"--view-scale {lo},{hi}: need 0 < LO <= HI")
+            raise InputError(f"--view-scale {lo},{hi}: need 0 < LO <= HI")
         if self.on_error not in ("skip", "fail"):
-            raise ValueError(f"--on-error {self.on_error}: use skip or fail")
+            raise InputError(f"--on-error {self.on_error}: use skip or fail")
         self.target()
 
     def target(self) -> ClusterTarget | None:
@@ -155,7 +155,7 @@ def prepare(cfg: ExtractConfig, *, meta: bool = False) -> tuple[Source, list[Sam
     if cfg.limit:
         refs = refs[: cfg.limit]
     if not refs:
-        raise ValueError(f"{cfg.root}: the dataset has no samples; check --root/--annotations/--split")
+        raise InputError(f"{cfg.root}: the dataset has no samples; check --root/--annotations/--split")
     backbone = build_backbone(
         cfg.model,
         input_size=cfg.input_size,

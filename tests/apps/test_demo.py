@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from fcache.demo import COLORS, DemoConfig, make_image, run_demo
+from fcache.apps.demo import COLORS, DemoConfig, make_image, run_demo
 
 
 @pytest.mark.parametrize("seed", range(6))

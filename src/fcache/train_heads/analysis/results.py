@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fcache.train_heads.rundir import RunDir
+from fcache.train_heads.runfolder import RunDir
 
 MAIN_METRIC = {"detection": "box/AP", "segmentation": "ss/mIoU", "video": "avg/top1", "classification": "avg/top1"}
 COLUMNS = (

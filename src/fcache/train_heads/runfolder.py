@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fcache import __version__
+from fcache.common.errors import InputError
 from fcache.train_heads.config import TrainConfig
 
 RUN_FORMAT = 1
@@ -40,12 +41,12 @@ class RunDir:
         try:
             return json.loads(p.read_text())
         except ValueError as e:
-            raise ValueError(f"{p} is unreadable ({e}); choose another --out") from e
+            raise InputError(f"{p} is unreadable ({e}); choose another --out") from e
 
     def require_config(self) -> dict[str, Any]:
         record = self.read_config()
         if record is None:
-            raise ValueError(f"{self.path} is not an fcache run folder (no {CONFIG}); pass the --out folder of `fcache train-head`")
+            raise InputError(f"{self.path} is not an fcache run folder (no {CONFIG}); pass the --out folder of `fcache train-head`")
         return record
 
     def check(self, record: dict[str, Any], *, resume: bool) -> dict[str, Any] | None:
@@ -57,18 +58,18 @@ class RunDir:
         existing = self.read_config()
         if existing is None:
             if self.path.exists() and any(self.path.iterdir()):
-                raise ValueError(f"{self.path} exists and is not an fcache run folder; choose another --out")
+                raise InputError(f"{self.path} exists and is not an fcache run folder; choose another --out")
             return None
         diffs = _diff(identity(existing), identity(record))
         if diffs:
-            raise ValueError(
+            raise InputError(
                 f"{self.path} holds a run of another configuration ({'; '.join(diffs)}); choose another --out, "
                 "or repeat the original flags to resume it"
             )
         checkpoint = self.load_checkpoint()
         if not resume:
             at = f"at iteration {checkpoint['iteration']}" if checkpoint else "without a checkpoint"
-            raise ValueError(f"{self.path} already holds this run ({at}); pass --resume to continue it, or choose another --out")
+            raise InputError(f"{self.path} already holds this run ({at}); pass --resume to continue it, or choose another --out")
         return checkpoint
 
     def begin(self, record: dict[str, Any], *, resume: bool) -> dict[str, Any] | None:
@@ -106,7 +107,7 @@ class RunDir:
         """The saved model weights and the iteration they were saved at."""
         p = self.path / MODEL
         if not p.is_file():
-            raise ValueError(f"{self.path} has no trained weights yet ({MODEL}); train (or resume) until a checkpoint is written")
+            raise InputError(f"{self.path} has no trained weights yet ({MODEL}); train (or resume) until a checkpoint is written")
         with safe_open(str(p), framework="pt") as f:
             iteration = int((f.metadata() or {}).get("iteration", -1))
         return load_file(str(p)), iteration

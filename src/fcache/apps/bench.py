@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fcache.common.errors import InputError
+
 SETTINGS = ("store", "online", "finetune")
 
 
@@ -47,9 +49,9 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("--steps and --batch-size must be at least 1")
+            raise InputError("--steps and --batch-size must be at least 1")
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is available here; use --device cpu")
+            raise InputError("--device cuda: no CUDA device is available here; use --device cpu")
 
 
 def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
@@ -146,7 +148,7 @@ def _measure(setting: str, cfg_dict: dict[str, Any], store: str) -> dict[str, An
 def _steps(setting: str, cfg: BenchConfig, store: str) -> dict[str, Any]:
     from fcache.train_heads.config import TrainConfig
     from fcache.train_heads.loop import Collate, EpochItems, TrainBatches, make_optimizer, train_step
-    from fcache.train_heads.run import prepare_training, training_data
+    from fcache.train_heads.training import prepare_training, training_data
 
     device = torch.device(cfg.device)
     tcfg = TrainConfig(store=store, out="", head=cfg.head, iters=10_000, batch_size=cfg.batch_size, device=cfg.device,

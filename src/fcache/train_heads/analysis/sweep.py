@@ -22,12 +22,13 @@ from typing import Any
 
 import yaml
 
+from fcache.common.errors import InputError
+from fcache.train_heads.analysis.report import LOSS_PLOT, plot_losses
+from fcache.train_heads.analysis.results import write_results
 from fcache.train_heads.config import TrainConfig, hyper_parameters
 from fcache.train_heads.multihead import folder_name
-from fcache.train_heads.results import write_results
-from fcache.train_heads.run import echo, prepare_training, run_train, task_defaults, training_record
-from fcache.train_heads.rundir import RunDir, identity
-from fcache.train_heads.runs_report import LOSS_PLOT, plot_losses
+from fcache.train_heads.runfolder import RunDir, identity
+from fcache.train_heads.training import echo, prepare_training, run_train, task_defaults, training_record
 
 GRID_KEYS = ("store", "head", "lr", "train_fraction", "weight_decay", "seed", "batch_size")  # a list = one grid axis
 FLOAT_KEYS = ("lr", "weight_decay", "train_fraction", "warmup_epochs", "warmup_factor", "gamma", "clip")
@@ -51,7 +52,7 @@ class SweepConfig:
 
     def __post_init__(self) -> None:
         if self.cluster and self.scheduler:
-            raise ValueError("give --cluster local:N or --scheduler tcp://HOST:PORT, not both")
+            raise InputError("give --cluster local:N or --scheduler tcp://HOST:PORT, not both")
         if self.cluster:
             local_workers(self.cluster)
 
@@ -60,7 +61,7 @@ def local_workers(cluster: str) -> int:
     """N of ``local:N``."""
     kind, _, n = cluster.partition(":")
     if kind != "local" or not n.isdigit() or int(n) < 1:
-        raise ValueError(f"--cluster {cluster!r} is not local:N with N >= 1 (e.g. local:4); use --scheduler for a remote cluster")
+        raise InputError(f"--cluster {cluster!r} is not local:N with N >= 1 (e.g. local:4); use --scheduler for a remote cluster")
     return int(n)
 
 
@@ -98,15 +99,15 @@ def _coerce(path: str, key: str, value: Any) -> Any:
             return float(value)
         if key in INT_KEYS or key == "threads":
             if isinstance(value, bool) or float(value) != int(float(value)):
-                raise ValueError
+                raise InputError
             return int(float(value))
         if key == "steps":
             return tuple(float(v) for v in (value if isinstance(value, list) else [value]))
     except (TypeError, ValueError):
         kind = "an integer" if key in INT_KEYS or key == "threads" else "a number" if key in FLOAT_KEYS else "a list of fractions"
-        raise ValueError(f"{path}: {key}: {value!r} is not {kind}") from None
+        raise InputError(f"{path}: {key}: {value!r} is not {kind}") from None
     if not isinstance(value, str):
-        raise ValueError(f"{path}: {key}: {value!r} is not a string")
+        raise InputError(f"{path}: {key}: {value!r} is not a string")
     return value
 
 
@@ -121,9 +122,9 @@ def _read_yaml(path: str) -> dict[str, Any]:
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""
-        raise ValueError(f"{path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+        raise InputError(f"{path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must be a YAML mapping of sweep keys (e.g. head: [fpn, bifpn:layers=3]); see the README")
+        raise InputError(f"{path} must be a YAML mapping of sweep keys (e.g. head: [fpn, bifpn:layers=3]); see the README")
     return data
 
 
@@ -136,16 +137,16 @@ def load_spec(path: str) -> SweepSpec:
     data = _read_yaml(path)
     unknown = sorted(set(map(str, data)) - set(SPEC_KEYS))
     if unknown:
-        raise ValueError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))} (known: {', '.join(sorted(SPEC_KEYS))})")
+        raise InputError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))} (known: {', '.join(sorted(SPEC_KEYS))})")
     missing = [k for k in REQUIRED if data.get(k) in (None, [], "")]
     if missing:
-        raise ValueError(f"{path}: missing {', '.join(missing)} (e.g. store: train.zarr, head: [fpn], iters: 1000)")
+        raise InputError(f"{path}: missing {', '.join(missing)} (e.g. store: train.zarr, head: [fpn], iters: 1000)")
     base = Path(path).resolve().parent
     values = {k: _values(path, base, k, v) for k, v in data.items() if k not in SWEEP_KEYS}
     if isinstance(values.get("val_store"), list):  # paired with the training stores (one validation store per backbone)
         stores = values["store"] if isinstance(values["store"], list) else [values["store"]]
         if len(values["val_store"]) != len(stores):
-            raise ValueError(f"{path}: val_store lists {len(values['val_store'])} stores for {len(stores)} in store; pair them one to one")
+            raise InputError(f"{path}: val_store lists {len(values['val_store'])} stores for {len(stores)} in store; pair them one to one")
         values["store"] = [tuple(pair) for pair in zip(stores, values.pop("val_store"), strict=True)]
     grid = tuple((k, tuple(values[k])) for k in GRID_KEYS if isinstance(values.get(k), list))
     fixed = tuple((k, v) for k, v in values.items() if not isinstance(v, list))
@@ -158,10 +159,10 @@ def _values(path: str, base: Path, key: str, value: Any) -> Any:
     """One SPEC value, or a list of them (a grid axis; ``val_store`` paired with ``store``), coerced and resolved."""
     if isinstance(value, list) and (key in GRID_KEYS or key == "val_store"):
         if len(value) == 0:
-            raise ValueError(f"{path}: {key} is an empty list; give at least one value")
+            raise InputError(f"{path}: {key} is an empty list; give at least one value")
         return [_resolve(base, key, _coerce(path, key, v)) for v in value]
     if isinstance(value, list) and key != "steps":
-        raise ValueError(f"{path}: {key} takes one value; lists (grid axes) are allowed for {', '.join(GRID_KEYS)}")
+        raise InputError(f"{path}: {key} takes one value; lists (grid axes) are allowed for {', '.join(GRID_KEYS)}")
     return _resolve(base, key, _coerce(path, key, value))
 
 
@@ -192,7 +193,7 @@ def plan(spec: SweepSpec, out: Path) -> list[Variant]:
         digest = hashlib.sha256(json.dumps(identity(record), sort_keys=True).encode()).hexdigest()[:10]
         name = f"{folder_name(record['task']['head'])}-{digest}"
         if name in variants:
-            raise ValueError(f"{spec.path}: two grid points are the same variant ({cfg.head}); list each head and value once")
+            raise InputError(f"{spec.path}: two grid points are the same variant ({cfg.head}); list each head and value once")
         cfg = dataclasses.replace(cfg, out=str(out / RUNS / name), resume=True)
         RunDir(cfg.out).check(record, resume=True)
         variants[name] = Variant(name, cfg, is_finished(cfg.out))
@@ -238,7 +239,7 @@ def dask_client(cfg: SweepConfig, threads: int | None = None) -> Iterator[Any]:
         return
     from dask.distributed import Client
 
-    from fcache.dask_local import local_cluster
+    from fcache.common.cluster import local_cluster
 
     if cfg.scheduler:
         with Client(cfg.scheduler) as client:
@@ -307,7 +308,7 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, say: Callable[[str], N
 
 def format_sweep(summary: Mapping[str, Any]) -> str:
     """What ``fcache sweep`` prints: counts, failures, the results table and where the files are."""
-    from fcache.train_heads.results import markdown
+    from fcache.train_heads.analysis.results import markdown
 
     lines = [f"{summary['variants']} variant(s): {summary['skipped']} skipped (finished), {summary['trained']} trained"]
     lines += [f"FAILED {name}: {error}" for name, error in summary["failed"].items()]

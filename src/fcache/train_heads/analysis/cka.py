@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fcache.common.errors import InputError
+
 MIN_EXAMPLES = 4  # HSIC_1 needs n >= 4
 
 
@@ -215,9 +217,9 @@ class CkaConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < MIN_EXAMPLES:
-            raise ValueError(f"--batch-size must be at least {MIN_EXAMPLES} (the unbiased HSIC needs 4 examples per minibatch)")
+            raise InputError(f"--batch-size must be at least {MIN_EXAMPLES} (the unbiased HSIC needs 4 examples per minibatch)")
         if self.samples < self.batch_size:
-            raise ValueError(f"--samples ({self.samples}) must be at least --batch-size ({self.batch_size})")
+            raise InputError(f"--samples ({self.samples}) must be at least --batch-size ({self.batch_size})")
 
 
 def run_cka(cfg: CkaConfig, progress: bool = True) -> dict[str, Any]:
@@ -226,7 +228,7 @@ def run_cka(cfg: CkaConfig, progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm
 
     from fcache.train_heads.loop import Collate, resolve_device
-    from fcache.train_heads.run import eval_data, load_trained
+    from fcache.train_heads.training import eval_data, load_trained
 
     task, levels, model, store, iteration = load_trained(cfg.run, cfg.store)
     data = eval_data(store, task, levels)
@@ -246,7 +248,7 @@ def run_cka(cfg: CkaConfig, progress: bool = True) -> dict[str, Any]:
 
     result = analyse(batches())
     if not result:
-        raise ValueError(f"{cfg.run}: nothing to analyse (the head has no neck or cascade to tap, or too few samples)")
+        raise InputError(f"{cfg.run}: nothing to analyse (the head has no neck or cascade to tap, or too few samples)")
     out = Path(cfg.out or Path(cfg.run) / "cka")
     head = json.loads((Path(cfg.run) / "config.json").read_text())["config"]["head"]
     write(result, out, f"linear CKA, {head} at iteration {iteration}, {full} samples of {store.root.name}")

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from dethelpers import OBJECTS, build_detection_store
 
 from fcache.cli import main
-from fcache.train_heads.cka import MinibatchCKA, cka
+from fcache.train_heads.analysis.cka import MinibatchCKA, cka
 from fcache.train_heads.config import TrainConfig
-from fcache.train_heads.run import run_train
+from fcache.train_heads.training import run_train
 
 
 def reference_hsic1(x: np.ndarray, y: np.ndarray) -> float:

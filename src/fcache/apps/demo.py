@@ -111,10 +111,10 @@ def build_dataset(root: Path, n: int, seed: int, long_side: int = 256) -> tuple[
 
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Dataset -> extract -> train -> evaluate (untrained and trained) -> report. Returns metrics.json's content."""
-    from fcache.extract.runner import ExtractConfig, run_extract, summary_lines
+    from fcache.extract.driver import ExtractConfig, run_extract, summary_lines
     from fcache.train_heads.config import TrainConfig
     from fcache.train_heads.loop import evaluate
-    from fcache.train_heads.run import eval_data, prepare_training, run_train
+    from fcache.train_heads.training import eval_data, prepare_training, run_train
 
     out = Path(cfg.out)
     shutil.rmtree(out, ignore_errors=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from fcache.dask_local import THREAD_VARS, local_cluster
+from fcache.common.cluster import THREAD_VARS, local_cluster
 
 
 def worker_environment() -> dict[str, str | None]:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from fcache import store as fstore
+from fcache.common.errors import InputError
 from fcache.spec import GEOMETRY_FIELDS, LevelSpec
 from fcache.store import FeatureStore
 from fcache.train_heads import distributed as ddp
@@ -21,7 +22,7 @@ from fcache.train_heads.classification import task as classification
 from fcache.train_heads.config import EvalConfig, TrainConfig
 from fcache.train_heads.detection.task import DetectionTask, check_eval_store
 from fcache.train_heads.loop import Task, TrainResult, build_model, evaluate, resolve_device, train, trainable_parameters
-from fcache.train_heads.rundir import RunDir
+from fcache.train_heads.runfolder import RunDir
 from fcache.train_heads.segmentation import task as segmentation
 from fcache.train_heads.video import task as video
 
@@ -56,7 +57,7 @@ TASKS: dict[str, TaskDef] = {
 
 def _task_def(name: str) -> TaskDef:
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
+        raise InputError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
     return TASKS[name]
 
 
@@ -70,7 +71,7 @@ def train_indices(store: FeatureStore, fraction: float, seed: int) -> np.ndarray
     ok = store.ok_indices
     if len(ok) == 0:
         counts = ", ".join(f"{k}: {v}" for k, v in store.status_counts().items())
-        raise ValueError(f"{store.root} has no usable samples ({counts}); finish or rerun the extraction first")
+        raise InputError(f"{store.root} has no usable samples ({counts}); finish or rerun the extraction first")
     if fraction >= 1.0:
         return ok
     k = max(1, round(fraction * len(ok)))
@@ -82,14 +83,14 @@ def check_levels(store: FeatureStore, levels: tuple[LevelSpec, ...]) -> None:
     have = {lv.name: lv for lv in store.levels}
     missing = [lv.name for lv in levels if lv.name not in have]
     if missing:
-        raise ValueError(f"{store.root} lacks level(s) {', '.join(missing)} that the head reads (it holds {', '.join(have)})")
+        raise InputError(f"{store.root} lacks level(s) {', '.join(missing)} that the head reads (it holds {', '.join(have)})")
     differ = [
         f"{lv.name} {have[lv.name].channels}ch/{have[lv.name].stride} != {lv.channels}ch/{lv.stride}"
         for lv in levels
         if have[lv.name] != lv
     ]
     if differ:
-        raise ValueError(
+        raise InputError(
             f"{store.root} has other features than the head was trained on ({'; '.join(differ)}); use a store of the same backbone"
         )
 
@@ -205,7 +206,7 @@ def check_plain_view(store: FeatureStore) -> None:
     fits = np.isclose(f["scale"] * np.maximum(f["orig_h"], f["orig_w"]), f["canvas"], rtol=1e-3)
     plain = (f["crop_x0"] == 0) & (f["crop_y0"] == 0) & (f["flip"] == 0) & fits
     if not plain.all():
-        raise ValueError(
+        raise InputError(
             f"{store.root}: view 0 of {int((~plain).sum())} sample(s) is a random crop or flip, not the plain resize + pad; "
             "evaluate on a store extracted with --views 1"
         )
@@ -213,7 +214,7 @@ def check_plain_view(store: FeatureStore) -> None:
 
 def eval_data(store: FeatureStore, task: Task, levels: tuple[LevelSpec, ...]) -> Any:
     if len(store.ok_indices) == 0:
-        raise ValueError(f"{store.root} has no usable samples to evaluate on")
+        raise InputError(f"{store.root} has no usable samples to evaluate on")
     if not store.video:  # a video view is a clip x crop by construction
         check_plain_view(store)
     if hasattr(task, "eval_dataset"):  # a task that scores more than view 0 (segmentation: ms+flip over the test views)

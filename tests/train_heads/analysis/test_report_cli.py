@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from matplotlib.image import imread
 
 from fcache.cli import main
-from fcache.train_heads.results import load_rows
-from fcache.train_heads.runs_report import find_runs, loss_curves
+from fcache.train_heads.analysis.report import find_runs, loss_curves
+from fcache.train_heads.analysis.results import load_rows
 from helpers import refused
 
 pytestmark = pytest.mark.usefixtures("one_thread")

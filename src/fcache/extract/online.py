@@ -14,7 +14,7 @@ import torch
 
 from fcache import store as fstore
 from fcache.extract.rebuild import Rebuilt, rebuild
-from fcache.extract.work import view_images
+from fcache.extract.stages import view_images
 from fcache.spec import Manifest
 
 

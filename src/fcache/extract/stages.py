@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from fcache.common.errors import SampleFailed
 from fcache.extract.sources.base import Decoded, SampleError, SampleRef, Source
 from fcache.extract.views import image_views, render, video_views
 from fcache.spec import GEOMETRY_FIELDS, Geometry, Manifest, Status
@@ -26,10 +27,6 @@ from fcache.store.encoding import STORED_DTYPES, Encoded, encode
 
 if TYPE_CHECKING:
     from fcache.extract.backbones import Backbone
-
-
-class SampleFailed(RuntimeError):
-    """``--on-error fail``: the first failed sample stops the run."""
 
 
 def check_sample(item: dict[str, Any], on_error: str) -> None:

@@ -11,8 +11,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fcache.train_heads.results import CSV_NAME, MARKDOWN_NAME, PLOT_NAME, markdown, save_figure, task_panels, write_results
-from fcache.train_heads.rundir import CONFIG, RunDir
+from fcache.common.errors import InputError
+from fcache.train_heads.analysis.results import CSV_NAME, MARKDOWN_NAME, PLOT_NAME, markdown, save_figure, task_panels, write_results
+from fcache.train_heads.runfolder import CONFIG, RunDir
 
 LOSS_PLOT = "losses.png"
 REPORT = "report.md"
@@ -28,16 +29,16 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
     found: dict[Path, None] = {}
     for p in map(Path, paths):
         if not p.is_dir():
-            raise ValueError(f"{p} is not a folder; pass RUN folders (the --out of train-head) or folders that hold them")
+            raise InputError(f"{p} is not a folder; pass RUN folders (the --out of train-head) or folders that hold them")
         if (p / CONFIG).is_file():
             found[p.resolve()] = None
             continue
         inside = sorted(c.parent for c in [*p.glob(f"*/{CONFIG}"), *p.glob(f"*/*/{CONFIG}")])
         if not inside:
-            raise ValueError(f"{p} holds no fcache run folder (no {CONFIG} in it or two levels below)")
+            raise InputError(f"{p} holds no fcache run folder (no {CONFIG} in it or two levels below)")
         found |= dict.fromkeys(c.resolve() for c in inside)
     if not found:
-        raise ValueError("no RUN folder given")
+        raise InputError("no RUN folder given")
     return list(found)
 
 

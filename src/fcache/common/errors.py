@@ -1,0 +1,49 @@
+"""The errors fcache raises for what users got wrong; anything else that escapes a command is a bug.
+
+``fcache``'s commands turn a :class:`FcacheError` into one line on stderr and exit code 2 (no traceback), and let
+every other exception show its traceback. Raise an ``FcacheError`` subclass only with a message that names what is
+wrong and what to do. ``InputError`` is also a ``ValueError``, so Python callers can catch bad values the usual way.
+"""
+
+from __future__ import annotations
+
+
+class FcacheError(Exception):
+    """A mistake of the user's (flags, files, data, a store or RUN folder that does not fit); the message says what to do."""
+
+
+class InputError(FcacheError, ValueError):
+    """A flag, a file or a combination of them that cannot be used as given."""
+
+
+class MetadataError(InputError):
+    """The dataset's metadata is invalid; ``problems`` lists every problem found, not just the first."""
+
+    def __init__(self, source: str, problems: list[str], limit: int = 20, *, hint: str = "") -> None:
+        shown = "; ".join(problems[:limit]) + (f"; ... and {len(problems) - limit} more" if len(problems) > limit else "")
+        super().__init__(f"{source}: {len(problems)} problem(s) in the metadata: {shown}" + (f" -- {hint}" if hint else ""))
+        self.problems = problems
+
+
+class StoreError(FcacheError):
+    """A store cannot be used as asked; the message says what to do."""
+
+
+class CorruptStoreError(StoreError):
+    """Bytes on disk do not match what was committed."""
+
+
+class LeaseHeld(StoreError):
+    """Another live driver holds the store's lease; the message names it and what to do."""
+
+
+class Fp16OverflowError(InputError):
+    """Features exceed float16's range; the run must switch dtype."""
+
+
+class DivergedError(FcacheError):
+    """The training loss stopped being finite."""
+
+
+class SampleFailed(FcacheError):
+    """``--on-error fail``: the first failed sample stops the run (exit code 1, committed units kept)."""
