@@ -18,11 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import photo_folder, save, table  # noqa: E402
-from fcache.extract.driver import ExtractConfig, run_extract  # noqa: E402
+from fcache.extract.config import ExtractConfig
+from fcache.extract.driver import run_extract  # noqa: E402
 
 
 def measure(args: argparse.Namespace, root: Path, out: Path, cluster: str) -> dict[str, float]:
-    cfg = ExtractConfig(
+    cfg = ExtractConfig.from_flags(
         dataset="folder",
         root=str(root),
         out=str(out),

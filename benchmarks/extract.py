@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import photo_folder, save, table  # noqa: E402
 from fcache.extract.backbones import build_backbone  # noqa: E402
-from fcache.extract.driver import ExtractConfig, run_extract  # noqa: E402
+from fcache.extract.config import ExtractConfig
+from fcache.extract.driver import run_extract  # noqa: E402
 
 
 def bare_images_per_s(model: str, size: int, batch: int, device: str, seconds: float = 8.0) -> float:
@@ -37,7 +38,7 @@ def bare_images_per_s(model: str, size: int, batch: int, device: str, seconds: f
 
 
 def pipeline(model: str, size: int, batch: int, workers: int, device: str, root: Path, out: Path) -> dict:
-    cfg = ExtractConfig(
+    cfg = ExtractConfig.from_flags(
         dataset="folder",
         root=str(root),
         out=str(out),

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import save, table  # noqa: E402
 from fcache.apps.demo import build_dataset  # noqa: E402
 from fcache.extract.backbones import build_backbone  # noqa: E402
-from fcache.extract.driver import ExtractConfig, run_extract  # noqa: E402
+from fcache.extract.config import ExtractConfig
+from fcache.extract.driver import run_extract  # noqa: E402
 from fcache.extract.stages import SampleDataset  # noqa: E402
 from fcache.train_heads.config import TrainConfig  # noqa: E402
 from fcache.train_heads.loop import Collate, EpochItems, TrainBatches, make_optimizer, train_step  # noqa: E402
@@ -103,8 +104,9 @@ def measure(store: Path, images: Path, ann: Path, head: str, model_name: str, si
 
 def _source(images: Path, ann: Path):  # noqa: ANN202
     from fcache.extract.sources import build_source
+    from fcache.spec import SourceConfig
 
-    src = build_source("coco", images, annotations=ann)
+    src = build_source(SourceConfig("coco", str(images), annotations=str(ann)))
     return src, src.samples()
 
 
@@ -124,7 +126,7 @@ def main() -> None:
             size, batch = (int(x) for x in rest.split(":"))
             images, ann = build_dataset(tmp / f"data{size}", args.images, seed=0, long_side=size)
             store = tmp / f"{model_name}-{size}.zarr"
-            ecfg = ExtractConfig(dataset="coco", root=str(images), annotations=str(ann), out=str(store), model=model_name,
+            ecfg = ExtractConfig.from_flags(dataset="coco", root=str(images), annotations=str(ann), out=str(store), model=model_name,
                                  random_init=True, input_size=size, num_workers=1, device="cpu", shard_size=4)  # fmt: skip
             run_extract(ecfg)
             for head in args.heads.split(";"):

@@ -25,11 +25,16 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).parent))
 from common import save, table  # noqa: E402
 from fcache.apps.demo import build_dataset  # noqa: E402
-from fcache.extract.driver import ExtractConfig, run_extract  # noqa: E402
+from fcache.extract.config import ExtractConfig
+from fcache.extract.driver import run_extract  # noqa: E402
 from fcache.train_heads.config import TrainConfig  # noqa: E402
 from fcache.train_heads.loop import Collate, EpochItems, TrainBatches  # noqa: E402
-from fcache.train_heads.multihead import run_train_heads  # noqa: E402
-from fcache.train_heads.training import prepare_training, run_train, training_data  # noqa: E402
+from fcache.train_heads.training import (  # noqa: E402
+    prepare_training,
+    run_train,
+    run_train_heads,  # noqa: E402
+    training_data,
+)
 
 SMALL = "channels=64,rois=64,rpn_batch=64"
 HEADS = f"fpn:{SMALL};bifpn:layers=1,{SMALL};bifpn:layers=3,{SMALL}"
@@ -111,7 +116,7 @@ def main() -> None:
         for size in map(int, args.sizes.split(",")):
             images, ann = build_dataset(tmp / f"data{size}", args.images, seed=0, long_side=size)
             store = tmp / f"store{size}.zarr"
-            run_extract(ExtractConfig(dataset="coco", root=str(images), annotations=str(ann), out=str(store), model=args.model,
+            run_extract(ExtractConfig.from_flags(dataset="coco", root=str(images), annotations=str(ann), out=str(store), model=args.model,
                                       random_init=True, input_size=size, num_workers=1, device="cpu", shard_size=4))  # fmt: skip
             rows += [{"store": f"{args.model}@{size}", **r} for r in measure(store, tmp / f"work{size}", heads, args)]
     finally:

@@ -20,8 +20,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import photos, save, table  # noqa: E402
 from fcache import store as fstore  # noqa: E402
-from fcache.spec import GEOMETRY_FIELDS, BackboneInfo, DatasetInfo, LevelSpec, Manifest, Preprocessing, StorageSpec, keys_digest  # noqa: E402
-from fcache.store.encoding import STORED_DTYPES  # noqa: E402
+from fcache.spec import (  # noqa: E402
+    GEOMETRY_FIELDS,
+    BackboneInfo,
+    DatasetInfo,
+    LevelSpec,
+    Manifest,
+    Preprocessing,
+    SourceConfig,
+    StorageSpec,
+    keys_digest,
+)
+from fcache.store.dtypes import DTYPES  # noqa: E402
 
 
 def backbone_features(n: int, size: int) -> list[dict[str, np.ndarray]]:
@@ -48,7 +58,7 @@ def run(dtype: str, feats: list[dict[str, np.ndarray]], shard: int, size: int, r
         BackboneInfo("swinv2-b", "swinv2_base_window8_256", "random-init", size, 8, levels),
         Preprocessing(),
         StorageSpec(dtype=dtype, codec="zstd", shard_size=shard),
-        DatasetInfo("bench", n, keys_digest(keys)),
+        DatasetInfo(SourceConfig("bench", ""), n, keys_digest(keys)),
     )
     path = root / f"{dtype}.zarr"
     w = fstore.create(path, m, keys)
@@ -56,7 +66,7 @@ def run(dtype: str, feats: list[dict[str, np.ndarray]], shard: int, size: int, r
     for u in w.units:
         fe = {lv.name: np.stack([feats[i][lv.name][None] for i in range(u.start, u.stop)]) for lv in levels}
         payloads.append((u, fe, np.ones(len(u), np.uint8), np.zeros((len(u), 1, len(GEOMETRY_FIELDS)), np.float32)))
-    stored_per_sample = sum(x.size for x in feats[0].values()) * STORED_DTYPES[dtype].itemsize
+    stored_per_sample = sum(x.size for x in feats[0].values()) * DTYPES[dtype].numpy.itemsize
     t = time.perf_counter()
     for u, fe, st, ge in payloads:
         w.write_unit(u, fe, st, ge)

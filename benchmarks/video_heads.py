@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import photos, save, table  # noqa: E402
 from extract import bare_images_per_s  # noqa: E402
-from fcache.extract.driver import ExtractConfig, run_extract  # noqa: E402
+from fcache.extract.config import ExtractConfig
+from fcache.extract.driver import run_extract  # noqa: E402
 from fcache.spec import Geometry, LevelSpec  # noqa: E402
 from fcache.train_heads.config import TrainConfig  # noqa: E402
 from fcache.train_heads.loop import Batch, make_optimizer, trainable_parameters  # noqa: E402
@@ -59,7 +60,7 @@ def extraction(size: int, clips: int, frames: int, batch: int, workers: int) -> 
     tmp = Path(tempfile.mkdtemp(prefix="fcache-video-bench-"))
     try:
         write_clips(tmp / "clips", clips, frames)
-        cfg = ExtractConfig(
+        cfg = ExtractConfig.from_flags(
             dataset="video",
             root=str(tmp / "clips"),
             out=str(tmp / "v.zarr"),

@@ -15,6 +15,7 @@ from fcache.spec import (
     LevelSpec,
     Manifest,
     Preprocessing,
+    SourceConfig,
     Status,
     StorageSpec,
     keys_digest,
@@ -40,7 +41,7 @@ def make_manifest(
         backbone=BackboneInfo("test", "test_model", "random-init", input_size, 8, levels),
         preprocessing=Preprocessing(views=1 if frames else views, frames=frames, clips=views if frames else 1),
         storage=StorageSpec(dtype=dtype, codec=codec, shard_size=shard_size),
-        dataset=DatasetInfo(kind=kind, n=n, digest=keys_digest(keys)),
+        dataset=DatasetInfo(SourceConfig(kind, ""), n=n, digest=keys_digest(keys)),
         fcache_version="test",
     )
     return m, keys
@@ -109,3 +110,11 @@ def refused(r, *fragments: str) -> None:
     assert "Traceback" not in r.output
     for f in fragments:
         assert f in lines[0], lines[0]
+
+
+def source_of(kind: str, root, **settings):
+    """``build_source`` of a SourceConfig made from ``kind``, ``root`` and the other source settings (paths as str)."""
+    from fcache.extract.sources import build_source
+    from fcache.spec import SourceConfig
+
+    return build_source(SourceConfig(kind, str(root), **{k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}))

@@ -11,7 +11,8 @@ import dataclasses
 import pytest
 import torch
 
-from fcache.extract.driver import ExtractConfig, run_extract
+from fcache.extract.config import ExtractConfig
+from fcache.extract.driver import run_extract
 from fcache.extract.online import OnlineFeatures
 from fcache.train_heads.config import TrainConfig
 from fcache.train_heads.loop import train
@@ -25,7 +26,7 @@ def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("fidelity")
     images, ann = coco_dataset(root / "coco", n=4)
     out = root / "train.zarr"
-    cfg = ExtractConfig(dataset="coco", root=str(images), annotations=str(ann), out=str(out), model="swinv2-t", random_init=True,
+    cfg = ExtractConfig.from_flags(dataset="coco", root=str(images), annotations=str(ann), out=str(out), model="swinv2-t", random_init=True,
                         input_size=128, dtype="fp32", views=2, view_scale=(0.6, 1.4), shard_size=2, num_workers=0, seed=3)  # fmt: skip
     assert run_extract(cfg).exit_code == 0
     return out

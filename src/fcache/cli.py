@@ -1,17 +1,31 @@
-"""The ``fcache`` command: parses flags, builds a config, calls one function. No logic lives here."""
+"""The ``fcache`` command: parses flags, builds a config, calls one function. No logic lives here.
+
+The flags of ``extract``, ``plan``, ``train-head``, ``eval``, ``cka``, ``bench``, ``sweep`` and ``demo`` are made from
+the fields of their config dataclasses (``fcache.common.flags``): a setting, its default and its help are written once,
+as a field. Importing this module imports neither torch nor zarr; a command imports what it runs, and a table of
+choices (datasets, dtypes, tasks) is read when a command's help or flags need it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import json
 import sys
+import types
+import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 
 from fcache import __version__
+from fcache.common.devices import DEVICE_HELP
+from fcache.common.flags import Flag, flags_of
+from fcache.extract.config import ExtractConfig
+from fcache.spec import SourceConfig
+from fcache.train_heads.config import CkaConfig, EvalConfig, SweepConfig, TrainConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -41,7 +55,74 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class TableChoice(click.Choice):
+    """A choice among a table's keys, read when the command needs them (its help, its flags), not when fcache starts."""
+
+    def __init__(self, flag: Flag) -> None:
+        self.flag = flag
+        self.case_sensitive = True
+
+    @property  # type: ignore[override]
+    def choices(self) -> tuple[str, ...]:
+        return self.flag.values() or ()
+
+
+def _base_type(hint: Any) -> Any:
+    """int / float / str / bool of a field's type (``X | None`` -> X)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint if hint in (int, float, str, bool) else str
+
+
+def _option(field: dataclasses.Field, flag: Flag, hint: Any) -> Callable[[F], F]:
+    """The click option of one config field."""
+    required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+    kwargs: dict[str, Any] = {"help": flag.help, "show_default": flag.show_default, "required": required}
+    decls = [flag.option(field.name), field.name]
+    base = _base_type(hint)
+    if base is bool:
+        if flag.secondary:
+            decls[0] = f"{decls[0]}/{flag.secondary}"
+            kwargs["default"] = field.default
+        else:
+            kwargs |= {"is_flag": True, "default": False}
+    elif flag.parse is not None:
+        parse = flag.parse
+
+        def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+            from fcache.common.errors import InputError
+
+            if value is None:
+                return None
+            try:
+                return parse(value)
+            except InputError as e:
+                raise click.BadParameter(str(e)) from None
+
+        kwargs |= {"type": str, "default": flag.text_default, "callback": callback}
+    else:
+        kwargs |= {"type": TableChoice(flag) if flag.choices is not None else base}
+        if not required:
+            kwargs["default"] = field.default
+    return click.option(*decls, **kwargs)
+
+
+def options_of(*classes: type, skip: tuple[str, ...] = ()) -> Callable[[F], F]:
+    """Click options for the flag fields of config ``classes`` (their defaults and help), in declaration order."""
+
+    def decorate(fn: F) -> F:
+        options = []
+        for cls in classes:
+            hints = typing.get_type_hints(cls)
+            options += [_option(f, fl, hints[f.name]) for f, fl in flags_of(cls) if f.name not in skip]
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="fcache")
 def main() -> None:
     """fcache: run a frozen vision backbone once, cache its multi-scale features, train many heads from the cache.
@@ -68,7 +149,7 @@ def info(store: str, as_json: bool) -> None:
 @click.option("--fast", is_flag=True, help="Check presence, sizes and statuses only; skip checksums and decoding.")
 @click.option("--recompute", type=int, default=0, help="Also re-extract K random samples and compare them with the store.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None, help="With --recompute: the weights file used.")
-@click.option("--device", default="cpu", show_default=True, help="With --recompute: where to run the backbone.")
+@click.option("--device", default="auto", show_default=True, help=f"With --recompute: where to run the backbone: {DEVICE_HELP}")
 @click.option("--tolerance", type=float, default=None, help="With --recompute: relative RMSE allowed (default by dtype).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
@@ -76,7 +157,8 @@ def verify(store: str, fast: bool, recompute: int, weights: str | None, device: 
     """Check STORE against its ledger: temporaries, missing or changed shards, CRCs, statuses, NaN/Inf.
 
     Names each bad file with its sample range. Exit code 0 when the store is sound, 1 otherwise.
-    With --recompute K, K random samples are extracted again from the original data and compared.
+    With --recompute K, K random samples are extracted again from the original data (the store records where it
+    came from and how) and compared.
     """
     from tqdm import tqdm
 
@@ -103,166 +185,23 @@ def verify(store: str, fast: bool, recompute: int, weights: str | None, device: 
     sys.exit(0 if report.ok else 1)
 
 
-def _floats(text: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(x) for x in text.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: expected LO,HI such as 0.1,2.0") from None
-    return lo, hi
-
-
-def _extract_options(fn: F) -> F:
-    """Flags shared by `extract` and `plan` (plan accepts the same command line and writes nothing)."""
-    options = [
-        click.option(
-            "--dataset", type=click.Choice(["coco", "ade20k", "video", "folder", "wds"]), required=True, help="Kind of raw dataset."
-        ),
-        click.option(
-            "--root",
-            type=click.Path(exists=True, file_okay=False),
-            required=True,
-            help="Image folder (coco, folder), ADEChallengeData2016 folder (ade20k), class folders (video), tar folder (wds).",
-        ),
-        click.option(
-            "--annotations", type=click.Path(exists=True, dir_okay=False), default=None, help="COCO json (coco) or path,label CSV (video)."
-        ),
-        click.option("--split", default="", help="ade20k: training or validation."),
-        click.option("--model", default="swinv2-t", show_default=True, help="swinv2-t/s/b/l/g or any timm model with features_only."),
-        click.option(
-            "--weights",
-            type=click.Path(exists=True, dir_okay=False),
-            default=None,
-            help="Checkpoint (safetensors or torch) of the full timm model.",
-        ),
-        click.option("--random-init", is_flag=True, help="Random backbone weights (tests, demo). Never implied."),
-        click.option(
-            "--input-size", type=int, default=256, show_default=True, help="Square canvas side; the window size stays as pretrained."
-        ),
-        click.option("--levels", default="p2,p3,p4,p5", show_default=True, help="Levels to store (p2..p5 = strides 4..32)."),
-        click.option("--dtype", type=click.Choice(["fp16", "bf16", "int8", "fp32"]), default="fp16", show_default=True),
-        click.option("--codec", default="zstd", show_default=True, help="zstd, zstd:LEVEL (1-9), lz4 or none; CRC32C always."),
-        click.option("--shard-size", type=int, default=16, show_default=True, help="Samples per shard (= unit of work)."),
-        click.option("--views", type=int, default=1, show_default=True, help="Training views per sample (>1: seeded random resize-crop)."),
-        click.option(
-            "--view-scale",
-            default="1.0,1.0",
-            callback=lambda c, p, v: _floats(v),
-            show_default=True,
-            help="LO,HI scale range of training views relative to the plain fit (paper: 0.1,2.0).",
-        ),
-        click.option(
-            "--view-flip/--no-view-flip",
-            default=True,
-            show_default=True,
-            help="Random horizontal flip in training views (when --views > 1).",
-        ),
-        click.option("--test-views", default="", help="Evaluation views: flip, ms, or flip,ms."),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--frames", type=int, default=16, show_default=True, help="video: frames per clip."),
-        click.option("--clips", type=int, default=1, show_default=True, help="video: temporal clips per video."),
-        click.option("--crops", type=int, default=1, show_default=True, help="video: spatial crops per clip (1 or 3)."),
-        click.option("--batch-size", type=int, default=8, show_default=True, help="Images per backbone forward."),
-        click.option("--num-workers", type=int, default=2, show_default=True, help="DataLoader processes decoding media."),
-        click.option("--device", default="cuda" if _cuda() else "cpu", show_default="cuda if available"),
-        click.option("--limit", type=int, default=0, help="Only the first N samples."),
-        click.option(
-            "--on-error",
-            type=click.Choice(["skip", "fail"]),
-            default="skip",
-            show_default=True,
-            help="skip: record a bad sample and go on; fail: stop at the first.",
-        ),
-        click.option(
-            "--writers", type=int, default=0, help="Threads encoding + compressing + committing units [default: one per 2 cores]."
-        ),
-        click.option("--decode-timeout", type=float, default=60.0, show_default=True, help="Seconds one sample may take to decode."),
-        click.option(
-            "--max-pixels",
-            type=int,
-            default=89_478_485,
-            show_default=True,
-            help="Larger images are refused as too_large (decompression bombs).",
-        ),
-        click.option(
-            "--drop-degenerate-boxes", is_flag=True, help="coco: drop boxes with w or h <= 0 (with a warning) instead of refusing the json."
-        ),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
-
-
-def _extract_config(out: str, overwrite: bool, kw: dict[str, Any]) -> Any:
-    from fcache.extract.backbones import iter_levels
-    from fcache.extract.driver import ExtractConfig
-
-    return ExtractConfig(
-        out=out,
-        overwrite=overwrite,
-        dataset=kw["dataset"],
-        root=kw["root"],
-        annotations=kw["annotations"] or "",
-        split=kw["split"],
-        model=kw["model"],
-        weights=kw["weights"] or "",
-        random_init=kw["random_init"],
-        input_size=kw["input_size"],
-        levels=tuple(iter_levels(kw["levels"])),
-        dtype=kw["dtype"],
-        codec=kw["codec"],
-        shard_size=kw["shard_size"],
-        views=kw["views"],
-        view_scale=kw["view_scale"],
-        view_flip=kw["view_flip"],
-        test_views=tuple(t for t in kw["test_views"].split(",") if t),
-        seed=kw["seed"],
-        frames=kw["frames"],
-        clips=kw["clips"],
-        crops=kw["crops"],
-        batch_size=kw["batch_size"],
-        num_workers=kw["num_workers"],
-        device=kw["device"],
-        limit=kw["limit"],
-        on_error=kw["on_error"],
-        decode_timeout=kw["decode_timeout"],
-        writers=kw["writers"],
-        drop_degenerate_boxes=kw["drop_degenerate_boxes"],
-        max_pixels=kw["max_pixels"],
-    )
-
-
 @main.command()
-@_extract_options
+@options_of(SourceConfig, ExtractConfig)
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="The store to create (or resume).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing store of another configuration.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--cluster", default="", help="local:N: units as dask tasks on a local cluster of N worker processes (CUDA: one per GPU).")
-@click.option("--scheduler", default="", help="tcp://HOST:PORT: units as dask tasks on a running dask cluster (TLS from dask's config).")
 @user_errors
-def extract(out: str, overwrite: bool, as_json: bool, cluster: str, scheduler: str, **kw: Any) -> None:
+def extract(as_json: bool, **kw: Any) -> None:
     """Run the frozen backbone once over a dataset and store its multi-scale features.
 
     Crash-safe: rerun the same command after an interruption and only the missing units are done.
     Exit code 0 when every sample was extracted, 3 when some were skipped (see STORE/errors.jsonl),
     2 for bad flags or data, or when another driver is running on the store.
     """
-    import dataclasses
-
     from fcache.common.errors import SampleFailed
     from fcache.extract.driver import run_extract, summary_lines
 
-    cfg = dataclasses.replace(_extract_config(out, overwrite, kw), cluster=cluster, scheduler=scheduler)
     try:
-        summary = run_extract(cfg, show_progress=not as_json)
+        summary = run_extract(ExtractConfig.from_flags(**kw), show_progress=not as_json)
     except SampleFailed as e:
         click.echo(f"Error: {e} (--on-error fail); committed units are kept, rerun to resume", err=True)
         sys.exit(1)
@@ -271,7 +210,7 @@ def extract(out: str, overwrite: bool, as_json: bool, cluster: str, scheduler: s
 
 
 @main.command()
-@_extract_options
+@options_of(SourceConfig, ExtractConfig, skip=("overwrite", "cluster", "scheduler"))
 @click.option("--measure", type=int, default=4, show_default=True, help="Samples extracted into a temporary folder to measure.")
 @click.option("--no-run", is_flag=True, help="Measure nothing: sizes from shapes, time from FLOPs (works without weights).")
 @click.option("--assume-tflops", type=float, default=100.0, show_default=True, help="Sustained TFLOP/s for the --no-run time estimate.")
@@ -286,81 +225,21 @@ def plan(measure: int, no_run: bool, assume_tflops: float, as_json: bool, **kw: 
     from fcache.extract.plan import format_plan
     from fcache.extract.plan import plan as make_plan
 
-    p = make_plan(_extract_config("", False, kw), measure=measure, no_run=no_run, assume_tflops=assume_tflops)
+    p = make_plan(ExtractConfig.from_flags(**kw), measure=measure, no_run=no_run, assume_tflops=assume_tflops)
     click.echo(json.dumps(p, indent=1) if as_json else format_plan(p))
 
 
-def _fractions(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    try:
-        return tuple(float(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of fractions, e.g. 0.667,0.917") from None
-
-
 @main.command("train-head")
-@click.option("--store", required=True, type=click.Path(exists=True, file_okay=False), help="Training feature store.")
-@click.option("--val-store", type=click.Path(exists=True, file_okay=False), help="Store to evaluate on when training finishes.")
-@click.option("--task", default="detection", show_default=True, help="detection, segmentation, video or classification.")
+@options_of(TrainConfig, skip=("head",))
 @click.option(
     "--head",
     required=True,
     multiple=True,
     help="Head spec NAME[:key=value,...], e.g. fpn, bifpn:layers=5,roi=cascade. Repeat it to train several heads in one read pass.",
 )
-@click.option(
-    "--out",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="RUN folder: config.json, checkpoint, metrics.jsonl. With several --head: the parent of one RUN folder per head.",
-)
-@click.option("--iters", required=True, type=int, help="Training iterations (the schedule is relative to this).")
-@click.option("--batch-size", type=int, help="Samples per iteration [default: per task: 16, video and classification 64].")
-@click.option("--lr", type=float, help="Base AdamW learning rate [default: per task and head, see below].")
-@click.option("--weight-decay", type=float, help="AdamW weight decay [default: per task and head].")
-@click.option("--warmup", type=int, help="Linear warm-up iterations [default: per task and head].")
-@click.option("--warmup-epochs", type=float, help="Warm-up in epochs of the training set instead (video default: 2.5).")
-@click.option("--schedule", type=click.Choice(["step", "cosine", "linear"]), help="Learning-rate decay [default: per task and head].")
-@click.option("--steps", callback=_fractions, help="Multi-step milestones as fractions of --iters [default: 8/12,11/12].")
-@click.option("--gamma", default=0.1, show_default=True, type=float, help="Multi-step decay factor.")
-@click.option("--clip", type=float, default=None, help="Clip the gradient norm to this value.")
-@click.option("--num-workers", default=2, show_default=True, type=int, help="DataLoader worker processes.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--train-fraction", default=1.0, show_default=True, type=float, help="Train on a seeded subset (Table 6: 0.01, 0.1).")
-@click.option("--checkpoint-every", default=1000, show_default=True, type=int)
-@click.option("--log-every", default=20, show_default=True, type=int, help="Iterations per metrics.jsonl record.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint (bit-exact on CPU).")
-@click.option("--stop-at", type=int, default=None, help="Stop (with a checkpoint) after this iteration; finish later with --resume.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON, without progress bar.")
 @user_errors
-def train_head(
-    store: str,
-    val_store: str | None,
-    task: str,
-    head: tuple[str, ...],
-    out: str,
-    iters: int,
-    batch_size: int | None,
-    lr: float | None,
-    weight_decay: float | None,
-    warmup: int | None,
-    warmup_epochs: float | None,
-    schedule: str | None,
-    steps: tuple[float, ...] | None,
-    gamma: float,
-    clip: float | None,
-    num_workers: int,
-    device: str,
-    seed: int,
-    train_fraction: float,
-    checkpoint_every: int,
-    log_every: int,
-    resume: bool,
-    stop_at: int | None,
-    as_json: bool,
-) -> None:
+def train_head(head: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     """Train a task head from a feature store; AdamW with the paper's defaults for the task and head.
 
     Defaults (frozen setting): detection lr 3e-4, weight decay 0.05, 500 warm-up iterations, step decay
@@ -370,41 +249,16 @@ def train_head(
     weight decay, 1 warm-up epoch, cosine decay.
 
     Writes RUN/config.json, RUN/checkpoint.pt + model.safetensors (every --checkpoint-every iterations)
-    and RUN/metrics.jsonl; with --val-store also RUN/detections.json and the AP numbers.
+    and RUN/metrics.jsonl; with --val-store also the task's predictions and metrics.
 
     Several --head train in one read pass of the store, each into OUT/<its canonical spec>, each exactly as
     if trained alone. One head on many GPUs: torchrun --nproc-per-node K -m fcache train-head ...
     """
-    from fcache.train_heads.config import TrainConfig, hyper_parameters
     from fcache.train_heads.console import format_train_summary
     from fcache.train_heads.distributed import is_main_process
-    from fcache.train_heads.multihead import run_train_heads
-    from fcache.train_heads.training import run_train, task_defaults
+    from fcache.train_heads.training import run_train, run_train_heads
 
-    given = {"batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "schedule": schedule, "steps": steps}
-    given |= {"warmup": warmup, "warmup_epochs": warmup_epochs}
-    cfgs = [
-        TrainConfig(
-            store=store,
-            val_store=val_store,
-            task=task,
-            head=spec,
-            out=out,
-            iters=iters,
-            gamma=gamma,
-            clip=clip,
-            num_workers=num_workers,
-            device=device,
-            seed=seed,
-            train_fraction=train_fraction,
-            checkpoint_every=checkpoint_every,
-            log_every=log_every,
-            resume=resume,
-            stop_at=stop_at,
-            **hyper_parameters(task_defaults(task, spec), given),  # given flags win
-        )
-        for spec in head
-    ]
+    cfgs = [TrainConfig.from_flags(head=spec, **kw) for spec in head]
     if len(cfgs) == 1:
         summary = run_train(cfgs[0], progress=not as_json)
         if is_main_process():  # under torchrun, rank 0 speaks for all
@@ -416,36 +270,28 @@ def train_head(
 
 @main.command("eval")
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
-@click.option("--store", required=True, type=click.Path(exists=True, file_okay=False), help="Feature store to evaluate on.")
-@click.option("--batch-size", default=2, show_default=True, type=int)
-@click.option("--num-workers", default=2, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@options_of(EvalConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @user_errors
-def eval_run(run: str, store: str, batch_size: int, num_workers: int, device: str, as_json: bool) -> None:
+def eval_run(run: str, as_json: bool, **kw: Any) -> None:
     """Evaluate the head trained in RUN on a store: box and mask AP (pycocotools), detections into RUN/detections.json.
 
-    Video and classification: top-1 / top-5 of each view and of the views' mean scores, per-sample predictions
-    into RUN/predictions.jsonl.
+    Segmentation: mIoU single scale and over the test views; video and classification: top-1 / top-5 of each view and
+    of the views' mean scores, per-sample predictions into RUN/predictions.jsonl.
     """
-    from fcache.train_heads.config import EvalConfig
     from fcache.train_heads.console import format_eval
-    from fcache.train_heads.training import run_eval
+    from fcache.train_heads.evaluation import run_eval
 
-    summary = run_eval(
-        EvalConfig(run=run, store=store, batch_size=batch_size, num_workers=num_workers, device=device), progress=not as_json
-    )
+    summary = run_eval(EvalConfig(run=run, **kw), progress=not as_json)
     click.echo(json.dumps(summary, indent=1) if as_json else format_eval(summary))
 
 
 @main.command()
 @click.argument("spec", type=click.Path(exists=True, dir_okay=False))
-@click.option("--cluster", default="", help="local:N: one variant per worker of a local dask cluster of N processes.")
-@click.option("--scheduler", default="", help="tcp://HOST:PORT: one variant per worker thread of a running dask cluster.")
-@click.option("--out", type=click.Path(file_okay=False), default="", help="Folder for runs/ and results.* [default: SPEC's out key].")
+@options_of(SweepConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (with the rows) as JSON.")
 @user_errors
-def sweep(spec: str, cluster: str, scheduler: str, out: str, as_json: bool) -> None:
+def sweep(spec: str, as_json: bool, **kw: Any) -> None:
     """Train a grid of head variants (SPEC.yaml, see the README) and tabulate and plot their results.
 
     Each variant is a train-head run in OUT/runs/<head>-<hash>; rerunning skips finished variants and resumes
@@ -453,9 +299,9 @@ def sweep(spec: str, cluster: str, scheduler: str, out: str, as_json: bool) -> N
     parameters, one series per head family: the paper's Figures 1 and 4) and losses.png (training loss per
     variant). Exit code 1 if a variant failed.
     """
-    from fcache.train_heads.analysis.sweep import SweepConfig, format_sweep, run_sweep
+    from fcache.train_heads.analysis.sweep import format_sweep, run_sweep
 
-    summary = run_sweep(SweepConfig(spec=spec, out=out, cluster=cluster, scheduler=scheduler), progress=not as_json)
+    summary = run_sweep(SweepConfig(spec=spec, **kw), progress=not as_json)
     click.echo(json.dumps(summary, indent=1) if as_json else format_sweep(summary))
     sys.exit(1 if summary["failed"] else 0)
 
@@ -504,23 +350,19 @@ def demo(out: str, iters: int, train_images: int, val_images: int, as_json: bool
 
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
-@click.option("--store", required=True, type=click.Path(exists=True, file_okay=False), help="Store whose samples are analysed.")
-@click.option("--samples", type=int, default=64, show_default=True, help="Samples drawn (seeded) from the store.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Minibatch of the unbiased HSIC estimator (>= 4).")
-@click.option("--out", type=click.Path(file_okay=False), default="", help="Folder for cka.json + cka.png [default: RUN/cka].")
-@click.option("--device", default="cpu", show_default=True)
+@options_of(CkaConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print the CKA matrices as JSON.")
 @user_errors
-def cka(run: str, store: str, samples: int, batch_size: int, out: str, device: str, as_json: bool) -> None:
+def cka(run: str, as_json: bool, **kw: Any) -> None:
     """Linear CKA between a trained head's layers (the paper's Figures 3 and 5).
 
     Per pyramid level: the stored input P_x against every neck block's output (BiFPN layers, FPN,
     fpn-res residual blocks); for a cascade head: every stage's RoI features and hidden layers.
     Writes a labelled heatmap (cka.png) and the matrices (cka.json).
     """
-    from fcache.train_heads.analysis.cka import CkaConfig, run_cka
+    from fcache.train_heads.analysis.cka import run_cka
 
-    result = run_cka(CkaConfig(run=run, store=store, samples=samples, batch_size=batch_size, out=out, device=device), progress=not as_json)
+    result = run_cka(CkaConfig(run=run, **kw), progress=not as_json)
     if as_json:
         click.echo(json.dumps(result, indent=1))
         return
@@ -537,7 +379,7 @@ def cka(run: str, store: str, samples: int, batch_size: int, out: str, device: s
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--head", default="fpn", show_default=True, help="Detection head spec, e.g. bifpn:layers=5.")
 @click.option("--steps", type=int, default=3, show_default=True, help="Timed iterations (after one warm-up).")
-@click.option("--device", default="cuda" if _cuda() else "cpu", show_default="cuda if available")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--features-only", is_flag=True, help="Only the from-store setting, on synthetic features of the backbone's shapes.")
 @click.option("--num-workers", type=int, default=2, show_default=True, help="DataLoader workers reading the store.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")

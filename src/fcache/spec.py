@@ -18,6 +18,7 @@ import numpy as np
 
 from fcache import __version__
 from fcache.common.errors import StoreError
+from fcache.common.flags import flag, required
 
 FORMAT_VERSION = 1
 
@@ -254,27 +255,83 @@ class StorageSpec:
         return cls(**_subset(cls, d))
 
 
-@dataclass(frozen=True)
-class DatasetInfo:
-    """Which samples the store holds. ``root``/``annotations`` are informative only."""
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default MAX_IMAGE_PIXELS (~ 9459 x 9459)
 
-    kind: str  # coco | ade20k | video | folder | wds | synthetic
-    n: int
-    digest: str  # sha256 of the ordered sample keys
-    split: str = ""
-    root: str = ""
-    annotations: str = ""
-    task: str = ""  # detection | segmentation | video | classification | ""
-    label_names: tuple[str, ...] = ()
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Where a store's samples come from and how they are listed and decoded: everything needed to rebuild the source.
+
+    Built from the ``fcache extract`` flags, recorded in the manifest (``dataset.source``), passed whole to
+    ``fcache.extract.sources.build_source``; ``verify --recompute``, the frozen-online setting and ``fcache bench``
+    rebuild the source from it alone.
+    """
+
+    kind: str = required("Kind of raw dataset.", name="--dataset", choices="fcache.extract.sources:SOURCES")
+    root: str = required("Image folder (coco, folder), ADEChallengeData2016 folder (ade20k), class folders (video), tar folder (wds).")
+    annotations: str = flag("", "COCO json (coco) or path,label CSV (video).", show_default=False)
+    split: str = flag("", "ade20k: training or validation.", show_default=False)
+    frames: int = flag(16, "video: frames per clip.")
+    clips: int = flag(1, "video: temporal clips per video.")
+    crops: int = flag(1, "video: spatial crops per clip (1 or 3).")
+    max_pixels: int = flag(DEFAULT_MAX_PIXELS, "Larger images are refused as too_large (decompression bombs).")
+    decode_timeout: float = flag(60.0, "Seconds one sample may take to decode.")
+    drop_degenerate_boxes: bool = flag(
+        False, "coco: drop boxes with w or h <= 0 (with a warning) instead of refusing the json.", show_default=False
+    )
+
+    @property
+    def video(self) -> bool:
+        return self.kind == "video"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SourceConfig:
+        return cls(**_subset(cls, d))
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Which samples the store holds and the source they came from (``source.root``/``annotations`` are informative)."""
+
+    source: SourceConfig
+    n: int
+    digest: str  # sha256 of the ordered sample keys
+    task: str = ""  # detection | segmentation | video | classification | ""
+    label_names: tuple[str, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        return self.source.kind  # coco | ade20k | video | folder | wds | synthetic
+
+    @property
+    def split(self) -> str:
+        return self.source.split
+
+    @property
+    def root(self) -> str:
+        return self.source.root
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source.to_dict(),
+            "n": self.n,
+            "digest": self.digest,
+            "task": self.task,
+            "label_names": list(self.label_names),
+        }
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DatasetInfo:
-        d = dict(_subset(cls, d))
-        d["label_names"] = tuple(d.get("label_names", ()))
-        return cls(**d)
+        if "source" in d:
+            source = SourceConfig.from_dict(d["source"])
+        else:  # stores written before the source was recorded whole
+            source = SourceConfig(kind=d["kind"], root=d.get("root", ""), annotations=d.get("annotations", ""), split=d.get("split", ""))
+        return cls(
+            source=source, n=int(d["n"]), digest=str(d["digest"]), task=str(d.get("task", "")), label_names=tuple(d.get("label_names", ()))
+        )
 
 
 def library_versions() -> dict[str, str]:
@@ -297,8 +354,9 @@ def keys_digest(keys: list[str]) -> str:
     return h.hexdigest()
 
 
-# Fields excluded from the fingerprint: they describe where things were, not what the bytes are.
-_NOT_FINGERPRINTED = {"dataset.root", "dataset.annotations"}
+# Fields excluded from the fingerprint: where things were and how long decoding may take, not what the bytes are;
+# the video sampling settings are fingerprinted once, in ``preprocessing``.
+_NOT_FINGERPRINTED = tuple(f"dataset.source.{k}" for k in ("root", "annotations", "decode_timeout", "frames", "clips", "crops"))
 
 
 @dataclass(frozen=True)
@@ -364,8 +422,11 @@ class Manifest:
             "dataset": self.dataset.to_dict(),
         }
         for dotted in _NOT_FINGERPRINTED:
-            top, key = dotted.split(".")
-            d[top].pop(key, None)
+            *parents, key = dotted.split(".")
+            inner = d
+            for name in parents:
+                inner = inner[name]
+            inner.pop(key, None)
         return d
 
     @property
@@ -398,11 +459,15 @@ class Manifest:
                 f"store format version {version} is not supported (this fcache reads version {FORMAT_VERSION}); "
                 "re-extract the store with this fcache version"
             )
+        pre, dataset = Preprocessing.from_dict(d["preprocessing"]), DatasetInfo.from_dict(d["dataset"])
+        if "source" not in d["dataset"] and pre.frames is not None:  # an older video store: its sampling is in preprocessing
+            source = dataclasses.replace(dataset.source, frames=pre.frames, clips=pre.clips, crops=pre.crops)
+            dataset = dataclasses.replace(dataset, source=source)
         return cls(
             backbone=BackboneInfo.from_dict(d["backbone"]),
-            preprocessing=Preprocessing.from_dict(d["preprocessing"]),
+            preprocessing=pre,
             storage=StorageSpec.from_dict(d["storage"]),
-            dataset=DatasetInfo.from_dict(d["dataset"]),
+            dataset=dataset,
             format_version=version,
             fcache_version=str(d.get("fcache_version", "")),
             libraries=dict(d.get("libraries", {})),

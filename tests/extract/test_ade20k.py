@@ -9,10 +9,10 @@ import pytest
 from corpus import encode, photo, with_exif_orientation
 
 from fcache.common.errors import MetadataError
-from fcache.extract.sources import build_source
 from fcache.extract.sources.ade20k import ADE20K_CLASSES, Ade20kSource
 from fcache.extract.sources.base import SampleError
 from fcache.spec import Status, Targets
+from helpers import source_of
 
 SPLIT = "training"
 
@@ -40,7 +40,7 @@ def make_ade(root: Path, n: int = 4) -> dict[str, np.ndarray]:
 
 def test_lists_samples_and_pads_to_the_largest_label(tmp_path: Path) -> None:
     labels = make_ade(tmp_path)
-    src = build_source("ade20k", tmp_path, split=SPLIT)
+    src = source_of("ade20k", tmp_path, split=SPLIT)
     assert isinstance(src, Ade20kSource) and src.task == "segmentation"
     refs = src.samples()
     assert [r.key for r in refs] == sorted(labels)
@@ -106,6 +106,6 @@ def test_split_must_exist(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="splits found: training"):
         Ade20kSource(tmp_path, "validation").samples()
     with pytest.raises(ValueError, match="needs --split"):
-        build_source("ade20k", tmp_path)
+        source_of("ade20k", tmp_path)
     with pytest.raises(ValueError, match="not used by --dataset ade20k"):
-        build_source("ade20k", tmp_path, split=SPLIT, annotations="x.json")
+        source_of("ade20k", tmp_path, split=SPLIT, annotations="x.json")

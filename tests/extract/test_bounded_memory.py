@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from fcache.extract import driver as runner
-from fcache.extract.driver import ExtractConfig, run_extract
+from fcache.extract.config import ExtractConfig
+from fcache.extract.driver import run_extract
 from media import image_folder
 
 
@@ -22,7 +23,7 @@ def peaks(root, out, monkeypatch) -> dict[str, int]:
         return drain(assembler, writers, stats, final)
 
     monkeypatch.setattr(runner, "_drain", watched)
-    cfg = ExtractConfig(dataset="folder", root=str(root), out=str(out), model="swinv2-t", random_init=True, input_size=64,
+    cfg = ExtractConfig.from_flags(dataset="folder", root=str(root), out=str(out), model="swinv2-t", random_init=True, input_size=64,
                         shard_size=2, batch_size=3, num_workers=0, writers=1, device="cpu")  # fmt: skip
     summary = run_extract(cfg, show_progress=False)
     assert summary.status_counts == {"ok": summary.samples}

@@ -19,10 +19,10 @@ from hanging import HangingFolder
 
 from fcache import store as fstore
 from fcache.cli import main
-from fcache.common.cluster import THREAD_VARS
+from fcache.common.cluster import THREAD_VARS, ClusterTarget, parse_target, worker_device
 from fcache.extract import driver as runner
-from fcache.extract.cluster import ClusterTarget, parse_target, worker_device
-from fcache.extract.driver import ExtractConfig, run_extract
+from fcache.extract.config import ExtractConfig
+from fcache.extract.driver import run_extract
 from fcache.extract.isolate import DecodePool
 from fcache.extract.stages import load_sample
 from fcache.spec import Status
@@ -36,12 +36,12 @@ FLAGS += ["--decode-timeout", "1"]
 
 
 def cfg(**kw) -> ExtractConfig:
-    return ExtractConfig(**{**BASE, **kw})
+    return ExtractConfig.from_flags(**{**BASE, **kw})
 
 
 def use_source(monkeypatch, delay: float = 0.0) -> None:
     """The driver builds the misbehaving source; it travels to workers and decode processes by pickle."""
-    monkeypatch.setattr(runner, "build_source", lambda kind, root, **kw: HangingFolder(root, delay=delay))
+    monkeypatch.setattr(runner, "build_source", lambda c: HangingFolder(c.root, delay=delay))
 
 
 def decoded(path: Path) -> dict[str, np.ndarray]:

@@ -12,10 +12,10 @@ import pytest
 from corpus import encode, photo, with_exif_orientation
 
 from fcache.common.errors import MetadataError
-from fcache.extract.sources import build_source
 from fcache.extract.sources.base import SampleError
 from fcache.extract.sources.coco import CocoSource
 from fcache.spec import Status, Targets
+from helpers import source_of
 
 CATEGORIES = [{"id": 1, "name": "person"}, {"id": 3, "name": "cat"}]
 
@@ -40,7 +40,7 @@ def write_dataset(root: Path) -> tuple[Path, dict]:
 
 def test_valid_dataset_lists_samples_and_targets(tmp_path: Path) -> None:
     ann_path, data = write_dataset(tmp_path)
-    src = build_source("coco", tmp_path / "images", annotations=ann_path)
+    src = source_of("coco", tmp_path / "images", annotations=ann_path)
     assert isinstance(src, CocoSource) and src.task == "detection" and src.label_names() == ()
     refs = src.samples()
     assert [r.key for r in refs] == ["8", "9", "10"]  # ordered by image id; image 8 has no annotation and is a sample
@@ -104,7 +104,7 @@ def test_degenerate_boxes_can_be_dropped_with_a_warning(tmp_path: Path, caplog: 
     ann_path.write_text(json.dumps(data))
     with pytest.raises(MetadataError, match=r"bbox \[3, 3, 0, 0\] has w or h <= 0.*--drop-degenerate-boxes"):
         CocoSource(tmp_path / "images", ann_path).samples()
-    src = build_source("coco", tmp_path / "images", annotations=ann_path, drop_degenerate_boxes=True)
+    src = source_of("coco", tmp_path / "images", annotations=ann_path, drop_degenerate_boxes=True)
     with caplog.at_level(logging.WARNING):
         refs = src.samples()
     assert "dropped 1 annotation" in caplog.text
@@ -162,6 +162,6 @@ def test_size_and_exif_orientation_follow_the_json(tmp_path: Path) -> None:
 
 def test_flags_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs --annotations"):
-        build_source("coco", tmp_path)
+        source_of("coco", tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
-        build_source("coco", tmp_path / "nope", annotations=tmp_path / "a.json")
+        source_of("coco", tmp_path / "nope", annotations=tmp_path / "a.json")

@@ -13,11 +13,12 @@ import webdataset as wds
 from corpus import encode, photo
 
 from fcache.common.errors import MetadataError
-from fcache.extract.sources import SOURCES, build_source
+from fcache.extract.sources import SOURCES
 from fcache.extract.sources.base import SampleError
 from fcache.extract.sources.folder import FolderSource
 from fcache.extract.sources.wds import WdsSource
 from fcache.spec import Status, Targets
+from helpers import source_of
 
 JPEG = encode(photo(0, 24), "JPEG")
 PNG = encode(photo(1, 20), "PNG")
@@ -35,7 +36,7 @@ def test_image_folder_layout(tmp_path: Path) -> None:
     put(tmp_path / "cats" / "notes.txt", b"not an image")
     put(tmp_path / "cats" / ".hidden.jpg", JPEG)
     put(tmp_path / ".git" / "x.jpg", JPEG)
-    src = build_source("folder", tmp_path)
+    src = source_of("folder", tmp_path)
     assert isinstance(src, FolderSource) and src.task == "classification"
     refs = src.samples()
     assert [(r.key, r.label) for r in refs] == [("cats/z.webp", 0), ("dogs/b.jpg", 1), ("dogs/puppies/a.PNG", 1)]
@@ -65,7 +66,7 @@ def test_folder_problems_are_reported_together(tmp_path: Path) -> None:
     with pytest.raises(MetadataError, match="no images found"):
         FolderSource(tmp_path / "dogs").samples()
     with pytest.raises(ValueError, match="not used by --dataset folder"):
-        build_source("folder", tmp_path, annotations="a.json")
+        source_of("folder", tmp_path, annotations="a.json")
 
 
 def write_shard(path: Path, samples: list[dict]) -> None:
@@ -81,7 +82,7 @@ def test_wds_shards_list_keys_labels_and_json(tmp_path: Path) -> None:
     ])  # fmt: skip
     write_shard(tmp_path / "shard-001.tar", [{"__key__": "s2", "jpg": JPEG, "json": {"caption": "c"}}])
     for root in (tmp_path, tmp_path / "shard-{000..001}.tar"):
-        src = build_source("wds", root)
+        src = source_of("wds", root)
         assert isinstance(src, WdsSource) and src.task == "classification"
         refs = src.samples()
         assert [(r.key, r.label) for r in refs] == [("shard-000.tar/s0", 2), ("shard-000.tar/dir/s1", 0), ("shard-001.tar/s2", -1)]
@@ -133,8 +134,8 @@ def test_wds_refuses_escaping_names_and_reports_bad_members(tmp_path: Path) -> N
 def test_build_source_table(tmp_path: Path) -> None:
     assert set(SOURCES) == {"coco", "ade20k", "video", "folder", "wds"}
     with pytest.raises(ValueError, match="choose one of coco, ade20k, video, folder, wds"):
-        build_source("imagenet", tmp_path)
+        source_of("imagenet", tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
-        build_source("folder", tmp_path / "missing")
+        source_of("folder", tmp_path / "missing")
     with pytest.raises(MetadataError, match=r"no \*.tar shards"):
-        build_source("wds", tmp_path).samples()
+        source_of("wds", tmp_path).samples()

@@ -17,7 +17,8 @@ from click.testing import CliRunner
 
 from fcache import store as fstore
 from fcache.cli import main
-from fcache.extract.driver import ExtractConfig, run_extract
+from fcache.extract.config import ExtractConfig
+from fcache.extract.driver import run_extract
 from fcache.extract.views import image_views, render
 from fcache.spec import Status, Targets
 from media import coco_dataset, image_folder
@@ -26,7 +27,7 @@ BASE = dict(model="swinv2-t", random_init=True, input_size=128, shard_size=2, ba
 
 
 def cfg(**kw) -> ExtractConfig:
-    return ExtractConfig(**{**BASE, **kw})
+    return ExtractConfig.from_flags(**{**BASE, **kw})
 
 
 def folder_flags(root, *extra: str) -> list[str]:

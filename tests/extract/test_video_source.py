@@ -10,10 +10,10 @@ from corpus import frame_ids, video
 
 from fcache.common.errors import MetadataError
 from fcache.extract.decode import clip_indices
-from fcache.extract.sources import build_source
 from fcache.extract.sources.base import SampleError
 from fcache.extract.sources.video import VideoSource
 from fcache.spec import Status, Targets
+from helpers import source_of
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def kinetics(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_folder_per_class(kinetics: Path) -> None:
-    src = build_source("video", kinetics, frames=4, clips=2)
+    src = source_of("video", kinetics, frames=4, clips=2)
     assert isinstance(src, VideoSource) and src.task == "video"
     refs = src.samples()
     assert [(r.key, r.label) for r in refs] == [
@@ -60,7 +60,7 @@ def test_csv_with_header_and_class_names(kinetics: Path, tmp_path: Path) -> None
 def test_csv_with_integer_labels_and_no_header(kinetics: Path, tmp_path: Path) -> None:
     csv = tmp_path / "val.csv"
     csv.write_text("juggling/b.mp4,3\nabseiling/a.mkv,0\n")
-    src = build_source("video", kinetics, annotations=csv, frames=2)
+    src = source_of("video", kinetics, annotations=csv, frames=2)
     assert [r.label for r in src.samples()] == [3, 0]
     assert src.label_names() == ("0", "1", "2", "3")
 
@@ -82,6 +82,6 @@ def test_csv_problems_are_reported_together(kinetics: Path, tmp_path: Path) -> N
 
 def test_flags_are_checked(kinetics: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--annotations .* does not exist"):
-        build_source("video", kinetics, annotations=tmp_path / "nope.csv")
+        source_of("video", kinetics, annotations=tmp_path / "nope.csv")
     with pytest.raises(ValueError, match="at least 1"):
         VideoSource(kinetics, frames=0)

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from fcache import store as fstore
 from fcache.cli import main
 from fcache.spec import Status
-from fcache.store.encoding import bf16_bits_to_float32
+from fcache.store.dtypes import bf16_bits_to_float32
 from helpers import decoded, make_manifest, sample_features, write_all
 
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from fcache import store as fstore
 from fcache.cli import main
 from fcache.store import layout
-from fcache.store.encoding import encode
+from fcache.store.dtypes import encode
 from helpers import build_store, make_manifest, unit_payload, write_all
 
 

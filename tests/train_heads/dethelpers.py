@@ -22,6 +22,7 @@ from fcache.spec import (
     LevelSpec,
     Manifest,
     Preprocessing,
+    SourceConfig,
     Status,
     StorageSpec,
     keys_digest,
@@ -128,7 +129,7 @@ def manifest(n: int, levels: tuple[LevelSpec, ...], views: int, kind: str = "coc
         backbone=BackboneInfo("synthetic", "synthetic", "random-init", CANVAS, 8, levels),
         preprocessing=Preprocessing(views=views, view_flip=views > 1),
         storage=StorageSpec(dtype="fp32", codec="none", shard_size=4),
-        dataset=DatasetInfo(kind=kind, n=n, digest=keys_digest(keys), task=task),
+        dataset=DatasetInfo(SourceConfig(kind, ""), n=n, digest=keys_digest(keys), task=task),
         fcache_version="test",
     )
     return m, keys

@@ -59,9 +59,14 @@ def make_ade(root: Path, split: str, n: int = 6) -> Path:
 
 
 def extract(root: Path, split: str, out: Path, *flags: str) -> Path:
-    """`fcache extract --dataset ade20k` with a random-init SwinV2-T at 128 px, fp32 (exact features), p2..p5."""
+    """`fcache extract --dataset ade20k` with a random-init SwinV2-T at 128 px, fp32 (exact features), p2..p5.
+
+    One image per forward, as the frozen-online setting computes them: the same kernels give the same bits, so the
+    fidelity test compares the store with the online features exactly (a batch of another size may differ by 1e-7).
+    """
     args = ["extract", "--dataset", "ade20k", "--root", str(root), "--split", split, "--random-init", "--model", "swinv2-t"]
     args += ["--input-size", str(CANVAS), "--dtype", "fp32", "--num-workers", "0", "--device", "cpu", "--out", str(out), "--json"]
+    args += ["--batch-size", "1"]
     r = CliRunner().invoke(main, [*args, *flags])
     assert r.exit_code == 0, r.output
     return out

@@ -15,7 +15,7 @@ from fcache.cli import main
 from fcache.common.errors import DivergedError
 from fcache.train_heads import TrainConfig, run_train
 from fcache.train_heads.detection.task import DetectionTask
-from fcache.train_heads.multihead import folder_name, run_train_heads
+from fcache.train_heads.training import folder_name, run_train_heads
 from helpers import refused
 
 pytestmark = pytest.mark.usefixtures("one_thread")

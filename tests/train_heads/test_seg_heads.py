@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fcache.spec import Geometry, LevelSpec
-from fcache.train_heads.segmentation import HEADS, Mask2Former, UPerNet, parse_segmentation_head, train_defaults
-from fcache.train_heads.training import task_defaults
+from fcache.train_heads.segmentation import Mask2Former, SegmentationTask, UPerNet, parse_segmentation_head
+from fcache.train_heads.tasks import TASKS, task_defaults
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LEVELS = (LevelSpec("p2", 8, 4), LevelSpec("p3", 16, 8), LevelSpec("p4", 24, 16), LevelSpec("p5", 40, 32))
@@ -30,7 +30,7 @@ VIEW = Geometry(orig_h=40, orig_w=60, scale=CANVAS / 60, valid_w=CANVAS, valid_h
 def build(spec: str, levels):
     head = parse_segmentation_head(spec)
     torch.manual_seed(0)
-    return head, HEADS[head.name].build(levels, dict(head.params), K)
+    return head, SegmentationTask(head, [f"c{k}" for k in range(K)]).build(tuple(levels))
 
 
 def batch(levels):
@@ -142,6 +142,7 @@ def test_heads_that_cannot_work_are_refused(spec, levels, message):
 
 
 def test_training_defaults_follow_table_12_per_head():
+    train_defaults = TASKS["segmentation"].train_defaults
     assert train_defaults("mask2former:pixel_blocks=6") == {"lr": 3e-4, "weight_decay": 0.02, "warmup": 0, "schedule": "linear"}
     assert train_defaults("upernet:neck=bifpn,layers=5") == {
         "lr": 2e-3,

@@ -22,12 +22,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
+from fcache.common.devices import resolve_device
 from fcache.common.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 SETTINGS = ("store", "online", "finetune")
 
@@ -41,7 +44,7 @@ class BenchConfig:
     batch_size: int = 4
     head: str = "fpn"
     steps: int = 3
-    device: str = "cpu"
+    device: str = "auto"
     features_only: bool = False
     dtype: str = "fp16"
     num_workers: int = 2
@@ -50,8 +53,7 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise InputError("--steps and --batch-size must be at least 1")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise InputError("--device cuda: no CUDA device is available here; use --device cpu")
+        object.__setattr__(self, "device", resolve_device(self.device))
 
 
 def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
@@ -69,15 +71,14 @@ def synthetic_store(cfg: BenchConfig, path: Path) -> Path:
     """2 x batch samples of random features shaped like ``cfg.model``'s levels at ``cfg.input_size``, 3 boxes each."""
     from fcache import store as fstore
     from fcache.extract.backbones import build_backbone
-    from fcache.spec import GEOMETRY_FIELDS, DatasetInfo, Geometry, Manifest, Preprocessing, StorageSpec, keys_digest
+    from fcache.spec import GEOMETRY_FIELDS, DatasetInfo, Geometry, Manifest, Preprocessing, SourceConfig, StorageSpec, keys_digest
     from fcache.store import TargetSpec
 
     bb = build_backbone(cfg.model, input_size=cfg.input_size, meta=True)
     n, s = 2 * cfg.batch_size, cfg.input_size
     keys = [f"bench{i}" for i in range(n)]
-    m = Manifest(
-        bb.info, Preprocessing(), StorageSpec(dtype=cfg.dtype, shard_size=cfg.batch_size), DatasetInfo("coco", n, keys_digest(keys))
-    )
+    dataset = DatasetInfo(SourceConfig("synthetic", ""), n, keys_digest(keys), task="detection")
+    m = Manifest(bb.info, Preprocessing(seed=cfg.seed), StorageSpec(dtype=cfg.dtype, shard_size=cfg.batch_size), dataset)
     categories = [{"id": 1, "name": "thing"}, {"id": 2, "name": "stuff"}]
     w = fstore.create(
         path, m, keys, targets={"image": TargetSpec("str"), "annotations": TargetSpec("str")}, target_attrs={"categories": categories}
@@ -132,13 +133,15 @@ def _child(results: Any, setting: str, cfg_dict: dict[str, Any], store: str) -> 
 
 def _measure(setting: str, cfg_dict: dict[str, Any], store: str) -> dict[str, Any]:
     """Runs in a fresh process: warm-up step, then ``steps`` timed steps of one setting."""
+    import torch
+
     cfg = BenchConfig(**cfg_dict)
     row: dict[str, Any] = {"setting": setting, "model": cfg.model, "input_size": cfg.input_size, "batch": cfg.batch_size, "head": cfg.head}
     try:
         row |= _steps(setting, cfg, store)
     except torch.cuda.OutOfMemoryError as e:
         row |= {"error": f"out of memory ({str(e).splitlines()[0][:80]})"}
-    if cfg.device == "cuda":
+    if cfg.device.startswith("cuda"):
         row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
     else:
         row["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
@@ -146,8 +149,11 @@ def _measure(setting: str, cfg_dict: dict[str, Any], store: str) -> dict[str, An
 
 
 def _steps(setting: str, cfg: BenchConfig, store: str) -> dict[str, Any]:
+    import torch
+
     from fcache.train_heads.config import TrainConfig
-    from fcache.train_heads.loop import Collate, EpochItems, TrainBatches, make_optimizer, train_step
+    from fcache.train_heads.data import train_loader
+    from fcache.train_heads.loop import make_optimizer, train_step
     from fcache.train_heads.training import prepare_training, training_data
 
     device = torch.device(cfg.device)
@@ -156,18 +162,14 @@ def _steps(setting: str, cfg: BenchConfig, store: str) -> dict[str, Any]:
     p = prepare_training(tcfg)
     model = p.model.to(device).train()
     data = training_data(p, cfg.seed)
-    batches = torch.utils.data.DataLoader(
-        EpochItems(data), batch_sampler=TrainBatches(len(data), cfg.batch_size, cfg.seed, 0, cfg.steps + 1),
-        collate_fn=Collate(p.task), num_workers=tcfg.num_workers, pin_memory=device.type == "cuda",
-    )  # fmt: skip
+    batches = train_loader(data, p.task, batch_size=cfg.batch_size, seed=cfg.seed, start=0, stop=cfg.steps + 1,
+                           num_workers=tcfg.num_workers, device=device)  # fmt: skip
     optimizer = make_optimizer(model, tcfg)
     backbone = None
     if setting != "store":
-        from fcache.extract.backbones import build_backbone
+        from fcache.extract.rebuild import backbone_of
 
-        backbone = build_backbone(
-            cfg.model, input_size=cfg.input_size, levels=[lv.name for lv in p.levels], random_init=True, device=cfg.device
-        )
+        backbone = backbone_of(p.store.manifest, device=cfg.device)  # the store's backbone, rebuilt from its manifest
         if setting == "finetune":
             backbone.model.train().requires_grad_(True)
             optimizer.add_param_group({"params": list(backbone.model.parameters()), "weight_decay": tcfg.weight_decay})
@@ -188,6 +190,8 @@ def _steps(setting: str, cfg: BenchConfig, store: str) -> dict[str, Any]:
 
 
 def _backbone_features(backbone: Any, images: torch.Tensor, setting: str, device: torch.device) -> dict[str, torch.Tensor]:
+    import torch
+
     if setting == "online":
         return {k: v.clone() for k, v in backbone.forward(images).items()}  # inference mode, bf16 autocast on CUDA; clone: a normal tensor
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -195,6 +199,8 @@ def _backbone_features(backbone: Any, images: torch.Tensor, setting: str, device
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize()
 

@@ -15,11 +15,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 import numpy as np
-import torch
-from PIL import Image, ImageDraw
 
 CATEGORIES = ({"id": 1, "name": "square"}, {"id": 2, "name": "disc"}, {"id": 3, "name": "triangle"})
 COLORS = {1: (230, 40, 40), 2: (40, 200, 60), 3: (40, 90, 235)}
@@ -66,6 +67,8 @@ def shape_polygon(cat: int, cx: float, cy: float, r: float, angle: float) -> lis
 
 def make_image(photo: Image.Image, rng: np.random.Generator, image_id: int, long_side: int) -> tuple[Image.Image, list[dict]]:
     """A resized crop of a photo with 1-3 pasted shapes; their annotations in COCO form."""
+    from PIL import Image, ImageDraw
+
     w, h = photo.size
     s = float(rng.uniform(0.6, 1.0))
     cw, ch = int(w * s), int(h * s)
@@ -91,6 +94,8 @@ def make_image(photo: Image.Image, rng: np.random.Generator, image_id: int, long
 
 def build_dataset(root: Path, n: int, seed: int, long_side: int = 256) -> tuple[Path, Path]:
     """root/images/*.jpg + root/annotations.json: n photos with pasted shapes."""
+    from PIL import Image
+
     rng = np.random.default_rng(seed)
     photos = [Image.open(p).convert("RGB") for p in photo_paths()]
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -111,10 +116,14 @@ def build_dataset(root: Path, n: int, seed: int, long_side: int = 256) -> tuple[
 
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Dataset -> extract -> train -> evaluate (untrained and trained) -> report. Returns metrics.json's content."""
-    from fcache.extract.driver import ExtractConfig, run_extract, summary_lines
+    import torch
+
+    from fcache.extract.config import ExtractConfig
+    from fcache.extract.driver import run_extract, summary_lines
     from fcache.train_heads.config import TrainConfig
-    from fcache.train_heads.loop import evaluate
-    from fcache.train_heads.training import eval_data, prepare_training, run_train
+    from fcache.train_heads.data import eval_data
+    from fcache.train_heads.evaluation import evaluate
+    from fcache.train_heads.training import prepare_training, run_train
 
     out = Path(cfg.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -125,9 +134,11 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
         images, ann = build_dataset(out / "data" / split, n, seed)
         say(f"[demo] {split}: {n} photos with pasted shapes in {out / 'data' / split}")
         t = time.perf_counter()
-        ecfg = ExtractConfig(dataset="coco", root=str(images), annotations=str(ann), out=str(out / f"{split}.zarr"), model="swinv2-t",
-                             random_init=True, input_size=cfg.input_size, levels=cfg.levels, seed=cfg.seed,
-                             num_workers=cfg.num_workers, device="cpu", batch_size=4, shard_size=8)  # fmt: skip
+        ecfg = ExtractConfig.from_flags(
+            dataset="coco", root=str(images), annotations=str(ann), out=str(out / f"{split}.zarr"), model="swinv2-t", random_init=True,
+            input_size=cfg.input_size, levels=cfg.levels, seed=cfg.seed, num_workers=cfg.num_workers, device="cpu", batch_size=4,
+            shard_size=8,
+        )  # fmt: skip
         summary = run_extract(ecfg, show_progress=True)
         timings[f"extract_{split}_s"] = round(time.perf_counter() - t, 1)
         stores[split] = out / f"{split}.zarr"
@@ -181,6 +192,7 @@ def plot_losses(metrics_jsonl: Path, png: Path) -> None:
 
 def draw_predictions(detections_json: Path, data: Path, png: Path, images: int = 6, min_score: float = 0.5) -> None:
     """Predicted boxes and masks (score >= min_score) drawn on the first val images, in a grid."""
+    from PIL import Image, ImageDraw
     from pycocotools import mask as mask_utils
 
     coco = json.loads((data / "annotations.json").read_text())

@@ -15,6 +15,7 @@ import timm
 import torch
 from timm.models._features import FeatureListNet
 
+from fcache.common.devices import resolve_device
 from fcache.common.errors import InputError
 from fcache.spec import BackboneInfo, LevelSpec, level_name
 from fcache.store.layout import sha256_file
@@ -100,7 +101,7 @@ def build_backbone(
     wrapped, specs = _features(full, levels)
     window = _window(full)
     if not meta:
-        wrapped = wrapped.to(device).eval().requires_grad_(False)
+        wrapped = wrapped.to(resolve_device(device)).eval().requires_grad_(False)
     info = BackboneInfo(alias, timm_name, weights_id, input_size, window, specs)
     return Backbone(wrapped, info, nhwc, tuple(mean), tuple(std))
 

@@ -25,78 +25,18 @@ import torch
 from tqdm import tqdm
 
 from fcache import store as fstore
+from fcache.common.cluster import ClusterTarget
+from fcache.common.devices import resolve_device
 from fcache.common.errors import InputError, LeaseHeld
 from fcache.extract.backbones import Backbone, build_backbone
-from fcache.extract.cluster import ClusterTarget, parse_target
-from fcache.extract.decode import DEFAULT_MAX_PIXELS
+from fcache.extract.config import ExtractConfig
 from fcache.extract.sources import build_source
 from fcache.extract.sources.base import SampleRef, Source
 from fcache.extract.stages import Batcher, SampleDataset, UnitAssembler, check_sample
 from fcache.extract.views import expand_test_views
 from fcache.spec import DatasetInfo, Manifest, Preprocessing, StorageSpec, keys_digest
-from fcache.store.encoding import check_dtype, parse_codec
 from fcache.store.info import human
 from fcache.store.lease import DriverLease
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """Everything ``fcache extract`` (and ``fcache plan``) needs; built from flags in cli.py."""
-
-    dataset: str
-    root: str
-    out: str = ""
-    annotations: str = ""
-    split: str = ""
-    model: str = "swinv2-t"
-    weights: str = ""
-    random_init: bool = False
-    input_size: int = 256
-    levels: tuple[str, ...] = ("p2", "p3", "p4", "p5")
-    dtype: str = "fp16"
-    codec: str = "zstd"
-    shard_size: int = 16
-    views: int = 1
-    view_scale: tuple[float, float] = (1.0, 1.0)
-    view_flip: bool = False
-    test_views: tuple[str, ...] = ()
-    seed: int = 0
-    frames: int = 16
-    clips: int = 1
-    crops: int = 1
-    batch_size: int = 8
-    num_workers: int = 2
-    device: str = "cpu"
-    limit: int = 0
-    on_error: str = "skip"  # skip | fail
-    overwrite: bool = False
-    decode_timeout: float = 60.0
-    drop_degenerate_boxes: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    writers: int = 0  # writer threads; 0 = one per 2 CPU cores
-    cluster: str = ""  # local[:N]: units as dask tasks on a LocalCluster of N worker processes
-    scheduler: str = ""  # tcp://HOST:PORT: units as dask tasks on a running cluster
-
-    def validate(self) -> None:
-        check_dtype(self.dtype)
-        parse_codec(self.codec)
-        positive = {"input-size": self.input_size, "shard-size": self.shard_size, "views": self.views, "batch-size": self.batch_size}
-        positive |= {"frames": self.frames, "clips": self.clips, "crops": self.crops}
-        bad = [f"--{k} {v}" for k, v in positive.items() if v < 1]
-        if bad:
-            raise InputError(f"{', '.join(bad)}: must be at least 1")
-        if self.input_size % 32:
-            raise InputError(f"--input-size {self.input_size} is not a multiple of 32 (the backbone's coarsest stride)")
-        lo, hi = self.view_scale
-        if not 0 < lo <= hi:
-            raise InputError(f"--view-scale {lo},{hi}: need 0 < LO <= HI")
-        if self.on_error not in ("skip", "fail"):
-            raise InputError(f"--on-error {self.on_error}: use skip or fail")
-        self.target()
-
-    def target(self) -> ClusterTarget | None:
-        """The dask cluster the units run on, or None for an in-process run."""
-        return parse_target(self.cluster, self.scheduler, self.device)
 
 
 @dataclass
@@ -122,7 +62,9 @@ class ExtractSummary:
         return {**asdict(self), "exit_code": self.exit_code}
 
 
-def preprocessing_of(cfg: ExtractConfig, backbone: Backbone, video: bool) -> Preprocessing:
+def preprocessing_of(cfg: ExtractConfig, backbone: Backbone) -> Preprocessing:
+    """How samples become backbone inputs: the backbone's normalisation and the views the flags ask for."""
+    video, src = cfg.video, cfg.source
     return Preprocessing(
         mean=backbone.mean,
         std=backbone.std,
@@ -131,31 +73,21 @@ def preprocessing_of(cfg: ExtractConfig, backbone: Backbone, video: bool) -> Pre
         view_flip=cfg.view_flip and cfg.views > 1 and not video,
         test_views=() if video else expand_test_views(cfg.test_views),
         seed=cfg.seed,
-        frames=cfg.frames if video else None,
-        clips=cfg.clips if video else 1,
-        crops=cfg.crops if video else 1,
+        frames=src.frames if video else None,
+        clips=src.clips if video else 1,
+        crops=src.crops if video else 1,
     )
 
 
 def prepare(cfg: ExtractConfig, *, meta: bool = False) -> tuple[Source, list[SampleRef], Backbone, Manifest]:
     """Validate the config and the dataset's metadata, build the backbone and the manifest (no writes)."""
     cfg.validate()
-    source = build_source(
-        cfg.dataset,
-        root=cfg.root,
-        annotations=cfg.annotations or None,
-        split=cfg.split,
-        frames=cfg.frames,
-        clips=cfg.clips,
-        decode_timeout=cfg.decode_timeout,
-        drop_degenerate_boxes=cfg.drop_degenerate_boxes,
-        max_pixels=cfg.max_pixels,
-    )
+    source = build_source(cfg.source)
     refs = source.samples()
     if cfg.limit:
         refs = refs[: cfg.limit]
     if not refs:
-        raise InputError(f"{cfg.root}: the dataset has no samples; check --root/--annotations/--split")
+        raise InputError(f"{cfg.source.root}: the dataset has no samples; check --root/--annotations/--split")
     backbone = build_backbone(
         cfg.model,
         input_size=cfg.input_size,
@@ -163,23 +95,16 @@ def prepare(cfg: ExtractConfig, *, meta: bool = False) -> tuple[Source, list[Sam
         weights=cfg.weights or None,
         random_init=cfg.random_init,
         seed=cfg.seed,
-        device=cfg.device,
+        device=resolve_device(cfg.device),
         meta=meta,
     )
     keys = [r.key for r in refs]
     dataset = DatasetInfo(
-        kind=source.kind,
-        n=len(refs),
-        digest=keys_digest(keys),
-        split=cfg.split,
-        root=str(cfg.root),
-        annotations=str(cfg.annotations or ""),
-        task=source.task,
-        label_names=tuple(source.label_names()),
+        source=cfg.source, n=len(refs), digest=keys_digest(keys), task=source.task, label_names=tuple(source.label_names())
     )
     manifest = Manifest(
         backbone=backbone.info,
-        preprocessing=preprocessing_of(cfg, backbone, source.kind == "video"),
+        preprocessing=preprocessing_of(cfg, backbone),
         storage=StorageSpec(dtype=cfg.dtype, codec=cfg.codec, shard_size=cfg.shard_size),
         dataset=dataset,
     )
@@ -308,7 +233,7 @@ def _pipeline(cfg: ExtractConfig, source: Source, refs: list[SampleRef], backbon
     """Decode -> forward -> write, overlapped; raises the writer's error, if any, in the main thread."""
     m = writer.manifest
     indices = [i for u in pending for i in range(u.start, u.stop)]
-    dataset = SampleDataset(source, refs, indices, m, timeout=cfg.decode_timeout)
+    dataset = SampleDataset(source, refs, indices, m, timeout=cfg.source.decode_timeout)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=None,

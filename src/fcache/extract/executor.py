@@ -185,7 +185,7 @@ def worker_job(cfg: ExtractConfig, target: ClusterTarget, source: Source) -> Wor
         torch_threads=worker_threads(target),
         batch_size=cfg.batch_size,
         decode_processes=max(1, cfg.num_workers),
-        decode_timeout=cfg.decode_timeout,
+        decode_timeout=cfg.source.decode_timeout,
         on_error=cfg.on_error,
     )
 

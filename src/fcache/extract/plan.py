@@ -18,7 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fcache.extract.driver import ExtractConfig, prepare, run_extract
-from fcache.store.encoding import STORED_DTYPES
+from fcache.store.dtypes import stored
 from fcache.store.info import human
 
 
@@ -27,11 +27,12 @@ def plan(cfg: ExtractConfig, *, measure: int = 4, no_run: bool = False, assume_t
     _, refs, backbone, manifest = prepare(cfg, meta=True)
     n, views = len(refs), manifest.num_views
     images_per_sample = views * (manifest.preprocessing.frames or 1)
-    itemsize = STORED_DTYPES[cfg.dtype].itemsize
+    dtype = stored(cfg.dtype)
+    itemsize = dtype.numpy.itemsize
     levels = []
     for lv in manifest.levels:
         shape = manifest.level_shape(lv.name)
-        per_view = math.prod(shape) * itemsize + (math.prod(shape[:-2]) * 4 if cfg.dtype == "int8" else 0)
+        per_view = math.prod(shape) * itemsize + (math.prod(shape[:-2]) * 4 if dtype.scaled else 0)
         levels.append(
             {"name": lv.name, "channels": lv.channels, "stride": lv.stride, "shape": list(shape), "bytes_per_sample": per_view * views}
         )

@@ -1,4 +1,7 @@
-"""Rebuild a store's source and frozen backbone from its manifest alone (for recompute and online features).
+"""Rebuild a store's source and frozen backbone from its manifest alone (recompute, online features, bench).
+
+The source comes from the recorded ``dataset.source`` (every extract flag of the dataset: kind, paths, split, video
+sampling, limits, ``--drop-degenerate-boxes``), so nothing has to be passed again.
 
 The weights: ``random-init`` is re-seeded from the manifest, a timm tag is fetched again, a weights
 file must be given (``weights``) and must match the recorded sha256.
@@ -28,9 +31,9 @@ def rebuild(manifest: Manifest, keys: list[str], *, weights: str = "", device: s
     Raises:
         ValueError: a weights file is needed or differs, or the dataset no longer lists the store's samples.
     """
-    pre, ds = manifest.preprocessing, manifest.dataset
+    ds = manifest.dataset
     backbone = backbone_of(manifest, weights=weights, device=device)
-    source = build_source(ds.kind, ds.root, annotations=ds.annotations or None, split=ds.split, frames=pre.frames or 16, clips=pre.clips)
+    source = build_source(ds.source)
     refs = source.samples()
     if [r.key for r in refs[: len(keys)]] != list(keys):
         raise InputError(f"the dataset at {ds.root} no longer lists the samples the store holds; the original data is needed")

@@ -14,9 +14,7 @@ from fcache.extract.rebuild import rebuild
 from fcache.extract.stages import SampleDataset
 from fcache.spec import Status
 from fcache.store import Problem
-
-# relative RMSE allowed between stored and recomputed features, per stored dtype (same device type)
-TOLERANCE = {"fp32": 1e-4, "fp16": 2e-3, "bf16": 1e-2, "int8": 2e-2}
+from fcache.store.dtypes import stored
 
 
 def recompute(path: str, k: int, *, weights: str = "", device: str = "cpu", seed: int = 0, tolerance: float | None = None) -> list[Problem]:
@@ -25,7 +23,7 @@ def recompute(path: str, k: int, *, weights: str = "", device: str = "cpu", seed
     m = s.manifest
     r = rebuild(m, [str(x) for x in s.keys], weights=weights, device=device)
     chosen = np.random.default_rng(seed).choice(s.ok_indices, size=min(k, len(s.ok_indices)), replace=False)
-    tol = tolerance if tolerance is not None else TOLERANCE[m.storage.dtype]
+    tol = tolerance if tolerance is not None else stored(m.storage.dtype).tolerance
     dataset = SampleDataset(r.source, r.refs, [int(i) for i in sorted(chosen)], m)
     problems = []
     for j in range(len(dataset)):
@@ -37,8 +35,8 @@ def recompute(path: str, k: int, *, weights: str = "", device: str = "cpu", seed
             got = f.cpu().numpy()
             if m.video:
                 got = got.reshape(m.num_views, int(m.preprocessing.frames or 1), *got.shape[1:])
-            stored = s.read(name, item["index"])
-            rel = float(np.sqrt(np.square(stored - got).sum() / max(np.square(got).sum(), 1e-30)))
+            kept = s.read(name, item["index"])
+            rel = float(np.sqrt(np.square(kept - got).sum() / max(np.square(got).sum(), 1e-30)))
             if rel > tol:
                 where = (item["index"], item["index"])
                 message = f"sample {item['index']} ({item['key']}) differs: relative RMSE {rel:.2e} > {tol:.0e}"

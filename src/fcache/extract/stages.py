@@ -23,7 +23,7 @@ from fcache.extract.sources.base import Decoded, SampleError, SampleRef, Source
 from fcache.extract.views import image_views, render, video_views
 from fcache.spec import GEOMETRY_FIELDS, Geometry, Manifest, Status
 from fcache.store import Unit
-from fcache.store.encoding import STORED_DTYPES, Encoded, encode
+from fcache.store.dtypes import Encoded, encode, stored
 
 if TYPE_CHECKING:
     from fcache.extract.backbones import Backbone
@@ -152,12 +152,12 @@ class UnitAssembler:
     def _payload(self, u: int) -> UnitPayload:
         if u not in self.open:
             unit, m = self.todo[u], self.m
-            n_u, v, dtype = len(unit), m.num_views, m.storage.dtype
+            n_u, v, dtype = len(unit), m.num_views, stored(m.storage.dtype)
             feats = {}
             for lv in m.levels:
                 shape = (n_u, v, *m.level_shape(lv.name))
-                scales = np.zeros(shape[:-2], np.float32) if dtype == "int8" else None
-                feats[lv.name] = Encoded(np.zeros(shape, STORED_DTYPES[dtype]), scales, np.zeros(n_u), np.zeros(n_u))
+                scales = np.zeros(shape[:-2], np.float32) if dtype.scaled else None
+                feats[lv.name] = Encoded(np.zeros(shape, dtype.numpy), scales, np.zeros(n_u), np.zeros(n_u))
             self.open[u] = UnitPayload(unit, feats, np.zeros(n_u, np.uint8), np.zeros((n_u, v, len(GEOMETRY_FIELDS)), np.float32))
         return self.open[u]
 

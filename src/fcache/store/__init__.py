@@ -1,14 +1,40 @@
-"""The feature store (zarr v3, format version 1): layout, codecs, writer (commit protocol), reader, verify."""
+"""The feature store (zarr v3, format version 1): layout, dtypes, codecs, writer (commit protocol), reader, verify.
+
+``fcache.store.open(path)`` reads a store, ``fcache.store.create(...)`` makes one. The names below are imported when
+first used, so that importing a light part of the package (``fcache.store.dtypes``) does not import zarr and torch.
+"""
 
 from __future__ import annotations
 
-from fcache.common.errors import CorruptStoreError, Fp16OverflowError, StoreError
-from fcache.store.info import describe
-from fcache.store.layout import Unit
-from fcache.store.reader import FeatureDataset, FeatureStore
-from fcache.store.reader import open_store as open
-from fcache.store.verify import Problem, VerifyReport, verify
-from fcache.store.writer import StoreWriter, TargetSpec, create
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fcache.common.errors import CorruptStoreError, Fp16OverflowError, StoreError
+    from fcache.store import layout
+    from fcache.store.info import describe
+    from fcache.store.layout import Unit
+    from fcache.store.reader import FeatureDataset, FeatureStore
+    from fcache.store.reader import open_store as open
+    from fcache.store.checks import Problem, VerifyReport, verify
+    from fcache.store.writer import StoreWriter, TargetSpec, create
+
+_EXPORTS = {
+    "CorruptStoreError": ("fcache.common.errors", "CorruptStoreError"),
+    "Fp16OverflowError": ("fcache.common.errors", "Fp16OverflowError"),
+    "StoreError": ("fcache.common.errors", "StoreError"),
+    "FeatureDataset": ("fcache.store.reader", "FeatureDataset"),
+    "FeatureStore": ("fcache.store.reader", "FeatureStore"),
+    "open": ("fcache.store.reader", "open_store"),
+    "Problem": ("fcache.store.checks", "Problem"),
+    "VerifyReport": ("fcache.store.checks", "VerifyReport"),
+    "verify": ("fcache.store.checks", "verify"),
+    "StoreWriter": ("fcache.store.writer", "StoreWriter"),
+    "TargetSpec": ("fcache.store.writer", "TargetSpec"),
+    "create": ("fcache.store.writer", "create"),
+    "Unit": ("fcache.store.layout", "Unit"),
+    "describe": ("fcache.store.info", "describe"),
+}
 
 __all__ = [
     "CorruptStoreError",
@@ -25,4 +51,14 @@ __all__ = [
     "describe",
     "open",
     "verify",
+    "layout",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        module, attr = _EXPORTS[name]
+        return getattr(importlib.import_module(module), attr)
+    if name in ("layout", "dtypes", "codecs", "reader", "writer", "checks", "info", "lease", "records"):
+        return importlib.import_module(f"fcache.store.{name}")
+    raise AttributeError(f"module 'fcache.store' has no attribute {name!r}")

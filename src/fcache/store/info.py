@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fcache.store import layout
-from fcache.store.encoding import STORED_DTYPES
+from fcache.store.dtypes import stored
 from fcache.store.reader import FeatureStore
 
 
@@ -16,12 +16,13 @@ def describe(path: str | Path) -> dict[str, Any]:
     store = FeatureStore(path)
     m = store.manifest
     committed = sum(rec["samples"] for rec in store.ledger.values())
-    itemsize = STORED_DTYPES[m.storage.dtype].itemsize
+    dtype = stored(m.storage.dtype)
+    itemsize = dtype.numpy.itemsize
     levels = []
     for lv in store.levels:
         shape = m.level_shape(lv.name)
         disk = _disk_bytes(store.root / layout.FEATURES / lv.name)
-        if m.storage.dtype == "int8":
+        if dtype.scaled:
             disk += _disk_bytes(store.root / layout.SCALES / lv.name)
         raw = committed * store.num_views * math.prod(shape) * itemsize
         levels.append(
@@ -59,10 +60,11 @@ def describe(path: str | Path) -> dict[str, Any]:
 def format_info(d: dict[str, Any]) -> str:
     m = d["manifest"]
     bb, st, ds = m["backbone"], m["storage"], m["dataset"]
+    src = ds.get("source", ds)  # stores written before the source was recorded keep kind/split in dataset
     lines = [
         f"store      {d['store']}  (format {m['format_version']}, fcache {m.get('fcache_version', '?')})",
         f"backbone   {bb['alias']} ({bb['timm_name']}) @ {bb['input_size']}px, weights {bb['weights'][:16]}",
-        f"dataset    {ds['kind']} {ds.get('split', '')}  {d['samples']} samples x {d['views']} views",
+        f"dataset    {src['kind']} {src.get('split', '')}  {d['samples']} samples x {d['views']} views",
         f"targets    {', '.join(d['targets']) or '-'}",
         f"storage    {st['dtype']}, codec {st['codec']}, shards of {st['shard_size']} samples",
         f"units      {d['units_committed']}/{d['units_total']} committed",

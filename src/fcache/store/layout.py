@@ -16,6 +16,7 @@ from typing import Any
 
 from fcache.common.errors import CorruptStoreError
 from fcache.spec import Manifest
+from fcache.store.dtypes import stored
 
 MANIFEST_ATTR = "fcache"
 FEATURES = "features"
@@ -76,7 +77,7 @@ def unit_files(root: Path, manifest: Manifest, unit: Unit, targets: Mapping[str,
     for lv in manifest.levels:
         nd = 2 + len(manifest.level_shape(lv.name))
         arrays.append((f"{FEATURES}/{lv.name}", nd))
-        if manifest.storage.dtype == "int8":
+        if stored(manifest.storage.dtype).scaled:
             arrays.append((f"{SCALES}/{lv.name}", nd - 2))
     arrays += [(STATUS, 1), (GEOMETRY, 3)]
     arrays += [(f"{TARGETS}/{name}", nd) for name, nd in sorted(targets.items())]

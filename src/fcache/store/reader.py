@@ -19,7 +19,7 @@ import zarr
 from fcache.common.errors import CorruptStoreError, StoreError
 from fcache.spec import Geometry, LevelSpec, Manifest, Status
 from fcache.store import layout
-from fcache.store.encoding import decode
+from fcache.store.dtypes import decode, stored
 
 
 def open_store(path: str | Path) -> FeatureStore:
@@ -144,7 +144,7 @@ class FeatureStore:
         sel = (i,) if view is None else (i, view)
         try:
             values = arr[sel]
-            scales = self.array(f"{layout.SCALES}/{level}")[sel] if self.manifest.storage.dtype == "int8" else None
+            scales = self.array(f"{layout.SCALES}/{level}")[sel] if stored(self.manifest.storage.dtype).scaled else None
         except (ValueError, RuntimeError) as e:
             unit = layout.unit_of(i, self.manifest.storage.shard_size, self.n)
             raise CorruptStoreError(
@@ -198,7 +198,7 @@ class FeatureStore:
         self.manifest.level(level)
         raw = da.from_zarr(self.array(f"{layout.FEATURES}/{level}"))
         dtype = self.manifest.storage.dtype
-        if dtype == "int8":
+        if stored(dtype).scaled:
             scales = da.from_zarr(self.array(f"{layout.SCALES}/{level}"))
             return raw.astype(np.float32) * scales[..., None, None]
         return raw.map_blocks(decode, dtype, dtype=np.float32)

@@ -24,7 +24,8 @@ import zarr
 from fcache.common.errors import StoreError
 from fcache.spec import GEOMETRY_FIELDS, Manifest, Status, keys_digest
 from fcache.store import layout
-from fcache.store.encoding import STORED_DTYPES, Encoded, chunk_codecs, encode
+from fcache.store.codecs import chunk_codecs
+from fcache.store.dtypes import Encoded, encode, stored
 from fcache.store.layout import Unit
 
 WRITE_CONFIG: Any = {"write_empty_chunks": True}
@@ -105,12 +106,12 @@ def _build(root: Path, m: Manifest, keys: Sequence[str], targets: dict[str, Targ
             shape=(n, v, *shape),
             chunks=(1, 1, *shape),
             shards=(s, v, *shape),
-            dtype=STORED_DTYPES[dtype],
+            dtype=stored(dtype).numpy,
             compressors=chunk_codecs(m.storage.codec, dtype),
             fill_value=0,
             attributes={"fcache_dtype": dtype, "level": lv.to_dict()},
         )
-        if dtype == "int8":
+        if stored(dtype).scaled:
             per = shape[:-2]  # (C,) or (T, C)
             g.create_array(f"{layout.SCALES}/{lv.name}", shape=(n, v, *per), chunks=(s, v, *per), dtype="float32", fill_value=0)
     g.create_array(layout.KEYS, shape=(n,), chunks=(s,), dtype=str, config=WRITE_CONFIG)[:] = np.array(list(keys), dtype=object)
@@ -261,7 +262,7 @@ class StoreWriter:
                 raise ValueError(f"unit {unit.name}: level {lv.name} has shape {tuple(values.shape)}, expected {want}")
             if not isinstance(x, Encoded):
                 x = encode(x, m.storage.dtype, lv.name)
-            elif x.values.dtype != STORED_DTYPES[m.storage.dtype] or (m.storage.dtype == "int8") != (x.scales is not None):
+            elif x.values.dtype != stored(m.storage.dtype).numpy or stored(m.storage.dtype).scaled != (x.scales is not None):
                 raise ValueError(f"unit {unit.name}: level {lv.name} was encoded as {x.values.dtype}, the store holds {m.storage.dtype}")
             out[lv.name] = x
         return out

@@ -1,25 +1,136 @@
-"""Evaluation items with every view of a sample at once, so a task can average its views (segmentation's ms+flip,
-video's clip x crop protocol, classification's test views).
+"""What the loop and evaluation read: the one training-loader recipe, and the evaluation datasets.
 
-An item is shaped like a ``FeatureDataset`` item (the loop's Collate takes it unchanged) except that each level holds
-all V views, (V, C, H, W) or for video (V, T, C, H, W). ``geometry`` is view 0's; every view's geometry, the view names
-and the sample's key travel in ``targets`` under ``VIEW_GEOMETRY``, ``VIEW_NAMES`` and ``KEY``.
+Training (:func:`train_loader`): a DataLoader over ``EpochItems`` (item ``(epoch, j)``: sample j with the view of that
+epoch) whose batches come from ``TrainBatches`` (one seeded permutation per epoch, cut into full batches, from any
+iteration on, optionally one rank's slice) and are collated by ``Collate`` (task targets computed in the workers).
+The batch order is a pure function of (seed, iteration), which is what makes resume bit-exact.
+
+Evaluation (:func:`eval_data`): view 0 of every ok sample, or, for a task whose ``TaskDef.eval_views`` is ``all``,
+items with every view of a sample at once (``AllViews``), so the task can average them (segmentation's ms+flip,
+video's clip x crop protocol, classification's test views). An ``AllViews`` item is shaped like a ``FeatureDataset``
+item except that each level holds all V views, (V, C, H, W) or for video (V, T, C, H, W); ``geometry`` is view 0's;
+every view's geometry, the view names and the sample's key travel in ``targets`` under ``VIEW_GEOMETRY``,
+``VIEW_NAMES`` and ``KEY``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from fcache.common.errors import InputError
+from fcache.spec import GEOMETRY_FIELDS, Geometry, LevelSpec
 from fcache.store import FeatureStore
+from fcache.train_heads.task import Batch, Task
 
 KEY = "key"  # the sample's source id (samples/key)
 VIEW_GEOMETRY = "view_geometry"  # (V, len(GEOMETRY_FIELDS)) float32
 VIEW_NAMES = "view_names"  # the V names of manifest.view_names
+
+
+@dataclass
+class Collate:
+    """DataLoader collate_fn: items -> Batch (task targets computed in the worker)."""
+
+    task: Task
+    with_targets: bool = True
+
+    def __call__(self, items: list[Mapping[str, Any]]) -> Batch:
+        geometry = [Geometry.from_array(np.asarray(it["geometry"])) for it in items]
+        features = {lv: torch.stack([it["features"][lv] for it in items]) for lv in items[0]["features"]}
+        targets = [self.task.targets(it, g) for it, g in zip(items, geometry, strict=True)] if self.with_targets else []
+        raw = [dict(it.get("targets", {})) for it in items]
+        return Batch([int(it["index"]) for it in items], [int(it["view"]) for it in items], features, geometry, targets, raw)
+
+
+class EpochItems(Dataset):
+    """Item ``(epoch, j)`` is ``data[j]`` as seen in ``epoch`` (``set_epoch`` picks its view). Stateless across workers."""
+
+    def __init__(self, data: Dataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, j = key
+        if hasattr(self.data, "set_epoch"):
+            self.data.set_epoch(epoch)
+        return self.data[j]
+
+
+class TrainBatches(Sampler[list[tuple[int, int]]]):
+    """Batches ``start..stop-1`` of the stream made of one seeded permutation per epoch, cut into full batches.
+
+    Batch ``it`` holds stream positions ``it*B .. it*B+B-1``; position p is item ``perm(seed, p // n)[p % n]``
+    of epoch ``p // n``. A resumed run starts at its iteration without reading what came before. With ``world``
+    processes, rank r takes the r-th of ``world`` equal consecutive slices of each batch (B must divide evenly).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, *, rank: int = 0, world: int = 1) -> None:
+        assert batch_size % world == 0, "ddp.check_batch refuses uneven slices first"
+        self.n, self.batch_size, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
+        self.rank, self.world = rank, world
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng((self.seed, epoch)).permutation(self.n))
+        return self._perm[1]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        local = self.batch_size // self.world
+        for it in range(self.start, self.stop):
+            first = it * self.batch_size + self.rank * local
+            positions = range(first, first + local)
+            yield [(p // self.n, int(self._order(p // self.n)[p % self.n])) for p in positions]
+
+
+def train_loader(
+    data: Dataset,
+    task: Task,
+    *,
+    batch_size: int,
+    seed: int,
+    start: int,
+    stop: int,
+    num_workers: int,
+    prefetch: int = 2,
+    device: torch.device | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> DataLoader:
+    """Batches ``start..stop-1`` of ``data`` (items with their epoch's view), collated with ``task``'s training targets.
+
+    The loader never touches the global RNG (its own generator is seeded), so heads sampling from it stay exact.
+    """
+    return DataLoader(
+        EpochItems(data),
+        batch_sampler=TrainBatches(len(data), batch_size, seed, start, stop, rank=rank, world=world),  # type: ignore[arg-type]
+        collate_fn=Collate(task, with_targets=True),
+        num_workers=num_workers,
+        prefetch_factor=prefetch if num_workers else None,
+        pin_memory=device is not None and device.type == "cuda",
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def training_items(store: FeatureStore, task: Task, indices: np.ndarray, levels: Sequence[str], seed: int) -> Any:
+    """The store's Dataset of the chosen samples; with several training views, one drawn per sample and epoch.
+
+    ``levels=()`` gives the same items without features (for features computed online).
+    """
+    views = store.manifest.train_views
+    view = "random" if len(views) > 1 else 0
+    return store.dataset(list(levels), indices=indices.tolist(), view=view, views=views, seed=seed, targets=task.target_names)
 
 
 class AllViews(Dataset):
@@ -45,3 +156,28 @@ class AllViews(Dataset):
             "geometry": torch.from_numpy(geometry[0].copy()),
             "targets": targets,
         }
+
+
+def check_plain_view(store: FeatureStore) -> None:
+    """Evaluation reads view 0, which must be the plain resize + pad of every sample (no crop, no flip, longest side fits)."""
+    g = store.geometry_array[store.ok_indices, 0]  # (n, len(GEOMETRY_FIELDS))
+    f = {name: g[:, k] for k, name in enumerate(GEOMETRY_FIELDS)}
+    fits = np.isclose(f["scale"] * np.maximum(f["orig_h"], f["orig_w"]), f["canvas"], rtol=1e-3)
+    plain = (f["crop_x0"] == 0) & (f["crop_y0"] == 0) & (f["flip"] == 0) & fits
+    if not plain.all():
+        raise InputError(
+            f"{store.root}: view 0 of {int((~plain).sum())} sample(s) is a random crop or flip, not the plain resize + pad; "
+            "evaluate on a store extracted with --views 1"
+        )
+
+
+def eval_data(store: FeatureStore, task: Task, levels: tuple[LevelSpec, ...], views: str = "plain") -> Dataset:
+    """What a task is scored on: view 0 of every ok sample, or (``views="all"``) every view of each at once."""
+    if len(store.ok_indices) == 0:
+        raise InputError(f"{store.root} has no usable samples to evaluate on")
+    if not store.video:  # a video view is a clip x crop by construction
+        check_plain_view(store)
+    names = [lv.name for lv in levels]
+    if views == "all":
+        return AllViews(store, names, task.target_names)
+    return store.dataset(names, view=0, targets=task.target_names)

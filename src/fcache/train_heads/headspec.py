@@ -5,8 +5,8 @@ Shared by every task's HEADS table; a spec prints back canonically (all paramete
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from fcache.common.errors import InputError
@@ -125,3 +125,17 @@ def parse_head(text: str, table: Mapping[str, Mapping[str, Param]], task: str = 
         given[key] = known[key].parse(name, key, value)
     params = {k: given.get(k, p.default) for k, p in known.items()}
     return HeadSpec(name, tuple(sorted(params.items())))
+
+
+@dataclass(frozen=True)
+class HeadDef:
+    """One head family of a task: its parameters, how it is built, and how it trains unless flags say otherwise.
+
+    ``build(task, levels)`` makes the head for a task object (which knows its classes, frames, ...) over the stored
+    levels it reads; ``check(spec)`` refuses parameter combinations one key alone cannot (InputError).
+    """
+
+    params: Mapping[str, Param]
+    build: Callable[[Any, tuple[LevelSpec, ...]], Any]
+    train_defaults: Mapping[str, Any] = field(default_factory=dict)
+    check: Callable[[HeadSpec], None] | None = None

@@ -1,7 +1,8 @@
-"""A RUN folder: config.json, the latest checkpoint, the model weights and metrics.jsonl.
+"""A RUN folder: config.json (the :class:`TrainingRecord`), the latest checkpoint, the model weights and metrics.jsonl.
 
-- ``config.json``: the TrainConfig, the store fingerprint, the task description, the trainable parameter count.
-  A folder holding another configuration (or the same one without ``--resume``) is refused before anything is written.
+- ``config.json``: the TrainConfig, the store fingerprint, the task description, the levels and the trainable
+  parameter count. A folder holding another configuration (or the same one without ``--resume``) is refused before
+  anything is written.
 - ``checkpoint.pt``: model, optimiser, schedule and RNG states at an iteration, replaced atomically; loaded with
   ``torch.load(weights_only=True)``, never by unpickling.
 - ``model.safetensors``: the model weights of the same iteration (what ``fcache eval`` loads).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +23,62 @@ from safetensors.torch import load_file, save_file
 
 from fcache import __version__
 from fcache.common.errors import InputError
+from fcache.spec import LevelSpec
 from fcache.train_heads.config import TrainConfig
 
 RUN_FORMAT = 1
 CONFIG, CHECKPOINT, MODEL, METRICS = "config.json", "checkpoint.pt", "model.safetensors", "metrics.jsonl"
 DETECTIONS = "detections.json"
+
+
+@dataclass(frozen=True)
+class TrainingRecord:
+    """What RUN/config.json holds: the identity of the run (its config, already resolved, and the store's fingerprint)
+    and what it trains (the task's description, which rebuilds the head without the store, and the levels it reads)."""
+
+    config: TrainConfig
+    store_fingerprint: str
+    task: dict[str, Any]
+    levels: tuple[LevelSpec, ...]
+    trainable_params: int
+    train_samples: int
+    format_version: int = RUN_FORMAT
+    fcache_version: str = field(default=__version__)
+
+    @property
+    def head(self) -> str:
+        """The head spec as the task writes it canonically (every parameter, sorted)."""
+        return str(self.task.get("head", self.config.head))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "fcache_version": self.fcache_version,
+            "config": self.config.to_dict(),
+            "store_fingerprint": self.store_fingerprint,
+            "task": dict(self.task),
+            "levels": [lv.to_dict() for lv in self.levels],
+            "trainable_params": self.trainable_params,
+            "train_samples": self.train_samples,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainingRecord:
+        return cls(
+            config=TrainConfig.from_dict(d["config"]),
+            store_fingerprint=str(d.get("store_fingerprint", "")),
+            task=dict(d["task"]),
+            levels=tuple(LevelSpec.from_dict(x) for x in d["levels"]),
+            trainable_params=int(d["trainable_params"]),
+            train_samples=int(d.get("train_samples", 0)),
+            format_version=int(d.get("format_version", RUN_FORMAT)),
+            fcache_version=str(d.get("fcache_version", "")),
+        )
+
+    def identity(self) -> dict[str, Any]:
+        """What must match for a folder to hold the same run: the config's identity (the head spelled canonically)
+        and the training store's fingerprint."""
+        return {**self.config.identity(), "head": self.head, "store_fingerprint": self.store_fingerprint}
 
 
 class RunDir:
@@ -34,33 +87,33 @@ class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
-    def read_config(self) -> dict[str, Any] | None:
+    def read_config(self) -> TrainingRecord | None:
         p = self.path / CONFIG
         if not p.is_file():
             return None
         try:
-            return json.loads(p.read_text())
-        except ValueError as e:
-            raise InputError(f"{p} is unreadable ({e}); choose another --out") from e
+            return TrainingRecord.from_dict(json.loads(p.read_text()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{p} is unreadable ({type(e).__name__}: {e}); choose another --out") from e
 
-    def require_config(self) -> dict[str, Any]:
+    def require_config(self) -> TrainingRecord:
         record = self.read_config()
         if record is None:
             raise InputError(f"{self.path} is not an fcache run folder (no {CONFIG}); pass the --out folder of `fcache train-head`")
         return record
 
-    def check(self, record: dict[str, Any], *, resume: bool) -> dict[str, Any] | None:
+    def check(self, record: TrainingRecord, *, resume: bool) -> dict[str, Any] | None:
         """What :meth:`begin` would do, without writing anything: the checkpoint to resume from, if any.
 
         Raises:
-            ValueError: the folder holds something else, another configuration, or this run without ``resume``.
+            InputError: the folder holds something else, another configuration, or this run without ``resume``.
         """
         existing = self.read_config()
         if existing is None:
             if self.path.exists() and any(self.path.iterdir()):
                 raise InputError(f"{self.path} exists and is not an fcache run folder; choose another --out")
             return None
-        diffs = _diff(identity(existing), identity(record))
+        diffs = _diff(existing.identity(), record.identity())
         if diffs:
             raise InputError(
                 f"{self.path} holds a run of another configuration ({'; '.join(diffs)}); choose another --out, "
@@ -72,17 +125,17 @@ class RunDir:
             raise InputError(f"{self.path} already holds this run ({at}); pass --resume to continue it, or choose another --out")
         return checkpoint
 
-    def begin(self, record: dict[str, Any], *, resume: bool) -> dict[str, Any] | None:
+    def begin(self, record: TrainingRecord, *, resume: bool) -> dict[str, Any] | None:
         """Claim the folder for the run ``record`` describes; returns the checkpoint to resume from, if any.
 
         Raises:
-            ValueError: as :meth:`check`, before anything is written.
+            InputError: as :meth:`check`, before anything is written.
         """
         fresh = self.read_config() is None
         checkpoint = self.check(record, resume=resume)
         if fresh:
             self.path.mkdir(parents=True, exist_ok=True)
-            write_json(self.path / CONFIG, {"format_version": RUN_FORMAT, "fcache_version": __version__, **record})
+            write_json(self.path / CONFIG, record.to_dict())
             return None
         self.truncate_metrics(checkpoint["iteration"] if checkpoint else 0)
         return checkpoint
@@ -128,14 +181,6 @@ class RunDir:
         tmp = self.path / f".{METRICS}.{os.getpid()}.partial"
         tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
         os.replace(tmp, self.path / METRICS)
-
-
-def identity(record: dict[str, Any]) -> dict[str, Any]:
-    """What must match for a folder to hold the same run: the config's identity (with the head spelled canonically,
-    as the task describes it) and the training store's fingerprint."""
-    ident = TrainConfig.from_dict(record["config"]).identity()
-    ident["head"] = record.get("task", {}).get("head", ident["head"])
-    return {**ident, "store_fingerprint": record.get("store_fingerprint")}
 
 
 def write_json(path: Path, obj: Any, *, indent: int | None = 1) -> None:

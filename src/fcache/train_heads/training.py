@@ -1,69 +1,43 @@
-"""``fcache train-head`` and ``fcache eval``: from stores to the loop, with the TASKS table.
+"""``fcache train-head``: from stores and flags to the loop, for one head, several in one read pass, or one under torchrun.
 
-Everything is validated (store fits the task and head, training set not empty, RUN folder free or resumable)
-before the first byte is written into RUN.
+Every head is validated (store fits the task and head, training set not empty, RUN folder free or resumable) before
+the first byte is written into any RUN folder. Several heads train in one read pass of the store, each into
+``OUT/<its canonical head spec>``, each exactly as if trained alone (``loop.train_pass``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import nn
 
 from fcache import store as fstore
-from fcache.common.errors import InputError
-from fcache.spec import GEOMETRY_FIELDS, LevelSpec
+from fcache.common.devices import resolve_device
+from fcache.common.errors import DivergedError, InputError
+from fcache.spec import LevelSpec
 from fcache.store import FeatureStore
 from fcache.train_heads import distributed as ddp
-from fcache.train_heads.classification import task as classification
-from fcache.train_heads.config import EvalConfig, TrainConfig
-from fcache.train_heads.detection.task import DetectionTask, check_eval_store
-from fcache.train_heads.loop import Task, TrainResult, build_model, evaluate, resolve_device, train, trainable_parameters
-from fcache.train_heads.runfolder import RunDir
-from fcache.train_heads.segmentation import task as segmentation
-from fcache.train_heads.video import task as video
+from fcache.train_heads.config import TrainConfig
+from fcache.train_heads.data import eval_data, training_items
+from fcache.train_heads.evaluation import check_levels, evaluate_into
+from fcache.train_heads.loop import TrainResult, build_model, start_head, train_pass, trainable_parameters
+from fcache.train_heads.runfolder import RunDir, TrainingRecord
+from fcache.train_heads.task import Task
+from fcache.train_heads.tasks import task_def
+
+# Fields every head of one pass shares: they decide which batches are read (and when the pass stops).
+SHARED = ("store", "task", "iters", "batch_size", "seed", "train_fraction", "stop_at", "num_workers", "prefetch", "device")
 
 
-@dataclass(frozen=True)
-class TaskDef:
-    """How one task is made from a store + head spec, rebuilt from a run's config.json, and checked against an eval store."""
-
-    from_store: Callable[[FeatureStore, str], Task]
-    from_description: Callable[[Mapping[str, Any]], Task]
-    check_eval_store: Callable[[Any, FeatureStore], None]
-    defaults: Callable[[str], Mapping[str, Any]] = lambda head: {}  # head spec -> TrainConfig fields; {}: TrainConfig's own
-
-
-TASKS: dict[str, TaskDef] = {
-    "detection": TaskDef(DetectionTask.from_store, DetectionTask.from_description, check_eval_store),
-    "segmentation": TaskDef(
-        segmentation.SegmentationTask.from_store,
-        segmentation.SegmentationTask.from_description,
-        segmentation.check_eval_store,
-        segmentation.train_defaults,
-    ),
-    "video": TaskDef(video.VideoTask.from_store, video.VideoTask.from_description, video.check_eval_store, video.train_defaults),
-    "classification": TaskDef(
-        classification.ClassificationTask.from_store,
-        classification.ClassificationTask.from_description,
-        classification.check_eval_store,
-        classification.train_defaults,
-    ),
-}
-
-
-def _task_def(name: str) -> TaskDef:
-    if name not in TASKS:
-        raise InputError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
-    return TASKS[name]
-
-
-def task_defaults(task: str, head: str) -> dict[str, Any]:
-    """Training hyper-parameters of ``task``'s ``head`` where no flag sets them (paper Tables 11-13; detection: TrainConfig's)."""
-    return dict(_task_def(task).defaults(head))
+def echo(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def train_indices(store: FeatureStore, fraction: float, seed: int) -> np.ndarray:
@@ -78,27 +52,6 @@ def train_indices(store: FeatureStore, fraction: float, seed: int) -> np.ndarray
     return np.sort(np.random.default_rng(seed).choice(ok, size=k, replace=False))
 
 
-def check_levels(store: FeatureStore, levels: tuple[LevelSpec, ...]) -> None:
-    """``store`` holds every level the head reads, with the same channels and stride."""
-    have = {lv.name: lv for lv in store.levels}
-    missing = [lv.name for lv in levels if lv.name not in have]
-    if missing:
-        raise InputError(f"{store.root} lacks level(s) {', '.join(missing)} that the head reads (it holds {', '.join(have)})")
-    differ = [
-        f"{lv.name} {have[lv.name].channels}ch/{have[lv.name].stride} != {lv.channels}ch/{lv.stride}"
-        for lv in levels
-        if have[lv.name] != lv
-    ]
-    if differ:
-        raise InputError(
-            f"{store.root} has other features than the head was trained on ({'; '.join(differ)}); use a store of the same backbone"
-        )
-
-
-def echo(message: str) -> None:
-    print(message, file=sys.stderr)
-
-
 @dataclass
 class Prepared:
     """A training run checked against its inputs, with nothing written yet."""
@@ -108,14 +61,18 @@ class Prepared:
     levels: tuple[LevelSpec, ...]
     indices: np.ndarray
     val: FeatureStore | None
-    model: Any
+    model: nn.Module
     params: int
+
+    def record(self, cfg: TrainConfig) -> TrainingRecord:
+        """What RUN/config.json holds for ``cfg`` (already ``resolved``)."""
+        return TrainingRecord(cfg, self.store.manifest.fingerprint, self.task.describe(), self.levels, self.params, len(self.indices))
 
 
 def prepare_training(cfg: TrainConfig) -> Prepared:
-    """Open the stores, fit the task and head to them, pick the samples, build the model. Raises ValueError/StoreError."""
+    """Open the stores, fit the task and head to them, pick the samples, build the model. Raises FcacheError."""
     store = fstore.open(cfg.store)
-    tdef = _task_def(cfg.task)
+    tdef = task_def(cfg.task)
     task = tdef.from_store(store, cfg.head)
     levels = task.levels(store.levels)
     indices = train_indices(store, cfg.train_fraction, cfg.seed)
@@ -123,33 +80,16 @@ def prepare_training(cfg: TrainConfig) -> Prepared:
     if val is not None:
         tdef.check_eval_store(task, val)
         check_levels(val, levels)
-        eval_data(val, task, levels)
+        eval_data(val, task, levels, tdef.eval_views)
     resolve_device(cfg.device)
     model = build_model(task, levels, cfg.seed)
     return Prepared(store, task, levels, indices, val, model, trainable_parameters(model))
 
 
 def training_data(p: Prepared, seed: int, levels: Sequence[str] | None = None) -> Any:
-    """The store's Dataset of the chosen samples; with several training views, one drawn per sample and epoch.
-
-    ``levels=()`` gives the same items without features (for features computed online).
-    """
-    views = p.store.manifest.train_views
-    view = "random" if len(views) > 1 else 0
+    """The training items of ``p`` (``levels``: those read, default the head's; ``()`` for features computed online)."""
     names = [lv.name for lv in p.levels] if levels is None else list(levels)
-    return p.store.dataset(names, indices=p.indices.tolist(), view=view, views=views, seed=seed, targets=p.task.target_names)
-
-
-def training_record(cfg: TrainConfig, p: Prepared) -> dict[str, Any]:
-    """What RUN/config.json holds for ``cfg`` (already ``resolved``): the identity of the run and what it trains."""
-    return {
-        "config": cfg.to_dict(),
-        "store_fingerprint": p.store.manifest.fingerprint,
-        "task": p.task.describe(),
-        "levels": [lv.to_dict() for lv in p.levels],
-        "trainable_params": p.params,
-        "train_samples": len(p.indices),
-    }
+    return training_items(p.store, p.task, p.indices, names, seed)
 
 
 def train_summary(cfg: TrainConfig, p: Prepared, run: RunDir, result: TrainResult) -> dict[str, Any]:
@@ -172,7 +112,39 @@ def evaluate_finished(cfg: TrainConfig, p: Prepared, run: RunDir, result: TrainR
     """Score the head on ``cfg.val_store`` when its training is complete (None otherwise)."""
     if p.val is None or result.stop != cfg.iters:
         return None
-    return _evaluate_into(run, p.task, p.model, p.val, p.levels, cfg.batch_size, cfg.num_workers, cfg.device, result.stop, progress)
+    return evaluate_into(run, p.task, p.model, p.val, p.levels, cfg.batch_size, cfg.num_workers, cfg.device, result.stop, progress)
+
+
+def folder_name(head: str) -> str:
+    """A head spec made filesystem-safe: ``bifpn:channels=256,layers=3`` -> ``bifpn_channels-256_layers-3``."""
+    return re.sub(r"[^A-Za-z0-9.+-]", "_", head.replace("=", "-"))
+
+
+def check_shared(cfgs: Sequence[TrainConfig]) -> None:
+    """Heads trained in one pass read the same batches: the SHARED fields must agree."""
+    for name in SHARED:
+        values = {repr(getattr(c, name)) for c in cfgs}
+        if len(values) > 1:
+            raise InputError(
+                f"heads trained in one pass must share {name.replace('_', '-')} (got {', '.join(sorted(values))}); "
+                f"give --{name.replace('_', '-')} explicitly, or train those heads in separate runs"
+            )
+
+
+def _prepare(cfgs: Sequence[TrainConfig], own_folders: bool) -> list[tuple[TrainConfig, Prepared, TrainingRecord]]:
+    """Each head checked against the stores and its RUN folder named (``OUT/<canonical head>`` when ``own_folders``)."""
+    out = []
+    for cfg in cfgs:
+        p = prepare_training(cfg)
+        if own_folders:
+            cfg = dataclasses.replace(cfg, out=str(Path(cfg.out) / folder_name(p.task.describe()["head"])))
+        cfg = cfg.resolved(len(p.indices))  # warm-up given in epochs -> iterations of this training set
+        out.append((cfg, p, p.record(cfg)))
+    names = [cfg.out for cfg, _, _ in out]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(f"a head is given twice ({', '.join(Path(n).name for n in twice)}); give each head once")
+    return out
 
 
 def run_train(cfg: TrainConfig, *, progress: bool = True, say: Callable[[str], None] = echo) -> dict[str, Any]:
@@ -180,99 +152,55 @@ def run_train(cfg: TrainConfig, *, progress: bool = True, say: Callable[[str], N
 
     Under torchrun (WORLD_SIZE > 1) every process trains its slice of each batch; rank 0 writes RUN and evaluates.
     """
+    (summary,) = _run([cfg], own_folders=False, progress=progress, say=say)
+    return summary
+
+
+def run_train_heads(cfgs: Sequence[TrainConfig], *, progress: bool = True, say: Callable[[str], None] = echo) -> list[dict[str, Any]]:
+    """Train the heads of ``cfgs`` (one per head, same flags, ``out`` the parent folder) in one read pass.
+
+    Every head is checked (stores, head spec, RUN folder) before anything is written; each is evaluated on
+    ``val_store`` when its training is complete. Returns one ``train-head`` summary per head.
+    """
+    if ddp.Dist.from_env().enabled:
+        raise InputError("torchrun trains one head on many processes; give one --head, or run several heads without torchrun")
+    return _run(cfgs, own_folders=True, progress=progress, say=say)
+
+
+def _run(cfgs: Sequence[TrainConfig], *, own_folders: bool, progress: bool, say: Callable[[str], None]) -> list[dict[str, Any]]:
+    check_shared(cfgs)
     dist = ddp.Dist.from_env()
-    with ddp.process_group(dist, cfg.device):
-        p = prepare_training(cfg)
-        ddp.check_batch(cfg.batch_size, dist)
-        cfg = cfg.resolved(len(p.indices))  # warm-up given in epochs -> iterations of this training set
-        record = training_record(cfg, p)
-        run = RunDir(cfg.out)
-        checkpoint = ddp.on_main(lambda: run.begin(record, resume=cfg.resume), dist)
-        if not dist.is_main and cfg.resume:
-            checkpoint = run.load_checkpoint()
-        if dist.is_main:
-            on = f" on {dist.world} processes" if dist.enabled else ""
-            say(f"{cfg.task} head {record['task']['head']}: {p.params:,} trainable parameters, {len(p.indices)} training samples{on}")
-        result = train(cfg, p.task, p.model, training_data(p, cfg.seed), run, checkpoint=checkpoint, progress=progress, dist=dist)
-        summary = train_summary(cfg, p, run, result) | ({"processes": dist.world} if dist.enabled else {})
-        metrics = evaluate_finished(cfg, p, run, result, progress) if dist.is_main else None
-    return summary | ({"eval": metrics} if metrics is not None else {})
-
-
-def check_plain_view(store: FeatureStore) -> None:
-    """Evaluation reads view 0, which must be the plain resize + pad of every sample (no crop, no flip, longest side fits)."""
-    g = store.geometry_array[store.ok_indices, 0]  # (n, len(GEOMETRY_FIELDS))
-    f = {name: g[:, k] for k, name in enumerate(GEOMETRY_FIELDS)}
-    fits = np.isclose(f["scale"] * np.maximum(f["orig_h"], f["orig_w"]), f["canvas"], rtol=1e-3)
-    plain = (f["crop_x0"] == 0) & (f["crop_y0"] == 0) & (f["flip"] == 0) & fits
-    if not plain.all():
-        raise InputError(
-            f"{store.root}: view 0 of {int((~plain).sum())} sample(s) is a random crop or flip, not the plain resize + pad; "
-            "evaluate on a store extracted with --views 1"
-        )
-
-
-def eval_data(store: FeatureStore, task: Task, levels: tuple[LevelSpec, ...]) -> Any:
-    if len(store.ok_indices) == 0:
-        raise InputError(f"{store.root} has no usable samples to evaluate on")
-    if not store.video:  # a video view is a clip x crop by construction
-        check_plain_view(store)
-    if hasattr(task, "eval_dataset"):  # a task that scores more than view 0 (segmentation: ms+flip over the test views)
-        return task.eval_dataset(store, levels)
-    return store.dataset([lv.name for lv in levels], view=0, targets=task.target_names)
-
-
-def _evaluate_into(
-    run: RunDir,
-    task: Task,
-    model: Any,
-    store: FeatureStore,
-    levels: tuple[LevelSpec, ...],
-    batch_size: int,
-    num_workers: int,
-    device: str,
-    iteration: int,
-    progress: bool,
-) -> dict[str, float]:
-    """Score ``model`` on view 0 of every ok sample of ``store``; prediction files go into RUN, the metrics into metrics.jsonl."""
-    data = eval_data(store, task, levels)
-    metrics = evaluate(
-        task, model, data, batch_size=batch_size, num_workers=num_workers, device=resolve_device(device), out=run.path, progress=progress
-    )
-    run.log({"event": "eval", "iter": iteration, "store": str(store.root), "samples": len(data), **metrics})
-    return metrics
-
-
-def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Score the weights in RUN on the store ``cfg.store``; writes RUN/detections.json (detection) and logs the metrics."""
-    run = RunDir(cfg.run)
-    record = run.require_config()
-    tdef = _task_def(record["config"]["task"])
-    task = tdef.from_description(record["task"])
-    levels = tuple(LevelSpec.from_dict(d) for d in record["levels"])
-    store = fstore.open(cfg.store)
-    tdef.check_eval_store(task, store)
-    check_levels(store, levels)
-    n = len(eval_data(store, task, levels))
-    resolve_device(cfg.device)
-    state, iteration = run.load_model()
-    model = build_model(task, levels, seed=0)
-    model.load_state_dict(state)
-    metrics = _evaluate_into(run, task, model, store, levels, cfg.batch_size, cfg.num_workers, cfg.device, iteration, progress)
-    return {"run": str(run.path), "store": str(store.root), "iter": iteration, "samples": n, "metrics": metrics}
-
-
-def load_trained(run_path: str, store_path: str) -> tuple[Task, tuple[LevelSpec, ...], Any, FeatureStore, int]:
-    """The task, levels and trained model of RUN, and ``store`` checked to fit them: (task, levels, model, store, iteration)."""
-    run = RunDir(run_path)
-    record = run.require_config()
-    tdef = _task_def(record["config"]["task"])
-    task = tdef.from_description(record["task"])
-    levels = tuple(LevelSpec.from_dict(d) for d in record["levels"])
-    store = fstore.open(store_path)
-    tdef.check_eval_store(task, store)
-    check_levels(store, levels)
-    state, iteration = run.load_model()
-    model = build_model(task, levels, seed=0)
-    model.load_state_dict(state)
-    return task, levels, model, store, iteration
+    with ddp.process_group(dist, cfgs[0].device):
+        prepared = _prepare(cfgs, own_folders)
+        ddp.check_batch(cfgs[0].batch_size, dist)
+        for cfg, _, record in prepared:  # every folder checked before any is written
+            checkpoint = RunDir(cfg.out).check(record, resume=cfg.resume)
+            if checkpoint is not None:
+                ddp.own_rng(checkpoint, dist)  # a checkpoint of another number of processes is refused here
+        heads = []
+        for cfg, p, record in prepared:
+            run = RunDir(cfg.out)
+            checkpoint = ddp.on_main(lambda run=run, record=record, cfg=cfg: run.begin(record, resume=cfg.resume), dist)
+            if not dist.is_main and cfg.resume:
+                checkpoint = run.load_checkpoint()
+            if dist.is_main:
+                on = f" on {dist.world} processes" if dist.enabled else ""
+                where = f" -> {run.path}" if own_folders else ""
+                say(f"{cfg.task} head {record.head}: {p.params:,} trainable parameters, {len(p.indices)} training samples{on}{where}")
+            device = resolve_device(cfg.device)
+            heads.append(start_head(dataclasses.replace(cfg, device=device), p.task, p.model, [lv.name for lv in p.levels], run,
+                                    checkpoint, dist))  # fmt: skip
+        union = sorted({lv for _, p, _ in prepared for lv in p.levels}, key=lambda lv: lv.stride)
+        cfg, first, _ = prepared[0]
+        results = train_pass(heads, training_data(first, cfg.seed, [lv.name for lv in union]), progress=progress, dist=dist)
+        summaries = []
+        for (cfg, p, _), h, result in zip(prepared, heads, results, strict=True):
+            summary = train_summary(cfg, p, h.run, result) | ({"processes": dist.world} if dist.enabled else {})
+            metrics = evaluate_finished(cfg, p, h.run, result, progress) if dist.is_main and not h.error else None
+            summaries.append(summary | ({"eval": metrics} if metrics is not None else {}))
+    failed = [f"{h.run.path.name}: {h.error}" for h in heads if h.error]
+    if len(failed) == len(heads) == 1:
+        raise DivergedError(heads[0].error)
+    if failed:
+        raise DivergedError(f"{len(failed)} of {len(heads)} heads stopped ({'; '.join(failed)}); the others finished")
+    return summaries

@@ -1,7 +1,9 @@
-"""Raw-dataset sources of ``fcache extract``: the SOURCES table (kind -> constructor) and ``build_source``.
+"""Raw-dataset sources of ``fcache extract``: the SOURCES table (kind -> how to build it) and ``build_source``.
 
-Every constructor in SOURCES takes ``--root`` and the extract flags (``Flags``) and refuses the flags its kind does
-not use, with a message naming the fix. ``base.py`` holds the Source protocol every kind implements.
+Every builder takes the whole :class:`fcache.spec.SourceConfig` (the extract flags of the dataset, recorded in the
+manifest) and refuses the settings its kind does not use, with a message naming the fix. ``base.py`` holds the
+Source protocol every kind implements. This module imports no source (nor torch): the table is what ``fcache
+extract --help`` lists, and a source's module is imported when it is built.
 """
 
 from __future__ import annotations
@@ -9,28 +11,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fcache.common.errors import InputError, MetadataError
-from fcache.extract.decode import DEFAULT_MAX_PIXELS, DEFAULT_TIMEOUT_S
-from fcache.extract.sources.ade20k import Ade20kSource
-from fcache.extract.sources.base import Decoded, SampleError, SampleRef, Source
-from fcache.extract.sources.coco import CocoSource
-from fcache.extract.sources.folder import FolderSource
-from fcache.extract.sources.video import VideoSource
-from fcache.extract.sources.wds import WdsSource
+from fcache.common.errors import InputError
+from fcache.spec import SourceConfig
+
+if TYPE_CHECKING:
+    from fcache.extract.sources.base import Source
 
 
 @dataclass(frozen=True)
-class Flags:
-    """The extract flags a source may use (see ``build_source``)."""
+class SourceDef:
+    """One kind of dataset: how to build its source from the config, and what it holds (for ``--help``)."""
 
-    annotations: str | Path | None = None
-    split: str = ""
-    frames: int = 16
-    clips: int = 1
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    decode_timeout: float = DEFAULT_TIMEOUT_S
-    drop_degenerate_boxes: bool = False
+    build: Callable[[SourceConfig], Source]
+    help: str
 
 
 def _existing(root: str | Path, what: str) -> Path:
@@ -40,79 +35,73 @@ def _existing(root: str | Path, what: str) -> Path:
     return p
 
 
-def _no_annotations(kind: str, f: Flags) -> None:
-    if f.annotations:
-        raise InputError(f"--annotations is not used by --dataset {kind}; drop it (or choose coco / video)")
+def _no_annotations(c: SourceConfig) -> None:
+    if c.annotations:
+        raise InputError(f"--annotations is not used by --dataset {c.kind}; drop it (or choose coco / video)")
 
 
-def _coco(root: str | Path, f: Flags) -> Source:
-    if not f.annotations:
+def _coco(c: SourceConfig) -> Source:
+    from fcache.extract.sources.coco import CocoSource
+
+    if not c.annotations:
         raise InputError("--dataset coco needs --annotations PATH (the COCO json, e.g. annotations/instances_val2017.json)")
-    return CocoSource(_existing(root, "COCO image"), f.annotations, max_pixels=f.max_pixels, drop_degenerate_boxes=f.drop_degenerate_boxes)
+    return CocoSource(
+        _existing(c.root, "COCO image"), c.annotations, max_pixels=c.max_pixels, drop_degenerate_boxes=c.drop_degenerate_boxes
+    )
 
 
-def _ade20k(root: str | Path, f: Flags) -> Source:
-    _no_annotations("ade20k", f)
-    if not f.split:
+def _ade20k(c: SourceConfig) -> Source:
+    from fcache.extract.sources.ade20k import Ade20kSource
+
+    _no_annotations(c)
+    if not c.split:
         raise InputError("--dataset ade20k needs --split training or --split validation")
-    return Ade20kSource(_existing(root, "ADEChallengeData2016"), f.split, max_pixels=f.max_pixels)
+    return Ade20kSource(_existing(c.root, "ADEChallengeData2016"), c.split, max_pixels=c.max_pixels)
 
 
-def _video(root: str | Path, f: Flags) -> Source:
-    if f.annotations and not Path(f.annotations).is_file():
-        raise InputError(f"--annotations {f.annotations} does not exist; give a CSV of path,label rows or leave it out")
-    root = _existing(root, "video")
-    return VideoSource(root, f.annotations or None, frames=f.frames, clips=f.clips, max_pixels=f.max_pixels, timeout_s=f.decode_timeout)
+def _video(c: SourceConfig) -> Source:
+    from fcache.extract.sources.video import VideoSource
+
+    if c.annotations and not Path(c.annotations).is_file():
+        raise InputError(f"--annotations {c.annotations} does not exist; give a CSV of path,label rows or leave it out")
+    root = _existing(c.root, "video")
+    return VideoSource(root, c.annotations or None, frames=c.frames, clips=c.clips, max_pixels=c.max_pixels, timeout_s=c.decode_timeout)
 
 
-def _folder(root: str | Path, f: Flags) -> Source:
-    _no_annotations("folder", f)
-    return FolderSource(_existing(root, "image"), max_pixels=f.max_pixels)
+def _folder(c: SourceConfig) -> Source:
+    from fcache.extract.sources.folder import FolderSource
+
+    _no_annotations(c)
+    return FolderSource(_existing(c.root, "image"), max_pixels=c.max_pixels)
 
 
-def _wds(root: str | Path, f: Flags) -> Source:
-    _no_annotations("wds", f)
-    if "{" not in str(root):
-        _existing(root, "webdataset shard")
-    return WdsSource(root, max_pixels=f.max_pixels)
+def _wds(c: SourceConfig) -> Source:
+    from fcache.extract.sources.wds import WdsSource
+
+    _no_annotations(c)
+    if "{" not in str(c.root):
+        _existing(c.root, "webdataset shard")
+    return WdsSource(c.root, max_pixels=c.max_pixels)
 
 
-SOURCES: dict[str, Callable[[str | Path, Flags], Source]] = {
-    "coco": _coco,
-    "ade20k": _ade20k,
-    "video": _video,
-    "folder": _folder,
-    "wds": _wds,
+SOURCES: dict[str, SourceDef] = {
+    "coco": SourceDef(_coco, "image folder + COCO json: boxes, polygons/RLE, categories"),
+    "ade20k": SourceDef(_ade20k, "ADEChallengeData2016: images + 150-class label PNGs"),
+    "video": SourceDef(_video, "a folder per class, or a path,label CSV; clips of frames"),
+    "folder": SourceDef(_folder, "ImageFolder class folders, or a flat folder"),
+    "wds": SourceDef(_wds, "webdataset .tar shards with an image + cls/json"),
 }
 
 
-def build_source(
-    kind: str,
-    root: str | Path,
-    *,
-    annotations: str | Path | None = None,
-    split: str = "",
-    frames: int = 16,
-    clips: int = 1,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    decode_timeout: float = DEFAULT_TIMEOUT_S,
-    drop_degenerate_boxes: bool = False,
-) -> Source:
-    """The source of ``kind`` for the extract flags. Raises ValueError (what is wrong, what to do) for bad flags.
+def build_source(c: SourceConfig) -> Source:
+    """The source of ``c.kind`` for its settings.
 
-    Args:
-        root: the dataset folder (wds: a folder of .tar shards or a brace pattern).
-        annotations: COCO json (coco) or ``path,label`` CSV (video); refused by the other kinds.
-        split: ADE20K split folder (``training`` / ``validation``); informative only for the other kinds.
-        frames, clips: video sampling, T frames per clip (ignored by image kinds).
-        max_pixels: images / video frames with more pixels are refused (TOO_LARGE).
-        decode_timeout: seconds one video may take to decode (TIMEOUT).
-        drop_degenerate_boxes: coco: drop boxes with w or h <= 0 with a logged warning instead of refusing the json.
+    Raises:
+        InputError: an unknown kind, a setting the kind does not use, or a missing folder/file (what to do).
     """
-    if kind not in SOURCES:
-        raise InputError(f"--dataset {kind!r} is not a known source; choose one of {', '.join(SOURCES)}")
-    flags = Flags(annotations, split, frames, clips, max_pixels, decode_timeout, drop_degenerate_boxes)
-    return SOURCES[kind](root, flags)
+    if c.kind not in SOURCES:
+        raise InputError(f"--dataset {c.kind!r} is not a known source; choose one of {', '.join(SOURCES)}")
+    return SOURCES[c.kind].build(c)
 
 
-__all__ = ["SOURCES", "Decoded", "Flags", "MetadataError", "SampleError", "SampleRef", "Source", "build_source"]
+__all__ = ["SOURCES", "SourceDef", "build_source"]

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from fcache.common.errors import InputError
-
-MIN_EXAMPLES = 4  # HSIC_1 needs n >= 4
+from fcache.train_heads.config import MIN_EXAMPLES, CkaConfig
+from fcache.train_heads.necks.base import Tap
 
 
 def hsic1(k: Tensor, l: Tensor) -> Tensor:  # noqa: E741
@@ -109,36 +109,25 @@ def tapped(model: nn.Module, rois_per_batch: int = 256, seed: int = 0) -> Iterat
 
 
 def _neck_hooks(neck: nn.Module, groups: dict[str, OrderedDict[str, Tensor]]) -> list[Any]:
+    """The stored inputs P_x (a pre-hook on the neck) and the outputs of every block the neck declares (``Neck.taps``)."""
     in_names = [lv.name for lv in neck.in_levels]
-    out_names = [lv.name for lv in neck.out_levels]
+    try:
+        taps = neck.taps()
+    except NotImplementedError as e:
+        raise InputError(f"{e}; fcache cka cannot analyse this head") from None
 
     def inputs(_m: nn.Module, args: tuple[Any, ...]) -> None:
         for name in in_names:
             groups[name][f"{name.upper()} in"] = args[0][name].detach().float().cpu()
 
     handles = [neck.register_forward_pre_hook(inputs)]
-    layers = getattr(neck, "layers", None)
-    if layers is not None:  # BiFPN: every layer's outputs, per level
-        for k, layer in enumerate(layers, start=1):
+    for tap in taps:
 
-            def bifpn_out(_m: nn.Module, _a: Any, out: list[Tensor], k: int = k) -> None:
-                for name, x in zip(out_names, out, strict=True):
-                    if name in in_names:
-                        groups[name][f"F{k}"] = x.detach().float().cpu()
+        def out_hook(_m: nn.Module, _a: Any, out: Any, tap: Tap = tap) -> None:
+            for name, x in tap.levels(out).items():
+                groups[name][tap.label] = x.detach().float().cpu()
 
-            handles.append(layer.register_forward_hook(bifpn_out))
-        return handles
-    fpn = getattr(neck, "fpn", None)
-    if fpn is not None:  # FPN (and fpn-res: the output conv then each residual block)
-        for name, block in zip(in_names, fpn.layer_blocks, strict=True):
-            parts = list(block) if isinstance(block, nn.Sequential) else [block]
-            for k, part in enumerate(parts):
-                label = "F1" if len(parts) == 1 else ("conv" if k == 0 else f"R{k}")
-
-                def out_hook(_m: nn.Module, _a: Any, out: Tensor, name: str = name, label: str = label) -> None:
-                    groups[name][label] = out.detach().float().cpu()
-
-                handles.append(part.register_forward_hook(out_hook))
+        handles.append(tap.module.register_forward_hook(out_hook))
     return handles
 
 
@@ -203,41 +192,25 @@ def write(result: dict[str, dict[str, Any]], out: Path, title: str) -> None:
     heatmap(result, out / "cka.png", title)
 
 
-@dataclass(frozen=True)
-class CkaConfig:
-    """``fcache cka RUN --store S``."""
-
-    run: str
-    store: str
-    samples: int = 64
-    batch_size: int = 8
-    out: str = ""
-    device: str = "cpu"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.batch_size < MIN_EXAMPLES:
-            raise InputError(f"--batch-size must be at least {MIN_EXAMPLES} (the unbiased HSIC needs 4 examples per minibatch)")
-        if self.samples < self.batch_size:
-            raise InputError(f"--samples ({self.samples}) must be at least --batch-size ({self.batch_size})")
-
-
 def run_cka(cfg: CkaConfig, progress: bool = True) -> dict[str, Any]:
     """CKA heatmaps of RUN's head on up to ``cfg.samples`` samples of ``cfg.store``; writes cka.json + cka.png."""
     import numpy as np
     from tqdm import tqdm
 
-    from fcache.train_heads.loop import Collate, resolve_device
-    from fcache.train_heads.training import eval_data, load_trained
+    from fcache.common.devices import resolve_device
+    from fcache.train_heads.data import Collate, eval_data
+    from fcache.train_heads.evaluation import load_trained
+    from fcache.train_heads.tasks import task_def
 
-    task, levels, model, store, iteration = load_trained(cfg.run, cfg.store)
-    data = eval_data(store, task, levels)
+    t = load_trained(cfg.run, cfg.store)
+    task, model, store = t.task, t.model, t.store
+    data = eval_data(store, task, t.levels, task_def(task.name).eval_views)
     rng = np.random.default_rng(cfg.seed)
     chosen = np.sort(rng.choice(len(data), size=min(cfg.samples, len(data)), replace=False))
     full = len(chosen) - len(chosen) % cfg.batch_size  # whole minibatches only
     subset = torch.utils.data.Subset(data, chosen[:full].tolist())
     loader = torch.utils.data.DataLoader(subset, batch_size=cfg.batch_size, collate_fn=Collate(task, with_targets=False))
-    device = resolve_device(cfg.device)
+    device = torch.device(resolve_device(cfg.device))
     model.to(device).eval()
 
     def batches() -> Iterator[Taps]:
@@ -250,6 +223,5 @@ def run_cka(cfg: CkaConfig, progress: bool = True) -> dict[str, Any]:
     if not result:
         raise InputError(f"{cfg.run}: nothing to analyse (the head has no neck or cascade to tap, or too few samples)")
     out = Path(cfg.out or Path(cfg.run) / "cka")
-    head = json.loads((Path(cfg.run) / "config.json").read_text())["config"]["head"]
-    write(result, out, f"linear CKA, {head} at iteration {iteration}, {full} samples of {store.root.name}")
+    write(result, out, f"linear CKA, {t.task.head} at iteration {t.iteration}, {full} samples of {store.root.name}")
     return {"out": str(out), "samples": full, "groups": result}

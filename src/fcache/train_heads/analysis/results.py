@@ -15,7 +15,6 @@ from typing import Any
 
 from fcache.train_heads.runfolder import RunDir
 
-MAIN_METRIC = {"detection": "box/AP", "segmentation": "ss/mIoU", "video": "avg/top1", "classification": "avg/top1"}
 COLUMNS = (
     "run",
     "task",
@@ -32,6 +31,13 @@ COLUMNS = (
     "time_s",
 )
 CSV_NAME, MARKDOWN_NAME, PLOT_NAME = "results.csv", "results.md", "results.png"
+
+
+def main_metric(task: str) -> str:
+    """The metric that ranks runs of ``task`` (its TASKS entry); "metric" for a task this fcache does not know."""
+    from fcache.train_heads.tasks import TASKS
+
+    return TASKS[task].main_metric if task in TASKS else "metric"
 
 
 def head_family(head: str) -> str:
@@ -64,26 +70,26 @@ def training_seconds(records: Iterable[dict[str, Any]]) -> float:
 def run_row(path: str | Path) -> dict[str, Any]:
     """One row for the RUN folder ``path``: configuration, trainable parameters, the last evaluation's metrics, time.
 
-    ``value`` is the task's main metric (MAIN_METRIC); every metric of the evaluation follows as its own column.
+    ``value`` is the task's main metric (``TaskDef.main_metric``); every metric of the evaluation follows as its own column.
     A run not evaluated yet has no metrics (``value`` None).
     """
     run = RunDir(path)
     record = run.require_config()
-    cfg, records = record["config"], run.metrics()
+    cfg, records = record.config, run.metrics()
     evals = [r for r in records if r.get("event") == "eval"]
     metrics = {k: v for k, v in evals[-1].items() if "/" in k} if evals else {}
-    metric = MAIN_METRIC.get(cfg["task"], "")
+    metric = main_metric(cfg.task)
     row = {
         "run": str(run.path),
-        "task": cfg["task"],
-        "head": cfg["head"],
-        "family": head_family(cfg["head"]),
-        "trainable_params": int(record["trainable_params"]),
-        "lr": cfg["lr"],
-        "train_fraction": cfg["train_fraction"],
-        "store": cfg["store"],
-        "iters": cfg["iters"],
-        "seed": cfg["seed"],
+        "task": cfg.task,
+        "head": cfg.head,
+        "family": head_family(cfg.head),
+        "trainable_params": record.trainable_params,
+        "lr": cfg.lr,
+        "train_fraction": cfg.train_fraction,
+        "store": cfg.store,
+        "iters": cfg.iters,
+        "seed": cfg.seed,
         "metric": metric,
         "value": metrics.get(metric),
         "time_s": training_seconds(records),
@@ -199,7 +205,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("trainable parameters (M)")
-        ax.set_ylabel(MAIN_METRIC.get(task, "metric") + " (%)")
+        ax.set_ylabel(main_metric(task) + " (%)")
         ax.set_title(task)
         ax.grid(True, which="both", alpha=0.3)
     return save_figure(fig, path, legend_size=8)

@@ -13,7 +13,6 @@ import hashlib
 import itertools
 import json
 import multiprocessing
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,13 +21,13 @@ from typing import Any
 
 import yaml
 
+from fcache.common.cluster import ClusterTarget, connect, worker_threads
 from fcache.common.errors import InputError
 from fcache.train_heads.analysis.report import LOSS_PLOT, plot_losses
 from fcache.train_heads.analysis.results import write_results
-from fcache.train_heads.config import TrainConfig, hyper_parameters
-from fcache.train_heads.multihead import folder_name
-from fcache.train_heads.runfolder import RunDir, identity
-from fcache.train_heads.training import echo, prepare_training, run_train, task_defaults, training_record
+from fcache.train_heads.config import SweepConfig, TrainConfig
+from fcache.train_heads.runfolder import RunDir
+from fcache.train_heads.training import echo, folder_name, prepare_training, run_train
 
 GRID_KEYS = ("store", "head", "lr", "train_fraction", "weight_decay", "seed", "batch_size")  # a list = one grid axis
 FLOAT_KEYS = ("lr", "weight_decay", "train_fraction", "warmup_epochs", "warmup_factor", "gamma", "clip")
@@ -37,32 +36,7 @@ STR_KEYS = ("task", "store", "val_store", "head", "schedule", "device")
 SWEEP_KEYS = ("out", "threads")  # of the sweep itself, not of a variant
 SPEC_KEYS = (*STR_KEYS, *FLOAT_KEYS, *INT_KEYS, "steps", *SWEEP_KEYS)
 REQUIRED = ("store", "head", "iters")
-HYPER = ("batch_size", "lr", "weight_decay", "schedule", "steps", "warmup", "warmup_epochs")  # task defaults fill these
 RUNS = "runs"
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    """``fcache sweep``: the SPEC file, the output folder (``""``: the spec's) and where variants run."""
-
-    spec: str
-    out: str = ""
-    cluster: str = ""  # local:N
-    scheduler: str = ""  # tcp://HOST:PORT
-
-    def __post_init__(self) -> None:
-        if self.cluster and self.scheduler:
-            raise InputError("give --cluster local:N or --scheduler tcp://HOST:PORT, not both")
-        if self.cluster:
-            local_workers(self.cluster)
-
-
-def local_workers(cluster: str) -> int:
-    """N of ``local:N``."""
-    kind, _, n = cluster.partition(":")
-    if kind != "local" or not n.isdigit() or int(n) < 1:
-        raise InputError(f"--cluster {cluster!r} is not local:N with N >= 1 (e.g. local:4); use --scheduler for a remote cluster")
-    return int(n)
 
 
 @dataclass(frozen=True)
@@ -168,10 +142,7 @@ def _values(path: str, base: Path, key: str, value: Any) -> Any:
 
 def variant_config(values: Mapping[str, Any]) -> TrainConfig:
     """The TrainConfig of one grid point: the task's defaults for its head under the values the SPEC gives."""
-    given = {k: v for k, v in values.items() if k in HYPER}
-    rest = {k: v for k, v in values.items() if k not in HYPER}
-    defaults = task_defaults(rest.get("task", "detection"), rest["head"])
-    return TrainConfig(out="", **{**hyper_parameters(defaults, given), **rest})
+    return TrainConfig.from_flags(**{"out": "", **values})
 
 
 @dataclass(frozen=True)
@@ -189,9 +160,9 @@ def plan(spec: SweepSpec, out: Path) -> list[Variant]:
     for values in spec.points():
         cfg = variant_config(values)
         p = prepare_training(cfg)
-        record = training_record(cfg.resolved(len(p.indices)), p)
-        digest = hashlib.sha256(json.dumps(identity(record), sort_keys=True).encode()).hexdigest()[:10]
-        name = f"{folder_name(record['task']['head'])}-{digest}"
+        record = p.record(cfg.resolved(len(p.indices)))
+        digest = hashlib.sha256(json.dumps(record.identity(), sort_keys=True).encode()).hexdigest()[:10]
+        name = f"{folder_name(record.head)}-{digest}"
         if name in variants:
             raise InputError(f"{spec.path}: two grid points are the same variant ({cfg.head}); list each head and value once")
         cfg = dataclasses.replace(cfg, out=str(out / RUNS / name), resume=True)
@@ -203,12 +174,13 @@ def plan(spec: SweepSpec, out: Path) -> list[Variant]:
 def is_finished(path: str | Path) -> bool:
     """The RUN folder trained all its iterations and, when it has a validation store, was evaluated after them."""
     run = RunDir(path)
-    cfg = (run.read_config() or {}).get("config")
-    if cfg is None or not (run.path / "model.safetensors").is_file():
+    record = run.read_config()
+    if record is None or not (run.path / "model.safetensors").is_file():
         return False
+    cfg = record.config
     _, iteration = run.load_model()
-    evaluated = any(r.get("event") == "eval" and r.get("iter") == cfg["iters"] for r in run.metrics())
-    return iteration == cfg["iters"] and (evaluated or not cfg.get("val_store"))
+    evaluated = any(r.get("event") == "eval" and r.get("iter") == cfg.iters for r in run.metrics())
+    return iteration == cfg.iters and (evaluated or not cfg.val_store)
 
 
 def run_variant(cfg: dict[str, Any], threads: int | None, progress: bool = False) -> dict[str, Any]:
@@ -232,21 +204,12 @@ def run_variant(cfg: dict[str, Any], threads: int | None, progress: bool = False
 
 
 @contextmanager
-def dask_client(cfg: SweepConfig, threads: int | None = None) -> Iterator[Any]:
-    """A dask Client on a LocalCluster of N single-threaded worker processes, or on the scheduler given; None for neither."""
-    if not cfg.cluster and not cfg.scheduler:
+def dask_client(target: ClusterTarget | None) -> Iterator[Any]:
+    """A dask Client on ``target``, or None to train in this process."""
+    if target is None:
         yield None
         return
-    from dask.distributed import Client
-
-    from fcache.common.cluster import local_cluster
-
-    if cfg.scheduler:
-        with Client(cfg.scheduler) as client:
-            yield client
-        return
-    n = local_workers(cfg.cluster)
-    with local_cluster(n, threads_per_worker=1, torch_threads=threads or max(1, (os.cpu_count() or 1) // n)) as client:
+    with connect(target) as client:
         yield client
 
 
@@ -290,8 +253,9 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, say: Callable[[str], N
     variants = plan(spec, out)
     pending = [v for v in variants if not v.finished]
     say(f"{len(variants)} variant(s): {len(variants) - len(pending)} finished already, {len(pending)} to train, in {out}")
-    threads = spec.threads or (max(1, (os.cpu_count() or 1) // local_workers(cfg.cluster)) if cfg.cluster else None)
-    with dask_client(cfg, threads) as client:
+    target = cfg.target(spec.threads or 0)
+    threads = spec.threads or (worker_threads(target) if target else None)
+    with dask_client(target) as client:
         failed = train_all(pending, client, threads, progress and client is None, say) if pending else {}
     rows = write_results([v.cfg.out for v in variants if is_finished(v.cfg.out)], out)
     plot_losses(rows, out / LOSS_PLOT)

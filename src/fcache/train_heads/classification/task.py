@@ -23,26 +23,25 @@ from fcache.spec import LEVEL_NAMES, Geometry, LevelSpec, Targets
 from fcache.store import FeatureStore
 from fcache.train_heads.classification.model import LinearProbe
 from fcache.train_heads.classification.scoring import PREDICTIONS, prediction_records, score_views, write_predictions
-from fcache.train_heads.data import KEY, VIEW_GEOMETRY, VIEW_NAMES, AllViews
-from fcache.train_heads.headspec import HeadSpec, Param, parse_head
-from fcache.train_heads.loop import Batch
+from fcache.train_heads.data import KEY, VIEW_GEOMETRY, VIEW_NAMES
+from fcache.train_heads.headspec import HeadDef, HeadSpec, Param
+from fcache.train_heads.task import Batch, TaskDef
 
 LEVEL = Param("p5", kind="choice", choices=tuple(LEVEL_NAMES.values()), help="the stored level the head reads")
 
-HEADS: dict[str, dict[str, Param]] = {
-    "linear": {"level": LEVEL, "dropout": Param(0.0, kind="prob", help="dropout before the classifier")},
-}
 
-TRAIN_DEFAULTS: dict[str, Any] = {"batch_size": 64, "lr": 1e-3, "weight_decay": 0.0, "schedule": "cosine", "warmup_epochs": 1.0}
+def _linear(task: ClassificationTask, levels: tuple[LevelSpec, ...]) -> nn.Module:
+    (level,) = levels
+    return LinearProbe(level.channels, task.num_classes, level.stride, task.head["dropout"])
+
+
+HEADS: dict[str, HeadDef] = {
+    "linear": HeadDef({"level": LEVEL, "dropout": Param(0.0, kind="prob", help="dropout before the classifier")}, _linear),
+}
 
 
 def parse_classification_head(text: str) -> HeadSpec:
-    return parse_head(text, HEADS, task="classification")
-
-
-def train_defaults(head: str) -> dict[str, Any]:
-    """TrainConfig fields a linear probe trains with unless flags say otherwise."""
-    return dict(TRAIN_DEFAULTS)
+    return TASK.parse(text)
 
 
 def find_level(head: HeadSpec, available: Sequence[LevelSpec]) -> LevelSpec:
@@ -98,10 +97,6 @@ class LabelTask:
         ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
         return {"loss_cls": (ce * labelled).sum() / labelled.sum().clamp(min=1)}
 
-    def eval_dataset(self, store: FeatureStore, levels: Sequence[LevelSpec]) -> AllViews:
-        """Every ok sample with all its views (the run's ``eval_data`` hook)."""
-        return AllViews(store, [lv.name for lv in levels], self.target_names)
-
     def predict(self, model: nn.Module, batch: Batch) -> list[dict[str, Any]]:
         """Per sample: its index and the softmax scores (V, K) of each of its views."""
         x = batch.features[self.level]
@@ -144,8 +139,7 @@ class ClassificationTask(LabelTask):
         return cls(parse_classification_head(d["head"]), d["label_names"])
 
     def build(self, levels: tuple[LevelSpec, ...]) -> nn.Module:
-        (level,) = levels
-        return LinearProbe(level.channels, self.num_classes, level.stride, self.head["dropout"])
+        return HEADS[self.head.name].build(self, levels)
 
     def logits(self, model: nn.Module, x: Tensor, geometry: Sequence[Geometry]) -> Tensor:
         content = torch.tensor([[g.valid_h, g.valid_w] for g in geometry], dtype=torch.float32)  # (n, 2)
@@ -184,3 +178,15 @@ def check_eval_store(task: ClassificationTask, store: FeatureStore) -> None:
     """``store`` can score ``task``'s head: labelled image features of the same classes."""
     check_store(store)
     check_same_classes(task, store)
+
+
+TASK = TaskDef(
+    name="classification",
+    heads=HEADS,
+    from_store=ClassificationTask.from_store,
+    from_description=ClassificationTask.from_description,
+    check_eval_store=check_eval_store,
+    main_metric="avg/top1",
+    defaults={"batch_size": 64, "lr": 1e-3, "weight_decay": 0.0, "schedule": "cosine", "warmup_epochs": 1.0},
+    eval_views="all",  # the plain view and the test views, each and averaged
+)

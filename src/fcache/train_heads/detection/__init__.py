@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from fcache.train_heads.detection.model import Detector, build_detector
-from fcache.train_heads.detection.task import HEADS, DetectionTask, parse_detection_head
+from fcache.train_heads.detection.task import HEADS, TASK, DetectionTask, parse_detection_head
 
-__all__ = ["HEADS", "DetectionTask", "Detector", "build_detector", "parse_detection_head"]
+__all__ = ["HEADS", "TASK", "DetectionTask", "Detector", "build_detector", "parse_detection_head"]

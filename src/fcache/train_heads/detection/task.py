@@ -20,10 +20,10 @@ from fcache.store import FeatureStore
 from fcache.train_heads.detection.evaluate import coco_evaluate, coco_ground_truth
 from fcache.train_heads.detection.model import build_detector
 from fcache.train_heads.detection.targets import category_labels, content_size, detections_to_coco, view_targets
-from fcache.train_heads.headspec import HeadSpec, Param, parse_head, select_levels
-from fcache.train_heads.loop import Batch
+from fcache.train_heads.headspec import HeadDef, HeadSpec, Param, select_levels
 from fcache.train_heads.necks import NECKS
 from fcache.train_heads.runfolder import DETECTIONS, write_json
+from fcache.train_heads.task import Batch, TaskDef
 
 ROI_PARAMS: dict[str, Param] = {
     "roi": Param("standard", kind="choice", choices=("standard", "cascade"), help="Mask R-CNN heads, or Cascade R-CNN (3 stages)"),
@@ -32,11 +32,17 @@ ROI_PARAMS: dict[str, Param] = {
     "levels": Param("all", kind="levels", help="stored levels the head reads: all, or e.g. p3+p4+p5"),
 }
 
-HEADS: dict[str, dict[str, Param]] = {name: {**neck.params, **ROI_PARAMS} for name, neck in NECKS.items()}
+
+def _build(task: DetectionTask, levels: tuple[LevelSpec, ...]) -> nn.Module:
+    return build_detector(levels, task.head.name, dict(task.head.params), num_classes=len(task.labels) + 1)
+
+
+# a detection head = a neck (NECKS) + RPN + RoI heads; training defaults are TrainConfig's own (Table 11)
+HEADS: dict[str, HeadDef] = {name: HeadDef({**neck.params, **ROI_PARAMS}, _build) for name, neck in NECKS.items()}
 
 
 def parse_detection_head(text: str) -> HeadSpec:
-    return parse_head(text, HEADS, task="detection")
+    return TASK.parse(text)
 
 
 def _text(x: Any) -> str:
@@ -79,7 +85,7 @@ class DetectionTask:
         return select_levels(self.head, available)
 
     def build(self, levels: tuple[LevelSpec, ...]) -> nn.Module:
-        return build_detector(levels, self.head.name, dict(self.head.params), num_classes=len(self.labels) + 1)
+        return HEADS[self.head.name].build(self, levels)
 
     def targets(self, item: Mapping[str, Any], geometry: Geometry) -> dict[str, Tensor]:
         return view_targets(_json(item["targets"], Targets.ANNOTATIONS, []), geometry, self.labels)
@@ -139,3 +145,13 @@ def check_eval_store(task: DetectionTask, store: FeatureStore) -> None:
             f"{store.root} has categories {ids[:10]}{'...' if len(ids) > 10 else ''} but the head was trained on "
             f"{task.category_ids[:10]}{'...' if len(task.category_ids) > 10 else ''}; evaluate on a store of the same dataset"
         )
+
+
+TASK = TaskDef(
+    name="detection",
+    heads=HEADS,
+    from_store=DetectionTask.from_store,
+    from_description=DetectionTask.from_description,
+    check_eval_store=check_eval_store,
+    main_metric="box/AP",
+)

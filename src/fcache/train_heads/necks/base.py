@@ -7,7 +7,9 @@ its output levels, ordered fine to coarse. Its ``in_levels``/``out_levels`` are 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -36,6 +38,15 @@ def pyramid_levels(levels: Sequence[LevelSpec], channels: int) -> tuple[tuple[Le
     return ins, outs
 
 
+@dataclass(frozen=True)
+class Tap:
+    """A block whose output ``fcache cka`` compares with the neck's inputs: ``levels(output)`` -> {level: (B, C, H, W)}."""
+
+    label: str  # e.g. F1 (BiFPN layer 1), conv, R2 (residual block 2)
+    module: nn.Module
+    levels: Callable[[Any], Mapping[str, Tensor]]
+
+
 class Neck(nn.Module):
     """A neck's contract (like timm's ``feature_info``): the stored levels it reads and the pyramid it returns."""
 
@@ -44,6 +55,16 @@ class Neck(nn.Module):
 
     def forward(self, features: dict[str, Tensor]) -> OrderedDict[str, Tensor]:
         raise NotImplementedError
+
+    @property
+    def learned_levels(self) -> tuple[LevelSpec, ...]:
+        """Output levels computed by learned layers (an extra level that is only max-pooled is left out): what a head
+        such as UPerNet fuses."""
+        return self.in_levels
+
+    def taps(self) -> list[Tap]:
+        """The blocks whose outputs ``fcache cka`` compares, in forward order (the paper's Figures 3 and 5)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no CKA taps (Neck.taps)")
 
 
 def norm_layer(kind: str, channels: int, *, bn_momentum: float = 0.1, bn_eps: float = 1e-5) -> nn.GroupNorm | nn.BatchNorm2d:

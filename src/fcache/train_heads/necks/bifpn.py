@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation
 
 from fcache.spec import LevelSpec
-from fcache.train_heads.necks.base import Neck, norm_layer, pyramid_levels
+from fcache.train_heads.necks.base import Neck, Tap, norm_layer, pyramid_levels
 
 FUSION_EPS = 1e-4
 BN_MOMENTUM, BN_EPS = 0.01, 1e-3  # EfficientDet's (TF momentum 0.99)
@@ -119,3 +119,16 @@ class BiFPN(Neck):
             else:
                 xs = layer(xs)
         return OrderedDict(zip((lv.name for lv in self.out_levels), xs, strict=True))
+
+    @property
+    def learned_levels(self) -> tuple[LevelSpec, ...]:
+        return self.out_levels  # the last layer computes the extra level too, so every node is trained
+
+    def taps(self) -> list[Tap]:
+        """Every layer's outputs (``F1``, ``F2``, ...) at the stored levels."""
+        names = [lv.name for lv in self.out_levels]
+        stored = {lv.name for lv in self.in_levels}
+        return [
+            Tap(f"F{k}", layer, lambda out: {n: x for n, x in zip(names, out, strict=True) if n in stored})
+            for k, layer in enumerate(self.layers, start=1)
+        ]

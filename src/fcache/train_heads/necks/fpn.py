@@ -8,12 +8,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from fcache.spec import LevelSpec
-from fcache.train_heads.necks.base import Neck, pyramid_levels
+from fcache.train_heads.necks.base import Neck, Tap, pyramid_levels
 
 
 class FPN(Neck):
@@ -28,3 +28,13 @@ class FPN(Neck):
         x = OrderedDict((lv.name, features[lv.name]) for lv in self.in_levels)  # level -> (B, C_l, H_l, W_l)
         out = self.fpn(x)  # stored names + "pool", each (B, channels, H_l, W_l)
         return OrderedDict(zip((lv.name for lv in self.out_levels), out.values(), strict=True))
+
+    def taps(self) -> list[Tap]:
+        """Each level's output conv (``F1``); with residual blocks inside, the conv then each block (``conv``, ``R1``...)."""
+        out = []
+        for lv, block in zip(self.in_levels, self.fpn.layer_blocks, strict=True):
+            parts = list(block) if isinstance(block, nn.Sequential) else [block]
+            for k, part in enumerate(parts):
+                label = "F1" if len(parts) == 1 else ("conv" if k == 0 else f"R{k}")
+                out.append(Tap(label, part, lambda x, name=lv.name: {name: x}))
+        return out

@@ -5,11 +5,11 @@ from __future__ import annotations
 from fcache.train_heads.segmentation.mask2former import Mask2Former, build_mask2former
 from fcache.train_heads.segmentation.task import (
     HEADS,
+    TASK,
     SegmentationTask,
     check_eval_store,
     check_store,
     parse_segmentation_head,
-    train_defaults,
 )
 from fcache.train_heads.segmentation.upernet import UPerNet, build_upernet
 
@@ -23,5 +23,5 @@ __all__ = [
     "check_eval_store",
     "check_store",
     "parse_segmentation_head",
-    "train_defaults",
+    "TASK",
 ]

@@ -10,8 +10,7 @@ probabilities of all views mapped back to the original image; metrics as mmsegme
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,31 +21,37 @@ from torch import Tensor, nn
 from fcache.common.errors import InputError
 from fcache.spec import Geometry, LevelSpec, Targets
 from fcache.store import FeatureStore
-from fcache.train_heads.data import VIEW_GEOMETRY, VIEW_NAMES, AllViews
-from fcache.train_heads.headspec import HeadSpec, Param, parse_head, select_levels
-from fcache.train_heads.loop import Batch
+from fcache.train_heads.data import VIEW_GEOMETRY, VIEW_NAMES
+from fcache.train_heads.headspec import HeadDef, HeadSpec, Param, select_levels
 from fcache.train_heads.necks.base import NORMS
 from fcache.train_heads.runfolder import write_json
 from fcache.train_heads.segmentation import metrics as M
 from fcache.train_heads.segmentation.mask2former import build_mask2former
 from fcache.train_heads.segmentation.targets import ground_truth, view_labels
 from fcache.train_heads.segmentation.upernet import build_upernet
+from fcache.train_heads.task import Batch, TaskDef
 
 SEGMENTATION_JSON = "segmentation.json"  # per-class IoU and accuracy, written into RUN by evaluation
 LEVELS = Param("all", kind="levels", help="stored levels the head reads: all, or e.g. p3+p4+p5")
 
 
-@dataclass(frozen=True)
-class SegHead:
-    """One head family: its parameters, its builder (levels, parameters, classes) and its Table 12 training defaults."""
-
-    params: Mapping[str, Param]
-    build: Callable[[Sequence[LevelSpec], Mapping[str, Any], int], nn.Module]
-    train_defaults: Mapping[str, Any]
+def _check_upernet(spec: HeadSpec) -> None:
+    if spec["neck"] != "bifpn" and spec["layers"] != 1:
+        raise InputError(f"head upernet: layers={spec['layers']} applies to neck=bifpn only (e.g. upernet:neck=bifpn,layers=5)")
+    if spec["aux"] > 1:
+        raise InputError(f"head upernet: aux={spec['aux']} must be 0 or 1")
 
 
-HEADS: dict[str, SegHead] = {
-    "upernet": SegHead(
+def _upernet(task: SegmentationTask, levels: tuple[LevelSpec, ...]) -> nn.Module:
+    return build_upernet(levels, dict(task.head.params), task.num_classes)
+
+
+def _mask2former(task: SegmentationTask, levels: tuple[LevelSpec, ...]) -> nn.Module:
+    return build_mask2former(levels, dict(task.head.params), task.num_classes)
+
+
+HEADS: dict[str, HeadDef] = {
+    "upernet": HeadDef(
         {
             "neck": Param("fpn", kind="choice", choices=("fpn", "bifpn"), help="the FPN part: torchvision FPN, or k BiFPN layers"),
             "layers": Param(1, help="BiFPN layers (neck=bifpn only)"),
@@ -55,10 +60,11 @@ HEADS: dict[str, SegHead] = {
             "aux": Param(0, minimum=0, help="1: auxiliary FCN head on the second-deepest level, loss weight 0.4"),
             "levels": LEVELS,
         },
-        build_upernet,
+        _upernet,
         {"lr": 2e-3, "weight_decay": 0.05, "warmup": 1500, "warmup_factor": 1e-6, "schedule": "linear"},
+        check=_check_upernet,
     ),
-    "mask2former": SegHead(
+    "mask2former": HeadDef(
         {
             "pixel_blocks": Param(1, help="deformable-attention encoder blocks of the pixel decoder"),
             "decoder_blocks": Param(3, help="masked-attention blocks m (the paper's '(m+1) x Transformer Dec.')"),
@@ -66,26 +72,14 @@ HEADS: dict[str, SegHead] = {
             "queries": Param(100, help="learnable queries"),
             "levels": LEVELS,
         },
-        build_mask2former,
+        _mask2former,
         {"lr": 3e-4, "weight_decay": 0.02, "warmup": 0, "schedule": "linear"},
     ),
 }
 
 
 def parse_segmentation_head(text: str) -> HeadSpec:
-    spec = parse_head(text, {name: h.params for name, h in HEADS.items()}, task="segmentation")
-    if spec.name == "upernet":
-        if spec["neck"] != "bifpn" and spec["layers"] != 1:
-            raise InputError(f"head upernet: layers={spec['layers']} applies to neck=bifpn only (e.g. upernet:neck=bifpn,layers=5)")
-        if spec["aux"] > 1:
-            raise InputError(f"head upernet: aux={spec['aux']} must be 0 or 1")
-    return spec
-
-
-def train_defaults(head: str) -> dict[str, Any]:
-    """TrainConfig fields a head trains with unless flags say otherwise (Table 12, frozen); {} for an unknown head."""
-    family = HEADS.get(head.strip().partition(":")[0])
-    return dict(family.train_defaults) if family else {}
+    return TASK.parse(text)
 
 
 class SegmentationTask:
@@ -119,7 +113,7 @@ class SegmentationTask:
         return select_levels(self.head, available)
 
     def build(self, levels: tuple[LevelSpec, ...]) -> nn.Module:
-        return HEADS[self.head.name].build(levels, dict(self.head.params), self.num_classes)
+        return HEADS[self.head.name].build(self, levels)
 
     def targets(self, item: Mapping[str, Any], geometry: Geometry) -> Tensor:
         """(canvas, canvas) uint8 labels of the item's view, 255 outside its content."""
@@ -128,10 +122,6 @@ class SegmentationTask:
     def loss(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
         labels = torch.stack(batch.targets).long()  # (B, S, S)
         return model.losses(model(batch.features), labels)
-
-    def eval_dataset(self, store: FeatureStore, levels: Sequence[LevelSpec]) -> AllViews:
-        """Every ok sample with all its views (plain + test views), for single-scale and ms+flip scores."""
-        return AllViews(store, [lv.name for lv in levels], self.target_names)
 
     def predict(self, model: nn.Module, batch: Batch) -> list[dict[str, Any]]:
         """Per sample: the view names and sparse confusions of each view and of the views' mean probabilities.
@@ -227,3 +217,14 @@ def check_eval_store(task: SegmentationTask, store: FeatureStore) -> None:
             f"{store.root} has {len(names)} classes ({', '.join(names[:3])}, ...) but the head was trained on "
             f"{task.num_classes} ({', '.join(task.label_names[:3])}, ...); evaluate on a store of the same dataset"
         )
+
+
+TASK = TaskDef(
+    name="segmentation",
+    heads=HEADS,
+    from_store=SegmentationTask.from_store,
+    from_description=SegmentationTask.from_description,
+    check_eval_store=check_eval_store,
+    main_metric="ss/mIoU",
+    eval_views="all",  # single scale from view 0, ms+flip from all of them
+)

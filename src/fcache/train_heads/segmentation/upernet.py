@@ -80,8 +80,9 @@ class UPerNet(nn.Module):
     """PPM -> neck -> fuse -> classifier (+ FCN auxiliary head) over 2 or more stored levels."""
 
     def __init__(
-        self, levels: Sequence[LevelSpec], *, neck: str, layers: int, channels: int, norm: str, aux: bool, num_classes: int
-    ) -> None:
+        self, levels: Sequence[LevelSpec], *, neck: str, neck_params: Mapping[str, Any], channels: int, norm: str, aux: bool,
+        num_classes: int,
+    ) -> None:  # fmt: skip
         super().__init__()
         ins = tuple(sorted(levels, key=lambda lv: lv.stride))
         if len(ins) < 2:
@@ -90,8 +91,8 @@ class UPerNet(nn.Module):
         top = ins[-1]
         self.ppm = PPM(top.channels, channels, norm)
         neck_in = (*ins[:-1], LevelSpec(top.name, channels, top.stride))
-        self.neck = NECKS[neck].build(neck_in, {"channels": channels, "layers": layers, "norm": norm})
-        self.fused = self.neck.out_levels if neck == "bifpn" else self.neck.in_levels  # pyramid levels fused, fine first
+        self.neck = NECKS[neck].build(neck_in, neck_params)
+        self.fused = self.neck.learned_levels  # pyramid levels fused, fine first
         self.fuse = conv_norm_relu(len(self.fused) * channels, channels, 3, norm)
         self.cls = classifier(channels, num_classes)
         self.aux = fcn_head(ins[-2].channels, channels // 2, num_classes, norm) if aux else None
@@ -126,6 +127,8 @@ class UPerNet(nn.Module):
 
 
 def build_upernet(levels: Sequence[LevelSpec], p: Mapping[str, Any], num_classes: int) -> UPerNet:
+    """UPerNet of head parameters ``p``; the neck takes its table defaults, overridden by the upernet keys it shares."""
+    neck_params = {k: p.get(k, q.default) for k, q in NECKS[p["neck"]].params.items()}
     return UPerNet(
-        levels, neck=p["neck"], layers=p["layers"], channels=p["channels"], norm=p["norm"], aux=bool(p["aux"]), num_classes=num_classes
+        levels, neck=p["neck"], neck_params=neck_params, channels=p["channels"], norm=p["norm"], aux=bool(p["aux"]), num_classes=num_classes
     )

@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from fcache.train_heads.video.model import GlobalHead, TemporalHead, VideoLinear
-from fcache.train_heads.video.task import HEADS, VideoTask, parse_video_head
+from fcache.train_heads.video.task import HEADS, TASK, VideoTask, parse_video_head
 
-__all__ = ["HEADS", "GlobalHead", "TemporalHead", "VideoLinear", "VideoTask", "parse_video_head"]
+__all__ = ["HEADS", "TASK", "GlobalHead", "TemporalHead", "VideoLinear", "VideoTask", "parse_video_head"]

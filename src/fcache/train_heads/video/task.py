@@ -20,7 +20,8 @@ from fcache.common.errors import InputError
 from fcache.spec import Geometry, LevelSpec
 from fcache.store import FeatureStore
 from fcache.train_heads.classification.task import LEVEL, LabelTask, check_labels, check_same_classes, find_level
-from fcache.train_heads.headspec import HeadSpec, Param, parse_head
+from fcache.train_heads.headspec import HeadDef, HeadSpec, Param
+from fcache.train_heads.task import TaskDef
 from fcache.train_heads.video.model import HEAD_DIM, GlobalHead, TemporalHead, VideoLinear
 
 MAX_DIM = 1024
@@ -33,18 +34,42 @@ BLOCK_PARAMS: dict[str, Param] = {
     "drop_path": Param(0.2, kind="prob", help="stochastic depth of the last block, from 0 at the first (Table 13)"),
     "dropout": DROPOUT,
 }
-HEADS: dict[str, dict[str, Param]] = {"linear": {"level": LEVEL, "dropout": DROPOUT}, "temporal": BLOCK_PARAMS, "global": BLOCK_PARAMS}
 
-TRAIN_DEFAULTS: dict[str, Any] = {"batch_size": 64, "lr": 3e-4, "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 2.5}
+
+def _linear(task: VideoTask, levels: tuple[LevelSpec, ...]) -> nn.Module:
+    (level,) = levels
+    return VideoLinear(level.channels, task.num_classes, task.head["dropout"])
+
+
+def _blocks(task: VideoTask, levels: tuple[LevelSpec, ...]) -> nn.Module:
+    (level,) = levels
+    p = task.head
+    dim, heads = task.widths(level.channels)
+    common = {
+        "frames": task.frames,
+        "blocks": p["blocks"],
+        "dim": dim,
+        "heads": heads,
+        "drop_path": p["drop_path"],
+        "dropout": p["dropout"],
+    }
+    try:
+        if p.name == "temporal":
+            return TemporalHead(level.channels, task.num_classes, **common)
+        return GlobalHead(level.channels, task.num_classes, grid=task.grid, **common)
+    except ValueError as e:
+        raise InputError(f"head {p}: {e}") from None
+
+
+HEADS: dict[str, HeadDef] = {
+    "linear": HeadDef({"level": LEVEL, "dropout": DROPOUT}, _linear),
+    "temporal": HeadDef(BLOCK_PARAMS, _blocks),
+    "global": HeadDef(BLOCK_PARAMS, _blocks),
+}
 
 
 def parse_video_head(text: str) -> HeadSpec:
-    return parse_head(text, HEADS, task="video")
-
-
-def train_defaults(head: str) -> dict[str, Any]:
-    """TrainConfig fields every video head trains with unless flags say otherwise (Table 13, frozen)."""
-    return dict(TRAIN_DEFAULTS)
+    return TASK.parse(text)
 
 
 class VideoTask(LabelTask):
@@ -77,25 +102,7 @@ class VideoTask(LabelTask):
         return dim, self.head["heads"] or max(1, dim // HEAD_DIM)
 
     def build(self, levels: tuple[LevelSpec, ...]) -> nn.Module:
-        (level,) = levels
-        p = self.head
-        if p.name == "linear":
-            return VideoLinear(level.channels, self.num_classes, p["dropout"])
-        dim, heads = self.widths(level.channels)
-        common = {
-            "frames": self.frames,
-            "blocks": p["blocks"],
-            "dim": dim,
-            "heads": heads,
-            "drop_path": p["drop_path"],
-            "dropout": p["dropout"],
-        }
-        try:
-            if p.name == "temporal":
-                return TemporalHead(level.channels, self.num_classes, **common)
-            return GlobalHead(level.channels, self.num_classes, grid=self.grid, **common)
-        except ValueError as e:
-            raise InputError(f"head {p}: {e}") from None
+        return HEADS[self.head.name].build(self, levels)
 
     def logits(self, model: nn.Module, x: Tensor, geometry: Sequence[Geometry]) -> Tensor:
         return model(x)  # (n, T, C, H, W) -> (n, K); every crop fills the canvas, nothing to mask
@@ -124,3 +131,15 @@ def check_eval_store(task: VideoTask, store: FeatureStore) -> None:
             f"{store.root} has {task.level} maps of {h}x{w} but the head learned {task.grid[0]}x{task.grid[1]} "
             "(its spatial position embeddings); extract it with the training store's --input-size"
         )
+
+
+TASK = TaskDef(
+    name="video",
+    heads=HEADS,
+    from_store=VideoTask.from_store,
+    from_description=VideoTask.from_description,
+    check_eval_store=check_eval_store,
+    main_metric="avg/top1",
+    defaults={"batch_size": 64, "lr": 3e-4, "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 2.5},  # Table 13, frozen
+    eval_views="all",  # every clip x crop, each and averaged
+)

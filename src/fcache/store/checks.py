@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from fcache.store import layout
-from fcache.store.encoding import decode
+from fcache.store.dtypes import decode, stored
 from fcache.store.reader import FeatureStore
 
 
@@ -130,7 +130,7 @@ def _decode_level(store: FeatureStore, level: str, unit: layout.Unit, shard: str
     dtype = store.manifest.storage.dtype
     try:
         values = np.asarray(store.array(f"{layout.FEATURES}/{level}")[unit.start : unit.stop])
-        scales = np.asarray(store.array(f"{layout.SCALES}/{level}")[unit.start : unit.stop]) if dtype == "int8" else None
+        scales = np.asarray(store.array(f"{layout.SCALES}/{level}")[unit.start : unit.stop]) if stored(dtype).scaled else None
     except (ValueError, RuntimeError) as e:
         return [Problem("decode", shard, f"does not decode ({e})", span)]
     x = decode(values, dtype, scales)

@@ -1,0 +1,136 @@
+"""``fcache eval`` and every evaluation: a trained head rebuilt from its RUN folder, predictions, the task's metric.
+
+:func:`load_trained` is the one way a RUN's head comes back (eval, cka): its task from the recorded description,
+its weights from ``model.safetensors``, the evaluation store checked to fit it.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from fcache import store as fstore
+from fcache.common.devices import resolve_device
+from fcache.common.errors import InputError
+from fcache.spec import LevelSpec
+from fcache.store import FeatureStore
+from fcache.train_heads.config import EvalConfig
+from fcache.train_heads.data import Collate, eval_data
+from fcache.train_heads.loop import build_model
+from fcache.train_heads.runfolder import RunDir
+from fcache.train_heads.task import Task
+from fcache.train_heads.tasks import task_def
+
+
+def check_levels(store: FeatureStore, levels: tuple[LevelSpec, ...]) -> None:
+    """``store`` holds every level the head reads, with the same channels and stride."""
+    have = {lv.name: lv for lv in store.levels}
+    missing = [lv.name for lv in levels if lv.name not in have]
+    if missing:
+        raise InputError(f"{store.root} lacks level(s) {', '.join(missing)} that the head reads (it holds {', '.join(have)})")
+    differ = [
+        f"{lv.name} {have[lv.name].channels}ch/{have[lv.name].stride} != {lv.channels}ch/{lv.stride}"
+        for lv in levels
+        if have[lv.name] != lv
+    ]
+    if differ:
+        raise InputError(
+            f"{store.root} has other features than the head was trained on ({'; '.join(differ)}); use a store of the same backbone"
+        )
+
+
+@torch.inference_mode()
+def predict_all(
+    task: Task, model: nn.Module, data: Dataset, *, batch_size: int, num_workers: int, device: torch.device, progress: bool = True
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Every item's raw targets and the task's prediction, in dataset order."""
+    model.to(device).eval()
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=Collate(task, with_targets=False), num_workers=num_workers)
+    raw: list[dict[str, Any]] = []
+    predictions: list[Any] = []
+    for batch in tqdm(loader, desc=f"eval {task.name}", unit="batch", file=sys.stderr, disable=not progress):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            predictions += task.predict(model, batch.to(device))
+        raw += batch.raw
+    return raw, predictions
+
+
+def evaluate(
+    task: Task,
+    model: nn.Module,
+    data: Dataset,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    out: Path | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Predict every item of ``data`` and score the predictions with the task's metric."""
+    raw, predictions = predict_all(task, model, data, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
+    return task.evaluate(raw, predictions, out)
+
+
+def evaluate_into(
+    run: RunDir,
+    task: Task,
+    model: nn.Module,
+    store: FeatureStore,
+    levels: tuple[LevelSpec, ...],
+    batch_size: int,
+    num_workers: int,
+    device: str,
+    iteration: int,
+    progress: bool,
+) -> dict[str, float]:
+    """Score ``model`` on ``store`` as its task evaluates; prediction files go into RUN, the metrics into metrics.jsonl."""
+    data = eval_data(store, task, levels, task_def(task.name).eval_views)
+    metrics = evaluate(
+        task, model, data, batch_size=batch_size, num_workers=num_workers, device=torch.device(resolve_device(device)), out=run.path,
+        progress=progress,
+    )  # fmt: skip
+    run.log({"event": "eval", "iter": iteration, "store": str(store.root), "samples": len(data), **metrics})  # type: ignore[arg-type]
+    return metrics
+
+
+@dataclass
+class Trained:
+    """A RUN's head with its weights, and a store checked to fit it."""
+
+    run: RunDir
+    task: Task
+    levels: tuple[LevelSpec, ...]
+    model: nn.Module
+    store: FeatureStore
+    iteration: int
+
+
+def load_trained(run_path: str | Path, store_path: str | Path) -> Trained:
+    """The task, levels and trained model of RUN, and ``store`` checked to fit them."""
+    run = RunDir(run_path)
+    record = run.require_config()
+    tdef = task_def(record.config.task)
+    task = tdef.from_description(record.task)
+    store = fstore.open(store_path)
+    tdef.check_eval_store(task, store)
+    check_levels(store, record.levels)
+    state, iteration = run.load_model()
+    model = build_model(task, record.levels, seed=0)
+    model.load_state_dict(state)
+    return Trained(run, task, record.levels, model, store, iteration)
+
+
+def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Score the weights in RUN on the store ``cfg.store``; writes the task's prediction files into RUN, logs the metrics."""
+    t = load_trained(cfg.run, cfg.store)
+    n = len(eval_data(t.store, t.task, t.levels, task_def(t.task.name).eval_views))  # type: ignore[arg-type]
+    resolve_device(cfg.device)
+    metrics = evaluate_into(t.run, t.task, t.model, t.store, t.levels, cfg.batch_size, cfg.num_workers, cfg.device, t.iteration, progress)
+    return {"run": str(t.run.path), "store": str(t.store.root), "iter": t.iteration, "samples": n, "metrics": metrics}

@@ -1,0 +1,128 @@
+"""The task contract: what the loop, evaluation and analysis need from a task, and the ``TaskDef`` every task exports.
+
+A task (detection, segmentation, video, classification) is a package with its heads, its targets, its metric and one
+``TASK = TaskDef(...)``; ``fcache.train_heads.tasks.TASKS`` lists them. Everything task-specific sits behind
+:class:`Task` (an object made from a store and a head spec, or rebuilt from a RUN's record); everything a command
+needs to know about a task without making one (its heads, defaults, main metric, which views it evaluates) is in its
+:class:`TaskDef`. Adding a task is its package plus one ``TASKS`` entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fcache.common.errors import InputError
+from fcache.spec import Geometry, LevelSpec
+from fcache.train_heads.headspec import HeadDef, HeadSpec, parse_head
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+
+    from fcache.store import FeatureStore
+
+
+@dataclass
+class Batch:
+    """Collated items: features stacked per level, the rest per sample."""
+
+    index: list[int]
+    view: list[int]
+    features: dict[str, Tensor]  # level -> (B, C, H, W)
+    geometry: list[Geometry]
+    targets: list[Any]  # task-specific training targets in view coordinates (empty when evaluating)
+    raw: list[dict[str, Any]]  # each item's targets as read: the ground truth for evaluation
+
+    def to(self, device: torch.device) -> Batch:
+        nb = device.type == "cuda"
+        feats = {k: v.to(device, non_blocking=nb) for k, v in self.features.items()}
+        targets = [_to(t, device) for t in self.targets]
+        return Batch(self.index, self.view, feats, self.geometry, targets, self.raw)
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=device.type == "cuda")
+    if isinstance(x, Mapping):
+        return {k: _to(v, device) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
+class Task(Protocol):
+    """One head of one task, fitted to a store: what the loop, evaluation and ``fcache cka`` call."""
+
+    name: str
+    head: HeadSpec
+    target_names: tuple[str, ...]  # store targets every item must carry
+
+    def levels(self, available: Sequence[LevelSpec]) -> tuple[LevelSpec, ...]:
+        """The stored levels the head reads; InputError when the head cannot run on ``available``."""
+        ...
+
+    def build(self, levels: tuple[LevelSpec, ...]) -> nn.Module: ...
+
+    def targets(self, item: Mapping[str, Any], geometry: Geometry) -> Any:
+        """Training targets of one item in its view's coordinates (runs in DataLoader workers)."""
+        ...
+
+    def loss(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]: ...
+
+    def predict(self, model: nn.Module, batch: Batch) -> list[Any]:
+        """One prediction per sample, in original-sample coordinates."""
+        ...
+
+    def evaluate(self, raw: Sequence[Mapping[str, Any]], predictions: Sequence[Any], out: Path | None) -> dict[str, float]:
+        """Metrics of ``predictions`` against the ground truth in ``raw``; writes prediction files into ``out``."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """JSON that rebuilds this task without the store (``TaskDef.from_description``; written into config.json)."""
+        ...
+
+
+@dataclass(frozen=True)
+class TaskDef:
+    """Everything fcache knows about a task without making one: its heads, how it is made and checked, its metric.
+
+    Attributes:
+        heads: head name -> :class:`HeadDef` (parameters, builder, training defaults).
+        from_store: (store, head spec text) -> Task, checking the store can train the task.
+        from_description: a RUN's ``task`` record -> Task (evaluation, analysis).
+        check_eval_store: (task, store) -> None; InputError when the store cannot score the task's head.
+        main_metric: the metric that ranks runs (``fcache report``, sweeps, best checkpoints).
+        defaults: TrainConfig fields every head of the task trains with unless flags say otherwise.
+        eval_views: ``plain``: evaluation reads view 0 of every sample; ``all``: every view at once (test views, clips).
+    """
+
+    name: str
+    heads: Mapping[str, HeadDef]
+    from_store: Callable[[FeatureStore, str], Task]
+    from_description: Callable[[Mapping[str, Any]], Task]
+    check_eval_store: Callable[[Any, FeatureStore], None]
+    main_metric: str
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    eval_views: str = "plain"
+
+    def parse(self, text: str) -> HeadSpec:
+        """``NAME[:key=value,...]`` parsed against this task's heads (and the head's own cross-key checks)."""
+        spec = parse_head(text, {name: h.params for name, h in self.heads.items()}, task=self.name)
+        check = self.heads[spec.name].check
+        if check is not None:
+            check(spec)
+        return spec
+
+    def train_defaults(self, head: str) -> dict[str, Any]:
+        """TrainConfig fields ``head`` (spec text) trains with unless flags say otherwise: the task's, then the head's own."""
+        family = self.heads.get(head.strip().partition(":")[0])
+        return {**self.defaults, **(family.train_defaults if family else {})}
+
+
+def unknown_task(name: str, known: Sequence[str]) -> InputError:
+    return InputError(f"unknown task {name!r}; choose one of: {', '.join(known)}")
