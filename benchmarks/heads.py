@@ -32,7 +32,8 @@ from fcache.extract.config import ExtractConfig
 from fcache.extract.driver import run_extract  # noqa: E402
 from fcache.extract.stages import SampleDataset  # noqa: E402
 from fcache.train_heads.config import TrainConfig  # noqa: E402
-from fcache.train_heads.loop import Collate, EpochItems, TrainBatches, make_optimizer, train_step  # noqa: E402
+from fcache.train_heads.data import train_loader  # noqa: E402
+from fcache.train_heads.loop import make_optimizer, train_step  # noqa: E402
 from fcache.train_heads.training import prepare_training, training_data  # noqa: E402
 
 
@@ -50,14 +51,8 @@ def timed_steps(model, opt, task, batches, cfg, device, steps: int, before=None)
 
 
 def loader(cfg: TrainConfig, p, workers: int):  # noqa: ANN001
-    data = training_data(p, cfg.seed)
-    return torch.utils.data.DataLoader(
-        EpochItems(data),
-        batch_sampler=TrainBatches(len(data), cfg.batch_size, cfg.seed, 0, 10_000),
-        collate_fn=Collate(p.task),
-        num_workers=workers,
-        prefetch_factor=2 if workers else None,
-    )
+    return train_loader(training_data(p, cfg.seed), p.task, batch_size=cfg.batch_size, seed=cfg.seed, start=0, stop=10_000,
+                        num_workers=workers)  # fmt: skip
 
 
 def measure(store: Path, images: Path, ann: Path, head: str, model_name: str, size: int, batch: int, steps: int, workers: int) -> dict:

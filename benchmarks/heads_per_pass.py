@@ -28,7 +28,7 @@ from fcache.apps.demo import build_dataset  # noqa: E402
 from fcache.extract.config import ExtractConfig
 from fcache.extract.driver import run_extract  # noqa: E402
 from fcache.train_heads.config import TrainConfig  # noqa: E402
-from fcache.train_heads.loop import Collate, EpochItems, TrainBatches  # noqa: E402
+from fcache.train_heads.data import train_loader  # noqa: E402
 from fcache.train_heads.training import (  # noqa: E402
     prepare_training,
     run_train,
@@ -56,12 +56,8 @@ def read_only(cfg: TrainConfig, heads: list[str]) -> float:
     prepared = [prepare_training(TrainConfig(**{**cfg.to_dict(), "head": h})) for h in heads]
     levels = sorted({lv for p in prepared for lv in p.levels}, key=lambda lv: lv.stride)
     data = training_data(prepared[0], cfg.seed, [lv.name for lv in levels])
-    loader = torch.utils.data.DataLoader(
-        EpochItems(data),
-        batch_sampler=TrainBatches(len(data), cfg.batch_size, cfg.seed, 0, cfg.iters),
-        collate_fn=Collate(prepared[0].task),
-        num_workers=cfg.num_workers,
-    )
+    loader = train_loader(data, prepared[0].task, batch_size=cfg.batch_size, seed=cfg.seed, start=0, stop=cfg.iters,
+                          num_workers=cfg.num_workers)  # fmt: skip
     return timed(lambda: sum(1 for _ in loader))
 
 

@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import save, table  # noqa: E402
 from fcache.spec import Geometry, LevelSpec  # noqa: E402
 from fcache.train_heads.config import TrainConfig  # noqa: E402
-from fcache.train_heads.loop import Batch, make_optimizer, trainable_parameters  # noqa: E402
+from fcache.train_heads.loop import make_optimizer, trainable_parameters  # noqa: E402
 from fcache.train_heads.segmentation import SegmentationTask, parse_segmentation_head  # noqa: E402
+from fcache.train_heads.task import Batch  # noqa: E402
 
 HEADS = ";".join(
     (

@@ -28,7 +28,8 @@ from fcache.extract.config import ExtractConfig
 from fcache.extract.driver import run_extract  # noqa: E402
 from fcache.spec import Geometry, LevelSpec  # noqa: E402
 from fcache.train_heads.config import TrainConfig  # noqa: E402
-from fcache.train_heads.loop import Batch, make_optimizer, trainable_parameters  # noqa: E402
+from fcache.train_heads.loop import make_optimizer, trainable_parameters  # noqa: E402
+from fcache.train_heads.task import Batch  # noqa: E402
 from fcache.train_heads.video import VideoTask, parse_video_head  # noqa: E402
 
 HEADS = "linear;temporal:blocks=4;global:blocks=4"

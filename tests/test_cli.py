@@ -27,3 +27,43 @@ def test_not_a_store_is_one_line_exit_2(tmp_path):
 def test_missing_path_exit_2(tmp_path):
     r = CliRunner().invoke(main, ["verify", str(tmp_path / "nope")])
     assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_importing_the_command_imports_neither_torch_nor_zarr():
+    """`fcache --help` answers at once: heavy libraries are imported by the commands that use them."""
+    code = "import sys, fcache.cli; heavy = {'torch', 'zarr', 'timm', 'dask'} & set(sys.modules); assert not heavy, heavy"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_flags_come_from_the_config_fields():
+    """A setting is written once, as a config field: its flag, default and choices follow from it."""
+    from fcache.extract.sources import SOURCES
+    from fcache.store.dtypes import DTYPES
+    from fcache.train_heads.tasks import TASKS
+
+    text = CliRunner().invoke(main, ["extract", "--help"], terminal_width=200).output
+    assert f"[{'|'.join(SOURCES)}]" in text and f"[{'|'.join(DTYPES)}]" in text and "--drop-degenerate-boxes" in text
+    assert "--view-flip / --no-view-flip" in text and "[default: p2,p3,p4,p5]" in text
+    text = CliRunner().invoke(main, ["train-head", "--help"], terminal_width=200).output
+    assert f"[{'|'.join(TASKS)}]" in text and "--warmup-epochs" in text and "--val-store" in text
+    r = CliRunner().invoke(main, ["extract", "--dataset", "coco", "--root", ".", "--levels", "p2,p9", "--out", "x"])
+    assert r.exit_code == 2 and "unknown level 'p9'" in r.output
+
+
+def test_a_bug_keeps_its_traceback_while_a_user_mistake_is_one_line(tmp_path, monkeypatch):
+    from fcache.common.errors import InputError
+    from fcache.store import info
+
+    def broken(path):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(info, "describe", broken)
+    r = CliRunner().invoke(main, ["info", str(tmp_path)])
+    assert r.exit_code == 1 and isinstance(r.exception, ValueError) and not isinstance(r.exception, InputError)
+
+    def refused(path):
+        raise InputError(f"{path} is not what fcache wants; do this instead")
+
+    monkeypatch.setattr(info, "describe", refused)
+    r = CliRunner().invoke(main, ["info", str(tmp_path)])
+    assert r.exit_code == 2 and r.stderr.strip() == f"Error: {tmp_path} is not what fcache wants; do this instead"

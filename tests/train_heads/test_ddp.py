@@ -20,8 +20,8 @@ from fcache import store as fstore
 from fcache.spec import GEOMETRY_FIELDS, LevelSpec, Status
 from fcache.store import TargetSpec
 from fcache.train_heads import TrainConfig, run_train
+from fcache.train_heads.data import TrainBatches
 from fcache.train_heads.distributed import Dist, check_batch, own_rng
-from fcache.train_heads.loop import TrainBatches
 
 LEVELS = (LevelSpec("p4", 16, 16), LevelSpec("p5", 8, 32))
 FLAGS = ["--task", "classification", "--head", "linear", "--iters", "4", "--batch-size", "4", "--lr", "0.05", "--warmup", "1"]

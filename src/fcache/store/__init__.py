@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fcache.common.errors import CorruptStoreError, Fp16OverflowError, StoreError
     from fcache.store import layout
+    from fcache.store.checks import Problem, VerifyReport, verify
     from fcache.store.info import describe
     from fcache.store.layout import Unit
     from fcache.store.reader import FeatureDataset, FeatureStore
     from fcache.store.reader import open_store as open
-    from fcache.store.checks import Problem, VerifyReport, verify
     from fcache.store.writer import StoreWriter, TargetSpec, create
 
 _EXPORTS = {
