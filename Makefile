@@ -28,7 +28,7 @@ bench-gpu: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
-	$(VENV)/bin/mypy src/fcache/spec.py src/fcache/store
+	$(VENV)/bin/mypy src/fcache
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -62,9 +62,28 @@ class TableChoice(click.Choice):
         self.flag = flag
         self.case_sensitive = True
 
-    @property  # type: ignore[override]
-    def choices(self) -> tuple[str, ...]:
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
         return self.flag.values() or ()
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value in self.choices:
+            return value
+        what = param.opts[0].lstrip("-") if param is not None and param.opts else "value"
+        self.fail(f"unknown {what} {value!r}; choose one of: {', '.join(self.choices)}", param, ctx)
+
+
+class Fcache(click.Group):
+    """The ``fcache`` group: a command's bad flag is one line naming it (and the help to read), exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            if e.ctx is None or e.ctx.command is self:
+                raise
+            message = " ".join(line.strip() for line in e.format_message().splitlines())
+            raise UserError(f"{message} (see `fcache {e.ctx.info_name} --help`)") from None
 
 
 def _base_type(hint: Any) -> Any:
@@ -122,7 +141,7 @@ def options_of(*classes: type, skip: tuple[str, ...] = ()) -> Callable[[F], F]:
     return decorate
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=Fcache, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="fcache")
 def main() -> None:
     """fcache: run a frozen vision backbone once, cache its multi-scale features, train many heads from the cache.

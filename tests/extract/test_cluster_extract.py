@@ -86,18 +86,18 @@ def test_decode_pool_costs_one_sample_per_poisonous_file(tmp_path):
     pool = DecodePool(source, manifest, processes=2, timeout=1.0, grace=1.0)
     try:
         items = list(pool.map(list(enumerate(refs))))
-        assert [it["key"] for it in items] == [r.key for r in refs]  # in the order asked
-        got = {it["key"]: (Status(it["status"]), it["message"]) for it in items}
+        assert [it.key for it in items] == [r.key for r in refs]  # in the order asked
+        got = {it.key: (Status(it.status), it.message) for it in items}
         assert got["cats/img0.jpg"][0] == got["dogs/img1.jpg"][0] == Status.OK
         assert got["dogs/hang.jpg"][0] == Status.TIMEOUT and "longer than 1s" in got["dogs/hang.jpg"][1]  # SIGALRM in the child
         assert got["dogs/stuck.jpg"][0] == Status.TIMEOUT and "was killed" in got["dogs/stuck.jpg"][1]  # only a kill ends it
         assert got["dogs/crash.jpg"][0] == Status.DECODE_ERROR and "died" in got["dogs/crash.jpg"][1]
         assert pool.restarts == 2
         want = load_sample(source, refs[0], 0, manifest)  # the same item as decoded in process
-        np.testing.assert_array_equal(items[0]["pixels"].numpy(), want["pixels"].numpy())
-        np.testing.assert_array_equal(items[0]["geometry"], want["geometry"])
+        np.testing.assert_array_equal(items[0].pixels.numpy(), want.pixels.numpy())
+        np.testing.assert_array_equal(items[0].geometry, want.geometry)
         again = list(pool.map([(3, refs[3])]))  # the pool still works
-        assert again[0]["status"] == Status.OK and again[0]["index"] == 3
+        assert again[0].status == Status.OK and again[0].index == 3
     finally:
         pool.close()
 
@@ -147,7 +147,7 @@ def test_killed_worker_is_retried_and_store_equals_in_process(tmp_path, data, re
     assert result["s"].exit_code == 3 and result["s"].status_counts == {"ok": 7, "timeout": 1}
     ledger = fstore.open(out).ledger
     assert set(ledger) == {0, 1, 2, 3}
-    assert all(ledger[u]["pid"] != pids[victim] for u in running[victim])  # the dead worker's units were finished by another process
+    assert all(ledger[u].pid != pids[victim] for u in running[victim])  # the dead worker's units were finished by another process
     assert_same_store(out, reference)
     assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
     assert layout.temporaries(out) == [] and not list((out / "ledger" / "lock").iterdir())

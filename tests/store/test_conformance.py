@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from click.testing import CliRunner
 from fcache import store as fstore
 from fcache.cli import main
 from fcache.spec import Status
+from fcache.store.dtypes import DTYPES as STORED
 from fcache.store.dtypes import bf16_bits_to_float32
 from helpers import decoded, make_manifest, sample_features, write_all
 
@@ -40,13 +43,9 @@ class StoreConformance:
         return path, m
 
     def expected(self, m, i):
-        """What decoding must give back for sample i (inputs rounded to the stored dtype)."""
-        feats = sample_features(m, i)
-        if self.dtype == "fp16":
-            return {k: v.astype(np.float16).astype(np.float32) for k, v in feats.items()}
-        if self.dtype == "bf16":
-            return {k: bf16_bits_to_float32(float32_to_bf16_bits(v)) for k, v in feats.items()}
-        return feats
+        """What decoding must give back for sample i (inputs rounded to the stored dtype, or as they are for a lossy one)."""
+        rounding = ROWS[self.dtype].rounding or (lambda v: v)
+        return {k: rounding(v) for k, v in sample_features(m, i).items()}
 
     def test_round_trip(self, built):
         path, m = built
@@ -56,9 +55,9 @@ class StoreConformance:
             for lv in s.level_names:
                 got = s.read(lv, int(i))
                 assert got.dtype == np.float32 and got.shape == want[lv].shape
-                if self.dtype == "int8":
+                if ROWS[self.dtype].rounding is None:  # lossy: within the row's relative RMSE
                     rel = np.sqrt(np.square(got - want[lv]).sum() / np.square(want[lv]).sum())
-                    assert rel < 0.01, (lv, rel)
+                    assert rel < ROWS[self.dtype].rel_rmse, (lv, rel)
                 else:
                     np.testing.assert_array_equal(got, want[lv])
 
@@ -76,8 +75,7 @@ class StoreConformance:
             assert raw.dtype == np.int8 and np.abs(raw).max() == 127
             scales = np.asarray(s.array(f"scales/{s.level_names[0]}")[0])
             assert scales.shape == raw.shape[:-2]
-        else:
-            assert raw.dtype == {"fp16": np.float16, "fp32": np.float32}[self.dtype]
+        assert raw.dtype == ROWS[self.dtype].raw
 
     def test_statuses_and_failed_samples(self, built):
         path, _ = built
@@ -162,7 +160,29 @@ class StoreConformance:
             np.testing.assert_array_equal(before[k], after[k])
 
 
-DTYPES = ("fp32", "fp16", "bf16", "int8")
+@dataclass(frozen=True)
+class Row:
+    """What a stored dtype must do: the numpy dtype of its raw values, and how decoding rounds the input (exactly, or
+    ``rounding=None``: within ``rel_rmse``)."""
+
+    raw: type
+    rounding: Callable[[np.ndarray], np.ndarray] | None
+    rel_rmse: float = 0.0
+
+
+ROWS = {
+    "fp32": Row(np.float32, lambda v: v),
+    "fp16": Row(np.float16, lambda v: v.astype(np.float16).astype(np.float32)),
+    "bf16": Row(np.uint16, lambda v: bf16_bits_to_float32(float32_to_bf16_bits(v))),  # raw 16 bits
+    "int8": Row(np.int8, None, rel_rmse=0.01),  # symmetric per-channel scales
+}
+DTYPES = tuple(STORED)
+
+
+def test_every_stored_dtype_has_conformance_rows():
+    assert set(ROWS) == set(DTYPES), "a new dtype in fcache.store.dtypes.DTYPES needs its row here"
+
+
 CODECS = ("zstd", "zstd:7", "lz4", "none")
 for _dtype in DTYPES:
     for _codec in CODECS:

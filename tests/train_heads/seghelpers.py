@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import skimage.data
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -61,13 +62,19 @@ def make_ade(root: Path, split: str, n: int = 6) -> Path:
 def extract(root: Path, split: str, out: Path, *flags: str) -> Path:
     """`fcache extract --dataset ade20k` with a random-init SwinV2-T at 128 px, fp32 (exact features), p2..p5.
 
-    One image per forward, as the frozen-online setting computes them: the same kernels give the same bits, so the
-    fidelity test compares the store with the online features exactly (a batch of another size may differ by 1e-7).
+    One image per forward and one torch thread, as the fidelity test computes them online (the segmentation tests run
+    on one thread): the same kernels give the same bits, so the store is compared with online features exactly
+    (another batch size or thread count may differ by 1e-7, which a step of AdamW can turn into 1e-6).
     """
     args = ["extract", "--dataset", "ade20k", "--root", str(root), "--split", split, "--random-init", "--model", "swinv2-t"]
     args += ["--input-size", str(CANVAS), "--dtype", "fp32", "--num-workers", "0", "--device", "cpu", "--out", str(out), "--json"]
     args += ["--batch-size", "1"]
-    r = CliRunner().invoke(main, [*args, *flags])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        r = CliRunner().invoke(main, [*args, *flags])
+    finally:
+        torch.set_num_threads(threads)
     assert r.exit_code == 0, r.output
     return out
 

@@ -105,8 +105,8 @@ def build_dataset(root: Path, n: int, seed: int, long_side: int = 256) -> tuple[
         img.save(root / "images" / f"{k:04d}.jpg", quality=92)
         images.append({"id": k + 1, "file_name": f"{k:04d}.jpg", "width": img.width, "height": img.height})
         anns += a
-    for i, a in enumerate(anns, start=1):
-        a["id"] = i
+    for i, ann in enumerate(anns, start=1):
+        ann["id"] = i
     ann_path = root / "annotations.json"
     ann_path.write_text(
         json.dumps({"images": images, "annotations": anns, "categories": [dict(c, supercategory="shape") for c in CATEGORIES]})

@@ -64,7 +64,7 @@ def from_flags(cls: type[T], kw: Mapping[str, Any], **nested: Any) -> T:
 
     ``nested`` gives fields that are themselves configs (e.g. ``source=SourceConfig(...)``).
     """
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     return cls(**{k: v for k, v in kw.items() if k in names}, **nested)
 
 

@@ -10,6 +10,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import timm
 import torch
@@ -53,7 +54,7 @@ class Backbone:
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """The plain forward (gradients flow when enabled: the full-finetune comparison of ``fcache bench``)."""
         outs = self.model(images)
-        return {lv.name: f.permute(0, 3, 1, 2) if self.nhwc else f for lv, f in zip(self.info.levels, outs, strict=True)}  # NCHW
+        return {lv.name: (f.permute(0, 3, 1, 2) if self.nhwc else f).contiguous() for lv, f in zip(self.info.levels, outs, strict=True)}  # NCHW
 
 
 def resolve(model: str) -> tuple[str, str]:
@@ -97,7 +98,8 @@ def build_backbone(
     if weights:
         weights_id = load_weights(full, weights)
     nhwc = getattr(full, "output_fmt", "NCHW") == "NHWC"
-    mean, std = full.pretrained_cfg.get("mean", (0.485, 0.456, 0.406)), full.pretrained_cfg.get("std", (0.229, 0.224, 0.225))
+    cfg: dict[str, Any] = dict(getattr(full, "pretrained_cfg", {}) or {})
+    mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
     wrapped, specs = _features(full, levels)
     window = _window(full)
     if not meta:
@@ -109,7 +111,7 @@ def build_backbone(
 def _create(timm_name: str, input_size: int, pretrained: bool) -> torch.nn.Module:
     """The timm model at ``input_size``. SwinV2 gets ``strict_img_size=False``: maps that the (pretrained) window
     does not divide are padded per block (timm's dynamic mask), so any multiple of 32 works with any window."""
-    attempts = ({"img_size": input_size, "strict_img_size": False}, {"img_size": input_size}, {})
+    attempts: tuple[dict[str, Any], ...] = ({"img_size": input_size, "strict_img_size": False}, {"img_size": input_size}, {})
     try:
         for kwargs in attempts:
             try:
@@ -128,7 +130,7 @@ def _create(timm_name: str, input_size: int, pretrained: bool) -> torch.nn.Modul
 
 def _features(full: torch.nn.Module, levels: Sequence[str] | None) -> tuple[FeatureListNet, tuple[LevelSpec, ...]]:
     """Wrap the model to return the wanted levels; their specs from its feature_info."""
-    info = full.feature_info  # list of dicts: num_chs, reduction, module
+    info: list[dict[str, Any]] = list(cast(Any, full).feature_info)  # dicts: num_chs, reduction, module
     by_name = {level_name(int(d["reduction"])): k for k, d in enumerate(info) if int(d["reduction"]) in (4, 8, 16, 32, 64)}
     wanted = list(levels) if levels else [n for n in ("p2", "p3", "p4", "p5") if n in by_name]
     missing = [n for n in wanted if n not in by_name]

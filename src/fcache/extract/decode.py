@@ -30,9 +30,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import signal
-import threading
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -42,6 +39,7 @@ import av
 import numpy as np
 from PIL import Image
 
+from fcache.common.deadline import DeadlineExceeded, deadline
 from fcache.spec import Status
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default MAX_IMAGE_PIXELS (~ 9459 x 9459)
@@ -265,40 +263,10 @@ def decode_video(
     if size == 0:
         raise SampleError(Status.EMPTY_FILE, f"{p}: the file is empty (0 bytes)")
     try:
-        with _time_limit(timeout_s) as check:
+        with deadline(timeout_s) as check:
             return _decode_video(p, frames, clips, max_frames, max_pixels, check)
-    except _Timeout:
+    except DeadlineExceeded:
         raise SampleError(Status.TIMEOUT, f"{p}: decoding took longer than {timeout_s:g}s; the file may be malformed") from None
-
-
-class _Timeout(Exception):
-    """Raised by the SIGALRM handler or the cooperative deadline check."""
-
-
-@contextlib.contextmanager
-def _time_limit(seconds: float) -> Iterator[Callable[[], None]]:
-    """Yield a ``check()`` raising _Timeout past the deadline; on the main thread SIGALRM also interrupts."""
-    deadline = time.monotonic() + seconds
-
-    def check() -> None:
-        if seconds > 0 and time.monotonic() > deadline:
-            raise _Timeout
-
-    on_main = threading.current_thread() is threading.main_thread()
-    if seconds <= 0 or not on_main or not hasattr(signal, "SIGALRM") or signal.getitimer(signal.ITIMER_REAL)[0] > 0:
-        yield check  # another alarm is pending (e.g. the runner's own): leave it alone
-        return
-
-    def expire(signum: int, frame: object) -> None:
-        raise _Timeout
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    try:
-        signal.setitimer(signal.ITIMER_REAL, seconds)
-        yield check
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @dataclass

@@ -32,7 +32,7 @@ from fcache.extract.backbones import Backbone, build_backbone
 from fcache.extract.config import ExtractConfig
 from fcache.extract.sources import build_source
 from fcache.extract.sources.base import SampleRef, Source
-from fcache.extract.stages import Batcher, SampleDataset, UnitAssembler, check_sample
+from fcache.extract.stages import Batcher, SampleDataset, SampleItem, UnitAssembler, check_sample
 from fcache.extract.views import expand_test_views
 from fcache.spec import DatasetInfo, Manifest, Preprocessing, StorageSpec, keys_digest
 from fcache.store.info import human
@@ -262,11 +262,11 @@ def _pipeline(cfg: ExtractConfig, source: Source, refs: list[SampleRef], backbon
     writers.check()
 
 
-def _as_is(item: dict[str, Any]) -> dict[str, Any]:
+def _as_is(item: Any) -> Any:
     return item
 
 
-def _timed(loader: Any, stats: _Stats) -> Iterator[dict[str, Any]]:
+def _timed(loader: Any, stats: _Stats) -> Iterator[SampleItem]:
     it = iter(loader)
     while True:
         t = time.perf_counter()
@@ -336,7 +336,7 @@ class _Writers:
                 continue
             if rec:
                 with self.lock:
-                    self.stats.bytes += sum(f["size"] for f in rec["files"].values())
+                    self.stats.bytes += rec.bytes
 
 
 def summary_lines(s: ExtractSummary) -> list[str]:

@@ -23,14 +23,15 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from distributed import WorkerPlugin, as_completed, get_worker
 
+from fcache.common.cluster import ClusterTarget, connect, worker_device, worker_threads
 from fcache.common.errors import FcacheError, InputError, SampleFailed, StoreError
 from fcache.extract.backbones import Backbone
-from fcache.extract.cluster import ClusterTarget, connect, worker_device, worker_threads
 from fcache.extract.isolate import DecodePool
 from fcache.extract.rebuild import backbone_of
 from fcache.extract.sources.base import SampleRef, Source
-from fcache.extract.stages import Batcher, UnitAssembler, check_sample
+from fcache.extract.stages import Batcher, SampleItem, UnitAssembler, check_sample
 from fcache.store import StoreWriter, Unit, layout
+from fcache.store.records import LedgerRecord
 
 if TYPE_CHECKING:
     from fcache.extract.driver import ExtractConfig
@@ -124,7 +125,7 @@ class UnitWorkers(WorkerPlugin):
                 self._pool = DecodePool(j.source, manifest, processes=j.decode_processes, timeout=j.decode_timeout)
             return self._pool
 
-    def decode(self, jobs: Sequence[tuple[int, SampleRef]]) -> Iterator[dict[str, Any]]:
+    def decode(self, jobs: Sequence[tuple[int, SampleRef]]) -> Iterator[SampleItem]:
         """Items of ``jobs`` decoded in the worker's pool (one unit at a time; the next waits for this one's decoding only)."""
         pool = self.pool()
         with self._pool_lock:
@@ -137,8 +138,8 @@ def run_unit(plugin: str, unit: Unit, refs: list[SampleRef]) -> UnitOutcome:
     try:
         done = layout.done_path(workers.writer.root, unit)
         if done.exists():  # committed by an earlier try whose worker was lost before it reported
-            files = json.loads(done.read_text())["files"].values()
-            return UnitOutcome(unit.index, len(unit), bytes=sum(f["size"] for f in files))
+            rec = LedgerRecord.from_dict(json.loads(done.read_text()), where=f"ledger record {done}")
+            return UnitOutcome(unit.index, len(unit), bytes=rec.bytes)
         with workers.slots:
             return _extract_unit(workers, unit, refs)
     except (FcacheError, ValueError) as e:  # deterministic: a retry would fail alike
@@ -170,7 +171,7 @@ def _extract_unit(workers: UnitWorkers, unit: Unit, refs: list[SampleRef]) -> Un
     t = time.perf_counter()
     rec = writer.write_unit(p.unit, p.features, p.status, p.geometry, targets=p.targets, errors=p.errors)
     seconds = {"decode_wait": decode_wait, "forward": batcher.seconds, "write": time.perf_counter() - t}
-    size = sum(f["size"] for f in rec["files"].values()) if rec else 0
+    size = rec.bytes if rec else 0
     return UnitOutcome(unit.index, len(unit), images=batcher.images, bytes=size, committed=rec is not None, seconds=seconds)
 
 

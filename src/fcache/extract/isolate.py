@@ -24,13 +24,12 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection, wait
-from typing import Any
 
 import cloudpickle
 import torch
 
 from fcache.extract.sources.base import SampleRef, Source
-from fcache.extract.stages import failed_sample, load_sample
+from fcache.extract.stages import SampleItem, failed_sample, load_sample
 from fcache.spec import Manifest, Status
 
 START_TIMEOUT_S = 300.0  # a child imports torch and unpickles the source before it is ready
@@ -81,11 +80,11 @@ class DecodePool:
         self._children = [_Child(self._setup) for _ in range(max(1, processes))]
         self.restarts = 0
 
-    def map(self, jobs: Sequence[tuple[int, SampleRef]]) -> Iterator[dict[str, Any]]:
+    def map(self, jobs: Sequence[tuple[int, SampleRef]]) -> Iterator[SampleItem]:
         """Decode (index, ref) pairs, at most one per child at a time; items come back in the order of ``jobs``."""
         todo = deque(enumerate(jobs))
         busy: dict[int, tuple[int, int, SampleRef, float]] = {}  # child slot -> (position, index, ref, deadline)
-        done: dict[int, dict[str, Any]] = {}
+        done: dict[int, SampleItem] = {}
         nxt = 0
         try:
             while nxt < len(jobs):
@@ -139,13 +138,13 @@ class DecodePool:
             raise RuntimeError(f"a decode process failed to start (exit code {child.proc.wait()}); see the worker's log") from None
         child.ready = True
 
-    def _collect(self, busy: dict[int, tuple[int, int, SampleRef, float]]) -> dict[int, dict[str, Any]]:
+    def _collect(self, busy: dict[int, tuple[int, int, SampleRef, float]]) -> dict[int, SampleItem]:
         """Wait for the first answer, start-up or deadline; return the items that finished, by position."""
         starting = {c.out: c for c in self._children if not c.ready}
         answers = {self._children[slot].out: slot for slot in busy}
         left = min((deadline for *_, deadline in busy.values()), default=float("inf")) - time.monotonic()
         ready = wait([*answers, *starting], timeout=None if left == float("inf") else max(0.0, left))
-        out: dict[int, dict[str, Any]] = {}
+        out: dict[int, SampleItem] = {}
         for conn in ready:
             if conn in starting:
                 self._hello(starting[conn])
@@ -153,8 +152,7 @@ class DecodePool:
             slot = answers[conn]  # type: ignore[index]
             pos, index, ref, _ = busy.pop(slot)
             try:
-                item = pickle.loads(conn.recv_bytes())  # type: ignore[union-attr]
-                item["pixels"] = torch.from_numpy(item["pixels"])
+                item = SampleItem.from_dict(pickle.loads(conn.recv_bytes()))  # type: ignore[union-attr]
             except (EOFError, OSError):
                 code = self._exit_code(slot)
                 self._replace(slot)
@@ -204,8 +202,7 @@ def _child_main(job_fd: int, out_fd: int) -> None:
             index, ref = pickle.loads(jobs.recv_bytes())
         except EOFError:
             return
-        item = load_sample(source, ref, index, manifest, timeout)
-        item["pixels"] = item["pixels"].numpy()
+        item = load_sample(source, ref, index, manifest, timeout).to_dict()
         try:
             out.send_bytes(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL))
         except OSError:  # the parent is gone

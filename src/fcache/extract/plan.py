@@ -29,7 +29,7 @@ def plan(cfg: ExtractConfig, *, measure: int = 4, no_run: bool = False, assume_t
     images_per_sample = views * (manifest.preprocessing.frames or 1)
     dtype = stored(cfg.dtype)
     itemsize = dtype.numpy.itemsize
-    levels = []
+    levels: list[dict[str, Any]] = []
     for lv in manifest.levels:
         shape = manifest.level_shape(lv.name)
         per_view = math.prod(shape) * itemsize + (math.prod(shape[:-2]) * 4 if dtype.scaled else 0)

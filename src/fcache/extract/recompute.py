@@ -12,7 +12,6 @@ import numpy as np
 from fcache import store as fstore
 from fcache.extract.rebuild import rebuild
 from fcache.extract.stages import SampleDataset
-from fcache.spec import Status
 from fcache.store import Problem
 from fcache.store.dtypes import stored
 
@@ -28,17 +27,17 @@ def recompute(path: str, k: int, *, weights: str = "", device: str = "cpu", seed
     problems = []
     for j in range(len(dataset)):
         item = dataset[j]
-        if not Status(item["status"]).has_features:
-            problems.append(Problem("recompute", f"sample {item['index']}", f"no longer decodes ({item['message']})"))
+        if not item.ok:
+            problems.append(Problem("recompute", f"sample {item.index}", f"no longer decodes ({item.message})"))
             continue
-        for name, f in r.backbone.forward(item["pixels"]).items():
+        for name, f in r.backbone.forward(item.pixels).items():
             got = f.cpu().numpy()
             if m.video:
                 got = got.reshape(m.num_views, int(m.preprocessing.frames or 1), *got.shape[1:])
-            kept = s.read(name, item["index"])
+            kept = s.read(name, item.index)
             rel = float(np.sqrt(np.square(kept - got).sum() / max(np.square(got).sum(), 1e-30)))
             if rel > tol:
-                where = (item["index"], item["index"])
-                message = f"sample {item['index']} ({item['key']}) differs: relative RMSE {rel:.2e} > {tol:.0e}"
+                where = (item.index, item.index)
+                message = f"sample {item.index} ({item.key}) differs: relative RMSE {rel:.2e} > {tol:.0e}"
                 problems.append(Problem("recompute", f"features/{name}", message, where))
     return problems

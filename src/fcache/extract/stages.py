@@ -7,17 +7,15 @@ back into whole units, in any batch order, and hands each finished unit to the w
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
+import dataclasses
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from fcache.common.deadline import DeadlineExceeded, deadline
 from fcache.common.errors import SampleFailed
 from fcache.extract.sources.base import Decoded, SampleError, SampleRef, Source
 from fcache.extract.views import image_views, render, video_views
@@ -29,47 +27,59 @@ if TYPE_CHECKING:
     from fcache.extract.backbones import Backbone
 
 
-def check_sample(item: dict[str, Any], on_error: str) -> None:
+@dataclass(frozen=True)
+class SampleItem:
+    """One sample decoded and cut into its views: what a decode worker hands to the batcher and the assembler."""
+
+    index: int
+    key: str
+    status: int  # a Status code
+    message: str
+    pixels: torch.Tensor  # (n_images, 3, S, S): images (V, ...) or video (V * T, ...) view-major; empty when it failed
+    geometry: np.ndarray  # (V, len(GEOMETRY_FIELDS)) float32; zeros when it failed
+    targets: dict[str, np.ndarray] = field(default_factory=dict)  # worker-written targets of this sample
+
+    @property
+    def ok(self) -> bool:
+        return Status(self.status).has_features
+
+    def pin_memory(self) -> SampleItem:
+        """The item with its pixels in pinned memory (DataLoader's ``pin_memory`` calls this)."""
+        return dataclasses.replace(self, pixels=self.pixels.pin_memory())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (pixels as a numpy array) for a pipe between processes."""
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "pixels": self.pixels.numpy()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SampleItem:
+        return cls(**{**d, "pixels": torch.from_numpy(np.asarray(d["pixels"]))})
+
+
+def check_sample(item: SampleItem, on_error: str) -> None:
     """Raise SampleFailed for a failed sample under ``--on-error fail``."""
-    if on_error == "fail" and item["status"] != Status.OK:
-        raise SampleFailed(f"sample {item['key']} failed ({Status(item['status']).label}): {item['message']}")
+    if on_error == "fail" and item.status != Status.OK:
+        raise SampleFailed(f"sample {item.key} failed ({Status(item.status).label}): {item.message}")
 
 
-def load_sample(source: Source, ref: SampleRef, index: int, m: Manifest, timeout: float = 60.0) -> dict[str, Any]:
-    """Sample ``index`` decoded (under a SIGALRM deadline when on a main thread) and cut into its views.
-
-    Returns ``{"index", "key", "status", "message", "pixels": (n_images, 3, S, S), "geometry": (V, G),
-    "targets": {name: array}}``; a failed sample has no pixels and zero geometry.
-    """
+def load_sample(source: Source, ref: SampleRef, index: int, m: Manifest, timeout: float = 60.0) -> SampleItem:
+    """Sample ``index`` decoded (under a SIGALRM deadline when on a main thread) and cut into its views; a failed
+    sample has no pixels and zero geometry."""
     try:
-        with _deadline(timeout, ref.key):
+        with deadline(timeout):
             decoded = source.decode(ref)
         geoms, pixels = view_images(decoded, ref.key, m)
+    except DeadlineExceeded:
+        return failed_sample(index, ref.key, m, Status.TIMEOUT, f"decoding {ref.key} took longer than {timeout:g}s")
     except SampleError as e:
         return failed_sample(index, ref.key, m, e.status, e.message)
-    return {
-        "index": index,
-        "key": ref.key,
-        "status": int(decoded.status),
-        "message": decoded.message,
-        "pixels": pixels,
-        "geometry": np.stack([g.to_array() for g in geoms]),
-        "targets": decoded.targets,
-    }
+    geometry = np.stack([g.to_array() for g in geoms])
+    return SampleItem(index, ref.key, int(decoded.status), decoded.message, pixels, geometry, decoded.targets)
 
 
-def failed_sample(index: int, key: str, m: Manifest, status: Status, message: str) -> dict[str, Any]:
-    """The item of a sample that could not be used (the shape ``load_sample`` returns)."""
-    geometry = np.zeros((m.num_views, len(GEOMETRY_FIELDS)), np.float32)
-    return {
-        "index": index,
-        "key": key,
-        "status": int(status),
-        "message": message,
-        "pixels": torch.zeros(0),
-        "geometry": geometry,
-        "targets": {},
-    }
+def failed_sample(index: int, key: str, m: Manifest, status: Status, message: str) -> SampleItem:
+    """The item of a sample that could not be used."""
+    return SampleItem(index, key, int(status), message, torch.zeros(0), np.zeros((m.num_views, len(GEOMETRY_FIELDS)), np.float32))
 
 
 class SampleDataset(torch.utils.data.Dataset):
@@ -81,7 +91,7 @@ class SampleDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, j: int) -> dict[str, Any]:
+    def __getitem__(self, j: int) -> SampleItem:
         i = self.indices[j]
         return load_sample(self.source, self.refs[i], i, self.m, self.timeout)
 
@@ -104,25 +114,6 @@ def view_images(d: Decoded, key: str, m: Manifest, only: int | None = None) -> t
         raise SampleError(Status.DECODE_ERROR, "the source returned neither an image nor frames")
     geoms = image_views(d.image.shape[0], d.image.shape[1], p, canvas, key, d.orientation)
     return geoms, torch.stack([render(d.image, geoms[v], p.mean, p.std) for v in wanted])
-
-
-@contextlib.contextmanager
-def _deadline(seconds: float, key: str) -> Iterator[None]:
-    """Raise SampleError(TIMEOUT) when decoding outlives ``seconds`` (main thread of a process only)."""
-    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def expire(signum: int, frame: Any) -> None:
-        raise SampleError(Status.TIMEOUT, f"decoding {key} took longer than {seconds:.0f}s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @dataclass
@@ -161,20 +152,20 @@ class UnitAssembler:
             self.open[u] = UnitPayload(unit, feats, np.zeros(n_u, np.uint8), np.zeros((n_u, v, len(GEOMETRY_FIELDS)), np.float32))
         return self.open[u]
 
-    def start(self, item: dict[str, Any]) -> None:
+    def start(self, item: SampleItem) -> None:
         """Register a decoded sample: its status, geometry, targets and how many images will follow."""
-        i, u = item["index"], item["index"] // self.shard
+        i, u = item.index, item.index // self.shard
         p = self._payload(u)
         j = i - p.unit.start
-        p.status[j] = item["status"]
-        p.geometry[j] = item["geometry"]
-        for name, value in item["targets"].items():
+        p.status[j] = item.status
+        p.geometry[j] = item.geometry
+        for name, value in item.targets.items():
             if name not in p.targets:
                 p.targets[name] = np.zeros((len(p.unit), *np.shape(value)), dtype=np.asarray(value).dtype)
             p.targets[name][j] = value
-        if not Status(item["status"]).has_features:
-            p.errors.append({"key": item["key"], "index": i, "status": Status(item["status"]).label, "message": item["message"]})
-        p.missing += len(item["pixels"])
+        if not item.ok:
+            p.errors.append({"key": item.key, "index": i, "status": Status(item.status).label, "message": item.message})
+        p.missing += len(item.pixels)
         self.unstarted[u] -= 1
 
     def put(self, i: int, k: int, encoded: dict[str, Encoded], b: int) -> None:
@@ -212,11 +203,11 @@ class Batcher:
         self.images = 0
         self.seconds = 0.0
 
-    def add(self, item: dict[str, Any]) -> None:
+    def add(self, item: SampleItem) -> None:
         """Register a decoded sample with the assembler and queue its images, running full batches."""
         self.assembler.start(item)
-        for k, img in enumerate(item["pixels"]):
-            self.waiting.append((item["index"], k, img))
+        for k, img in enumerate(item.pixels):
+            self.waiting.append((item.index, k, img))
             if len(self.waiting) >= self.size:
                 self.flush()
 

@@ -17,6 +17,7 @@ import numpy as np
 from fcache.store import layout
 from fcache.store.dtypes import decode, stored
 from fcache.store.reader import FeatureStore
+from fcache.store.records import LedgerRecord
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def verify(path: str | Path, *, fast: bool = False, progress: Callable[[int], No
 def _check_unit(
     store: FeatureStore,
     unit: layout.Unit,
-    rec: dict[str, Any],
+    rec: LedgerRecord,
     targets: dict[str, int],
     raw_status: np.ndarray,
     fast: bool,
@@ -93,7 +94,7 @@ def _check_unit(
 ) -> list[Problem]:
     root, span = store.root, (unit.start, unit.stop - 1)
     problems: list[Problem] = []
-    files = rec.get("files", {})
+    files = rec.files
     bad_files: set[str] = set()
     for p in layout.unit_files(root, store.manifest, unit, targets):
         rel = _rel(p, root)
@@ -103,17 +104,17 @@ def _check_unit(
             problems.append(Problem("missing", rel, "not in the unit's ledger record", span))
         elif not p.exists():
             problems.append(Problem("missing", rel, "file is missing", span))
-        elif p.stat().st_size != want["size"]:
+        elif p.stat().st_size != want.size:
             problems.append(
-                Problem("size", rel, f"{p.stat().st_size} bytes, the ledger recorded {want['size']} (truncated or rewritten)", span)
+                Problem("size", rel, f"{p.stat().st_size} bytes, the ledger recorded {want.size} (truncated or rewritten)", span)
             )
-        elif not fast and layout.sha256_file(p) != want["sha256"]:
+        elif not fast and layout.sha256_file(p) != want.sha256:
             problems.append(Problem("checksum", rel, "content differs from what was committed", span))
             continue  # still decoded below, to say whether the damage reaches the values
         else:
             continue
         bad_files.add(rel)
-    if not np.array_equal(raw_status[unit.start : unit.stop], np.asarray(rec["status"], dtype=np.uint8)):
+    if not np.array_equal(raw_status[unit.start : unit.stop], np.asarray(rec.status, dtype=np.uint8)):
         problems.append(Problem("status", _rel(root / layout.STATUS, root), "statuses differ from the unit's ledger record", span))
     if fast:
         return problems

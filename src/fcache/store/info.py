@@ -15,10 +15,10 @@ def describe(path: str | Path) -> dict[str, Any]:
     """Manifest, per-level shapes and sizes, status counts and quantisation error, as plain data."""
     store = FeatureStore(path)
     m = store.manifest
-    committed = sum(rec["samples"] for rec in store.ledger.values())
+    committed = sum(rec.samples for rec in store.ledger.values())
     dtype = stored(m.storage.dtype)
     itemsize = dtype.numpy.itemsize
-    levels = []
+    levels: list[dict[str, Any]] = []
     for lv in store.levels:
         shape = m.level_shape(lv.name)
         disk = _disk_bytes(store.root / layout.FEATURES / lv.name)

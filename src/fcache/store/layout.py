@@ -17,6 +17,7 @@ from typing import Any
 from fcache.common.errors import CorruptStoreError
 from fcache.spec import Manifest
 from fcache.store.dtypes import stored
+from fcache.store.records import LedgerRecord
 
 MANIFEST_ATTR = "fcache"
 FEATURES = "features"
@@ -92,18 +93,19 @@ def done_path(root: Path, unit: Unit) -> Path:
     return ledger_dir(root, "done") / f"{unit.name}.json"
 
 
-def read_ledger(root: Path) -> dict[int, dict[str, Any]]:
+def read_ledger(root: Path) -> dict[int, LedgerRecord]:
     """All committed unit records, by unit index."""
-    out: dict[int, dict[str, Any]] = {}
+    out: dict[int, LedgerRecord] = {}
     d = ledger_dir(root, "done")
     if not d.is_dir():
         return out
     for p in d.glob("*.json"):
         try:
-            rec = json.loads(p.read_text())
-        except (OSError, ValueError) as e:
-            raise CorruptStoreError(f"ledger record {p} is unreadable ({e}); run `fcache verify {root}`") from e
-        out[int(rec["unit"])] = rec
+            data = json.loads(p.read_text())
+        except (OSError, ValueError, RecursionError) as e:
+            raise CorruptStoreError(f"ledger record {p} is unreadable ({type(e).__name__}); run `fcache verify {root}`") from e
+        rec = LedgerRecord.from_dict(data, where=f"ledger record {p}")
+        out[rec.unit] = rec
     return out
 
 

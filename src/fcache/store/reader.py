@@ -88,7 +88,7 @@ class FeatureStore:
         raw = np.asarray(self.array(layout.STATUS)[:], dtype=np.uint8)
         out = np.full(self.n, int(Status.PENDING), dtype=np.uint8)
         for rec in self.ledger.values():
-            out[rec["start"] : rec["stop"]] = raw[rec["start"] : rec["stop"]]
+            out[rec.start : rec.stop] = raw[rec.start : rec.stop]
         return out
 
     @cached_property
@@ -163,12 +163,13 @@ class FeatureStore:
         rec = self.ledger.get(unit.index)
         if rec is None:
             raise StoreError(f"sample {i} of {self.root} is not extracted yet (unit {unit.name} is not committed); rerun extract to finish")
-        status = Status(int(rec["status"][i - unit.start]))
+        status = Status(rec.status[i - unit.start])
         if not status.has_features:
             raise StoreError(f"sample {i} ({self.keys[i]}) has status {status.label} and no features")
         ndim = 2 + len(self.manifest.level_shape(level))
         path = layout.shard_file(self.root, f"{layout.FEATURES}/{level}", unit.index, ndim)
-        want = rec["files"].get(str(path.relative_to(self.root)), {}).get("size")
+        entry = rec.files.get(str(path.relative_to(self.root)))
+        want = entry.size if entry else None
         size = path.stat().st_size if path.exists() else None
         if size != want:
             what = "is missing" if size is None else f"has {size} bytes, the ledger recorded {want}"

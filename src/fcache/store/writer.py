@@ -27,6 +27,7 @@ from fcache.store import layout
 from fcache.store.codecs import chunk_codecs
 from fcache.store.dtypes import Encoded, encode, stored
 from fcache.store.layout import Unit
+from fcache.store.records import FileRecord, LedgerRecord
 
 WRITE_CONFIG: Any = {"write_empty_chunks": True}
 LOCK_TIMEOUT_S = 600.0
@@ -153,7 +154,7 @@ class StoreWriter:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["root"])  # type: ignore[misc]
 
-    def committed(self) -> dict[int, dict[str, Any]]:
+    def committed(self) -> dict[int, LedgerRecord]:
         return layout.read_ledger(self.root)
 
     def pending(self) -> list[Unit]:
@@ -178,7 +179,7 @@ class StoreWriter:
         targets: Mapping[str, np.ndarray] | None = None,
         errors: Sequence[Mapping[str, Any]] = (),
         hook: Callable[[str], None] | None = None,
-    ) -> dict[str, Any] | None:
+    ) -> LedgerRecord | None:
         """Write one whole unit and commit it. Returns the ledger record, or None when another writer has it.
 
         Args:
@@ -211,26 +212,21 @@ class StoreWriter:
             for name, values in (targets or {}).items():
                 self.write_targets(name, values, unit.start)
             step("commit")
-            record = {
-                "unit": unit.index,
-                "start": unit.start,
-                "stop": unit.stop,
-                "samples": len(unit),
-                "status": [int(x) for x in status],
-                "status_counts": _counts(status),
-                "files": {
-                    str(p.relative_to(self.root)): {"size": p.stat().st_size, "sha256": layout.sha256_file(p)}
-                    for p in written
-                    if p.exists()
-                },
-                "quant": {name: [float(enc.sq_err.sum()), float(enc.sq_ref.sum())] for name, enc in encoded.items()},
-                "errors": [dict(e) for e in errors],
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "seconds": round(time.time() - t0, 3),
-                "time": time.time(),
-            }
-            if not layout.write_json_atomic(layout.done_path(self.root, unit), record, exclusive=True):
+            record = LedgerRecord(
+                unit=unit.index,
+                start=unit.start,
+                stop=unit.stop,
+                status=tuple(int(x) for x in status),
+                status_counts=_counts(status),
+                files={str(p.relative_to(self.root)): FileRecord(p.stat().st_size, layout.sha256_file(p)) for p in written if p.exists()},
+                quant={name: (float(enc.sq_err.sum()), float(enc.sq_ref.sum())) for name, enc in encoded.items()},
+                errors=tuple(dict(e) for e in errors),
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                seconds=round(time.time() - t0, 3),
+                time=time.time(),
+            )
+            if not layout.write_json_atomic(layout.done_path(self.root, unit), record.to_dict(), exclusive=True):
                 return None
             return record
         except OSError as e:
@@ -315,7 +311,7 @@ class StoreWriter:
         """Driver-side, after the work: errors.jsonl and the measured statistics from the ledger."""
         ledger = self.committed()
         stats = summarize_ledger(ledger, len(self.units))
-        lines = [json.dumps(e, sort_keys=True) for u in sorted(ledger) for e in ledger[u]["errors"]]
+        lines = [json.dumps(e, sort_keys=True) for u in sorted(ledger) for e in ledger[u].errors]
         tmp = self.root / f"{layout.ERRORS}.{os.getpid()}{layout.TEMP_SUFFIX}"
         tmp.write_text("".join(line + "\n" for line in lines))
         os.replace(tmp, self.root / layout.ERRORS)
@@ -325,14 +321,14 @@ class StoreWriter:
         return stats
 
 
-def summarize_ledger(ledger: Mapping[int, Mapping[str, Any]], total_units: int) -> dict[str, Any]:
+def summarize_ledger(ledger: Mapping[int, LedgerRecord], total_units: int) -> dict[str, Any]:
     """Status counts and per-level relative RMSE of the committed units."""
     counts: dict[str, int] = {}
     quant: dict[str, list[float]] = {}
     for rec in ledger.values():
-        for k, c in rec["status_counts"].items():
+        for k, c in rec.status_counts.items():
             counts[k] = counts.get(k, 0) + c
-        for level, (err, ref) in rec["quant"].items():
+        for level, (err, ref) in rec.quant.items():
             acc = quant.setdefault(level, [0.0, 0.0])
             acc[0] += err
             acc[1] += ref

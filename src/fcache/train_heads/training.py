@@ -8,6 +8,7 @@ the first byte is written into any RUN folder. Several heads train in one read p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -180,7 +181,7 @@ def _run(cfgs: Sequence[TrainConfig], *, own_folders: bool, progress: bool, say:
         heads = []
         for cfg, p, record in prepared:
             run = RunDir(cfg.out)
-            checkpoint = ddp.on_main(lambda run=run, record=record, cfg=cfg: run.begin(record, resume=cfg.resume), dist)
+            checkpoint = ddp.on_main(functools.partial(run.begin, record, resume=cfg.resume), dist)
             if not dist.is_main and cfg.resume:
                 checkpoint = run.load_checkpoint()
             if dist.is_main:

@@ -112,8 +112,8 @@ def test_a_local_dask_cluster_gives_the_sequential_results(sequential, tmp_path)
         ({"lr": ["fast"]}, (), ("lr: 'fast' is not a number",)),
         ({"head": [FPN, FPN + ",roi=standard"]}, (), ("two grid points are the same variant",)),
         ({"store": ["a.zarr", "b.zarr"], "val_store": ["va.zarr"]}, (), ("val_store lists 1 stores for 2 in store",)),
-        ({}, ("--cluster", "local:0"), ("--cluster 'local:0' is not local:N",)),
-        ({}, ("--cluster", "local:2", "--scheduler", "tcp://127.0.0.1:8786"), ("not both",)),
+        ({}, ("--cluster", "local:0"), ("--cluster local:0: needs at least one worker",)),
+        ({}, ("--cluster", "local:2", "--scheduler", "tcp://127.0.0.1:8786"), ("--cluster and --scheduler exclude each other",)),
     ],
 )
 def test_bad_specs_are_refused_before_writing(det_store, tmp_path, over, extra, fragments):

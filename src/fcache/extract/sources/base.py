@@ -35,8 +35,11 @@ class SampleRef:
 
 
 class ClassListing(Protocol):
-    classes: tuple[str, ...]
-    labelled: bool
+    @property
+    def classes(self) -> tuple[str, ...]: ...
+
+    @property
+    def labelled(self) -> bool: ...
 
 
 class LabelTargets:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -110,9 +110,9 @@ def tapped(model: nn.Module, rois_per_batch: int = 256, seed: int = 0) -> Iterat
 
 def _neck_hooks(neck: nn.Module, groups: dict[str, OrderedDict[str, Tensor]]) -> list[Any]:
     """The stored inputs P_x (a pre-hook on the neck) and the outputs of every block the neck declares (``Neck.taps``)."""
-    in_names = [lv.name for lv in neck.in_levels]
+    in_names = [lv.name for lv in cast(Any, neck).in_levels]
     try:
-        taps = neck.taps()
+        taps = cast(Any, neck).taps()
     except NotImplementedError as e:
         raise InputError(f"{e}; fcache cka cannot analyse this head") from None
 
@@ -134,7 +134,7 @@ def _neck_hooks(neck: nn.Module, groups: dict[str, OrderedDict[str, Tensor]]) ->
 def _cascade_hooks(roi_heads: nn.Module, groups: dict[str, OrderedDict[str, Tensor]]) -> list[Any]:
     """Each stage's RoI features (the input of its own box head: the RoIAlign module is shared) and its fc6, fc7."""
     handles = []
-    for s, stage in enumerate(roi_heads.stages, start=1):
+    for s, stage in enumerate(cast(Any, roi_heads).stages, start=1):
 
         def roi(_m: nn.Module, args: tuple[Any, ...], key: str = f"s{s} RoI") -> None:
             groups["cascade"][key] = args[0].detach().float().flatten(1).cpu()  # (R, C * 7 * 7)
@@ -206,7 +206,8 @@ def run_cka(cfg: CkaConfig, progress: bool = True) -> dict[str, Any]:
     task, model, store = t.task, t.model, t.store
     data = eval_data(store, task, t.levels, task_def(task.name).eval_views)
     rng = np.random.default_rng(cfg.seed)
-    chosen = np.sort(rng.choice(len(data), size=min(cfg.samples, len(data)), replace=False))
+    n = len(data)  # type: ignore[arg-type]
+    chosen = np.sort(rng.choice(n, size=min(cfg.samples, n), replace=False))
     full = len(chosen) - len(chosen) % cfg.batch_size  # whole minibatches only
     subset = torch.utils.data.Subset(data, chosen[:full].tolist())
     loader = torch.utils.data.DataLoader(subset, batch_size=cfg.batch_size, collate_fn=Collate(task, with_targets=False))

@@ -6,7 +6,7 @@ The extra level is torchvision's LastLevelMaxPool (1x1 max-pool, stride 2) of th
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
@@ -36,5 +36,10 @@ class FPN(Neck):
             parts = list(block) if isinstance(block, nn.Sequential) else [block]
             for k, part in enumerate(parts):
                 label = "F1" if len(parts) == 1 else ("conv" if k == 0 else f"R{k}")
-                out.append(Tap(label, part, lambda x, name=lv.name: {name: x}))
+                out.append(Tap(label, part, _at(lv.name)))
         return out
+
+
+def _at(level: str) -> Callable[[Tensor], dict[str, Tensor]]:
+    """A block's output as the map of one level."""
+    return lambda x: {level: x}

@@ -39,8 +39,8 @@ def ms_deform_attn(value: Tensor, shapes: Sequence[tuple[int, int]], locations: 
         v = per_level[lvl].permute(0, 2, 3, 1).reshape(n * m, d, h, w)  # (N*M, D, H, W)
         grid = grids[:, :, :, lvl].transpose(1, 2).reshape(n * m, lq, points, 2)  # (N*M, Lq, P, 2)
         sampled.append(F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False))  # (N*M, D, Lq, P)
-    w = weights.transpose(1, 2).reshape(n * m, 1, lq, levels * points)
-    out = (torch.stack(sampled, dim=-2).flatten(-2) * w).sum(-1)  # (N*M, D, Lq)
+    attn = weights.transpose(1, 2).reshape(n * m, 1, lq, levels * points)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * attn).sum(-1)  # (N*M, D, Lq)
     return out.view(n, m * d, lq).transpose(1, 2)
 
 

@@ -6,7 +6,7 @@ so evaluating thousands of images holds counts, not label maps.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -66,6 +66,6 @@ def _listed(x: np.ndarray) -> list[float | None]:
     return [None if np.isnan(v) else float(v) for v in x]
 
 
-def per_class_table(names: Sequence[str], result: dict[str, Any]) -> list[dict[str, Any]]:
+def per_class_table(names: Sequence[str], result: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One record per class: name, IoU and Acc (None where the class was neither present nor predicted)."""
     return [{"class": n, "IoU": i, "Acc": a} for n, i, a in zip(names, result["IoU"], result["Acc"], strict=True)]

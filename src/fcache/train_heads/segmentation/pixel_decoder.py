@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -99,16 +100,17 @@ class PixelDecoder(nn.Module):
 
     def _reset_parameters(self) -> None:
         for proj in self.input_proj:
-            nn.init.xavier_uniform_(proj[0].weight)
-            nn.init.zeros_(proj[0].bias)
+            conv = cast(nn.Conv2d, cast(nn.Sequential, proj)[0])
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(cast(Tensor, conv.bias))
         for p in self.encoder.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
         for block in self.encoder:
-            block.attn.reset_parameters()
+            cast(Any, block).attn.reset_parameters()
         nn.init.normal_(self.level_embed)
         nn.init.kaiming_uniform_(self.mask_features.weight, a=1)
-        nn.init.zeros_(self.mask_features.bias)
+        nn.init.zeros_(cast(Tensor, self.mask_features.bias))
 
     @property
     def mask_stride(self) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from fcache.spec import Geometry, LevelSpec, Targets
 from fcache.store import FeatureStore
 from fcache.train_heads.data import VIEW_GEOMETRY, VIEW_NAMES
 from fcache.train_heads.headspec import HeadDef, HeadSpec, Param, select_levels
+from fcache.train_heads.necks import NECKS
 from fcache.train_heads.necks.base import NORMS
 from fcache.train_heads.runfolder import write_json
 from fcache.train_heads.segmentation import metrics as M
@@ -36,8 +37,11 @@ LEVELS = Param("all", kind="levels", help="stored levels the head reads: all, or
 
 
 def _check_upernet(spec: HeadSpec) -> None:
-    if spec["neck"] != "bifpn" and spec["layers"] != 1:
-        raise InputError(f"head upernet: layers={spec['layers']} applies to neck=bifpn only (e.g. upernet:neck=bifpn,layers=5)")
+    layered = [name for name, neck in NECKS.items() if "layers" in neck.params]
+    if spec["neck"] not in layered and spec["layers"] != 1:
+        raise InputError(
+            f"head upernet: layers={spec['layers']} applies to neck={'/'.join(layered)} only (e.g. upernet:neck={layered[0]},layers=5)"
+        )
     if spec["aux"] > 1:
         raise InputError(f"head upernet: aux={spec['aux']} must be 0 or 1")
 
@@ -53,7 +57,7 @@ def _mask2former(task: SegmentationTask, levels: tuple[LevelSpec, ...]) -> nn.Mo
 HEADS: dict[str, HeadDef] = {
     "upernet": HeadDef(
         {
-            "neck": Param("fpn", kind="choice", choices=("fpn", "bifpn"), help="the FPN part: torchvision FPN, or k BiFPN layers"),
+            "neck": Param("fpn", kind="choice", choices=tuple(NECKS), help="the FPN part: any neck of the NECKS table (bifpn: k layers)"),
             "layers": Param(1, help="BiFPN layers (neck=bifpn only)"),
             "channels": Param(512, help="width of PPM, neck and fuse conv (mmseg's UPerHead: 512); the aux head is half"),
             "norm": Param("gn", kind="choice", choices=NORMS, help="norm of the PPM, fuse, aux and BiFPN convs"),
@@ -121,7 +125,7 @@ class SegmentationTask:
 
     def loss(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
         labels = torch.stack(batch.targets).long()  # (B, S, S)
-        return model.losses(model(batch.features), labels)
+        return cast(Any, model).losses(model(batch.features), labels)
 
     def predict(self, model: nn.Module, batch: Batch) -> list[dict[str, Any]]:
         """Per sample: the view names and sparse confusions of each view and of the views' mean probabilities.
@@ -139,11 +143,11 @@ class SegmentationTask:
         for v in range(len(views[0])):
             out = model({lv: x[:, v] if multi else x for lv, x in feats.items()})
             for j, gt in enumerate(truth):
-                probs = model.probabilities(out, j, views[j][v]).float()  # (K, orig_h, orig_w)
+                probs = cast(Any, model).probabilities(out, j, views[j][v]).float()  # (K, orig_h, orig_w)
                 per_view[j].append(M.confusion_codes(probs.argmax(0).cpu().numpy(), gt, self.num_classes))
                 sums[j] = probs if sums[j] is None else sums[j] + probs
         return [
-            {"names": nm, "views": pv, "mean": M.confusion_codes(s.argmax(0).cpu().numpy(), gt, self.num_classes)}
+            {"names": nm, "views": pv, "mean": M.confusion_codes(cast(Tensor, s).argmax(0).cpu().numpy(), gt, self.num_classes)}
             for nm, pv, s, gt in zip(names, per_view, sums, truth, strict=True)
         ]
 

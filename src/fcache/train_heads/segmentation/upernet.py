@@ -16,7 +16,7 @@ cannot train on a batch of one.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,7 @@ def classifier(channels: int, num_classes: int) -> nn.Sequential:
     """Dropout2d then a 1x1 conv, initialised N(0, 0.01) as mmseg's ``conv_seg``."""
     conv = nn.Conv2d(channels, num_classes, 1)
     nn.init.normal_(conv.weight, std=0.01)
-    nn.init.zeros_(conv.bias)
+    nn.init.zeros_(cast(Tensor, conv.bias))
     return nn.Sequential(nn.Dropout2d(DROPOUT), conv)
 
 

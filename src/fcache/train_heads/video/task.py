@@ -91,7 +91,7 @@ class VideoTask(LabelTask):
 
     @classmethod
     def from_description(cls, d: Mapping[str, Any]) -> VideoTask:
-        return cls(parse_video_head(d["head"]), d["label_names"], d["frames"], tuple(d["grid"]))  # type: ignore[arg-type]
+        return cls(parse_video_head(d["head"]), d["label_names"], d["frames"], (int(d["grid"][0]), int(d["grid"][1])))
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "frames": self.frames, "grid": list(self.grid)}
