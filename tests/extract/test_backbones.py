@@ -15,8 +15,8 @@ def images():
     return torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
 
 
-def test_features_equal_direct_timm_forward(images):
-    bb = build_backbone("swinv2-t", input_size=128, random_init=True, seed=3)
+def test_features_equal_direct_timm_forward(images, tiny_backbone):
+    bb = tiny_backbone  # swinv2-t at 128, random-init with seed 3
     torch.manual_seed(3)
     ref = timm.create_model("swinv2_tiny_window16_256", pretrained=False, features_only=True, img_size=128).eval()
     feats = bb.forward(images)

@@ -4,6 +4,7 @@ need no extract flag repeated (the --drop-degenerate-boxes case used to fail wit
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -108,3 +109,16 @@ def test_any_source_is_rebuilt_from_the_manifest_alone(kind, tmp_path):
     a, b = source.decode(refs[0]), r.source.decode(r.refs[0])
     np.testing.assert_array_equal(a.image if a.image is not None else a.frames, b.image if b.image is not None else b.frames)
     assert r.backbone.info == manifest.backbone
+
+
+def test_a_random_init_backbone_is_rebuilt_from_its_seed(tiny_backbone, tmp_path):
+    """The frozen-online setting and `fcache bench` get the store's backbone back from the manifest: same weights."""
+    from fcache.extract.rebuild import backbone_of
+    from helpers import make_manifest
+
+    m, _ = make_manifest()
+    m = dataclasses.replace(m, backbone=tiny_backbone.info, preprocessing=dataclasses.replace(m.preprocessing, seed=3))
+    again = backbone_of(m)
+    images = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    for lv, f in tiny_backbone.forward(images).items():
+        torch.testing.assert_close(again.forward(images)[lv], f, rtol=0, atol=0)

@@ -116,7 +116,7 @@ def test_head_specs_print_canonically():
     [
         ("upernet:layers=5", "layers=5 applies to neck=bifpn only"),
         ("upernet:aux=2", "aux=2 must be 0 or 1"),
-        ("upernet:neck=fancy", "neck='fancy' is not one of fpn, bifpn"),
+        ("upernet:neck=fancy", "neck='fancy' is not one of fpn, fpn-res, bifpn"),
         ("mask2former:blocks=3", "unknown key 'blocks'"),
         ("mask2former:decoder_blocks=0", "decoder_blocks=0 must be at least 1"),
         ("fpn", "unknown head 'fpn' for segmentation; choose one of: mask2former, upernet"),

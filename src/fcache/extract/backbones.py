@@ -54,7 +54,8 @@ class Backbone:
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """The plain forward (gradients flow when enabled: the full-finetune comparison of ``fcache bench``)."""
         outs = self.model(images)
-        return {lv.name: (f.permute(0, 3, 1, 2) if self.nhwc else f).contiguous() for lv, f in zip(self.info.levels, outs, strict=True)}  # NCHW
+        nchw = (f.permute(0, 3, 1, 2) if self.nhwc else f for f in outs)  # (B, C, H, W), contiguous as the store holds it
+        return {lv.name: f.contiguous() for lv, f in zip(self.info.levels, nchw, strict=True)}
 
 
 def resolve(model: str) -> tuple[str, str]:

@@ -34,7 +34,7 @@ from fcache.store import StoreWriter, Unit, layout
 from fcache.store.records import LedgerRecord
 
 if TYPE_CHECKING:
-    from fcache.extract.driver import ExtractConfig
+    from fcache.extract.config import ExtractConfig
 
 RETRIES = 2  # a task that raises runs at most twice more; one whose worker died is rescheduled by dask itself
 UNITS_PER_WORKER = 2  # units in flight in one worker process (bounds its memory whatever its thread count)
