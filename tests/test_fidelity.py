@@ -32,6 +32,7 @@ def store(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["fpn:rois=32,rpn_batch=64", "bifpn:layers=2,rois=32,rpn_batch=64,roi=cascade"])
 def test_head_from_fp32_store_equals_head_trained_online(store, tmp_path, head):
     cfg = TrainConfig(store=str(store), out=str(tmp_path / "cached"), head=head, iters=3, batch_size=2, lr=1e-3, warmup=1,

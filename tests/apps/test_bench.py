@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from fcache.cli import main
 
 
+@pytest.mark.slow
 def test_bench_rows_for_store_online_and_finetune():
     head = "fpn:channels=64,rois=16,rpn_batch=32"
     args = ["--input-size", "256", "--batch-size", "2", "--head", head, "--steps", "2", "--device", "cpu", "--num-workers", "0", "--json"]

@@ -102,6 +102,7 @@ def test_decode_pool_costs_one_sample_per_poisonous_file(tmp_path):
         pool.close()
 
 
+@pytest.mark.slow
 def test_local_cluster_store_equals_in_process(tmp_path, data, reference, monkeypatch):
     use_source(monkeypatch)
     out = tmp_path / "s.zarr"
@@ -116,6 +117,7 @@ def test_local_cluster_store_equals_in_process(tmp_path, data, reference, monkey
     assert not (out / "ledger" / "driver.lease").exists()  # released
 
 
+@pytest.mark.slow
 def test_killed_worker_is_retried_and_store_equals_in_process(tmp_path, data, reference, monkeypatch):
     import psutil
     from distributed import Client, LocalCluster

@@ -114,6 +114,7 @@ def test_coco_targets_are_copied(tmp_path):
     assert s.geometry(0, 1).flip == 1.0
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path, folder):
     args = folder_flags(folder, "--shard-size", "1", "--batch-size", "1")
     ref = tmp_path / "ref.zarr"

@@ -96,6 +96,7 @@ def test_killed_between_write_and_commit_redoes_unit_without_duplicates(tmp_path
     assert_verifies(path)
 
 
+@pytest.mark.slow
 def test_two_processes_same_unit_exactly_one_commit(tmp_path, reference):
     path = tmp_path / "s.zarr"
     assert run(path, "--units", "").returncode == 0  # complete store to compare against...

@@ -68,6 +68,7 @@ def test_rank_slices_make_up_the_global_batch():
     assert Dist.from_env({}) == Dist()
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(label_store, tmp_path):
     """torchrun x 2 to iteration 2, resumed by torchrun x 2 to 4, against one process straight to 4."""
     single = tmp_path / "single"

@@ -32,6 +32,7 @@ def fitted(det_store, tmp_path_factory):
     return out, json.loads(r.stdout)
 
 
+@pytest.mark.slow
 def test_overfits_the_training_images(fitted):
     out, summary = fitted
     assert summary["iters"] == {"start": 0, "stop": 100, "total": 100}

@@ -37,6 +37,7 @@ def upernet_run(seg_stores, tmp_path_factory):
     return out, fit(seg_stores, out, UPERNET)
 
 
+@pytest.mark.slow
 def test_upernet_overfits_the_tiny_set(upernet_run):
     out, summary = upernet_run
     assert summary["eval"]["ss/mIoU"] >= 0.8, summary["eval"]
@@ -49,6 +50,7 @@ def test_upernet_overfits_the_tiny_set(upernet_run):
     assert given == {"lr": 1e-2, "warmup": 0, "schedule": "linear", "weight_decay": 0.05, "warmup_factor": 1e-6}  # Table 12 fills the rest
 
 
+@pytest.mark.slow
 def test_mask2former_overfits_the_tiny_set(seg_stores, tmp_path):
     summary = fit(seg_stores, tmp_path / "run", MASK2FORMER)
     assert summary["losses"].keys() == {"ce", "mask", "dice", "loss"}

@@ -53,6 +53,7 @@ def temporal_run(motion, tmp_path_factory):
     return out, json.loads(r.stdout)
 
 
+@pytest.mark.slow
 def test_temporal_block_learns_the_direction_of_motion(temporal_run):
     out, summary = temporal_run
     assert summary["eval"]["avg/top1"] >= 0.9, summary["eval"]

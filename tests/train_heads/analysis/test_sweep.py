@@ -88,6 +88,7 @@ def test_a_rerun_skips_finished_variants(sequential, det_store):
     assert len(runs_of(d / "out")) == 4
 
 
+@pytest.mark.slow
 def test_a_local_dask_cluster_gives_the_sequential_results(sequential, tmp_path):
     d, summary = sequential
     r = sweep(d / "grid.yaml", tmp_path / "out", "--cluster", "local:2")
