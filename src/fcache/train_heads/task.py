@@ -87,14 +87,24 @@ class Task(Protocol):
         ...
 
 
+class TaskClass(Protocol):
+    """A task's class: makes the task from a store and a head spec, or from a RUN's record of it."""
+
+    @classmethod
+    def from_store(cls, store: FeatureStore, head: str) -> Task: ...
+
+    @classmethod
+    def from_description(cls, d: Mapping[str, Any]) -> Task: ...
+
+
 @dataclass(frozen=True)
 class TaskDef:
     """Everything fcache knows about a task without making one: its heads, how it is made and checked, its metric.
 
     Attributes:
         heads: head name -> :class:`HeadDef` (parameters, builder, training defaults).
-        from_store: (store, head spec text) -> Task, checking the store can train the task.
-        from_description: a RUN's ``task`` record -> Task (evaluation, analysis).
+        task: the class whose ``from_store(store, head)`` makes the task (checking the store can train it) and whose
+            ``from_description(record)`` rebuilds it from a RUN folder (evaluation, analysis).
         check_eval_store: (task, store) -> None; InputError when the store cannot score the task's head.
         main_metric: the metric that ranks runs (``fcache report``, sweeps, best checkpoints).
         defaults: TrainConfig fields every head of the task trains with unless flags say otherwise.
@@ -103,12 +113,17 @@ class TaskDef:
 
     name: str
     heads: Mapping[str, HeadDef]
-    from_store: Callable[[FeatureStore, str], Task]
-    from_description: Callable[[Mapping[str, Any]], Task]
+    task: TaskClass
     check_eval_store: Callable[[Any, FeatureStore], None]
     main_metric: str
     defaults: Mapping[str, Any] = field(default_factory=dict)
     eval_views: str = "plain"
+
+    def from_store(self, store: FeatureStore, head: str) -> Task:
+        return self.task.from_store(store, head)
+
+    def from_description(self, d: Mapping[str, Any]) -> Task:
+        return self.task.from_description(d)
 
     def parse(self, text: str) -> HeadSpec:
         """``NAME[:key=value,...]`` parsed against this task's heads (and the head's own cross-key checks)."""

@@ -181,12 +181,11 @@ def check_eval_store(task: ClassificationTask, store: FeatureStore) -> None:
 
 
 TASK = TaskDef(
-    name="classification",
-    heads=HEADS,
-    from_store=ClassificationTask.from_store,
-    from_description=ClassificationTask.from_description,
-    check_eval_store=check_eval_store,
-    main_metric="avg/top1",
+    "classification",
+    HEADS,
+    ClassificationTask,
+    check_eval_store,
+    "avg/top1",
     defaults={"batch_size": 64, "lr": 1e-3, "weight_decay": 0.0, "schedule": "cosine", "warmup_epochs": 1.0},
-    eval_views="all",  # the plain view and the test views, each and averaged
-)
+    eval_views="all",
+)  # the plain view and the test views, each and averaged

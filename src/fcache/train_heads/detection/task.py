@@ -147,11 +147,4 @@ def check_eval_store(task: DetectionTask, store: FeatureStore) -> None:
         )
 
 
-TASK = TaskDef(
-    name="detection",
-    heads=HEADS,
-    from_store=DetectionTask.from_store,
-    from_description=DetectionTask.from_description,
-    check_eval_store=check_eval_store,
-    main_metric="box/AP",
-)
+TASK = TaskDef("detection", HEADS, DetectionTask, check_eval_store, "box/AP")

@@ -224,11 +224,5 @@ def check_eval_store(task: SegmentationTask, store: FeatureStore) -> None:
 
 
 TASK = TaskDef(
-    name="segmentation",
-    heads=HEADS,
-    from_store=SegmentationTask.from_store,
-    from_description=SegmentationTask.from_description,
-    check_eval_store=check_eval_store,
-    main_metric="ss/mIoU",
-    eval_views="all",  # single scale from view 0, ms+flip from all of them
-)
+    "segmentation", HEADS, SegmentationTask, check_eval_store, "ss/mIoU", eval_views="all"
+)  # single scale from view 0, ms+flip from all of them

@@ -134,12 +134,11 @@ def check_eval_store(task: VideoTask, store: FeatureStore) -> None:
 
 
 TASK = TaskDef(
-    name="video",
-    heads=HEADS,
-    from_store=VideoTask.from_store,
-    from_description=VideoTask.from_description,
-    check_eval_store=check_eval_store,
-    main_metric="avg/top1",
-    defaults={"batch_size": 64, "lr": 3e-4, "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 2.5},  # Table 13, frozen
-    eval_views="all",  # every clip x crop, each and averaged
-)
+    "video",
+    HEADS,
+    VideoTask,
+    check_eval_store,
+    "avg/top1",
+    defaults={"batch_size": 64, "lr": 3e-4, "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 2.5},
+    eval_views="all",
+)  # Table 13, frozen; every clip x crop, each and averaged
