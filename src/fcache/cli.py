@@ -23,7 +23,7 @@ import click
 from fcache import __version__
 from fcache.common.devices import DEVICE_HELP
 from fcache.common.flags import Flag, flags_of
-from fcache.extract.config import ExtractConfig
+from fcache.extract.config import ExtractConfig, PlanConfig
 from fcache.spec import SourceConfig
 from fcache.train_heads.config import CkaConfig, EvalConfig, SweepConfig, TrainConfig
 
@@ -229,13 +229,10 @@ def extract(as_json: bool, **kw: Any) -> None:
 
 
 @main.command()
-@options_of(SourceConfig, ExtractConfig, skip=("overwrite", "cluster", "scheduler"))
-@click.option("--measure", type=int, default=4, show_default=True, help="Samples extracted into a temporary folder to measure.")
-@click.option("--no-run", is_flag=True, help="Measure nothing: sizes from shapes, time from FLOPs (works without weights).")
-@click.option("--assume-tflops", type=float, default=100.0, show_default=True, help="Sustained TFLOP/s for the --no-run time estimate.")
+@options_of(SourceConfig, ExtractConfig, PlanConfig, skip=("overwrite", "cluster", "scheduler"))
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @user_errors
-def plan(measure: int, no_run: bool, assume_tflops: float, as_json: bool, **kw: Any) -> None:
+def plan(as_json: bool, measure: int, no_run: bool, assume_tflops: float, **kw: Any) -> None:
     """Show how big a store will be and how long extracting it will take, without writing it.
 
     Takes the same flags as `fcache extract` (no --out). Shapes come from the model built without
@@ -244,7 +241,8 @@ def plan(measure: int, no_run: bool, assume_tflops: float, as_json: bool, **kw: 
     from fcache.extract.plan import format_plan
     from fcache.extract.plan import plan as make_plan
 
-    p = make_plan(ExtractConfig.from_flags(**kw), measure=measure, no_run=no_run, assume_tflops=assume_tflops)
+    how = PlanConfig(measure=measure, no_run=no_run, assume_tflops=assume_tflops)
+    p = make_plan(ExtractConfig.from_flags(**kw), measure=how.measure, no_run=how.no_run, assume_tflops=how.assume_tflops)
     click.echo(json.dumps(p, indent=1) if as_json else format_plan(p))
 
 

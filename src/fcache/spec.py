@@ -18,7 +18,7 @@ import numpy as np
 
 from fcache import __version__
 from fcache.common.errors import StoreError
-from fcache.common.flags import flag, required
+from fcache.common.flags import check_flags, flag, required
 
 FORMAT_VERSION = 1
 
@@ -271,14 +271,17 @@ class SourceConfig:
     root: str = required("Image folder (coco, folder), ADEChallengeData2016 folder (ade20k), class folders (video), tar folder (wds).")
     annotations: str = flag("", "COCO json (coco) or path,label CSV (video).", show_default=False)
     split: str = flag("", "ade20k: training or validation.", show_default=False)
-    frames: int = flag(16, "video: frames per clip.")
-    clips: int = flag(1, "video: temporal clips per video.")
-    crops: int = flag(1, "video: spatial crops per clip (1 or 3).")
-    max_pixels: int = flag(DEFAULT_MAX_PIXELS, "Larger images are refused as too_large (decompression bombs).")
-    decode_timeout: float = flag(60.0, "Seconds one sample may take to decode.")
+    frames: int = flag(16, "video: frames per clip.", min=1, max=4096)
+    clips: int = flag(1, "video: temporal clips per video.", min=1, max=256)
+    crops: int = flag(1, "video: spatial crops per clip (1 or 3).", min=1, max=16)
+    max_pixels: int = flag(DEFAULT_MAX_PIXELS, "Larger images are refused as too_large (decompression bombs).", min=1)
+    decode_timeout: float = flag(60.0, "Seconds one sample may take to decode.", above=0, max=86400)
     drop_degenerate_boxes: bool = flag(
         False, "coco: drop boxes with w or h <= 0 (with a warning) instead of refusing the json.", show_default=False
     )
+
+    def __post_init__(self) -> None:
+        check_flags(self)
 
     @property
     def video(self) -> bool:

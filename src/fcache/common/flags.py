@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+from fcache.common.errors import InputError
 
 T = TypeVar("T")
 
@@ -28,9 +31,28 @@ class Flag:
     text_default: str | None = None  # the default as typed on the command line, when ``parse`` is given
     show_default: bool | str = True
     secondary: str = ""  # for booleans that default to True: the flag that turns them off (e.g. --no-view-flip)
+    min: float | None = None  # numbers: the smallest value allowed
+    above: float | None = None  # numbers: values must be greater than this
+    max: float | None = None  # numbers: the largest value allowed
 
     def option(self, field_name: str) -> str:
         return self.name or "--" + field_name.replace("_", "-")
+
+    def problem(self, value: Any) -> str:
+        """What is wrong with ``value`` for this flag ('' when nothing): numbers finite and in range, choices known."""
+        numbers = value if isinstance(value, tuple) else (value,)
+        for v in numbers:
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                continue
+            if not math.isfinite(v):
+                return "must be a finite number"
+            if self.min is not None and v < self.min:
+                return f"must be at least {self.min:g}"
+            if self.above is not None and v <= self.above:
+                return f"must be greater than {self.above:g}"
+            if self.max is not None and v > self.max:
+                return f"must be at most {self.max:g}"
+        return ""
 
     def values(self) -> tuple[str, ...] | None:
         """The allowed values (a named table is imported here), or None for any."""
@@ -52,6 +74,21 @@ def flag(default: Any, help: str, **kw: Any) -> Any:
 def required(help: str, **kw: Any) -> Any:
     """A dataclass field without a default whose flag is required."""
     return dataclasses.field(metadata={"flag": Flag(help, **kw)})
+
+
+def check_flags(config: Any) -> None:
+    """Refuse a config whose flag fields hold values their flags do not allow (one line naming the flag and the fix).
+
+    Called by each config's ``__post_init__``, so Python callers get the same checks as the command line.
+    """
+    for f, fl in flags_of(type(config)):
+        value = getattr(config, f.name)
+        if value is None:
+            continue
+        why = fl.problem(value)
+        if why:
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            raise InputError(f"{fl.option(f.name)} {shown}: {why}")
 
 
 def flags_of(cls: type) -> list[tuple[dataclasses.Field, Flag]]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fcache.common.errors import InputError
-from fcache.common.flags import flag, from_flags, split_csv
+from fcache.common.flags import check_flags, flag, from_flags, split_csv
 from fcache.spec import LEVEL_NAMES, SourceConfig
 
 LEVELS = tuple(LEVEL_NAMES.values())
@@ -21,10 +21,18 @@ DEFAULT_LEVELS = ("p2", "p3", "p4", "p5")
 
 def parse_levels(text: str) -> tuple[str, ...]:
     """``p2,p3,p4,p5`` -> level names, checked."""
-    names = split_csv(text)
+    return check_levels(split_csv(text))
+
+
+def check_levels(names: tuple[str, ...]) -> tuple[str, ...]:
+    """Known, distinct level names, at least one."""
     bad = [n for n in names if n not in LEVELS]
     if bad:
         raise InputError(f"unknown level {bad[0]!r}; levels are p2, p3, p4, p5 (strides 4 to 32)")
+    if not names:
+        raise InputError("no level given; name the levels to store, e.g. --levels p3,p4,p5")
+    if len(set(names)) != len(names):
+        raise InputError(f"{','.join(names)} gives a level twice; give each once")
     return names
 
 
@@ -46,24 +54,26 @@ class ExtractConfig:
     model: str = flag("swinv2-t", "swinv2-t/s/b/l/g or any timm model with features_only.")
     weights: str = flag("", "Checkpoint (safetensors or torch) of the full timm model.", show_default=False)
     random_init: bool = flag(False, "Random backbone weights (tests, demo). Never implied.", show_default=False)
-    input_size: int = flag(256, "Square canvas side; the window size stays as pretrained.")
+    input_size: int = flag(256, "Square canvas side; the window size stays as pretrained.", min=32, max=16384)
     levels: tuple[str, ...] = flag(DEFAULT_LEVELS, "Levels to store (p2..p5 = strides 4..32).", parse=parse_levels,
                                    text_default=",".join(DEFAULT_LEVELS))  # fmt: skip
     dtype: str = flag("fp16", "Stored feature dtype.", choices="fcache.store.dtypes:DTYPES")
     codec: str = flag("zstd", "zstd, zstd:LEVEL (1-9), lz4 or none; CRC32C always.")
-    shard_size: int = flag(16, "Samples per shard (= unit of work).")
-    views: int = flag(1, "Training views per sample (>1: seeded random resize-crop).")
+    shard_size: int = flag(16, "Samples per shard (= unit of work).", min=1, max=65536)
+    views: int = flag(1, "Training views per sample (>1: seeded random resize-crop).", min=1, max=1024)
     view_scale: tuple[float, float] = flag((1.0, 1.0), "LO,HI scale range of training views relative to the plain fit (paper: 0.1,2.0).",
-                                           parse=parse_pair, text_default="1.0,1.0")  # fmt: skip
+                                           parse=parse_pair, text_default="1.0,1.0", above=0, max=16)  # fmt: skip
     view_flip: bool = flag(True, "Random horizontal flip in training views (when --views > 1).", secondary="--no-view-flip")
     test_views: tuple[str, ...] = flag((), "Evaluation views: flip, ms, or flip,ms.", parse=split_csv, text_default="", show_default=False)
-    seed: int = flag(0, "Seed of the training views (and of --random-init weights).")
-    batch_size: int = flag(8, "Images per backbone forward.")
-    num_workers: int = flag(2, "DataLoader processes decoding media.")
+    seed: int = flag(0, "Seed of the training views (and of --random-init weights).", min=0, max=2**63 - 1)
+    batch_size: int = flag(8, "Images per backbone forward.", min=1, max=65536)
+    num_workers: int = flag(2, "DataLoader processes decoding media.", min=0, max=1024)
     device: str = flag("auto", "cpu, cuda, cuda:K or auto (cuda when available).")
-    limit: int = flag(0, "Only the first N samples.", show_default=False)
+    limit: int = flag(0, "Only the first N samples.", show_default=False, min=0)
     on_error: str = flag("skip", "skip: record a bad sample and go on; fail: stop at the first.", choices=("skip", "fail"))
-    writers: int = flag(0, "Threads encoding + compressing + committing units [default: one per 2 cores].", show_default=False)
+    writers: int = flag(
+        0, "Threads encoding + compressing + committing units [default: one per 2 cores].", show_default=False, min=0, max=1024
+    )
     overwrite: bool = flag(False, "Replace an existing store of another configuration.", show_default=False)
     cluster: str = flag(
         "", "local:N: units as dask tasks on a local cluster of N worker processes (CUDA: one per GPU).", show_default=False
@@ -71,6 +81,9 @@ class ExtractConfig:
     scheduler: str = flag(
         "", "tcp://HOST:PORT: units as dask tasks on a running dask cluster (TLS from dask's config).", show_default=False
     )
+
+    def __post_init__(self) -> None:
+        check_flags(self)
 
     @classmethod
     def from_flags(cls, **kw: Any) -> ExtractConfig:
@@ -84,24 +97,24 @@ class ExtractConfig:
 
     def validate(self) -> None:
         """Check every setting that needs no file; raises InputError naming the flag and the fix."""
+        from fcache.common.devices import resolve_device
         from fcache.store.codecs import parse_codec
         from fcache.store.dtypes import check_dtype
 
         check_dtype(self.dtype)
         parse_codec(self.codec)
-        s = self.source
-        positive = {"input-size": self.input_size, "shard-size": self.shard_size, "views": self.views, "batch-size": self.batch_size}
-        positive |= {"frames": s.frames, "clips": s.clips, "crops": s.crops}
-        bad = [f"--{k} {v}" for k, v in positive.items() if v < 1]
-        if bad:
-            raise InputError(f"{', '.join(bad)}: must be at least 1")
+        try:
+            check_levels(tuple(self.levels))
+        except InputError as e:
+            raise InputError(f"--levels {','.join(self.levels)}: {e}") from None
         if self.input_size % 32:
             raise InputError(f"--input-size {self.input_size} is not a multiple of 32 (the backbone's coarsest stride)")
         lo, hi = self.view_scale
-        if not 0 < lo <= hi:
-            raise InputError(f"--view-scale {lo},{hi}: need 0 < LO <= HI")
+        if not lo <= hi:
+            raise InputError(f"--view-scale {lo},{hi}: need LO <= HI")
         if self.on_error not in ("skip", "fail"):
             raise InputError(f"--on-error {self.on_error}: use skip or fail")
+        resolve_device(self.device)
         self.target()
 
     def target(self) -> Any:
@@ -110,3 +123,15 @@ class ExtractConfig:
 
         # two dask threads per worker: one unit is written while the next decodes and runs the backbone
         return parse_target(self.cluster, self.scheduler, self.device, threads_per_worker=2)
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """``fcache plan``: how the estimate is made (it takes the extract flags too, without --out)."""
+
+    measure: int = flag(4, "Samples extracted into a temporary folder to measure.", min=0, max=100_000)
+    no_run: bool = flag(False, "Measure nothing: sizes from shapes, time from FLOPs (works without weights).", show_default=False)
+    assume_tflops: float = flag(100.0, "Sustained TFLOP/s for the --no-run time estimate.", above=0, max=1e7)
+
+    def __post_init__(self) -> None:
+        check_flags(self)

@@ -17,7 +17,7 @@ from typing import Any
 
 from fcache.common.devices import DEVICE_HELP
 from fcache.common.errors import InputError
-from fcache.common.flags import flag, required
+from fcache.common.flags import check_flags, flag, required
 
 SCHEDULES = ("step", "cosine", "linear")
 
@@ -52,30 +52,36 @@ class TrainConfig:
     store: str = required("Training feature store.")
     out: str = required("RUN folder: config.json, checkpoint, metrics.jsonl. With several --head: the parent of one RUN folder per head.")
     head: str = required("Head spec NAME[:key=value,...], e.g. fpn, bifpn:layers=5,roi=cascade.")
-    iters: int = required("Training iterations (the schedule is relative to this).")
+    iters: int = required("Training iterations (the schedule is relative to this).", min=1)
     task: str = flag("detection", "The task the head is trained for.", choices="fcache.train_heads.tasks:TASKS")
     val_store: str | None = flag(None, "Store to evaluate on when training finishes.", show_default=False)
-    batch_size: int = flag(None, "Samples per iteration [default: per task: 16, video and classification 64].", show_default=False)
-    lr: float = flag(None, "Base AdamW learning rate [default: per task and head].", show_default=False)
-    weight_decay: float = flag(None, "AdamW weight decay [default: per task and head].", show_default=False)
+    batch_size: int = flag(None, "Samples per iteration [default: per task: 16, video and classification 64].", show_default=False, min=1)
+    lr: float = flag(None, "Base AdamW learning rate [default: per task and head].", show_default=False, above=0, max=100)
+    weight_decay: float = flag(None, "AdamW weight decay [default: per task and head].", show_default=False, min=0, max=100)
     betas: tuple[float, float] = (0.9, 0.999)
-    warmup: int = flag(None, "Linear warm-up iterations [default: per task and head].", show_default=False)
-    warmup_factor: float = flag(None, "lr multiplier at iteration 0 of the warm-up [default: per head, 1e-3].", show_default=False)
-    warmup_epochs: float | None = flag(None, "Warm-up in epochs of the training set instead (video default: 2.5).", show_default=False)
+    warmup: int = flag(None, "Linear warm-up iterations [default: per task and head].", show_default=False, min=0)
+    warmup_factor: float = flag(
+        None, "lr multiplier at iteration 0 of the warm-up [default: per head, 1e-3].", show_default=False, above=0, max=1
+    )
+    warmup_epochs: float | None = flag(
+        None, "Warm-up in epochs of the training set instead (video default: 2.5).", show_default=False, min=0, max=1e6
+    )
     schedule: str = flag(None, "Learning-rate decay [default: per task and head].", choices=SCHEDULES, show_default=False)
     steps: tuple[float, ...] = flag(None, "Multi-step milestones as fractions of --iters [default: 8/12,11/12].", parse=parse_fractions,
-                                    show_default=False)  # fmt: skip
-    gamma: float = flag(0.1, "Multi-step decay factor.")
-    clip: float | None = flag(None, "Clip the gradient norm to this value.", show_default=False)
-    seed: int = flag(0, "Seed of the head's initialisation, batch order and views.")
-    train_fraction: float = flag(1.0, "Train on a seeded subset (Table 6: 0.01, 0.1).")
-    num_workers: int = flag(2, "DataLoader worker processes.")
+                                    show_default=False, above=0, max=1)  # fmt: skip
+    gamma: float = flag(0.1, "Multi-step decay factor.", above=0, max=1e3)
+    clip: float | None = flag(None, "Clip the gradient norm to this value.", show_default=False, above=0)
+    seed: int = flag(0, "Seed of the head's initialisation, batch order and views.", min=0, max=2**63 - 1)
+    train_fraction: float = flag(1.0, "Train on a seeded subset (Table 6: 0.01, 0.1).", above=0, max=1)
+    num_workers: int = flag(2, "DataLoader worker processes.", min=0, max=1024)
     prefetch: int = 2
     device: str = flag("auto", DEVICE_HELP)
-    checkpoint_every: int = flag(1000, "Iterations between checkpoints.")
-    log_every: int = flag(20, "Iterations per metrics.jsonl record.")
+    checkpoint_every: int = flag(1000, "Iterations between checkpoints.", min=1)
+    log_every: int = flag(20, "Iterations per metrics.jsonl record.", min=1)
     resume: bool = flag(False, "Continue the run in --out from its checkpoint (bit-exact on CPU).", show_default=False)
-    stop_at: int | None = flag(None, "Stop (with a checkpoint) after this iteration; finish later with --resume.", show_default=False)
+    stop_at: int | None = flag(
+        None, "Stop (with a checkpoint) after this iteration; finish later with --resume.", show_default=False, min=1
+    )
 
     def __post_init__(self) -> None:
         unset = [k for k in GENERIC_DEFAULTS if getattr(self, k) is None]
@@ -89,25 +95,9 @@ class TrainConfig:
                 object.__setattr__(self, k, defaults[k])
         object.__setattr__(self, "steps", tuple(self.steps))
         object.__setattr__(self, "betas", tuple(self.betas))
-        checks = [
-            (self.iters >= 1, f"--iters must be at least 1 (got {self.iters})"),
-            (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
-            (self.lr > 0, f"--lr must be positive (got {self.lr})"),
-            (self.weight_decay >= 0, f"--weight-decay must be >= 0 (got {self.weight_decay})"),
-            (self.warmup >= 0, f"--warmup must be >= 0 (got {self.warmup})"),
-            (self.warmup_epochs is None or self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0 (got {self.warmup_epochs})"),
-            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)} (got {self.schedule!r})"),
-            (all(0 < s <= 1 for s in self.steps), f"--steps must be fractions of the run in (0, 1] (got {self.steps})"),
-            (self.clip is None or self.clip > 0, f"--clip must be positive (got {self.clip})"),
-            (0 < self.train_fraction <= 1, f"--train-fraction must be in (0, 1] (got {self.train_fraction})"),
-            (self.num_workers >= 0, f"--num-workers must be >= 0 (got {self.num_workers})"),
-            (self.checkpoint_every >= 1, f"--checkpoint-every must be at least 1 (got {self.checkpoint_every})"),
-            (self.log_every >= 1, f"--log-every must be at least 1 (got {self.log_every})"),
-            (self.stop_at is None or self.stop_at >= 1, f"--stop-at must be at least 1 (got {self.stop_at})"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise InputError(message)
+        check_flags(self)
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"--schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}")
 
     @classmethod
     def from_flags(cls, **kw: Any) -> TrainConfig:
@@ -142,13 +132,12 @@ class EvalConfig:
 
     run: str
     store: str = required("Feature store to evaluate on.")
-    batch_size: int = flag(2, "Samples per evaluation batch.")
-    num_workers: int = flag(2, "DataLoader worker processes.")
+    batch_size: int = flag(2, "Samples per evaluation batch.", min=1)
+    num_workers: int = flag(2, "DataLoader worker processes.", min=0, max=1024)
     device: str = flag("auto", DEVICE_HELP)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        check_flags(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -163,13 +152,14 @@ class CkaConfig:
 
     run: str
     store: str = required("Store whose samples are analysed.")
-    samples: int = flag(64, "Samples drawn (seeded) from the store.")
-    batch_size: int = flag(8, f"Minibatch of the unbiased HSIC estimator (>= {MIN_EXAMPLES}).")
+    samples: int = flag(64, "Samples drawn (seeded) from the store.", min=1)
+    batch_size: int = flag(8, f"Minibatch of the unbiased HSIC estimator (>= {MIN_EXAMPLES}).", min=1)
     out: str = flag("", "Folder for cka.json + cka.png [default: RUN/cka].", show_default=False)
     device: str = flag("auto", DEVICE_HELP)
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_flags(self)
         if self.batch_size < MIN_EXAMPLES:
             raise InputError(f"--batch-size must be at least {MIN_EXAMPLES} (the unbiased HSIC needs 4 examples per minibatch)")
         if self.samples < self.batch_size:

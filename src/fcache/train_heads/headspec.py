@@ -25,6 +25,7 @@ class Param:
     kind: str = "int"
     choices: tuple[str, ...] = ()
     minimum: int = 1
+    maximum: int = 1024  # a bound that keeps a typo from allocating hundreds of GB
     help: str = ""
 
     def parse(self, head: str, key: str, text: str) -> Any:
@@ -35,6 +36,8 @@ class Param:
                 raise InputError(f"head {head}: {key}={text!r} is not an integer (e.g. {key}={self.default})") from None
             if value < self.minimum:
                 raise InputError(f"head {head}: {key}={value} must be at least {self.minimum}")
+            if value > self.maximum:
+                raise InputError(f"head {head}: {key}={value} must be at most {self.maximum}")
             return value
         if self.kind == "choice":
             if text not in self.choices:

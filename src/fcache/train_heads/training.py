@@ -72,8 +72,10 @@ class Prepared:
 
 def prepare_training(cfg: TrainConfig) -> Prepared:
     """Open the stores, fit the task and head to them, pick the samples, build the model. Raises FcacheError."""
-    store = fstore.open(cfg.store)
     tdef = task_def(cfg.task)
+    tdef.parse(cfg.head)  # flags first: a bad head or device is named before any store is opened
+    resolve_device(cfg.device)
+    store = fstore.open(cfg.store)
     task = tdef.from_store(store, cfg.head)
     levels = task.levels(store.levels)
     indices = train_indices(store, cfg.train_fraction, cfg.seed)
@@ -82,7 +84,6 @@ def prepare_training(cfg: TrainConfig) -> Prepared:
         tdef.check_eval_store(task, val)
         check_levels(val, levels)
         eval_data(val, task, levels, tdef.eval_views)
-    resolve_device(cfg.device)
     model = build_model(task, levels, cfg.seed)
     return Prepared(store, task, levels, indices, val, model, trainable_parameters(model))
 

@@ -77,7 +77,7 @@ def _coerce(path: str, key: str, value: Any) -> Any:
             return int(float(value))
         if key == "steps":
             return tuple(float(v) for v in (value if isinstance(value, list) else [value]))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         kind = "an integer" if key in INT_KEYS or key == "threads" else "a number" if key in FLOAT_KEYS else "a list of fractions"
         raise InputError(f"{path}: {key}: {value!r} is not {kind}") from None
     if not isinstance(value, str):

@@ -27,8 +27,8 @@ from fcache.train_heads.task import Batch, TaskDef
 
 ROI_PARAMS: dict[str, Param] = {
     "roi": Param("standard", kind="choice", choices=("standard", "cascade"), help="Mask R-CNN heads, or Cascade R-CNN (3 stages)"),
-    "rois": Param(512, help="RoIs sampled per image for the box head"),
-    "rpn_batch": Param(256, help="anchors sampled per image for the RPN loss"),
+    "rois": Param(512, maximum=8192, help="RoIs sampled per image for the box head"),
+    "rpn_batch": Param(256, maximum=8192, help="anchors sampled per image for the RPN loss"),
     "levels": Param("all", kind="levels", help="stored levels the head reads: all, or e.g. p3+p4+p5"),
 }
 

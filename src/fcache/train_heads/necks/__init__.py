@@ -25,7 +25,7 @@ class NeckDef:
     params: Mapping[str, Param]
 
 
-CHANNELS = Param(256, help="output width of every pyramid level")
+CHANNELS = Param(256, maximum=4096, help="output width of every pyramid level")
 NORM = Param("gn", kind="choice", choices=NORMS, help="norm inside the neck's added blocks")
 CHECKPOINT = Param(
     "0", kind="choice", choices=("0", "1"), help="1: recompute each layer in the backward pass (less memory, ~30% more time)"
@@ -46,9 +46,9 @@ def _bifpn(levels: Sequence[LevelSpec], p: Mapping[str, Any]) -> Neck:
 
 NECKS: dict[str, NeckDef] = {
     "fpn": NeckDef(_fpn, {"channels": CHANNELS}),
-    "fpn-res": NeckDef(_fpn_res, {"channels": CHANNELS, "blocks": Param(4, help="residual blocks per level"), "norm": NORM}),
+    "fpn-res": NeckDef(_fpn_res, {"channels": CHANNELS, "blocks": Param(4, maximum=32, help="residual blocks per level"), "norm": NORM}),
     "bifpn": NeckDef(
-        _bifpn, {"channels": CHANNELS, "layers": Param(1, help="stacked BiFPN layers"), "norm": NORM, "checkpoint": CHECKPOINT}
+        _bifpn, {"channels": CHANNELS, "layers": Param(1, maximum=32, help="stacked BiFPN layers"), "norm": NORM, "checkpoint": CHECKPOINT}
     ),
 }
 

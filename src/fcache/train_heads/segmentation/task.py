@@ -58,8 +58,8 @@ HEADS: dict[str, HeadDef] = {
     "upernet": HeadDef(
         {
             "neck": Param("fpn", kind="choice", choices=tuple(NECKS), help="the FPN part: any neck of the NECKS table (bifpn: k layers)"),
-            "layers": Param(1, help="BiFPN layers (neck=bifpn only)"),
-            "channels": Param(512, help="width of PPM, neck and fuse conv (mmseg's UPerHead: 512); the aux head is half"),
+            "layers": Param(1, maximum=32, help="BiFPN layers (neck=bifpn only)"),
+            "channels": Param(512, maximum=4096, help="width of PPM, neck and fuse conv (mmseg's UPerHead: 512); the aux head is half"),
             "norm": Param("gn", kind="choice", choices=NORMS, help="norm of the PPM, fuse, aux and BiFPN convs"),
             "aux": Param(0, minimum=0, help="1: auxiliary FCN head on the second-deepest level, loss weight 0.4"),
             "levels": LEVELS,
@@ -70,10 +70,10 @@ HEADS: dict[str, HeadDef] = {
     ),
     "mask2former": HeadDef(
         {
-            "pixel_blocks": Param(1, help="deformable-attention encoder blocks of the pixel decoder"),
-            "decoder_blocks": Param(3, help="masked-attention blocks m (the paper's '(m+1) x Transformer Dec.')"),
-            "channels": Param(256, help="pixel decoder, query and mask width"),
-            "queries": Param(100, help="learnable queries"),
+            "pixel_blocks": Param(1, maximum=32, help="deformable-attention encoder blocks of the pixel decoder"),
+            "decoder_blocks": Param(3, maximum=32, help="masked-attention blocks m (the paper's '(m+1) x Transformer Dec.')"),
+            "channels": Param(256, maximum=4096, help="pixel decoder, query and mask width"),
+            "queries": Param(100, maximum=4096, help="learnable queries"),
             "levels": LEVELS,
         },
         _mask2former,

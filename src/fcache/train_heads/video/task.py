@@ -28,9 +28,9 @@ MAX_DIM = 1024
 DROPOUT = Param(0.5, kind="prob", help="dropout before the classifier (Video Swin's head)")
 BLOCK_PARAMS: dict[str, Param] = {
     "level": LEVEL,
-    "blocks": Param(4, help="Transformer blocks (Table 4: 4)"),
-    "dim": Param(0, minimum=0, help=f"embedding width; 0: the level's channels, at most {MAX_DIM}"),
-    "heads": Param(0, minimum=0, help=f"attention heads; 0: dim // {HEAD_DIM}"),
+    "blocks": Param(4, maximum=64, help="Transformer blocks (Table 4: 4)"),
+    "dim": Param(0, minimum=0, maximum=8192, help=f"embedding width; 0: the level's channels, at most {MAX_DIM}"),
+    "heads": Param(0, minimum=0, maximum=256, help=f"attention heads; 0: dim // {HEAD_DIM}"),
     "drop_path": Param(0.2, kind="prob", help="stochastic depth of the last block, from 0 at the first (Table 13)"),
     "dropout": DROPOUT,
 }
