@@ -49,7 +49,8 @@ def user_errors(fn: F) -> F:
             raise UserError(str(e)) from None
         except OSError as e:
             if e.errno == errno.ENOSPC:
-                raise UserError(f"disk full ({e.filename or 'no space left on device'}): free some space and rerun") from None
+                again = "rerun with --resume" if fn.__name__ == "train_head" else "rerun the same command"
+                raise UserError(f"disk full ({e.filename or 'no space left on device'}): free some space and {again}") from None
             raise
 
     return wrapper  # type: ignore[return-value]
@@ -181,10 +182,10 @@ def verify(store: str, fast: bool, recompute: int, weights: str | None, device: 
     """
     from tqdm import tqdm
 
-    from fcache.store import open as open_store
     from fcache.store import verify as run_verify
+    from fcache.store.reader import FeatureStore
 
-    total = len(open_store(store).ledger)
+    total = len(FeatureStore(store, check=False).ledger)  # an inconsistent store is verify's to report, not to refuse
     with tqdm(total=total, unit="unit", desc="verify", disable=as_json or None, file=sys.stderr) as bar:
         report = run_verify(store, fast=fast, progress=bar.update)
     if recompute:

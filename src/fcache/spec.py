@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from fcache import __version__
-from fcache.common.errors import StoreError
+from fcache.common.errors import InputError, StoreError
 from fcache.common.flags import check_flags, flag, required
+from fcache.common.records import check_record
 
 FORMAT_VERSION = 1
 
@@ -453,6 +454,20 @@ class Manifest:
         }
         d["fingerprint"] = self.fingerprint
         return d
+
+    @classmethod
+    def read(cls, d: Any, where: str) -> Manifest:
+        """A manifest read from a store: checked field by field first (StoreError naming ``where`` and the field)."""
+        if isinstance(d, dict) and isinstance(d.get("dataset"), dict) and "source" not in d["dataset"]:
+            legacy = {k: d["dataset"].get(k, "") for k in ("kind", "root", "annotations", "split")}
+            d = {**d, "dataset": {**d["dataset"], "source": legacy}}  # written before the source was recorded whole
+        if isinstance(d, dict) and d.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+            return cls.from_dict(d)  # refused with the version's own message
+        check_record(cls, d, where, StoreError)
+        try:
+            return cls.from_dict(d)
+        except (InputError, ValueError) as e:
+            raise StoreError(f"{where}: the manifest holds an impossible value ({e}); the store was edited or damaged") from None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:

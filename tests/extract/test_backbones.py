@@ -105,3 +105,25 @@ def test_pretrained_window_at_sizes_it_does_not_divide():
     with torch.device("meta"):
         out = bb.model(torch.empty(1, 3, 512, 512))
     assert [tuple(o.shape[1:3]) for o in out] == [(128, 128), (64, 64), (32, 32), (16, 16)]
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "fragment"),
+    [
+        ("evil.pt", b"\x80\x04\x95" + b"cos\nsystem\n(S'echo pwned'\ntR.", "not a safetensors file or a torch checkpoint of tensors only"),
+        ("bad.safetensors", b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage", "is not readable safetensors"),
+        ("cut.pt", b"PK\x03\x04cut", "not a safetensors file or a torch checkpoint of tensors only"),
+    ],
+)
+def test_hostile_or_damaged_weights_are_one_line(tmp_path, name, data, fragment):
+    from click.testing import CliRunner
+
+    from fcache.cli import main
+    from helpers import refused
+    from media import image_folder
+
+    (tmp_path / name).write_bytes(data)
+    args = ["plan", "--dataset", "folder", "--root", str(image_folder(tmp_path / "im", n=1)), "--weights", str(tmp_path / name), "--no-run"]
+    r = CliRunner().invoke(main, [*args, "--device", "cpu"])
+    refused(r, fragment)
+    assert "weights_only" not in r.output and "Re-running" not in r.output

@@ -7,6 +7,7 @@ Larger input, same window (paper §3.3): ``input_size`` is set at model creation
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,11 +186,19 @@ def _read_checkpoint(p: Path) -> dict[str, torch.Tensor]:
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(p))
+        try:
+            return load_file(str(p))
+        except Exception as e:  # a bad header or a cut file
+            raise InputError(f"--weights {p} is not readable safetensors ({type(e).__name__}: {str(e)[:80]})") from None
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)  # never full unpickling
-    except Exception as e:
-        raise InputError(f"cannot read {p} as a safetensors or torch weights-only checkpoint ({e})") from e
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it refuses anyway
+            warnings.simplefilter("ignore")
+            obj = torch.load(p, map_location="cpu", weights_only=True)  # never full unpickling
+    except Exception as e:  # torch's own message would advise unsafe loading: name the problem only
+        raise InputError(
+            f"--weights {p} is not a safetensors file or a torch checkpoint of tensors only ({type(e).__name__}); "
+            "give the model's weights (fcache never unpickles arbitrary objects)"
+        ) from None
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -14,7 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from fcache.spec import Status
 from fcache.store import layout
+from fcache.store.consistency import manifest_problems
 from fcache.store.dtypes import decode, stored
 from fcache.store.reader import FeatureStore
 from fcache.store.records import LedgerRecord
@@ -24,7 +26,7 @@ from fcache.store.records import LedgerRecord
 class Problem:
     """One thing wrong, with where it is."""
 
-    kind: str  # temporary | lock | incomplete | missing | size | checksum | decode | nonfinite | status
+    kind: str  # temporary | lock | incomplete | missing | unexpected | size | checksum | decode | nonfinite | status | manifest
     path: str
     message: str
     samples: tuple[int, int] | None = None  # first, last sample index affected
@@ -55,8 +57,12 @@ class VerifyReport:
 
 def verify(path: str | Path, *, fast: bool = False, progress: Callable[[int], None] | None = None) -> VerifyReport:
     """Check a store; ``progress`` is called with 1 after each committed unit."""
-    store = FeatureStore(path)
+    store = FeatureStore(path, check=False)
     root = store.root
+    inconsistent = manifest_problems(root, store.manifest)
+    if inconsistent:  # the units cannot be read as the manifest says
+        return VerifyReport(str(root), fast, problems=[Problem("manifest", what, problem) for what, problem in inconsistent])
+    store.ledger = layout.read_ledger(root, store.units)  # every record must be a unit of this store
     report = VerifyReport(store=str(root), fast=fast, units_total=len(store.units), units_committed=len(store.ledger))
     for tmp in layout.temporaries(root):
         report.problems.append(Problem("temporary", _rel(tmp, root), "leftover temporary file from an interrupted write"))
@@ -96,12 +102,20 @@ def _check_unit(
     problems: list[Problem] = []
     files = rec.files
     bad_files: set[str] = set()
+    with_features = any(Status(s).has_features for s in rec.status)
     for p in layout.unit_files(root, store.manifest, unit, targets):
         rel = _rel(p, root)
         want = files.get(rel)
         report.files_checked += 1
-        if want is None:
-            problems.append(Problem("missing", rel, "not in the unit's ledger record", span))
+        if want is None:  # the unit wrote no such file (zarr writes no shard that holds only fill values)
+            if p.exists():
+                problems.append(
+                    Problem("unexpected", rel, "a file the unit's ledger record does not list (written after the commit?)", span)
+                )
+            elif with_features and rel.startswith((layout.FEATURES, layout.SCALES)):
+                problems.append(Problem("missing", rel, "the unit has samples with features but the ledger lists no shard here", span))
+            else:
+                continue
         elif not p.exists():
             problems.append(Problem("missing", rel, "file is missing", span))
         elif p.stat().st_size != want.size:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fcache.common.errors import CorruptStoreError
+from fcache.common.errors import CorruptStoreError, StoreError
+from fcache.common.records import read_json
 from fcache.spec import Manifest
 from fcache.store.dtypes import stored
 from fcache.store.records import LedgerRecord
@@ -62,14 +63,24 @@ def shard_file(root: Path, array: str, shard: int, ndim: int) -> Path:
 
 
 def manifest_attrs(root: Path) -> dict[str, Any] | None:
-    """The raw ``attrs["fcache"]`` of a store, or None when ``root`` is not an fcache store."""
-    import zarr
+    """The raw ``attrs["fcache"]`` of a store, or None when ``root`` is not an fcache store.
 
-    if not (root / "zarr.json").is_file():
+    Raises:
+        StoreError: the group's zarr.json is not JSON (or is nested absurdly deep).
+    """
+    path = root / "zarr.json"
+    if not path.is_file():
         return None
-    attrs = zarr.open_group(str(root), mode="r").attrs.asdict()
-    value = attrs.get(MANIFEST_ATTR)
+    group = read_json(path, StoreError)
+    attrs = group.get("attributes", {}) if isinstance(group, dict) else {}
+    value = attrs.get(MANIFEST_ATTR) if isinstance(attrs, dict) else None
     return dict(value) if isinstance(value, Mapping) else None
+
+
+def read_manifest(root: Path) -> Manifest | None:
+    """The store's manifest, checked field by field; None when ``root`` is not an fcache store."""
+    attrs = manifest_attrs(root)
+    return None if attrs is None else Manifest.read(attrs, f"{root / 'zarr.json'} (the fcache manifest)")
 
 
 def unit_files(root: Path, manifest: Manifest, unit: Unit, targets: Mapping[str, int]) -> list[Path]:
@@ -93,18 +104,22 @@ def done_path(root: Path, unit: Unit) -> Path:
     return ledger_dir(root, "done") / f"{unit.name}.json"
 
 
-def read_ledger(root: Path) -> dict[int, LedgerRecord]:
-    """All committed unit records, by unit index."""
+def read_ledger(root: Path, expected: list[Unit] | None = None) -> dict[int, LedgerRecord]:
+    """All committed unit records, by unit index; with ``expected``, each must be one of those units (same range).
+
+    Raises:
+        CorruptStoreError: a record that is not JSON, not a ledger record, or not a unit of this store (names the file).
+    """
     out: dict[int, LedgerRecord] = {}
     d = ledger_dir(root, "done")
     if not d.is_dir():
         return out
     for p in d.glob("*.json"):
-        try:
-            data = json.loads(p.read_text())
-        except (OSError, ValueError, RecursionError) as e:
-            raise CorruptStoreError(f"ledger record {p} is unreadable ({type(e).__name__}); run `fcache verify {root}`") from e
-        rec = LedgerRecord.from_dict(data, where=f"ledger record {p}")
+        rec = LedgerRecord.from_dict(read_json(p, CorruptStoreError), where=f"ledger record {p}")
+        if expected is not None and not (
+            0 <= rec.unit < len(expected) and (rec.start, rec.stop) == (expected[rec.unit].start, expected[rec.unit].stop)
+        ):
+            raise CorruptStoreError(f"ledger record {p}: unit {rec.unit} is not a unit of this store (samples {rec.start}-{rec.stop - 1})")
         out[rec.unit] = rec
     return out
 

@@ -19,6 +19,7 @@ import zarr
 from fcache.common.errors import CorruptStoreError, StoreError
 from fcache.spec import Geometry, LevelSpec, Manifest, Status
 from fcache.store import layout
+from fcache.store.consistency import check_consistent
 from fcache.store.dtypes import decode, stored
 
 
@@ -30,14 +31,16 @@ def open_store(path: str | Path) -> FeatureStore:
 class FeatureStore:
     """Read access to a feature store. Picklable; zarr handles are reopened in each process."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, check: bool = True) -> None:
         self.root = Path(path)
         attrs = layout.manifest_attrs(self.root)
         if attrs is None:
             raise StoreError(f"{self.root} is not an fcache store (no zarr.json with an fcache manifest); check the path")
         self.attrs: dict[str, Any] = attrs
-        self.manifest = Manifest.from_dict(self.attrs)
-        self.ledger = layout.read_ledger(self.root)
+        self.manifest = Manifest.read(self.attrs, f"{self.root / 'zarr.json'} (the fcache manifest)")
+        if check:
+            check_consistent(self.root, self.manifest)
+        self.ledger = layout.read_ledger(self.root, self.units if check else None)
         self._handles: dict[str, zarr.Array] = {}
         self._pid = os.getpid()
         self._checked: set[tuple[str, int]] = set()

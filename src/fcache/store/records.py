@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fcache.common.errors import CorruptStoreError
+from fcache.common.records import check_record
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,8 @@ class LedgerRecord:
     @classmethod
     def from_dict(cls, d: Any, where: str = "ledger record") -> LedgerRecord:
         """A record read from JSON; CorruptStoreError naming ``where`` and the field when it is not one."""
+        check_record(cls, d, where, CorruptStoreError)
         try:
-            if not isinstance(d, dict):
-                raise TypeError(f"a JSON object was expected, not {type(d).__name__}")
             rec = cls(
                 unit=int(d["unit"]),
                 start=int(d["start"]),
@@ -74,9 +74,7 @@ class LedgerRecord:
                 seconds=float(d.get("seconds", 0.0)),
                 time=float(d.get("time", 0.0)),
             )
-        except KeyError as e:
-            raise CorruptStoreError(f"{where} lacks the field {e.args[0]!r}; run `fcache verify` on the store") from None
-        except (TypeError, ValueError, AttributeError, IndexError) as e:
+        except (TypeError, ValueError, AttributeError, IndexError, KeyError) as e:
             raise CorruptStoreError(f"{where} is malformed ({e}); run `fcache verify` on the store") from None
         if len(rec.status) != rec.samples:
             raise CorruptStoreError(f"{where} lists {len(rec.status)} statuses for samples {rec.start}-{rec.stop - 1}")

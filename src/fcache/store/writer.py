@@ -22,6 +22,7 @@ import numpy as np
 import zarr
 
 from fcache.common.errors import StoreError
+from fcache.common.files import atomic_file
 from fcache.spec import GEOMETRY_FIELDS, Manifest, Status, keys_digest
 from fcache.store import layout
 from fcache.store.codecs import chunk_codecs
@@ -92,8 +93,7 @@ def create(
 
 
 def _existing_manifest(root: Path) -> Manifest | None:
-    attrs = layout.manifest_attrs(root)
-    return None if attrs is None else Manifest.from_dict(attrs)
+    return layout.read_manifest(root)
 
 
 def _build(root: Path, m: Manifest, keys: Sequence[str], targets: dict[str, TargetSpec], target_attrs: dict) -> None:
@@ -312,9 +312,8 @@ class StoreWriter:
         ledger = self.committed()
         stats = summarize_ledger(ledger, len(self.units))
         lines = [json.dumps(e, sort_keys=True) for u in sorted(ledger) for e in ledger[u].errors]
-        tmp = self.root / f"{layout.ERRORS}.{os.getpid()}{layout.TEMP_SUFFIX}"
-        tmp.write_text("".join(line + "\n" for line in lines))
-        os.replace(tmp, self.root / layout.ERRORS)
+        with atomic_file(self.root / layout.ERRORS) as tmp:
+            tmp.write_text("".join(line + "\n" for line in lines))
         attrs = layout.manifest_attrs(self.root) or {}
         attrs["quantisation_error"] = stats["quantisation_error"]
         zarr.open_group(str(self.root), mode="r+").attrs[layout.MANIFEST_ATTR] = attrs

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import json
-import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from fcache import __version__
 from fcache.common.errors import InputError
+from fcache.common.files import atomic_file, remove_stale
+from fcache.common.records import check_record, load_json, read_json
 from fcache.spec import LevelSpec
 from fcache.train_heads.config import TrainConfig
 
@@ -88,13 +90,16 @@ class RunDir:
         self.path = Path(path)
 
     def read_config(self) -> TrainingRecord | None:
+        """The run's record, checked field by field (InputError naming the file and the field); None without one."""
         p = self.path / CONFIG
         if not p.is_file():
             return None
+        d = read_json(p, InputError)
+        check_record(TrainingRecord, d, str(p), InputError)
         try:
-            return TrainingRecord.from_dict(json.loads(p.read_text()))
+            return TrainingRecord.from_dict(d)
         except (ValueError, KeyError, TypeError) as e:
-            raise InputError(f"{p} is unreadable ({type(e).__name__}: {e}); choose another --out") from e
+            raise InputError(f"{p} holds an impossible value ({type(e).__name__}: {e}); it was edited or damaged") from None
 
     def require_config(self) -> TrainingRecord:
         record = self.read_config()
@@ -137,6 +142,7 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
             write_json(self.path / CONFIG, record.to_dict())
             return None
+        remove_stale(self.path, (CHECKPOINT, MODEL, CONFIG, METRICS))  # a killed run's temporaries
         self.truncate_metrics(checkpoint["iteration"] if checkpoint else 0)
         return checkpoint
 
@@ -144,26 +150,42 @@ class RunDir:
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         """Write ``state`` (with ``iteration`` and ``model``) as checkpoint.pt and model.safetensors, each atomically."""
         self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.path / f".{CHECKPOINT}.{os.getpid()}.partial"
-        torch.save(state, tmp)
-        os.replace(tmp, self.path / CHECKPOINT)
+        with atomic_file(self.path / CHECKPOINT) as tmp:
+            torch.save(state, tmp)
         weights = {k: v.detach().cpu().contiguous() for k, v in state["model"].items()}
-        tmp = self.path / f".{MODEL}.{os.getpid()}.partial"
-        save_file(weights, str(tmp), metadata={"iteration": str(state["iteration"])})
-        os.replace(tmp, self.path / MODEL)
+        with atomic_file(self.path / MODEL) as tmp:
+            save_file(weights, str(tmp), metadata={"iteration": str(state["iteration"])})
 
     def load_checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint to resume from (None without one), loaded as tensors only (``weights_only``, never unpickled)."""
         p = self.path / CHECKPOINT
-        return torch.load(p, map_location="cpu", weights_only=True) if p.is_file() else None
+        if not p.is_file():
+            return None
+        try:
+            with warnings.catch_warnings():  # torch warns about the pickle protocol of files it will refuse anyway
+                warnings.simplefilter("ignore")
+                state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # a cut, garbage or hostile file: torch's own message may advise unsafe loading
+            raise InputError(
+                f"{p} is not a readable fcache checkpoint ({type(e).__name__}); it is damaged: delete it to train again"
+            ) from None
+        if not isinstance(state, dict) or not {"iteration", "model", "optimizer"} <= set(state):
+            raise InputError(f"{p} is not an fcache checkpoint (no iteration, model and optimizer state); delete it to train again")
+        return state
 
     def load_model(self) -> tuple[dict[str, torch.Tensor], int]:
         """The saved model weights and the iteration they were saved at."""
         p = self.path / MODEL
         if not p.is_file():
             raise InputError(f"{self.path} has no trained weights yet ({MODEL}); train (or resume) until a checkpoint is written")
-        with safe_open(str(p), framework="pt") as f:
-            iteration = int((f.metadata() or {}).get("iteration", -1))
-        return load_file(str(p)), iteration
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                iteration = int((f.metadata() or {}).get("iteration", -1))
+            return load_file(str(p)), iteration
+        except Exception as e:  # a cut or garbage file (safetensors refuses anything else safely)
+            raise InputError(
+                f"{p} is not readable safetensors ({type(e).__name__}); it is damaged: resume the run to write it again"
+            ) from None
 
     # -- metrics -------------------------------------------------------------------------------
     def log(self, record: dict[str, Any]) -> None:
@@ -172,22 +194,31 @@ class RunDir:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
     def metrics(self) -> list[dict[str, Any]]:
+        """The records of metrics.jsonl; InputError naming the line that is not a JSON object."""
         p = self.path / METRICS
-        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
+        if not p.is_file():
+            return []
+        out = []
+        for k, line in enumerate(p.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            record = load_json(line, f"{p}, line {k},", InputError)
+            if not isinstance(record, dict):
+                raise InputError(f"{p}, line {k}, is not a JSON object; the file was edited or damaged")
+            out.append(record)
+        return out
 
     def truncate_metrics(self, iteration: int) -> None:
         """Drop records past ``iteration`` (logged after the checkpoint a resumed run restarts from)."""
         kept = [r for r in self.metrics() if r.get("iter", 0) <= iteration]
-        tmp = self.path / f".{METRICS}.{os.getpid()}.partial"
-        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-        os.replace(tmp, self.path / METRICS)
+        with atomic_file(self.path / METRICS) as tmp:
+            tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
 
 def write_json(path: Path, obj: Any, *, indent: int | None = 1) -> None:
     """Write JSON atomically (a temporary file renamed into place)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_text(json.dumps(obj, indent=indent, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=indent, sort_keys=True) + "\n")
 
 
 def _diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from fcache.common.errors import InputError
+from fcache.common.files import atomic_file
 
 PREDICTIONS = "predictions.jsonl"
 AVERAGED = "avg"  # metric family of the views' mean scores
@@ -75,6 +76,5 @@ def prediction_records(
 
 def write_predictions(path: Path, records: Sequence[dict[str, Any]]) -> None:
     """RUN/predictions.jsonl, one line per sample, replaced atomically."""
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
