@@ -149,6 +149,14 @@ def _prepare(cfgs: Sequence[TrainConfig], own_folders: bool) -> list[tuple[Train
     return out
 
 
+def _check_folders(prepared: Sequence[tuple[TrainConfig, Prepared, TrainingRecord]], dist: ddp.Dist) -> None:
+    """Each RUN folder free or resumable as asked; a checkpoint of another number of processes is refused."""
+    for cfg, _, record in prepared:
+        checkpoint = RunDir(cfg.out).check(record, resume=cfg.resume)
+        if checkpoint is not None:
+            ddp.own_rng(checkpoint, dist)
+
+
 def run_train(cfg: TrainConfig, *, progress: bool = True, say: Callable[[str], None] = echo) -> dict[str, Any]:
     """Train one head as ``cfg`` says, evaluate it on ``cfg.val_store`` when the run is complete; returns the summary.
 
@@ -175,10 +183,7 @@ def _run(cfgs: Sequence[TrainConfig], *, own_folders: bool, progress: bool, say:
     with ddp.process_group(dist, cfgs[0].device):
         prepared = _prepare(cfgs, own_folders)
         ddp.check_batch(cfgs[0].batch_size, dist)
-        for cfg, _, record in prepared:  # every folder checked before any is written
-            checkpoint = RunDir(cfg.out).check(record, resume=cfg.resume)
-            if checkpoint is not None:
-                ddp.own_rng(checkpoint, dist)  # a checkpoint of another number of processes is refused here
+        ddp.on_main(functools.partial(_check_folders, prepared, dist), dist)  # every folder checked before any is written
         heads = []
         for cfg, p, record in prepared:
             run = RunDir(cfg.out)
