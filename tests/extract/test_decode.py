@@ -154,3 +154,15 @@ def test_files_too_big_to_read_are_refused(tmp_path: Path, rgb: np.ndarray, monk
     assert e.value.status == Status.TOO_LARGE
     monkeypatch.setattr(decode, "MAX_FILE_BYTES", len(data))
     assert decode_image(tmp_path / "big.png").image.shape == rgb.shape
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_bytes_are_named_as_not_an_image(seed: int) -> None:
+    """The message names the real problem (it once read "the image is corrupt (KeyError: 'MPO')")."""
+    data = np.random.default_rng(seed).integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    with pytest.raises(SampleError) as e:
+        decode_image_bytes(data, name="noise.bin")
+    assert e.value.status == Status.DECODE_ERROR and "not a readable image" in e.value.message, e.value.message
+    with pytest.raises(SampleError) as e:  # a JPEG marker then noise: a JPEG whose data is missing or corrupt
+        decode_image_bytes(b"\xff\xd8\xff" + data, name="noise.jpg")
+    assert e.value.status in (Status.TRUNCATED, Status.DECODE_ERROR) and "KeyError" not in e.value.message, e.value.message

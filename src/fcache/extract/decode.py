@@ -28,6 +28,7 @@ lexical (``..`` and absolute paths); symlinks that the owner of ``--root`` place
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import warnings
@@ -118,6 +119,14 @@ def read_media(path: str | Path, *, root: str | Path | None = None) -> bytes:
 # -- images ---------------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def opened_formats() -> tuple[str, ...]:
+    """IMAGE_FORMATS this Pillow registers (Pillow 13 opens MPO through its JPEG plugin and registers no MPO)."""
+    Image.init()
+    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
+
+
+
 def decode_image(path: str | Path, *, root: str | Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     """Decode an image file to RGB uint8 (H, W, 3) with its EXIF orientation applied (see the module docstring)."""
     return decode_image_bytes(read_media(path, root=root), name=str(path), max_pixels=max_pixels)
@@ -140,7 +149,7 @@ def load_image_bytes(data: bytes, *, name: str, max_pixels: int = DEFAULT_MAX_PI
         raise SampleError(Status.EMPTY_FILE, f"{name}: the file is empty (0 bytes)")
     with _image_errors(name), warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        im = Image.open(io.BytesIO(data), formats=opened_formats())
         w, h = im.size
         if w * h > max_pixels:
             raise SampleError(Status.TOO_LARGE, f"{name}: {w}x{h} = {w * h} pixels is more than the limit of {max_pixels}")

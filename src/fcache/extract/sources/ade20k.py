@@ -25,9 +25,9 @@ from fcache.common.errors import InputError, MetadataError
 from fcache.extract.decode import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
-    IMAGE_FORMATS,
     exif_orientation,
     load_image,
+    opened_formats,
     orient,
     oriented_size,
     to_rgb,
@@ -129,7 +129,7 @@ class Ade20kSource:
     def _label_hw(image: Path, label_wh: tuple[int, int]) -> tuple[int, int]:
         """(h, w) the label map will have once oriented with its image (the image's header decides)."""
         try:
-            image_wh, orientation = _header(image, IMAGE_FORMATS)
+            image_wh, orientation = _header(image, opened_formats())
         except Exception:
             return label_wh[1], label_wh[0]  # an unreadable image gets its status at decode time
         w, h = oriented_size(label_wh, orientation) if label_wh == image_wh else label_wh
