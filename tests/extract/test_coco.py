@@ -5,17 +5,21 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from corpus import encode, photo, with_exif_orientation
+from pycocotools import mask as mask_utils
 
+from fcache.cli import main
 from fcache.common.errors import MetadataError
 from fcache.extract.sources.base import SampleError
 from fcache.extract.sources.coco import CocoSource
 from fcache.spec import Status, Targets
-from helpers import source_of
+from helpers import refused, source_of
 
 CATEGORIES = [{"id": 1, "name": "person"}, {"id": 3, "name": "cat"}]
 
@@ -30,7 +34,10 @@ def write_dataset(root: Path) -> tuple[Path, dict]:
         images.append({"id": 10 - k, "file_name": f"{k}.jpg", "width": a.shape[1], "height": a.shape[0]})
     anns.append({"id": 7, "image_id": 10, "category_id": 1, "bbox": [1, 2, 10, 20], "iscrowd": 0, "area": 200.0, "segmentation": []})
     anns.append({"id": 5, "image_id": 10, "category_id": 3, "bbox": [5, 5, 4, 4], "segmentation": [[5, 5, 9, 5, 9, 9]]})
-    rle = {"counts": "x", "size": [images[1]["height"], images[1]["width"]]}
+    h, w = images[1]["height"], images[1]["width"]
+    crowd = np.zeros((h, w), np.uint8, order="F")
+    crowd[:8, :8] = 1
+    rle = {"counts": mask_utils.encode(crowd)["counts"].decode("ascii"), "size": [h, w]}
     anns.append({"id": 6, "image_id": 9, "category_id": 3, "bbox": [0, 0, 8, 8], "iscrowd": 1, "segmentation": rle})
     data = {"images": images, "annotations": anns, "categories": CATEGORIES}
     path = root / "instances.json"
@@ -165,3 +172,40 @@ def test_flags_are_checked(tmp_path: Path) -> None:
         source_of("coco", tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
         source_of("coco", tmp_path / "nope", annotations=tmp_path / "a.json")
+
+
+@pytest.mark.parametrize(
+    ("segmentation", "fragment"),
+    [
+        ({"size": 5, "counts": "g0"}, "segmentation RLE size 5 must be [height, width]"),
+        ({"size": None, "counts": "g0"}, "segmentation RLE size None must be [height, width]"),
+        ({"size": "HW", "counts": [-5, 3]}, "segmentation RLE counts '[-5, 3]' are not a list of run lengths"),
+        ({"size": "HW", "counts": [5, 1e12]}, "segmentation RLE counts '[5, 1000000000000.0]' are not a list of run lengths"),
+        ({"size": "HW", "counts": 5}, "segmentation RLE counts '5' are not a list of run lengths"),
+        ({"size": "HW", "counts": "!!!garbage"}, "segmentation RLE counts '!!!garbage' are not a COCO compressed RLE string"),
+        ({"size": "HW", "counts": [3, 4]}, "segmentation RLE counts cover 7 pixels"),
+        ({"size": [2, 2], "counts": [4]}, "segmentation RLE size [2, 2] is not the image's"),
+    ],
+)
+def test_rle_is_validated_at_listing(tmp_path: Path, segmentation: dict, fragment: str) -> None:
+    """A broken RLE is a metadata problem naming the annotation, found before any backbone work (not a crash later)."""
+    ann_path, data = write_dataset(tmp_path)
+    image = data["images"][1]
+    if segmentation["size"] == "HW":
+        segmentation = {**segmentation, "size": [image["height"], image["width"]]}
+    data["annotations"][2]["segmentation"] = segmentation
+    ann_path.write_text(json.dumps(data))
+    with pytest.raises(MetadataError, match=re.escape(f"annotation 6: {fragment}")):
+        source_of("coco", tmp_path / "images", annotations=ann_path).samples()
+    r = CliRunner().invoke(main, ["plan", "--dataset", "coco", "--root", str(tmp_path / "images"), "--annotations", str(ann_path),
+                                  "--random-init", "--no-run", "--device", "cpu"])  # fmt: skip
+    refused(r, "annotation 6", fragment)
+
+
+def test_a_json_nested_absurdly_deep_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    ann = tmp_path / "deep.json"
+    ann.write_text('{"images": ' + "[" * 50_000 + "]" * 50_000 + "}")
+    r = CliRunner().invoke(main, ["plan", "--dataset", "coco", "--root", str(tmp_path / "images"), "--annotations", str(ann),
+                                  "--random-init", "--no-run", "--device", "cpu"])  # fmt: skip
+    refused(r, str(ann), "nested 50001 levels deep")

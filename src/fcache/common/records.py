@@ -18,17 +18,14 @@ from typing import Any
 
 from fcache.common.errors import FcacheError
 
-MAX_DEPTH = 64  # documents nested deeper than any record fcache writes are refused before parsing
-
 
 def load_json(text: str, where: str, error: type[FcacheError]) -> Any:
-    """Parse ``text``; ``error`` naming ``where`` when it is not JSON or is nested absurdly deep."""
-    depth = _max_depth(text)
-    if depth > MAX_DEPTH:
-        raise error(f"{where} is nested {depth} levels deep, more than any fcache record; it is not one")
+    """Parse ``text``; ``error`` naming ``where`` when it is not JSON or is nested too deep for the parser."""
     try:
         return json.loads(text)
-    except (ValueError, RecursionError) as e:
+    except RecursionError:
+        raise error(f"{where} is nested {_max_depth(text)} levels deep, deeper than JSON can be read here; it is not valid input") from None
+    except ValueError as e:
         raise error(f"{where} is not valid JSON ({type(e).__name__}: {str(e)[:80]})") from None
 
 

@@ -126,7 +126,6 @@ def opened_formats() -> tuple[str, ...]:
     return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
 
 
-
 def decode_image(path: str | Path, *, root: str | Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     """Decode an image file to RGB uint8 (H, W, 3) with its EXIF orientation applied (see the module docstring)."""
     return decode_image_bytes(read_media(path, root=root), name=str(path), max_pixels=max_pixels)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from fcache.common.errors import InputError, MetadataError
+from fcache.common.records import load_json
 from fcache.extract.decode import DEFAULT_MAX_PIXELS, load_image, oriented_size, to_rgb
 from fcache.extract.sources.base import Decoded, SampleError, SampleRef
 from fcache.spec import Status, Targets
@@ -153,8 +154,10 @@ def _check_annotation(ann: Mapping[str, Any], images: Mapping[int, Mapping[str, 
     if "area" in ann and not (_is_number(ann["area"]) and ann["area"] >= 0):
         found.append(f"area {ann['area']!r} must be a number >= 0")
     seg = ann.get("segmentation")
-    if seg is not None and not _segmentation_ok(seg, image):
-        found.append("segmentation must be a list of polygons [x0, y0, x1, y1, ...] (>= 3 points) or an RLE {counts, size=[h, w]}")
+    if seg is not None:
+        problem = segmentation_problem(seg, image)
+        if problem:
+            found.append(problem)
     box = ann["bbox"]
     if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
         found.append(f"bbox {box!r} must be 4 numbers [x, y, w, h]")
@@ -162,13 +165,49 @@ def _check_annotation(ann: Mapping[str, Any], images: Mapping[int, Mapping[str, 
     return box[2] <= 0 or box[3] <= 0
 
 
-def _segmentation_ok(seg: Any, image: Mapping[str, Any] | None) -> bool:
+def segmentation_problem(seg: Any, image: Mapping[str, Any] | None) -> str:
+    """What is wrong with a COCO ``segmentation`` ('' when nothing): polygons, or an RLE whose size is the image's and
+    whose counts (a list, or COCO's compressed string) are non-negative runs covering exactly h x w pixels."""
     if isinstance(seg, list):
-        return all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(_is_number(v) for v in p) for p in seg)
-    if isinstance(seg, Mapping):
-        size_ok = image is None or list(seg.get("size", [])) == [image["height"], image["width"]]
-        return "counts" in seg and size_ok
-    return False
+        if all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(_is_number(v) for v in p) for p in seg):
+            return ""
+        return "segmentation polygons must be lists of x0, y0, x1, y1, ... (>= 3 points, numbers)"
+    if not isinstance(seg, Mapping):
+        return "segmentation must be a list of polygons [x0, y0, x1, y1, ...] or an RLE {counts, size: [h, w]}"
+    size = seg.get("size")
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and v > 0 for v in size)):
+        return f"segmentation RLE size {size!r} must be [height, width]"
+    if image is not None and size != [image["height"], image["width"]]:
+        return f"segmentation RLE size {size} is not the image's [height, width] [{image['height']}, {image['width']}]"
+    counts = seg.get("counts")
+    runs = _rle_runs(counts) if isinstance(counts, str) else counts
+    if not (isinstance(runs, list) and all(_is_int(v) and v >= 0 for v in runs)):
+        what = "a COCO compressed RLE string" if isinstance(counts, str) else "a list of run lengths (integers >= 0)"
+        return f"segmentation RLE counts {str(counts)[:40]!r} are not {what}"
+    if sum(runs) != size[0] * size[1]:
+        return f"segmentation RLE counts cover {sum(runs)} pixels, not {size[0]} x {size[1]} = {size[0] * size[1]}"
+    return ""
+
+
+def _rle_runs(text: str) -> list[int] | None:
+    """Run lengths of a COCO compressed RLE string (pycocotools' rleFrString), or None when it is not one."""
+    runs: list[int] = []
+    p = 0
+    while p < len(text):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(text) or not 48 <= ord(text[p]) < 112:
+                return None
+            c = ord(text[p]) - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+    return runs
 
 
 class CocoSource:
@@ -196,11 +235,12 @@ class CocoSource:
         if self._images is not None:
             return self._images
         try:
-            data = json.loads(self.annotations.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            text = self.annotations.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
             raise InputError(
                 f"--annotations {self.annotations}: cannot read a COCO json ({e}); give the path of a COCO json file"
             ) from None
+        data = load_json(text, f"--annotations {self.annotations}", InputError)
         if not isinstance(data, dict):
             raise MetadataError(f"coco {self.annotations}", ["the top level is not a JSON object with images/annotations/categories"])
         problems: list[str] = []
