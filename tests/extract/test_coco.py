@@ -97,7 +97,7 @@ def test_every_metadata_problem_is_reported_at_once(tmp_path: Path) -> None:
         "annotation 33: missing field(s) bbox",
         "annotation 34: iscrowd 2 must be 0 or 1",
         "annotation 35: bbox [0, 0, 1] must be 4 numbers",
-        "annotation 36: segmentation must be",
+        "annotation 36: segmentation polygons must be",
     ]
     for text in expected:
         assert any(text in p for p in e.value.problems), (text, e.value.problems)
@@ -121,7 +121,7 @@ def test_degenerate_boxes_can_be_dropped_with_a_warning(tmp_path: Path, caplog: 
 
 def test_unreadable_json_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ValueError, match="cannot read a COCO json"):
+    with pytest.raises(ValueError, match=r"\(a COCO json\) is not valid JSON"):
         CocoSource(tmp_path, tmp_path / "bad.json").samples()
     (tmp_path / "list.json").write_text("[]")
     with pytest.raises(MetadataError, match="top level"):

@@ -240,7 +240,7 @@ class CocoSource:
             raise InputError(
                 f"--annotations {self.annotations}: cannot read a COCO json ({e}); give the path of a COCO json file"
             ) from None
-        data = load_json(text, f"--annotations {self.annotations}", InputError)
+        data = load_json(text, f"--annotations {self.annotations} (a COCO json)", InputError)
         if not isinstance(data, dict):
             raise MetadataError(f"coco {self.annotations}", ["the top level is not a JSON object with images/annotations/categories"])
         problems: list[str] = []
