@@ -275,6 +275,9 @@ class SourceConfig:
     frames: int = flag(16, "video: frames per clip.", min=1, max=4096)
     clips: int = flag(1, "video: temporal clips per video.", min=1, max=256)
     crops: int = flag(1, "video: spatial crops per clip (1 or 3).", min=1, max=16)
+    classes: str = flag(
+        "", "folder, video, wds: class names in label order, comma-separated or a file with one per line.", show_default=False
+    )
     max_pixels: int = flag(DEFAULT_MAX_PIXELS, "Larger images are refused as too_large (decompression bombs).", min=1)
     decode_timeout: float = flag(60.0, "Seconds one sample may take to decode.", above=0, max=86400)
     drop_degenerate_boxes: bool = flag(

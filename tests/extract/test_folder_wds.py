@@ -139,3 +139,28 @@ def test_build_source_table(tmp_path: Path) -> None:
         source_of("folder", tmp_path / "missing")
     with pytest.raises(MetadataError, match=r"no \*.tar shards"):
         source_of("wds", tmp_path).samples()
+
+
+def test_wds_labels_are_bounded_and_classes_can_be_given(tmp_path: Path) -> None:
+    write_shard(tmp_path / "shard-000.tar", [{"__key__": "s0", "jpg": JPEG, "cls": 300000000}, {"__key__": "s1", "jpg": JPEG, "cls": 1}])
+    with pytest.raises(MetadataError, match=r"s0\.cls: label 300000000 is beyond the 100,000 classes"):
+        source_of("wds", tmp_path).samples()
+    with pytest.raises(MetadataError, match=r"s0\.cls: label 300000000 is beyond the 3 classes of --classes"):
+        source_of("wds", tmp_path, classes="a,b,c").samples()
+
+
+def test_folder_classes_make_splits_agree(tmp_path: Path) -> None:
+    """A split without one of the classes keeps the others' labels when --classes names them all."""
+    for split, present in (("train", ("cats", "dogs", "owls")), ("val", ("cats", "owls"))):
+        for name in present:
+            put(tmp_path / split / name / "a.png", PNG)
+    train, val = (source_of("folder", tmp_path / s, classes="cats,dogs,owls") for s in ("train", "val"))
+    assert train.label_names() == val.label_names() == ("cats", "dogs", "owls")
+    assert [r.label for r in val.samples()] == [0, 2]
+    (tmp_path / "classes.txt").write_text("cats\ndogs\nowls\n")
+    assert source_of("folder", tmp_path / "val", classes=str(tmp_path / "classes.txt")).label_names() == ("cats", "dogs", "owls")
+    with pytest.raises(MetadataError, match="class folder 'owls' is not one of --classes"):
+        source_of("folder", tmp_path / "train", classes="cats,dogs").samples()
+    with pytest.raises(MetadataError, match="class folder 'dogs' holds no images"):  # without --classes an empty class is refused
+        (tmp_path / "val" / "dogs").mkdir()
+        source_of("folder", tmp_path / "val").samples()

@@ -85,3 +85,15 @@ def test_flags_are_checked(kinetics: Path, tmp_path: Path) -> None:
         source_of("video", kinetics, annotations=tmp_path / "nope.csv")
     with pytest.raises(ValueError, match="at least 1"):
         VideoSource(kinetics, frames=0)
+
+
+def test_labels_are_bounded_by_the_class_list(kinetics: Path, tmp_path: Path) -> None:
+    """A label of 300000000 is a metadata problem naming its row, never 300 million class names."""
+    (tmp_path / "huge.csv").write_text("juggling/b.mp4,300000000\nabseiling/a.mkv,0\n")
+    with pytest.raises(MetadataError, match="line 1: label 300000000 is beyond the 100,000 classes fcache accepts without --classes"):
+        VideoSource(kinetics, tmp_path / "huge.csv", frames=2).samples()
+    (tmp_path / "two.csv").write_text("juggling/b.mp4,1\nabseiling/a.mkv,2\n")
+    with pytest.raises(MetadataError, match="line 2: label 2 is beyond the 2 classes of --classes"):
+        source_of("video", kinetics, annotations=tmp_path / "two.csv", classes="abseiling,juggling").samples()
+    named = source_of("video", kinetics, annotations=tmp_path / "two.csv", classes="x,y,z")  # indices into --classes
+    assert named.label_names() == ("x", "y", "z") and [r.label for r in named.samples()] == [1, 2]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fcache.common.errors import InputError
+from fcache.extract.sources.classes import read_classes
 from fcache.spec import SourceConfig
 
 if TYPE_CHECKING:
@@ -40,9 +41,15 @@ def _no_annotations(c: SourceConfig) -> None:
         raise InputError(f"--annotations is not used by --dataset {c.kind}; drop it (or choose coco / video)")
 
 
+def _no_classes(c: SourceConfig) -> None:
+    if c.classes:
+        raise InputError(f"--classes is not used by --dataset {c.kind} (its classes come from the data); drop it")
+
+
 def _coco(c: SourceConfig) -> Source:
     from fcache.extract.sources.coco import CocoSource
 
+    _no_classes(c)
     if not c.annotations:
         raise InputError("--dataset coco needs --annotations PATH (the COCO json, e.g. annotations/instances_val2017.json)")
     return CocoSource(
@@ -54,6 +61,7 @@ def _ade20k(c: SourceConfig) -> Source:
     from fcache.extract.sources.ade20k import Ade20kSource
 
     _no_annotations(c)
+    _no_classes(c)
     if not c.split:
         raise InputError("--dataset ade20k needs --split training or --split validation")
     return Ade20kSource(_existing(c.root, "ADEChallengeData2016"), c.split, max_pixels=c.max_pixels)
@@ -65,14 +73,17 @@ def _video(c: SourceConfig) -> Source:
     if c.annotations and not Path(c.annotations).is_file():
         raise InputError(f"--annotations {c.annotations} does not exist; give a CSV of path,label rows or leave it out")
     root = _existing(c.root, "video")
-    return VideoSource(root, c.annotations or None, frames=c.frames, clips=c.clips, max_pixels=c.max_pixels, timeout_s=c.decode_timeout)
+    classes = read_classes(c.classes)
+    return VideoSource(
+        root, c.annotations or None, frames=c.frames, clips=c.clips, max_pixels=c.max_pixels, timeout_s=c.decode_timeout, classes=classes
+    )
 
 
 def _folder(c: SourceConfig) -> Source:
     from fcache.extract.sources.folder import FolderSource
 
     _no_annotations(c)
-    return FolderSource(_existing(c.root, "image"), max_pixels=c.max_pixels)
+    return FolderSource(_existing(c.root, "image"), max_pixels=c.max_pixels, classes=read_classes(c.classes))
 
 
 def _wds(c: SourceConfig) -> Source:
@@ -81,7 +92,7 @@ def _wds(c: SourceConfig) -> Source:
     _no_annotations(c)
     if "{" not in str(c.root):
         _existing(c.root, "webdataset shard")
-    return WdsSource(c.root, max_pixels=c.max_pixels)
+    return WdsSource(c.root, max_pixels=c.max_pixels, classes=read_classes(c.classes))
 
 
 SOURCES: dict[str, SourceDef] = {

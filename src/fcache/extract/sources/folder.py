@@ -32,23 +32,31 @@ class Listing:
         return bool(self.classes)
 
 
-def list_class_folder(root: Path, extensions: tuple[str, ...], what: str) -> Listing:
-    """List ``root/<class>/**/<file>`` (labelled) or ``root/<file>`` (flat, label -1) for the given extensions."""
+def list_class_folder(root: Path, extensions: tuple[str, ...], what: str, classes: tuple[str, ...] = ()) -> Listing:
+    """List ``root/<class>/**/<file>`` (labelled) or ``root/<file>`` (flat, label -1) for the given extensions.
+
+    With ``classes`` (``--classes``) labels are indices into it and a class without a folder (or with an empty one)
+    is fine: a split may lack a class; a folder not in ``classes`` is a problem.
+    """
     if not root.is_dir():
         return Listing((), (), (f"--root {root} is not a folder",))
     top = sorted(e.name for e in os.scandir(root) if e.is_file() and _wanted(e.name, extensions))
     class_dirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     per_class = {name: _walk(root / name, extensions) for name in class_dirs}
-    if not any(per_class.values()):
+    if not any(per_class.values()) and not classes:
         if not top:
             return Listing((), (), (f"no {what} found under {root} (extensions {', '.join(extensions)}, any case)",))
         return Listing((), tuple((name, -1) for name in top), ())
-    problems = [f"class folder {name!r} holds no {what}" for name in class_dirs if not per_class[name]]
+    if classes:
+        problems = [f"class folder {name!r} is not one of --classes" for name in class_dirs if name not in classes and per_class[name]]
+    else:
+        problems = [f"class folder {name!r} holds no {what}" for name in class_dirs if not per_class[name]]
     if top:
         shown = ", ".join(top[:5]) + (" ..." if len(top) > 5 else "")
         problems.append(f"{len(top)} {what} lie beside the class folders ({shown}); move them into a class folder")
-    files = sorted((f"{name}/{rel}", label) for label, name in enumerate(class_dirs) for rel in per_class[name])
-    return Listing(tuple(class_dirs), tuple(files), tuple(problems))
+    names = classes or tuple(class_dirs)
+    files = sorted((f"{name}/{rel}", names.index(name)) for name in class_dirs if name in names for rel in per_class[name])
+    return Listing(names, tuple(files), tuple(problems))
 
 
 def _wanted(name: str, extensions: tuple[str, ...]) -> bool:
@@ -70,14 +78,15 @@ class FolderSource(LabelTargets):
 
     kind = "folder"
 
-    def __init__(self, root: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(self, root: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, classes: tuple[str, ...] = ()) -> None:
         self.root = Path(os.path.abspath(root))
         self.max_pixels = max_pixels
+        self.classes = classes
         self._listing: Listing | None = None
 
     def listing(self) -> Listing:
         if self._listing is None:
-            self._listing = list_class_folder(self.root, IMAGE_EXTENSIONS, "images")
+            self._listing = list_class_folder(self.root, IMAGE_EXTENSIONS, "images", self.classes)
         return self._listing
 
     @property

@@ -20,13 +20,14 @@ from pathlib import Path
 from fcache.common.errors import InputError, MetadataError
 from fcache.extract.decode import DEFAULT_MAX_FRAMES, DEFAULT_MAX_PIXELS, DEFAULT_TIMEOUT_S, VIDEO_EXTENSIONS, decode_video
 from fcache.extract.sources.base import Decoded, LabelTargets, SampleRef
+from fcache.extract.sources.classes import index_of
 from fcache.extract.sources.folder import Listing, list_class_folder
 
 log = logging.getLogger(__name__)
 _INT = re.compile(r"[+-]?\d+")
 
 
-def read_label_csv(path: Path, root: Path) -> Listing:
+def read_label_csv(path: Path, root: Path, given: tuple[str, ...] = ()) -> Listing:
     """Parse a ``path,label`` CSV into a Listing (paths relative to ``root``), collecting every problem."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
@@ -39,10 +40,13 @@ def read_label_csv(path: Path, root: Path) -> Listing:
     good = [(n, cells[0], cells[1]) for n, cells in rows if len(cells) == 2 and all(cells)]
     if not rows:
         problems.append("the CSV lists no video")
-    classes, index = _classes([label for _, _, label in good], problems)
+    labels = [label for _, _, label in good]
+    integers = bool(labels) and all(_INT.fullmatch(v) for v in labels)  # class indices; else names, sorted
+    names = given or (() if integers else tuple(sorted(set(labels))))
     seen: dict[str, int] = {}
     files = []
     for n, name, label in good:
+        k = index_of(label, names, f"line {n}", problems)
         full = os.path.normpath(os.path.join(root, name))
         inside = full.startswith(str(root) + os.sep)
         key = Path(full).relative_to(root).as_posix() if inside else name
@@ -52,19 +56,9 @@ def read_label_csv(path: Path, root: Path) -> Listing:
         seen[key] = n
         if inside and not os.path.isfile(full):
             problems.append(f"line {n}: {name} does not exist under {root}")
-        files.append((key, index.get(label, -1)))
+        files.append((key, k))
+    classes = names or tuple(str(i) for i in range(max((k for _, k in files), default=-1) + 1))  # indices: "0".."K-1"
     return Listing(classes, tuple(files), tuple(problems))
-
-
-def _classes(labels: list[str], problems: list[str]) -> tuple[tuple[str, ...], dict[str, int]]:
-    """Class names and label -> index: integer labels are indices, anything else names sorted alphabetically."""
-    if labels and all(_INT.fullmatch(v) for v in labels):
-        values = {v: int(v) for v in labels}
-        negative = sorted({v for v, i in values.items() if i < 0})
-        problems += [f"label {v} is negative (class indices start at 0)" for v in negative]
-        return tuple(str(i) for i in range(max(values.values()) + 1)), values
-    names = tuple(sorted(set(labels)))
-    return names, {name: i for i, name in enumerate(names)}
 
 
 class VideoSource(LabelTargets):
@@ -83,6 +77,7 @@ class VideoSource(LabelTargets):
         max_frames: int = DEFAULT_MAX_FRAMES,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        classes: tuple[str, ...] = (),
     ) -> None:
         if frames < 1 or clips < 1:
             raise InputError(f"--frames {frames} --clips {clips}: both must be at least 1")
@@ -90,14 +85,15 @@ class VideoSource(LabelTargets):
         self.annotations = Path(annotations) if annotations else None
         self.frames, self.clips = frames, clips
         self.max_frames, self.max_pixels, self.timeout_s = max_frames, max_pixels, timeout_s
+        self.classes = classes
         self._listing: Listing | None = None
 
     def listing(self) -> Listing:
         if self._listing is None:
             if self.annotations is not None:
-                self._listing = read_label_csv(self.annotations, self.root)
+                self._listing = read_label_csv(self.annotations, self.root, self.classes)
             else:
-                self._listing = list_class_folder(self.root, VIDEO_EXTENSIONS, "videos")
+                self._listing = list_class_folder(self.root, VIDEO_EXTENSIONS, "videos", self.classes)
         return self._listing
 
     def samples(self) -> list[SampleRef]:

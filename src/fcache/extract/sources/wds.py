@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -30,6 +29,7 @@ from webdataset.tariterators import base_plus_ext
 from fcache.common.errors import MetadataError
 from fcache.extract.decode import DEFAULT_MAX_PIXELS, MAX_FILE_BYTES, decode_image_bytes
 from fcache.extract.sources.base import Decoded, SampleError, SampleRef
+from fcache.extract.sources.classes import index_of
 from fcache.spec import Status, Targets
 from fcache.store import TargetSpec
 
@@ -77,13 +77,6 @@ def _group(tar: tarfile.TarFile, problems: list[str], shard: str) -> dict[str, _
     return samples
 
 
-def _class_index(text: str, where: str, problems: list[str]) -> int:
-    if re.fullmatch(r"\+?[0-9]+", text):
-        return int(text)
-    problems.append(f"{where}: {text[:40]!r} is not a class index (an integer >= 0)")
-    return -1
-
-
 def _read(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     f = tar.extractfile(member)
     assert f is not None  # regular files only
@@ -95,10 +88,11 @@ class WdsSource:
 
     kind = "wds"
 
-    def __init__(self, root: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(self, root: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, classes: tuple[str, ...] = ()) -> None:
         self.pattern = str(root)
         self.root, self.shards = shard_paths(root)
         self.max_pixels = max_pixels
+        self.classes = classes
         self._listed: tuple[list[SampleRef], dict[str, str]] | None = None  # refs, key -> json text
 
     def __getstate__(self) -> dict[str, Any]:
@@ -144,7 +138,7 @@ class WdsSource:
                 continue
             text = _read(tar, member).decode("utf-8", errors="replace").strip()
             if ext == "cls":
-                label = _class_index(text, f"{key}.cls", problems)
+                label = index_of(text, self.classes, f"{key}.cls", problems)
                 continue
             try:
                 json.loads(text)
@@ -170,6 +164,8 @@ class WdsSource:
         return "classification" if self._has()[0] else ""
 
     def label_names(self) -> tuple[str, ...]:
+        if self.classes:
+            return self.classes
         refs = self._list()[0]
         top = max((r.label for r in refs), default=-1)
         return tuple(str(i) for i in range(top + 1))
