@@ -109,3 +109,40 @@ def test_split_must_exist(tmp_path: Path) -> None:
         source_of("ade20k", tmp_path)
     with pytest.raises(ValueError, match="not used by --dataset ade20k"):
         source_of("ade20k", tmp_path, split=SPLIT, annotations="x.json")
+
+
+def png_header(w: int, h: int) -> bytes:
+    """A PNG whose header claims w x h (its data is cut: only the header is read when listing and checking its size)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_a_bad_label_costs_its_sample_not_the_dataset(tmp_path: Path) -> None:
+    labels = make_ade(tmp_path)
+    names = sorted(labels)
+    ann = tmp_path / "annotations" / SPLIT
+    (ann / f"{Path(names[0]).stem}.png").write_bytes(b"")  # 0 bytes
+    (ann / f"{Path(names[1]).stem}.png").write_bytes(b"not a png at all")
+    (ann / f"{Path(names[2]).stem}.png").write_bytes(png_header(12000, 12000))  # claims 144 M pixels
+    src = Ade20kSource(tmp_path, SPLIT, max_pixels=10_000_000)
+    refs = src.samples()  # listed, not refused
+    assert [r.key for r in refs] == names
+    kept = labels[names[3]]
+    assert src.target_specs()[Targets.SEGMENTATION].shape == kept.shape  # sized by the sample that is kept, not 12000 x 12000
+    statuses = []
+    for ref in refs[:3]:
+        with pytest.raises(SampleError) as e:
+            src.decode(ref)
+        statuses.append(e.value.status)
+    assert statuses == [Status.EMPTY_FILE, Status.DECODE_ERROR, Status.TOO_LARGE]
+    assert src.decode(refs[3]).targets[Targets.SEGMENTATION].shape == kept.shape

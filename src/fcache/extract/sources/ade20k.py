@@ -108,20 +108,26 @@ class Ade20kSource:
             if label is None:
                 problems.append(f"{path.relative_to(self.root)}: no label map annotations/{self.split}/{path.stem}.png")
                 continue
+            extra = {"label": str(label)}
             try:
                 label_wh, _ = _header(label, ("PNG",))
-            except Exception as e:  # any header Pillow cannot read (bomb-sized ones included)
-                problems.append(f"{label.relative_to(self.root)}: unreadable PNG header ({e})")
-                continue
-            sizes.append(self._label_hw(path, label_wh))
-            refs.append(SampleRef(key=path.relative_to(self.root).as_posix(), path=str(path), extra={"label": str(label)}))
+            except Exception as e:  # an empty, cut or non-PNG label costs its sample, not the dataset
+                empty = label.stat().st_size == 0
+                extra |= {
+                    "label_status": int(Status.EMPTY_FILE if empty else Status.DECODE_ERROR),
+                    "label_error": f"{label}: {type(e).__name__}",
+                }
+            else:
+                if label_wh[0] * label_wh[1] <= self.max_pixels:  # a too large label is refused at decode: it sizes nothing
+                    sizes.append(self._label_hw(path, label_wh))
+            refs.append(SampleRef(key=path.relative_to(self.root).as_posix(), path=str(path), extra=extra))
         if not images:
             problems.append(f"no images in {images_dir}")
         if problems:
             raise MetadataError(f"ade20k {self.root} ({self.split})", problems, hint="fix the dataset folder")
         if labels:
             log.warning("ade20k: %d label map(s) without an image are ignored (e.g. %s)", len(labels), next(iter(labels.values())))
-        self.hw = (max(h for h, _ in sizes), max(w for _, w in sizes))
+        self.hw = (max((h for h, _ in sizes), default=1), max((w for _, w in sizes), default=1))
         self._refs = refs
         return refs
 
@@ -157,6 +163,9 @@ class Ade20kSource:
         if self.hw is None:
             self.samples()
         assert self.hw is not None
+        if "label_status" in ref.extra:
+            what = "is empty (0 bytes)" if ref.extra["label_status"] == Status.EMPTY_FILE else "is not a readable PNG"
+            raise SampleError(Status(ref.extra["label_status"]), f"{ref.key}: its label map {what} ({ref.extra['label_error']})")
         im, orientation = load_image(ref.path, root=self.root, max_pixels=self.max_pixels)
         label_im, _ = load_image(ref.extra["label"], root=self.root, max_pixels=self.max_pixels)
         if label_im.mode not in _LABEL_MODES:
