@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +70,10 @@ def reduce_zero_label(values: np.ndarray, num_classes: int = NUM_CLASSES) -> np.
 
 def _header(path: Path, formats: tuple[str, ...]) -> tuple[tuple[int, int], int]:
     """(w, h) and EXIF orientation from a file's header, without decoding pixels."""
-    with Image.open(path, formats=formats) as im:
-        return im.size, exif_orientation(im)
+    with warnings.catch_warnings():  # sizes are checked against --max-pixels by the caller
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path, formats=formats) as im:
+            return im.size, exif_orientation(im)
 
 
 class Ade20kSource:
@@ -111,12 +114,10 @@ class Ade20kSource:
             extra = {"label": str(label)}
             try:
                 label_wh, _ = _header(label, ("PNG",))
-            except Exception as e:  # an empty, cut or non-PNG label costs its sample, not the dataset
-                empty = label.stat().st_size == 0
-                extra |= {
-                    "label_status": int(Status.EMPTY_FILE if empty else Status.DECODE_ERROR),
-                    "label_error": f"{label}: {type(e).__name__}",
-                }
+            except Exception as e:  # an empty, cut, non-PNG or bomb-sized label costs its sample, not the dataset
+                status = Status.EMPTY_FILE if label.stat().st_size == 0 else Status.DECODE_ERROR
+                status = Status.TOO_LARGE if isinstance(e, Image.DecompressionBombError) else status
+                extra |= {"label_status": int(status), "label_error": f"{label}: {type(e).__name__}"}
             else:
                 if label_wh[0] * label_wh[1] <= self.max_pixels:  # a too large label is refused at decode: it sizes nothing
                     sizes.append(self._label_hw(path, label_wh))
@@ -164,7 +165,9 @@ class Ade20kSource:
             self.samples()
         assert self.hw is not None
         if "label_status" in ref.extra:
-            what = "is empty (0 bytes)" if ref.extra["label_status"] == Status.EMPTY_FILE else "is not a readable PNG"
+            what = {Status.EMPTY_FILE: "is empty (0 bytes)", Status.TOO_LARGE: "is too large"}.get(
+                ref.extra["label_status"], "is not a PNG"
+            )
             raise SampleError(Status(ref.extra["label_status"]), f"{ref.key}: its label map {what} ({ref.extra['label_error']})")
         im, orientation = load_image(ref.path, root=self.root, max_pixels=self.max_pixels)
         label_im, _ = load_image(ref.extra["label"], root=self.root, max_pixels=self.max_pixels)
