@@ -164,3 +164,18 @@ def test_folder_classes_make_splits_agree(tmp_path: Path) -> None:
     with pytest.raises(MetadataError, match="class folder 'dogs' holds no images"):  # without --classes an empty class is refused
         (tmp_path / "val" / "dogs").mkdir()
         source_of("folder", tmp_path / "val").samples()
+
+
+def test_a_shard_cut_inside_its_last_member_truncates_that_sample_only(tmp_path: Path) -> None:
+    write_shard(tmp_path / "shard-000.tar", [{"__key__": f"s{k}", "jpg": JPEG, "cls": k} for k in range(3)])
+    data = (tmp_path / "shard-000.tar").read_bytes()
+    src = source_of("wds", tmp_path)
+    last = src.samples()[-1].extra
+    (tmp_path / "shard-000.tar").write_bytes(data[: last["offset"] + last["size"] // 2])  # a copy that stopped
+    src = source_of("wds", tmp_path)
+    refs = src.samples()  # listed, not refused
+    assert [r.key for r in refs] == [f"shard-000.tar/s{k}" for k in range(3)]
+    assert src.decode(refs[0]).image is not None and src.decode(refs[1]).image is not None
+    with pytest.raises(SampleError) as e:
+        src.decode(refs[2])
+    assert e.value.status == Status.TRUNCATED

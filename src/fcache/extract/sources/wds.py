@@ -16,8 +16,10 @@ label names are "0".."K-1" with K = largest label + 1.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -34,6 +36,7 @@ from fcache.spec import Status, Targets
 from fcache.store import TargetSpec
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+log = logging.getLogger(__name__)
 MAX_META_BYTES = 16 << 20  # a json/cls member larger than this is a metadata problem, never read into memory
 
 
@@ -59,9 +62,13 @@ def _escapes(name: str) -> bool:
 
 
 def _group(tar: tarfile.TarFile, problems: list[str], shard: str) -> dict[str, _Sample]:
-    """Regular-file members grouped by webdataset key, in member order."""
+    """Regular-file members grouped by webdataset key, in member order.
+
+    A shard cut short (a copy that stopped) keeps the members listed before the cut; the member the cut falls in
+    reads short at decode, so its sample gets ``truncated`` and the others are extracted.
+    """
     samples: dict[str, _Sample] = {}
-    for member in tar:
+    for member in _members(tar, shard):
         if not member.isfile():
             continue  # folders, links and devices are never followed
         key, ext = base_plus_ext(member.name)
@@ -75,6 +82,13 @@ def _group(tar: tarfile.TarFile, problems: list[str], shard: str) -> dict[str, _
         if _escapes(member.name):
             sample.outside = member.name
     return samples
+
+
+def _members(tar: tarfile.TarFile, shard: str) -> Iterator[tarfile.TarInfo]:
+    try:
+        yield from tar
+    except tarfile.ReadError as e:  # the shard ends inside a member: keep what came before
+        log.warning("wds: %s ends early (%s); its last sample will be truncated", shard, e)
 
 
 def _read(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
