@@ -148,6 +148,13 @@ def test_other_configuration_is_refused_then_overwritten(tmp_path, folder):
     assert fstore.open(out).manifest.storage.dtype == "bf16"
 
 
+def test_a_store_inside_the_dataset_folder_is_refused(folder):
+    out = folder / "cache.zarr"
+    r = CliRunner().invoke(main, ["extract", *folder_flags(folder, "--out", str(out))])
+    assert r.exit_code == 2 and "is inside --root" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_bad_samples_are_skipped_or_stop_the_run(tmp_path, folder):
     import shutil
 

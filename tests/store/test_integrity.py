@@ -97,6 +97,25 @@ def test_refuses_to_replace_a_folder_that_is_not_a_store(tmp_path):
     assert (tmp_path / "data" / "precious.txt").exists()
 
 
+def test_overwrite_refuses_a_store_holding_foreign_files(tmp_path):
+    path = build_store(tmp_path / "s.zarr", dtype="fp16")
+    (path / "notes.txt").write_text("my notes")
+    m, keys = make_manifest(dtype="int8")
+    with pytest.raises(fstore.StoreError, match=r"holds files fcache did not write \(notes\.txt\); move them out"):
+        fstore.create(path, m, keys, overwrite=True)
+    assert (path / "notes.txt").read_text() == "my notes" and fstore.verify(path).ok
+
+
+def test_overwrite_refuses_a_symbolic_link(tmp_path):
+    real = build_store(tmp_path / "real.zarr", dtype="fp16")
+    link = tmp_path / "link.zarr"
+    link.symlink_to(real)
+    m, keys = make_manifest(dtype="int8")
+    with pytest.raises(fstore.StoreError, match="is a symbolic link"):
+        fstore.create(link, m, keys, overwrite=True)
+    assert link.is_symlink() and fstore.verify(real).ok
+
+
 @pytest.mark.parametrize("fs", ["tmpfs", "raising"])
 def test_disk_full_is_clear_and_committed_units_survive(tmp_path, monkeypatch, fs):
     mnt = tmp_path / "small"

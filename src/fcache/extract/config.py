@@ -9,6 +9,7 @@ any file is written.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fcache.common.errors import InputError
@@ -116,6 +117,17 @@ class ExtractConfig:
             raise InputError(f"--on-error {self.on_error}: use skip or fail")
         resolve_device(self.device)
         self.target()
+        self.check_out()
+
+    def check_out(self) -> None:
+        """The store must not be inside the dataset's folder: a rerun would list it as data (and resuming would fail)."""
+        if not self.out or "://" in self.out:
+            return
+        root = Path(self.source.root.split("{")[0]).resolve()
+        root = root if root.is_dir() else root.parent
+        out = Path(self.out).resolve()
+        if out == root or root in out.parents:
+            raise InputError(f"--out {self.out} is inside --root {self.source.root}; put the store outside the dataset's folder")
 
     def target(self) -> Any:
         """The dask cluster the units run on (``fcache.common.cluster.ClusterTarget``), or None for an in-process run."""

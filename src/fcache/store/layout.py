@@ -30,6 +30,7 @@ TARGETS = "targets"
 LEDGER = "ledger"
 ERRORS = "errors.jsonl"
 TEMP_SUFFIX = ".partial"
+STORE_ENTRIES = ("zarr.json", FEATURES, SCALES, "samples", TARGETS, LEDGER, ERRORS)  # what a store folder holds at its top
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,14 @@ class TargetSpec:
     fill: Any = 0
 
 
+def _refuse_foreign(root: Path) -> None:
+    """--overwrite deletes the store folder: refuse when it holds anything a store does not."""
+    foreign = sorted(p.name for p in root.iterdir() if p.name not in layout.STORE_ENTRIES and not p.name.endswith(layout.TEMP_SUFFIX))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise StoreError(f"{root} holds files fcache did not write ({shown}); move them out of the store, then rerun with --overwrite")
+
+
 def create(
     path: str | Path,
     manifest: Manifest,
@@ -63,11 +71,14 @@ def create(
     root = Path(path)
     if len(keys) != manifest.dataset.n or keys_digest(list(keys)) != manifest.dataset.digest:
         raise ValueError("manifest.dataset.n/digest do not describe the given keys")
+    if root.is_symlink() and overwrite:
+        raise StoreError(f"--out {root} is a symbolic link (to {root.resolve()}); give the store's own path to replace it")
     if root.exists():
         existing = _existing_manifest(root)
         if overwrite:
             if existing is None and any(root.iterdir()):
                 raise StoreError(f"{root} exists and is not an fcache store; refusing to replace it, choose another path")
+            _refuse_foreign(root)
             shutil.rmtree(root)
         elif existing is None and any(root.iterdir()):
             raise StoreError(f"{root} exists and is not an fcache store; choose another path")
