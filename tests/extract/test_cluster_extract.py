@@ -164,7 +164,11 @@ def unit_of(key: object) -> int:
 def test_second_driver_is_refused_then_a_dead_drivers_lease_is_taken_over(tmp_path, data):
     out = tmp_path / "s.zarr"
     run_extract(cfg(dataset="folder", root=str(data), out=str(out), num_workers=0, limit=2))
-    hold = f"from fcache.store.lease import DriverLease; DriverLease({str(out)!r}).acquire(); print('held', flush=True); input()"
+    argv = ["fcache", "extract", "--dataset", "folder", "--root", "/data/" + "deep/" * 60 + "images", "--out", "/stores/my run.zarr"]
+    hold = (
+        f"import sys; sys.argv = {argv!r}; from fcache.store.lease import DriverLease; "
+        f"DriverLease({str(out)!r}).acquire(); print('held', flush=True); input()"
+    )
     holder = subprocess.Popen([sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -173,6 +177,8 @@ def test_second_driver_is_refused_then_a_dead_drivers_lease_is_taken_over(tmp_pa
         assert r.exit_code == 2
         line = r.output.strip()
         assert "\n" not in line and f"pid {holder.pid}" in line and "another driver" in line and "wait for it" in line
+        assert "(fcache extract --dataset folder --root /data/deep/" in line and " ... " in line  # the holder's command, whole
+        assert "--out '/stores/my run.zarr'" in line and len(line) < 600
         assert fstore.open(out).manifest.storage.dtype == "fp16" and len(fstore.open(out).ledger) == 1  # nothing replaced
     finally:
         holder.kill()

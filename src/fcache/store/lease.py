@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import socket
 import sys
 import threading
@@ -49,7 +50,7 @@ class DriverLease:
         if self.held():
             return
         me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()), "started": time.time()}
-        me |= {"token": self.token, "command": " ".join(["fcache", *sys.argv[1:3]])}
+        me |= {"token": self.token, "command": command_line(sys.argv[1:])}
         for _ in range(3):
             if layout.write_json_atomic(self.path, me, exclusive=True):
                 self._start_heartbeat()
@@ -126,6 +127,15 @@ def is_stale(info: dict[str, Any], age: float, timeout: float = LEASE_TIMEOUT_S)
         pass  # alive, another user's
     start = info.get("pid_start")
     return start is not None and _process_start(pid) not in (None, start)
+
+
+def command_line(args: list[str], limit: int = 200) -> str:
+    """The driver's command as a shell would take it; a long one keeps its start and its end (``--out`` is often last)."""
+    line = shlex.join(["fcache", *args])
+    if len(line) <= limit:
+        return line
+    tail = limit // 3
+    return f"{line[: limit - tail - 5]} ... {line[-tail:]}"
 
 
 def held_message(root: Path, info: dict[str, Any]) -> str:
