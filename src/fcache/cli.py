@@ -41,12 +41,15 @@ def user_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from fcache.common.errors import FcacheError
+        from fcache.common.errors import FcacheError, Interrupted
 
         try:
             return fn(*args, **kwargs)
         except FcacheError as e:
             raise UserError(str(e)) from None
+        except (Interrupted, KeyboardInterrupt) as e:
+            click.echo(f"Interrupted: {e}" if str(e) else "Interrupted.", err=True)
+            sys.exit(130)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 again = "rerun with --resume" if fn.__name__ == "train_head" else "rerun the same command"

@@ -249,3 +249,26 @@ def test_verify_recompute_detects_tampered_features(tmp_path, folder):
     r = CliRunner().invoke(main, ["verify", str(out), "--recompute", "5"])
     assert r.exit_code == 1
     assert "RECOMPUTE" in r.output and "sample 2 " in r.output and "features/p4" in r.output
+
+
+def test_ctrl_c_says_what_was_kept_and_how_to_continue(tmp_path):
+    import os
+
+    data = image_folder(tmp_path / "data", n=12)
+    out = tmp_path / "s.zarr"
+    args = ["extract", *folder_flags(data, "--shard-size", "1", "--batch-size", "1", "--out", str(out), "--overwrite")]
+    proc = subprocess.Popen([sys.executable, "-m", "fcache", *args], stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while len(list((out / "ledger" / "done").glob("*.json"))) < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    done = len(list((out / "ledger" / "done").glob("*.json")))
+    assert last.startswith(f"Interrupted: {done} of 12 units of {out} are committed and kept; continue with: fcache extract ")
+    assert "--overwrite" not in last and "Traceback" not in err and 2 <= done < 12
+    again = last.split("continue with: fcache ")[1].split(" ")
+    r = subprocess.run([sys.executable, "-m", "fcache", *again, "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["processed"] == 12 - done and fstore.verify(out).ok

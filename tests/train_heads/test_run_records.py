@@ -102,3 +102,27 @@ def test_stale_temporaries_of_a_run_are_removed_by_the_next(copy, det_store):
     r = train(det_store, copy, "--resume")
     assert r.exit_code == 0, r.output
     assert not list(copy.glob("*.partial"))
+
+
+def test_ctrl_c_says_what_was_kept_and_how_to_continue(det_store, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = ["train-head", "--store", str(det_store), "--head", HEAD, "--iters", "100000", "--batch-size", "1", "--warmup", "0"]
+    args += ["--num-workers", "0", "--device", "cpu", "--checkpoint-every", "2", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "fcache", *args], stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / CHECKPOINT).exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("Interrupted: stopped at iteration ") and "Traceback" not in err
+    assert f"{out / CHECKPOINT} (iteration " in last and last.endswith("--out " + str(out) + " --resume")
+    kept = int(last.split("(iteration ")[1].split(")")[0])
+    assert kept >= 2 and kept % 2 == 0 and torch.load(out / CHECKPOINT, weights_only=True)["iteration"] == kept

@@ -47,3 +47,7 @@ class DivergedError(FcacheError):
 
 class SampleFailed(FcacheError):
     """``--on-error fail``: the first failed sample stops the run (exit code 1, committed units kept)."""
+
+
+class Interrupted(Exception):  # noqa: N818 -- what happened, as the user sees it
+    """Ctrl-C stopped a long command; the message says what was kept and the command that continues (exit code 130)."""

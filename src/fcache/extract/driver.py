@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from fcache import store as fstore
 from fcache.common.cluster import ClusterTarget
+from fcache.common.command import rerun
 from fcache.common.devices import resolve_device
-from fcache.common.errors import InputError, LeaseHeld
+from fcache.common.errors import InputError, Interrupted, LeaseHeld
 from fcache.extract.backbones import Backbone, build_backbone
 from fcache.extract.config import ExtractConfig
 from fcache.extract.sources import build_source
@@ -35,6 +36,7 @@ from fcache.extract.sources.base import SampleRef, Source
 from fcache.extract.stages import Batcher, SampleDataset, SampleItem, UnitAssembler, check_sample
 from fcache.extract.views import expand_test_views
 from fcache.spec import DatasetInfo, Manifest, Preprocessing, StorageSpec, keys_digest
+from fcache.store import layout
 from fcache.store.info import human
 from fcache.store.lease import DriverLease
 
@@ -121,18 +123,21 @@ def run_extract(cfg: ExtractConfig, show_progress: bool = False) -> ExtractSumma
     target = cfg.target()
     # a cluster's workers build their own backbones: the driver's, for the manifest only, stays off the GPUs
     source, refs, backbone, manifest = prepare(dataclasses.replace(cfg, device="cpu") if target else cfg)
-    with _leased_store(cfg, source, refs, manifest) as writer:
-        pending = writer.pending()
-        n = sum(len(u) for u in pending)
-        stats = _Stats()
-        if pending:
-            with _progress_bar(n, stats, t0, show_progress) as progress:
-                if target is None:
-                    _pipeline(cfg, source, refs, backbone, writer, pending, stats, progress)
-                else:
-                    del backbone
-                    _on_cluster(cfg, target, source, refs, pending, stats, progress)
-        done = writer.finalize()
+    try:
+        with _leased_store(cfg, source, refs, manifest) as writer:
+            pending = writer.pending()
+            n = sum(len(u) for u in pending)
+            stats = _Stats()
+            if pending:
+                with _progress_bar(n, stats, t0, show_progress) as progress:
+                    if target is None:
+                        _pipeline(cfg, source, refs, backbone, writer, pending, stats, progress)
+                    else:
+                        del backbone
+                        _on_cluster(cfg, target, source, refs, pending, stats, progress)
+            done = writer.finalize()
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_message(Path(cfg.out))) from None
     if done["units_committed"] < done["units_total"]:
         left = done["units_total"] - done["units_committed"]
         raise fstore.StoreError(f"{left} unit(s) of {cfg.out} are not committed (another writer held their lock); rerun this command")
@@ -149,6 +154,16 @@ def run_extract(cfg: ExtractConfig, show_progress: bool = False) -> ExtractSumma
         compression_ratio=info["compression_ratio"],
         timing=stats.timing(),
     )
+
+
+def interrupted_message(root: Path) -> str:
+    """What an interrupted extraction kept in ``root`` and the command that continues it."""
+    manifest = layout.read_manifest(root) if fstore_exists(str(root)) else None
+    if manifest is None:
+        return f"nothing was written to {root}"
+    total = len(layout.units(manifest.dataset.n, manifest.storage.shard_size))
+    done = len(list(layout.ledger_dir(root, "done").glob("*.json")))
+    return f"{done} of {total} units of {root} are committed and kept; continue with: {rerun(drop=('--overwrite',))}"
 
 
 @contextlib.contextmanager

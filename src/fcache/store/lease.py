@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shlex
 import socket
 import sys
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from fcache.common.command import command_line
 from fcache.common.errors import LeaseHeld
 from fcache.store import layout
 
@@ -127,15 +127,6 @@ def is_stale(info: dict[str, Any], age: float, timeout: float = LEASE_TIMEOUT_S)
         pass  # alive, another user's
     start = info.get("pid_start")
     return start is not None and _process_start(pid) not in (None, start)
-
-
-def command_line(args: list[str], limit: int = 200) -> str:
-    """The driver's command as a shell would take it; a long one keeps its start and its end (``--out`` is often last)."""
-    line = shlex.join(["fcache", *args])
-    if len(line) <= limit:
-        return line
-    tail = limit // 3
-    return f"{line[: limit - tail - 5]} ... {line[-tail:]}"
 
 
 def held_message(root: Path, info: dict[str, Any]) -> str:

@@ -136,6 +136,8 @@ class HeadRun:
     rng: dict[str, Any]
     meter: Meter
     error: str = ""  # why the head left the pass (its loss diverged); the others go on
+    at: int = 0  # iterations done
+    saved: int = 0  # the iteration of the checkpoint on disk (0: none yet)
 
 
 def start_head(
@@ -159,7 +161,7 @@ def start_head(
     else:
         torch.manual_seed(cfg.seed + dist.rank)
         start, rng = 0, rng_state()
-    return HeadRun(cfg, task, model, net, tuple(levels), run, optimizer, start, rng, Meter(run))
+    return HeadRun(cfg, task, model, net, tuple(levels), run, optimizer, start, rng, Meter(run), at=start, saved=start)
 
 
 def train_pass(heads: Sequence[HeadRun], data: Dataset, *, progress: bool = True, dist: ddp.Dist = ddp.SINGLE) -> list[TrainResult]:
@@ -181,19 +183,19 @@ def train_pass(heads: Sequence[HeadRun], data: Dataset, *, progress: bool = True
     t0 = time.perf_counter()
     what = heads[0].task.name if len(heads) == 1 else f"{len(heads)} heads"
     bar = tqdm(total=cfg.iters, initial=start, desc=f"train {what}", unit="it", file=sys.stderr, disable=not (progress and dist.is_main))
-    for it, batch in zip(range(start, stop), loader, strict=True):
-        batch = batch.to(device)
-        for h in heads:
-            if it >= h.start and not h.error:
-                try:
-                    head_step(h, batch, it, stop, device, dist)
-                except DivergedError as e:
-                    h.error = str(e)
-        bar.update(1)
-        if len(heads) == 1 and heads[0].meter.last:
-            m = heads[0].meter
-            bar.set_postfix(loss=f"{m.last['loss']:.4f}", samples_s=f"{m.rate:.1f}", lr=f"{get_lr(it, cfg):.2e}", refresh=False)
-    bar.close()
+    with bar:  # closed before anything is said about an interruption
+        for it, batch in zip(range(start, stop), loader, strict=True):
+            batch = batch.to(device)
+            for h in heads:
+                if it >= h.start and not h.error:
+                    try:
+                        head_step(h, batch, it, stop, device, dist)
+                    except DivergedError as e:
+                        h.error = str(e)
+            bar.update(1)
+            if len(heads) == 1 and heads[0].meter.last:
+                m = heads[0].meter
+                bar.set_postfix(loss=f"{m.last['loss']:.4f}", samples_s=f"{m.rate:.1f}", lr=f"{get_lr(it, cfg):.2e}", refresh=False)
     seconds = time.perf_counter() - t0
     return [TrainResult(h.start, stop, seconds, h.meter.samples, h.meter.last.get("loss"), dict(h.meter.last)) for h in heads]
 
@@ -213,7 +215,8 @@ def head_step(h: HeadRun, batch: Batch, it: int, stop: int, device: torch.device
         state = checkpoint_state(it + 1, h.model, h.optimizer, lr, ddp.gather(rng_state(), dist))
         if dist.is_main:
             h.run.save_checkpoint(state)
-    h.rng = rng_state()
+        h.saved = it + 1
+    h.rng, h.at = rng_state(), it + 1
 
 
 def train(

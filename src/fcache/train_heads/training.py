@@ -20,16 +20,17 @@ import numpy as np
 from torch import nn
 
 from fcache import store as fstore
+from fcache.common.command import rerun
 from fcache.common.devices import resolve_device
-from fcache.common.errors import DivergedError, InputError
+from fcache.common.errors import DivergedError, InputError, Interrupted
 from fcache.spec import LevelSpec
 from fcache.store import FeatureStore
 from fcache.train_heads import distributed as ddp
 from fcache.train_heads.config import TrainConfig
 from fcache.train_heads.data import eval_data, training_items
 from fcache.train_heads.evaluation import check_levels, evaluate_into
-from fcache.train_heads.loop import TrainResult, build_model, start_head, train_pass, trainable_parameters
-from fcache.train_heads.runfolder import RunDir, TrainingRecord
+from fcache.train_heads.loop import HeadRun, TrainResult, build_model, start_head, train_pass, trainable_parameters
+from fcache.train_heads.runfolder import CHECKPOINT, RunDir, TrainingRecord
 from fcache.train_heads.task import Task
 from fcache.train_heads.tasks import task_def
 
@@ -157,6 +158,17 @@ def _check_folders(prepared: Sequence[tuple[TrainConfig, Prepared, TrainingRecor
             ddp.own_rng(checkpoint, dist)
 
 
+def interrupted_message(heads: Sequence[HeadRun]) -> str:
+    """What an interrupted training pass kept in each RUN folder and the command that continues it."""
+    kept = []
+    for h in heads:
+        total = min(h.cfg.iters, h.cfg.stop_at or h.cfg.iters)
+        at = f"stopped at iteration {h.at} of {total}"
+        ckpt = f"{h.run.path / CHECKPOINT} (iteration {h.saved})" if h.saved else f"no checkpoint in {h.run.path} yet"
+        kept.append(f"{at}, {ckpt} kept" if h.saved else f"{at}, {ckpt}")
+    return f"{'; '.join(kept)}; continue with: {rerun(add=('--resume',))}"
+
+
 def run_train(cfg: TrainConfig, *, progress: bool = True, say: Callable[[str], None] = echo) -> dict[str, Any]:
     """Train one head as ``cfg`` says, evaluate it on ``cfg.val_store`` when the run is complete; returns the summary.
 
@@ -199,7 +211,10 @@ def _run(cfgs: Sequence[TrainConfig], *, own_folders: bool, progress: bool, say:
                                     checkpoint, dist))  # fmt: skip
         union = sorted({lv for _, p, _ in prepared for lv in p.levels}, key=lambda lv: lv.stride)
         cfg, first, _ = prepared[0]
-        results = train_pass(heads, training_data(first, cfg.seed, [lv.name for lv in union]), progress=progress, dist=dist)
+        try:
+            results = train_pass(heads, training_data(first, cfg.seed, [lv.name for lv in union]), progress=progress, dist=dist)
+        except KeyboardInterrupt:
+            raise Interrupted(interrupted_message(heads)) from None
         summaries = []
         for (cfg, p, _), h, result in zip(prepared, heads, results, strict=True):
             summary = train_summary(cfg, p, h.run, result) | ({"processes": dist.world} if dist.enabled else {})

@@ -111,7 +111,7 @@ class Ade20kSource:
             if label is None:
                 problems.append(f"{path.relative_to(self.root)}: no label map annotations/{self.split}/{path.stem}.png")
                 continue
-            extra = {"label": str(label)}
+            extra: dict[str, Any] = {"label": str(label)}
             try:
                 label_wh, _ = _header(label, ("PNG",))
             except Exception as e:  # an empty, cut, non-PNG or bomb-sized label costs its sample, not the dataset
