@@ -168,7 +168,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
     }
     (report / "metrics.json").write_text(json.dumps(metrics, indent=1))
     plot_losses(out / "run" / "metrics.jsonl", report / "loss.png")
-    draw_predictions(out / "run" / "detections.json", out / "data" / "val", report / "predictions.png")
+    draw_predictions(out / "run" / "eval" / "val" / "detections.json", out / "data" / "val", report / "predictions.png")
     return metrics
 
 
