@@ -71,12 +71,12 @@ def check_weights(record: TrainingRecord, weights: str, random_init: bool) -> No
     """The flags rebuild the run's backbone weights: ``--random-init`` exactly when it was random, a file when it was one."""
     recorded = record.require_features().backbone.weights
     seed = record.require_features().preprocessing.seed
+    if weights and (recorded == RANDOM_INIT or recorded.startswith("timm:")):
+        raise InputError(f"the run was trained on features of {recorded} weights, not of a weights file; drop --weights")
     if recorded == RANDOM_INIT and not random_init:
         raise InputError(f"the run was trained on features of a random-init backbone (seed {seed}); pass --random-init to rebuild it")
     if random_init and recorded != RANDOM_INIT:
         raise InputError(f"the run was trained on features of {recorded[:24]} weights, not random-init ones; drop --random-init")
-    if weights and (recorded == RANDOM_INIT or recorded.startswith("timm:")):
-        raise InputError(f"the run was trained on features of {recorded} weights, not of a weights file; drop --weights")
 
 
 class TrainedModel(nn.Module):
