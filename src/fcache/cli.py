@@ -342,6 +342,34 @@ def predict(run: str, inputs: tuple[str, ...], weights: str | None, test_views: 
 
 
 @main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="The artifact; its JSON config goes beside it (FILE.json).")
+@click.option("--format", "fmt", type=click.Choice(["pt2", "onnx", "safetensors"]), default="pt2", show_default=True,
+              help="torch.export program, ONNX graph, or the weights with their description.")  # fmt: skip
+@click.option("--head-only", is_flag=True, help="Export the head alone: its input is a dict of feature levels.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None, help="The weights file of the run's store.")
+@click.option("--random-init", is_flag=True, help="The run was trained on random-init features: rebuild them (same seed).")
+@click.option("--batch-size", type=int, default=1, show_default=True, help="Batch of the exported graph (shapes are fixed).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@user_errors
+def export(run: str, out: str, fmt: str, head_only: bool, weights: str | None, random_init: bool, batch_size: int, as_json: bool) -> None:
+    """Export the frozen backbone + head of RUN (or --head-only) as an artifact that loads without fcache.
+
+    pt2 (torch.export) and onnx hold the graph: classification and video logits, segmentation class scores on the
+    canvas, and for detection the neck's feature pyramid only (RPN, RoI heads and NMS do not export); safetensors holds
+    every weight (the backbone under timm's features_only key names). FILE.json says the inputs, outputs and the
+    preprocessing that makes the input.
+    """
+    from fcache.apps.export import ExportConfig, run_export
+
+    cfg = ExportConfig(run=run, out=out, format=fmt, head_only=head_only, weights=weights or "", random_init=random_init,
+                       batch_size=batch_size)  # fmt: skip
+    summary = run_export(cfg)
+    text = f"{summary['task']} -> {summary['out']} ({summary['outputs']}); {summary['config']}"
+    click.echo(json.dumps(summary, indent=1) if as_json else text)
+
+
+@main.command()
 @click.argument("spec", type=click.Path(exists=True, dir_okay=False))
 @options_of(SweepConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (with the rows) as JSON.")

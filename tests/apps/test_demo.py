@@ -49,4 +49,4 @@ def test_tiny_demo_writes_a_report(tmp_path):
         w, h = sizes[d["image_id"]]
         x, y, bw, bh = d["bbox"]
         assert x >= -0.5 and x + bw <= w + 0.5 and y >= -0.5 and y + bh <= h + 0.5  # original image coordinates
-    assert Image.open(report / "predictions.png").size[0] == 3 * 256
+    assert Image.open(report / "predictions.png").size[0] == 3 * 512
