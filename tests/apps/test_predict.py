@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from fcache import store as fstore
 from fcache.cli import main
@@ -80,6 +81,14 @@ def test_detection_predictions_equal_eval(tmp_path):
     assert box <= 1e-4 and score <= 1e-4
     FIGURES["detection"] = {"detections": len(evaluated), "max_box_diff_px": box, "max_score_diff": score, "masks_identical": 1.0}
     assert {p.name for p in (out / "overlays").iterdir()} == {f"{k:03d}.png" for k in range(4)}
+
+    # the cache path: the store as input, no backbone; the ground truth drawn beside the predictions
+    cached = tmp_path / "cached"
+    cli("predict", str(tmp_path / "run"), str(store), "--out", str(cached), "--score-thr", "0", "--batch-size", "2", "--draw", *CPU[2:])
+    from_store = json.loads((cached / "predictions.json").read_text())
+    assert [{k: v for k, v in d.items() if k not in ("file_name", "category_name")} for d in from_store] == evaluated
+    overlays = sorted((cached / "overlays").iterdir())
+    assert len(overlays) == 4 and Image.open(overlays[0]).width > 2 * 512  # prediction and ground truth side by side
 
 
 def test_segmentation_label_maps_equal_eval_with_test_views(tmp_path):

@@ -78,7 +78,6 @@ def draw_detections(image: np.ndarray, detections: Sequence[Mapping[str, Any]], 
         detections: COCO records in original pixels (``bbox`` xywh, optional RLE ``segmentation``, ``category_name``
             or ``category_id``, optional ``score``).
     """
-    from pycocotools import mask as mask_utils
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
     big, f = enlarge(image)
@@ -90,7 +89,7 @@ def draw_detections(image: np.ndarray, detections: Sequence[Mapping[str, Any]], 
         x, y, bw, bh = (float(v) * f for v in d["bbox"])
         box = np.zeros((h, w), bool)
         box[int(y) : int(np.ceil(y + bh)), int(x) : int(np.ceil(x + bw))] = True
-        m = _resize_mask(mask_utils.decode(d["segmentation"]), (w, h)) if "segmentation" in d else None
+        m = _resize_mask(_decode_mask(d["segmentation"], *image.shape[:2]), (w, h)) if d.get("segmentation") else None
         colours.append(contrasting(big, m if m is not None and m.any() else box))
         masks.append(m if m is not None else np.zeros((h, w), bool))
         boxes.append([x, y, x + bw, y + bh])
@@ -105,6 +104,17 @@ def draw_detections(image: np.ndarray, detections: Sequence[Mapping[str, Any]], 
         font_size=size, label_colors=[text_colour(c) for c in colours], label_background_colors=colours, fill_labels=True,
     )  # fmt: skip
     return t.permute(1, 2, 0).numpy()
+
+
+def _decode_mask(seg: Any, h: int, w: int) -> np.ndarray:
+    """(h, w) mask of a COCO segmentation: RLE (compressed or not) or polygons."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(seg, list):
+        seg = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+    elif isinstance(seg.get("counts"), list):
+        seg = mask_utils.frPyObjects(seg, h, w)
+    return np.asarray(mask_utils.decode(seg))
 
 
 def draw_labels(image: np.ndarray, labels: np.ndarray, names: Sequence[str], *, alpha: float = 0.55) -> np.ndarray:
