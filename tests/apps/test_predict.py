@@ -112,7 +112,7 @@ def test_segmentation_label_maps_equal_eval_with_test_views(tmp_path):
 
 
 def _label_records(path: Path) -> dict[str, dict]:
-    return {Path(r["key"]).name: r for r in map(json.loads, path.read_text().splitlines())}
+    return {r["key"]: r for r in map(json.loads, path.read_text().splitlines())}
 
 
 def _compare_labels(evaluated: dict[str, dict], predicted: dict[str, dict], task: str) -> None:
