@@ -308,6 +308,70 @@ def eval_run(run: str, as_json: bool, **kw: Any) -> None:
 
 
 @main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder for the predictions (and overlays).")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None, help="The weights file of the run's store.")
+@click.option("--random-init", is_flag=True, help="The run was trained on random-init features: rebuild them (same seed).")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Images per backbone forward, and inputs per head batch.")
+@click.option("--score-thr", type=float, default=0.3, show_default=True, help="Detection: keep (and draw) detections scoring this.")
+@click.option("--top-k", type=int, default=5, show_default=True, help="Video, classification: classes listed per input.")
+@click.option("--test-views", default="", help="Segmentation, classification: also average the flip and/or ms views, as eval does.")
+@click.option("--clips", type=int, default=None, help="Video: temporal clips per video [default: the training store's].")
+@click.option("--crops", type=int, default=None, help="Video: spatial crops per clip [default: the training store's].")
+@click.option("--draw", is_flag=True, help="Also write overlays/<name>.png (with the ground truth beside, for a store with targets).")
+@click.option("--annotations", default="", help="Detection: a COCO json whose image ids the predictions should carry.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON, without progress bar.")
+@user_errors
+def predict(run: str, inputs: tuple[str, ...], weights: str | None, test_views: str, as_json: bool, **kw: Any) -> None:
+    """Run the head trained in RUN, with its frozen backbone rebuilt from RUN's record, on INPUTs: images, folders,
+    globs, or videos (video heads); or on one feature store (its cached features, no backbone).
+
+    Writes into OUT: detection predictions.json (COCO results in original pixels); segmentation labels/<name>.png
+    (label maps at original resolution, class palette); video and classification predictions.jsonl (top-k classes).
+    The predictions equal `fcache eval`'s on a store of the same images. Nothing is written into RUN.
+    """
+    from fcache.apps.predict import PredictConfig, run_predict
+    from fcache.common.flags import split_csv
+
+    cfg = PredictConfig(run=run, inputs=inputs, weights=weights or "", test_views=split_csv(test_views), **kw)
+    summary = run_predict(cfg, progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(summary, indent=1))
+    else:
+        click.echo(f"{summary['task']}: {summary['inputs']} input(s) -> {', '.join(summary['files'])}")
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="The artifact; its JSON config goes beside it (FILE.json).")
+@click.option("--format", "fmt", type=click.Choice(["pt2", "onnx", "safetensors"]), default="pt2", show_default=True,
+              help="torch.export program, ONNX graph, or the weights with their description.")  # fmt: skip
+@click.option("--head-only", is_flag=True, help="Export the head alone: its input is a dict of feature levels.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None, help="The weights file of the run's store.")
+@click.option("--random-init", is_flag=True, help="The run was trained on random-init features: rebuild them (same seed).")
+@click.option("--batch-size", type=int, default=1, show_default=True, help="Batch of the exported graph (shapes are fixed).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@user_errors
+def export(run: str, out: str, fmt: str, head_only: bool, weights: str | None, random_init: bool, batch_size: int, as_json: bool) -> None:
+    """Export the frozen backbone + head of RUN (or --head-only) as an artifact that loads without fcache.
+
+    pt2 (torch.export) and onnx hold the graph: classification and video logits, segmentation class scores on the
+    canvas, and for detection the neck's feature pyramid only (RPN, RoI heads and NMS do not export); safetensors holds
+    every weight (the backbone under timm's features_only key names). FILE.json says the inputs, outputs and the
+    preprocessing that makes the input.
+    """
+    from fcache.apps.export import ExportConfig, run_export
+
+    cfg = ExportConfig(run=run, out=out, format=fmt, head_only=head_only, weights=weights or "", random_init=random_init,
+                       batch_size=batch_size)  # fmt: skip
+    summary = run_export(cfg)
+    text = f"{summary['task']} -> {summary['out']} ({summary['outputs']}); {summary['config']}"
+    click.echo(json.dumps(summary, indent=1) if as_json else text)
+
+
+@main.command()
 @click.argument("spec", type=click.Path(exists=True, dir_okay=False))
 @options_of(SweepConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (with the rows) as JSON.")

@@ -45,8 +45,8 @@ def test_tiny_demo_writes_a_report(tmp_path):
     assert m["trainable_params"] > 0 and m["timings"]["total_s"] > 0
     val = json.loads((tmp_path / "demo" / "data" / "val" / "annotations.json").read_text())
     sizes = {im["id"]: (im["width"], im["height"]) for im in val["images"]}
-    for d in json.loads((tmp_path / "demo" / "run" / "detections.json").read_text()):
+    for d in json.loads((tmp_path / "demo" / "run" / "eval" / "val" / "detections.json").read_text()):
         w, h = sizes[d["image_id"]]
         x, y, bw, bh = d["bbox"]
         assert x >= -0.5 and x + bw <= w + 0.5 and y >= -0.5 and y + bh <= h + 0.5  # original image coordinates
-    assert Image.open(report / "predictions.png").size[0] == 3 * 256
+    assert Image.open(report / "predictions.png").size[0] == 3 * 512

@@ -69,7 +69,7 @@ def test_linear_probe_learns_the_labels_the_features_carry(stores, tmp_path):
     config = json.loads((out / "config.json").read_text())["config"]
     assert (config["batch_size"], config["lr"], config["weight_decay"], config["schedule"]) == (8, 1e-3, 0.0, "cosine")
     assert config["warmup_epochs"] == 1.0 and config["warmup"] == 3  # ceil(1 epoch x 24 samples / batch 8)
-    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (out / "eval" / "val" / "predictions.jsonl").read_text().splitlines()]
     assert [x["key"] for x in lines] == [f"{c}/i{k:02d}.png" for c in COLOURS for k in range(4)]
     assert sum(x["pred_name"] == x["label_name"] for x in lines) == round(12 * summary["eval"]["avg/top1"])
 

@@ -66,7 +66,7 @@ def test_eval_matches_pycocotools_on_the_written_detections(fitted, det_store, t
     assert got["metrics"] == summary["eval"]  # the same weights scored twice
 
     gt = COCO(_ground_truth_file(det_store, tmp_path / "gt.json"))
-    detections = json.loads((out / "detections.json").read_text())
+    detections = json.loads((out / "eval" / "train" / "detections.json").read_text())
     for iou_type, prefix in (("bbox", "box"), ("segm", "mask")):
         dets = detections if iou_type == "bbox" else [{k: v for k, v in d.items() if k != "bbox"} for d in detections]
         ev = COCOeval(gt, gt.loadRes(dets), iou_type)
@@ -79,7 +79,7 @@ def test_eval_matches_pycocotools_on_the_written_detections(fitted, det_store, t
 
 def test_detections_are_in_original_image_coordinates(fitted):
     out, _ = fitted
-    detections = json.loads((out / "detections.json").read_text())
+    detections = json.loads((out / "eval" / "train" / "detections.json").read_text())
     assert {d["image_id"] for d in detections} == {1, 2}
     assert {d["category_id"] for d in detections} <= {c["id"] for c in CATEGORIES}
     for d in detections:

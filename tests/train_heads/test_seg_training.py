@@ -75,7 +75,7 @@ def test_eval_prints_single_scale_and_ms_flip(upernet_run, seg_stores):
 
 def test_per_class_iou_and_per_view_scores_are_written(upernet_run, seg_stores):
     out, summary = upernet_run
-    report = json.loads((out / SEGMENTATION_JSON).read_text())
+    report = json.loads((out / "eval" / "val" / SEGMENTATION_JSON).read_text())
     assert report["views"] == list(fstore.open(seg_stores[1]).manifest.view_names)
     assert report["views"] == ["plain", "flip", "s0.5", "s0.5+flip", "s0.75", "s0.75+flip"]
     classes = report["single_scale"]["classes"]

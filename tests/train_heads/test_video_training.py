@@ -79,7 +79,7 @@ def test_eval_cli_scores_again_and_writes_predictions(temporal_run, motion):
     assert r.exit_code == 0, r.output
     got = json.loads(r.stdout)
     assert got["samples"] == 24 and got["metrics"] == summary["eval"]
-    records = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (out / "eval" / "val" / "predictions.jsonl").read_text().splitlines()]
     assert [x["key"] for x in records] == [f"{c}/v{k:03d}.mkv" for c in CLASSES for k in range(12)]
     assert all(set(x["views"]) == {"clip0-crop0"} and x["label_name"] == CLASSES[x["label"]] for x in records)
 
@@ -124,7 +124,7 @@ def test_real_clips_extract_train_and_average_over_4x3_style_views(real_clips, t
     task = VideoTask.from_description(config["task"])
     model = task.build(tuple(s.manifest.levels)).eval()
     model.load_state_dict(load_file(str(out / "model.safetensors")))
-    records = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (out / "eval" / "sk" / "predictions.jsonl").read_text().splitlines()]
     for i, rec in enumerate(records):
         with torch.no_grad():
             probs = model(torch.from_numpy(s.read("p5", i))).softmax(-1).numpy()  # (6 views, 2 classes)

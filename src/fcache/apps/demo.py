@@ -168,7 +168,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
     }
     (report / "metrics.json").write_text(json.dumps(metrics, indent=1))
     plot_losses(out / "run" / "metrics.jsonl", report / "loss.png")
-    draw_predictions(out / "run" / "detections.json", out / "data" / "val", report / "predictions.png")
+    draw_predictions(out / "run" / "eval" / "val" / "detections.json", out / "data" / "val", report / "predictions.png")
     return metrics
 
 
@@ -190,37 +190,29 @@ def plot_losses(metrics_jsonl: Path, png: Path) -> None:
     plt.close(fig)
 
 
-def draw_predictions(detections_json: Path, data: Path, png: Path, images: int = 6, min_score: float = 0.5) -> None:
-    """Predicted boxes and masks (score >= min_score) drawn on the first val images, in a grid."""
-    from PIL import Image, ImageDraw
-    from pycocotools import mask as mask_utils
+def draw_predictions(detections_json: Path, data: Path, png: Path, images: int = 6, min_score: float = 0.5, tile: int = 512) -> None:
+    """Predicted boxes and masks (score >= min_score) on the first val images, in a grid, drawn by ``apps.draw`` (each
+    detection in a colour far from the pixels it covers, with a legible name + score tag)."""
+    from PIL import Image
+
+    from fcache.apps.draw import draw_detections
 
     coco = json.loads((data / "annotations.json").read_text())
     names = {c["id"]: c["name"] for c in coco["categories"]}
     dets = json.loads(detections_json.read_text()) if detections_json.exists() else []
     tiles = []
     for rec in coco["images"][:images]:
-        img = Image.open(data / "images" / rec["file_name"]).convert("RGB")
-        overlay = np.asarray(img, dtype=np.float32).copy()
-        draw_boxes = []
-        for d in (d for d in dets if d["image_id"] == rec["id"] and d["score"] >= min_score):
-            if "segmentation" in d:
-                m = mask_utils.decode(d["segmentation"]).astype(bool)
-                overlay[m] = 0.5 * overlay[m] + 0.5 * np.array(COLORS.get(d["category_id"], (255, 255, 0)))
-            draw_boxes.append(d)
-        tile = Image.fromarray(overlay.astype(np.uint8))
-        draw = ImageDraw.Draw(tile)
-        for d in draw_boxes:
-            x, y, w, h = d["bbox"]
-            draw.rectangle([x, y, x + w, y + h], outline=(255, 255, 0), width=2)
-            draw.text((x + 2, y + 1), f"{names.get(d['category_id'], '?')} {d['score']:.2f}", fill=(255, 255, 0))
-        tiles.append(tile.resize((256, round(256 * tile.height / tile.width))))
+        img = np.asarray(Image.open(data / "images" / rec["file_name"]).convert("RGB"))
+        mine = [d for d in dets if d["image_id"] == rec["id"] and d["score"] >= min_score]
+        mine = [d | {"category_name": names.get(d["category_id"], "?")} for d in mine]
+        t = Image.fromarray(draw_detections(img, mine))
+        tiles.append(t.resize((tile, round(tile * t.height / t.width)), Image.Resampling.LANCZOS))
     cols = 3
     rows = math.ceil(len(tiles) / cols)
     th = max(t.height for t in tiles)
-    grid = Image.new("RGB", (cols * 256, rows * th), (20, 20, 20))
+    grid = Image.new("RGB", (cols * tile, rows * th), (20, 20, 20))
     for k, t in enumerate(tiles):
-        grid.paste(t, ((k % cols) * 256, (k // cols) * th))
+        grid.paste(t, ((k % cols) * tile, (k // cols) * th))
     grid.save(png)
 
 

@@ -31,12 +31,19 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     tmp = temporary_for(path)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # readable as the umask allows (safetensors and others create files 0600)
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if disk_full(e, path):
             raise OSError(errno.ENOSPC, "no space left on device", str(path)) from e
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def disk_full(e: BaseException, path: Path) -> bool:

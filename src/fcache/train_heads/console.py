@@ -33,4 +33,5 @@ def format_train_summary(s: Mapping[str, Any]) -> str:
 
 def format_eval(s: Mapping[str, Any]) -> str:
     lines = [f"run       {s['run']} (iteration {s['iter']}) on {s['store']}, {s['samples']} samples"]
-    return "\n".join(lines + ["          " + line for line in format_metrics(s["metrics"])])
+    lines += ["          " + line for line in format_metrics(s["metrics"])]
+    return "\n".join(lines + ([f"files     {s['out']}"] if "out" in s else []))

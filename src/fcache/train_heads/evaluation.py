@@ -1,7 +1,10 @@
 """``fcache eval`` and every evaluation: a trained head rebuilt from its RUN folder, predictions, the task's metric.
 
 :func:`load_trained` is the one way a RUN's head comes back (eval, cka): its task from the recorded description,
-its weights from ``model.safetensors``, the evaluation store checked to fit it.
+its weights from ``model.safetensors``, the evaluation store checked to fit it: the task's own check, the levels,
+and the frozen backbone (:func:`check_same_backbone`: features of another model, weights, input size, normalisation
+or random seed are refused, naming the fields that differ). Prediction files and metrics of each evaluation store go
+into ``RUN/eval/<store name>/`` (``RunDir.eval_dir``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from fcache.store import FeatureStore
 from fcache.train_heads.config import EvalConfig
 from fcache.train_heads.data import Collate, eval_data
 from fcache.train_heads.loop import build_model
-from fcache.train_heads.runfolder import RunDir
+from fcache.train_heads.runfolder import EVAL_METRICS, FeatureSource, RunDir, TrainingRecord, identity_differences, write_json
 from fcache.train_heads.task import Task
 from fcache.train_heads.tasks import task_def
 
@@ -43,6 +46,19 @@ def check_levels(store: FeatureStore, levels: tuple[LevelSpec, ...]) -> None:
     if differ:
         raise InputError(
             f"{store.root} has other features than the head was trained on ({'; '.join(differ)}); use a store of the same backbone"
+        )
+
+
+def check_same_backbone(features: FeatureSource | None, store: FeatureStore, levels: tuple[LevelSpec, ...]) -> None:
+    """``store`` holds features of the frozen backbone the head was trained on (a run that does not record it: unchecked)."""
+    if features is None:
+        return
+    m = store.manifest
+    diffs = identity_differences((m.backbone, m.preprocessing), (features.backbone, features.preprocessing), levels)
+    if diffs:
+        raise InputError(
+            f"{store.root} holds features of another backbone than the head was trained on ({'; '.join(diffs)}; store != run); "
+            "extract it with the training store's --model, --weights/--random-init, --seed and --input-size"
         )
 
 
@@ -90,13 +106,18 @@ def evaluate_into(
     iteration: int,
     progress: bool,
 ) -> dict[str, float]:
-    """Score ``model`` on ``store`` as its task evaluates; prediction files go into RUN, the metrics into metrics.jsonl."""
+    """Score ``model`` on ``store`` as its task evaluates; prediction files and metrics.json go into RUN/eval/<store>,
+    the metrics also into metrics.jsonl (with the store they come from)."""
     data = eval_data(store, task, levels, task_def(task.name).eval_views)
+    out = run.eval_dir(store.root, store.manifest.fingerprint)
     metrics = evaluate(
-        task, model, data, batch_size=batch_size, num_workers=num_workers, device=torch.device(resolve_device(device)), out=run.path,
+        task, model, data, batch_size=batch_size, num_workers=num_workers, device=torch.device(resolve_device(device)), out=out,
         progress=progress,
     )  # fmt: skip
-    run.log({"event": "eval", "iter": iteration, "store": str(store.root), "samples": len(data), **metrics})  # type: ignore[arg-type]
+    samples = len(data)  # type: ignore[arg-type]
+    record = {"event": "eval", "iter": iteration, "store": str(store.root), "samples": samples, "eval_dir": str(out.relative_to(run.path))}
+    write_json(out / EVAL_METRICS, record | {"metrics": metrics})
+    run.log(record | metrics)
     return metrics
 
 
@@ -112,6 +133,28 @@ class Trained:
     iteration: int
 
 
+@dataclass
+class Head:
+    """A RUN's record and its trained head, rebuilt without any store."""
+
+    run: RunDir
+    record: TrainingRecord
+    task: Task
+    model: nn.Module
+    iteration: int
+
+
+def load_head(run_path: str | Path) -> Head:
+    """The record, task and trained model of RUN (weights from model.safetensors), in eval mode on the CPU."""
+    run = RunDir(run_path)
+    record = run.require_config()
+    task = task_def(record.config.task).from_description(record.task)
+    state, iteration = run.load_model()
+    model = build_model(task, record.levels, seed=0)
+    model.load_state_dict(state)
+    return Head(run, record, task, model.eval(), iteration)
+
+
 def load_trained(run_path: str | Path, store_path: str | Path) -> Trained:
     """The task, levels and trained model of RUN, and ``store`` checked to fit them."""
     run = RunDir(run_path)
@@ -121,10 +164,9 @@ def load_trained(run_path: str | Path, store_path: str | Path) -> Trained:
     store = fstore.open(store_path)
     tdef.check_eval_store(task, store)
     check_levels(store, record.levels)
-    state, iteration = run.load_model()
-    model = build_model(task, record.levels, seed=0)
-    model.load_state_dict(state)
-    return Trained(run, task, record.levels, model, store, iteration)
+    check_same_backbone(record.features, store, record.levels)
+    head = load_head(run_path)
+    return Trained(run, head.task, record.levels, head.model, store, head.iteration)
 
 
 def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -133,4 +175,5 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
     n = len(eval_data(t.store, t.task, t.levels, task_def(t.task.name).eval_views))  # type: ignore[arg-type]
     resolve_device(cfg.device)
     metrics = evaluate_into(t.run, t.task, t.model, t.store, t.levels, cfg.batch_size, cfg.num_workers, cfg.device, t.iteration, progress)
-    return {"run": str(t.run.path), "store": str(t.store.root), "iter": t.iteration, "samples": n, "metrics": metrics}
+    out = t.run.eval_dir(t.store.root, t.store.manifest.fingerprint)
+    return {"run": str(t.run.path), "store": str(t.store.root), "iter": t.iteration, "samples": n, "out": str(out), "metrics": metrics}

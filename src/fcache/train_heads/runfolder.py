@@ -1,17 +1,27 @@
 """A RUN folder: config.json (the :class:`TrainingRecord`), the latest checkpoint, the model weights and metrics.jsonl.
 
-- ``config.json``: the TrainConfig, the store fingerprint, the task description, the levels and the trainable
-  parameter count. A folder holding another configuration (or the same one without ``--resume``) is refused before
-  anything is written.
+- ``config.json``: the TrainConfig, the store fingerprint, the task description (head spec, class or category names
+  and ids), the levels and the trainable parameter count; and everything that rebuilds the frozen backbone and its
+  inputs without the store (the training store's backbone, preprocessing and dataset records), the fcache and library
+  versions and the command line. A folder holding another configuration (or the same one without ``--resume``) is
+  refused before anything is written.
 - ``checkpoint.pt``: model, optimiser, schedule and RNG states at an iteration, replaced atomically; loaded with
   ``torch.load(weights_only=True)``, never by unpickling.
-- ``model.safetensors``: the model weights of the same iteration (what ``fcache eval`` loads).
+- ``model.safetensors``: the model weights of the same iteration (what ``fcache eval`` loads), with the record as
+  metadata (``fcache.run``), so the file alone says what it is.
 - ``metrics.jsonl``: one JSON object per logged iteration or evaluation.
+- ``eval/<store>/``: what ``fcache eval`` wrote for one evaluation store (its prediction files, ``metrics.json`` and
+  ``store.json`` naming the store), one folder per store, so no evaluation overwrites another's.
+
+Files are written atomically (a temporary file renamed into place) and readable as the umask allows, like any other.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import json
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,18 +35,80 @@ from fcache import __version__
 from fcache.common.errors import InputError
 from fcache.common.files import atomic_file, remove_stale
 from fcache.common.records import check_record, load_json, read_json
-from fcache.spec import LevelSpec
+from fcache.spec import BackboneInfo, DatasetInfo, LevelSpec, Manifest, Preprocessing, library_versions
 from fcache.train_heads.config import TrainConfig
 
 RUN_FORMAT = 1
 CONFIG, CHECKPOINT, MODEL, METRICS = "config.json", "checkpoint.pt", "model.safetensors", "metrics.jsonl"
 DETECTIONS = "detections.json"
+EVAL, EVAL_METRICS, EVAL_STORE = "eval", "metrics.json", "store.json"
+RANDOM_INIT = "random-init"  # BackboneInfo.weights of a random backbone: its weights are made from the extraction seed
+RECORD_KEY = "fcache.run"  # model.safetensors metadata: the TrainingRecord as JSON
+
+
+def backbone_identity(backbone: BackboneInfo, pre: Preprocessing) -> dict[str, Any]:
+    """What makes two feature sources the same frozen model seeing the same inputs: the model, its weights, input size,
+    window and normalisation (and, for random-init weights, the seed they were drawn from). Views are not part of it:
+    a validation store has other views than the training store. The levels are compared one by one
+    (:func:`identity_differences`)."""
+    return {
+        "model": backbone.timm_name,
+        "weights": backbone.weights,
+        "input_size": backbone.input_size,
+        "window": backbone.window,
+        "mean": [round(float(v), 6) for v in pre.mean],
+        "std": [round(float(v), 6) for v in pre.std],
+        "resize": pre.resize,
+        "seed": pre.seed if backbone.weights == RANDOM_INIT else None,
+    }
+
+
+def identity_differences(
+    have: tuple[BackboneInfo, Preprocessing], want: tuple[BackboneInfo, Preprocessing], levels: tuple[LevelSpec, ...]
+) -> list[str]:
+    """``field: have != want`` for every field of :func:`backbone_identity` (and every level in ``levels``) that differs."""
+    a, b = backbone_identity(*have), backbone_identity(*want)
+    out = [f"{k}: {json.dumps(a[k])} != {json.dumps(b[k])}" for k in a if a[k] != b[k]]
+    theirs = {lv.name: lv for lv in have[0].levels}
+    for lv in levels:
+        other = theirs.get(lv.name)
+        if other is not None and other != lv:
+            out.append(f"{lv.name}: {other.channels}ch/{other.stride} != {lv.channels}ch/{lv.stride}")
+    return out
+
+
+@dataclass(frozen=True)
+class FeatureSource:
+    """The training store's frozen backbone, how its samples became backbone inputs, and its dataset: everything that
+    rebuilds the backbone and its preprocessing without the store (``fcache predict``, ``fcache.load``, ``fcache export``)."""
+
+    backbone: BackboneInfo
+    preprocessing: Preprocessing
+    dataset: DatasetInfo
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> FeatureSource:
+        return cls(manifest.backbone, manifest.preprocessing, manifest.dataset)
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return backbone_identity(self.backbone, self.preprocessing)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backbone": self.backbone.to_dict(), "preprocessing": self.preprocessing.to_dict(), "dataset": self.dataset.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> FeatureSource:
+        if not isinstance(d, dict) or not {"backbone", "preprocessing", "dataset"} <= set(d):
+            raise ValueError("features must be an object with backbone, preprocessing and dataset")
+        return cls(BackboneInfo.from_dict(d["backbone"]), Preprocessing.from_dict(d["preprocessing"]), DatasetInfo.from_dict(d["dataset"]))
 
 
 @dataclass(frozen=True)
 class TrainingRecord:
-    """What RUN/config.json holds: the identity of the run (its config, already resolved, and the store's fingerprint)
-    and what it trains (the task's description, which rebuilds the head without the store, and the levels it reads)."""
+    """What RUN/config.json holds: the identity of the run (its config, already resolved, and the store's fingerprint),
+    what it trains (the task's description, which rebuilds the head without the store, and the levels it reads) and
+    where its features came from (``features``: None in runs written before fcache recorded it), with provenance."""
 
     config: TrainConfig
     store_fingerprint: str
@@ -44,8 +116,22 @@ class TrainingRecord:
     levels: tuple[LevelSpec, ...]
     trainable_params: int
     train_samples: int
+    features: FeatureSource | None = None
+    command: tuple[str, ...] = ()
+    libraries: dict[str, str] = field(default_factory=dict)
     format_version: int = RUN_FORMAT
     fcache_version: str = field(default=__version__)
+
+    @classmethod
+    def new(
+        cls, config: TrainConfig, manifest: Manifest, task: dict[str, Any], levels: tuple[LevelSpec, ...], params: int, samples: int
+    ) -> TrainingRecord:
+        """The record of a run starting now on a store of ``manifest``, with this process's command line and libraries."""
+        libraries = library_versions()
+        for name in ("torchvision", "safetensors", "pycocotools"):
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                libraries[name] = importlib.metadata.version(name)
+        return cls(config, manifest.fingerprint, task, levels, params, samples, FeatureSource.of(manifest), tuple(sys.argv), libraries)
 
     @property
     def head(self) -> str:
@@ -53,7 +139,7 @@ class TrainingRecord:
         return str(self.task.get("head", self.config.head))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "format_version": self.format_version,
             "fcache_version": self.fcache_version,
             "config": self.config.to_dict(),
@@ -62,10 +148,24 @@ class TrainingRecord:
             "levels": [lv.to_dict() for lv in self.levels],
             "trainable_params": self.trainable_params,
             "train_samples": self.train_samples,
+            "command": list(self.command),
+            "libraries": dict(self.libraries),
         }
+        return d | ({"features": self.features.to_dict()} if self.features is not None else {})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainingRecord:
+        """The record of a config.json; ValueError / KeyError / TypeError naming what is malformed."""
+        if not isinstance(d, dict):
+            raise TypeError("config.json must hold a JSON object")
+        version = int(d.get("format_version", RUN_FORMAT))
+        if version > RUN_FORMAT:
+            raise ValueError(f"RUN format {version} is newer than this fcache reads ({RUN_FORMAT}); upgrade fcache")
+        if not isinstance(d["task"], dict) or not isinstance(d["levels"], list):
+            raise TypeError("task must be an object and levels a list")
+        command, libraries = d.get("command", []), d.get("libraries", {})
+        if not isinstance(command, list) or not isinstance(libraries, dict):
+            raise TypeError("command must be a list and libraries an object")
         return cls(
             config=TrainConfig.from_dict(d["config"]),
             store_fingerprint=str(d.get("store_fingerprint", "")),
@@ -73,9 +173,21 @@ class TrainingRecord:
             levels=tuple(LevelSpec.from_dict(x) for x in d["levels"]),
             trainable_params=int(d["trainable_params"]),
             train_samples=int(d.get("train_samples", 0)),
-            format_version=int(d.get("format_version", RUN_FORMAT)),
+            features=FeatureSource.from_dict(d["features"]) if d.get("features") is not None else None,
+            command=tuple(str(a) for a in command),
+            libraries={str(k): str(v) for k, v in libraries.items()},
+            format_version=version,
             fcache_version=str(d.get("fcache_version", "")),
         )
+
+    def require_features(self) -> FeatureSource:
+        """Where the run's features came from; InputError for a run written before fcache recorded it."""
+        if self.features is None:
+            raise InputError(
+                f"this run (fcache {self.fcache_version or '?'}) does not record its backbone; retrain it with this fcache, "
+                "or evaluate it on stores with `fcache eval`"
+            )
+        return self.features
 
     def identity(self) -> dict[str, Any]:
         """What must match for a folder to hold the same run: the config's identity (the head spelled canonically)
@@ -95,6 +207,9 @@ class RunDir:
         if not p.is_file():
             return None
         d = read_json(p, InputError)
+        version = d.get("format_version", RUN_FORMAT) if isinstance(d, dict) else RUN_FORMAT
+        if isinstance(version, int) and version > RUN_FORMAT:
+            raise InputError(f"{p}: RUN format {version} is newer than this fcache reads ({RUN_FORMAT}); upgrade fcache")
         check_record(TrainingRecord, d, str(p), InputError)
         try:
             return TrainingRecord.from_dict(d)
@@ -136,13 +251,15 @@ class RunDir:
         Raises:
             InputError: as :meth:`check`, before anything is written.
         """
-        fresh = self.read_config() is None
+        existing = self.read_config()
         checkpoint = self.check(record, resume=resume)
-        if fresh:
+        if existing is None:
             self.path.mkdir(parents=True, exist_ok=True)
             write_json(self.path / CONFIG, record.to_dict())
             return None
         remove_stale(self.path, (CHECKPOINT, MODEL, CONFIG, METRICS))  # a killed run's temporaries
+        if existing.features is None and record.features is not None:  # a run from before backbones were recorded
+            write_json(self.path / CONFIG, record.to_dict())
         self.truncate_metrics(checkpoint["iteration"] if checkpoint else 0)
         return checkpoint
 
@@ -153,8 +270,12 @@ class RunDir:
         with atomic_file(self.path / CHECKPOINT) as tmp:
             torch.save(state, tmp)
         weights = {k: v.detach().cpu().contiguous() for k, v in state["model"].items()}
+        metadata = {"iteration": str(state["iteration"])}
+        record = self.read_config()
+        if record is not None:
+            metadata[RECORD_KEY] = json.dumps(record.to_dict(), sort_keys=True)
         with atomic_file(self.path / MODEL) as tmp:
-            save_file(weights, str(tmp), metadata={"iteration": str(state["iteration"])})
+            save_file(weights, str(tmp), metadata=metadata)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         """The checkpoint to resume from (None without one), loaded as tensors only (``weights_only``, never unpickled)."""
@@ -213,6 +334,21 @@ class RunDir:
         kept = [r for r in self.metrics() if r.get("iter", 0) <= iteration]
         with atomic_file(self.path / METRICS) as tmp:
             tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+    # -- evaluations ---------------------------------------------------------------------------
+    def eval_dir(self, store_path: str | Path, fingerprint: str) -> Path:
+        """``RUN/eval/<store name>``, created, for the store at ``store_path``: the same folder every time that store is
+        evaluated, another one (``<name>-<fingerprint[:8]>``) for another store of the same name."""
+        name = Path(str(store_path).rstrip("/")).name.removesuffix(".zarr") or "store"
+        for candidate in (name, f"{name}-{fingerprint[:8]}"):
+            d = self.path / EVAL / candidate
+            known = d / EVAL_STORE
+            if known.is_file() and json.loads(known.read_text()).get("fingerprint") != fingerprint:
+                continue
+            d.mkdir(parents=True, exist_ok=True)
+            write_json(known, {"path": str(Path(store_path).absolute()), "fingerprint": fingerprint})
+            return d
+        raise AssertionError("a fingerprint-named folder holds its own store")
 
 
 def write_json(path: Path, obj: Any, *, indent: int | None = 1) -> None:

@@ -28,9 +28,9 @@ from fcache.store import FeatureStore
 from fcache.train_heads import distributed as ddp
 from fcache.train_heads.config import TrainConfig
 from fcache.train_heads.data import eval_data, training_items
-from fcache.train_heads.evaluation import check_levels, evaluate_into
+from fcache.train_heads.evaluation import check_levels, check_same_backbone, evaluate_into
 from fcache.train_heads.loop import HeadRun, TrainResult, build_model, start_head, train_pass, trainable_parameters
-from fcache.train_heads.runfolder import CHECKPOINT, RunDir, TrainingRecord
+from fcache.train_heads.runfolder import CHECKPOINT, FeatureSource, RunDir, TrainingRecord
 from fcache.train_heads.task import Task
 from fcache.train_heads.tasks import task_def
 
@@ -68,7 +68,7 @@ class Prepared:
 
     def record(self, cfg: TrainConfig) -> TrainingRecord:
         """What RUN/config.json holds for ``cfg`` (already ``resolved``)."""
-        return TrainingRecord(cfg, self.store.manifest.fingerprint, self.task.describe(), self.levels, self.params, len(self.indices))
+        return TrainingRecord.new(cfg, self.store.manifest, self.task.describe(), self.levels, self.params, len(self.indices))
 
 
 def prepare_training(cfg: TrainConfig) -> Prepared:
@@ -84,6 +84,7 @@ def prepare_training(cfg: TrainConfig) -> Prepared:
     if val is not None:
         tdef.check_eval_store(task, val)
         check_levels(val, levels)
+        check_same_backbone(FeatureSource.of(store.manifest), val, levels)
         eval_data(val, task, levels, tdef.eval_views)
     model = build_model(task, levels, cfg.seed)
     return Prepared(store, task, levels, indices, val, model, trainable_parameters(model))

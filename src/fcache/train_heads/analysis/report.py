@@ -67,6 +67,7 @@ def plot_losses(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     fig, panels = task_panels(rows, 6.5)
     for ax, task, mine in panels:
         values: list[float] = []
+        mine = list({r["run"]: r for r in mine}.values())  # a run evaluated on several stores: one curve
         for row, label in zip(mine, _labels(mine), strict=True):
             points = loss_curves(row["run"])
             if points:
@@ -93,11 +94,13 @@ def write_report(paths: Iterable[str | Path], out: str | Path) -> dict[str, Any]
     rows = write_results(runs, out)
     plot_losses(rows, out / LOSS_PLOT)
     unevaluated = [Path(r["run"]).name for r in rows if r["value"] is None]
+    n_runs = len({r["run"] for r in rows})
     text = [
-        f"# fcache report: {len(rows)} run(s)",
+        f"# fcache report: {n_runs} run(s)",
         "",
         "Metrics in percent (the task's main metric in `value`), trainable parameters in millions, `time s` the",
-        "seconds spent training over all sessions of a run.",
+        "seconds spent training over all sessions of a run; `eval store` is the store a row's metrics come from (a run",
+        "evaluated on several stores has a row for each).",
         "",
         markdown(rows),
         f"![metric against trainable parameters]({PLOT_NAME})",
@@ -109,7 +112,7 @@ def write_report(paths: Iterable[str | Path], out: str | Path) -> dict[str, Any]
         text += [f"Not evaluated yet (no metric): {', '.join(unevaluated)}; run `fcache eval RUN --store VAL`.", ""]
     (out / REPORT).write_text("\n".join(text))
     files = {k: str(out / n) for k, n in (("csv", CSV_NAME), ("md", MARKDOWN_NAME), ("png", PLOT_NAME), ("losses", LOSS_PLOT))}
-    return {"out": str(out), "runs": len(rows), "files": files | {"report": str(out / REPORT)}, "rows": rows}
+    return {"out": str(out), "runs": n_runs, "files": files | {"report": str(out / REPORT)}, "rows": rows}
 
 
 def format_report(summary: dict[str, Any]) -> str:

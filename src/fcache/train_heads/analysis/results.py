@@ -24,6 +24,7 @@ COLUMNS = (
     "lr",
     "train_fraction",
     "store",
+    "eval_store",
     "iters",
     "seed",
     "metric",
@@ -67,16 +68,28 @@ def training_seconds(records: Iterable[dict[str, Any]]) -> float:
     return round(total + last, 3)
 
 
-def run_row(path: str | Path) -> dict[str, Any]:
-    """One row for the RUN folder ``path``: configuration, trainable parameters, the last evaluation's metrics, time.
+def run_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of the RUN folder ``path``: one per store it was evaluated on (its last evaluation there), in the order
+    they were first evaluated; one row without metrics (``value`` and ``eval_store`` None) for a run not evaluated yet."""
+    run = RunDir(path)
+    last: dict[str, dict[str, Any]] = {}
+    for r in run.metrics():
+        if r.get("event") == "eval":
+            last[str(r.get("store", ""))] = r
+    return [run_row(path, store) for store in last] or [run_row(path)]
 
-    ``value`` is the task's main metric (``TaskDef.main_metric``); every metric of the evaluation follows as its own column.
-    A run not evaluated yet has no metrics (``value`` None).
+
+def run_row(path: str | Path, eval_store: str | None = None) -> dict[str, Any]:
+    """One row for the RUN folder ``path``: configuration, trainable parameters, the metrics of its last evaluation on
+    ``eval_store`` (default: its last evaluation on any store), time.
+
+    ``value`` is the task's main metric (``TaskDef.main_metric``); every metric of the evaluation follows as its own column,
+    and ``eval_store`` says which store they come from. A run not evaluated yet has no metrics (``value`` None).
     """
     run = RunDir(path)
     record = run.require_config()
     cfg, records = record.config, run.metrics()
-    evals = [r for r in records if r.get("event") == "eval"]
+    evals = [r for r in records if r.get("event") == "eval" and (eval_store is None or str(r.get("store", "")) == eval_store)]
     metrics = {k: v for k, v in evals[-1].items() if "/" in k} if evals else {}
     metric = main_metric(cfg.task)
     row = {
@@ -88,6 +101,7 @@ def run_row(path: str | Path) -> dict[str, Any]:
         "lr": cfg.lr,
         "train_fraction": cfg.train_fraction,
         "store": cfg.store,
+        "eval_store": evals[-1].get("store") if evals else None,
         "iters": cfg.iters,
         "seed": cfg.seed,
         "metric": metric,
@@ -103,7 +117,7 @@ def collect(runs: Iterable[str | Path]) -> list[dict[str, Any]]:
     Raises:
         ValueError: a path is not a RUN folder.
     """
-    rows = [run_row(p) for p in runs]
+    rows = [row for p in runs for row in run_rows(p)]
     return sorted(rows, key=lambda r: (r["task"], r["family"], r["trainable_params"], r["lr"], r["train_fraction"], r["store"]))
 
 
@@ -128,7 +142,7 @@ def _shown(key: str, value: Any) -> str:
         return f"{value / 1e6:.2f} M"
     if key == "run":
         return Path(value).name
-    if key == "store":
+    if key in ("store", "eval_store"):
         return Path(value).name
     if "/" in key or key == "value":
         return "-" if value < 0 else f"{100 * value:.1f}"
@@ -155,12 +169,14 @@ def series(rows: Sequence[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]
     (Figure 4's series are base networks, i.e. stores); other settings (lr, seed) keep their best value.
     """
     many_stores = len({r["store"] for r in rows}) > 1
+    many_evals = len({r.get("eval_store") for r in rows if r["value"] is not None}) > 1
     many_fractions = len({r["train_fraction"] for r in rows}) > 1
     best: dict[str, dict[int, float]] = {}
     for r in rows:
         if r["value"] is None or r["value"] < 0:
             continue
         label = r["family"] + (f" @ {Path(r['store']).name}" if many_stores else "")
+        label += f" on {Path(r['eval_store']).name}" if many_evals else ""
         label += f", {100 * r['train_fraction']:g}% data" if many_fractions else ""
         points = best.setdefault(label, {})
         points[r["trainable_params"]] = max(points.get(r["trainable_params"], -math.inf), r["value"])

@@ -21,18 +21,20 @@ from torch import Tensor, nn
 from fcache.common.errors import InputError
 from fcache.spec import Geometry, LevelSpec, Targets
 from fcache.store import FeatureStore
-from fcache.train_heads.data import VIEW_GEOMETRY, VIEW_NAMES
+from fcache.train_heads.data import KEY, VIEW_GEOMETRY, VIEW_NAMES
 from fcache.train_heads.headspec import HeadDef, HeadSpec, Param, select_levels
 from fcache.train_heads.necks import NECKS
 from fcache.train_heads.necks.base import NORMS
 from fcache.train_heads.runfolder import write_json
 from fcache.train_heads.segmentation import metrics as M
+from fcache.train_heads.segmentation.labelmaps import file_name, label_png
 from fcache.train_heads.segmentation.mask2former import build_mask2former
 from fcache.train_heads.segmentation.targets import ground_truth, view_labels
 from fcache.train_heads.segmentation.upernet import build_upernet
 from fcache.train_heads.task import Batch, TaskDef
 
-SEGMENTATION_JSON = "segmentation.json"  # per-class IoU and accuracy, written into RUN by evaluation
+SEGMENTATION_JSON = "segmentation.json"  # per-class IoU and accuracy, written into RUN/eval/<store> by evaluation
+LABELS = "labels"  # the folder of predicted label maps (indexed PNGs at original resolution) beside it
 LEVELS = Param("all", kind="levels", help="stored levels the head reads: all, or e.g. p3+p4+p5")
 
 
@@ -128,15 +130,16 @@ class SegmentationTask:
         return cast(Any, model).losses(model(batch.features), labels)
 
     def predict(self, model: nn.Module, batch: Batch) -> list[dict[str, Any]]:
-        """Per sample: the view names and sparse confusions of each view and of the views' mean probabilities.
+        """Per sample: the view names, sparse confusions of each view and of the views' mean probabilities (when the
+        item carries its ground truth), and the predicted label map (the argmax of that mean) as an indexed PNG.
 
         Each sample's label map is consumed here and dropped from ``batch.raw``, which the loop keeps for the whole
-        set: evaluation then holds confusion counts, not label maps.
+        set: evaluation then holds confusion counts and compressed label maps, not label maps.
         """
         feats = batch.features
         multi = next(iter(feats.values())).ndim == 5  # (B, V, C, H, W) from AllViews, else one view (B, C, H, W)
         views = [_view_geometry(raw, g) for raw, g in zip(batch.raw, batch.geometry, strict=True)]
-        truth = [ground_truth(raw.pop(Targets.SEGMENTATION), g) for raw, g in zip(batch.raw, batch.geometry, strict=True)]
+        truth = [_truth(raw, g) for raw, g in zip(batch.raw, batch.geometry, strict=True)]
         names = [tuple(raw.pop(VIEW_NAMES, ("plain",))) for raw in batch.raw]
         sums: list[Tensor | None] = [None] * len(truth)
         per_view: list[list[M.Sparse]] = [[] for _ in truth]
@@ -144,12 +147,15 @@ class SegmentationTask:
             out = model({lv: x[:, v] if multi else x for lv, x in feats.items()})
             for j, gt in enumerate(truth):
                 probs = cast(Any, model).probabilities(out, j, views[j][v]).float()  # (K, orig_h, orig_w)
-                per_view[j].append(M.confusion_codes(probs.argmax(0).cpu().numpy(), gt, self.num_classes))
+                if gt is not None:
+                    per_view[j].append(M.confusion_codes(probs.argmax(0).cpu().numpy(), gt, self.num_classes))
                 sums[j] = probs if sums[j] is None else sums[j] + probs
-        return [
-            {"names": nm, "views": pv, "mean": M.confusion_codes(cast(Tensor, s).argmax(0).cpu().numpy(), gt, self.num_classes)}
-            for nm, pv, s, gt in zip(names, per_view, sums, truth, strict=True)
-        ]
+        out_ = []
+        for nm, pv, s, gt in zip(names, per_view, sums, truth, strict=True):
+            labels = cast(Tensor, s).argmax(0).cpu().numpy()  # (orig_h, orig_w)
+            mean = M.confusion_codes(labels, gt, self.num_classes) if gt is not None else None
+            out_.append({"names": nm, "views": pv, "mean": mean, "labels": label_png(labels, self.num_classes)})
+        return out_
 
     def evaluate(self, raw: Sequence[Mapping[str, Any]], predictions: Sequence[Any], out: Path | None) -> dict[str, float]:
         """``ss/mIoU|mAcc|aAcc`` and, with test views, the same for their mean (``ms+flip/...``); writes RUN/segmentation.json."""
@@ -170,7 +176,24 @@ class SegmentationTask:
             }
         if out is not None:
             write_json(Path(out) / SEGMENTATION_JSON, report)
+            write_label_maps(Path(out) / LABELS, raw, predictions)
         return metrics
+
+
+def write_label_maps(folder: Path, raw: Sequence[Mapping[str, Any]], predictions: Sequence[Any]) -> None:
+    """``labels/<sample key>.png``: each sample's predicted label map (the views' mean), indexed with the class palette."""
+    written = [(r.get(KEY), p["labels"]) for r, p in zip(raw, predictions, strict=True) if "labels" in p]
+    if not written:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, (key, png) in enumerate(written):
+        (folder / f"{file_name(str(key if key is not None else k))}.png").write_bytes(png)
+
+
+def _truth(raw: dict[str, Any], g: Geometry) -> np.ndarray | None:
+    """The item's label map at original resolution, consumed from ``raw``; None for an item without ground truth."""
+    label = raw.pop(Targets.SEGMENTATION, None)
+    return None if label is None else ground_truth(label, g)
 
 
 def multi_view_name(names: Sequence[str]) -> str:

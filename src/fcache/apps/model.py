@@ -1,0 +1,294 @@
+"""A trained head with its frozen backbone, rebuilt from a RUN folder alone: what ``fcache.load`` returns, what
+``fcache predict`` runs on images and videos, and what ``fcache export`` traces.
+
+The online path is the extraction path, step for step: an input is decoded as ``fcache extract`` decodes it
+(``extract.decode``: EXIF orientation, alpha, 16-bit...), cut into the run's views by ``extract.stages.view_images``
+(resize + pad to the canvas and the test views asked for; video: clips x crops), and the view images of consecutive
+inputs run through the backbone in batches of ``batch_size`` images, as ``extract``'s ``Batcher`` runs them. The
+features of each input become the item evaluation reads from a store (view 0, or every view at once), items are
+collated by the task and scored by ``task.predict`` as ``fcache eval`` does. A prediction made here therefore equals
+the one ``fcache eval`` makes from an fp32 store of the same images (tested for every task).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fcache.common.devices import resolve_device
+from fcache.common.errors import InputError
+from fcache.extract.backbones import Backbone
+from fcache.extract.decode import Decoded, SampleError, clip_indices, decode_image, decode_video, to_rgb
+from fcache.extract.rebuild import backbone_of
+from fcache.extract.stages import view_images
+from fcache.extract.views import expand_test_views
+from fcache.spec import Geometry, Manifest, Preprocessing, StorageSpec, Targets
+from fcache.train_heads.data import KEY, VIEW_GEOMETRY, VIEW_NAMES, Collate
+from fcache.train_heads.evaluation import load_head
+from fcache.train_heads.runfolder import RANDOM_INIT, TrainingRecord, identity_differences
+from fcache.train_heads.segmentation.labelmaps import read_label_png
+from fcache.train_heads.task import Task
+from fcache.train_heads.tasks import task_def
+
+Input = Any  # a path, a PIL image, an (H, W, 3) / (3, H, W) uint8 array or tensor; video: a path or (N, H, W, 3) frames
+
+
+@dataclass
+class Sample:
+    """One input, decoded: its name, its pixels (kept for drawing) and its views' geometry and features."""
+
+    index: int
+    name: str
+    decoded: Decoded
+    geometry: np.ndarray  # (V, len(GEOMETRY_FIELDS))
+    features: dict[str, torch.Tensor]  # level -> (V, C, H, W) or video (V, T, C, H, W)
+
+    @property
+    def image(self) -> np.ndarray:
+        """(H, W, 3) uint8: the image, or a video's first sampled frame."""
+        return self.decoded.image if self.decoded.image is not None else self.decoded.frames[0]  # type: ignore[index]
+
+
+@dataclass
+class _Open:
+    """A sample whose view images are on their way through the backbone."""
+
+    sample: Sample
+    images: int
+    done: list[dict[str, torch.Tensor]] = dataclasses.field(default_factory=list)
+
+
+def check_weights(record: TrainingRecord, weights: str, random_init: bool) -> None:
+    """The flags rebuild the run's backbone weights: ``--random-init`` exactly when it was random, a file when it was one."""
+    recorded = record.require_features().backbone.weights
+    seed = record.require_features().preprocessing.seed
+    if weights and (recorded == RANDOM_INIT or recorded.startswith("timm:")):
+        raise InputError(f"the run was trained on features of {recorded} weights, not of a weights file; drop --weights")
+    if recorded == RANDOM_INIT and not random_init:
+        raise InputError(f"the run was trained on features of a random-init backbone (seed {seed}); pass --random-init to rebuild it")
+    if random_init and recorded != RANDOM_INIT:
+        raise InputError(f"the run was trained on features of {recorded[:24]} weights, not random-init ones; drop --random-init")
+
+
+class TrainedModel(nn.Module):
+    """Frozen backbone + trained head of a RUN, with the run's preprocessing and its task's postprocessing.
+
+    ``model(inputs)`` returns one prediction per input: detection a list of COCO result records (bbox xywh in original
+    pixels, score, category id and name, RLE mask) with a score of at least ``score_thr``; segmentation an (H, W)
+    int64 tensor of class indices at the input's resolution; classification and video a dict with ``probs`` (K,) and
+    ``top`` (the ``top_k`` best classes as ``{"class", "name", "score"}``).
+    """
+
+    def __init__(self, backbone: Backbone, head: nn.Module, task: Task, record: TrainingRecord, manifest: Manifest, *,
+                 batch_size: int = 8, score_thr: float = 0.0, top_k: int = 5) -> None:  # fmt: skip
+        super().__init__()
+        self.backbone_ref = backbone
+        self.backbone, self.head = backbone.model, head
+        self.task, self.record, self.manifest = task, record, manifest
+        self.batch_size, self.score_thr, self.top_k = batch_size, score_thr, top_k
+        self.eval_views = task_def(task.name).eval_views
+
+    @classmethod
+    def from_run(
+        cls,
+        run: str | Path,
+        *,
+        weights: str = "",
+        random_init: bool = False,
+        device: str = "cpu",
+        test_views: Sequence[str] = (),
+        clips: int | None = None,
+        crops: int | None = None,
+        batch_size: int = 8,
+        score_thr: float = 0.0,
+        top_k: int = 5,
+    ) -> TrainedModel:
+        """Rebuild the run's backbone (its recorded model, weights, input size, levels and normalisation) and head.
+
+        Args:
+            weights: the weights file the training store was extracted with (its sha256 must match).
+            random_init: the run was trained on random-init features: rebuild them (same seed); never implied.
+            test_views: ``flip`` and/or ``ms``, as ``fcache extract --test-views``: views averaged by segmentation and
+                classification heads (detection evaluates the plain view only).
+            clips, crops: video views (default: the training store's).
+        """
+        head = load_head(run)
+        record = head.record
+        features = record.require_features()
+        check_weights(record, weights, random_init)
+        tdef = task_def(record.config.task)
+        views = expand_test_views(tuple(test_views))
+        if views and (tdef.eval_views != "all" or features.preprocessing.frames is not None):
+            raise InputError(f"--test-views is for segmentation and classification heads; a {tdef.name} head reads the plain view")
+        manifest = inference_manifest(features.backbone, features.preprocessing, features.dataset, views, clips, crops)
+        backbone = backbone_of(manifest, weights=weights, device=resolve_device(device))
+        built = Preprocessing(mean=backbone.mean, std=backbone.std, resize=manifest.preprocessing.resize, seed=manifest.preprocessing.seed)
+        diffs = identity_differences((backbone.info, built), (features.backbone, features.preprocessing), record.levels)
+        if diffs:
+            raise InputError(f"the backbone built here differs from the run's ({'; '.join(diffs)}; built != run); use the run's libraries")
+        head.model.to(backbone_device(backbone))
+        return cls(backbone, head.model, head.task, record, manifest, batch_size=batch_size, score_thr=score_thr, top_k=top_k)
+
+    @property
+    def device(self) -> torch.device:
+        return backbone_device(self.backbone_ref)
+
+    @property
+    def video(self) -> bool:
+        return self.manifest.video
+
+    # -- inputs -------------------------------------------------------------------------------------------------
+    def decode(self, x: Input, index: int) -> tuple[str, Decoded]:
+        """(name, decoded pixels) of one input, decoded as ``fcache extract`` decodes."""
+        name = str(x) if isinstance(x, (str, Path)) else f"input{index}"
+        try:
+            if isinstance(x, (str, Path)):
+                if self.video:
+                    p = self.manifest.preprocessing
+                    return name, decode_video(x, frames=int(p.frames or 1), clips=p.clips)
+                return name, decode_image(x)
+            return name, self._decode_array(x)
+        except SampleError as e:
+            raise InputError(f"cannot read {name}: {e.message}") from None
+
+    def _decode_array(self, x: Any) -> Decoded:
+        from PIL import Image
+
+        if isinstance(x, Image.Image):
+            return Decoded(image=to_rgb(x))
+        a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        if a.dtype != np.uint8:
+            raise InputError(f"an input array must be uint8 RGB (got {a.dtype}); convert it, or pass PIL images or paths")
+        if self.video:
+            if a.ndim != 4 or a.shape[-1] != 3:
+                raise InputError(f"a video input is (frames, H, W, 3) uint8 (got shape {a.shape})")
+            p = self.manifest.preprocessing
+            idx = clip_indices(len(a), int(p.frames or 1), p.clips)
+            return Decoded(frames=np.ascontiguousarray(a[idx]), times=np.zeros(len(idx)))
+        if a.ndim == 3 and a.shape[0] == 3 and a.shape[-1] != 3:
+            a = a.transpose(1, 2, 0)  # (3, H, W) -> (H, W, 3)
+        if a.ndim != 3 or a.shape[-1] != 3:
+            raise InputError(f"an image input is (H, W, 3) or (3, H, W) uint8 (got shape {a.shape})")
+        return Decoded(image=np.ascontiguousarray(a))
+
+    # -- the online path ----------------------------------------------------------------------------------------
+    def samples(self, inputs: Iterable[Input]) -> Iterator[Sample]:
+        """Each input decoded, cut into its views and run through the backbone (batches of ``batch_size`` view images
+        over consecutive inputs, as extraction batches them), in input order."""
+        waiting: list[tuple[_Open, torch.Tensor]] = []  # view images queued for the next forward
+        opened: deque[_Open] = deque()
+
+        def flush() -> Iterator[Sample]:
+            if waiting:
+                feats = self.backbone_ref.forward(torch.stack([img for _, img in waiting]))  # level -> (B, C, H, W)
+                for b, (entry, _) in enumerate(waiting):
+                    entry.done.append({lv: f[b] for lv, f in feats.items()})
+                waiting.clear()
+            while opened and len(opened[0].done) == opened[0].images:
+                entry = opened.popleft()
+                entry.sample.features = self._stack(entry.done)
+                yield entry.sample
+
+        for k, x in enumerate(inputs):
+            name, decoded = self.decode(x, k)
+            geoms, images = view_images(decoded, name, self.manifest)  # (V or V * T, 3, S, S)
+            entry = _Open(Sample(k, name, decoded, np.stack([g.to_array() for g in geoms]), {}), len(images))
+            opened.append(entry)
+            for img in images:
+                waiting.append((entry, img))
+                if len(waiting) >= self.batch_size:
+                    yield from flush()
+        yield from flush()
+
+    def _stack(self, per_image: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """level -> (V, C, H, W), or (V, T, C, H, W) for video, from the per-image features in view-major order."""
+        out = {}
+        for lv in self.record.levels:
+            x = torch.stack([f[lv.name] for f in per_image])  # (n_images, C, H, W)
+            out[lv.name] = x.reshape(self.manifest.num_views, -1, *x.shape[1:]) if self.video else x
+        return out
+
+    def item(self, s: Sample, *, image_id: int | None = None) -> dict[str, Any]:
+        """The item ``eval_data`` would read for this sample from a store: view 0, or every view at once."""
+        g0 = Geometry.from_array(s.geometry[0])
+        if self.eval_views == "all":
+            feats = s.features
+            targets: dict[str, Any] = {KEY: s.name, VIEW_GEOMETRY: s.geometry.copy(), VIEW_NAMES: self.manifest.view_names}
+        else:
+            feats = {lv: x[0] for lv, x in s.features.items()}
+            record = {"id": s.index if image_id is None else image_id, "file_name": Path(s.name).name}
+            targets = {Targets.IMAGE: json.dumps(record | {"width": round(g0.orig_w), "height": round(g0.orig_h)})}
+        return {"index": s.index, "view": 0, "features": feats, "geometry": torch.from_numpy(s.geometry[0].copy()), "targets": targets}
+
+    @torch.inference_mode()
+    def predict_items(self, items: list[Mapping[str, Any]]) -> list[Any]:
+        """``task.predict`` of collated items, as ``fcache eval`` runs it (bf16 autocast on CUDA)."""
+        batch = Collate(self.task, with_targets=False)(items).to(self.device)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            return self.task.predict(self.head, batch)
+
+    def run(self, inputs: Iterable[Input], image_ids: dict[str, int] | None = None) -> Iterator[tuple[Sample, Any]]:
+        """(sample, the task's prediction) of every input, heads run on batches of ``batch_size`` samples."""
+        self.head.eval()
+        group: list[Sample] = []
+        for s in self.samples(inputs):
+            group.append(s)
+            if len(group) == self.batch_size:
+                yield from self._run_group(group, image_ids)
+                group = []
+        if group:
+            yield from self._run_group(group, image_ids)
+
+    def _run_group(self, group: list[Sample], image_ids: dict[str, int] | None) -> Iterator[tuple[Sample, Any]]:
+        ids = image_ids or {}
+        items: list[Mapping[str, Any]] = [self.item(s, image_id=ids.get(Path(s.name).name)) for s in group]
+        yield from zip(group, self.predict_items(items), strict=True)
+
+    def forward(self, inputs: Sequence[Input]) -> list[Any]:
+        """One user-facing prediction per input (see the class docstring)."""
+        return [self.present(s, p) for s, p in self.run(inputs)]
+
+    def present(self, s: Sample, p: Any) -> Any:
+        """A task prediction as ``model(inputs)`` returns it."""
+        if self.task.name == "detection":
+            names = {int(c["id"]): str(c.get("name", c["id"])) for c in self.record.task.get("categories", [])}
+            return [d | {"category_name": names.get(d["category_id"], "")} for d in p if d["score"] >= self.score_thr]
+        if self.task.name == "segmentation":
+            return torch.from_numpy(read_label_png(p["labels"]).astype(np.int64))
+        probs = torch.from_numpy(np.asarray(p["probs"]).mean(axis=0))  # (K,): the views' mean softmax scores
+        names = self.record.task["label_names"]
+        top = torch.topk(probs, min(self.top_k, len(probs)))
+        return {"probs": probs, "top": [{"class": int(c), "name": names[int(c)], "score": float(v)} for v, c in zip(*top, strict=True)]}
+
+
+def backbone_device(backbone: Backbone) -> torch.device:
+    return next(backbone.model.parameters()).device
+
+
+def inference_manifest(backbone: Any, pre: Preprocessing, dataset: Any, test_views: tuple[str, ...], clips: int | None,
+                       crops: int | None) -> Manifest:  # fmt: skip
+    """The manifest of a store of these inputs: the run's backbone and normalisation, the plain view (no training
+    jitter) and the test views asked for; video: the run's frames per clip, ``clips`` x ``crops`` views."""
+    video = pre.frames is not None
+    views = dataclasses.replace(pre, views=1, view_scale=(1.0, 1.0), view_flip=False, test_views=() if video else test_views)
+    if video:
+        views = dataclasses.replace(views, clips=clips or pre.clips, crops=crops or pre.crops)
+    elif clips or crops:
+        raise InputError("--clips and --crops are for video heads")
+    if min(views.clips, views.crops) < 1:
+        raise InputError("--clips and --crops must be at least 1")
+    return Manifest(backbone=backbone, preprocessing=views, storage=StorageSpec(dtype="fp32", codec="none"), dataset=dataset)
+
+
+def load(run: str | Path, *, weights: str = "", random_init: bool = False, device: str = "cpu", **kw: Any) -> TrainedModel:
+    """``fcache.load(RUN)``: the run's frozen backbone + trained head as one ``nn.Module`` (see :class:`TrainedModel`)."""
+    return TrainedModel.from_run(run, weights=weights, random_init=random_init, device=device, **kw)
