@@ -43,10 +43,12 @@ class ExtractConfig:
 
     source: SourceConfig
     out: str = ""
-    model: str = flag("swinv2-t", "swinv2-t/s/b/l/g or any timm model with features_only.")
-    weights: str = flag("", "Checkpoint (safetensors or torch) of the full timm model.", show_default=False)
+    model: str = flag("swinv2-t", "swinv2-t/s/b/l/g (the paper's 3.0B SwinV2-G), swinv2-g-timm, or any timm model with features_only.")
+    weights: str = flag("", "Checkpoint (safetensors or torch) in timm's or the official Swin layout.", show_default=False)
     random_init: bool = flag(False, "Random backbone weights (tests, demo). Never implied.", show_default=False)
     input_size: int = flag(256, "Square canvas side; the window size stays as pretrained.")
+    window: int = flag(0, "Attention window; 0: the pretrained one (swinv2-g: the paper's, coco 32, ade20k 40, video 16, else 32).",
+                       show_default=False)  # fmt: skip
     levels: tuple[str, ...] = flag(DEFAULT_LEVELS, "Levels to store (p2..p5 = strides 4..32).", parse=parse_levels,
                                    text_default=",".join(DEFAULT_LEVELS))  # fmt: skip
     dtype: str = flag("fp16", "Stored feature dtype.", choices="fcache.store.dtypes:DTYPES")
@@ -90,6 +92,8 @@ class ExtractConfig:
         check_dtype(self.dtype)
         parse_codec(self.codec)
         s = self.source
+        if self.window < 0:
+            raise InputError(f"--window {self.window}: give a positive window, or 0 for the model's own")
         positive = {"input-size": self.input_size, "shard-size": self.shard_size, "views": self.views, "batch-size": self.batch_size}
         positive |= {"frames": s.frames, "clips": s.clips, "crops": s.crops}
         bad = [f"--{k} {v}" for k, v in positive.items() if v < 1]
