@@ -61,7 +61,7 @@ HEADS: dict[str, HeadDef] = {
                 kind="choice",
                 choices=tuple(UPERNET_NECKS),
                 help="the FPN part: fpn (mmseg's UPerHead), or a neck of the NECKS table (bifpn: k layers)",
-            ),  # fmt: skip
+            ),
             "layers": Param(1, help="BiFPN layers (neck=bifpn only)"),
             "channels": Param(512, help="width of PPM, neck and fuse conv (mmseg's UPerHead: 512); the aux head is half"),
             "norm": Param("gn", kind="choice", choices=NORMS, help="norm of every ConvModule (PPM, FPN, fuse, aux) and of the BiFPN"),
