@@ -65,7 +65,8 @@ def tables() -> list[dict]:
     for task in TASKS:
         for model in (*MODELS, "swinv2-g"):
             giant = model == "swinv2-g"
-            cfg = BenchConfig(task=task, model=model, iters=3, device=DEVICE, num_workers=8, features_only=giant, **_smoke_sizes(task))
+            sizes = {"iters": 3, "num_workers": 8} | _smoke_sizes(task)
+            cfg = BenchConfig(task=task, model=model, device=DEVICE, features_only=giant, **sizes)
             print(f"  {task} {model} (batch {cfg.batch_size} @ {cfg.input_size})", flush=True)
             rows += [_with_paper(r) for r in run_bench(cfg)]
     return rows
@@ -75,7 +76,8 @@ def _smoke_sizes(task: str) -> dict[str, Any]:
     """--smoke: tiny inputs, one sample or clip of 2 frames, one timed iteration (checks the script, measures nothing)."""
     if not SMOKE:
         return {}
-    return {"input_size": 64 if task == "video" else SIZE, "batch_size": 1, "iters": 1} | ({"frames": 2} if task == "video" else {})
+    smoke = {"input_size": 64 if task == "video" else SIZE, "batch_size": 1, "iters": 1, "num_workers": 1}
+    return smoke | ({"frames": 2} if task == "video" else {})
 
 
 def _with_paper(row: dict[str, Any]) -> dict[str, Any]:
