@@ -9,7 +9,7 @@ The three step settings start from the same weights, optimiser state and RNG see
 they run the same computation and differ only in where the features come from.
 Ratios: speed-up = online / from-cache (ceiling (backbone + head) / head), cache overhead =
 from-cache / in-memory (goal <= 1.10), loader headroom = reader samples/s / head samples/s (goal >= 3).
-Usage: python benchmarks/heads.py [--configs swinv2-t@256:4,swinv2-b@512:2] [--heads fpn,bifpn:layers=5] [--steps 3]
+Usage: python benchmarks/heads.py [--configs swinv2-t@256:4,swinv2-b@512:2] [--heads fpn,bifpn:layers=5] [--iters 3]
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="swinv2-t@256:4,swinv2-b@512:2", help="MODEL@SIZE:BATCH,...")
     ap.add_argument("--heads", default="fpn:rois=128;bifpn:layers=5,rois=128", help="head specs separated by ';'")
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=3, help="timed iterations, after one warm-up")
     ap.add_argument("--images", type=int, default=12)
     ap.add_argument("--num-workers", type=int, default=2)
     args = ap.parse_args()
@@ -125,7 +125,7 @@ def main() -> None:
                                  random_init=True, input_size=size, num_workers=1, device="cpu", shard_size=4)  # fmt: skip
             run_extract(ecfg)
             for head in args.heads.split(";"):
-                rows.append(measure(store, images, ann, head, model_name, size, batch, args.steps, args.num_workers))
+                rows.append(measure(store, images, ann, head, model_name, size, batch, args.iters, args.num_workers))
                 print(f"{conf} {head}: speed-up {rows[-1]['speedup']:.2f}", file=sys.stderr)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

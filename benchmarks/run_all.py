@@ -23,7 +23,7 @@ from common import RESULTS, table  # noqa: E402
 SCRIPTS = {
     "store_io": ["--samples", "8", "--size", "512"],
     "extract": ["--sizes", "256:0,512:1", "--images", "48", "--batch-size", "4"],
-    "heads": ["--configs", "swinv2-t@256:4,swinv2-b@512:2", "--heads", "fpn:rois=128;bifpn:layers=5,rois=128", "--steps", "3"],
+    "heads": ["--configs", "swinv2-t@256:4,swinv2-b@512:2", "--heads", "fpn:rois=128;bifpn:layers=5,rois=128", "--iters", "3"],
     "seg_heads": [],
     "video_heads": [],
     "distribution": ["--images", "64"],
@@ -31,7 +31,7 @@ SCRIPTS = {
 }
 QUICK = {
     "extract": ["--sizes", "256:0", "--images", "8"],
-    "heads": ["--configs", "swinv2-t@256:2", "--heads", "fpn:rois=128", "--steps", "1"],
+    "heads": ["--configs", "swinv2-t@256:2", "--heads", "fpn:rois=128", "--iters", "1"],
     "heads_per_pass": ["--sizes", "256", "--iters", "4", "--rounds", "1"],
     "distribution": ["--images", "16"],
 }

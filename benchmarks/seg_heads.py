@@ -4,7 +4,7 @@ Synthetic features shaped like SwinV2-B at SIZE (p2..p5: 128/256/512/1024 channe
 classes, label maps of ~12 classes in blocks with an unlabelled border; one step = forward + loss + backward + AdamW
 step. Each head runs in its own process so that its peak memory is its own: peak RSS (getrusage) on CPU, with the
 RSS before the head was built alongside; max_memory_allocated on CUDA.
-Usage: python benchmarks/seg_heads.py [--size 512] [--batch 2] [--steps 2] [--device cpu|cuda] [--heads SPEC;SPEC]
+Usage: python benchmarks/seg_heads.py [--size 512] [--batch 2] [--iters 2] [--device cpu|cuda] [--heads SPEC;SPEC]
 """
 
 from __future__ import annotations
@@ -98,17 +98,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=2, help="timed iterations, after one warm-up")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--heads", default=HEADS, help="head specs separated by ';'")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one head in this process, print JSON
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.size, args.batch, args.steps, torch.device(args.device))))
+        print(json.dumps(measure(args.one, args.size, args.batch, args.iters, torch.device(args.device))))
         return
     rows = []
     for spec in args.heads.split(";"):
-        cmd = [sys.executable, __file__, "--one", spec, "--size", str(args.size), "--batch", str(args.batch), "--steps", str(args.steps)]
+        cmd = [sys.executable, __file__, "--one", spec, "--size", str(args.size), "--batch", str(args.batch), "--iters", str(args.iters)]
         out = subprocess.run([*cmd, "--device", args.device], check=True, capture_output=True, text=True).stdout
         rows.append({"size": args.size, "batch": args.batch, "device": args.device, **json.loads(out.strip().splitlines()[-1])})
         print(f"{spec}: {rows[-1]['step_s']:.2f} s/step", file=sys.stderr)

@@ -5,7 +5,7 @@ video --levels p5` (decoding in a DataLoader worker, views, backbone, writer); i
 of the same backbone on frames already in memory is measured alongside (benchmarks/extract.py), for the overhead ratio.
 Heads: SwinV2-B-shaped p5 features (1024 channels, 16 frames of 7 x 7 at 224 px), Kinetics-400's 400 classes; one step
 = forward + cross-entropy + backward + AdamW step, the loop's optimiser.
-Usage: python benchmarks/video_heads.py [--size 224] [--clips 4] [--frames 16] [--batch 8] [--steps 2] [--heads SPEC;SPEC]
+Usage: python benchmarks/video_heads.py [--size 224] [--clips 4] [--frames 16] [--batch 8] [--iters 2] [--heads SPEC;SPEC]
 """
 
 from __future__ import annotations
@@ -125,14 +125,14 @@ def main() -> None:
     ap.add_argument("--num-workers", type=int, default=1)
     ap.add_argument("--batch", type=int, default=8, help="clips per head step")
     ap.add_argument("--grid", type=int, default=7, help="p5 side: 7 at 224 px")
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=2, help="timed iterations, after one warm-up")
     ap.add_argument("--heads", default=HEADS, help="head specs separated by ';'")
     args = ap.parse_args()
     extract_row = extraction(args.size, args.clips, args.frames, args.extract_batch, args.num_workers)
     print(f"extraction: {extract_row['pipeline_frames_s']:.2f} frames/s", file=sys.stderr)
     head_rows = []
     for spec in args.heads.split(";"):
-        head_rows.append(head_step(spec, args.batch, args.frames, args.grid, args.steps))
+        head_rows.append(head_step(spec, args.batch, args.frames, args.grid, args.iters))
         print(f"{spec}: {head_rows[-1]['step_s']:.2f} s/step", file=sys.stderr)
     print(f"extraction, CPU ({torch.get_num_threads()} threads), p5 only")
     print(table([extract_row], list(extract_row)))

@@ -216,6 +216,10 @@ def test_plan_reports_sizes_and_giant_bytes(folder):
     assert p["bytes_per_sample"] == 2 * (512 * 256**2 + 1024 * 128**2 + 2048 * 64**2 + 4096 * 32**2)  # ~126 MB per image
     assert 125e6 < p["bytes_per_sample"] < 127e6 and p["total_bytes"] == 5 * p["bytes_per_sample"]
     assert p["gflops_per_image"] > 1000
+    assert p["backbone_params"] == 2_997_835_488 and p["window"] == 32  # the paper's 3.0B SwinV2-G, its COCO window
+    r = CliRunner().invoke(main, ["plan", *folder_flags(folder, "--no-run", "--window", "8")])
+    assert r.exit_code == 0, r.output
+    assert "backbone: 27.6M parameters" in r.output and "window 8" in r.output
     r = CliRunner().invoke(main, ["plan", *folder_flags(folder, "--measure", "2")])
     assert r.exit_code == 0, r.output
     assert "compression ratio" in r.output and "measured on 2 samples" in r.output

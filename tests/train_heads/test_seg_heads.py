@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fcache.spec import Geometry, LevelSpec
+from fcache.train_heads.necks import UPerFPN
 from fcache.train_heads.segmentation import Mask2Former, SegmentationTask, UPerNet, parse_segmentation_head
 from fcache.train_heads.tasks import TASKS, task_defaults
 
@@ -92,13 +93,48 @@ def test_mask2former_splits_levels_as_the_reference():
     assert model.decoder.query_feat.weight.shape == (100, 256)  # the paper's 100 queries, reference width
 
 
-def test_upernet_takes_the_neck_from_the_necks_table():
+def test_upernet_takes_the_neck_from_its_table():
     _, fpn = build("upernet:channels=32", LEVELS)
     _, bifpn = build("upernet:neck=bifpn,layers=3,channels=32", LEVELS)
-    assert type(fpn.neck).__name__ == "FPN" and type(bifpn.neck).__name__ == "BiFPN" and len(bifpn.neck.layers) == 3
+    _, res = build("upernet:neck=fpn-res,channels=32", LEVELS)
+    assert isinstance(fpn.neck, UPerFPN) and type(bifpn.neck).__name__ == "BiFPN" and len(bifpn.neck.layers) == 3
+    assert type(res.neck).__name__ == "FPNRes" and len(res.neck.fpn.layer_blocks[0]) == 5  # its table default: 4 blocks
     # the PPM output (channels wide) replaces the deepest level as the neck's input
     assert [lv.channels for lv in fpn.neck.in_levels] == [8, 16, 24, 32]
     assert fpn.ppm.branches[0][1][0].in_channels == 40
+
+
+SWINV2_B = tuple(LevelSpec(f"p{k + 2}", 128 * 2**k, 4 * 2**k) for k in range(4))  # 128, 256, 512, 1024 at strides 4..32
+
+
+@pytest.mark.parametrize(
+    ("spec", "params"),
+    [("upernet", 33_315_990), ("upernet:norm=bn", 33_315_990), ("upernet:aux=1", 34_534_700), ("upernet:aux=1,norm=bn", 34_534_700)],
+)
+def test_upernet_is_mmsegs_uperhead(spec, params):
+    """mmseg's UPerHead (channels 512, 150 classes) on SwinV2-B's levels: 33,315,990 parameters, the FCN aux head 1,218,710."""
+    model = SegmentationTask(parse_segmentation_head(spec), [f"c{k}" for k in range(150)]).build(SWINV2_B)
+    assert sum(p.numel() for p in model.parameters()) == params
+    lateral = model.neck.lateral["p2"]  # a ConvModule: conv without bias, norm, ReLU
+    assert lateral[0].kernel_size == (1, 1) and lateral[0].bias is None and isinstance(lateral[2], torch.nn.ReLU)
+    assert isinstance(lateral[1], torch.nn.BatchNorm2d if "bn" in spec else torch.nn.GroupNorm)
+    assert set(model.neck.lateral) == set(model.neck.output) == {"p2", "p3", "p4"}  # the pooling output is the top lateral
+    assert model.neck.output["p2"][0].kernel_size == (3, 3) and model.fuse[0].in_channels == 4 * 512
+
+
+def test_uper_fpn_top_down_is_bilinear_and_the_top_passes_through():
+    levels = (LevelSpec("p3", 16, 8), LevelSpec("p4", 32, 16))
+    neck = UPerFPN(levels, channels=32, norm="gn").eval()
+    feats = {"p3": torch.randn(1, 16, 8, 8), "p4": torch.randn(1, 32, 4, 4)}
+    with torch.no_grad():
+        out = neck(feats)
+        up = torch.nn.functional.interpolate(feats["p4"], size=(8, 8), mode="bilinear", align_corners=False)
+        want = neck.output["p3"](neck.lateral["p3"](feats["p3"]) + up)
+    assert list(out) == ["p3", "p4", "p5"] and torch.equal(out["p4"], feats["p4"])
+    torch.testing.assert_close(out["p3"], want)
+    assert out["p5"].shape == (1, 32, 2, 2)
+    with pytest.raises(ValueError, match="deepest level .p4. 64 wide"):
+        UPerFPN(levels, channels=64)
 
 
 def test_head_specs_print_canonically():
@@ -117,6 +153,7 @@ def test_head_specs_print_canonically():
         ("upernet:layers=5", "layers=5 applies to neck=bifpn only"),
         ("upernet:aux=2", "aux=2 must be 0 or 1"),
         ("upernet:neck=fancy", "neck='fancy' is not one of fpn, fpn-res, bifpn"),
+        ("upernet:neck=fpn-res,layers=2", "layers=2 applies to neck=bifpn only"),
         ("mask2former:blocks=3", "unknown key 'blocks'"),
         ("mask2former:decoder_blocks=0", "decoder_blocks=0 must be at least 1"),
         ("fpn", "unknown head 'fpn' for segmentation; choose one of: mask2former, upernet"),

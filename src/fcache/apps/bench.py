@@ -1,113 +1,147 @@
-"""``fcache bench``: what the frozen setting and the cache save, per iteration (the paper's Tables 7 and 8).
+"""``fcache bench``: what the frozen setting and the cache save per iteration, for the three tasks of the paper's
+Tables 7 (memory) and 8 (seconds per iteration): COCO detection, ADE20K segmentation, Kinetics-400 video.
 
-For one backbone, input size, batch and detection head, three settings, each in its own process so
-its peak memory is its own (CUDA: max allocated; CPU: peak RSS of the training process):
-  (a) store    - the head trained from a feature store (DataLoader over the store, as train-head does);
-  (b) online   - the frozen backbone run on the batch's images (inference mode), then the same head step;
-  (c) finetune - the backbone unfrozen: its forward and backward are part of the step, AdamW updates it too.
-The store is synthetic (random features of the backbone's exact level shapes, a few boxes per image),
-written to a temporary folder; with ``--features-only`` only (a) runs, so a SwinV2-G-shaped head is
-measured without the giant's weights (the backbone is built on the meta device for its shapes).
+For one task, backbone, input size and batch, three settings, each in its own process so its peak memory is its own
+(CUDA: max allocated; CPU: peak RSS of the measuring process):
+  (a) store    - the frozen-setting head trained from a feature store (DataLoader over the store, as train-head does);
+  (b) online   - the frozen backbone run on the batch's images (inference mode), then the same head's step;
+  (c) finetune - the full-finetune head trained with the backbone: its forward and backward are part of the step,
+                 AdamW updates it too.
+Defaults are the paper's (``PAPER``): the column titles of Tables 7/8 for the heads (frozen: 5x BiFPN, 6x pixel decoder,
+4x blocks, taken as ``global:blocks=4``; full finetune: FPN, 1x pixel decoder, linear), their batch sizes, and the inputs
+of Tables 11-13 (detection 1024, segmentation 512, SwinV2-G 640, video 16 frames of 224). The store is synthetic
+(``bench_stores``): random features of the backbone's exact level shapes. With ``features_only`` only (a) runs, the
+backbone built on the meta device for its shapes, so a SwinV2-G-shaped head needs no weights. A setting whose process
+raises or dies becomes an error row; the others still run. ``iters`` are timed iterations after one warm-up
+(``fcache train-head --steps`` are learning-rate milestones, another thing).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import multiprocessing as mp
 import queue
-import resource
 import shutil
 import tempfile
-import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
-
-from fcache.common.devices import resolve_device
+from fcache.common.devices import DEVICE_HELP, resolve_device
 from fcache.common.errors import InputError
-
-if TYPE_CHECKING:
-    import torch
+from fcache.common.flags import flag
 
 SETTINGS = ("store", "online", "finetune")
 
 
 @dataclass(frozen=True)
-class BenchConfig:
-    """``fcache bench`` flags."""
+class PaperTask:
+    """One task's columns of Tables 7 and 8: heads, batch sizes, and the input it trains on."""
 
-    model: str = "swinv2-t"
-    input_size: int = 256
-    batch_size: int = 4
-    head: str = "fpn"
-    steps: int = 3
-    device: str = "auto"
-    features_only: bool = False
-    dtype: str = "fp16"
-    num_workers: int = 2
-    seed: int = 0
+    frozen_head: str
+    finetune_head: str
+    batch: int
+    input_size: int
+    frames: int = 0  # video: frames per clip (Table 13)
+    batch_of: Mapping[str, int] = field(default_factory=dict)  # backbone alias -> batch, where the paper's differs
+    input_size_of: Mapping[str, int] = field(default_factory=dict)
+
+
+PAPER: dict[str, PaperTask] = {
+    "detection": PaperTask("bifpn:layers=5", "fpn", 16, 1024, batch_of={"swinv2-g": 8}),
+    "segmentation": PaperTask(
+        "mask2former:pixel_blocks=6", "mask2former:pixel_blocks=1", 16, 512, batch_of={"swinv2-g": 8}, input_size_of={"swinv2-g": 640}
+    ),
+    "video": PaperTask("global:blocks=4", "linear", 64, 224, frames=16, batch_of={"swinv2-l": 32, "swinv2-g": 16}),
+}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """``fcache bench`` flags; 0 and "" take the paper's value for the task and backbone (``PAPER``)."""
+
+    task: str = flag("detection", "The task whose Tables 7/8 columns are measured.", choices=tuple(PAPER))
+    model: str = flag("swinv2-t", "Backbone whose features (or shapes) are used.")
+    input_size: int = flag(0, "Canvas side [default: the paper's: detection 1024, segmentation 512 (swinv2-g 640), video 224].",
+                           show_default=False)  # fmt: skip
+    batch_size: int = flag(0, "Samples per iteration [default: the paper's: 16, swinv2-g 8; video 64, swinv2-l 32, swinv2-g 16].",
+                           show_default=False)  # fmt: skip
+    frames: int = flag(0, "video: frames per clip [default: 16].", show_default=False)
+    head: str = flag("", "Frozen-setting head (rows store, online) [default: bifpn:layers=5, mask2former:pixel_blocks=6, "
+                         "global:blocks=4].", show_default=False)  # fmt: skip
+    finetune_head: str = flag("", "Head trained with the backbone (row finetune) [default: fpn, mask2former:pixel_blocks=1, linear].",
+                              show_default=False)  # fmt: skip
+    window: int = flag(0, "Attention window; 0: the model's own (swinv2-g: the paper's for the task).", show_default=False)
+    iters: int = flag(3, "Timed iterations, after one warm-up.")
+    device: str = flag("auto", DEVICE_HELP)
+    features_only: bool = flag(False, "Only the from-store row, on features of the backbone's shapes: no weights needed.",
+                               show_default=False)  # fmt: skip
+    dtype: str = flag("fp16", "Stored feature dtype.", choices="fcache.store.dtypes:DTYPES")
+    num_workers: int = flag(2, "DataLoader workers reading the store.")
+    seed: int = flag(0, "Seed of the synthetic store and the heads.")
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise InputError("--steps and --batch-size must be at least 1")
-        object.__setattr__(self, "device", resolve_device(self.device))
+        paper = PAPER.get(self.task)
+        if paper is None:
+            raise InputError(f"--task {self.task!r}: choose one of {', '.join(PAPER)}")
+        resolved = {
+            "input_size": self.input_size or paper.input_size_of.get(self.model, paper.input_size),
+            "batch_size": self.batch_size or paper.batch_of.get(self.model, paper.batch),
+            "frames": (self.frames or paper.frames) if self.task == "video" else 0,
+            "head": self.head or paper.frozen_head,
+            "finetune_head": self.finetune_head or paper.finetune_head,
+            "device": resolve_device(self.device),
+        }
+        for k, v in resolved.items():
+            object.__setattr__(self, k, v)
+        positive = {"--iters": self.iters, "--batch-size": self.batch_size, "--input-size": self.input_size}
+        positive |= {"--frames": self.frames} if self.task == "video" else {}
+        bad = [f"{k} {v}: must be at least 1" for k, v in positive.items() if v < 1]
+        bad += [f"{k} {v}: must be 0 or more" for k, v in {"--num-workers": self.num_workers, "--window": self.window}.items() if v < 0]
+        if bad:
+            raise InputError("; ".join(bad))
+        if self.input_size % 32:
+            raise InputError(f"--input-size {self.input_size} is not a multiple of 32 (the backbone's coarsest stride)")
+
+    def head_of(self, setting: str) -> str:
+        return self.finetune_head if setting == "finetune" else self.head
 
 
 def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
-    """One row per setting: seconds per iteration, peak memory (or the error that stopped it, e.g. out of memory)."""
+    """One row per setting: seconds per iteration, peak memory, trainable parameters, or the error that stopped it."""
+    heads = _parse_heads(cfg)
     tmp = Path(tempfile.mkdtemp(prefix="fcache-bench-"))
     try:
-        store = synthetic_store(cfg, tmp / "bench.zarr")
+        store = _store(cfg, heads, tmp / "bench.zarr")
         settings = ("store",) if cfg.features_only else SETTINGS
         return [_in_own_process(setting, cfg, store) for setting in settings]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def synthetic_store(cfg: BenchConfig, path: Path) -> Path:
-    """2 x batch samples of random features shaped like ``cfg.model``'s levels at ``cfg.input_size``, 3 boxes each."""
-    from fcache import store as fstore
-    from fcache.extract.backbones import build_backbone
-    from fcache.spec import GEOMETRY_FIELDS, DatasetInfo, Geometry, Manifest, Preprocessing, SourceConfig, StorageSpec, keys_digest
-    from fcache.store import TargetSpec
+def _parse_heads(cfg: BenchConfig) -> list[Any]:
+    """Both head specs, parsed against the task's heads up front: a mistyped head is one line, not three error rows."""
+    from fcache.train_heads.tasks import task_def
 
-    bb = build_backbone(cfg.model, input_size=cfg.input_size, meta=True)
-    n, s = 2 * cfg.batch_size, cfg.input_size
-    keys = [f"bench{i}" for i in range(n)]
-    dataset = DatasetInfo(SourceConfig("synthetic", ""), n, keys_digest(keys), task="detection")
-    m = Manifest(bb.info, Preprocessing(seed=cfg.seed), StorageSpec(dtype=cfg.dtype, shard_size=cfg.batch_size), dataset)
-    categories = [{"id": 1, "name": "thing"}, {"id": 2, "name": "stuff"}]
-    w = fstore.create(
-        path, m, keys, targets={"image": TargetSpec("str"), "annotations": TargetSpec("str")}, target_attrs={"categories": categories}
-    )
-    rng = np.random.default_rng(cfg.seed)
-    w.write_targets("image", np.array([json.dumps({"id": i + 1, "width": s, "height": s}) for i in range(n)], dtype=object))
-    w.write_targets("annotations", np.array([json.dumps(_boxes(i + 1, s, rng)) for i in range(n)], dtype=object))
-    geometry = Geometry(orig_h=s, orig_w=s, scale=1.0, valid_w=s, valid_h=s, canvas=s).to_array()
-    for unit in w.pending():
-        feats = {lv.name: rng.standard_normal((len(unit), 1, *m.level_shape(lv.name)), dtype=np.float32) for lv in m.levels}
-        geo = np.broadcast_to(geometry, (len(unit), 1, len(GEOMETRY_FIELDS))).copy()
-        w.write_unit(unit, feats, np.ones(len(unit), np.uint8), geo)
-    w.finalize()
-    return path
+    tdef = task_def(cfg.task)
+    return [tdef.parse(cfg.head), tdef.parse(cfg.finetune_head)]
 
 
-def _boxes(image_id: int, s: int, rng: np.random.Generator) -> list[dict[str, Any]]:
-    out = []
-    for k in range(3):
-        bw, bh = (float(v) for v in rng.uniform(0.1, 0.4, 2) * s)
-        x, y = float(rng.uniform(0, s - bw)), float(rng.uniform(0, s - bh))
-        poly = [x, y, x + bw, y, x + bw, y + bh, x, y + bh]
-        out.append({"id": image_id * 10 + k, "image_id": image_id, "category_id": 1 + k % 2, "bbox": [x, y, bw, bh],
-                    "area": bw * bh, "iscrowd": 0, "segmentation": [poly]})  # fmt: skip
-    return out
+def _store(cfg: BenchConfig, heads: list[Any], path: Path) -> Path:
+    """2 x batch synthetic samples shaped like ``cfg.model``'s levels (video: the levels the heads read)."""
+    from fcache.apps.bench_stores import synthetic_store, video_levels
+    from fcache.extract.backbones import build_backbone, default_window
+
+    levels = video_levels(heads) if cfg.task == "video" else None
+    window = cfg.window or default_window(cfg.model, cfg.task)
+    bb = build_backbone(cfg.model, input_size=cfg.input_size, levels=levels, meta=True, window=window)
+    return synthetic_store(path, cfg.task, bb.info, samples=2 * cfg.batch_size, shard_size=cfg.batch_size, dtype=cfg.dtype,
+                           frames=cfg.frames, seed=cfg.seed)  # fmt: skip
 
 
 def _in_own_process(setting: str, cfg: BenchConfig, store: Path) -> dict[str, Any]:
-    """Run ``_measure`` in a fresh (spawned, non-daemonic: it starts DataLoader workers) process."""
+    """Measure one setting in a fresh (spawned, non-daemonic: it starts DataLoader workers) process; its row, or an error row."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     proc = ctx.Process(target=_child, args=(results, setting, dataclasses.asdict(cfg), str(store)))
@@ -118,102 +152,40 @@ def _in_own_process(setting: str, cfg: BenchConfig, store: Path) -> dict[str, An
             break
         except queue.Empty:
             if not proc.is_alive():
-                row = {"setting": setting, "error": f"the measuring process died (exit code {proc.exitcode}; out of memory?)"}
+                row = {**_row_keys(setting, cfg), "error": f"the measuring process died (exit code {proc.exitcode}; out of memory?)"}
                 break
     proc.join()
     return row
 
 
 def _child(results: Any, setting: str, cfg_dict: dict[str, Any], store: str) -> None:
-    try:
-        results.put(_measure(setting, cfg_dict, store))
-    except Exception as e:  # noqa: BLE001 - reported as the row's error
-        results.put({"setting": setting, "error": f"{type(e).__name__}: {e}"})
-
-
-def _measure(setting: str, cfg_dict: dict[str, Any], store: str) -> dict[str, Any]:
-    """Runs in a fresh process: warm-up step, then ``steps`` timed steps of one setting."""
-    import torch
-
     cfg = BenchConfig(**cfg_dict)
-    row: dict[str, Any] = {"setting": setting, "model": cfg.model, "input_size": cfg.input_size, "batch": cfg.batch_size, "head": cfg.head}
     try:
-        row |= _steps(setting, cfg, store)
-    except torch.cuda.OutOfMemoryError as e:
-        row |= {"error": f"out of memory ({str(e).splitlines()[0][:80]})"}
-    if cfg.device.startswith("cuda"):
-        row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    else:
-        row["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-    return row
+        from fcache.apps.bench_measure import measure
+
+        results.put(_row_keys(setting, cfg) | measure(setting, cfg, store))
+    except Exception as e:  # noqa: BLE001 - reported as the row's error
+        results.put({**_row_keys(setting, cfg), "error": f"{type(e).__name__}: {e}"})
 
 
-def _steps(setting: str, cfg: BenchConfig, store: str) -> dict[str, Any]:
-    import torch
-
-    from fcache.train_heads.config import TrainConfig
-    from fcache.train_heads.data import train_loader
-    from fcache.train_heads.loop import make_optimizer, train_step
-    from fcache.train_heads.training import prepare_training, training_data
-
-    device = torch.device(cfg.device)
-    tcfg = TrainConfig(store=store, out="", head=cfg.head, iters=10_000, batch_size=cfg.batch_size, device=cfg.device,
-                       num_workers=cfg.num_workers if setting == "store" else 0, warmup=0)  # fmt: skip
-    p = prepare_training(tcfg)
-    model = p.model.to(device).train()
-    data = training_data(p, cfg.seed)
-    batches = train_loader(data, p.task, batch_size=cfg.batch_size, seed=cfg.seed, start=0, stop=cfg.steps + 1,
-                           num_workers=tcfg.num_workers, device=device)  # fmt: skip
-    optimizer = make_optimizer(model, tcfg)
-    backbone = None
-    if setting != "store":
-        from fcache.extract.rebuild import backbone_of
-
-        backbone = backbone_of(p.store.manifest, device=cfg.device)  # the store's backbone, rebuilt from its manifest
-        if setting == "finetune":
-            backbone.model.train().requires_grad_(True)
-            optimizer.add_param_group({"params": list(backbone.model.parameters()), "weight_decay": tcfg.weight_decay})
-    params = sum(q.numel() for g in optimizer.param_groups for q in g["params"])
-    images = torch.randn(cfg.batch_size, 3, cfg.input_size, cfg.input_size, generator=torch.Generator().manual_seed(0)).to(device)
-    times = []
-    for k, batch in enumerate(batches):
-        _sync(device)
-        t = time.perf_counter()
-        batch = batch.to(device)
-        if backbone is not None:
-            batch.features = _backbone_features(backbone, images, setting, device)
-        train_step(model, optimizer, p.task, batch, tcfg, device, k)
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    timed = times[1:]  # the first step warms up
-    return {"s_per_iter": float(np.mean(timed)), "s_per_iter_min": float(np.min(timed)), "trainable_params": params}
-
-
-def _backbone_features(backbone: Any, images: torch.Tensor, setting: str, device: torch.device) -> dict[str, torch.Tensor]:
-    import torch
-
-    if setting == "online":
-        return {k: v.clone() for k, v in backbone.forward(images).items()}  # inference mode, bf16 autocast on CUDA; clone: a normal tensor
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return backbone.features(images)
-
-
-def _sync(device: torch.device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def _row_keys(setting: str, cfg: BenchConfig) -> dict[str, Any]:
+    row = {"setting": setting, "task": cfg.task, "model": cfg.model, "input_size": cfg.input_size, "batch": cfg.batch_size}
+    return row | ({"frames": cfg.frames} if cfg.task == "video" else {}) | {"head": cfg.head_of(setting)}
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    head = rows[0]
-    lines = [f"{head['model']} @ {head['input_size']}px, batch {head['batch']}, head {head['head']}", "",
-             f"{'setting':10s} {'s/iter':>8s} {'peak GB':>8s} {'trainable':>12s}"]  # fmt: skip
+    first = rows[0]
+    clip = f" x {first['frames']} frames" if "frames" in first else ""
+    w = max(len(r["head"]) for r in rows)
+    lines = [f"{first['task']}: {first['model']} @ {first['input_size']}px, batch {first['batch']}{clip}", "",
+             f"{'setting':9s} {'head':{w}s} {'s/iter':>8s} {'peak GB':>8s} {'trainable':>14s}"]  # fmt: skip
     store = next((r for r in rows if r["setting"] == "store" and "s_per_iter" in r), None)
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['setting']:10s} {r['error']}")
+            lines.append(f"{r['setting']:9s} {r['head']:{w}s} {r['error']}")
             continue
         ratio = f"  ({r['s_per_iter'] / store['s_per_iter']:.2f}x the store's time)" if store and r is not store else ""
-        lines.append(f"{r['setting']:10s} {r['s_per_iter']:8.3f} {r['peak_mem_gb']:8.2f} {r['trainable_params']:12,d}{ratio}")
+        lines.append(
+            f"{r['setting']:9s} {r['head']:{w}s} {r['s_per_iter']:8.3f} {r['peak_mem_gb']:8.2f} {r['trainable_params']:14,d}{ratio}"
+        )
     return "\n".join(lines)

@@ -1,15 +1,18 @@
-"""The frozen base network B(.) of the paper: timm SwinV2 aliases, weights, and an NCHW feature forward.
+"""The frozen base network B(.) of the paper: the BACKBONES table (timm SwinV2 and the paper's SwinV2-G), weights
+in timm's or the official Swin layout, and an NCHW feature forward.
 
 Level specs come from the model's own ``feature_info`` (channels, reduction), never from a table.
-Larger input, same window (paper §3.3): ``input_size`` is set at model creation, the window stays.
+Larger input, same window (paper §3.3): ``input_size`` is set at model creation, the window stays as pretrained
+unless ``window`` says otherwise. The classifier (``head.*``) is never used for features: a checkpoint need not hold it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -19,19 +22,46 @@ from timm.models._features import FeatureListNet
 
 from fcache.common.devices import resolve_device
 from fcache.common.errors import InputError
+from fcache.extract import swinv2_giant
 from fcache.spec import BackboneInfo, LevelSpec, level_name
 from fcache.store.layout import sha256_file
 
-# alias -> timm model (ImageNet-22K-pretrained tags where timm has them, as the paper uses)
-ALIASES = {
-    "swinv2-t": "swinv2_tiny_window16_256.ms_in1k",
-    "swinv2-s": "swinv2_small_window16_256.ms_in1k",
-    "swinv2-b": "swinv2_base_window12_192.ms_in22k",
-    "swinv2-l": "swinv2_large_window12_192.ms_in22k",
-    "swinv2-g": "swinv2_cr_giant_224",  # ~2.6B parameters; weights never published
+
+@dataclass(frozen=True)
+class BackboneDef:
+    """A named backbone: a timm model (with its pretrained tag), or a builder for a variant timm does not register.
+
+    Attributes:
+        timm_name: the timm model name and tag; for a built model, what it is (recorded in the manifest).
+        build: ``(input_size, window) -> model`` when timm has no such variant.
+        published: False when no weights were ever released (``--weights`` or ``--random-init`` required).
+        windows: task -> window, for a model without a pretrained window; ``default_window`` for other tasks.
+    """
+
+    timm_name: str
+    build: Callable[[int, int], torch.nn.Module] | None = None
+    published: bool = True
+    windows: Mapping[str, int] = field(default_factory=dict)
+    default_window: int | None = None
+
+
+# the paper's backbones (ImageNet-22K-pretrained tags where timm has them, as the paper uses)
+BACKBONES: dict[str, BackboneDef] = {
+    "swinv2-t": BackboneDef("swinv2_tiny_window16_256.ms_in1k"),
+    "swinv2-s": BackboneDef("swinv2_small_window16_256.ms_in1k"),
+    "swinv2-b": BackboneDef("swinv2_base_window12_192.ms_in22k"),
+    "swinv2-l": BackboneDef("swinv2_large_window12_192.ms_in22k"),
+    "swinv2-g": BackboneDef(
+        swinv2_giant.DESCRIPTION,
+        build=swinv2_giant.build_swinv2_giant,
+        published=False,
+        windows=swinv2_giant.WINDOWS,
+        default_window=swinv2_giant.DEFAULT_WINDOW,
+    ),
+    "swinv2-g-timm": BackboneDef("swinv2_cr_giant_224", published=False),  # timm's 2.6B giant, depths (2, 2, 42, 2)
 }
-UNPUBLISHED = {"swinv2-g"}
 RANDOM_INIT = "random-init"
+SIMMIM_ONLY = ("mask_token",)  # SimMIM's pretraining-only parameter of the encoder
 
 
 @dataclass
@@ -60,13 +90,22 @@ class Backbone:
 
 
 def resolve(model: str) -> tuple[str, str]:
-    """(alias, timm name with tag) of ``model``: one of ALIASES or any timm model name."""
-    if model in ALIASES:
-        return model, ALIASES[model]
+    """(alias, timm name with tag) of ``model``: one of BACKBONES or any timm model name."""
+    if model in BACKBONES:
+        return model, BACKBONES[model].timm_name
     base = model.split(".")[0]
     if not timm.is_model(base):
-        raise InputError(f"unknown model {model!r}: use one of {', '.join(ALIASES)} or a timm model name (see timm.list_models())")
+        raise InputError(f"unknown model {model!r}: use one of {', '.join(BACKBONES)} or a timm model name (see timm.list_models())")
     return model, model
+
+
+def default_window(model: str, task: str) -> int | None:
+    """The window ``model`` is built with for ``task`` when none is asked for: the paper's for a model without a
+    pretrained one (SwinV2-G: detection 32, segmentation 40, video 16), else None (the model's own)."""
+    d = BACKBONES.get(model)
+    if d is None or d.default_window is None:
+        return None
+    return d.windows.get(task, d.default_window)
 
 
 def build_backbone(
@@ -79,23 +118,33 @@ def build_backbone(
     seed: int = 0,
     device: str = "cpu",
     meta: bool = False,
+    window: int | None = None,
 ) -> Backbone:
     """Create the frozen backbone in eval mode.
 
     Args:
-        weights: a safetensors or torch checkpoint of the full timm model (keys checked strictly).
+        weights: a safetensors or torch checkpoint, timm's layout or the official Swin one (keys checked strictly).
         random_init: random weights (tests, demo), seeded by ``seed``; never implied.
         meta: build on the meta device (shapes and level specs only, no memory: ``fcache plan``).
+        window: attention window; None keeps the model's own (for SwinV2-G: ``default_window(model, "")``).
     """
     alias, timm_name = resolve(model)
     if weights and random_init:
         raise InputError("--weights and --random-init exclude each other; give one")
-    if alias in UNPUBLISHED and not (weights or random_init or meta):
+    d = BACKBONES.get(alias)
+    if d is not None and not d.published and not (weights or random_init or meta):
         raise InputError(f"{alias} weights were never published: pass --weights FILE with your checkpoint, or --random-init")
+    if window is not None and window < 1:
+        raise InputError(f"--window {window}: must be at least 1")
     pretrained = not (weights or random_init or meta)
     torch.manual_seed(seed)
     with torch.device("meta") if meta else contextlib.nullcontext():
-        full = _create(timm_name, input_size, pretrained)
+        if d is not None and d.build is not None:
+            full = d.build(input_size, window or default_window(alias, "") or 0)
+        else:
+            full = _create(timm_name, input_size, pretrained)
+            if window is not None:
+                _set_window(full, window, timm_name)
     weights_id = RANDOM_INIT if random_init or meta else f"timm:{timm_name}"
     if weights:
         weights_id = load_weights(full, weights)
@@ -103,16 +152,15 @@ def build_backbone(
     cfg: dict[str, Any] = dict(getattr(full, "pretrained_cfg", {}) or {})
     mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
     wrapped, specs = _features(full, levels)
-    window = _window(full)
     if not meta:
         wrapped = wrapped.to(resolve_device(device)).eval().requires_grad_(False)
-    info = BackboneInfo(alias, timm_name, weights_id, input_size, window, specs)
+    info = BackboneInfo(alias, timm_name, weights_id, input_size, _window(full), specs)
     return Backbone(wrapped, info, nhwc, tuple(mean), tuple(std))
 
 
 def _create(timm_name: str, input_size: int, pretrained: bool) -> torch.nn.Module:
-    """The timm model at ``input_size``. SwinV2 gets ``strict_img_size=False``: maps that the (pretrained) window
-    does not divide are padded per block (timm's dynamic mask), so any multiple of 32 works with any window."""
+    """The timm model at ``input_size``. SwinV2 gets ``strict_img_size=False``: maps that the
+    (pretrained) window does not divide are padded per block (timm's dynamic mask), so any multiple of 32 works."""
     attempts: tuple[dict[str, Any], ...] = ({"img_size": input_size, "strict_img_size": False}, {"img_size": input_size}, {})
     try:
         for kwargs in attempts:
@@ -128,6 +176,16 @@ def _create(timm_name: str, input_size: int, pretrained: bool) -> torch.nn.Modul
             f"could not load timm's pretrained weights for {timm_name} ({type(e).__name__}: {e}); "
             "without network access pass --weights FILE, or --random-init for a random backbone"
         ) from e
+
+
+def _set_window(model: torch.nn.Module, window: int, timm_name: str) -> None:
+    """Rebuild the attention windows (timm's ``set_input_size``); nothing changes when the model already has ``window``."""
+    if _window(model) == window:
+        return
+    try:
+        cast(Any, model).set_input_size(window_size=window)
+    except (AttributeError, TypeError):
+        raise InputError(f"--window {window}: {timm_name} has no attention window to set; leave --window out") from None
 
 
 def _features(full: torch.nn.Module, levels: Sequence[str] | None) -> tuple[FeatureListNet, tuple[LevelSpec, ...]]:
@@ -156,30 +214,54 @@ def _window(model: torch.nn.Module) -> int | None:
 
 
 def load_weights(model: torch.nn.Module, path: str) -> str:
-    """Load a checkpoint strictly into ``model``; returns the file's sha256.
+    """Load a checkpoint strictly into the full ``model`` (before it is wrapped for features); returns the file's sha256.
+
+    Accepted: timm's layout, and the official Swin layout (``{"model": state_dict}``, downsample at the end of each
+    stage, persistent index/coords/mask buffers; SimMIM's ``encoder.`` prefix too), converted by timm's own
+    ``checkpoint_filter_fn`` of the model's module. The classifier is not checked: the checkpoint's ``head.*`` keys
+    are left out and the model keeps its own (features never use it); every other key must match.
 
     Raises:
-        ValueError: missing or unexpected keys (listed), or mismatched shapes.
+        InputError: neither layout fits; lists the missing, unexpected and mismatched keys of the closer one.
     """
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"weights file {p} does not exist")
-    state = _read_checkpoint(p)
+        raise InputError(f"weights file {p} does not exist; give the path of a safetensors or torch checkpoint")
     own = model.state_dict()
+    head = {k: v for k, v in own.items() if k.startswith("head.")}
+    tried = []
+    for layout, state in _layouts(_read_checkpoint(p), model):
+        state = {k: v for k, v in state.items() if not k.startswith("head.")} | head
+        problems = _key_problems(own, state)
+        if not problems:
+            model.load_state_dict(state, strict=True)
+            return sha256_file(p)
+        tried.append((sum(len(keys) for _, keys in problems), layout, problems))
+    _, layout, problems = min(tried, key=lambda t: t[0])
+    parts = [f"{label} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}" for label, keys in problems]
+    raise InputError(f"weights {p} do not fit {type(model).__name__} ({layout}): " + "; ".join(parts))
+
+
+def _layouts(state: dict[str, torch.Tensor], model: torch.nn.Module) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """The checkpoint as saved, then as converted by timm's ``checkpoint_filter_fn`` of the model's module, if any."""
+    if any(k.startswith("encoder.") for k in state) and not any(k.startswith("encoder.") for k in model.state_dict()):
+        state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.") and k[len("encoder.") :] not in SIMMIM_ONLY}
+    out = [("timm layout", state)]
+    convert = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if convert is not None:
+        with contextlib.suppress(Exception):  # a checkpoint the converter cannot read is judged as saved
+            out.append(("converted by timm's checkpoint_filter_fn", convert(dict(state), model)))
+    return out
+
+
+def _key_problems(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list[tuple[str, list[str]]]:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [
         f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape
     ]
-    if missing or unexpected or shapes:
-        parts = [
-            f"{label} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
-            if keys
-        ]
-        raise InputError(f"weights {p} do not fit {type(model).__name__}: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
-    return sha256_file(p)
+    problems = (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+    return [(label, keys) for label, keys in problems if keys]
 
 
 def _read_checkpoint(p: Path) -> dict[str, torch.Tensor]:
@@ -209,6 +291,7 @@ def _read_checkpoint(p: Path) -> dict[str, torch.Tensor]:
 
 
 def parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of ``model``; of a ``Backbone.model``, those that compute the stored levels (no classifier)."""
     return sum(p.numel() for p in model.parameters())
 
 

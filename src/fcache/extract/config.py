@@ -52,10 +52,12 @@ class ExtractConfig:
 
     source: SourceConfig
     out: str = ""
-    model: str = flag("swinv2-t", "swinv2-t/s/b/l/g or any timm model with features_only.")
-    weights: str = flag("", "Checkpoint (safetensors or torch) of the full timm model.", show_default=False)
+    model: str = flag("swinv2-t", "swinv2-t/s/b/l/g (the paper's 3.0B SwinV2-G), swinv2-g-timm, or any timm model with features_only.")
+    weights: str = flag("", "Checkpoint (safetensors or torch) in timm's or the official Swin layout.", show_default=False)
     random_init: bool = flag(False, "Random backbone weights (tests, demo). Never implied.", show_default=False)
     input_size: int = flag(256, "Square canvas side; the window size stays as pretrained.", min=32, max=16384)
+    window: int = flag(0, "Attention window; 0: the pretrained one (swinv2-g: the paper's, coco 32, ade20k 40, video 16, else 32).",
+                       show_default=False, min=0)  # fmt: skip
     levels: tuple[str, ...] = flag(DEFAULT_LEVELS, "Levels to store (p2..p5 = strides 4..32).", parse=parse_levels,
                                    text_default=",".join(DEFAULT_LEVELS))  # fmt: skip
     dtype: str = flag("fp16", "Stored feature dtype.", choices="fcache.store.dtypes:DTYPES")

@@ -29,7 +29,7 @@ from fcache.common.cluster import ClusterTarget
 from fcache.common.command import rerun
 from fcache.common.devices import resolve_device
 from fcache.common.errors import InputError, Interrupted, LeaseHeld
-from fcache.extract.backbones import Backbone, build_backbone
+from fcache.extract.backbones import Backbone, build_backbone, default_window
 from fcache.extract.config import ExtractConfig
 from fcache.extract.sources import build_source
 from fcache.extract.sources.base import SampleRef, Source
@@ -99,6 +99,7 @@ def prepare(cfg: ExtractConfig, *, meta: bool = False) -> tuple[Source, list[Sam
         seed=cfg.seed,
         device=resolve_device(cfg.device),
         meta=meta,
+        window=cfg.window or default_window(cfg.model, source.task),
     )
     keys = [r.key for r in refs]
     dataset = DatasetInfo(

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from fcache.extract.backbones import parameter_count
 from fcache.extract.driver import ExtractConfig, prepare, run_extract
 from fcache.store.dtypes import stored
 from fcache.store.info import human
@@ -40,7 +41,10 @@ def plan(cfg: ExtractConfig, *, measure: int = 4, no_run: bool = False, assume_t
     flops = forward_flops(backbone.model, cfg.input_size)
     out: dict[str, Any] = {
         "model": manifest.backbone.timm_name,
+        "alias": manifest.backbone.alias,
+        "backbone_params": parameter_count(backbone.model),
         "input_size": cfg.input_size,
+        "window": manifest.backbone.window,
         "dtype": cfg.dtype,
         "codec": cfg.codec,
         "samples": n,
@@ -98,10 +102,14 @@ def format_plan(p: dict[str, Any]) -> str:
         lines.append(
             f"compression ratio {p['compression_ratio']:.2f} ({p['estimate']}): about {human(p['compressed_total_bytes'])} on disk"
         )
-    lines.append(f"backbone: {p['gflops_per_image']:.1f} GFLOPs per image")
+    lines.append(f"backbone: {_count(p['backbone_params'])} parameters, {p['gflops_per_image']:.1f} GFLOPs per image, window {p['window']}")
     how = p["estimate"] if p["estimate"] != "flops" else f"from FLOPs at an assumed {p['assumed_tflops']:.0f} TFLOP/s"
     lines.append(f"time: {p['seconds_per_image'] * 1e3:.1f} ms per image ({how}), about {_duration(p['total_seconds'])} in all")
     return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
 def _duration(s: float) -> str:

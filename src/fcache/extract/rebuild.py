@@ -58,6 +58,7 @@ def backbone_of(manifest: Manifest, *, weights: str = "", device: str = "cpu") -
         random_init=bb.weights == RANDOM_INIT,
         seed=pre.seed,
         device=device,
+        window=bb.window,
     )
     if from_file and backbone.info.weights != bb.weights:
         raise InputError(f"--weights {weights} is not the file the store was extracted with (its sha256 differs)")

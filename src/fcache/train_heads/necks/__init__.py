@@ -1,6 +1,8 @@
 """Necks for multi-scale heads (the paper's Table 2): fpn, fpn-res, bifpn, in a NECKS table with their parameters.
 
 Each builder takes the stored LevelSpecs it reads and the parsed head parameters, never hard-coded channel counts.
+``UPER_FPN`` is UPerNet's FPN part as mmseg's UPerHead builds it (ConvModules with norms, the pyramid pooling as its
+top lateral); it is not a detection neck, so it stands outside NECKS (``segmentation.upernet.UPERNET_NECKS`` uses it).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from fcache.train_heads.necks.base import NORMS, Neck, pyramid_levels
 from fcache.train_heads.necks.bifpn import BiFPN
 from fcache.train_heads.necks.fpn import FPN
 from fcache.train_heads.necks.fpn_res import FPNRes
+from fcache.train_heads.necks.uper_fpn import UPerFPN
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,10 @@ def _bifpn(levels: Sequence[LevelSpec], p: Mapping[str, Any]) -> Neck:
     return BiFPN(levels, channels=p["channels"], layers=p["layers"], norm=p["norm"], checkpoint=p.get("checkpoint") == "1")
 
 
+def _uper_fpn(levels: Sequence[LevelSpec], p: Mapping[str, Any]) -> Neck:
+    return UPerFPN(levels, channels=p["channels"], norm=p["norm"])
+
+
 NECKS: dict[str, NeckDef] = {
     "fpn": NeckDef(_fpn, {"channels": CHANNELS}),
     "fpn-res": NeckDef(_fpn_res, {"channels": CHANNELS, "blocks": Param(4, maximum=32, help="residual blocks per level"), "norm": NORM}),
@@ -52,4 +59,6 @@ NECKS: dict[str, NeckDef] = {
     ),
 }
 
-__all__ = ["NECKS", "FPN", "BiFPN", "FPNRes", "Neck", "NeckDef", "pyramid_levels"]
+UPER_FPN = NeckDef(_uper_fpn, {"channels": CHANNELS, "norm": NORM})
+
+__all__ = ["NECKS", "UPER_FPN", "FPN", "BiFPN", "FPNRes", "Neck", "NeckDef", "UPerFPN", "pyramid_levels"]

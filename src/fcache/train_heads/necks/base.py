@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
+from torchvision.ops import Conv2dNormActivation
 
 from fcache.common.errors import InputError
 from fcache.spec import LevelSpec, level_name
@@ -36,6 +37,11 @@ def pyramid_levels(levels: Sequence[LevelSpec], channels: int) -> tuple[tuple[Le
     top = 2 * ins[-1].stride
     outs = tuple(LevelSpec(lv.name, channels, lv.stride) for lv in ins) + (LevelSpec(level_name(top), channels, top),)
     return ins, outs
+
+
+def at_level(level: str) -> Callable[[Tensor], dict[str, Tensor]]:
+    """A block's output as the map of one level (a ``Tap``'s ``levels``)."""
+    return lambda x: {level: x}
 
 
 @dataclass(frozen=True)
@@ -76,3 +82,8 @@ def norm_layer(kind: str, channels: int, *, bn_momentum: float = 0.1, bn_eps: fl
     if kind == "bn":
         return nn.BatchNorm2d(channels, momentum=bn_momentum, eps=bn_eps)
     raise InputError(f"norm={kind!r} is not one of {', '.join(NORMS)}")
+
+
+def conv_norm_relu(cin: int, cout: int, kernel: int, norm: str) -> Conv2dNormActivation:
+    """mmcv's ConvModule: a conv without bias (a norm follows), the norm, ReLU."""
+    return Conv2dNormActivation(cin, cout, kernel_size=kernel, norm_layer=lambda c: norm_layer(norm, c), activation_layer=nn.ReLU)

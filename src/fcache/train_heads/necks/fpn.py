@@ -6,14 +6,14 @@ The extra level is torchvision's LastLevelMaxPool (1x1 max-pool, stride 2) of th
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from fcache.spec import LevelSpec
-from fcache.train_heads.necks.base import Neck, Tap, pyramid_levels
+from fcache.train_heads.necks.base import Neck, Tap, at_level, pyramid_levels
 
 
 class FPN(Neck):
@@ -36,10 +36,5 @@ class FPN(Neck):
             parts = list(block) if isinstance(block, nn.Sequential) else [block]
             for k, part in enumerate(parts):
                 label = "F1" if len(parts) == 1 else ("conv" if k == 0 else f"R{k}")
-                out.append(Tap(label, part, _at(lv.name)))
+                out.append(Tap(label, part, at_level(lv.name)))
         return out
-
-
-def _at(level: str) -> Callable[[Tensor], dict[str, Tensor]]:
-    """A block's output as the map of one level."""
-    return lambda x: {level: x}

@@ -23,14 +23,13 @@ from fcache.spec import Geometry, LevelSpec, Targets
 from fcache.store import FeatureStore
 from fcache.train_heads.data import KEY, VIEW_GEOMETRY, VIEW_NAMES
 from fcache.train_heads.headspec import HeadDef, HeadSpec, Param, select_levels
-from fcache.train_heads.necks import NECKS
 from fcache.train_heads.necks.base import NORMS
 from fcache.train_heads.runfolder import write_json
 from fcache.train_heads.segmentation import metrics as M
 from fcache.train_heads.segmentation.labelmaps import file_name, label_png
 from fcache.train_heads.segmentation.mask2former import build_mask2former
 from fcache.train_heads.segmentation.targets import ground_truth, view_labels
-from fcache.train_heads.segmentation.upernet import build_upernet
+from fcache.train_heads.segmentation.upernet import UPERNET_NECKS, build_upernet
 from fcache.train_heads.task import Batch, TaskDef
 
 SEGMENTATION_JSON = "segmentation.json"  # per-class IoU and accuracy, written into RUN/eval/<store> by evaluation
@@ -39,7 +38,7 @@ LEVELS = Param("all", kind="levels", help="stored levels the head reads: all, or
 
 
 def _check_upernet(spec: HeadSpec) -> None:
-    layered = [name for name, neck in NECKS.items() if "layers" in neck.params]
+    layered = [name for name, neck in UPERNET_NECKS.items() if "layers" in neck.params]
     if spec["neck"] not in layered and spec["layers"] != 1:
         raise InputError(
             f"head upernet: layers={spec['layers']} applies to neck={'/'.join(layered)} only (e.g. upernet:neck={layered[0]},layers=5)"
@@ -59,10 +58,15 @@ def _mask2former(task: SegmentationTask, levels: tuple[LevelSpec, ...]) -> nn.Mo
 HEADS: dict[str, HeadDef] = {
     "upernet": HeadDef(
         {
-            "neck": Param("fpn", kind="choice", choices=tuple(NECKS), help="the FPN part: any neck of the NECKS table (bifpn: k layers)"),
+            "neck": Param(
+                "fpn",
+                kind="choice",
+                choices=tuple(UPERNET_NECKS),
+                help="the FPN part: fpn (mmseg's UPerHead), or a neck of the NECKS table (bifpn: k layers)",
+            ),
             "layers": Param(1, maximum=32, help="BiFPN layers (neck=bifpn only)"),
             "channels": Param(512, maximum=4096, help="width of PPM, neck and fuse conv (mmseg's UPerHead: 512); the aux head is half"),
-            "norm": Param("gn", kind="choice", choices=NORMS, help="norm of the PPM, fuse, aux and BiFPN convs"),
+            "norm": Param("gn", kind="choice", choices=NORMS, help="norm of every ConvModule (PPM, FPN, fuse, aux) and of the BiFPN"),
             "aux": Param(0, minimum=0, help="1: auxiliary FCN head on the second-deepest level, loss weight 0.4"),
             "levels": LEVELS,
         },

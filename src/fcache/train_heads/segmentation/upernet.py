@@ -1,16 +1,18 @@
-"""UPerNet (Xiao et al., ECCV 2018) on cached features, after mmsegmentation's ``UPerHead`` + ``FCNHead`` auxiliary.
+"""UPerNet (Xiao et al., ECCV 2018) on cached features, as mmsegmentation's ``UPerHead`` + ``FCNHead`` auxiliary.
 
-Pyramid pooling (scales 1, 2, 3, 6) on the deepest stored level, then a neck from ``train_heads.necks`` over all
-levels (``fpn``: torchvision's FPN; ``bifpn``: k BiFPN layers, the paper's Table 10 replacement of the FPN part),
-then every level upsampled to the finest, concatenated, fused by a 3x3 conv-norm-ReLU, dropout 0.1 and a 1x1
-classifier. Our reading of the composition: the PPM output takes the deepest level's place as the neck's input
-(mmseg adds it after its lateral convs, so there it skips the top 3x3 conv); the neck's lateral and output convs
-are its own (torchvision's FPN ones carry no norm, mmseg's ConvModules do); FPN's max-pooled extra level (p6) is
-not fused (mmseg fuses the stored levels only), BiFPN's is (its last layer computes it, so every node is trained).
-The optional auxiliary head (``aux=1``) is mmseg's FCNHead on the second-deepest stored level: 3x3 conv-norm-ReLU
-at half width, dropout 0.1, 1x1 classifier, loss weight 0.4. Cross-entropy (ignore 255) on logits upsampled to
-the canvas, averaged over labelled pixels. GroupNorm by default: a PPM branch pools to 1x1, where BatchNorm
-cannot train on a batch of one.
+mmseg's UPerHead: pyramid pooling (scales 1, 2, 3, 6; 1x1 ConvModules, then a 3x3 bottleneck) on the deepest level;
+its FPN part (1x1 lateral ConvModules on the other levels, top-down bilinear adds, 3x3 fpn ConvModules, the pooling
+output as the top); every level resized to the finest, concatenated, ``fpn_bottleneck`` 3x3, dropout 0.1 and a 1x1
+``conv_seg``; channels 512. A ConvModule is conv without bias, norm, ReLU. With SwinV2-B's levels (128..1024) and 150
+classes that is 33,315,990 parameters, with GN or BN alike (34,534,700 with ``aux=1``).
+The FPN part is any neck of ``UPERNET_NECKS``: ``fpn`` is mmseg's (``necks.UPER_FPN``, not detection's torchvision
+FPN), ``bifpn`` k BiFPN layers (the paper's Table 10 replacement), ``fpn-res`` detection's. Each takes the pooling
+output as its deepest input and its table defaults for the keys UPerNet does not share. A neck's extra level is
+fused only when learned (BiFPN's: its last layer computes it, so every node is trained; FPN's max-pooled one not).
+The optional auxiliary head (``aux=1``) is mmseg's FCNHead on the second-deepest stored level: 3x3 ConvModule at half
+width, dropout 0.1, 1x1 classifier, loss weight 0.4. Cross-entropy (ignore 255) on logits upsampled to the canvas,
+averaged over labelled pixels. GroupNorm by default: a pooling branch pools to 1x1, where BatchNorm cannot train on a
+batch of one.
 """
 
 from __future__ import annotations
@@ -21,21 +23,18 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import Conv2dNormActivation
 
 from fcache.common.errors import InputError
 from fcache.spec import Geometry, LevelSpec
-from fcache.train_heads.necks import NECKS
-from fcache.train_heads.necks.base import GN_GROUPS, norm_layer
+from fcache.train_heads.necks import NECKS, UPER_FPN, NeckDef
+from fcache.train_heads.necks.base import GN_GROUPS, conv_norm_relu
 from fcache.train_heads.segmentation.targets import IGNORE, to_canvas, to_original
 
 POOL_SCALES = (1, 2, 3, 6)
 DROPOUT = 0.1
 AUX_WEIGHT = 0.4
-
-
-def conv_norm_relu(cin: int, cout: int, kernel: int, norm: str) -> Conv2dNormActivation:
-    return Conv2dNormActivation(cin, cout, kernel_size=kernel, norm_layer=lambda c: norm_layer(norm, c), activation_layer=nn.ReLU)
+# UPerNet's FPN part: mmseg's UPerHead one for "fpn" (detection's "fpn" is torchvision's, as mmdet's), the other necks as they are
+UPERNET_NECKS: dict[str, NeckDef] = {**NECKS, "fpn": UPER_FPN}
 
 
 def classifier(channels: int, num_classes: int) -> nn.Sequential:
@@ -77,7 +76,7 @@ class PPM(nn.Module):
 
 
 class UPerNet(nn.Module):
-    """PPM -> neck -> fuse -> classifier (+ FCN auxiliary head) over 2 or more stored levels."""
+    """PPM -> neck (the FPN part) -> fpn_bottleneck -> classifier (+ FCN auxiliary head) over 2 or more stored levels."""
 
     def __init__(
         self, levels: Sequence[LevelSpec], *, neck: str, neck_params: Mapping[str, Any], channels: int, norm: str, aux: bool,
@@ -91,7 +90,7 @@ class UPerNet(nn.Module):
         top = ins[-1]
         self.ppm = PPM(top.channels, channels, norm)
         neck_in = (*ins[:-1], LevelSpec(top.name, channels, top.stride))
-        self.neck = NECKS[neck].build(neck_in, neck_params)
+        self.neck = UPERNET_NECKS[neck].build(neck_in, neck_params)
         self.fused = self.neck.learned_levels  # pyramid levels fused, fine first
         self.fuse = conv_norm_relu(len(self.fused) * channels, channels, 3, norm)
         self.cls = classifier(channels, num_classes)
@@ -128,7 +127,7 @@ class UPerNet(nn.Module):
 
 def build_upernet(levels: Sequence[LevelSpec], p: Mapping[str, Any], num_classes: int) -> UPerNet:
     """UPerNet of head parameters ``p``; the neck takes its table defaults, overridden by the upernet keys it shares."""
-    neck_params = {k: p.get(k, q.default) for k, q in NECKS[p["neck"]].params.items()}
+    neck_params = {k: p.get(k, q.default) for k, q in UPERNET_NECKS[p["neck"]].params.items()}
     return UPerNet(
         levels, neck=p["neck"], neck_params=neck_params, channels=p["channels"], norm=p["norm"], aux=bool(p["aux"]), num_classes=num_classes
     )
