@@ -52,6 +52,24 @@ def test_losses_and_detections(name, roi, n_levels):
         assert (b[:, 0] >= 0).all() and (b[:, 2] <= w).all() and (b[:, 3] <= h).all()  # clipped to the content, not the canvas
 
 
+@pytest.mark.parametrize("roi", ["standard", "cascade", "htc,semantic=1"])
+def test_boxes_stay_float32_under_bf16_autocast(roi):
+    """As on CUDA: bf16 deltas must not round proposals, refined boxes or detections (BoxCoder casts boxes to the deltas)."""
+    model = detector("fpn", LEVELS[1:], roi).train()
+    heads = model.roi_heads
+    pool = heads.box_roi_pool if roi == "standard" else heads.stages[0].box_roi_pool  # the cascade's stages share theirs
+    seen = []
+    pool.register_forward_pre_hook(lambda _m, args: seen.append({b.dtype for b in args[1]}))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses, _ = model(features(LEVELS[1:]), SIZES, CANVAS, targets())
+        model.eval()
+        with torch.no_grad():
+            _, dets = model(features(LEVELS[1:]), SIZES, CANVAS)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert seen and all(s == {torch.float32} for s in seen)  # every stage's RoIs, training and inference
+    assert all(d["boxes"].dtype == torch.float32 for d in dets)
+
+
 def test_level_mapper_skips_missing_levels():
     boxes = [torch.tensor([[0.0, 0, 20, 20], [0, 0, 100, 100], [0, 0, 224, 224], [0, 0, 900, 900]])]
     # FPN eq. 1: k = floor(4 + log2(sqrt(area) / 224)) clamped: 2, 2, 4, 5

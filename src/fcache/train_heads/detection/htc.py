@@ -146,8 +146,8 @@ class HybridTaskCascadeRoIHeads(CascadeRoIHeads):
     def _semantic_rois(self, inputs: Inputs, boxes: list[Tensor]) -> Tensor:
         head = cast(FusedSemanticHead, self.semantic_head)
         assert inputs.semantic is not None
-        rois = [b.to(inputs.semantic.dtype) for b in boxes]
-        return roi_align(inputs.semantic, rois, SEMANTIC_ROI, spatial_scale=1.0 / head.stride, sampling_ratio=0)  # (R, C, 14, 14)
+        semantic = inputs.semantic.to(boxes[0].dtype)  # boxes stay float32 under bf16 autocast
+        return roi_align(semantic, boxes, SEMANTIC_ROI, spatial_scale=1.0 / head.stride, sampling_ratio=0)  # (R, C, 14, 14)
 
     def _box_features(self, k: int, inputs: Inputs, boxes: list[Tensor]) -> Tensor:
         x = super()._box_features(k, inputs, boxes)  # (R, C, 7, 7)

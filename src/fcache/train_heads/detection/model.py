@@ -17,6 +17,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
@@ -41,6 +42,14 @@ REPRESENTATION = 1024  # TwoMLPHead width
 MASK_CONVS = 4  # MaskRCNNHeads: 4 3x3 convs as wide as the pyramid (256 by default, torchvision's width)
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 HTC_SCORE_THRESH = 0.001  # mmdetection's htc test_cfg (cascade: 0.05)
+
+
+class Float32BoxCoder(BoxCoder):
+    """torchvision's BoxCoder decoding in float32. Under bf16 autocast the deltas are bf16 and BoxCoder casts the boxes to
+    them, which rounds proposals and detections to steps of 4 px on a 1024 canvas."""
+
+    def decode(self, rel_codes: Tensor, boxes: list[Tensor]) -> Tensor:
+        return super().decode(rel_codes.float(), [b.float() for b in boxes])
 
 
 class NearestLevelMapper(LevelMapper):
@@ -74,7 +83,7 @@ def roi_align(levels: Sequence[LevelSpec], size: int, sampling_ratio: int = 2) -
 
 def build_rpn(out_levels: Sequence[LevelSpec], channels: int, batch_size: int) -> RegionProposalNetwork:
     anchors = AnchorGenerator(tuple((8 * lv.stride,) for lv in out_levels), (ASPECT_RATIOS,) * len(out_levels))
-    return RegionProposalNetwork(
+    rpn = RegionProposalNetwork(
         anchors,
         RPNHead(channels, len(ASPECT_RATIOS)),
         fg_iou_thresh=0.7,
@@ -85,12 +94,14 @@ def build_rpn(out_levels: Sequence[LevelSpec], channels: int, batch_size: int) -
         post_nms_top_n={"training": 2000, "testing": 1000},
         nms_thresh=0.7,
     )
+    rpn.box_coder = Float32BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+    return rpn
 
 
 def _box_stage(
     pool: nn.Module, channels: int, predictor: nn.Module, iou: float, weights: tuple[float, ...], rois: int, score_thresh: float = 0.05
 ) -> RoIHeads:
-    return RoIHeads(
+    heads = RoIHeads(
         pool,
         TwoMLPHead(channels * 7 * 7, REPRESENTATION),
         predictor,
@@ -103,6 +114,8 @@ def _box_stage(
         nms_thresh=0.5,
         detections_per_img=100,
     )
+    heads.box_coder = Float32BoxCoder(weights)
+    return heads
 
 
 def _standard(neck: Neck, num_classes: int, p: Mapping[str, Any]) -> nn.Module:
