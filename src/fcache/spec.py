@@ -174,6 +174,8 @@ class Targets:
     - ``segmentation``: [N, Hmax, Wmax] uint8 label map at original resolution, classes 0..K-1
       (ADE20K after reduce-zero-label), ``IGNORE`` for unlabelled pixels and for the padding beyond
       (orig_h, orig_w) of the sample's geometry.
+    - ``stuff``: [N, Hmax, Wmax] uint8 COCO-stuff label map at original resolution (``--stuff-root``), values
+      0..STUFF_CLASSES-1, ``IGNORE`` for unlabelled pixels, values >= STUFF_CLASSES and the padding; HTC's semantic branch.
     Group attrs of ``targets/``: ``categories`` (the COCO categories list) for detection stores.
     """
 
@@ -181,7 +183,11 @@ class Targets:
     ANNOTATIONS = "annotations"
     LABEL = "label"
     SEGMENTATION = "segmentation"
+    STUFF = "stuff"
     IGNORE = 255
+
+
+STUFF_CLASSES = 183  # COCO-stuff label values 0..182, the class count of mmdetection's HTC semantic head
 
 
 def _subset(cls: type, d: dict[str, Any]) -> dict[str, Any]:
@@ -280,6 +286,9 @@ class SourceConfig:
     )
     max_pixels: int = flag(DEFAULT_MAX_PIXELS, "Larger images are refused as too_large (decompression bombs).", min=1)
     decode_timeout: float = flag(60.0, "Seconds one sample may take to decode.", above=0, max=86400)
+    stuff_root: str = flag(
+        "", "coco: folder of COCO-stuff label PNGs named like the images (.png), for HTC's semantic branch.", show_default=False
+    )
     drop_degenerate_boxes: bool = flag(
         False, "coco: drop boxes with w or h <= 0 (with a warning) instead of refusing the json.", show_default=False
     )
@@ -362,7 +371,7 @@ def keys_digest(keys: list[str]) -> str:
 
 
 # Fields excluded from the fingerprint: where things were and how long decoding may take, not what the bytes are;
-# the video sampling settings are fingerprinted once, in ``preprocessing``.
+# the video sampling settings are fingerprinted once, in ``preprocessing``; ``stuff_root`` only as whether it was given.
 _NOT_FINGERPRINTED = tuple(f"dataset.source.{k}" for k in ("root", "annotations", "decode_timeout", "frames", "clips", "crops"))
 
 
@@ -434,6 +443,8 @@ class Manifest:
             for name in parents:
                 inner = inner[name]
             inner.pop(key, None)
+        if d["dataset"]["source"].pop("stuff_root", ""):  # whether the store has stuff maps, not where they were
+            d["dataset"]["source"]["stuff"] = True
         return d
 
     @property

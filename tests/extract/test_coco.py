@@ -209,3 +209,66 @@ def test_a_json_nested_absurdly_deep_is_one_line(tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["plan", "--dataset", "coco", "--root", str(tmp_path / "images"), "--annotations", str(ann),
                                   "--random-init", "--no-run", "--device", "cpu"])  # fmt: skip
     refused(r, str(ann), "nested 50001 levels deep")
+
+
+def write_stuff(stuff_root: Path, data: dict) -> dict[str, np.ndarray]:
+    """stuff_root/<image stem>.png for every image of ``data``: values 0..199 (>= 183 must read as ignore) and some 255."""
+    stuff_root.mkdir(exist_ok=True)
+    maps = {}
+    for k, im in enumerate(data["images"]):
+        lab = (np.arange(im["height"] * im["width"]).reshape(im["height"], im["width"]) * (k + 3) % 200).astype(np.uint8)
+        lab[0, :3] = 255
+        (stuff_root / Path(im["file_name"]).with_suffix(".png")).write_bytes(encode(lab, "PNG"))
+        maps[str(im["id"])] = lab
+    return maps
+
+
+def test_stuff_maps_are_decoded_padded_and_ignore_unknown_values(tmp_path: Path) -> None:
+    ann_path, data = write_dataset(tmp_path)
+    maps = write_stuff(tmp_path / "stuff", data)
+    src = source_of("coco", tmp_path / "images", annotations=ann_path, stuff_root=tmp_path / "stuff")
+    refs = {r.key: r for r in src.samples()}
+    hmax, wmax = max(im["height"] for im in data["images"]), max(im["width"] for im in data["images"])
+    assert src.target_specs()[Targets.STUFF].shape == (hmax, wmax) and src.target_specs()[Targets.STUFF].fill == 255
+    worker = pickle.loads(pickle.dumps(src))  # a DataLoader worker: no json index, still the target's size
+    for key, lab in maps.items():
+        got = worker.decode(refs[key]).targets[Targets.STUFF]
+        h, w = lab.shape
+        assert got.shape == (hmax, wmax) and (got[h:] == 255).all() and (got[:, w:] == 255).all()
+        np.testing.assert_array_equal(got[:h, :w], np.where(lab >= 183, 255, lab))
+    assert Targets.STUFF not in CocoSource(tmp_path / "images", ann_path).decode(refs["10"]).targets
+
+
+def test_stuff_maps_are_checked(tmp_path: Path) -> None:
+    ann_path, data = write_dataset(tmp_path)
+    write_stuff(tmp_path / "stuff", data)
+    (tmp_path / "stuff" / "1.png").unlink()
+    with pytest.raises(MetadataError, match=r"image 9: no stuff map .*1\.png.*--stuff-root"):
+        source_of("coco", tmp_path / "images", annotations=ann_path, stuff_root=tmp_path / "stuff").samples()
+    with pytest.raises(ValueError, match="--stuff-root .* is not a folder"):
+        source_of("coco", tmp_path / "images", annotations=ann_path, stuff_root=tmp_path / "nope")
+    with pytest.raises(ValueError, match="--stuff-root is not used by --dataset folder"):
+        source_of("folder", tmp_path / "images", stuff_root=tmp_path / "stuff")
+    im = next(i for i in data["images"] if i["id"] == 9)  # a stuff map the wrong size is that sample's SIZE_MISMATCH
+    (tmp_path / "stuff" / "1.png").write_bytes(encode(np.zeros((im["height"] + 1, im["width"]), np.uint8), "PNG"))
+    src = CocoSource(tmp_path / "images", ann_path, stuff_root=tmp_path / "stuff")
+    with pytest.raises(SampleError) as e:
+        src.decode({r.key: r for r in src.samples()}["9"])
+    assert e.value.status == Status.SIZE_MISMATCH
+
+
+def test_a_stuff_map_follows_its_images_exif_orientation(tmp_path: Path) -> None:
+    ann_path, data = write_dataset(tmp_path)
+    a = photo(1, 40)
+    h, w = a.shape[:2]
+    (tmp_path / "images" / "rot.png").write_bytes(with_exif_orientation(a, 6))
+    data["images"] = [{"id": 60, "file_name": "rot.png", "width": h, "height": w}]  # the json in the oriented frame
+    data["annotations"] = []
+    ann_path.write_text(json.dumps(data))
+    (tmp_path / "stuff").mkdir()
+    lab = (np.arange(h * w).reshape(h, w) % 150).astype(np.uint8)  # on the stored pixel grid
+    (tmp_path / "stuff" / "rot.png").write_bytes(encode(lab, "PNG"))
+    src = CocoSource(tmp_path / "images", ann_path, stuff_root=tmp_path / "stuff")
+    d = src.decode(src.samples()[0])
+    assert d.orientation == 6
+    np.testing.assert_array_equal(d.targets[Targets.STUFF], np.rot90(lab, k=-1))  # turned with its image

@@ -1,4 +1,5 @@
-"""Every source end to end through `fcache extract`: the bad-input corpus, ADE20K-style, video, webdataset."""
+"""Every source end to end through `fcache extract`: the bad-input corpus, ADE20K-style, COCO with stuff maps, video,
+webdataset."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 from click.testing import CliRunner
 from corpus import animated_gif, corrupt_crc, encode, frame_ids, photo, png16_rgb, video, with_exif_orientation
 from test_ade20k import make_ade
+from test_coco import write_dataset, write_stuff
 
 from fcache import store as fstore
 from fcache.cli import main
@@ -95,6 +97,20 @@ def test_ade20k_style_end_to_end(tmp_path):
         np.testing.assert_array_equal(seg[i, :h, :w], want)
         assert (seg[i, h:] == 255).all() and (seg[i, :, w:] == 255).all()
         assert (s.geometry(i).orig_h, s.geometry(i).orig_w) == (h, w)
+
+
+def test_coco_with_stuff_maps_end_to_end(tmp_path):
+    ann_path, data = write_dataset(tmp_path / "coco")
+    maps = write_stuff(tmp_path / "stuff", data)
+    code, s = extract(tmp_path, "--dataset", "coco", "--root", str(tmp_path / "coco" / "images"), "--annotations", str(ann_path),
+                      "--stuff-root", str(tmp_path / "stuff"))  # fmt: skip
+    assert code == 0 and Targets.STUFF in s.target_names
+    stuff = s.target(Targets.STUFF)
+    for i, key in enumerate(s.keys):
+        lab = maps[str(key)]
+        h, w = lab.shape
+        np.testing.assert_array_equal(stuff[i, :h, :w], np.where(lab >= 183, 255, lab))
+    assert s.manifest.fingerprinted()["dataset"]["source"]["stuff"] is True  # whether there are stuff maps, not where
 
 
 def test_video_end_to_end(tmp_path):

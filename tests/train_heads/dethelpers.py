@@ -1,4 +1,5 @@
-"""Tiny COCO-style detection stores with learnable synthetic features (they encode where the objects are).
+"""Tiny COCO-style detection stores with learnable synthetic features (they encode where the objects are), and tiny
+detectors with random features and targets for the head tests.
 
 Every feature cell whose centre lies inside an object's box carries: objectness, a one-hot class, the distances
 from the cell centre to the four box edges (FCOS-style, /64), and whether it lies inside the object's ellipse
@@ -11,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from pycocotools import mask as mask_utils
 
 from fcache import store as fstore
@@ -25,15 +27,19 @@ from fcache.spec import (
     SourceConfig,
     Status,
     StorageSpec,
+    Targets,
     keys_digest,
 )
 from fcache.store import TargetSpec
+from fcache.train_heads.detection.model import build_detector
+from fcache.train_heads.detection.task import parse_detection_head
 
 CANVAS = 128
 ORIG_W, ORIG_H = 256, 192  # scale 0.5 -> content 128 x 96 on the canvas
 CATEGORIES = [{"id": 7, "name": "ring", "supercategory": "shape"}, {"id": 3, "name": "disc", "supercategory": "shape"}]
 LEVELS = (LevelSpec("p2", 8, 4), LevelSpec("p3", 12, 8), LevelSpec("p4", 16, 16), LevelSpec("p5", 8, 32))
 ENCODED = 8  # objectness, 2 classes, 4 edge distances, ellipse
+SIZES = [(96, 128), (128, 80)]  # (valid_h, valid_w) of two views of a batch of features(): a wide one and a tall one
 
 # (category id, x, y, w, h) in original pixels; two images
 OBJECTS = [
@@ -135,6 +141,16 @@ def manifest(n: int, levels: tuple[LevelSpec, ...], views: int, kind: str = "coc
     return m, keys
 
 
+def stuff_map(objects: list[tuple[int, float, float, float, float]]) -> np.ndarray:
+    """(ORIG_H, ORIG_W) uint8 stuff labels: 1 + the class index inside each object's box, 0 elsewhere, 255 on the last 16 rows."""
+    class_index = {c["id"]: k for k, c in enumerate(sorted(CATEGORIES, key=lambda c: c["id"]))}
+    out = np.zeros((ORIG_H, ORIG_W), np.uint8)
+    for cat, x, y, w, h in sorted(objects, key=lambda o: -o[3] * o[4]):  # small objects painted last, as the features
+        out[int(y) : int(y + h), int(x) : int(x + w)] = 1 + class_index[cat]
+    out[-16:] = Targets.IGNORE
+    return out
+
+
 def build_detection_store(
     path: Path,
     *,
@@ -144,9 +160,11 @@ def build_detection_store(
     failed: tuple[int, ...] = (),
     with_annotations: bool = True,
     crop_first_view: bool = False,
+    stuff: bool = False,
 ) -> Path:
     """A store of len(objects) images; view 0 plain, view 1 mirrored. ``with_annotations=False`` gives a classification store;
-    ``crop_first_view`` makes view 0 a crop (as an extraction with random training views does)."""
+    ``crop_first_view`` makes view 0 a crop (as an extraction with random training views does); ``stuff`` adds COCO-stuff
+    style label maps (``stuff_map``)."""
     n = len(objects)
     m, keys = manifest(n, levels, views, *(() if with_annotations else ("folder", "classification")))
     if with_annotations:
@@ -154,12 +172,16 @@ def build_detection_store(
         attrs = {"categories": CATEGORIES}
     else:
         targets, attrs = {"label": TargetSpec("int64", fill=-1)}, {}
+    if stuff:
+        targets[Targets.STUFF] = TargetSpec("uint8", (ORIG_H, ORIG_W), fill=Targets.IGNORE)
     writer = fstore.create(path, m, keys, targets=targets, target_attrs=attrs)
     if with_annotations:
         images = [json.dumps({"id": i + 1, "width": ORIG_W, "height": ORIG_H, "file_name": f"{i + 1}.jpg"}) for i in range(n)]
         anns = [json.dumps(annotations(i + 1, objs)) for i, objs in enumerate(objects)]
         writer.write_targets("image", np.array(images, dtype=object))
         writer.write_targets("annotations", np.array(anns, dtype=object))
+    if stuff:
+        writer.write_targets(Targets.STUFF, np.stack([stuff_map(objs) for objs in objects]))
     rng = np.random.default_rng(0)
     for unit in writer.pending():
         feats = {lv.name: np.zeros((len(unit), views, *m.level_shape(lv.name)), np.float32) for lv in levels}
@@ -179,3 +201,36 @@ def build_detection_store(
         writer.write_unit(unit, feats, status, geometry)
     writer.finalize()
     return path
+
+
+def features(levels):
+    """level -> (2, C, S, S) random features of two views on the canvas."""
+    torch.manual_seed(1)
+    return {lv.name: torch.randn(2, lv.channels, lv.size(CANVAS), lv.size(CANVAS)) for lv in levels}
+
+
+def targets():
+    """Training targets of the two views of features(): two objects, then none; stuff labels on both."""
+    stuff = torch.full((CANVAS, CANVAS), 255, dtype=torch.uint8)
+    stuff[:64, :64], stuff[64:, 64:] = 3, 100
+    return [
+        {
+            "boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [70.0, 20.0, 120.0, 90.0]]),
+            "labels": torch.tensor([1, 2]),
+            "masks": torch.ones(2, 96, 128, dtype=torch.uint8),
+            "stuff": stuff,
+        },
+        {
+            "boxes": torch.zeros(0, 4),
+            "labels": torch.zeros(0, dtype=torch.int64),
+            "masks": torch.zeros(0, 128, 80, dtype=torch.uint8),
+            "stuff": stuff,
+        },
+    ]
+
+
+def detector(name, levels, roi, channels=32, num_classes=3):
+    """A seeded detector ``name:roi=...`` with 32 sampled RoIs and anchors; ``num_classes`` counts the background."""
+    spec = parse_detection_head(f"{name}:channels={channels},rois=32,rpn_batch=32,roi={roi}")
+    torch.manual_seed(0)
+    return build_detector(levels, spec.name, dict(spec.params), num_classes=num_classes)

@@ -1,54 +1,39 @@
-"""Mask R-CNN and Cascade heads on 2, 3 and 4 stored levels: losses, outputs, level mapping, cascade score averaging."""
+"""Mask R-CNN, Cascade Mask R-CNN and HTC heads on 2, 3 and 4 stored levels: losses, outputs, level mapping, the cascade's
+score and mask combination, parameter counts against mmdetection's."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from dethelpers import LEVELS
+from dethelpers import CANVAS, LEVELS, SIZES, detector, features, targets
 
 from fcache.train_heads.detection.cascade import CascadeRoIHeads
-from fcache.train_heads.detection.model import NearestLevelMapper, build_detector, roi_align
-from fcache.train_heads.detection.task import HEADS, parse_detection_head
+from fcache.train_heads.detection.model import NearestLevelMapper, roi_align
+from fcache.train_heads.detection.task import HEADS
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread beats two contended ones
 
 SUBSETS = {2: LEVELS[2:], 3: LEVELS[1:], 4: LEVELS}
-CANVAS = 128
-SIZES = [(96, 128), (128, 80)]  # (valid_h, valid_w): a wide and a tall view on the square canvas
 STANDARD_LOSSES = {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
-CASCADE_LOSSES = {"loss_objectness", "loss_rpn_box_reg", "loss_mask"} | {
-    f"loss_{k}_s{s}" for k in ("classifier", "box_reg") for s in range(3)
+CASCADE_LOSSES = {"loss_objectness", "loss_rpn_box_reg"} | {f"loss_{k}_s{s}" for k in ("classifier", "box_reg", "mask") for s in range(3)}
+LOSSES = {
+    "standard": STANDARD_LOSSES,
+    "cascade": CASCADE_LOSSES,
+    "htc": CASCADE_LOSSES,
+    "htc,semantic=1": CASCADE_LOSSES | {"loss_semantic"},
 }
+# HTC on every neck and every number of levels, without a full grid
+HTC_CASES = [("fpn", "htc", 2), ("fpn-res", "htc", 3), ("bifpn", "htc", 4)]
+HTC_CASES += [("bifpn", "htc,semantic=1", 2), ("fpn", "htc,semantic=1", 3), ("fpn-res", "htc,semantic=1", 4)]
+GRID = [(name, roi, n) for name in HEADS for roi in ("standard", "cascade") for n in SUBSETS]
 
 
-def features(levels):
-    torch.manual_seed(1)
-    return {lv.name: torch.randn(2, lv.channels, lv.size(CANVAS), lv.size(CANVAS)) for lv in levels}
-
-
-def targets():
-    return [
-        {
-            "boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [70.0, 20.0, 120.0, 90.0]]),
-            "labels": torch.tensor([1, 2]),
-            "masks": torch.ones(2, 96, 128, dtype=torch.uint8),
-        },
-        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 128, 80, dtype=torch.uint8)},
-    ]
-
-
-def detector(name, levels, roi):
-    spec = parse_detection_head(f"{name}:channels=32,rois=32,rpn_batch=32,roi={roi}")
-    torch.manual_seed(0)
-    return build_detector(levels, spec.name, dict(spec.params), num_classes=3)
-
-
-@pytest.mark.parametrize("n_levels", SUBSETS)
-@pytest.mark.parametrize("roi", ["standard", "cascade"])
-@pytest.mark.parametrize("name", HEADS)
+@pytest.mark.parametrize(("name", "roi", "n_levels"), GRID + HTC_CASES)
 def test_losses_and_detections(name, roi, n_levels):
     levels = SUBSETS[n_levels]
     model = detector(name, levels, roi).train()
     losses, dets = model(features(levels), SIZES, CANVAS, targets())
-    assert set(losses) == (STANDARD_LOSSES if roi == "standard" else CASCADE_LOSSES) and dets == []
+    assert set(losses) == LOSSES[roi] and dets == []
     assert all(torch.isfinite(v) and v.ndim == 0 for v in losses.values())
     sum(losses.values()).backward()
     assert all(p.grad is not None for p in model.neck.parameters())
@@ -67,6 +52,24 @@ def test_losses_and_detections(name, roi, n_levels):
         assert (b[:, 0] >= 0).all() and (b[:, 2] <= w).all() and (b[:, 3] <= h).all()  # clipped to the content, not the canvas
 
 
+@pytest.mark.parametrize("roi", ["standard", "cascade", "htc,semantic=1"])
+def test_boxes_stay_float32_under_bf16_autocast(roi):
+    """As on CUDA: bf16 deltas must not round proposals, refined boxes or detections (BoxCoder casts boxes to the deltas)."""
+    model = detector("fpn", LEVELS[1:], roi).train()
+    heads = model.roi_heads
+    pool = heads.box_roi_pool if roi == "standard" else heads.stages[0].box_roi_pool  # the cascade's stages share theirs
+    seen = []
+    pool.register_forward_pre_hook(lambda _m, args: seen.append({b.dtype for b in args[1]}))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses, _ = model(features(LEVELS[1:]), SIZES, CANVAS, targets())
+        model.eval()
+        with torch.no_grad():
+            _, dets = model(features(LEVELS[1:]), SIZES, CANVAS)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert seen and all(s == {torch.float32} for s in seen)  # every stage's RoIs, training and inference
+    assert all(d["boxes"].dtype == torch.float32 for d in dets)
+
+
 def test_level_mapper_skips_missing_levels():
     boxes = [torch.tensor([[0.0, 0, 20, 20], [0, 0, 100, 100], [0, 0, 224, 224], [0, 0, 900, 900]])]
     # FPN eq. 1: k = floor(4 + log2(sqrt(area) / 224)) clamped: 2, 2, 4, 5
@@ -83,8 +86,9 @@ def test_roi_pool_scales_come_from_strides_not_image_sizes():
     torch.testing.assert_close(a, b)
 
 
-def test_cascade_averages_the_stage_scores():
-    model = detector("fpn", LEVELS[1:], "cascade").eval()
+@pytest.mark.parametrize(("roi", "score"), [("cascade", "logits"), ("cascade", "probs"), ("htc", "logits")])
+def test_cascade_combines_the_stage_scores(roi, score):
+    model = detector("fpn", LEVELS[1:], f"{roi},score={score}").eval()
     heads: CascadeRoIHeads = model.roi_heads
     biases = [torch.tensor([0.0, 2.0, -1.0]), torch.tensor([0.0, -1.0, 1.0]), torch.tensor([1.0, 0.5, 0.0])]
     with torch.no_grad():
@@ -92,13 +96,44 @@ def test_cascade_averages_the_stage_scores():
             stage.box_predictor.cls_score.weight.zero_()
             stage.box_predictor.cls_score.bias.copy_(bias)
             stage.score_thresh = 0.0
-    want = torch.stack([torch.softmax(b, 0) for b in biases]).mean(0)  # every RoI gets these class probabilities
+    if score == "logits":  # mmdetection: softmax of the mean logits
+        want = torch.softmax(torch.stack(biases).mean(0), 0)
+    else:
+        want = torch.stack([torch.softmax(b, 0) for b in biases]).mean(0)
     with torch.no_grad():
         _, dets = model(features(LEVELS[1:]), SIZES, CANVAS)
     for det in dets:
         for label in (1, 2):
             scores = det["scores"][det["labels"] == label]
             assert len(scores) and torch.allclose(scores, want[label].expand_as(scores), atol=1e-5)
+
+
+@pytest.mark.parametrize("roi", ["cascade", "htc"])
+def test_inference_averages_every_stage_sigmoid_mask(roi):
+    model = detector("fpn", LEVELS[1:], roi).eval()
+    biases = (2.0, -1.0, 0.5)  # stage k's mask logits are its bias wherever its weights are zero
+    with torch.no_grad():
+        for stage, b in zip(model.roi_heads.stages, biases, strict=True):
+            stage.mask_predictor.mask_fcn_logits.weight.zero_()
+            stage.mask_predictor.mask_fcn_logits.bias.fill_(b)
+        _, dets = model(features(LEVELS[1:]), SIZES, CANVAS)
+    want = torch.tensor(biases).sigmoid().mean()
+    masks = torch.cat([d["masks"] for d in dets])
+    assert len(masks) and torch.allclose(masks, want.expand_as(masks))
+
+
+# mmdetection's counts (80 classes, 256 channels; FINDINGS.md): 3x Shared2FCBBoxHead (class-agnostic) + 3x FCNMaskHead;
+# HTC: the 2nd and 3rd mask heads with conv_res; + FusedSemanticHead (183 stuff classes) on 5 pyramid levels.
+MMDET_PARAMS = {"cascade": 49_878_255, "htc": 50_009_839, "htc,semantic=1": 52_811_942}
+# torchvision's MaskRCNNPredictor has a logit map for the background too: 256 + 1 more parameters per mask head
+BACKGROUND_MASK_LOGITS = 3 * (256 + 1)
+
+
+@pytest.mark.parametrize("roi", MMDET_PARAMS)
+def test_roi_head_parameters_match_mmdetection(roi):
+    model = detector("fpn", LEVELS, roi, channels=256, num_classes=81)  # 4 stored levels + the extra one: mmdetection's 5
+    count = sum(p.numel() for p in model.roi_heads.parameters())
+    assert count == MMDET_PARAMS[roi] + BACKGROUND_MASK_LOGITS
 
 
 def test_standard_head_parts_are_torchvisions():
@@ -111,3 +146,4 @@ def test_standard_head_parts_are_torchvisions():
     cascade = detector("fpn", LEVELS, "cascade").roi_heads
     assert [s.proposal_matcher.high_threshold for s in cascade.stages] == [0.5, 0.6, 0.7]
     assert [tuple(s.box_coder.weights) for s in cascade.stages] == [(10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15)]
+    assert len({id(s.mask_head) for s in cascade.stages}) == 3 and len({id(s.mask_predictor) for s in cascade.stages}) == 3

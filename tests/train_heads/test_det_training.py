@@ -19,6 +19,8 @@ from fcache.cli import main
 from fcache.train_heads import RunDir, TrainConfig, run_train, train
 from fcache.train_heads.training import prepare_training, train_indices, training_data
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread beats two contended ones
+
 FIT = ["--head", "fpn:channels=32,rois=32,rpn_batch=32", "--iters", "100", "--batch-size", "2", "--lr", "1e-3", "--warmup", "10"]
 QUICK = ["--num-workers", "0", "--device", "cpu", "--log-every", "10", "--json"]
 

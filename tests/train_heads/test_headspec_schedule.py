@@ -13,9 +13,10 @@ def test_parse_fills_defaults_and_prints_canonically():
     spec = parse_detection_head("bifpn:roi=cascade, layers=5")
     assert spec.name == "bifpn" and spec["layers"] == 5 and spec["roi"] == "cascade"
     assert spec["channels"] == 256 and spec["rois"] == 512 and spec["rpn_batch"] == 256 and spec["norm"] == "gn"
-    assert str(spec) == "bifpn:channels=256,checkpoint=0,layers=5,levels=all,norm=gn,roi=cascade,rois=512,rpn_batch=256"
+    roi_keys = "rois=512,rpn_batch=256,score=logits,semantic=0"
+    assert str(spec) == f"bifpn:channels=256,checkpoint=0,layers=5,levels=all,norm=gn,roi=cascade,{roi_keys}"
     assert parse_detection_head(str(spec)) == spec
-    assert str(parse_detection_head("fpn:levels=p5+p3+p4")) == "fpn:channels=256,levels=p3+p4+p5,roi=standard,rois=512,rpn_batch=256"
+    assert str(parse_detection_head("fpn:levels=p5+p3+p4")) == f"fpn:channels=256,levels=p3+p4+p5,roi=standard,{roi_keys}"
     assert set(HEADS) == {"fpn", "fpn-res", "bifpn"} and parse_detection_head("fpn-res")["blocks"] == 4
 
 
@@ -25,7 +26,7 @@ def test_parse_fills_defaults_and_prints_canonically():
         ("bifpn:layers", "'layers' is not key=value"),
         ("bifpn:layers=two", "layers='two' is not an integer"),
         ("bifpn:layers=3,layers=4", "key 'layers' given twice"),
-        ("fpn:layers=3", "unknown key 'layers' (known: channels, levels, roi, rois, rpn_batch)"),
+        ("fpn:layers=3", "unknown key 'layers' (known: channels, levels, roi, rois, rpn_batch, score, semantic)"),
         ("fpn:levels=p3,p4", "'p4' is not key=value"),
         ("fpn:levels=p3+p9", "levels='p3+p9' must be 'all' or distinct level names"),
         ("fpn-res:norm=ln", "norm='ln' is not one of gn, bn"),
@@ -65,9 +66,9 @@ def test_cosine_and_linear_decay_to_zero():
 
 
 def test_config_validates_and_separates_identity_from_operations():
-    with pytest.raises(ValueError, match="--train-fraction must be in"):
+    with pytest.raises(ValueError, match="--train-fraction 0: must be greater than 0"):
         cfg(train_fraction=0)
-    with pytest.raises(ValueError, match="--schedule must be one of"):
+    with pytest.raises(ValueError, match="--schedule 'poly': use one of step, cosine, linear"):
         cfg(schedule="poly")
     a, b = cfg(num_workers=0, device="cpu", out="x", resume=True), cfg()
     assert a.identity() == b.identity() and cfg(lr=1e-3).identity() != b.identity()

@@ -24,8 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 FPN = "fpn:channels=16,rois=16,rpn_batch=16,levels=p3+p4+p5"
 CASCADE = "bifpn:layers=1,roi=cascade,channels=32,rois=16,rpn_batch=16"
 CANONICAL = {
-    FPN: "fpn:channels=16,levels=p3+p4+p5,roi=standard,rois=16,rpn_batch=16",
-    CASCADE: "bifpn:channels=32,checkpoint=0,layers=1,levels=all,norm=gn,roi=cascade,rois=16,rpn_batch=16",
+    FPN: "fpn:channels=16,levels=p3+p4+p5,roi=standard,rois=16,rpn_batch=16,score=logits,semantic=0",
+    CASCADE: "bifpn:channels=32,checkpoint=0,layers=1,levels=all,norm=gn,roi=cascade,rois=16,rpn_batch=16,score=logits,semantic=0",
 }
 
 
@@ -56,7 +56,7 @@ def alone(det_store, tmp_path_factory):
 
 
 def test_folder_names_are_the_canonical_spec_made_safe():
-    assert folder_name(CANONICAL[FPN]) == "fpn_channels-16_levels-p3+p4+p5_roi-standard_rois-16_rpn_batch-16"
+    assert folder_name(CANONICAL[FPN]) == "fpn_channels-16_levels-p3+p4+p5_roi-standard_rois-16_rpn_batch-16_score-logits_semantic-0"
     assert folder_name("temporal:dropout=0.5,level=p5") == "temporal_dropout-0.5_level-p5"
 
 

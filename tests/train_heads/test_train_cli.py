@@ -42,7 +42,7 @@ def stores(tmp_path_factory):
         ("p345", "fpn:levels=p2+p3", ("reads levels p2, p3", "holds only p3, p4, p5")),
         ("p345", "bifpn:layer=3", ("unknown key 'layer'", "layers")),
         ("p345", "bifpn:layers=0", ("layers=0 must be at least 1",)),
-        ("p345", "fpn:roi=fancy", ("roi='fancy' is not one of standard, cascade",)),
+        ("p345", "fpn:roi=fancy", ("roi='fancy' is not one of standard, cascade, htc",)),
         ("p345", "retinanet", ("unknown head 'retinanet' for detection", "bifpn, fpn, fpn-res")),
         ("p345", "fpn:norm=gn", ("unknown key 'norm'",)),
     ],

@@ -179,5 +179,5 @@ def eval_data(store: FeatureStore, task: Task, levels: tuple[LevelSpec, ...], vi
         check_plain_view(store)
     names = [lv.name for lv in levels]
     if views == "all":
-        return AllViews(store, names, task.target_names)
-    return store.dataset(names, view=0, targets=task.target_names)
+        return AllViews(store, names, task.eval_target_names)
+    return store.dataset(names, view=0, targets=task.eval_target_names)

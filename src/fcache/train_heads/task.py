@@ -60,7 +60,8 @@ class Task(Protocol):
 
     name: str
     head: HeadSpec
-    target_names: tuple[str, ...]  # store targets every item must carry
+    target_names: tuple[str, ...]  # store targets every training item must carry
+    eval_target_names: tuple[str, ...]  # store targets evaluation reads (the ground truth of the metric)
 
     def levels(self, available: Sequence[LevelSpec]) -> tuple[LevelSpec, ...]:
         """The stored levels the head reads; InputError when the head cannot run on ``available``."""

@@ -144,6 +144,12 @@ def _prepare(cfgs: Sequence[TrainConfig], own_folders: bool) -> list[tuple[Train
             cfg = dataclasses.replace(cfg, out=str(Path(cfg.out) / folder_name(p.task.describe()["head"])))
         cfg = cfg.resolved(len(p.indices))  # warm-up given in epochs -> iterations of this training set
         out.append((cfg, p, p.record(cfg)))
+    reads = sorted({p.task.target_names for _, p, _ in out})
+    if len(reads) > 1:
+        raise InputError(
+            f"heads trained in one pass read the same targets, these read {' vs '.join('+'.join(r) for r in reads)}; "
+            "train them in separate runs"
+        )
     names = [cfg.out for cfg, _, _ in out]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:

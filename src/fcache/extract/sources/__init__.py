@@ -39,6 +39,12 @@ def _existing(root: str | Path, what: str) -> Path:
 def _no_annotations(c: SourceConfig) -> None:
     if c.annotations:
         raise InputError(f"--annotations is not used by --dataset {c.kind}; drop it (or choose coco / video)")
+    _no_stuff(c)
+
+
+def _no_stuff(c: SourceConfig) -> None:
+    if c.stuff_root:
+        raise InputError(f"--stuff-root is not used by --dataset {c.kind}; drop it (or choose coco)")
 
 
 def _no_classes(c: SourceConfig) -> None:
@@ -52,8 +58,14 @@ def _coco(c: SourceConfig) -> Source:
     _no_classes(c)
     if not c.annotations:
         raise InputError("--dataset coco needs --annotations PATH (the COCO json, e.g. annotations/instances_val2017.json)")
+    if c.stuff_root and not Path(c.stuff_root).is_dir():
+        raise InputError(f"--stuff-root {c.stuff_root} is not a folder; give the folder of COCO-stuff label PNGs or leave it out")
     return CocoSource(
-        _existing(c.root, "COCO image"), c.annotations, max_pixels=c.max_pixels, drop_degenerate_boxes=c.drop_degenerate_boxes
+        _existing(c.root, "COCO image"),
+        c.annotations,
+        max_pixels=c.max_pixels,
+        drop_degenerate_boxes=c.drop_degenerate_boxes,
+        stuff_root=c.stuff_root or None,
     )
 
 
@@ -70,6 +82,7 @@ def _ade20k(c: SourceConfig) -> Source:
 def _video(c: SourceConfig) -> Source:
     from fcache.extract.sources.video import VideoSource
 
+    _no_stuff(c)
     if c.annotations and not Path(c.annotations).is_file():
         raise InputError(f"--annotations {c.annotations} does not exist; give a CSV of path,label rows or leave it out")
     root = _existing(c.root, "video")

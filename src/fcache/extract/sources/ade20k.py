@@ -57,7 +57,7 @@ ADE20K_CLASSES = (
     "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate",
     "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag",
 )  # fmt: skip
-_LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N", "1")
+LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N", "1")
 
 
 def reduce_zero_label(values: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
@@ -171,7 +171,7 @@ class Ade20kSource:
             raise SampleError(Status(ref.extra["label_status"]), f"{ref.key}: its label map {what} ({ref.extra['label_error']})")
         im, orientation = load_image(ref.path, root=self.root, max_pixels=self.max_pixels)
         label_im, _ = load_image(ref.extra["label"], root=self.root, max_pixels=self.max_pixels)
-        if label_im.mode not in _LABEL_MODES:
+        if label_im.mode not in LABEL_MODES:
             raise SampleError(
                 Status.DECODE_ERROR, f"{ref.extra['label']}: a label map must be single-channel (L or P), not {label_im.mode}"
             )

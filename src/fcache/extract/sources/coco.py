@@ -14,6 +14,11 @@ A ``file_name`` escaping ``--root`` is not a metadata problem but that sample's 
 source. EXIF orientation is applied when the oriented size is the json's width x height; when only the stored
 (un-oriented) size matches, the annotations are taken to be on the stored pixel grid and the orientation is not
 applied (recorded as 1); a size matching neither is SIZE_MISMATCH.
+
+With ``--stuff-root`` (COCO-stuff, for HTC's semantic branch) every image needs ``<stuff-root>/<file_name with .png>``,
+checked when listing; it is stored as the ``stuff`` target at original resolution, padded with 255 to the largest
+width and height of the json, values >= ``STUFF_CLASSES`` read as 255 (ignored). A map the size of the stored image
+pixels is oriented like its image (as ade20k's label maps), one the size of the oriented image is kept as is.
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ import numpy as np
 
 from fcache.common.errors import InputError, MetadataError
 from fcache.common.records import load_json
-from fcache.extract.decode import DEFAULT_MAX_PIXELS, load_image, oriented_size, to_rgb
+from fcache.extract.decode import DEFAULT_MAX_PIXELS, load_image, orient, oriented_size, to_rgb
+from fcache.extract.sources.ade20k import LABEL_MODES
 from fcache.extract.sources.base import Decoded, SampleError, SampleRef
-from fcache.spec import Status, Targets
+from fcache.spec import STUFF_CLASSES, Status, Targets
 from fcache.store import TargetSpec
 
 log = logging.getLogger(__name__)
@@ -217,10 +223,18 @@ class CocoSource:
     task = "detection"
 
     def __init__(
-        self, root: str | Path, annotations: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, drop_degenerate_boxes: bool = False
+        self,
+        root: str | Path,
+        annotations: str | Path,
+        *,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        drop_degenerate_boxes: bool = False,
+        stuff_root: str | Path | None = None,
     ) -> None:
         self.root = Path(os.path.abspath(root))
         self.annotations = Path(annotations)
+        self.stuff_root = Path(os.path.abspath(stuff_root)) if stuff_root else None
+        self.stuff_hw: tuple[int, int] | None = None
         self.max_pixels = max_pixels
         self.drop_degenerate_boxes = drop_degenerate_boxes
         self._images: dict[int, dict[str, Any]] | None = None
@@ -248,11 +262,19 @@ class CocoSource:
         images = check_images(data.get("images"), self.root, problems)
         cat_ids = {c["id"] for c in self._categories}
         anns = check_annotations(data.get("annotations"), images, cat_ids, problems, drop_degenerate=self.drop_degenerate_boxes)
+        if self.stuff_root is not None:
+            problems += [
+                f"image {i}: no stuff map {self._stuff_path(im)}" for i, im in sorted(images.items()) if not self._stuff_path(im).is_file()
+            ]
         if problems:
             degenerate = any(DEGENERATE in p for p in problems)
             hint = "fix the json" + (" (or drop them: --drop-degenerate-boxes)" if degenerate else "")
+            if any("no stuff map" in p for p in problems):
+                hint += " and give a --stuff-root holding a PNG per image"
             raise MetadataError(f"coco {self.annotations}", problems, hint=hint)
         self._images, self._anns = images, anns
+        if self.stuff_root is not None and images:  # (Hmax, Wmax) of the stuff target; kept when pickled for workers
+            self.stuff_hw = (max(int(im["height"]) for im in images.values()), max(int(im["width"]) for im in images.values()))
         return images
 
     def samples(self) -> list[SampleRef]:
@@ -261,17 +283,29 @@ class CocoSource:
         for image_id in sorted(images):
             im = images[image_id]
             path = os.path.normpath(os.path.join(self.root, im["file_name"]))
-            refs.append(SampleRef(key=str(image_id), path=path, extra={"width": int(im["width"]), "height": int(im["height"])}))
+            extra: dict[str, Any] = {"width": int(im["width"]), "height": int(im["height"])}
+            if self.stuff_root is not None:
+                extra["stuff"] = str(self._stuff_path(im))
+            refs.append(SampleRef(key=str(image_id), path=path, extra=extra))
         outside = [r.key for r in refs if not r.path.startswith(str(self.root) + os.sep)]
         if outside:
             log.warning("coco: %d image(s) have a file_name escaping --root (ids %s); they will be refused", len(outside), outside[:10])
         return refs
 
+    def _stuff_path(self, image: Mapping[str, Any]) -> Path:
+        assert self.stuff_root is not None
+        return self.stuff_root / Path(str(image["file_name"])).with_suffix(".png")
+
     def label_names(self) -> tuple[str, ...]:
         return ()
 
     def target_specs(self) -> dict[str, TargetSpec]:
-        return {Targets.IMAGE: TargetSpec("str", (), fill=""), Targets.ANNOTATIONS: TargetSpec("str", (), fill="[]")}
+        specs = {Targets.IMAGE: TargetSpec("str", (), fill=""), Targets.ANNOTATIONS: TargetSpec("str", (), fill="[]")}
+        if self.stuff_root is not None:
+            self._load()
+            assert self.stuff_hw is not None
+            specs[Targets.STUFF] = TargetSpec("uint8", self.stuff_hw, fill=Targets.IGNORE)
+        return specs
 
     def target_attrs(self) -> dict[str, Any]:
         self._load()
@@ -295,4 +329,24 @@ class CocoSource:
                 raise SampleError(Status.SIZE_MISMATCH, f"{ref.path}: the image is {got} but the json says {expected[0]}x{expected[1]}")
             message = f"EXIF orientation {orientation} not applied: the json's width/height are those of the stored pixels"
             orientation = 1
-        return Decoded(image=to_rgb(im, orientation, name=ref.path), orientation=orientation, message=message)
+        targets = {Targets.STUFF: self._stuff(ref, im.size, orientation)} if self.stuff_root is not None else {}
+        return Decoded(image=to_rgb(im, orientation, name=ref.path), orientation=orientation, message=message, targets=targets)
+
+    def _stuff(self, ref: SampleRef, stored: tuple[int, int], orientation: int) -> np.ndarray:
+        """(Hmax, Wmax) uint8 stuff labels of the sample, on its decoded image's pixel grid, padded with 255."""
+        path = ref.extra["stuff"]
+        label_im, _ = load_image(path, root=self.stuff_root, max_pixels=self.max_pixels)
+        if label_im.mode not in LABEL_MODES:
+            raise SampleError(Status.DECODE_ERROR, f"{path}: a stuff map must be single-channel (L or P), not {label_im.mode}")
+        final = oriented_size(stored, orientation)
+        if label_im.size == stored:
+            label_im = orient(label_im, orientation)  # a label PNG carries no orientation: on the stored grid, it follows its image
+        elif label_im.size != final:
+            w, h = label_im.size
+            raise SampleError(Status.SIZE_MISMATCH, f"{path}: the stuff map is {w}x{h} but the image is {final[0]}x{final[1]}")
+        values = np.asarray(label_im).astype(np.int64)
+        label = np.where((values >= 0) & (values < STUFF_CLASSES), values, Targets.IGNORE).astype(np.uint8)  # (h, w)
+        assert self.stuff_hw is not None, "samples() sets it before any decoding"
+        padded = np.full(self.stuff_hw, Targets.IGNORE, dtype=np.uint8)
+        padded[: label.shape[0], : label.shape[1]] = label
+        return padded

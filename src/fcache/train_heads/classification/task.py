@@ -60,6 +60,7 @@ class LabelTask:
 
     name: str = ""
     target_names: tuple[str, ...] = (Targets.LABEL,)
+    eval_target_names: tuple[str, ...] = target_names
     view_ndim: int = 3  # dimensions of one view of the level: (C, H, W); video: (T, C, H, W)
 
     def __init__(self, head: HeadSpec, label_names: Sequence[str]) -> None:

@@ -1,8 +1,9 @@
 """Mask R-CNN (He et al., 2017) on cached features, assembled from torchvision parts without GeneralizedRCNN.
 
-neck (fpn | fpn-res | bifpn) -> RegionProposalNetwork -> RoIHeads (standard Mask R-CNN or Cascade). Settings are
-torchvision's maskrcnn_resnet50_fpn defaults; anchors are 8 x stride per level (32 at stride 4 ... 512 at 64);
-the mask head is as wide as the pyramid (``channels``, 256 by default as in torchvision).
+neck (fpn | fpn-res | bifpn) -> RegionProposalNetwork -> RoI heads, one of the ROI_HEADS table: standard Mask R-CNN
+(torchvision's maskrcnn_resnet50_fpn settings), Cascade Mask R-CNN or HTC (mmdetection's settings, ``cascade.py``,
+``htc.py``). Anchors are 8 x stride per level (32 at stride 4 ... 512 at 64); the mask heads are as wide as the
+pyramid (``channels``, 256 by default as in torchvision and mmdetection).
 The ImageList is built from the stored geometry: ``tensors`` only carries the canvas shape, ``image_sizes`` the
 valid region of each view, so proposals are clipped to image content and never to padding.
 """
@@ -10,11 +11,13 @@ valid region of each view, so proposals are clipped to image content and never t
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
@@ -24,13 +27,29 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.poolers import LevelMapper
 
-from fcache.spec import LevelSpec
-from fcache.train_heads.detection.cascade import STAGE_IOUS, STAGE_REG_WEIGHTS, AgnosticBoxPredictor, CascadeRoIHeads
+from fcache.spec import STUFF_CLASSES, LevelSpec
+from fcache.train_heads.detection.cascade import (
+    STAGE_IOUS,
+    STAGE_REG_WEIGHTS,
+    AgnosticBoxPredictor,
+    CascadeRoIHeads,
+    init_shared_fcs,
+)
+from fcache.train_heads.detection.htc import FusedSemanticHead, HTCMaskHead, HybridTaskCascadeRoIHeads
 from fcache.train_heads.necks import NECKS, Neck
 
 REPRESENTATION = 1024  # TwoMLPHead width
 MASK_CONVS = 4  # MaskRCNNHeads: 4 3x3 convs as wide as the pyramid (256 by default, torchvision's width)
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
+HTC_SCORE_THRESH = 0.001  # mmdetection's htc test_cfg (cascade: 0.05)
+
+
+class Float32BoxCoder(BoxCoder):
+    """torchvision's BoxCoder decoding in float32. Under bf16 autocast the deltas are bf16 and BoxCoder casts the boxes to
+    them, which rounds proposals and detections to steps of 4 px on a 1024 canvas."""
+
+    def decode(self, rel_codes: Tensor, boxes: list[Tensor]) -> Tensor:
+        return super().decode(rel_codes.float(), [b.float() for b in boxes])
 
 
 class NearestLevelMapper(LevelMapper):
@@ -49,13 +68,14 @@ class NearestLevelMapper(LevelMapper):
         return (k[:, None].to(self.ks.dtype) - self.ks.to(k.device)[None]).abs().argmin(dim=1)
 
 
-def roi_align(levels: Sequence[LevelSpec], size: int) -> MultiScaleRoIAlign:
+def roi_align(levels: Sequence[LevelSpec], size: int, sampling_ratio: int = 2) -> MultiScaleRoIAlign:
     """MultiScaleRoIAlign whose scales come from the level strides, not inferred from image sizes.
 
     torchvision infers them once from the first batch's largest image size, which is wrong when views are padded
-    (a batch of wide images has a valid height well under the canvas).
+    (a batch of wide images has a valid height well under the canvas). ``sampling_ratio``: torchvision's 2, or 0
+    (adaptive, mmdetection's).
     """
-    pool = MultiScaleRoIAlign([lv.name for lv in levels], size, sampling_ratio=2)
+    pool = MultiScaleRoIAlign([lv.name for lv in levels], size, sampling_ratio=sampling_ratio)
     pool.scales = [1.0 / lv.stride for lv in levels]
     pool.map_levels = NearestLevelMapper([lv.stride for lv in levels])
     return pool
@@ -63,7 +83,7 @@ def roi_align(levels: Sequence[LevelSpec], size: int) -> MultiScaleRoIAlign:
 
 def build_rpn(out_levels: Sequence[LevelSpec], channels: int, batch_size: int) -> RegionProposalNetwork:
     anchors = AnchorGenerator(tuple((8 * lv.stride,) for lv in out_levels), (ASPECT_RATIOS,) * len(out_levels))
-    return RegionProposalNetwork(
+    rpn = RegionProposalNetwork(
         anchors,
         RPNHead(channels, len(ASPECT_RATIOS)),
         fg_iou_thresh=0.7,
@@ -74,10 +94,14 @@ def build_rpn(out_levels: Sequence[LevelSpec], channels: int, batch_size: int) -
         post_nms_top_n={"training": 2000, "testing": 1000},
         nms_thresh=0.7,
     )
+    rpn.box_coder = Float32BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+    return rpn
 
 
-def _box_stage(pool: nn.Module, channels: int, predictor: nn.Module, iou: float, weights: tuple[float, ...], rois: int) -> RoIHeads:
-    return RoIHeads(
+def _box_stage(
+    pool: nn.Module, channels: int, predictor: nn.Module, iou: float, weights: tuple[float, ...], rois: int, score_thresh: float = 0.05
+) -> RoIHeads:
+    heads = RoIHeads(
         pool,
         TwoMLPHead(channels * 7 * 7, REPRESENTATION),
         predictor,
@@ -86,28 +110,68 @@ def _box_stage(pool: nn.Module, channels: int, predictor: nn.Module, iou: float,
         batch_size_per_image=rois,
         positive_fraction=0.25,
         bbox_reg_weights=weights,
-        score_thresh=0.05,
+        score_thresh=score_thresh,
         nms_thresh=0.5,
         detections_per_img=100,
     )
+    heads.box_coder = Float32BoxCoder(weights)
+    return heads
 
 
-def build_roi_heads(levels: Sequence[LevelSpec], channels: int, num_classes: int, *, roi: str, rois: int) -> nn.Module:
-    """Standard Mask R-CNN RoIHeads, or the 3-stage cascade. ``num_classes`` counts the background."""
-    box_pool, mask_pool = roi_align(levels, 7), roi_align(levels, 14)
-    mask_head = MaskRCNNHeads(channels, [channels] * MASK_CONVS, 1)
-    mask_predictor = MaskRCNNPredictor(channels, channels, num_classes)
-    if roi == "standard":
-        heads = _box_stage(box_pool, channels, FastRCNNPredictor(REPRESENTATION, num_classes), 0.5, (10.0, 10.0, 5.0, 5.0), rois)
-        heads.mask_roi_pool, heads.mask_head, heads.mask_predictor = mask_pool, mask_head, mask_predictor
-        return heads
-    if roi == "cascade":
-        stages = [
-            _box_stage(box_pool, channels, AgnosticBoxPredictor(REPRESENTATION, num_classes), iou, weights, rois)
-            for iou, weights in zip(STAGE_IOUS, STAGE_REG_WEIGHTS, strict=True)
-        ]
-        return CascadeRoIHeads(stages, mask_roi_pool=mask_pool, mask_head=mask_head, mask_predictor=mask_predictor)
-    raise ValueError(f"roi={roi!r} is not one of standard, cascade")
+def _standard(neck: Neck, num_classes: int, p: Mapping[str, Any]) -> nn.Module:
+    levels, channels = neck.in_levels, p["channels"]
+    heads = _box_stage(
+        roi_align(levels, 7), channels, FastRCNNPredictor(REPRESENTATION, num_classes), 0.5, (10.0, 10.0, 5.0, 5.0), p["rois"]
+    )
+    heads.mask_roi_pool = roi_align(levels, 14)
+    heads.mask_head = MaskRCNNHeads(channels, [channels] * MASK_CONVS, 1)
+    heads.mask_predictor = MaskRCNNPredictor(channels, channels, num_classes)
+    return heads
+
+
+def _cascade_stages(
+    neck: Neck, num_classes: int, p: Mapping[str, Any], mask_head: Callable[[int], nn.Module], score_thresh: float
+) -> list[RoIHeads]:
+    """Three box stages (mmdetection's RoIAlign settings and box-head initialisation), stage k with ``mask_head(k)`` and its
+    own MaskRCNNPredictor (torchvision's initialisation is mmdetection's FCNMaskHead's: kaiming normal, fan out)."""
+    channels = p["channels"]
+    box_pool, mask_pool = roi_align(neck.in_levels, 7, sampling_ratio=0), roi_align(neck.in_levels, 14, sampling_ratio=0)
+    stages = []
+    for k, (iou, weights) in enumerate(zip(STAGE_IOUS, STAGE_REG_WEIGHTS, strict=True)):
+        stage = _box_stage(box_pool, channels, AgnosticBoxPredictor(REPRESENTATION, num_classes), iou, weights, p["rois"], score_thresh)
+        init_shared_fcs(cast(TwoMLPHead, stage.box_head))
+        stage.mask_roi_pool, stage.mask_head = mask_pool, mask_head(k)
+        stage.mask_predictor = MaskRCNNPredictor(channels, channels, num_classes)
+        stages.append(stage)
+    return stages
+
+
+def _cascade(neck: Neck, num_classes: int, p: Mapping[str, Any]) -> nn.Module:
+    channels = p["channels"]
+    stages = _cascade_stages(neck, num_classes, p, lambda k: MaskRCNNHeads(channels, [channels] * MASK_CONVS, 1), 0.05)
+    return CascadeRoIHeads(stages, score=p["score"])
+
+
+def _htc(neck: Neck, num_classes: int, p: Mapping[str, Any]) -> nn.Module:
+    channels = p["channels"]
+    stages = _cascade_stages(neck, num_classes, p, lambda k: HTCMaskHead(channels, MASK_CONVS, flow=k > 0), HTC_SCORE_THRESH)
+    semantic = FusedSemanticHead(neck.out_levels, channels, STUFF_CLASSES) if p["semantic"] == "1" else None
+    return HybridTaskCascadeRoIHeads(stages, score=p["score"], semantic=semantic)
+
+
+@dataclass(frozen=True)
+class RoiDef:
+    """One RoI head family: how it is built over a neck (``num_classes`` counts the background) and what it follows."""
+
+    build: Callable[[Neck, int, Mapping[str, Any]], nn.Module]
+    help: str
+
+
+ROI_HEADS: dict[str, RoiDef] = {
+    "standard": RoiDef(_standard, "Mask R-CNN (torchvision)"),
+    "cascade": RoiDef(_cascade, "Cascade Mask R-CNN, 3 stages (mmdetection)"),
+    "htc": RoiDef(_htc, "Hybrid Task Cascade, 3 stages (mmdetection 2.x)"),
+}
 
 
 class Detector(nn.Module):
@@ -146,5 +210,5 @@ def build_detector(levels: Sequence[LevelSpec], head: str, params: Mapping[str, 
     neck = NECKS[head].build(levels, params)
     channels = params["channels"]
     rpn = build_rpn(neck.out_levels, channels, params["rpn_batch"])
-    roi_heads = build_roi_heads(neck.in_levels, channels, num_classes, roi=params["roi"], rois=params["rois"])
+    roi_heads = ROI_HEADS[params["roi"]].build(neck, num_classes, params)
     return Detector(neck, rpn, roi_heads)

@@ -1,7 +1,9 @@
 """The detection task (COCO boxes + instance masks, paper §5.1, Tables 2 and 6): the HEADS table and the loop's Task.
 
-Head spec: ``fpn | fpn-res | bifpn`` with the neck's keys plus ``roi=standard|cascade``, ``rois`` (RoIs sampled
-per image, torchvision's 512), ``rpn_batch`` (anchors sampled per image, 256) and ``levels`` (``all`` or e.g. ``p3+p4+p5``).
+Head spec: ``fpn | fpn-res | bifpn`` with the neck's keys plus ``roi`` (a ROI_HEADS key: standard, cascade, htc),
+``score`` (how a cascade combines its stages' class scores), ``semantic`` (HTC's semantic branch, trained on the store's
+stuff maps), ``rois`` (RoIs sampled per image, 512), ``rpn_batch`` (anchors sampled per image, 256) and ``levels``
+(``all`` or e.g. ``p3+p4+p5``).
 """
 
 from __future__ import annotations
@@ -12,21 +14,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
 from fcache.common.errors import InputError
 from fcache.spec import Geometry, LevelSpec, Targets
 from fcache.store import FeatureStore
+from fcache.train_heads.detection.cascade import SCORES
 from fcache.train_heads.detection.evaluate import coco_evaluate, coco_ground_truth
-from fcache.train_heads.detection.model import build_detector
+from fcache.train_heads.detection.model import ROI_HEADS, build_detector
 from fcache.train_heads.detection.targets import category_labels, content_size, detections_to_coco, view_targets
 from fcache.train_heads.headspec import HeadDef, HeadSpec, Param, select_levels
 from fcache.train_heads.necks import NECKS
 from fcache.train_heads.runfolder import DETECTIONS, write_json
+from fcache.train_heads.segmentation.targets import view_labels
 from fcache.train_heads.task import Batch, TaskDef
 
 ROI_PARAMS: dict[str, Param] = {
-    "roi": Param("standard", kind="choice", choices=("standard", "cascade"), help="Mask R-CNN heads, or Cascade R-CNN (3 stages)"),
+    "roi": Param("standard", kind="choice", choices=tuple(ROI_HEADS), help="; ".join(f"{k}: {r.help}" for k, r in ROI_HEADS.items())),
+    "score": Param(
+        "logits", kind="choice", choices=SCORES, help="cascade, htc: stage class scores combined as the mean of logits, or of probabilities"
+    ),
+    "semantic": Param(
+        "0", kind="choice", choices=("0", "1"), help="htc: 1 adds the semantic branch (needs a store extracted with --stuff-root)"
+    ),
     "rois": Param(512, maximum=8192, help="RoIs sampled per image for the box head"),
     "rpn_batch": Param(256, maximum=8192, help="anchors sampled per image for the RPN loss"),
     "levels": Param("all", kind="levels", help="stored levels the head reads: all, or e.g. p3+p4+p5"),
@@ -37,8 +48,15 @@ def _build(task: DetectionTask, levels: tuple[LevelSpec, ...]) -> nn.Module:
     return build_detector(levels, task.head.name, dict(task.head.params), num_classes=len(task.labels) + 1)
 
 
-# a detection head = a neck (NECKS) + RPN + RoI heads; training defaults are TrainConfig's own (Table 11)
-HEADS: dict[str, HeadDef] = {name: HeadDef({**neck.params, **ROI_PARAMS}, _build) for name, neck in NECKS.items()}
+def _check(spec: HeadSpec) -> None:
+    if spec["semantic"] == "1" and spec["roi"] != "htc":
+        raise InputError(f"head {spec.name}: semantic=1 is HTC's semantic branch; add roi=htc or drop semantic")
+    if spec["score"] != "logits" and spec["roi"] == "standard":
+        raise InputError(f"head {spec.name}: score={spec['score']} combines cascade stages; use roi=cascade or roi=htc, or drop score")
+
+
+# a detection head = a neck (NECKS) + RPN + RoI heads (ROI_HEADS); training defaults are TrainConfig's own (Table 11)
+HEADS: dict[str, HeadDef] = {name: HeadDef({**neck.params, **ROI_PARAMS}, _build, check=_check) for name, neck in NECKS.items()}
 
 
 def parse_detection_head(text: str) -> HeadSpec:
@@ -56,15 +74,17 @@ def _json(raw: Mapping[str, Any], name: str, default: Any) -> Any:
 
 
 class DetectionTask:
-    """Mask R-CNN / Cascade Mask R-CNN over cached features, scored by COCO box and mask AP."""
+    """Mask R-CNN / Cascade Mask R-CNN / HTC over cached features, scored by COCO box and mask AP."""
 
     name: str = "detection"
-    target_names: tuple[str, ...] = (Targets.IMAGE, Targets.ANNOTATIONS)
+    eval_target_names: tuple[str, ...] = (Targets.IMAGE, Targets.ANNOTATIONS)
 
     def __init__(self, head: HeadSpec, categories: Sequence[Mapping[str, Any]]) -> None:
         if not categories:
             raise InputError("a detection task needs the COCO categories (targets attrs['categories'] of the store)")
         self.head = head
+        self.semantic = head["semantic"] == "1"
+        self.target_names = self.eval_target_names + ((Targets.STUFF,) if self.semantic else ())
         self.categories = tuple(dict(c) for c in categories)
         self.labels = category_labels(self.categories)
         self.category_ids = sorted(self.labels)
@@ -72,7 +92,12 @@ class DetectionTask:
     @classmethod
     def from_store(cls, store: FeatureStore, head: str) -> DetectionTask:
         check_store(store)
-        return cls(parse_detection_head(head), store.target_attrs["categories"])
+        task = cls(parse_detection_head(head), store.target_attrs["categories"])
+        if task.semantic and Targets.STUFF not in store.target_names:
+            raise InputError(
+                f"{store.root} has no '{Targets.STUFF}' maps for semantic=1; extract it with --stuff-root DIR (COCO-stuff) or drop semantic"
+            )
+        return task
 
     @classmethod
     def from_description(cls, d: Mapping[str, Any]) -> DetectionTask:
@@ -88,7 +113,11 @@ class DetectionTask:
         return HEADS[self.head.name].build(self, levels)
 
     def targets(self, item: Mapping[str, Any], geometry: Geometry) -> dict[str, Tensor]:
-        return view_targets(_json(item["targets"], Targets.ANNOTATIONS, []), geometry, self.labels)
+        """Boxes, labels and masks of the view; with the semantic branch also its ``stuff`` labels (canvas, canvas) uint8."""
+        out = view_targets(_json(item["targets"], Targets.ANNOTATIONS, []), geometry, self.labels)
+        if self.semantic:
+            out[Targets.STUFF] = torch.from_numpy(view_labels(np.asarray(item["targets"][Targets.STUFF]), geometry))
+        return out
 
     def _forward(self, model: nn.Module, batch: Batch, targets: list[Any] | None) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
         canvas = {round(g.canvas) for g in batch.geometry}

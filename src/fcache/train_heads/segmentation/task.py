@@ -97,6 +97,7 @@ class SegmentationTask:
 
     name: str = "segmentation"
     target_names: tuple[str, ...] = (Targets.SEGMENTATION,)
+    eval_target_names: tuple[str, ...] = target_names
 
     def __init__(self, head: HeadSpec, label_names: Sequence[str]) -> None:
         if not label_names:
