@@ -468,10 +468,11 @@ def bench(as_json: bool, **kw: Any) -> None:
     online, and trained with the backbone (the paper's Tables 7 and 8: --task detection, segmentation or video).
 
     Defaults are the paper's heads, batch sizes and inputs for the task and backbone. Each setting runs in its own
-    process; one that fails is an error row. With --features-only (e.g. --model swinv2-g --input-size 1024
-    --batch-size 8) only the from-store row is measured, without any weights.
+    process; one that fails is an error row (and the exit code is 1). With --features-only (e.g. --model swinv2-g
+    --input-size 1024 --batch-size 8) only the from-store row is measured, without any weights.
     """
     from fcache.apps.bench import format_rows, run_bench
 
     rows = run_bench(BenchConfig(**kw))
     click.echo(json.dumps(rows, indent=1) if as_json else format_rows(rows))
+    sys.exit(1 if any("error" in row for row in rows) else 0)

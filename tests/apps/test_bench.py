@@ -6,6 +6,8 @@ Timings are the benchmarks' business (make bench); here the table's structure an
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -21,8 +23,9 @@ KEYS = {"setting", "task", "model", "input_size", "batch", "head", "s_per_iter",
 
 def bench(*args: str) -> list[dict]:
     r = CliRunner().invoke(main, ["bench", *args, *CPU])
-    assert r.exit_code == 0, r.output
-    return json.loads(r.output)
+    rows = json.loads(r.output)
+    assert r.exit_code == (1 if any("error" in row for row in rows) else 0), r.output
+    return rows
 
 
 def check_rows(rows: list[dict], task: str, size: int, batch: int, head: str, finetune_head: str) -> dict[str, dict]:
@@ -98,3 +101,18 @@ def test_defaults_are_the_papers():
     assert set(PAPER) == {"detection", "segmentation", "video"}
     with pytest.raises(ValueError, match="--iters 0: must be at least 1"):
         BenchConfig(iters=0, device="cpu")
+
+
+def test_a_measuring_process_that_dies_is_an_error_row(tmp_path, monkeypatch):
+    """A setting whose process is killed (as the out-of-memory killer does) is a row saying so; the table still prints."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal\nimport fcache.apps.bench_measure as m\nm.measure = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+    )  # runs at start-up of the spawned measuring process only (the test process has started already)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), *sys.path]))
+    args = ["bench", "--input-size", "64", "--batch-size", "1", "--head", "fpn:channels=32,rois=8,rpn_batch=16", "--features-only"]
+    (row,) = bench(*args[1:])
+    assert row["setting"] == "store" and row["error"] == "the measuring process died (exit code -9; out of memory?)"
+    r = CliRunner().invoke(main, [*args, *CPU[:-1]])  # the table, not --json
+    assert r.exit_code == 1 and "the measuring process died" in r.output and "Traceback" not in r.output
