@@ -39,14 +39,14 @@ def test_train_head_refuses(store, head, task, fragments, seg_stores, det_store,
 
 def test_validation_needs_the_plain_view(seg_stores, tmp_path):
     train_store, _ = seg_stores  # its views are random crops and flips
-    r = train(train_store, tmp_path / "run", "upernet:channels=32", "--val-store", str(train_store))
+    r = train(train_store, tmp_path / "run", "upernet:channels=64", "--val-store", str(train_store))
     refused(r, "is a random crop or flip, not the plain resize + pad", "--views 1")
     assert not (tmp_path / "run").exists()
 
 
 def test_eval_refuses_a_store_of_another_task(seg_stores, det_store, tmp_path):
     out = tmp_path / "run"
-    assert train(seg_stores[0], out, "upernet:channels=32").exit_code == 0
+    assert train(seg_stores[0], out, "upernet:channels=64").exit_code == 0
     args = ["--num-workers", "0", "--device", "cpu"]
     refused(CliRunner().invoke(main, ["eval", str(out), "--store", str(det_store), *args]), "no 'segmentation' targets")
     assert not (out / "eval").exists()

@@ -20,7 +20,7 @@ SUBSETS = {
 }
 SPECS = [
     "upernet:channels=64,aux=1",
-    "upernet:neck=bifpn,layers=2,channels=32",
+    "upernet:neck=bifpn,layers=2,channels=64",
     "mask2former:channels=32,queries=10,pixel_blocks=2,decoder_blocks=2",
 ]
 CANVAS, K = 64, 5
@@ -94,13 +94,13 @@ def test_mask2former_splits_levels_as_the_reference():
 
 
 def test_upernet_takes_the_neck_from_its_table():
-    _, fpn = build("upernet:channels=32", LEVELS)
-    _, bifpn = build("upernet:neck=bifpn,layers=3,channels=32", LEVELS)
-    _, res = build("upernet:neck=fpn-res,channels=32", LEVELS)
+    _, fpn = build("upernet:channels=64", LEVELS)
+    _, bifpn = build("upernet:neck=bifpn,layers=3,channels=64", LEVELS)
+    _, res = build("upernet:neck=fpn-res,channels=64", LEVELS)
     assert isinstance(fpn.neck, UPerFPN) and type(bifpn.neck).__name__ == "BiFPN" and len(bifpn.neck.layers) == 3
     assert type(res.neck).__name__ == "FPNRes" and len(res.neck.fpn.layer_blocks[0]) == 5  # its table default: 4 blocks
     # the PPM output (channels wide) replaces the deepest level as the neck's input
-    assert [lv.channels for lv in fpn.neck.in_levels] == [8, 16, 24, 32]
+    assert [lv.channels for lv in fpn.neck.in_levels] == [8, 16, 24, 64]
     assert fpn.ppm.branches[0][1][0].in_channels == 40
 
 
@@ -167,7 +167,7 @@ def test_bad_head_specs(text, message):
 @pytest.mark.parametrize(
     ("spec", "levels", "message"),
     [
-        ("upernet:channels=32,aux=1", LEVELS, "needs channels divisible by 64"),
+        ("upernet:channels=96,aux=1", LEVELS, "needs channels divisible by 64"),
         ("mask2former:channels=48", LEVELS, "channels=48 must be divisible by 32"),
         ("upernet", LEVELS[3:], "upernet needs at least 2 feature levels"),
         ("mask2former", LEVELS[3:], "mask2former needs at least 2 feature levels"),
@@ -192,3 +192,20 @@ def test_training_defaults_follow_table_12_per_head():
     assert task_defaults("detection", "bifpn:layers=5") == {}  # detection keeps TrainConfig's Table 11 defaults
     with pytest.raises(ValueError, match="unknown task 'depth'"):
         task_defaults("depth", "upernet")
+
+
+def test_upernet_norms_its_pooled_branch_or_says_why_not():
+    """The 1x1 pyramid-pooling branch holds one value per channel and sample: GN needs 2 channels per group, BN a batch of 2."""
+    with pytest.raises(ValueError, match="norm=gn needs channels of at least 64 \\(got 32\\); or use norm=bn"):
+        build("upernet:channels=32", LEVELS)
+    _, model = build("upernet:channels=32,norm=bn", LEVELS)
+    model.train()
+    one = {lv.name: torch.randn(1, lv.channels, 4, 4) for lv in LEVELS}
+    with pytest.raises(ValueError, match="norm=bn trains on batches of at least 2"):
+        model(one)
+    two = {k: torch.cat([v, v + 1]) for k, v in one.items()}
+    assert model(two)["logits"].shape[0] == 2
+    model.eval()
+    assert torch.isfinite(model(one)["logits"]).all()  # evaluation takes a batch of 1 (running statistics)
+    _, gn = build("upernet:channels=64", LEVELS)
+    assert torch.isfinite(gn(one)["logits"]).all() and torch.isfinite(gn.eval()(one)["logits"]).all()

@@ -19,7 +19,7 @@ from fcache.train_heads.training import prepare_training, training_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUICK = ["--num-workers", "0", "--device", "cpu", "--json"]
-UPERNET = ["--head", "upernet:channels=32", "--iters", "100", "--batch-size", "4", "--lr", "1e-2", "--warmup", "0", "--log-every", "20"]
+UPERNET = ["--head", "upernet:channels=64", "--iters", "100", "--batch-size", "4", "--lr", "1e-2", "--warmup", "0", "--log-every", "20"]
 MASK2FORMER = ["--head", "mask2former:channels=64,queries=16", "--iters", "60", "--batch-size", "4", "--lr", "1e-3", "--log-every", "20"]
 
 

@@ -64,12 +64,20 @@ class PPM(nn.Module):
 
     def __init__(self, in_channels: int, channels: int, norm: str) -> None:
         super().__init__()
+        # the 1x1 pooled branch has one value per channel and sample: GN with one channel per group would normalise
+        # single values (a constant branch, and an error for a batch of 1); BN needs a batch of 2 to train
+        if norm == "gn" and channels < 2 * GN_GROUPS:
+            raise InputError(f"upernet: norm=gn needs channels of at least {2 * GN_GROUPS} (got {channels}); or use norm=bn")
+        self.bn = norm == "bn"
         self.branches = nn.ModuleList(
             nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_norm_relu(in_channels, channels, 1, norm)) for s in POOL_SCALES
         )
         self.bottleneck = conv_norm_relu(in_channels + len(POOL_SCALES) * channels, channels, 3, norm)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.bn and self.training and x.shape[0] < 2:
+            raise InputError("upernet with norm=bn trains on batches of at least 2 (BatchNorm of the 1x1 pooled branch); "
+                             "give --batch-size 2 or more, or use norm=gn")  # fmt: skip
         size = x.shape[-2:]
         pooled = [F.interpolate(b(x), size=size, mode="bilinear", align_corners=False) for b in self.branches]
         return self.bottleneck(torch.cat([x, *pooled], dim=1))  # (B, channels, H, W)
