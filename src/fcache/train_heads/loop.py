@@ -137,7 +137,6 @@ class HeadRun:
     meter: Meter
     error: str = ""  # why the head left the pass (its loss diverged); the others go on
     at: int = 0  # iterations done
-    saved: int = 0  # the iteration of the checkpoint on disk (0: none yet)
 
 
 def start_head(
@@ -161,7 +160,7 @@ def start_head(
     else:
         torch.manual_seed(cfg.seed + dist.rank)
         start, rng = 0, rng_state()
-    return HeadRun(cfg, task, model, net, tuple(levels), run, optimizer, start, rng, Meter(run), at=start, saved=start)
+    return HeadRun(cfg, task, model, net, tuple(levels), run, optimizer, start, rng, Meter(run), at=start)
 
 
 def train_pass(heads: Sequence[HeadRun], data: Dataset, *, progress: bool = True, dist: ddp.Dist = ddp.SINGLE) -> list[TrainResult]:
@@ -215,7 +214,6 @@ def head_step(h: HeadRun, batch: Batch, it: int, stop: int, device: torch.device
         state = checkpoint_state(it + 1, h.model, h.optimizer, lr, ddp.gather(rng_state(), dist))
         if dist.is_main:
             h.run.save_checkpoint(state)
-        h.saved = it + 1
     h.rng, h.at = rng_state(), it + 1
 
 

@@ -294,6 +294,15 @@ class RunDir:
             raise InputError(f"{p} is not an fcache checkpoint (no iteration, model and optimizer state); delete it to train again")
         return state
 
+    def saved_iteration(self) -> int:
+        """The iteration of the checkpoint on disk (0 without a readable one), read without loading its tensors."""
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return int(torch.load(self.path / CHECKPOINT, map_location="cpu", weights_only=True, mmap=True)["iteration"])
+        except Exception:  # noqa: BLE001 - none yet, or unreadable: nothing to resume from
+            return 0
+
     def load_model(self) -> tuple[dict[str, torch.Tensor], int]:
         """The saved model weights and the iteration they were saved at."""
         p = self.path / MODEL

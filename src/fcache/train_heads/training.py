@@ -170,9 +170,9 @@ def interrupted_message(heads: Sequence[HeadRun]) -> str:
     kept = []
     for h in heads:
         total = min(h.cfg.iters, h.cfg.stop_at or h.cfg.iters)
-        at = f"stopped at iteration {h.at} of {total}"
-        ckpt = f"{h.run.path / CHECKPOINT} (iteration {h.saved})" if h.saved else f"no checkpoint in {h.run.path} yet"
-        kept.append(f"{at}, {ckpt} kept" if h.saved else f"{at}, {ckpt}")
+        saved = h.run.saved_iteration()  # what is on disk: the interruption may have come during a save
+        at = f"stopped at iteration {max(h.at, saved)} of {total}"
+        kept.append(f"{at}, {h.run.path / CHECKPOINT} (iteration {saved}) kept" if saved else f"{at}, no checkpoint in {h.run.path} yet")
     return f"{'; '.join(kept)}; continue with: {rerun(add=('--resume',))}"
 
 
