@@ -111,6 +111,8 @@ def test_a_local_dask_cluster_gives_the_sequential_results(sequential, tmp_path)
         ({"head": [FPN, "fpn:layers=2"]}, (), ("unknown key 'layers'",)),
         ({"iters": [1, 2]}, (), ("iters takes one value", "lists (grid axes) are allowed for")),
         ({"lr": ["fast"]}, (), ("lr: 'fast' is not a number",)),
+        ({"iters": 1e400}, (), ("grid.yaml: iters: inf is not an integer",)),
+        ({"lr": [float("nan")]}, (), ("--lr nan: must be a finite number",)),
         ({"head": [FPN, FPN + ",roi=standard"]}, (), ("two grid points are the same variant",)),
         ({"store": ["a.zarr", "b.zarr"], "val_store": ["va.zarr"]}, (), ("val_store lists 1 stores for 2 in store",)),
         ({}, ("--cluster", "local:0"), ("--cluster local:0: needs at least one worker",)),
