@@ -96,3 +96,11 @@ def test_cuda_without_a_gpu_is_refused_before_anything_is_created(folder, tmp_pa
         args = [a if a != "cpu" else "cuda" for a in args]
         refused(CliRunner().invoke(main, args), "--device cuda: no CUDA device is available here")
     assert not (tmp_path / "s").exists()
+
+
+def test_the_corrected_command_runs_after_a_refusal(folder, tmp_path):
+    """A refusal leaves no store that would make the corrected command fail as 'another configuration'."""
+    args = [*EXTRACT, "--root", str(folder), "--out", str(tmp_path / "s"), "--input-size", "64", "--levels", "p5", "--num-workers", "0"]
+    refused(CliRunner().invoke(main, [*args, "--seed", "-1"]), "--seed -1: must be at least 0")
+    r = CliRunner().invoke(main, [*args, "--seed", "0", "--json"])
+    assert r.exit_code == 0, r.output
