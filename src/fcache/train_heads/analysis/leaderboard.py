@@ -4,9 +4,10 @@ Runs whose records differ only in their seed (:func:`fcache.train_heads.analysis
 evaluated on the same store are one entry: each metric is the mean over those runs, with the sample standard deviation
 (n - 1 in the denominator; none for n = 1) and n shown. Metrics come in the usual order (AP, AP50, AP75, APs, APm, APl;
 mIoU, mAcc, aAcc; top1, top5), the main metric's family first, only the families the task shows
-(``TaskDef.shown_families``). The settings column names what differs between a task's entries beyond the head (lr,
-train fraction, store, ...). Per-class tables (``--per-class``) read what evaluation wrote into ``RUN/eval/<store>``:
-per-class AP (detection.json), IoU (segmentation.json) and top-1 of the views' mean (predictions.jsonl).
+(``TaskDef.shown_families``). The settings column names what differs between entries of one head (lr, train fraction,
+training store, ...): a value that only follows the head (its default lr) is told by the head column. Per-class tables
+(``--per-class``) read what evaluation wrote into ``RUN/eval/<store>``: per-class AP (detection.json), IoU
+(segmentation.json) and top-1 of the views' mean (predictions.jsonl).
 """
 
 from __future__ import annotations
@@ -81,6 +82,15 @@ def _setup(row: dict[str, Any]) -> dict[str, Any]:
     return {"store": Path(str(row["store"]).rstrip("/")).name, **identity}
 
 
+def _varies(mine: Sequence[Entry], key: str) -> bool:
+    """Whether two entries of one head differ in ``key`` (a value that only follows the head, as its default lr, is the
+    head's: the head column tells it)."""
+    seen: dict[str, set[str]] = {}
+    for e in mine:
+        seen.setdefault(e.head, set()).add(json.dumps(e.setup.get(key), sort_keys=True))
+    return any(len(values) > 1 for values in seen.values())
+
+
 def entries(rows: Sequence[dict[str, Any]]) -> dict[str, list[Entry]]:
     """task -> its entries, ranked: best mean main metric first (runs without one last), fewer parameters first on a tie."""
     groups: dict[tuple[str, str, str | None], list[dict[str, Any]]] = {}
@@ -91,7 +101,7 @@ def entries(rows: Sequence[dict[str, Any]]) -> dict[str, list[Entry]]:
         members = sorted(members, key=lambda r: r["seed"])
         out.setdefault(task, []).append(Entry(task, members[0]["head"], members[0]["family"], store, members, _setup(members[0])))
     for task, mine in out.items():
-        varying = [k for k in mine[0].setup if len({json.dumps(e.setup.get(k), sort_keys=True) for e in mine}) > 1]
+        varying = [k for k in mine[0].setup if _varies(mine, k)]
         metric = main_metric(task)
         for e in mine:
             e.settings = {k: e.setup.get(k) for k in varying}

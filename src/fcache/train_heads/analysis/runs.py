@@ -94,14 +94,21 @@ def list_runs(paths: Iterable[str | Path], *, stale_after: float = STALE_AFTER_S
     return sorted((run_status(p, now=now, stale_after=stale_after) for p in find_runs(paths)), key=lambda r: r["run"])
 
 
+def _shown_path(path: str) -> str:
+    """A run's path relative to the current folder when it lies below it (as typed, mostly), else as is."""
+    p = Path(path)
+    return str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else path
+
+
 def format_runs(lines: Sequence[dict[str, Any]]) -> str:
-    """The table ``fcache runs`` prints: run, task, head, status, iterations, eval store and best main metric (%)."""
+    """The table ``fcache runs`` prints: run (relative to the current folder when below it), task, head, status,
+    iterations, eval store and best main metric (%)."""
     from fcache.train_heads.analysis.leaderboard import markdown_table
 
     cells = [["run", "task", "head", "status", "iters", "eval store", "best"]]
     for r in lines:
         best = "-" if r["best"] is None else f"{r['metric']} {100 * r['best']:.1f}"
         store = Path(r["eval_store"]).name if r["eval_store"] else "-"
-        cells.append([r["run"], r["task"], r["head"], r["status"], f"{r['iters_done']}/{r['iters']}", store, best])
+        cells.append([_shown_path(r["run"]), r["task"], r["head"], r["status"], f"{r['iters_done']}/{r['iters']}", store, best])
     counts = ", ".join(f"{sum(r['status'] == s for r in lines)} {s}" for s in STATUSES if any(r["status"] == s for r in lines))
     return markdown_table(cells) + f"\n{len(lines)} run(s): {counts}"
