@@ -98,6 +98,8 @@ def test_classes_split_and_ignore_index_settings(tmp_path: Path) -> None:
         source_of("seg-folder", tmp_path).samples()
     with pytest.raises(InputError, match=r"--ignore-index 3 is class 3 \('tree'\) of the 5 classes"):
         source_of("seg-folder", tmp_path, split="train", ignore_index=3)
+    with pytest.raises(InputError, match="must name a sub-folder of images/ and masks/"):
+        source_of("seg-folder", tmp_path, split="../train")
     with pytest.raises(InputError, match="--ignore-index is not used by --dataset folder"):
         source_of("folder", tmp_path, ignore_index=0)
     with pytest.raises(InputError, match="at most 255 classes"):

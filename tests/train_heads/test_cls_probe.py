@@ -112,6 +112,8 @@ def test_classes_make_a_split_without_a_class_evaluate(tmp_path):
     assert top1 == sum(x["pred"] == x["label"] for x in lines) / 4
     rep = CliRunner().invoke(main, ["report", str(tmp_path / "run"), "--out", str(tmp_path / "rep"), "--per-class", "--json"])
     assert rep.exit_code == 0, rep.output
+    (line,) = json.loads(rep.stdout)["leaderboard"]  # the views' mean only; per-view scores stay in results.csv
+    assert set(line["metrics"]) == {"avg/top1", "avg/top5"} and line["value"] == top1 and line["n"] == 1
     table = (tmp_path / "rep" / "per_class.md").read_text()
     assert "#### classification: top-1 per class on val.zarr (%)" in table
     shown = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table.splitlines()[4:] if line.startswith("| ")}

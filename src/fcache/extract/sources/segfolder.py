@@ -57,6 +57,8 @@ class SegFolderSource(LabelMapSource):
                 f"--ignore-index {ignore_index} is class {ignore_index} ({classes[ignore_index]!r}) of the {len(classes)} classes; "
                 f"give the mask value of unlabelled pixels, at least {len(classes)} (default 255)"
             )
+        if split and (Path(split).name != split or split in (".", "..")):
+            raise InputError(f"--split {split!r} must name a sub-folder of images/ and masks/ (e.g. train), not a path")
         self.classes, self.split, self.ignore_index = classes, split, ignore_index
 
     def folders(self) -> tuple[Path, Path]:
