@@ -381,9 +381,9 @@ def sweep(spec: str, as_json: bool, **kw: Any) -> None:
     """Train a grid of head variants (SPEC.yaml, see the README) and tabulate and plot their results.
 
     Each variant is a train-head run in OUT/runs/<head>-<hash>; rerunning skips finished variants and resumes
-    unfinished ones. Writes OUT/results.csv, results.md and results.png (main metric against trainable
-    parameters, one series per head family: the paper's Figures 1 and 4) and losses.png (training loss per
-    variant). Exit code 1 if a variant failed.
+    unfinished ones. Writes the report of `fcache report` over the finished variants into OUT: leaderboard.md and
+    .csv (seeds as mean ± std), results.csv and .md, results.png/.pdf (main metric against trainable parameters, one
+    series per head family: the paper's Figures 1 and 4) and losses.png/.pdf. Exit code 1 if a variant failed.
     """
     from fcache.train_heads.analysis.sweep import format_sweep, run_sweep
 
@@ -395,19 +395,41 @@ def sweep(spec: str, as_json: bool, **kw: Any) -> None:
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), default="report", show_default=True, help="Folder for the report files.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary (with the rows) as JSON.")
+@click.option("--per-class", is_flag=True, help="Also tabulate each class: AP (detection), IoU (segmentation), top-1 (labels).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary (with the leaderboard and rows) as JSON.")
 @user_errors
-def report(runs: tuple[str, ...], out: str, as_json: bool) -> None:
-    """Tabulate and plot runs: RUN folders, or folders holding them (a multi-head --out, a sweep's folder).
+def report(runs: tuple[str, ...], out: str, per_class: bool, as_json: bool) -> None:
+    """A leaderboard of runs: RUN folders, or folders holding them (a multi-head --out, a sweep's folder).
 
-    Writes OUT/results.csv and results.md (one row per run: head, trainable parameters, settings, every metric of
-    its last evaluation, training time), results.png (the task's main metric against trainable parameters, one
-    line per head family), losses.png (training loss curves, one line per run) and report.md showing them all.
+    One table per task, ranked by its main metric; runs that differ only in their seed are one line (mean ± std, n),
+    with trainable parameters, train time, s/iter, peak memory and the evaluation store. Writes OUT/leaderboard.md
+    and .csv, results.csv and .md (one row per run and evaluation store: every setting and metric), results.png/.pdf
+    (the main metric against trainable parameters, one series per head family), losses.png/.pdf (training loss, one
+    line per run), per_class.md with --per-class, and report.md showing them all.
     """
     from fcache.train_heads.analysis.report import format_report, write_report
 
-    summary = write_report(runs, out)
+    summary = write_report(runs, out, per_class=per_class)
     click.echo(json.dumps(summary, indent=1) if as_json else format_report(summary))
+
+
+@main.command()
+@click.argument("folders", nargs=-1, type=click.Path(exists=True, file_okay=False))
+@click.option("--stale-after", type=click.FloatRange(min=0), default=600, show_default=True,
+              help="Seconds without a change after which an unfinished run counts as stopped (at least 3 logging gaps).")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per run (a list) instead of a table.")
+@user_errors
+def runs(folders: tuple[str, ...], stale_after: float, as_json: bool) -> None:
+    """List the RUN folders in FOLDERs (default: the current folder), two levels down, with their status.
+
+    Status: finished (weights of the last iteration saved), running (unfinished, changed recently), stopped
+    (unfinished, unchanged for --stale-after: interrupted; continue with train-head --resume) or diverged (the loss
+    stopped being finite). With the iterations done, the evaluation store and the best main metric of each run.
+    """
+    from fcache.train_heads.analysis.runs import format_runs, list_runs
+
+    lines = list_runs(folders or (".",), stale_after=stale_after)
+    click.echo(json.dumps(lines, indent=1) if as_json else format_runs(lines))
 
 
 @main.command()

@@ -275,15 +275,24 @@ class SourceConfig:
     """
 
     kind: str = required("Kind of raw dataset.", name="--dataset", choices="fcache.extract.sources:SOURCES")
-    root: str = required("Image folder (coco, folder), ADEChallengeData2016 folder (ade20k), class folders (video), tar folder (wds).")
+    root: str = required(
+        "Image folder (coco, folder), ADEChallengeData2016 folder (ade20k), images/ + masks/ folder (seg-folder), "
+        "class folders (video), tar folder (wds)."
+    )
     annotations: str = flag("", "COCO json (coco) or path,label CSV (video).", show_default=False)
-    split: str = flag("", "ade20k: training or validation.", show_default=False)
+    split: str = flag(
+        "", "ade20k: training or validation; seg-folder: the sub-folder of images/ and masks/ (optional).", show_default=False
+    )
     frames: int = flag(16, "video: frames per clip.", min=1, max=4096)
     clips: int = flag(1, "video: temporal clips per video.", min=1, max=256)
     crops: int = flag(1, "video: spatial crops per clip (1 or 3).", min=1, max=16)
     classes: str = flag(
-        "", "folder, video, wds: class names in label order, comma-separated or a file with one per line.", show_default=False
+        "",
+        "folder, video, wds, seg-folder: class names in label order, comma-separated or a file with one per line "
+        "(seg-folder: default ROOT/classes.txt).",
+        show_default=False,
     )
+    ignore_index: int = flag(255, "seg-folder: the mask value of unlabelled pixels (stored as 255).", min=0, max=65535)
     max_pixels: int = flag(DEFAULT_MAX_PIXELS, "Larger images are refused as too_large (decompression bombs).", min=1)
     decode_timeout: float = flag(60.0, "Seconds one sample may take to decode.", above=0, max=86400)
     stuff_root: str = flag(
@@ -320,7 +329,7 @@ class DatasetInfo:
 
     @property
     def kind(self) -> str:
-        return self.source.kind  # coco | ade20k | video | folder | wds | synthetic
+        return self.source.kind  # coco | ade20k | seg-folder | video | folder | wds | synthetic
 
     @property
     def split(self) -> str:
@@ -445,6 +454,8 @@ class Manifest:
             inner.pop(key, None)
         if d["dataset"]["source"].pop("stuff_root", ""):  # whether the store has stuff maps, not where they were
             d["dataset"]["source"]["stuff"] = True
+        if d["dataset"]["source"].get("ignore_index") == Targets.IGNORE:  # the default: stores from before it keep their fingerprint
+            del d["dataset"]["source"]["ignore_index"]
         return d
 
     @property

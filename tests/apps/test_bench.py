@@ -74,9 +74,11 @@ def test_features_only_measures_the_store_row_without_weights():
 
 
 def test_a_head_that_cannot_be_built_is_an_error_row():
-    (row,) = bench("--task", "segmentation", "--input-size", "64", "--batch-size", "1", "--head", "upernet:channels=48", "--features-only")
-    assert row["setting"] == "store" and row["head"] == "upernet:channels=48" and "s_per_iter" not in row
-    assert "InputError" in row["error"] and "divisible by 32" in row["error"]
+    (row,) = bench(
+        "--task", "segmentation", "--input-size", "64", "--batch-size", "1", "--head", "upernet:channels=96,aux=1", "--features-only"
+    )
+    assert row["setting"] == "store" and row["head"] == "upernet:channels=96,aux=1" and "s_per_iter" not in row
+    assert "InputError" in row["error"] and "needs channels divisible by 64" in row["error"]
 
 
 def test_a_mistyped_head_is_one_line():

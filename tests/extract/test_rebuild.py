@@ -87,12 +87,20 @@ def ade(root: Path) -> Path:
     return root
 
 
+def seg_folder(root: Path) -> Path:
+    from test_seg_folder import make_seg_folder
+
+    make_seg_folder(root / "seg", n=2, split="train", ignore=7)
+    return root / "seg"
+
+
 SOURCES = {
     "coco": lambda d: dict(zip(("root", "annotations"), map(str, degenerate_coco(d)), strict=True)) | {"drop_degenerate_boxes": True},
     "folder": lambda d: {"root": str(image_folder(d, n=4))},
     "wds": lambda d: {"root": str(wds_shards(d / "shards"))},
     "video": lambda d: {"root": str(kinetics(d)), "frames": 4, "clips": 2},
     "ade20k": lambda d: {"root": str(ade(d)), "split": "training"},
+    "seg-folder": lambda d: {"root": str(seg_folder(d)), "split": "train", "ignore_index": 7},
 }
 
 

@@ -90,3 +90,34 @@ def test_refusals(stores, tmp_path):
     assert not out.exists()
     assert train(stores["train"], out, *one).exit_code == 0
     refused(CliRunner().invoke(main, ["eval", str(out), "--store", str(stores["flat"])]), "has no class labels")
+
+
+def test_classes_make_a_split_without_a_class_evaluate(tmp_path):
+    """A validation split lacking a class (no red images): with --classes naming all three, both stores share the label
+    order and the head trained on three classes scores the two present; without it, the splits disagree and are refused."""
+    train_root = colour_images(tmp_path / "train", 3, seed=0)
+    val_root = colour_images(tmp_path / "val", 2, seed=1)
+    for f in (val_root / "red").iterdir():
+        f.unlink()
+    (val_root / "red").rmdir()
+    names = ",".join(COLOURS)
+    train_store = extract(train_root, tmp_path / "train.zarr", "--classes", names)
+    val_store = extract(val_root, tmp_path / "val.zarr", "--classes", names)
+    bare = extract(val_root, tmp_path / "bare.zarr")
+    r = train(train_store, tmp_path / "run", "--val-store", str(val_store), "--iters", "20", "--batch-size", "3", *QUICK)
+    assert r.exit_code == 0, r.output
+    top1 = json.loads(r.stdout)["eval"]["avg/top1"]
+    lines = [json.loads(x) for x in (tmp_path / "run" / "eval" / "val" / "predictions.jsonl").read_text().splitlines()]
+    assert [(x["label"], x["label_name"]) for x in lines] == [(0, "blue"), (0, "blue"), (1, "green"), (1, "green")]
+    assert top1 == sum(x["pred"] == x["label"] for x in lines) / 4
+    rep = CliRunner().invoke(main, ["report", str(tmp_path / "run"), "--out", str(tmp_path / "rep"), "--per-class", "--json"])
+    assert rep.exit_code == 0, rep.output
+    (line,) = json.loads(rep.stdout)["leaderboard"]  # the views' mean only; per-view scores stay in results.csv
+    assert set(line["metrics"]) == {"avg/top1", "avg/top5"} and line["value"] == top1 and line["n"] == 1
+    table = (tmp_path / "rep" / "per_class.md").read_text()
+    assert "#### classification: top-1 per class on val.zarr (%)" in table
+    shown = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table.splitlines()[4:] if line.startswith("| ")}
+    want = {c: f"{100 * sum(x['pred'] == x['label'] for x in lines if x['label_name'] == c) / 2:.1f}" for c in ("blue", "green")}
+    assert shown == want  # red has no validation sample: no row
+    refused(train(train_store, tmp_path / "run2", "--val-store", str(bare), "--iters", "1", *QUICK),
+            "has classes (2: blue, green) but the head was trained on (3: blue, green, red)")  # fmt: skip

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from fcache.cli import main
 from fcache.common.errors import DivergedError
 from fcache.train_heads import TrainConfig, run_train
+from fcache.train_heads.analysis.runs import run_status
 from fcache.train_heads.detection.task import DetectionTask
 from fcache.train_heads.training import folder_name, run_train_heads
 from helpers import refused
@@ -97,7 +98,11 @@ def test_a_diverging_head_leaves_the_pass_and_the_others_finish(det_store, alone
     with pytest.raises(DivergedError, match=r"1 of 2 heads stopped \(bifpn_channels-32.*the loss is not finite at iteration 1"):
         run_train_heads([config(det_store, tmp_path, h) for h in (FPN, CASCADE)], progress=False, say=lambda m: None)
     assert same(weights(tmp_path / folder_name(CANONICAL[FPN])), weights(alone[FPN]))
-    assert not (tmp_path / folder_name(CANONICAL[CASCADE]) / "model.safetensors").exists()
+    diverged = tmp_path / folder_name(CANONICAL[CASCADE])
+    assert not (diverged / "model.safetensors").exists()
+    last = json.loads((diverged / "metrics.jsonl").read_text().splitlines()[-1])  # what `fcache runs` reads
+    assert (last["event"], last["iter"]) == ("diverged", 1) and "the loss is not finite at iteration 1" in last["error"]
+    assert run_status(diverged)["status"] == "diverged" and run_status(tmp_path / folder_name(CANONICAL[FPN]))["status"] == "finished"
 
 
 def train(store: Path, out: Path, *heads: str):

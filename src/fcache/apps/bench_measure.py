@@ -8,7 +8,6 @@ head. Video clips run through the backbone frame by frame: (B * T, 3, S, S) imag
 
 from __future__ import annotations
 
-import resource
 import time
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from fcache.apps.bench import BenchConfig
+from fcache.common.devices import peak_memory_gb
 
 
 def measure(setting: str, cfg: BenchConfig, store: str) -> dict[str, Any]:
@@ -25,10 +25,7 @@ def measure(setting: str, cfg: BenchConfig, store: str) -> dict[str, Any]:
         row |= _steps(setting, cfg, store)
     except torch.cuda.OutOfMemoryError as e:
         row["error"] = f"out of memory ({str(e).splitlines()[0][:80]})"
-    if cfg.device.startswith("cuda"):
-        row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    else:
-        row["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    row["peak_mem_gb"] = peak_memory_gb(cfg.device)
     return row
 
 

@@ -33,3 +33,16 @@ def resolve_device(name: str) -> str:
             raise InputError("--device mps: Apple's MPS backend is not available here; use --device cpu (or auto)")
         return name
     raise InputError(f"--device {name!r} is not a device; use {DEVICE_HELP}")
+
+
+def peak_memory_gb(device: str) -> float:
+    """Peak memory of this process so far, in GB: ``torch.cuda.max_memory_allocated`` on a CUDA ``device`` (tensors
+    only, as PyTorch's allocator counts them), else the peak resident set size (``getrusage``: the whole process, not
+    its DataLoader workers)."""
+    import resource
+
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from fcache.common.devices import peak_memory_gb
 from fcache.common.errors import DivergedError, InputError
 from fcache.spec import LevelSpec
 from fcache.train_heads import distributed as ddp
@@ -98,8 +99,8 @@ def build_model(task: Task, levels: tuple[LevelSpec, ...], seed: int) -> nn.Modu
 class Meter:
     """Averages a head's step values over a logging window; writes one metrics.jsonl record per window."""
 
-    def __init__(self, run: RunDir) -> None:
-        self.run = run
+    def __init__(self, run: RunDir, device: str = "cpu") -> None:
+        self.run, self.device = run, device
         self.t0 = self.t_window = time.perf_counter()
         self.sums: dict[str, float] = {}
         self.steps = self.samples = self.window_samples = 0
@@ -117,7 +118,9 @@ class Meter:
         now = time.perf_counter()
         self.rate = self.window_samples / max(now - self.t_window, 1e-9)
         self.last = {k: v / self.steps for k, v in self.sums.items()}
-        self.run.log({"iter": iteration, "lr": lr, "samples_per_s": round(self.rate, 3), "time_s": round(now - self.t0, 3), **self.last})
+        peak = round(peak_memory_gb(self.device), 3)  # fcache.common.devices says what it measures on CUDA and on the CPU
+        self.run.log({"iter": iteration, "lr": lr, "samples_per_s": round(self.rate, 3), "time_s": round(now - self.t0, 3),
+                      "peak_mem_gb": peak, **self.last})  # fmt: skip
         self.sums, self.steps, self.window_samples, self.t_window = {}, 0, 0, now
 
 
@@ -160,7 +163,7 @@ def start_head(
     else:
         torch.manual_seed(cfg.seed + dist.rank)
         start, rng = 0, rng_state()
-    return HeadRun(cfg, task, model, net, tuple(levels), run, optimizer, start, rng, Meter(run), at=start)
+    return HeadRun(cfg, task, model, net, tuple(levels), run, optimizer, start, rng, Meter(run, cfg.device), at=start)
 
 
 def train_pass(heads: Sequence[HeadRun], data: Dataset, *, progress: bool = True, dist: ddp.Dist = ddp.SINGLE) -> list[TrainResult]:
@@ -191,6 +194,8 @@ def train_pass(heads: Sequence[HeadRun], data: Dataset, *, progress: bool = True
                         head_step(h, batch, it, stop, device, dist)
                     except DivergedError as e:
                         h.error = str(e)
+                        if dist.is_main:  # what `fcache runs` reads; a resume from the last checkpoint truncates it away
+                            h.run.log({"event": "diverged", "iter": it + 1, "error": h.error})
             bar.update(1)
             if len(heads) == 1 and heads[0].meter.last:
                 m = heads[0].meter

@@ -110,6 +110,8 @@ class TaskDef:
         main_metric: the metric that ranks runs (``fcache report``, sweeps, best checkpoints).
         defaults: TrainConfig fields every head of the task trains with unless flags say otherwise.
         eval_views: ``plain``: evaluation reads view 0 of every sample; ``all``: every view at once (test views, clips).
+        shown_families: the metric families (``box`` of ``box/AP``) ``fcache report``'s leaderboard shows; () for all.
+            Tasks that also score each view alone show their views' mean only.
     """
 
     name: str
@@ -119,6 +121,7 @@ class TaskDef:
     main_metric: str
     defaults: Mapping[str, Any] = field(default_factory=dict)
     eval_views: str = "plain"
+    shown_families: tuple[str, ...] = ()
 
     def from_store(self, store: FeatureStore, head: str) -> Task:
         return self.task.from_store(store, head)

@@ -51,10 +51,16 @@ def test_report_tables_plots_and_traces_every_value(runs, tmp_path):
         config = json.loads((run / "config.json").read_text())
         assert row["trainable_params"] == config["trainable_params"] > 0
         evals = [x for x in records(run) if x.get("event") == "eval"]
+        training = [x for x in records(run) if x.get("event") is None]
+        assert row["peak_mem_gb"] == max(x["peak_mem_gb"] for x in training) > 0  # recorded by the loop (CPU: peak RSS)
+        assert row["s_per_iter"] == pytest.approx(training[-1]["time_s"] / 3, abs=1e-4)
         if run.name == "noeval":
             assert row["value"] is None and not evals
         else:
             assert row["value"] == evals[-1]["box/AP"] and row["mask/AP50"] == evals[-1]["mask/AP50"]
+            per_class = json.loads((run / evals[-1]["eval_dir"] / "detection.json").read_text())
+            defined = [c["AP"] for c in per_class["box"]["classes"] if c["AP"] is not None]
+            assert defined and row["box/AP"] == pytest.approx(sum(defined) / len(defined))  # COCO's AP: the classes' mean
     md = (out / "report.md").read_text()
     assert "![metric against trainable parameters](results.png)" in md and "![training loss](losses.png)" in md
     assert "Not evaluated yet (no metric): noeval" in md

@@ -66,6 +66,10 @@ def test_results_hold_one_row_per_variant(sequential):
     table = (d / "out" / "results.md").read_text().splitlines()
     assert len(table) == 2 + 3 and all(any(h in line for line in table) for h in HEADS)
     assert table[0].startswith("| run | task | head | family | trainable params | lr |")
+    board = summary["leaderboard"]  # one seed each: n = 1, ranked by box/AP as the rows say
+    assert sorted(e["head"] for e in board) == sorted(HEADS) and {e["n"] for e in board} == {1}
+    assert [e["value"] for e in board] == sorted((r["value"] for r in rows), reverse=True)
+    assert (d / "out" / "leaderboard.md").is_file() and (d / "out" / "results.pdf").is_file()
     losses = imread(d / "out" / "losses.png")
     assert losses.shape[0] > 300 and losses[..., :3].std() > 0.01
     image = imread(d / "out" / "results.png")
@@ -94,7 +98,8 @@ def test_a_local_dask_cluster_gives_the_sequential_results(sequential, tmp_path)
     r = sweep(d / "grid.yaml", tmp_path / "out", "--cluster", "local:2")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["trained"] == 3
-    strip = lambda rows: sorted(({k: v for k, v in r.items() if k not in ("run", "time_s")} for r in rows), key=str)  # noqa: E731
+    timing = ("run", "time_s", "s_per_iter", "peak_mem_gb")
+    strip = lambda rows: sorted(({k: v for k, v in r.items() if k not in timing} for r in rows), key=str)  # noqa: E731
     assert strip(load_rows(tmp_path / "out" / "results.csv")) == strip(summary["rows"])
     seq, par = runs_of(d / "out"), runs_of(tmp_path / "out")
     assert len(par) == 3 and set(par) <= set(seq)
@@ -156,5 +161,5 @@ def test_families_times_and_table_formatting():
     assert training_seconds([{"time_s": 1.0}, {"time_s": 2.5}, {"event": "eval"}, {"time_s": 0.5}, {"time_s": 1.5}]) == 4.0
     row = {"run": "/x/runs/fpn-1", "task": "detection", "head": "fpn", "family": "fpn", "trainable_params": 2_500_000, "lr": 3e-4}
     row |= {"train_fraction": 0.1, "store": "/data/coco-l.zarr", "iters": 9, "seed": 0, "metric": "box/AP", "value": None, "time_s": 1.0}
-    line = "| fpn-1 | detection | fpn | fpn | 2.50 M | 0.0003 | 0.1 | coco-l.zarr | 9 | 0 | box/AP | - | 1 |"
+    line = "| fpn-1 | detection | fpn | fpn | 2.50 M | 0.0003 | 0.1 | coco-l.zarr | - | 9 | 0 | box/AP | - | 1 | - | - | - |"
     assert markdown([row]).splitlines()[2] == line

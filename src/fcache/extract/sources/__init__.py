@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from fcache.common.errors import InputError
 from fcache.extract.sources.classes import read_classes
-from fcache.spec import SourceConfig
+from fcache.spec import SourceConfig, Targets
 
 if TYPE_CHECKING:
     from fcache.extract.sources.base import Source
@@ -79,6 +79,14 @@ def _ade20k(c: SourceConfig) -> Source:
     return Ade20kSource(_existing(c.root, "ADEChallengeData2016"), c.split, max_pixels=c.max_pixels)
 
 
+def _seg_folder(c: SourceConfig) -> Source:
+    from fcache.extract.sources.segfolder import SegFolderSource, seg_folder_classes
+
+    _no_annotations(c)
+    root = _existing(c.root, "segmentation (images/ + masks/)")
+    return SegFolderSource(root, seg_folder_classes(root, c.classes), split=c.split, ignore_index=c.ignore_index, max_pixels=c.max_pixels)
+
+
 def _video(c: SourceConfig) -> Source:
     from fcache.extract.sources.video import VideoSource
 
@@ -111,6 +119,7 @@ def _wds(c: SourceConfig) -> Source:
 SOURCES: dict[str, SourceDef] = {
     "coco": SourceDef(_coco, "image folder + COCO json: boxes, polygons/RLE, categories"),
     "ade20k": SourceDef(_ade20k, "ADEChallengeData2016: images + 150-class label PNGs"),
+    "seg-folder": SourceDef(_seg_folder, "images/ + masks/ (label PNGs) + classes.txt: any segmentation set"),
     "video": SourceDef(_video, "a folder per class, or a path,label CSV; clips of frames"),
     "folder": SourceDef(_folder, "ImageFolder class folders, or a flat folder"),
     "wds": SourceDef(_wds, "webdataset .tar shards with an image + cls/json"),
@@ -125,6 +134,8 @@ def build_source(c: SourceConfig) -> Source:
     """
     if c.kind not in SOURCES:
         raise InputError(f"--dataset {c.kind!r} is not a known source; choose one of {', '.join(SOURCES)}")
+    if c.ignore_index != Targets.IGNORE and c.kind != "seg-folder":
+        raise InputError(f"--ignore-index is not used by --dataset {c.kind} (its labels say what is unlabelled); drop it")
     return SOURCES[c.kind].build(c)
 
 

@@ -64,9 +64,9 @@ class LabelTargets:
 
 
 class Source(Protocol):
-    """A raw dataset. Implementations: coco, ade20k, video, folder, wds."""
+    """A raw dataset. Implementations: coco, ade20k, seg-folder, video, folder, wds."""
 
-    kind: str  # coco | ade20k | video | folder | wds
+    kind: str  # coco | ade20k | seg-folder | video | folder | wds
     root: Path
 
     @property

@@ -21,7 +21,7 @@ def read_classes(spec: str) -> tuple[str, ...]:
     if not spec:
         return ()
     path = Path(spec)
-    if path.is_file():
+    if _is_file(path):
         try:
             names = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
         except (OSError, UnicodeDecodeError) as e:
@@ -34,6 +34,13 @@ def read_classes(spec: str) -> tuple[str, ...]:
     if twice:
         raise InputError(f"--classes names {', '.join(twice)} twice; give each class once")
     return names
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a long list of names is no file name (ENAMETOOLONG)
+        return False
 
 
 def index_of(label: str, classes: tuple[str, ...], where: str, problems: list[str]) -> int:

@@ -37,8 +37,8 @@ import numpy as np
 from fcache.common.errors import InputError, MetadataError
 from fcache.common.records import load_json
 from fcache.extract.decode import DEFAULT_MAX_PIXELS, load_image, orient, oriented_size, to_rgb
-from fcache.extract.sources.ade20k import LABEL_MODES
 from fcache.extract.sources.base import Decoded, SampleError, SampleRef
+from fcache.extract.sources.labelmap import LABEL_MODES
 from fcache.spec import STUFF_CLASSES, Status, Targets
 from fcache.store import TargetSpec
 

@@ -1,8 +1,10 @@
 """``fcache report RUN... --out DIR``: an ablation at a glance from any RUN folders (train-head, a multi-head pass,
-a sweep): the results table (CSV and Markdown), the metric against trainable parameters, the loss curves, and a
-``report.md`` that shows them together.
+a sweep): the leaderboard (one table per task, ranked by its main metric, seeds as mean ± std), the results table of
+every run (CSV and Markdown), the metric against trainable parameters, the loss curves (PNG and PDF), per-class tables
+with ``--per-class``, and a ``report.md`` that shows them together.
 
-Reads RUN folders only (``config.json``, ``metrics.jsonl``), so it works on runs trained anywhere, any time.
+Reads RUN folders only (``config.json``, ``metrics.jsonl``, ``eval/<store>/``), so it works on runs trained anywhere,
+any time.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from fcache.common.errors import InputError
-from fcache.train_heads.analysis.results import CSV_NAME, MARKDOWN_NAME, PLOT_NAME, markdown, save_figure, task_panels, write_results
-from fcache.train_heads.runfolder import CONFIG, RunDir
+from fcache.train_heads.analysis import leaderboard as lb
+from fcache.train_heads.analysis.figures import loss_curves, plot_losses, plot_metric
+from fcache.train_heads.analysis.results import CSV_NAME, MARKDOWN_NAME, main_metric, write_results
+from fcache.train_heads.runfolder import CONFIG
 
-LOSS_PLOT = "losses.png"
-REPORT = "report.md"
+LOSS_PLOT, METRIC_PLOT, REPORT = "losses.png", "results.png", "report.md"
+
+__all__ = ["find_runs", "format_report", "loss_curves", "write_outputs", "write_report"]
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:
@@ -42,79 +47,95 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
     return list(found)
 
 
-def loss_curves(run: str | Path) -> list[tuple[int, float]]:
-    """(iteration, total loss) of a run's training records, the last record kept where a resumed run logged twice."""
-    points: dict[int, float] = {}
-    for r in RunDir(run).metrics():
-        if r.get("event") is None and "loss" in r and "iter" in r:
-            points[int(r["iter"])] = float(r["loss"])
-    return sorted(points.items())
+def entry_record(e: lb.Entry) -> dict[str, Any]:
+    """A leaderboard entry as JSON: metrics as fractions, each with its mean and std over the entry's seeds."""
+    metrics = {m: {"mean": e.mean(m), "std": e.std(m)} for m in lb.metric_columns(e.task, [e])}
+    return {
+        "task": e.task,
+        "rank": e.rank,
+        "head": e.head,
+        "settings": e.settings,
+        "eval_store": e.eval_store,
+        "n": e.n,
+        "seeds": e.seeds,
+        "metric": main_metric(e.task),
+        "value": e.mean(main_metric(e.task)),
+        "std": e.std(main_metric(e.task)),
+        "metrics": metrics,
+        "trainable_params": e.trainable_params,
+        "time_s": e.mean("time_s"),
+        "s_per_iter": e.mean("s_per_iter"),
+        "peak_mem_gb": max(e.values("peak_mem_gb"), default=None),
+        "runs": [r["run"] for r in e.rows],
+    }
 
 
-def _labels(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """A label per row: the head, plus the settings that differ between the rows (store, lr, train fraction, seed)."""
-    varying = [k for k in ("store", "lr", "train_fraction", "seed") if len({str(r[k]) for r in rows}) > 1]
-    shown = {"store": lambda v: Path(v).name, "lr": lambda v: f"lr {v:g}", "train_fraction": lambda v: f"{100 * v:g}% data"}
-    out = []
-    for r in rows:
-        extra = [shown.get(k, lambda v, k=k: f"{k} {v}")(r[k]) for k in varying]
-        out.append(", ".join([r["head"], *extra]))
-    return out
+def write_outputs(runs: Sequence[str | Path], out: str | Path, *, per_class: bool = False) -> dict[str, Any]:
+    """Every report file for the RUN folders ``runs`` in ``out``; returns a summary: the files, rows and leaderboard."""
+    out = Path(out)
+    rows = write_results(runs, out)
+    board = lb.entries(rows)
+    (out / lb.LEADERBOARD_MD).write_text(lb.markdown(board))
+    lb.write_csv(board, out / lb.LEADERBOARD_CSV)
+    plot_metric(board, out / METRIC_PLOT)
+    plot_losses(rows, out / LOSS_PLOT)
+    files = {"leaderboard": out / lb.LEADERBOARD_MD, "leaderboard_csv": out / lb.LEADERBOARD_CSV}
+    files |= {"csv": out / CSV_NAME, "md": out / MARKDOWN_NAME}
+    for name, png in (("png", METRIC_PLOT), ("losses", LOSS_PLOT)):
+        files |= {name: out / png, f"{name}_pdf": (out / png).with_suffix(".pdf")}
+    tables = lb.per_class(board) if per_class else []
+    if per_class:
+        (out / lb.PER_CLASS_MD).write_text(lb.per_class_markdown(tables))
+        files["per_class"] = out / lb.PER_CLASS_MD
+    (out / REPORT).write_text(_report_md(rows, board, tables if per_class else None))
+    files["report"] = out / REPORT
+    return {
+        "out": str(out),
+        "runs": len({r["run"] for r in rows}),
+        "files": {k: str(v) for k, v in files.items()},
+        "leaderboard": [entry_record(e) for mine in board.values() for e in mine],
+        "rows": rows,
+    }
 
 
-def plot_losses(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Training loss against iteration, one panel per task, one line per run (log scale when it spans a decade)."""
-    fig, panels = task_panels(rows, 6.5)
-    for ax, task, mine in panels:
-        values: list[float] = []
-        mine = list({r["run"]: r for r in mine}.values())  # a run evaluated on several stores: one curve
-        for row, label in zip(mine, _labels(mine), strict=True):
-            points = loss_curves(row["run"])
-            if points:
-                ax.plot([i for i, _ in points], [v for _, v in points], label=label, lw=1.2)
-                values += [v for _, v in points]
-        positive = [v for v in values if v > 0]
-        if positive and len(positive) == len(values) and max(positive) / min(positive) > 10:
-            ax.set_yscale("log")
-        ax.set(xlabel="iteration", ylabel="training loss", title=task)
-        ax.grid(True, alpha=0.3)
-    return save_figure(fig, path, legend_size=7)
+def _report_md(rows: Sequence[dict[str, Any]], board: dict[str, list[lb.Entry]], tables: list[Any] | None) -> str:
+    unevaluated = sorted({Path(r["run"]).name for r in rows if r["value"] is None})
+    text = [
+        f"# fcache report: {len({r['run'] for r in rows})} run(s)",
+        "",
+        "Runs that differ only in their seed are one line: metrics in percent as mean ± standard deviation over the n",
+        "seeds; parameters in millions; train time the mean seconds spent training over all sessions of a run, s/iter",
+        "that over its iterations, peak memory the largest the runs recorded (CUDA: allocated tensors; CPU: the",
+        "process's peak resident set). `eval store` is the store the metrics come from (one line per store).",
+        "",
+        lb.markdown(board),
+        f"![metric against trainable parameters]({METRIC_PLOT})",
+        "",
+        f"![training loss]({LOSS_PLOT})",
+        "",
+        f"Every run and metric: [{MARKDOWN_NAME}]({MARKDOWN_NAME}), [{CSV_NAME}]({CSV_NAME}).",
+        "",
+    ]
+    if tables is not None:
+        text += ["## Per class", "", lb.per_class_markdown(tables)]
+    if unevaluated:
+        text += [f"Not evaluated yet (no metric): {', '.join(unevaluated)}; run `fcache eval RUN --store VAL`.", ""]
+    return "\n".join(text)
 
 
-def write_report(paths: Iterable[str | Path], out: str | Path) -> dict[str, Any]:
-    """results.csv / results.md / results.png / losses.png / report.md for the RUN folders under ``paths``.
-
-    Returns a summary: the output files and the rows.
+def write_report(paths: Iterable[str | Path], out: str | Path, *, per_class: bool = False) -> dict[str, Any]:
+    """The report files for the RUN folders under ``paths`` (see :func:`write_outputs`).
 
     Raises:
         ValueError: a path that is not a RUN folder and holds none, or an unreadable one.
     """
-    runs = find_runs(paths)
-    out = Path(out)
-    rows = write_results(runs, out)
-    plot_losses(rows, out / LOSS_PLOT)
-    unevaluated = [Path(r["run"]).name for r in rows if r["value"] is None]
-    n_runs = len({r["run"] for r in rows})
-    text = [
-        f"# fcache report: {n_runs} run(s)",
-        "",
-        "Metrics in percent (the task's main metric in `value`), trainable parameters in millions, `time s` the",
-        "seconds spent training over all sessions of a run; `eval store` is the store a row's metrics come from (a run",
-        "evaluated on several stores has a row for each).",
-        "",
-        markdown(rows),
-        f"![metric against trainable parameters]({PLOT_NAME})",
-        "",
-        f"![training loss]({LOSS_PLOT})",
-        "",
-    ]
-    if unevaluated:
-        text += [f"Not evaluated yet (no metric): {', '.join(unevaluated)}; run `fcache eval RUN --store VAL`.", ""]
-    (out / REPORT).write_text("\n".join(text))
-    files = {k: str(out / n) for k, n in (("csv", CSV_NAME), ("md", MARKDOWN_NAME), ("png", PLOT_NAME), ("losses", LOSS_PLOT))}
-    return {"out": str(out), "runs": n_runs, "files": files | {"report": str(out / REPORT)}, "rows": rows}
+    return write_outputs(find_runs(paths), out, per_class=per_class)
 
 
 def format_report(summary: dict[str, Any]) -> str:
-    """What ``fcache report`` prints: the table and where the files are."""
-    return "\n".join([markdown(summary["rows"]).rstrip(), "", "report: " + ", ".join(summary["files"].values())])
+    """What ``fcache report`` prints: the leaderboard, the per-class tables when written, and where the files are."""
+    files = summary["files"]
+    text = [Path(files["leaderboard"]).read_text().rstrip()]
+    if "per_class" in files:
+        text += ["", Path(files["per_class"]).read_text().rstrip()]
+    return "\n".join([*text, "", "report: " + ", ".join(files.values())])

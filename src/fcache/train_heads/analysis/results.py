@@ -1,5 +1,5 @@
-"""Results of many runs: one row per RUN folder, written as CSV and Markdown, and the plot of each task's main metric
-against trainable parameters with one series per head family (the paper's Figures 1 and 4).
+"""Results of many runs: one row per RUN folder and evaluation store, written as CSV and Markdown (every setting and
+metric, the raw material of the leaderboard and figures), and the figure helpers they share.
 
 Reads RUN folders only (config.json, metrics.jsonl), so it serves ``fcache sweep`` and any later report alike.
 """
@@ -7,13 +7,13 @@ Reads RUN folders only (config.json, metrics.jsonl), so it serves ``fcache sweep
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
-import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fcache.train_heads.runfolder import RunDir
+from fcache.train_heads.runfolder import RunDir, TrainingRecord
 
 COLUMNS = (
     "run",
@@ -30,8 +30,11 @@ COLUMNS = (
     "metric",
     "value",
     "time_s",
+    "s_per_iter",
+    "peak_mem_gb",
+    "variant",
 )
-CSV_NAME, MARKDOWN_NAME, PLOT_NAME = "results.csv", "results.md", "results.png"
+CSV_NAME, MARKDOWN_NAME = "results.csv", "results.md"
 
 
 def main_metric(task: str) -> str:
@@ -68,6 +71,23 @@ def training_seconds(records: Iterable[dict[str, Any]]) -> float:
     return round(total + last, 3)
 
 
+def peak_memory(records: Iterable[dict[str, Any]]) -> float | None:
+    """The largest ``peak_mem_gb`` the run's training records hold (None for runs trained before fcache recorded it)."""
+    peaks = [float(r["peak_mem_gb"]) for r in records if r.get("peak_mem_gb") is not None]
+    return max(peaks) if peaks else None
+
+
+def last_iteration(records: Iterable[dict[str, Any]]) -> int:
+    """The last iteration the run's training records reach (0 before the first one)."""
+    return max((int(r["iter"]) for r in records if r.get("event") is None and "iter" in r), default=0)
+
+
+def variant(record: TrainingRecord) -> str:
+    """What runs that differ only in their seed share: a digest of the record's identity without the seed."""
+    identity = {k: v for k, v in record.identity().items() if k != "seed"}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
 def run_rows(path: str | Path) -> list[dict[str, Any]]:
     """The rows of the RUN folder ``path``: one per store it was evaluated on (its last evaluation there), in the order
     they were first evaluated; one row without metrics (``value`` and ``eval_store`` None) for a run not evaluated yet."""
@@ -92,6 +112,7 @@ def run_row(path: str | Path, eval_store: str | None = None) -> dict[str, Any]:
     evals = [r for r in records if r.get("event") == "eval" and (eval_store is None or str(r.get("store", "")) == eval_store)]
     metrics = {k: v for k, v in evals[-1].items() if "/" in k} if evals else {}
     metric = main_metric(cfg.task)
+    seconds, done = training_seconds(records), last_iteration(records)
     row = {
         "run": str(run.path),
         "task": cfg.task,
@@ -106,7 +127,10 @@ def run_row(path: str | Path, eval_store: str | None = None) -> dict[str, Any]:
         "seed": cfg.seed,
         "metric": metric,
         "value": metrics.get(metric),
-        "time_s": training_seconds(records),
+        "time_s": seconds,
+        "s_per_iter": round(seconds / done, 4) if done and seconds else None,
+        "peak_mem_gb": peak_memory(records),
+        "variant": variant(record),
     }
     return row | dict(sorted(metrics.items()))
 
@@ -162,27 +186,6 @@ def write_markdown(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     return Path(path)
 
 
-def series(rows: Sequence[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
-    """Plot series of one task's rows: label -> (trainable parameters, best main metric there), by parameters.
-
-    A series is a head family, split further by store and by train fraction when the rows hold several of them
-    (Figure 4's series are base networks, i.e. stores); other settings (lr, seed) keep their best value.
-    """
-    many_stores = len({r["store"] for r in rows}) > 1
-    many_evals = len({r.get("eval_store") for r in rows if r["value"] is not None}) > 1
-    many_fractions = len({r["train_fraction"] for r in rows}) > 1
-    best: dict[str, dict[int, float]] = {}
-    for r in rows:
-        if r["value"] is None or r["value"] < 0:
-            continue
-        label = r["family"] + (f" @ {Path(r['store']).name}" if many_stores else "")
-        label += f" on {Path(r['eval_store']).name}" if many_evals else ""
-        label += f", {100 * r['train_fraction']:g}% data" if many_fractions else ""
-        points = best.setdefault(label, {})
-        points[r["trainable_params"]] = max(points.get(r["trainable_params"], -math.inf), r["value"])
-    return {label: sorted(points.items()) for label, points in sorted(best.items())}
-
-
 def task_panels(rows: Sequence[dict[str, Any]], panel_width: float) -> tuple[Any, list[tuple[Any, str, list[dict[str, Any]]]]]:
     """A matplotlib figure with one panel per task of ``rows``: (figure, [(axes, task, that task's rows)])."""
     import matplotlib
@@ -196,7 +199,7 @@ def task_panels(rows: Sequence[dict[str, Any]], panel_width: float) -> tuple[Any
 
 
 def save_figure(fig: Any, path: str | Path, legend_size: int) -> Path:
-    """Legends on the panels that have lines, then the figure written to ``path`` and closed."""
+    """Legends on the panels that have lines, then the figure written to ``path`` (PNG) and beside it as PDF, and closed."""
     import matplotlib.pyplot as plt
 
     for ax in fig.axes:
@@ -204,37 +207,18 @@ def save_figure(fig: Any, path: str | Path, legend_size: int) -> Path:
             ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    fig.savefig(Path(path).with_suffix(".pdf"))
     plt.close(fig)
     return Path(path)
 
 
-def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Main metric (percent) against trainable parameters (log scale), one panel per task, one line per series."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    fig, panels = task_panels(rows, 5.5)
-    for ax, task, mine in panels:
-        for label, points in series(mine).items():
-            ax.plot([p / 1e6 for p, _ in points], [100 * v for _, v in points], marker="o", label=label)
-        ax.set_xscale("log")
-        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("trainable parameters (M)")
-        ax.set_ylabel(main_metric(task) + " (%)")
-        ax.set_title(task)
-        ax.grid(True, which="both", alpha=0.3)
-    return save_figure(fig, path, legend_size=8)
-
-
 def write_results(runs: Iterable[str | Path], out: str | Path) -> list[dict[str, Any]]:
-    """Rows of ``runs`` written into ``out`` as results.csv, results.md and results.png; returns the rows."""
+    """Rows of ``runs`` written into ``out`` as results.csv and results.md; returns the rows."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = collect(runs)
     write_csv(rows, out / CSV_NAME)
     write_markdown(rows, out / MARKDOWN_NAME)
-    plot(rows, out / PLOT_NAME)
     return rows
 
 

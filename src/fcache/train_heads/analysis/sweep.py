@@ -1,5 +1,6 @@
 """``fcache sweep SPEC.yaml``: a grid of head-training variants, trained in sequence or one per dask worker, then
-results.csv / results.md / results.png (``results.py``): the paper's Figures 1 and 4 from one file.
+the report of ``fcache report`` over the finished ones (leaderboard, results.csv/md, results.png: the paper's Figures
+1 and 4 from one file, losses.png).
 
 Every variant is an ordinary ``train-head`` run in ``OUT/runs/<head>-<hash of its configuration>``, so a rerun finds
 finished variants (skipped), unfinished ones (resumed from their checkpoint) and new ones (trained) by name alone.
@@ -23,8 +24,7 @@ import yaml
 
 from fcache.common.cluster import ClusterTarget, connect, worker_threads
 from fcache.common.errors import InputError
-from fcache.train_heads.analysis.report import LOSS_PLOT, plot_losses
-from fcache.train_heads.analysis.results import write_results
+from fcache.train_heads.analysis.report import write_outputs
 from fcache.train_heads.config import SweepConfig, TrainConfig
 from fcache.train_heads.runfolder import RunDir
 from fcache.train_heads.training import echo, folder_name, prepare_training, run_train
@@ -257,27 +257,26 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, say: Callable[[str], N
     threads = spec.threads or (worker_threads(target) if target else None)
     with dask_client(target) as client:
         failed = train_all(pending, client, threads, progress and client is None, say) if pending else {}
-    rows = write_results([v.cfg.out for v in variants if is_finished(v.cfg.out)], out)
-    plot_losses(rows, out / LOSS_PLOT)
+    report = write_outputs([v.cfg.out for v in variants if is_finished(v.cfg.out)], out)
     return {
         "out": str(out),
         "variants": len(variants),
         "skipped": len(variants) - len(pending),
         "trained": len(pending) - len(failed),
         "failed": failed,
-        "results": {k: str(out / f"results.{k}") for k in ("csv", "md", "png")} | {"losses": str(out / LOSS_PLOT)},
-        "rows": rows,
+        "results": report["files"],
+        "leaderboard": report["leaderboard"],
+        "rows": report["rows"],
     }
 
 
 def format_sweep(summary: Mapping[str, Any]) -> str:
-    """What ``fcache sweep`` prints: counts, failures, the results table and where the files are."""
-    from fcache.train_heads.analysis.results import markdown
-
+    """What ``fcache sweep`` prints: counts, failures, the leaderboard and where the files are."""
     lines = [f"{summary['variants']} variant(s): {summary['skipped']} skipped (finished), {summary['trained']} trained"]
     lines += [f"FAILED {name}: {error}" for name, error in summary["failed"].items()]
     if summary["failed"]:
         lines.append("rerun the same command to retry the failed variants (finished ones are skipped)")
-    lines += ["", markdown(summary["rows"]) if summary["rows"] else "(no finished variant)"]
+    board = Path(summary["results"]["leaderboard"]).read_text()
+    lines += ["", board if summary["rows"] else "(no finished variant)"]
     lines.append("results: " + ", ".join(summary["results"].values()))
     return "\n".join(lines)

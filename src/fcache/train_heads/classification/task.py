@@ -22,7 +22,7 @@ from fcache.common.errors import InputError
 from fcache.spec import LEVEL_NAMES, Geometry, LevelSpec, Targets
 from fcache.store import FeatureStore
 from fcache.train_heads.classification.model import LinearProbe
-from fcache.train_heads.classification.scoring import PREDICTIONS, prediction_records, score_views, write_predictions
+from fcache.train_heads.classification.scoring import AVERAGED, PREDICTIONS, prediction_records, score_views, write_predictions
 from fcache.train_heads.data import KEY, VIEW_GEOMETRY, VIEW_NAMES
 from fcache.train_heads.headspec import HeadDef, HeadSpec, Param
 from fcache.train_heads.task import Batch, TaskDef
@@ -189,4 +189,5 @@ TASK = TaskDef(
     "avg/top1",
     defaults={"batch_size": 64, "lr": 1e-3, "weight_decay": 0.0, "schedule": "cosine", "warmup_epochs": 1.0},
     eval_views="all",
+    shown_families=(AVERAGED,),
 )  # the plain view and the test views, each and averaged

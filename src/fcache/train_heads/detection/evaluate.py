@@ -43,9 +43,11 @@ def coco_ground_truth(
     return coco
 
 
-def coco_evaluate(gt: COCO, detections: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """``box/AP`` ... ``mask/APl`` of COCO result records (bbox xywh + optional RLE segmentation) against ``gt``."""
+def coco_evaluate(gt: COCO, detections: Sequence[Mapping[str, Any]]) -> tuple[dict[str, float], dict[str, list[dict[str, Any]]]]:
+    """``box/AP`` ... ``mask/APl`` of COCO result records (bbox xywh + optional RLE segmentation) against ``gt``, and
+    the AP of each category per family (``{"box": [{"class", "id", "AP"}, ...], "mask": [...]}``, see :func:`per_class_ap`)."""
     out: dict[str, float] = {}
+    per_class: dict[str, list[dict[str, Any]]] = {}
     for iou_type, prefix in IOU_TYPES.items():
         if iou_type == "bbox":
             dets = [dict(d) for d in detections]
@@ -53,6 +55,7 @@ def coco_evaluate(gt: COCO, detections: Sequence[Mapping[str, Any]]) -> dict[str
             dets = [{k: v for k, v in d.items() if k != "bbox"} for d in detections if "segmentation" in d]
         if not dets:  # pycocotools cannot load an empty result list; nothing detected scores 0
             out.update({f"{prefix}/{m}": 0.0 for m in METRICS})
+            per_class[prefix] = per_class_ap(gt, None)
             continue
         with contextlib.redirect_stdout(io.StringIO()):
             ev = COCOeval(gt, gt.loadRes(copy.deepcopy(dets)), iou_type)
@@ -60,4 +63,24 @@ def coco_evaluate(gt: COCO, detections: Sequence[Mapping[str, Any]]) -> dict[str
             ev.accumulate()
             ev.summarize()
         out.update({f"{prefix}/{m}": float(v) for m, v in zip(METRICS, ev.stats[: len(METRICS)], strict=True)})
+        per_class[prefix] = per_class_ap(gt, ev)
+    return out, per_class
+
+
+def per_class_ap(gt: COCO, ev: COCOeval | None) -> list[dict[str, Any]]:
+    """AP (IoU 0.50:0.95, all areas, 100 detections) of each category of ``gt``, as detectron2 derives it from COCOeval's
+    precision array; None for a category without ground truth, 0 for every other one when nothing was detected (``ev``
+    None)."""
+    out = []
+    for k, cid in enumerate(sorted(gt.getCatIds())):
+        name = str(gt.cats[cid].get("name", cid))
+        has_truth = bool(gt.getAnnIds(catIds=[cid], iscrowd=False))
+        if ev is None:
+            ap = 0.0 if has_truth else None
+        else:
+            assert list(ev.params.catIds) == sorted(gt.getCatIds()), "COCOeval orders categories by id"
+            p = ev.eval["precision"][:, :, k, 0, -1]  # (IoU thresholds, recall points) at area all, maxDets 100
+            p = p[p > -1]
+            ap = float(p.mean()) if p.size else None
+        out.append({"class": name, "id": int(cid), "AP": ap})
     return out

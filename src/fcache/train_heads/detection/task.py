@@ -30,6 +30,7 @@ from fcache.train_heads.runfolder import DETECTIONS, write_json
 from fcache.train_heads.segmentation.targets import view_labels
 from fcache.train_heads.task import Batch, TaskDef
 
+DETECTION_JSON = "detection.json"  # AP of each category per family, written into RUN/eval/<store> by evaluation
 ROI_PARAMS: dict[str, Param] = {
     "roi": Param("standard", kind="choice", choices=tuple(ROI_HEADS), help="; ".join(f"{k}: {r.help}" for k, r in ROI_HEADS.items())),
     "score": Param(
@@ -138,16 +139,19 @@ class DetectionTask:
         return out
 
     def evaluate(self, raw: Sequence[Mapping[str, Any]], predictions: Sequence[Any], out: Path | None) -> dict[str, float]:
-        """Box and mask AP of the predictions against the items' own annotations; writes RUN/detections.json."""
+        """Box and mask AP of the predictions against the items' own annotations; writes the detections and the AP of
+        each category (``detection.json``) into ``out``."""
         images = [_json(r, Targets.IMAGE, {}) for r in raw]
         bad = [i for i, im in enumerate(images) if not {"id", "height", "width"} <= set(im)]
         if bad:
             raise InputError(f"{len(bad)} evaluated sample(s) lack an image record with id, height and width (targets/image)")
         annotations = [_json(r, Targets.ANNOTATIONS, []) for r in raw]
         detections = [d for per_image in predictions for d in per_image]
+        metrics, per_class = coco_evaluate(coco_ground_truth(images, annotations, self.categories), detections)
         if out is not None:
             write_json(Path(out) / DETECTIONS, detections, indent=None)
-        return coco_evaluate(coco_ground_truth(images, annotations, self.categories), detections)
+            write_json(Path(out) / DETECTION_JSON, {family: {"classes": rows} for family, rows in per_class.items()})
+        return metrics
 
 
 def check_store(store: FeatureStore) -> None:

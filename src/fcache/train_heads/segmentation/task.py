@@ -234,7 +234,7 @@ def check_store(store: FeatureStore) -> None:
         have = ", ".join(store.target_names) or "none"
         raise InputError(
             f"{store.root} has no '{Targets.SEGMENTATION}' targets (it is a {kind} store with targets: {have}); "
-            "--task segmentation needs a store extracted with --dataset ade20k"
+            "--task segmentation needs a store extracted with --dataset ade20k or seg-folder"
         )
     if not store.manifest.dataset.label_names:
         raise InputError(f"{store.root} records no class names (dataset.label_names); re-extract it with a segmentation source")

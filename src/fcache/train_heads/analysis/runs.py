@@ -1,0 +1,114 @@
+"""``fcache runs [FOLDER...]``: the RUN folders under some folders, each with its status, progress and best metric.
+
+A run's status, from its files alone (nothing else records a live training process):
+
+- ``finished``: its saved weights (``model.safetensors``) are those of its last iteration (``--iters``);
+- ``diverged``: its loss stopped being finite (the loop logs ``{"event": "diverged"}`` into metrics.jsonl; resuming
+  from the last checkpoint truncates the record away, so a resumed run is running again);
+- ``running``: neither, and a file of the folder changed recently: within ``stale_after`` seconds (default 10
+  minutes), or within three of the run's own longest gaps between two metrics records when those are longer (a slow
+  run that logs rarely is not taken for a stopped one);
+- ``stopped``: neither, and nothing changed for longer: interrupted, killed, or ``--stop-at`` reached; ``--resume``
+  continues it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from fcache.train_heads.analysis.report import find_runs
+from fcache.train_heads.analysis.results import last_iteration, main_metric
+from fcache.train_heads.runfolder import CHECKPOINT, CONFIG, METRICS, MODEL, RunDir
+
+STALE_AFTER_S = 600.0
+STATUSES = ("finished", "running", "stopped", "diverged")
+
+
+def saved_iteration(run: RunDir) -> int:
+    """The iteration of the run's saved weights (0 without any, or unreadable ones)."""
+    p = run.path / MODEL
+    if not p.is_file():
+        return 0
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return int((f.metadata() or {}).get("iteration", 0))
+    except Exception:  # a file being replaced or cut: the run is not finished by it
+        return 0
+
+
+def last_change(run: RunDir) -> float:
+    """When the run's folder last changed: the newest modification time of its files (seconds since the epoch)."""
+    times = [(run.path / name).stat().st_mtime for name in (CONFIG, METRICS, CHECKPOINT, MODEL) if (run.path / name).is_file()]
+    return max(times, default=0.0)
+
+
+def recent_window(records: Sequence[dict[str, Any]], stale_after: float) -> float:
+    """Seconds without a change after which an unfinished run counts as stopped (see the module docstring)."""
+    times = [float(r["time_s"]) for r in records if r.get("event") is None and "time_s" in r]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False) if b >= a]  # a resumed session restarts time_s
+    return max(stale_after, 3 * max(gaps, default=0.0))
+
+
+def run_status(path: str | Path, *, now: float | None = None, stale_after: float = STALE_AFTER_S) -> dict[str, Any]:
+    """One line of ``fcache runs``: path, task, head, status, iterations done / total, and the best evaluation."""
+    run = RunDir(path)
+    record = run.require_config()
+    cfg, records = record.config, run.metrics()
+    saved = saved_iteration(run)
+    changed = last_change(run)
+    age = (time.time() if now is None else now) - changed
+    if saved == cfg.iters:
+        status = "finished"
+    elif any(r.get("event") == "diverged" for r in records):
+        status = "diverged"
+    else:
+        status = "running" if age <= recent_window(records, stale_after) else "stopped"
+    metric = main_metric(cfg.task)
+    evals = [r for r in records if r.get("event") == "eval" and isinstance(r.get(metric), int | float) and r[metric] >= 0]
+    best = max(evals, key=lambda r: r[metric], default=None)
+    return {
+        "run": str(run.path),
+        "task": cfg.task,
+        "head": record.head,
+        "status": status,
+        "iters_done": max(saved, last_iteration(records)),
+        "iters": cfg.iters,
+        "saved_iter": saved,
+        "eval_store": best.get("store") if best else None,
+        "metric": metric,
+        "best": best[metric] if best else None,
+        "best_iter": best.get("iter") if best else None,
+        "seconds_since_change": round(age, 1),
+        "error": next((r.get("error") for r in reversed(records) if r.get("event") == "diverged"), None) if status == "diverged" else None,
+    }
+
+
+def list_runs(paths: Iterable[str | Path], *, stale_after: float = STALE_AFTER_S) -> list[dict[str, Any]]:
+    """:func:`run_status` of every RUN folder under ``paths`` (as ``fcache report`` finds them), sorted by path."""
+    now = time.time()
+    return sorted((run_status(p, now=now, stale_after=stale_after) for p in find_runs(paths)), key=lambda r: r["run"])
+
+
+def _shown_path(path: str) -> str:
+    """A run's path relative to the current folder when it lies below it (as typed, mostly), else as is."""
+    p = Path(path)
+    return str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else path
+
+
+def format_runs(lines: Sequence[dict[str, Any]]) -> str:
+    """The table ``fcache runs`` prints: run (relative to the current folder when below it), task, head, status,
+    iterations, eval store and best main metric (%)."""
+    from fcache.train_heads.analysis.leaderboard import markdown_table
+
+    cells = [["run", "task", "head", "status", "iters", "eval store", "best"]]
+    for r in lines:
+        best = "-" if r["best"] is None else f"{r['metric']} {100 * r['best']:.1f}"
+        store = Path(r["eval_store"]).name if r["eval_store"] else "-"
+        cells.append([_shown_path(r["run"]), r["task"], r["head"], r["status"], f"{r['iters_done']}/{r['iters']}", store, best])
+    counts = ", ".join(f"{sum(r['status'] == s for r in lines)} {s}" for s in STATUSES if any(r["status"] == s for r in lines))
+    return markdown_table(cells) + f"\n{len(lines)} run(s): {counts}"
