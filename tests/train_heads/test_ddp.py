@@ -80,7 +80,7 @@ def test_two_processes_match_one_with_the_same_global_batch(label_store, tmp_pat
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads(first.stdout)  # rank 0 alone prints
     assert summary["processes"] == 2 and summary["iters"] == {"start": 0, "stop": 2, "total": 4}
-    checkpoint = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
+    checkpoint = torch.load(tmp_path / "ddp" / "checkpoint-2.pt", weights_only=True)
     assert len(checkpoint["rng_ranks"]) == 2
     at2 = load_file(str(tmp_path / "ddp" / "model.safetensors"))
     second = torchrun(label_store, tmp_path / "ddp", *flags, "--resume")

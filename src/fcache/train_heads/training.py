@@ -30,7 +30,7 @@ from fcache.train_heads.config import TrainConfig
 from fcache.train_heads.data import eval_data, training_items
 from fcache.train_heads.evaluation import check_levels, check_same_backbone, evaluate_into
 from fcache.train_heads.loop import HeadRun, TrainResult, build_model, start_head, train_pass, trainable_parameters
-from fcache.train_heads.runfolder import CHECKPOINT, FeatureSource, RunDir, TrainingRecord
+from fcache.train_heads.runfolder import FeatureSource, RunDir, TrainingRecord
 from fcache.train_heads.task import Task
 from fcache.train_heads.tasks import task_def
 
@@ -166,13 +166,14 @@ def _check_folders(prepared: Sequence[tuple[TrainConfig, Prepared, TrainingRecor
 
 
 def interrupted_message(heads: Sequence[HeadRun]) -> str:
-    """What an interrupted training pass kept in each RUN folder and the command that continues it."""
+    """What an interrupted training pass kept in each RUN folder (its newest checkpoint on disk) and the command that
+    continues it."""
     kept = []
     for h in heads:
         total = min(h.cfg.iters, h.cfg.stop_at or h.cfg.iters)
         at = f"stopped at iteration {h.at} of {total}"
-        ckpt = f"{h.run.path / CHECKPOINT} (iteration {h.saved})" if h.saved else f"no checkpoint in {h.run.path} yet"
-        kept.append(f"{at}, {ckpt} kept" if h.saved else f"{at}, {ckpt}")
+        saved = h.run.checkpoints()
+        kept.append(f"{at}, {saved[-1][1]} (iteration {saved[-1][0]}) kept" if saved else f"{at}, no checkpoint in {h.run.path} yet")
     return f"{'; '.join(kept)}; continue with: {rerun(add=('--resume',))}"
 
 
