@@ -104,6 +104,16 @@ def test_bad_value_is_one_line_and_nothing_is_created(command, flag, value, frag
     assert not out.exists()
 
 
+def test_wandb_without_wandb_is_refused_before_anything_is_created(folder, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    r = CliRunner().invoke(main, [*TRAIN, "--store", str(folder), "--out", str(tmp_path / "run"), "--logger", "wandb"])
+    refused(r, "--logger wandb: wandb is not installed here; pip install wandb, or use --logger none")
+    assert not (tmp_path / "run").exists()
+
+
 def test_cuda_without_a_gpu_is_refused_before_anything_is_created(folder, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")

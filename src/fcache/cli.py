@@ -270,8 +270,9 @@ def train_head(head: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     0.05, 2.5 warm-up epochs, cosine decay (Table 13); classification (linear probe) batch 64, lr 1e-3, no
     weight decay, 1 warm-up epoch, cosine decay.
 
-    Writes RUN/config.json, RUN/checkpoint.pt + model.safetensors (every --checkpoint-every iterations)
-    and RUN/metrics.jsonl; with --val-store also the task's predictions and metrics.
+    Writes RUN/config.json, RUN/checkpoint-<iter>.pt + model.safetensors (every --checkpoint-every iterations),
+    RUN/metrics.jsonl + metrics.csv and TensorBoard events (when installed); with --val-store also the task's
+    predictions and metrics (when done, and every --eval-every) and best.safetensors.
 
     Several --head train in one read pass of the store, each into OUT/<its canonical spec>, each exactly as
     if trained alone. One head on many GPUs: torchrun --nproc-per-node K -m fcache train-head ...

@@ -34,6 +34,7 @@ from fcache.extract.views import expand_test_views
 from fcache.spec import Geometry, Manifest, Preprocessing, StorageSpec, Targets
 from fcache.train_heads.data import KEY, VIEW_GEOMETRY, VIEW_NAMES, Collate
 from fcache.train_heads.evaluation import load_head
+from fcache.train_heads.optim import autocast
 from fcache.train_heads.runfolder import RANDOM_INIT, TrainingRecord, identity_differences
 from fcache.train_heads.segmentation.labelmaps import read_label_png
 from fcache.train_heads.task import Task
@@ -231,9 +232,9 @@ class TrainedModel(nn.Module):
 
     @torch.inference_mode()
     def predict_items(self, items: list[Mapping[str, Any]]) -> list[Any]:
-        """``task.predict`` of collated items, as ``fcache eval`` runs it (bf16 autocast on CUDA)."""
+        """``task.predict`` of collated items, as ``fcache eval`` runs it (under the run's ``--precision``)."""
         batch = Collate(self.task, with_targets=False)(items).to(self.device)
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with autocast(self.device, self.record.config.precision):
             return self.task.predict(self.head, batch)
 
     def run(self, inputs: Iterable[Input], image_ids: dict[str, int] | None = None) -> Iterator[tuple[Sample, Any]]:

@@ -172,15 +172,18 @@ def plan(spec: SweepSpec, out: Path) -> list[Variant]:
 
 
 def is_finished(path: str | Path) -> bool:
-    """The RUN folder trained all its iterations and, when it has a validation store, was evaluated after them."""
+    """The RUN folder trained all its iterations (or stopped early) and, when it has a validation store, was evaluated
+    after them."""
     run = RunDir(path)
     record = run.read_config()
     if record is None or not (run.path / "model.safetensors").is_file():
         return False
     cfg = record.config
     _, iteration = run.load_model()
-    evaluated = any(r.get("event") == "eval" and r.get("iter") == cfg.iters for r in run.metrics())
-    return iteration == cfg.iters and (evaluated or not cfg.val_store)
+    records = run.metrics()
+    stopped = any(r.get("event") == "early_stop" and r.get("iter") == iteration for r in records)  # --patience
+    evaluated = any(r.get("event") == "eval" and r.get("iter") == iteration for r in records)
+    return (iteration == cfg.iters or stopped) and (evaluated or not cfg.val_store)
 
 
 def run_variant(cfg: dict[str, Any], threads: int | None, progress: bool = False) -> dict[str, Any]:
