@@ -186,9 +186,12 @@ def verify(store: str, fast: bool, recompute: int, weights: str | None, device: 
     """
     from tqdm import tqdm
 
+    from fcache.common.devices import resolve_device
     from fcache.store import verify as run_verify
     from fcache.store.reader import FeatureStore
 
+    if recompute:
+        resolve_device(device)  # a device that is not there is named before the store is read
     total = len(FeatureStore(store, check=False).ledger)  # an inconsistent store is verify's to report, not to refuse
     with tqdm(total=total, unit="unit", desc="verify", disable=as_json or None, file=sys.stderr) as bar:
         report = run_verify(store, fast=fast, progress=bar.update)

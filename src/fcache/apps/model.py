@@ -105,7 +105,7 @@ class TrainedModel(nn.Module):
         *,
         weights: str = "",
         random_init: bool = False,
-        device: str = "cpu",
+        device: str = "auto",
         test_views: Sequence[str] = (),
         clips: int | None = None,
         crops: int | None = None,
@@ -118,6 +118,7 @@ class TrainedModel(nn.Module):
         Args:
             weights: the weights file the training store was extracted with (its sha256 must match).
             random_init: the run was trained on random-init features: rebuild them (same seed); never implied.
+            device: where the backbone and head run, as ``--device``: auto (CUDA when available), cpu, cuda, cuda:K, mps.
             test_views: ``flip`` and/or ``ms``, as ``fcache extract --test-views``: views averaged by segmentation and
                 classification heads (detection evaluates the plain view only).
             clips, crops: video views (default: the training store's).
@@ -290,6 +291,6 @@ def inference_manifest(backbone: Any, pre: Preprocessing, dataset: Any, test_vie
     return Manifest(backbone=backbone, preprocessing=views, storage=StorageSpec(dtype="fp32", codec="none"), dataset=dataset)
 
 
-def load(run: str | Path, *, weights: str = "", random_init: bool = False, device: str = "cpu", **kw: Any) -> TrainedModel:
+def load(run: str | Path, *, weights: str = "", random_init: bool = False, device: str = "auto", **kw: Any) -> TrainedModel:
     """``fcache.load(RUN)``: the run's frozen backbone + trained head as one ``nn.Module`` (see :class:`TrainedModel`)."""
     return TrainedModel.from_run(run, weights=weights, random_init=random_init, device=device, **kw)

@@ -250,9 +250,14 @@ class SweepConfig:
     out: str = flag("", "Folder for runs/ and results.* [default: SPEC's out key].", show_default=False)
     cluster: str = flag("", "local:N: one variant per worker of a local dask cluster of N processes.", show_default=False)
     scheduler: str = flag("", "tcp://HOST:PORT: one variant per worker thread of a running dask cluster.", show_default=False)
+    device: str = flag("", f"Where every variant trains: {DEVICE_HELP} [default: SPEC's device key, else auto]", show_default=False)
 
     def __post_init__(self) -> None:
         self.target()
+        if self.device:
+            from fcache.common.devices import resolve_device
+
+            resolve_device(self.device)
 
     def target(self, threads: int = 0) -> Any:
         """Where the variants run (``fcache.common.cluster.ClusterTarget``): one per single-threaded worker of a local

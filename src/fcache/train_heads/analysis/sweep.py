@@ -252,6 +252,8 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, say: Callable[[str], N
         ValueError: a bad SPEC, head, store or output folder, before anything is written.
     """
     spec = load_spec(cfg.spec)
+    if cfg.device:  # operational: the variants (and their folders) stay those of the SPEC
+        spec = dataclasses.replace(spec, fixed=(*((k, v) for k, v in spec.fixed if k != "device"), ("device", cfg.device)))
     out = Path(cfg.out) if cfg.out else default_out(spec)
     variants = plan(spec, out)
     pending = [v for v in variants if not v.finished]
