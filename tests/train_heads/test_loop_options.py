@@ -8,6 +8,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -19,6 +20,7 @@ from fcache.cli import main
 from fcache.common.errors import InputError
 from fcache.train_heads import TrainConfig, run_train, training
 from fcache.train_heads.console import format_train_summary
+from fcache.train_heads.loggers import resolve_logger
 from fcache.train_heads.optim import check_precision
 from fcache.train_heads.runfolder import BEST, CHECKPOINT, METRICS_CSV, MODEL
 from fcache.train_heads.validation import Validation, improves
@@ -123,10 +125,13 @@ def test_tensorboard_events_and_csv_equal_metrics_jsonl(store, tmp_path):
     pytest.importorskip("tensorboard", reason="TensorBoard logging needs the tensorboard package")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    assert resolve_logger("auto") == "tensorboard"  # the default, where tensorboard is installed
     out = tmp_path / "run"
-    flags = dict(val_store=str(store), eval_every="2", iters=6, log_every=2, logger="tensorboard")
-    quiet(config(store, out, stop_at=3, **flags))
-    quiet(config(store, out, resume=True, **flags))  # the events of iteration 4..., written twice, count once
+    flags = dict(val_store=str(store), eval_every="2", iters=6, log_every=2, logger="tensorboard", checkpoint_every=2, keep_last=3)
+    quiet(config(store, out, stop_at=5, **flags))
+    for k in (4, 5):  # as if killed after logging iteration 5 with only the checkpoint of iteration 2 kept
+        (out / CHECKPOINT.format(iteration=k)).unlink()
+    quiet(config(store, out, resume=True, **flags))  # from 2: what 3..5 logged is dropped from every log, then logged again
     want: dict[str, list[tuple[int, float]]] = {}
     for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):
         prefix, skip = ("eval/", {"event", "iter", "store", "samples", "eval_dir"}) if r.get("event") else ("train/", {"iter"})
@@ -145,7 +150,7 @@ def test_tensorboard_events_and_csv_equal_metrics_jsonl(store, tmp_path):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     rows = list(csv.DictReader((out / METRICS_CSV).open()))
     assert len(rows) == len(lines) and [int(r["iter"]) for r in rows] == [json.loads(x)["iter"] for x in lines]
-    assert [int(r["iter"]) for r in rows if not r["event"]] == [2, 3, 4, 6]  # every logged step (3: where it stopped)
+    assert [int(r["iter"]) for r in rows if not r["event"]] == [2, 4, 6]  # every logged step
     assert [float(r["loss"]) for r in rows if not r["event"]] == [r["loss"] for r in records(out)]
 
 
@@ -231,3 +236,71 @@ def test_python_configs_take_the_same_per_task_defaults_as_the_command(store, tm
         cli = TrainConfig.from_flags(store="s", out="o", task=task, head=head, iters=100, **flags)
         assert TrainConfig(store="s", out="o", task=task, head=head, iters=100) == cli, (task, head)
     assert TrainConfig(store="s", out="o", task="segmentation", head="upernet", iters=1).lr == 2e-3
+
+
+def test_heads_in_one_pass_keep_their_own_best(store, tmp_path):
+    from fcache.train_heads.training import folder_name, run_train_heads
+
+    heads = ("linear", "linear:level=p4")
+    cfgs = [config(store, tmp_path / "pass", head=h, val_store=str(store), eval_every="2", iters=6) for h in heads]
+    summaries = run_train_heads(cfgs, progress=False, say=lambda m: None)
+    for head, summary in zip(heads, summaries, strict=True):
+        run = Path(summary["run"])
+        alone = quiet(config(store, tmp_path / folder_name(head), head=head, val_store=str(store), eval_every="2", iters=6))
+        assert summary["best"] == alone["best"] and summary["best"]["iter"] in (2, 4, 6)
+        assert close(load_file(str(run / BEST)), load_file(str(Path(alone["run"]) / BEST)))
+        evals = records(run, "eval")
+        best = max(evals, key=lambda r: (r["avg/top1"], -r["iter"]))
+        assert summary["best"]["iter"] == best["iter"]
+    assert summaries[0]["run"] != summaries[1]["run"]
+
+
+def test_the_progress_bar_shows_the_last_evaluation():
+    from types import SimpleNamespace
+
+    from fcache.train_heads.loop import progress_values
+
+    v = Validation(lambda m, i, log: {}, every=2, metric="ss/mIoU")
+    v.record({"ss/mIoU": 0.4321, "ss/mAcc": 0.5}, 2)
+    cfg = TrainConfig(store="s", out="o", task="segmentation", head="upernet", iters=10, warmup=0)
+    h = SimpleNamespace(meter=SimpleNamespace(last={"loss": 1.5}, rate=12.0), cfg=cfg, validation=v)
+    # linear decay (segmentation default), no warm-up: 2e-3 x (1 - 3/10)
+    assert progress_values(h, 3) == {"loss": "1.5000", "samples_s": "12.0", "lr": "1.40e-03", "ss/mIoU": "0.4321"}
+
+
+def test_wandb_gets_every_record_at_its_iteration_and_resumes_the_same_run(store, tmp_path, monkeypatch):
+    """The --logger wandb path against a stand-in module that records the calls (wandb itself is optional here)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    calls: list[tuple] = []
+
+    class FakeRun:
+        def log(self, values, step):
+            calls.append(("log", step, dict(values)))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kw: calls.append(("init", kw)) or FakeRun()
+    fake.Image = lambda picture: ("image", np.asarray(picture).shape)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    out = tmp_path / "run"
+    flags = dict(logger="wandb", val_store=str(store), eval_every="3", iters=6, log_every=2)
+    quiet(config(store, out, stop_at=4, **flags))
+    first = [c[1] for c in calls if c[0] == "init"]
+    quiet(config(store, out, resume=True, **flags))
+    inits = [c[1] for c in calls if c[0] == "init"]
+    assert len(inits) == 2 and inits[0]["id"] == inits[1]["id"] == first[0]["id"]  # the same W&B run continues
+    assert inits[0]["dir"] == str(out) and inits[0]["resume"] == "allow" and inits[0]["name"] == "run"
+    logged = [(c[1], k) for c in calls if c[0] == "log" for k in c[2]]
+    train = sorted({step for step, k in logged if k == "train/loss"})
+    assert train == [2, 4, 6] and {step for step, k in logged if k.startswith("eval/") and "top1" in k} == {3, 6}
+    for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):
+        if not r.get("event"):
+            (step_values,) = [c[2] for c in calls if c[0] == "log" and c[1] == r["iter"] and "train/loss" in c[2]]
+            assert step_values["train/loss"] == r["loss"]
+    assert calls[-1] == ("finish",)
