@@ -67,3 +67,18 @@ def test_a_bug_keeps_its_traceback_while_a_user_mistake_is_one_line(tmp_path, mo
     monkeypatch.setattr(info, "describe", refused)
     r = CliRunner().invoke(main, ["info", str(tmp_path)])
     assert r.exit_code == 2 and r.stderr.strip() == f"Error: {tmp_path} is not what fcache wants; do this instead"
+
+
+def test_device_means_one_thing_in_every_command():
+    """Every command that runs a model takes --device with the same choices, defaulting to auto (never a silent cpu)."""
+    import inspect
+
+    import fcache
+    from fcache.common.devices import DEVICE_HELP
+
+    commands = ("extract", "plan", "verify", "train-head", "eval", "cka", "bench", "predict", "sweep")
+    for name in commands:
+        (option,) = [p for p in main.commands[name].params if "--device" in getattr(p, "opts", ())]
+        assert DEVICE_HELP in (option.help or ""), name
+        assert option.default == ("" if name == "sweep" else "auto"), name  # sweep: the SPEC's device key, else auto
+    assert inspect.signature(fcache.load).parameters["device"].default == "auto"

@@ -55,7 +55,22 @@ ROWS = [
     (TRAIN, "--warmup-epochs", "inf", "--warmup-epochs inf: must be a finite number"),
     (TRAIN, "--warmup", "-1", "--warmup -1: must be at least 0"),
     (TRAIN, "--train-fraction", "1.5", "--train-fraction 1.5: must be at most 1"),
-    (TRAIN, "--steps", "0.5,2", "--steps 0.5,2.0: must be at most 1"),
+    (TRAIN, "--lr-steps", "0.5,2", "--lr-steps 0.5,2.0: must be at most 1"),
+    (TRAIN, "--epochs", "0", "--epochs 0.0: must be greater than 0"),
+    (TRAIN, "--epochs", "nan", "--epochs nan: must be a finite number"),
+    (TRAIN, "--epochs", "2", "give --iters or --epochs, not both"),
+    (TRAIN, "--grad-accum", "0", "--grad-accum 0: must be at least 1"),
+    (TRAIN, "--ema", "1", "--ema 1.0: must be less than 1"),
+    (TRAIN, "--ema", "0", "--ema 0.0: must be greater than 0"),
+    (TRAIN, "--keep-last", "0", "--keep-last 0: must be at least 1"),
+    (TRAIN, "--patience", "0", "--patience 0: must be at least 1"),
+    (TRAIN, "--patience", "2", "--patience 2 counts evaluations: give --eval-every"),
+    (TRAIN, "--eval-every", "0", "--eval-every 0: must be greater than 0"),
+    (TRAIN, "--eval-every", "-1e", "--eval-every -1e: must be greater than 0"),
+    (TRAIN, "--eval-every", "often", "--eval-every often: use N (iterations) or Ne (epochs)"),
+    (TRAIN, "--eval-every", "10", "--eval-every 10 evaluates on --val-store: give one"),
+    (TRAIN, "--precision", "fp8", "unknown precision 'fp8'"),
+    (TRAIN, "--logger", "mlflow", "unknown logger 'mlflow'"),
     (TRAIN, "--seed", "-1", "--seed -1: must be at least 0"),
     (TRAIN, "--num-workers", "-1", "--num-workers -1: must be at least 0"),
     (TRAIN, "--iters", "0", "--iters 0: must be at least 1"),
@@ -87,6 +102,16 @@ def test_bad_value_is_one_line_and_nothing_is_created(command, flag, value, frag
     r = CliRunner().invoke(main, [*args, flag, value])
     refused(r, fragment)
     assert not out.exists()
+
+
+def test_wandb_without_wandb_is_refused_before_anything_is_created(folder, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    r = CliRunner().invoke(main, [*TRAIN, "--store", str(folder), "--out", str(tmp_path / "run"), "--logger", "wandb"])
+    refused(r, "--logger wandb: wandb is not installed here; pip install wandb, or use --logger none")
+    assert not (tmp_path / "run").exists()
 
 
 def test_cuda_without_a_gpu_is_refused_before_anything_is_created(folder, tmp_path):

@@ -186,9 +186,12 @@ def verify(store: str, fast: bool, recompute: int, weights: str | None, device: 
     """
     from tqdm import tqdm
 
+    from fcache.common.devices import resolve_device
     from fcache.store import verify as run_verify
     from fcache.store.reader import FeatureStore
 
+    if recompute:
+        resolve_device(device)  # a device that is not there is named before the store is read
     total = len(FeatureStore(store, check=False).ledger)  # an inconsistent store is verify's to report, not to refuse
     with tqdm(total=total, unit="unit", desc="verify", disable=as_json or None, file=sys.stderr) as bar:
         report = run_verify(store, fast=fast, progress=bar.update)
@@ -270,8 +273,9 @@ def train_head(head: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     0.05, 2.5 warm-up epochs, cosine decay (Table 13); classification (linear probe) batch 64, lr 1e-3, no
     weight decay, 1 warm-up epoch, cosine decay.
 
-    Writes RUN/config.json, RUN/checkpoint.pt + model.safetensors (every --checkpoint-every iterations)
-    and RUN/metrics.jsonl; with --val-store also the task's predictions and metrics.
+    Writes RUN/config.json, RUN/checkpoint-<iter>.pt + model.safetensors (every --checkpoint-every iterations),
+    RUN/metrics.jsonl + metrics.csv and TensorBoard events (when installed); with --val-store also the task's
+    predictions and metrics (when done, and every --eval-every) and best.safetensors.
 
     Several --head train in one read pass of the store, each into OUT/<its canonical spec>, each exactly as
     if trained alone. One head on many GPUs: torchrun --nproc-per-node K -m fcache train-head ...

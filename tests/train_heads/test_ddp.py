@@ -3,7 +3,6 @@ result matches single-process training with the same global batch; rank 0 alone 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -13,37 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dethelpers import manifest, plain
+from clshelpers import build_label_store
 from safetensors.torch import load_file
 
-from fcache import store as fstore
-from fcache.spec import GEOMETRY_FIELDS, LevelSpec, Status
-from fcache.store import TargetSpec
 from fcache.train_heads import TrainConfig, run_train
 from fcache.train_heads.data import TrainBatches
 from fcache.train_heads.distributed import Dist, check_batch, own_rng
 
-LEVELS = (LevelSpec("p4", 16, 16), LevelSpec("p5", 8, 32))
 FLAGS = ["--task", "classification", "--head", "linear", "--iters", "4", "--batch-size", "4", "--lr", "0.05", "--warmup", "1"]
 FLAGS += ["--num-workers", "0", "--device", "cpu", "--log-every", "1", "--json"]
-
-
-def build_label_store(path: Path, n: int = 12) -> Path:
-    """n images whose p5 features carry their class (2 classes) under noise; one plain view each."""
-    m, keys = manifest(n, LEVELS, views=1, kind="folder", task="classification")
-    m = dataclasses.replace(m, dataset=dataclasses.replace(m.dataset, label_names=("even", "odd")))
-    writer = fstore.create(path, m, keys, targets={"label": TargetSpec("int64", fill=-1)})
-    labels = np.arange(n) % 2
-    writer.write_targets("label", labels)
-    rng = np.random.default_rng(0)
-    for unit in writer.pending():
-        k = len(unit)
-        feats = {lv.name: rng.normal(0, 1, (k, 1, *m.level_shape(lv.name))).astype(np.float32) for lv in LEVELS}
-        feats["p5"][:, 0, 0] += 2 * labels[unit.start : unit.stop, None, None] - 1
-        geometry = np.tile(plain().to_array(), (k, 1, 1)).reshape(k, 1, len(GEOMETRY_FIELDS))
-        writer.write_unit(unit, feats, np.full(k, int(Status.OK), np.uint8), geometry)
-    writer.finalize()
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -70,30 +47,35 @@ def test_rank_slices_make_up_the_global_batch():
 
 @pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(label_store, tmp_path):
-    """torchrun x 2 to iteration 2, resumed by torchrun x 2 to 4, against one process straight to 4."""
+    """torchrun x 2 to iteration 2, resumed by torchrun x 2 to 4, against one process straight to 4; with gradient
+    accumulation, an EMA and evaluations every 2 iterations (rank 0 evaluates, the others wait)."""
     single = tmp_path / "single"
     cfg = TrainConfig(store=str(label_store), out=str(single), task="classification", head="linear", iters=4, batch_size=4,
-                      lr=0.05, warmup=1, num_workers=0, device="cpu", log_every=1, schedule="cosine", weight_decay=0.0)  # fmt: skip
+                      lr=0.05, warmup=1, num_workers=0, device="cpu", log_every=1, schedule="cosine", weight_decay=0.0,
+                      grad_accum=2, ema=0.5, val_store=str(label_store), eval_every="2", logger="none")  # fmt: skip
     run_train(cfg, progress=False, say=lambda m: None)
-    flags = ["--schedule", "cosine", "--weight-decay", "0"]
+    flags = ["--schedule", "cosine", "--weight-decay", "0", "--grad-accum", "2", "--ema", "0.5", "--val-store", str(label_store)]
+    flags += ["--eval-every", "2", "--logger", "none"]
     first = torchrun(label_store, tmp_path / "ddp", *flags, "--stop-at", "2")
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads(first.stdout)  # rank 0 alone prints
     assert summary["processes"] == 2 and summary["iters"] == {"start": 0, "stop": 2, "total": 4}
-    checkpoint = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
-    assert len(checkpoint["rng_ranks"]) == 2
+    checkpoint = torch.load(tmp_path / "ddp" / "checkpoint-2.pt", weights_only=True)
+    assert len(checkpoint["rng_ranks"]) == 2 and checkpoint["validation"]["last_iter"] == 2
     at2 = load_file(str(tmp_path / "ddp" / "model.safetensors"))
     second = torchrun(label_store, tmp_path / "ddp", *flags, "--resume")
     assert second.returncode == 0, second.stderr[-3000:]
     assert json.loads(second.stdout)["iters"] == {"start": 2, "stop": 4, "total": 4}
 
-    a, b = load_file(str(single / "model.safetensors")), load_file(str(tmp_path / "ddp" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a), {k: (a[k] - b[k]).abs().max() for k in a}
+    for name in ("model.safetensors", "best.safetensors"):
+        a, b = load_file(str(single / name)), load_file(str(tmp_path / "ddp" / name))
+        assert a.keys() == b.keys()
+        assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a), {k: (a[k] - b[k]).abs().max() for k in a}
     assert not all(torch.allclose(at2[k], b[k]) for k in a)  # iterations 3-4 did train
     logs = [[json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()] for p in (single, tmp_path / "ddp")]
-    assert [r["iter"] for r in logs[1]] == [1, 2, 3, 4]  # rank 0 alone logs, the losses are averaged over ranks
-    assert np.allclose([r["loss"] for r in logs[0]], [r["loss"] for r in logs[1]], rtol=1e-5)
+    assert [r["iter"] for r in logs[1]] == [1, 2, 2, 3, 4, 4]  # rank 0 alone logs (losses averaged over ranks) and evaluates
+    assert np.allclose([r.get("loss", 0) for r in logs[0]], [r.get("loss", 0) for r in logs[1]], rtol=1e-5)
+    assert [r.get("avg/top1") for r in logs[0]] == [r.get("avg/top1") for r in logs[1]]
 
 
 def test_a_checkpoint_of_two_processes_resumes_with_two(tmp_path):

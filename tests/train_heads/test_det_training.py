@@ -109,21 +109,47 @@ def _config(store, out, **kw):
 
 
 def test_resume_continues_bit_exactly(det_store, tmp_path):
-    run_train(_config(det_store, tmp_path / "straight"), progress=False)
-    first = run_train(_config(det_store, tmp_path / "split", stop_at=3), progress=False)
+    """With EMA, gradient accumulation and evaluations every 2 iterations (best checkpoint, patience count) too."""
+    extra = dict(ema=0.8, grad_accum=2, val_store=str(det_store), eval_every="2", patience=5, logger="none")
+    run_train(_config(det_store, tmp_path / "straight", **extra), progress=False)
+    first = run_train(_config(det_store, tmp_path / "split", stop_at=3, **extra), progress=False)
     at3 = load_file(str(tmp_path / "split" / "model.safetensors"))
-    second = run_train(_config(det_store, tmp_path / "split", resume=True, num_workers=2), progress=False)  # workers must not matter
+    second = run_train(_config(det_store, tmp_path / "split", resume=True, num_workers=2, **extra), progress=False)  # any workers
     assert (first["iters"]["stop"], second["iters"]["start"], second["iters"]["stop"]) == (3, 3, 6)
 
-    straight = load_file(str(tmp_path / "straight" / "model.safetensors"))
-    split = load_file(str(tmp_path / "split" / "model.safetensors"))
-    assert straight.keys() == split.keys()
-    assert all(torch.equal(straight[k], split[k]) for k in straight)
+    for name in ("model.safetensors", "best.safetensors"):
+        straight = load_file(str(tmp_path / "straight" / name))
+        split = load_file(str(tmp_path / "split" / name))
+        assert straight.keys() == split.keys()
+        assert all(torch.equal(straight[k], split[k]) for k in straight), name
     assert not all(torch.equal(straight[k], at3[k]) for k in straight)  # iterations 4-6 did change the weights
+    a, b = (torch.load(tmp_path / name / "checkpoint-6.pt", weights_only=True) for name in ("straight", "split"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # the raw weights, beside the EMA's
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"]) and a["validation"] == b["validation"]
+    assert a["validation"]["last_iter"] == 6 and first["eval"] is not None and second["best"] == run_summary_best(tmp_path / "straight")
     log = lambda name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     a, b = log("straight"), log("split")
-    assert [r["iter"] for r in b] == [1, 2, 3, 4, 5, 6]
-    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["iter"] for r in b] == [1, 2, 2, 3, 4, 4, 5, 6, 6]  # training records, and evaluations at 2, 4, 6
+    assert [r.get("loss") for r in a] == [r.get("loss") for r in b]
+    assert [r.get("box/AP") for r in a] == [r.get("box/AP") for r in b]
+
+
+def run_summary_best(run) -> dict:
+    """The best evaluation of a RUN folder's metrics.jsonl (the first of the highest box AP)."""
+    evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r.get("event") == "eval"]
+    best = max(evals, key=lambda r: (r["box/AP"], -r["iter"]))
+    return {"metric": "box/AP", "value": best["box/AP"], "iter": best["iter"]}
+
+
+def test_evaluating_during_training_changes_nothing_it_trains(det_store, tmp_path):
+    """Evaluation draws from the global RNG (the DataLoader's seed) between steps that sample RoIs from it: the head's own
+    RNG state is what it trains on, so the weights are those of a run never evaluated."""
+    plain = run_train(_config(det_store, tmp_path / "plain", iters=3, logger="none"), progress=False)
+    evaluated = run_train(_config(det_store, tmp_path / "eval", iters=3, val_store=str(det_store), eval_every="1", logger="none"),
+                          progress=False)  # fmt: skip
+    assert plain["final_loss"] == evaluated["final_loss"] and "eval" in evaluated
+    a, b = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("plain", "eval"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_train_fraction_is_a_seeded_subset(tmp_path):

@@ -52,6 +52,7 @@ def test_config_records_everything_that_rebuilds_the_backbone(run, det_store):
     assert (features.backbone, features.preprocessing, features.dataset) == (m.backbone, m.preprocessing, m.dataset)
     assert config["task"]["categories"] == [dict(c) for c in fstore.open(det_store).target_attrs["categories"]]
     assert {"torch", "timm", "torchvision"} <= set(config["libraries"]) and config["command"]
+    assert {"name", "platform", "python", "cpus", "gpus"} <= set(config["host"]) and config["host"]["name"]
     assert config["fcache_version"] and config["trainable_params"] > 0
     record = TrainingRecord.from_dict(config)
     assert json.loads(json.dumps(record.to_dict())) == config  # a frozen record that round-trips
@@ -62,13 +63,13 @@ def test_config_records_everything_that_rebuilds_the_backbone(run, det_store):
 def test_run_files_are_readable_as_the_umask_allows(run):
     mask = os.umask(0)
     os.umask(mask)
-    for name in ("config.json", "model.safetensors", "checkpoint.pt", "metrics.jsonl"):
+    for name in ("config.json", "model.safetensors", "checkpoint-2.pt", "metrics.jsonl", "metrics.csv"):
         assert stat.S_IMODE((run / name).stat().st_mode) == 0o666 & ~mask, name
 
 
 def test_old_runs_without_a_backbone_record_still_load_and_malformed_ones_are_refused(run, tmp_path):
     config = json.loads((run / "config.json").read_text())
-    old = {k: v for k, v in config.items() if k not in ("features", "command", "libraries")}
+    old = {k: v for k, v in config.items() if k not in ("features", "command", "libraries", "host")}
     assert TrainingRecord.from_dict(old).features is None
     bad = {
         "features.backbone is 1 (a number), not a JSON object": {"features": {"backbone": 1}},

@@ -1,8 +1,10 @@
-"""A RUN folder's records (config.json, metrics.jsonl, checkpoint.pt, model.safetensors) that are garbage, cut or
-hostile are refused in one line naming the file, never with a traceback; an atomic write that fails leaves nothing."""
+"""A RUN folder's records (config.json, metrics.jsonl, checkpoint-<iter>.pt, model.safetensors) that are garbage, cut or
+hostile are refused in one line naming the file, never with a traceback; an atomic write that fails leaves nothing;
+a RUN folder of an earlier fcache (checkpoint.pt, ``steps`` in config.json) resumes."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,12 +13,13 @@ import torch
 from click.testing import CliRunner
 
 from fcache.cli import main
-from fcache.train_heads.runfolder import CHECKPOINT, CONFIG, METRICS, MODEL
+from fcache.train_heads.runfolder import CHECKPOINT, CONFIG, METRICS, METRICS_CSV, MODEL, OLD_CHECKPOINT
 from helpers import refused
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 HEAD = "fpn:channels=8,rois=8,rpn_batch=8"
+AT1, AT3 = CHECKPOINT.format(iteration=1), CHECKPOINT.format(iteration=3)  # the fixture's checkpoint, the resumed run's
 
 
 def train(det_store, out: Path, *extra: str):
@@ -73,9 +76,9 @@ CHECKPOINTS = {
 
 @pytest.mark.parametrize("what", sorted(CHECKPOINTS))
 def test_a_damaged_checkpoint_or_model_is_one_line(what, copy, det_store):
-    CHECKPOINTS[what](copy / CHECKPOINT)
+    CHECKPOINTS[what](copy / AT1)
     r = train(det_store, copy, "--resume")
-    refused(r, str(copy / CHECKPOINT))
+    refused(r, str(copy / AT1))
     assert "weights_only" not in r.output and "Re-running" not in r.output
     CHECKPOINTS[what](copy / MODEL)
     r = CliRunner().invoke(main, ["eval", str(copy), "--store", str(det_store), "--device", "cpu"])
@@ -93,12 +96,13 @@ def test_a_failed_checkpoint_write_leaves_no_temporary_and_says_disk_full(copy, 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))  # type: ignore[attr-defined]
     r = train(det_store, copy, "--resume")
     assert r.exit_code == 2 and "Traceback" not in r.output
-    assert r.stderr.strip().splitlines()[-1] == f"Error: disk full ({copy / CHECKPOINT}): free some space and rerun with --resume"
+    assert r.stderr.strip().splitlines()[-1] == f"Error: disk full ({copy / AT3}): free some space and rerun with --resume"
     assert not list(copy.glob("*.partial"))
 
 
 def test_stale_temporaries_of_a_run_are_removed_by_the_next(copy, det_store):
-    (copy / f".{CHECKPOINT}.99999.partial").write_bytes(b"half a checkpoint")
+    (copy / f".{AT1}.99999.partial").write_bytes(b"half a checkpoint")
+    (copy / f".{METRICS_CSV}.99999.partial").write_bytes(b"half a table")
     r = train(det_store, copy, "--resume")
     assert r.exit_code == 0, r.output
     assert not list(copy.glob("*.partial"))
@@ -116,13 +120,32 @@ def test_ctrl_c_says_what_was_kept_and_how_to_continue(det_store, tmp_path):
     args += ["--num-workers", "0", "--device", "cpu", "--checkpoint-every", "2", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "fcache", *args], stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
-    while not (out / CHECKPOINT).exists() and time.time() < deadline:
+    while not list(out.glob("checkpoint-*.pt")) and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("Interrupted: stopped at iteration ") and "Traceback" not in err
-    assert f"{out / CHECKPOINT} (iteration " in last and last.endswith("--out " + str(out) + " --resume")
+    assert f"{out}/checkpoint-" in last and last.endswith("--out " + str(out) + " --resume")
     kept = int(last.split("(iteration ")[1].split(")")[0])
-    assert kept >= 2 and kept % 2 == 0 and torch.load(out / CHECKPOINT, weights_only=True)["iteration"] == kept
+    assert f"{out / CHECKPOINT.format(iteration=kept)} (iteration {kept})" in last
+    assert kept >= 2 and kept % 2 == 0 and torch.load(out / CHECKPOINT.format(iteration=kept), weights_only=True)["iteration"] == kept
+    assert [p.name for p in out.glob("checkpoint-*.pt")] == [CHECKPOINT.format(iteration=kept)]  # --keep-last 1
+
+
+def test_a_run_of_an_earlier_fcache_resumes(copy, det_store, tmp_path):
+    """checkpoint.pt instead of checkpoint-<iter>.pt, the lr milestones under ``steps``: resumed as if written today."""
+    (copy / AT1).rename(copy / OLD_CHECKPOINT)
+    record = json.loads((copy / CONFIG).read_text())
+    record["config"]["steps"] = record["config"].pop("lr_steps")
+    record.pop("host")
+    (copy / CONFIG).write_text(json.dumps(record))
+    r = train(det_store, copy, "--resume")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["iters"] == {"start": 1, "stop": 3, "total": 3}
+    assert sorted(p.name for p in copy.glob("checkpoint*.pt")) == [AT3]
+    straight = train(det_store, tmp_path / "straight")
+    assert straight.exit_code == 0, straight.output
+    a, b = (torch.load(run / AT3, weights_only=True)["model"] for run in (copy, tmp_path / "straight"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -34,6 +34,7 @@ from fcache.extract.views import expand_test_views
 from fcache.spec import Geometry, Manifest, Preprocessing, StorageSpec, Targets
 from fcache.train_heads.data import KEY, VIEW_GEOMETRY, VIEW_NAMES, Collate
 from fcache.train_heads.evaluation import load_head
+from fcache.train_heads.optim import autocast
 from fcache.train_heads.runfolder import RANDOM_INIT, TrainingRecord, identity_differences
 from fcache.train_heads.segmentation.labelmaps import read_label_png
 from fcache.train_heads.task import Task
@@ -104,7 +105,7 @@ class TrainedModel(nn.Module):
         *,
         weights: str = "",
         random_init: bool = False,
-        device: str = "cpu",
+        device: str = "auto",
         test_views: Sequence[str] = (),
         clips: int | None = None,
         crops: int | None = None,
@@ -117,6 +118,7 @@ class TrainedModel(nn.Module):
         Args:
             weights: the weights file the training store was extracted with (its sha256 must match).
             random_init: the run was trained on random-init features: rebuild them (same seed); never implied.
+            device: where the backbone and head run, as ``--device``: auto (CUDA when available), cpu, cuda, cuda:K, mps.
             test_views: ``flip`` and/or ``ms``, as ``fcache extract --test-views``: views averaged by segmentation and
                 classification heads (detection evaluates the plain view only).
             clips, crops: video views (default: the training store's).
@@ -231,9 +233,9 @@ class TrainedModel(nn.Module):
 
     @torch.inference_mode()
     def predict_items(self, items: list[Mapping[str, Any]]) -> list[Any]:
-        """``task.predict`` of collated items, as ``fcache eval`` runs it (bf16 autocast on CUDA)."""
+        """``task.predict`` of collated items, as ``fcache eval`` runs it (under the run's ``--precision``)."""
         batch = Collate(self.task, with_targets=False)(items).to(self.device)
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with autocast(self.device, self.record.config.precision):
             return self.task.predict(self.head, batch)
 
     def run(self, inputs: Iterable[Input], image_ids: dict[str, int] | None = None) -> Iterator[tuple[Sample, Any]]:
@@ -289,6 +291,6 @@ def inference_manifest(backbone: Any, pre: Preprocessing, dataset: Any, test_vie
     return Manifest(backbone=backbone, preprocessing=views, storage=StorageSpec(dtype="fp32", codec="none"), dataset=dataset)
 
 
-def load(run: str | Path, *, weights: str = "", random_init: bool = False, device: str = "cpu", **kw: Any) -> TrainedModel:
+def load(run: str | Path, *, weights: str = "", random_init: bool = False, device: str = "auto", **kw: Any) -> TrainedModel:
     """``fcache.load(RUN)``: the run's frozen backbone + trained head as one ``nn.Module`` (see :class:`TrainedModel`)."""
     return TrainedModel.from_run(run, weights=weights, random_init=random_init, device=device, **kw)

@@ -34,6 +34,7 @@ class Flag:
     min: float | None = None  # numbers: the smallest value allowed
     above: float | None = None  # numbers: values must be greater than this
     max: float | None = None  # numbers: the largest value allowed
+    below: float | None = None  # numbers: values must be less than this
 
     def option(self, field_name: str) -> str:
         return self.name or "--" + field_name.replace("_", "-")
@@ -52,6 +53,8 @@ class Flag:
                 return f"must be greater than {self.above:g}"
             if self.max is not None and v > self.max:
                 return f"must be at most {self.max:g}"
+            if self.below is not None and v >= self.below:
+                return f"must be less than {self.below:g}"
         return ""
 
     def values(self) -> tuple[str, ...] | None:

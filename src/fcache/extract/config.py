@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fcache.common.devices import DEVICE_HELP
 from fcache.common.errors import InputError
 from fcache.common.flags import check_flags, flag, from_flags, split_csv
 from fcache.spec import LEVEL_NAMES, SourceConfig
@@ -71,7 +72,7 @@ class ExtractConfig:
     seed: int = flag(0, "Seed of the training views (and of --random-init weights).", min=0, max=2**63 - 1)
     batch_size: int = flag(8, "Images per backbone forward.", min=1, max=65536)
     num_workers: int = flag(2, "DataLoader processes decoding media.", min=0, max=1024)
-    device: str = flag("auto", "cpu, cuda, cuda:K or auto (cuda when available).")
+    device: str = flag("auto", DEVICE_HELP)
     limit: int = flag(0, "Only the first N samples.", show_default=False, min=0)
     on_error: str = flag("skip", "skip: record a bad sample and go on; fail: stop at the first.", choices=("skip", "fail"))
     writers: int = flag(

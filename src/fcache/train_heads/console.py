@@ -11,14 +11,20 @@ def format_metrics(metrics: Mapping[str, float]) -> list[str]:
     families: dict[str, list[str]] = {}
     for key, value in metrics.items():
         family, _, name = key.partition("/")
-        shown = "-" if value < 0 else f"{100 * value:.1f}"
-        families.setdefault(family, []).append(f"{name} {shown}")
+        families.setdefault(family, []).append(f"{name} {percent(value)}")
     return [f"{family:<5} " + "  ".join(parts) for family, parts in families.items()]
+
+
+def percent(value: float) -> str:
+    return "-" if value < 0 else f"{100 * value:.1f}"
 
 
 def format_train_summary(s: Mapping[str, Any]) -> str:
     it = s["iters"]
-    status = "finished" if it["stop"] == it["total"] else f"stopped at {it['stop']}/{it['total']} (resume with --resume)"
+    if s.get("stopped_early"):
+        status = f"stopped early at {it['stop']}/{it['total']}: {s['early_stop']}"
+    else:
+        status = "finished" if it["stop"] == it["total"] else f"stopped at {it['stop']}/{it['total']} (resume with --resume)"
     lines = [
         f"run       {s['run']}  ({status})",
         f"head      {s['task']} {s['head']}  ({s['trainable_params']:,} trainable parameters)",
@@ -28,6 +34,9 @@ def format_train_summary(s: Mapping[str, Any]) -> str:
     ]
     if "eval" in s:
         lines += ["eval      " + line for line in format_metrics(s["eval"])]
+    best = s.get("best")
+    if best and best.get("value") is not None:
+        lines.append(f"best      {best['metric']} {percent(best['value'])} at iteration {best['iter']} (best.safetensors)")
     return "\n".join(lines)
 
 

@@ -3,11 +3,13 @@ the loop needs. Follows PyTorch's DDP tutorial (torchrun sets RANK, WORLD_SIZE, 
 
 Every rank reads its own slice of each global batch (``TrainBatches(rank=, world=)``) and DDP averages the gradients,
 so a head whose loss is a mean over samples follows single-process training with the same global batch. Rank 0 writes
-the RUN folder (config, checkpoints with every rank's RNG state, metrics) and evaluates; the others only train.
+the RUN folder (config, checkpoints with every rank's RNG state, metrics) and evaluates, also during training (the
+others wait for it at the next collective, and learn from it whether to stop early); the others only train.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -48,6 +50,7 @@ class Dist:
 
 
 SINGLE = Dist()
+TIMEOUT = datetime.timedelta(hours=2)  # the other ranks wait at the next collective while rank 0 evaluates
 
 
 @contextmanager
@@ -59,7 +62,7 @@ def process_group(d: Dist, device: str) -> Iterator[None]:
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if cuda:
         torch.cuda.set_device(d.local_rank)  # "cuda" then means this rank's GPU
-    tdist.init_process_group("nccl" if cuda else "gloo")
+    tdist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
     try:
         yield
     finally:
@@ -124,6 +127,15 @@ def on_main(fn: Callable[[], T], d: Dist) -> T | None:
     if message is not None:
         raise InputError(message)
     return result
+
+
+def from_main(value: T, d: Dist) -> T:
+    """Rank 0's ``value`` on every rank (e.g. whether to stop); ``value`` itself for one process."""
+    if not d.enabled:
+        return value
+    box = [value]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def own_rng(checkpoint: Mapping[str, Any], d: Dist) -> Any:

@@ -10,6 +10,7 @@ into ``RUN/eval/<store name>/`` (``RunDir.eval_dir``).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from fcache.store import FeatureStore
 from fcache.train_heads.config import EvalConfig
 from fcache.train_heads.data import Collate, eval_data
 from fcache.train_heads.loop import build_model
+from fcache.train_heads.optim import autocast
 from fcache.train_heads.runfolder import EVAL_METRICS, FeatureSource, RunDir, TrainingRecord, identity_differences, write_json
 from fcache.train_heads.task import Task
 from fcache.train_heads.tasks import task_def
@@ -64,15 +66,23 @@ def check_same_backbone(features: FeatureSource | None, store: FeatureStore, lev
 
 @torch.inference_mode()
 def predict_all(
-    task: Task, model: nn.Module, data: Dataset, *, batch_size: int, num_workers: int, device: torch.device, progress: bool = True
+    task: Task,
+    model: nn.Module,
+    data: Dataset,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    progress: bool = True,
+    precision: str = "auto",
 ) -> tuple[list[dict[str, Any]], list[Any]]:
-    """Every item's raw targets and the task's prediction, in dataset order."""
+    """Every item's raw targets and the task's prediction, in dataset order (under ``precision``'s autocast)."""
     model.to(device).eval()
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=Collate(task, with_targets=False), num_workers=num_workers)
     raw: list[dict[str, Any]] = []
     predictions: list[Any] = []
     for batch in tqdm(loader, desc=f"eval {task.name}", unit="batch", file=sys.stderr, disable=not progress):
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, precision):
             predictions += task.predict(model, batch.to(device))
         raw += batch.raw
     return raw, predictions
@@ -88,9 +98,11 @@ def evaluate(
     device: torch.device,
     out: Path | None = None,
     progress: bool = True,
+    precision: str = "auto",
 ) -> dict[str, float]:
     """Predict every item of ``data`` and score the predictions with the task's metric."""
-    raw, predictions = predict_all(task, model, data, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
+    raw, predictions = predict_all(task, model, data, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress,
+                                   precision=precision)  # fmt: skip
     return task.evaluate(raw, predictions, out)
 
 
@@ -105,19 +117,22 @@ def evaluate_into(
     device: str,
     iteration: int,
     progress: bool,
+    *,
+    precision: str = "auto",
+    log: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, float]:
     """Score ``model`` on ``store`` as its task evaluates; prediction files and metrics.json go into RUN/eval/<store>,
-    the metrics also into metrics.jsonl (with the store they come from)."""
+    the metrics also into metrics.jsonl (with the store they come from; ``log``: also elsewhere, e.g. TensorBoard)."""
     data = eval_data(store, task, levels, task_def(task.name).eval_views)
     out = run.eval_dir(store.root, store.manifest.fingerprint)
     metrics = evaluate(
         task, model, data, batch_size=batch_size, num_workers=num_workers, device=torch.device(resolve_device(device)), out=out,
-        progress=progress,
+        progress=progress, precision=precision,
     )  # fmt: skip
     samples = len(data)  # type: ignore[arg-type]
     record = {"event": "eval", "iter": iteration, "store": str(store.root), "samples": samples, "eval_dir": str(out.relative_to(run.path))}
     write_json(out / EVAL_METRICS, record | {"metrics": metrics})
-    run.log(record | metrics)
+    (log or run.log)(record | metrics)
     return metrics
 
 
@@ -174,6 +189,8 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
     t = load_trained(cfg.run, cfg.store)
     n = len(eval_data(t.store, t.task, t.levels, task_def(t.task.name).eval_views))  # type: ignore[arg-type]
     resolve_device(cfg.device)
-    metrics = evaluate_into(t.run, t.task, t.model, t.store, t.levels, cfg.batch_size, cfg.num_workers, cfg.device, t.iteration, progress)
+    precision = t.run.require_config().config.precision
+    metrics = evaluate_into(t.run, t.task, t.model, t.store, t.levels, cfg.batch_size, cfg.num_workers, cfg.device, t.iteration, progress,
+                            precision=precision)  # fmt: skip
     out = t.run.eval_dir(t.store.root, t.store.manifest.fingerprint)
     return {"run": str(t.run.path), "store": str(t.store.root), "iter": t.iteration, "samples": n, "out": str(out), "metrics": metrics}

@@ -1,4 +1,5 @@
-"""The head-training loop, readable top to bottom like nanoGPT's: get_lr, step, log, checkpoint; for one head or many.
+"""The head-training loop, readable top to bottom like nanoGPT's: get_lr, step, log, evaluate, checkpoint; for one head
+or many.
 
 One read pass trains any number of heads on each batch (DINOv2's linear-evaluation trick, for whole heads): one
 loader reads the union of the heads' levels once per batch; each head then takes its own step on its own levels,
@@ -8,6 +9,13 @@ trajectory it follows when trained alone, and resumes so: the batch order is a p
 and every RNG state is checkpointed. Training one head is the pass with one head (under torchrun, its DDP
 wrapper). The loop consumes a map-style Dataset of items shaped like ``FeatureDataset`` items (``index``, ``view``,
 ``features``, ``geometry``, ``targets``), so a test can feed it features computed online.
+
+An iteration is one optimiser step on ``batch_size x grad_accum`` samples, read as one batch and cut into
+``grad_accum`` micro-batches whose gradients add up (``train_step``); with ``--ema`` the moving average follows every
+step. A head with a validation store is evaluated on its cadence (``validation.py``) from the RNG state its step left,
+which is what the head keeps, so evaluating never changes what it trains; the best evaluation is kept as
+best.safetensors and ``--patience`` stops a head early. Everything a resumed run needs (EMA, gradient scaler, best
+metric, patience count) is in its checkpoints.
 """
 
 from __future__ import annotations
@@ -16,13 +24,14 @@ import dataclasses
 import random
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -32,9 +41,12 @@ from fcache.spec import LevelSpec
 from fcache.train_heads import distributed as ddp
 from fcache.train_heads.config import TrainConfig
 from fcache.train_heads.data import train_loader
+from fcache.train_heads.loggers import RunLog
+from fcache.train_heads.optim import autocast, ema_model, grad_scaler, no_sync
 from fcache.train_heads.runfolder import RunDir
 from fcache.train_heads.schedule import get_lr
 from fcache.train_heads.task import Batch, Task
+from fcache.train_heads.validation import Validation
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -84,6 +96,9 @@ class TrainResult:
     samples: int
     final_loss: float | None  # mean loss of the last logging window; None when no iteration ran
     losses: dict[str, float] = field(default_factory=dict)
+    eval: dict[str, float] | None = None  # metrics of the last evaluation
+    best: dict[str, Any] | None = None  # the best evaluation: metric, value, iter
+    early_stop: str = ""  # why the head stopped before its last iteration ('' when it did not)
 
     @property
     def samples_per_s(self) -> float:
@@ -97,11 +112,13 @@ def build_model(task: Task, levels: tuple[LevelSpec, ...], seed: int) -> nn.Modu
 
 
 class Meter:
-    """Averages a head's step values over a logging window; writes one metrics.jsonl record per window."""
+    """Averages a head's step values over a logging window; logs one record per window (``log``: metrics.jsonl and
+    the rest). ``samples_per_s`` counts training time only: time spent evaluating is taken out (``pause``)."""
 
-    def __init__(self, run: RunDir, device: str = "cpu") -> None:
-        self.run, self.device = run, device
+    def __init__(self, log: Callable[[dict[str, Any]], None], device: str = "cpu") -> None:
+        self.log, self.device = log, device
         self.t0 = self.t_window = time.perf_counter()
+        self.paused = 0.0
         self.sums: dict[str, float] = {}
         self.steps = self.samples = self.window_samples = 0
         self.last: dict[str, float] = {}
@@ -114,19 +131,23 @@ class Meter:
         self.samples += samples
         self.window_samples += samples
 
+    def pause(self, seconds: float) -> None:
+        self.t_window += seconds
+        self.paused += seconds
+
     def flush(self, iteration: int, lr: float) -> None:
         now = time.perf_counter()
         self.rate = self.window_samples / max(now - self.t_window, 1e-9)
         self.last = {k: v / self.steps for k, v in self.sums.items()}
         peak = round(peak_memory_gb(self.device), 3)  # fcache.common.devices says what it measures on CUDA and on the CPU
-        self.run.log({"iter": iteration, "lr": lr, "samples_per_s": round(self.rate, 3), "time_s": round(now - self.t0, 3),
-                      "peak_mem_gb": peak, **self.last})  # fmt: skip
+        self.log({"iter": iteration, "lr": lr, "samples_per_s": round(self.rate, 3), "time_s": round(now - self.t0 - self.paused, 3),
+                  "peak_mem_gb": peak, **self.last})  # fmt: skip
         self.sums, self.steps, self.window_samples, self.t_window = {}, 0, 0, now
 
 
 @dataclass
 class HeadRun:
-    """One head of a pass: what it trains, where it writes, and its own optimiser and RNG state."""
+    """One head of a pass: what it trains, where it writes, its own optimiser, RNG, EMA and evaluation state."""
 
     cfg: TrainConfig
     task: Task
@@ -135,11 +156,26 @@ class HeadRun:
     levels: tuple[str, ...]
     run: RunDir
     optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: AveragedModel | None  # the moving average of ``model`` (--ema)
+    validation: Validation | None
+    logs: RunLog
     start: int
     rng: dict[str, Any]
     meter: Meter
     error: str = ""  # why the head left the pass (its loss diverged); the others go on
+    stopped: str = ""  # why the head stopped early (--patience)
     at: int = 0  # iterations done
+    saved: int = 0  # the iteration of the newest checkpoint on disk (0: none yet)
+
+    @property
+    def weights(self) -> nn.Module:
+        """What is evaluated and saved as the head's weights: the moving average with --ema, else the model."""
+        return self.ema.module if self.ema is not None else self.model
+
+    @property
+    def active(self) -> bool:
+        return not (self.error or self.stopped)
 
 
 def start_head(
@@ -150,76 +186,166 @@ def start_head(
     run: RunDir,
     checkpoint: Mapping[str, Any] | None,
     dist: ddp.Dist = ddp.SINGLE,
+    *,
+    validation: Validation | None = None,
 ) -> HeadRun:
     """A head ready to train: from ``checkpoint``, or with its RNG seeded by ``cfg.seed`` (+ the rank under torchrun)."""
     device = torch.device(cfg.device)
     model.to(device).train()
     net = ddp.wrap(model, dist, device)  # ``model`` itself for one process
     optimizer = make_optimizer(model, cfg)
+    scaler = grad_scaler(device, cfg.precision)
+    ema = ema_model(model, cfg.ema) if cfg.ema is not None else None
+    stopped = ""
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        if scaler.is_enabled() and "scaler" in checkpoint:
+            scaler.load_state_dict(checkpoint["scaler"])
+        if ema is not None:
+            ema.load_state_dict(checkpoint["ema"])
+        if validation is not None and "validation" in checkpoint:
+            validation.load(checkpoint["validation"])
+        stopped = str(checkpoint.get("stopped", ""))
         start, rng = int(checkpoint["iteration"]), ddp.own_rng(checkpoint, dist)
     else:
         torch.manual_seed(cfg.seed + dist.rank)
         start, rng = 0, rng_state()
-    return HeadRun(cfg, task, model, net, tuple(levels), run, optimizer, start, rng, Meter(run, cfg.device), at=start)
+    logs = RunLog.open(run, cfg.logger, start, main=dist.is_main)
+    meter = Meter(logs.log, cfg.device)
+    return HeadRun(cfg, task, model, net, tuple(levels), run, optimizer, scaler, ema, validation, logs, start, rng, meter,
+                   stopped=stopped, at=start, saved=start)  # fmt: skip
 
 
 def train_pass(heads: Sequence[HeadRun], data: Dataset, *, progress: bool = True, dist: ddp.Dist = ddp.SINGLE) -> list[TrainResult]:
     """Train every head on each batch of ``data`` (items with the union of the heads' levels), read once.
 
     The pass starts at the earliest head's iteration; a head resumed further on joins when the pass reaches it.
-    A head whose loss diverges leaves the pass (``HeadRun.error``, its last checkpoint kept); the others go on.
-    With ``dist`` of several processes (one head) each rank trains on its slice of every batch; rank 0 logs and
-    checkpoints.
+    A head whose loss diverges leaves the pass (``HeadRun.error``, its last checkpoint kept), and so does one that
+    stops early (``HeadRun.stopped``); the others go on. With ``dist`` of several processes (one head) each rank trains
+    on its slice of every batch; rank 0 logs, evaluates and checkpoints.
     """
     if len(data) == 0:  # type: ignore[arg-type]
         raise InputError("the training set is empty")
     cfg = heads[0].cfg  # fields that decide the batches are equal in every head (training.check_shared)
     ddp.check_batch(cfg.batch_size, dist)
     device = torch.device(cfg.device)
-    start, stop = min(h.start for h in heads), min(cfg.iters, cfg.stop_at or cfg.iters)
-    loader = train_loader(data, heads[0].task, batch_size=cfg.batch_size, seed=cfg.seed, start=start, stop=stop,
+    stop = min(cfg.iters, cfg.stop_at or cfg.iters)
+    start = min((h.start for h in heads if h.active), default=stop)
+    loader = train_loader(data, heads[0].task, batch_size=cfg.samples_per_iter, seed=cfg.seed, start=start, stop=stop,
                           num_workers=cfg.num_workers, prefetch=cfg.prefetch, device=device, rank=dist.rank, world=dist.world)  # fmt: skip
     t0 = time.perf_counter()
     what = heads[0].task.name if len(heads) == 1 else f"{len(heads)} heads"
     bar = tqdm(total=cfg.iters, initial=start, desc=f"train {what}", unit="it", file=sys.stderr, disable=not (progress and dist.is_main))
-    with bar:  # closed before anything is said about an interruption
-        for it, batch in zip(range(start, stop), loader, strict=True):
-            batch = batch.to(device)
-            for h in heads:
-                if it >= h.start and not h.error:
-                    try:
-                        head_step(h, batch, it, stop, device, dist)
-                    except DivergedError as e:
-                        h.error = str(e)
-                        if dist.is_main:  # what `fcache runs` reads; a resume from the last checkpoint truncates it away
-                            h.run.log({"event": "diverged", "iter": it + 1, "error": h.error})
-            bar.update(1)
-            if len(heads) == 1 and heads[0].meter.last:
-                m = heads[0].meter
-                bar.set_postfix(loss=f"{m.last['loss']:.4f}", samples_s=f"{m.rate:.1f}", lr=f"{get_lr(it, cfg):.2e}", refresh=False)
+    try:
+        with bar:  # closed before anything is said about an interruption
+            for it, batch in zip(range(start, stop), loader, strict=True):
+                batch = batch.to(device)
+                for h in heads:
+                    if it >= h.start and h.active:
+                        try:
+                            evaluating = head_step(h, batch, it, stop, device, dist)
+                        except DivergedError as e:
+                            h.error, evaluating = str(e), 0.0
+                            if dist.is_main:  # what `fcache runs` reads; a resume from the last checkpoint truncates it away
+                                h.logs.log({"event": "diverged", "iter": it + 1, "error": h.error})
+                        for other in heads:  # samples/s and time_s count training only
+                            other.meter.pause(evaluating)
+                bar.update(1)
+                if len(heads) == 1:
+                    bar.set_postfix(progress_values(heads[0], it), refresh=False)
+                if not any(h.active for h in heads):
+                    break
+        for h in heads:
+            evaluate_finished(h, dist)
+    finally:
+        for h in heads:
+            h.logs.close()
     seconds = time.perf_counter() - t0
-    return [TrainResult(h.start, stop, seconds, h.meter.samples, h.meter.last.get("loss"), dict(h.meter.last)) for h in heads]
+    return [result(h, seconds) for h in heads]
 
 
-def head_step(h: HeadRun, batch: Batch, it: int, stop: int, device: torch.device, dist: ddp.Dist = ddp.SINGLE) -> None:
-    """Iteration ``it`` of head ``h`` on its levels of ``batch``, under its own RNG state: step, log, checkpoint."""
+def head_step(h: HeadRun, batch: Batch, it: int, stop: int, device: torch.device, dist: ddp.Dist = ddp.SINGLE) -> float:
+    """Iteration ``it`` of head ``h`` on its levels of ``batch``, under its own RNG state: step, log, evaluate,
+    checkpoint. Returns the seconds spent evaluating."""
     set_rng_state(h.rng)
     lr = get_lr(it, h.cfg)
     for group in h.optimizer.param_groups:
         group["lr"] = lr
     own = dataclasses.replace(batch, features={lv: batch.features[lv] for lv in h.levels})
-    losses = train_step(h.net, h.optimizer, h.task, own, h.cfg, device, it)
+    losses = train_step(h.net, h.optimizer, h.task, own, h.cfg, device, it, scaler=h.scaler)
+    if h.ema is not None:
+        h.ema.update_parameters(h.model)
     h.meter.add(ddp.mean(losses, dist, device), len(batch.index) * dist.world)
-    if dist.is_main and ((it + 1) % h.cfg.log_every == 0 or it + 1 == stop):
-        h.meter.flush(it + 1, lr)
-    if (it + 1) % h.cfg.checkpoint_every == 0 or it + 1 == stop:
-        state = checkpoint_state(it + 1, h.model, h.optimizer, lr, ddp.gather(rng_state(), dist))
+    h.rng, h.at = rng_state(), it + 1  # where the head's next step starts from, whatever evaluating below draws
+    if dist.is_main and (h.at % h.cfg.log_every == 0 or h.at == stop):
+        h.meter.flush(h.at, lr)
+    t = time.perf_counter()
+    if h.validation is not None and h.validation.due(h.at, h.cfg.iters):
         if dist.is_main:
-            h.run.save_checkpoint(state)
-    h.rng, h.at = rng_state(), it + 1
+            evaluate_head(h)
+        exhausted = h.validation.exhausted and h.at < h.cfg.iters
+        h.stopped = ddp.from_main(h.validation.stop_reason() if exhausted else "", dist)
+    seconds = time.perf_counter() - t
+    if h.stopped and dist.is_main:
+        if h.meter.steps:
+            h.meter.flush(h.at, lr)
+        h.logs.log({"event": "early_stop", "iter": h.at, "reason": h.stopped})
+    if h.at % h.cfg.checkpoint_every == 0 or h.at == stop or h.stopped:
+        save_checkpoint(h, lr, dist)
+    return seconds
+
+
+def evaluate_head(h: HeadRun) -> None:
+    """Score the head's weights on its validation store now; best.safetensors when they are the best so far."""
+    v = cast(Validation, h.validation)
+    metrics = v.evaluate(h.weights, h.at, h.logs)
+    h.model.train()
+    if v.record(metrics, h.at) and v.keep_best:
+        h.run.save_best(h.weights.state_dict(), h.at, v.metric, cast(float, v.best))
+
+
+def evaluate_finished(h: HeadRun, dist: ddp.Dist) -> None:
+    """A head whose training is complete is evaluated at its last iteration, if it was not (e.g. resumed with a
+    --val-store it did not have)."""
+    v = h.validation
+    if v is not None and dist.is_main and h.active and h.at == h.cfg.iters and v.last_iter != h.at:
+        evaluate_head(h)
+
+
+def save_checkpoint(h: HeadRun, lr: float, dist: ddp.Dist) -> None:
+    """A checkpoint of ``h`` at its iteration (rank 0 writes it, with every rank's RNG state)."""
+    state = checkpoint_state(h.at, h.model, h.optimizer, lr, ddp.gather(h.rng, dist))
+    if h.scaler.is_enabled():
+        state["scaler"] = h.scaler.state_dict()
+    if h.ema is not None:
+        state["ema"] = h.ema.state_dict()
+    if h.validation is not None:
+        state["validation"] = h.validation.state()
+    if h.stopped:
+        state["stopped"] = h.stopped
+    if dist.is_main:
+        h.run.save_checkpoint(state, weights=h.weights.state_dict() if h.ema is not None else None, keep=h.cfg.keep_last)
+    h.saved = h.at
+
+
+def progress_values(h: HeadRun, it: int) -> dict[str, str]:
+    """The progress bar's postfix: the last logging window's loss and samples/s, the lr, the last evaluation's metric."""
+    out = {}
+    if h.meter.last:
+        out = {"loss": f"{h.meter.last['loss']:.4f}", "samples_s": f"{h.meter.rate:.1f}", "lr": f"{get_lr(it, h.cfg):.2e}"}
+    v = h.validation
+    if v is not None and v.metric in v.last:
+        out[v.metric] = f"{v.last[v.metric]:.4f}"
+    return out
+
+
+def result(h: HeadRun, seconds: float) -> TrainResult:
+    v = h.validation
+    evaluated = v is not None and v.last_iter > 0
+    return TrainResult(h.start, h.at, seconds, h.meter.samples, h.meter.last.get("loss"), dict(h.meter.last),
+                       eval=dict(v.last) if v is not None and evaluated else None, best=v.summary() if v is not None else None,
+                       early_stop=h.stopped)  # fmt: skip
 
 
 def train(
@@ -233,8 +359,10 @@ def train(
     progress: bool = True,
     dist: ddp.Dist = ddp.SINGLE,
 ) -> TrainResult:
-    """Train one head on ``data`` for ``cfg.iters`` iterations (or until ``cfg.stop_at``), from ``checkpoint`` when given:
-    the pass with one head. Its items must hold the levels the model reads (all of ``data``'s levels are given to it)."""
+    """Train one head on ``data`` for ``cfg.iters`` iterations (or ``cfg.epochs`` of ``data``; until ``cfg.stop_at``), from
+    ``checkpoint`` when given: the pass with one head. Its items must hold the levels the model reads (all of ``data``'s
+    levels are given to it)."""
+    cfg = cfg.resolved(len(data))  # type: ignore[arg-type]
     levels = tuple(_item_levels(data))
     head = start_head(cfg, task, model, levels, run, checkpoint, dist)
     (result,) = train_pass([head], data, progress=progress, dist=dist)
@@ -251,21 +379,44 @@ def _item_levels(data: Dataset) -> list[str]:
 
 
 def train_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, task: Task, batch: Batch, cfg: TrainConfig, device: torch.device, it: int
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    task: Task,
+    batch: Batch,
+    cfg: TrainConfig,
+    device: torch.device,
+    it: int,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
-    """One optimisation step; returns the loss components as floats (plus ``loss`` and ``grad_norm`` when clipping)."""
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        losses = task.loss(model, batch)
-    loss = torch.stack([v.float() for v in losses.values()]).sum()
-    if not torch.isfinite(loss):
-        raise DivergedError(f"the loss is not finite at iteration {it + 1} ({float(loss.detach())}); lower --lr, or add --clip 1.0")
+    """One optimisation step on ``batch``, in ``cfg.grad_accum`` micro-batches: each one's loss (divided by their
+    number) back-propagated, under ``cfg.precision``'s autocast, then one (clipped, scaled) optimiser step.
+
+    Returns the loss components averaged over the micro-batches (plus ``loss``, and ``grad_norm`` when clipping).
+    """
+    scaler = scaler or grad_scaler(device, cfg.precision)
+    micro = batch.chunks(cfg.grad_accum)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    out = {k: float(v.detach()) for k, v in losses.items()}
+    sums: dict[str, float] = {}
+    total = 0.0
+    for k, part in enumerate(micro):
+        with no_sync(model, sync=k == len(micro) - 1):  # DDP all-reduces the summed gradients once
+            with autocast(device, cfg.precision):
+                losses = task.loss(model, part)
+            loss = torch.stack([v.float() for v in losses.values()]).sum()
+            if not torch.isfinite(loss):
+                raise DivergedError(f"the loss is not finite at iteration {it + 1} ({float(loss.detach())}); lower --lr, or add --clip 1.0")
+            scaler.scale(loss if len(micro) == 1 else loss / len(micro)).backward()
+        for name, v in losses.items():
+            sums[name] = sums.get(name, 0.0) + float(v.detach())
+        total += float(loss.detach())
+    out = {k: v / len(micro) for k, v in sums.items()}
     if cfg.clip is not None:
+        scaler.unscale_(optimizer)
         out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip))
-    optimizer.step()
-    out["loss"] = float(loss.detach())
+    scaler.step(optimizer)
+    scaler.update()
+    out["loss"] = total / len(micro)
     return out
 
 

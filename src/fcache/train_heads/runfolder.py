@@ -1,15 +1,17 @@
-"""A RUN folder: config.json (the :class:`TrainingRecord`), the latest checkpoint, the model weights and metrics.jsonl.
+"""A RUN folder: config.json (the :class:`TrainingRecord`), checkpoints, the model weights and the metrics.
 
 - ``config.json``: the TrainConfig, the store fingerprint, the task description (head spec, class or category names
   and ids), the levels and the trainable parameter count; and everything that rebuilds the frozen backbone and its
   inputs without the store (the training store's backbone, preprocessing and dataset records), the fcache and library
-  versions and the command line. A folder holding another configuration (or the same one without ``--resume``) is
-  refused before anything is written.
-- ``checkpoint.pt``: model, optimiser, schedule and RNG states at an iteration, replaced atomically; loaded with
-  ``torch.load(weights_only=True)``, never by unpickling.
-- ``model.safetensors``: the model weights of the same iteration (what ``fcache eval`` loads), with the record as
-  metadata (``fcache.run``), so the file alone says what it is.
-- ``metrics.jsonl``: one JSON object per logged iteration or evaluation.
+  versions, the command line and the host. A folder holding another configuration (or the same one without
+  ``--resume``) is refused before anything is written.
+- ``checkpoint-<iteration>.pt``: model, optimiser, schedule, RNG states (and the EMA, gradient scaler and evaluation
+  state when the run has them) at an iteration; the newest ``--keep-last`` are kept; loaded with
+  ``torch.load(weights_only=True)``, never by unpickling. Runs of earlier fcache versions have one ``checkpoint.pt``.
+- ``model.safetensors``: the weights of the newest checkpoint (the EMA weights with ``--ema``): what ``fcache eval``
+  loads, with the record as metadata (``fcache.run``), so the file alone says what it is.
+- ``best.safetensors``: the same for the evaluation with the best main metric (metadata: its iteration and value).
+- ``metrics.jsonl``: one JSON object per logged iteration or evaluation; ``metrics.csv`` the same records as a table.
 - ``eval/<store>/``: what ``fcache eval`` wrote for one evaluation store (its prediction files, ``metrics.json`` and
   ``store.json`` naming the store), one folder per store, so no evaluation overwrites another's.
 
@@ -19,8 +21,13 @@ Files are written atomically (a temporary file renamed into place) and readable 
 from __future__ import annotations
 
 import contextlib
+import csv
 import importlib.metadata
 import json
+import os
+import platform
+import re
+import socket
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -39,7 +46,10 @@ from fcache.spec import BackboneInfo, DatasetInfo, LevelSpec, Manifest, Preproce
 from fcache.train_heads.config import TrainConfig
 
 RUN_FORMAT = 1
-CONFIG, CHECKPOINT, MODEL, METRICS = "config.json", "checkpoint.pt", "model.safetensors", "metrics.jsonl"
+CONFIG, MODEL, BEST, METRICS, METRICS_CSV = "config.json", "model.safetensors", "best.safetensors", "metrics.jsonl", "metrics.csv"
+CHECKPOINT = "checkpoint-{iteration}.pt"
+OLD_CHECKPOINT = "checkpoint.pt"  # the one checkpoint of a run written before checkpoints were numbered
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)\.pt")
 DETECTIONS = "detections.json"
 EVAL, EVAL_METRICS, EVAL_STORE = "eval", "metrics.json", "store.json"
 RANDOM_INIT = "random-init"  # BackboneInfo.weights of a random backbone: its weights are made from the extraction seed
@@ -119,6 +129,7 @@ class TrainingRecord:
     features: FeatureSource | None = None
     command: tuple[str, ...] = ()
     libraries: dict[str, str] = field(default_factory=dict)
+    host: dict[str, Any] = field(default_factory=dict)
     format_version: int = RUN_FORMAT
     fcache_version: str = field(default=__version__)
 
@@ -126,12 +137,13 @@ class TrainingRecord:
     def new(
         cls, config: TrainConfig, manifest: Manifest, task: dict[str, Any], levels: tuple[LevelSpec, ...], params: int, samples: int
     ) -> TrainingRecord:
-        """The record of a run starting now on a store of ``manifest``, with this process's command line and libraries."""
+        """The record of a run starting now on a store of ``manifest``, with this process's command line, libraries and host."""
         libraries = library_versions()
-        for name in ("torchvision", "safetensors", "pycocotools"):
+        for name in ("torchvision", "safetensors", "pycocotools", "tensorboard", "wandb"):
             with contextlib.suppress(importlib.metadata.PackageNotFoundError):
                 libraries[name] = importlib.metadata.version(name)
-        return cls(config, manifest.fingerprint, task, levels, params, samples, FeatureSource.of(manifest), tuple(sys.argv), libraries)
+        return cls(config, manifest.fingerprint, task, levels, params, samples, FeatureSource.of(manifest), tuple(sys.argv), libraries,
+                   host_info())  # fmt: skip
 
     @property
     def head(self) -> str:
@@ -150,6 +162,7 @@ class TrainingRecord:
             "train_samples": self.train_samples,
             "command": list(self.command),
             "libraries": dict(self.libraries),
+            "host": dict(self.host),
         }
         return d | ({"features": self.features.to_dict()} if self.features is not None else {})
 
@@ -163,9 +176,9 @@ class TrainingRecord:
             raise ValueError(f"RUN format {version} is newer than this fcache reads ({RUN_FORMAT}); upgrade fcache")
         if not isinstance(d["task"], dict) or not isinstance(d["levels"], list):
             raise TypeError("task must be an object and levels a list")
-        command, libraries = d.get("command", []), d.get("libraries", {})
-        if not isinstance(command, list) or not isinstance(libraries, dict):
-            raise TypeError("command must be a list and libraries an object")
+        command, libraries, host = d.get("command", []), d.get("libraries", {}), d.get("host", {})
+        if not isinstance(command, list) or not isinstance(libraries, dict) or not isinstance(host, dict):
+            raise TypeError("command must be a list, libraries and host objects")
         return cls(
             config=TrainConfig.from_dict(d["config"]),
             store_fingerprint=str(d.get("store_fingerprint", "")),
@@ -176,6 +189,7 @@ class TrainingRecord:
             features=FeatureSource.from_dict(d["features"]) if d.get("features") is not None else None,
             command=tuple(str(a) for a in command),
             libraries={str(k): str(v) for k, v in libraries.items()},
+            host=dict(host),
             format_version=version,
             fcache_version=str(d.get("fcache_version", "")),
         )
@@ -257,30 +271,56 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
             write_json(self.path / CONFIG, record.to_dict())
             return None
-        remove_stale(self.path, (CHECKPOINT, MODEL, CONFIG, METRICS))  # a killed run's temporaries
+        stale = ("checkpoint-*.pt", OLD_CHECKPOINT, MODEL, BEST, CONFIG, METRICS, METRICS_CSV)
+        remove_stale(self.path, stale)  # a killed run's temporaries
         if existing.features is None and record.features is not None:  # a run from before backbones were recorded
             write_json(self.path / CONFIG, record.to_dict())
         self.truncate_metrics(checkpoint["iteration"] if checkpoint else 0)
         return checkpoint
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def save_checkpoint(self, state: dict[str, Any]) -> None:
-        """Write ``state`` (with ``iteration`` and ``model``) as checkpoint.pt and model.safetensors, each atomically."""
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """The numbered checkpoints in the folder, (iteration, path), oldest first."""
+        found = [(int(m.group(1)), p) for p in self.path.glob("checkpoint-*.pt") if (m := CHECKPOINT_NAME.fullmatch(p.name))]
+        return sorted(found)
+
+    def checkpoint_path(self) -> Path | None:
+        """The newest checkpoint (a run of an earlier fcache: its ``checkpoint.pt``); None without one."""
+        numbered = self.checkpoints()
+        if numbered:
+            return numbered[-1][1]
+        old = self.path / OLD_CHECKPOINT
+        return old if old.is_file() else None
+
+    def save_checkpoint(self, state: dict[str, Any], *, weights: dict[str, torch.Tensor] | None = None, keep: int = 1) -> None:
+        """Write ``state`` (with ``iteration`` and ``model``) as checkpoint-<iteration>.pt and ``weights`` (default: the
+        state's model) as model.safetensors, each atomically; then only the newest ``keep`` checkpoints stay."""
         self.path.mkdir(parents=True, exist_ok=True)
-        with atomic_file(self.path / CHECKPOINT) as tmp:
+        iteration = int(state["iteration"])
+        with atomic_file(self.path / CHECKPOINT.format(iteration=iteration)) as tmp:
             torch.save(state, tmp)
-        weights = {k: v.detach().cpu().contiguous() for k, v in state["model"].items()}
-        metadata = {"iteration": str(state["iteration"])}
+        self.save_weights(MODEL, state["model"] if weights is None else weights, {"iteration": str(iteration)})
+        for _, p in self.checkpoints()[:-keep]:
+            p.unlink(missing_ok=True)
+        (self.path / OLD_CHECKPOINT).unlink(missing_ok=True)
+
+    def save_best(self, weights: dict[str, torch.Tensor], iteration: int, metric: str, value: float) -> None:
+        """best.safetensors: ``weights`` of the evaluation at ``iteration`` that scored ``value`` in ``metric``, the best so far."""
+        self.save_weights(BEST, weights, {"iteration": str(iteration), "metric": metric, "value": repr(float(value))})
+
+    def save_weights(self, name: str, weights: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        """RUN/``name`` as safetensors, atomically, with ``metadata`` and the run's record (``fcache.run``)."""
+        tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
         record = self.read_config()
         if record is not None:
-            metadata[RECORD_KEY] = json.dumps(record.to_dict(), sort_keys=True)
-        with atomic_file(self.path / MODEL) as tmp:
-            save_file(weights, str(tmp), metadata=metadata)
+            metadata = metadata | {RECORD_KEY: json.dumps(record.to_dict(), sort_keys=True)}
+        with atomic_file(self.path / name) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         """The checkpoint to resume from (None without one), loaded as tensors only (``weights_only``, never unpickled)."""
-        p = self.path / CHECKPOINT
-        if not p.is_file():
+        p = self.checkpoint_path()
+        if p is None:
             return None
         try:
             with warnings.catch_warnings():  # torch warns about the pickle protocol of files it will refuse anyway
@@ -294,20 +334,11 @@ class RunDir:
             raise InputError(f"{p} is not an fcache checkpoint (no iteration, model and optimizer state); delete it to train again")
         return state
 
-    def saved_iteration(self) -> int:
-        """The iteration of the checkpoint on disk (0 without a readable one), read without loading its tensors."""
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return int(torch.load(self.path / CHECKPOINT, map_location="cpu", weights_only=True, mmap=True)["iteration"])
-        except Exception:  # noqa: BLE001 - none yet, or unreadable: nothing to resume from
-            return 0
-
-    def load_model(self) -> tuple[dict[str, torch.Tensor], int]:
-        """The saved model weights and the iteration they were saved at."""
-        p = self.path / MODEL
+    def load_model(self, name: str = MODEL) -> tuple[dict[str, torch.Tensor], int]:
+        """The saved weights (model.safetensors, or ``name``: best.safetensors) and the iteration they were saved at."""
+        p = self.path / name
         if not p.is_file():
-            raise InputError(f"{self.path} has no trained weights yet ({MODEL}); train (or resume) until a checkpoint is written")
+            raise InputError(f"{self.path} has no trained weights yet ({name}); train (or resume) until a checkpoint is written")
         try:
             with safe_open(str(p), framework="pt") as f:
                 iteration = int((f.metadata() or {}).get("iteration", -1))
@@ -319,9 +350,24 @@ class RunDir:
 
     # -- metrics -------------------------------------------------------------------------------
     def log(self, record: dict[str, Any]) -> None:
+        """Append ``record`` to metrics.jsonl and metrics.csv (the table written again when the record brings new columns)."""
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.path / METRICS, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+        header = _csv_header(self.path / METRICS_CSV)
+        if header is not None and set(record) <= set(header):
+            with open(self.path / METRICS_CSV, "a", newline="") as f:
+                csv.DictWriter(f, header).writerow(record)
+        else:
+            self.write_csv(self.metrics())
+
+    def write_csv(self, records: list[dict[str, Any]]) -> None:
+        """metrics.csv: one row per record, a column per key (``event`` and ``iter`` first), empty where a record has none."""
+        columns = list(dict.fromkeys(["event", "iter", *(k for r in records for k in r)]))
+        with atomic_file(self.path / METRICS_CSV) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, columns)
+            w.writeheader()
+            w.writerows(records)
 
     def metrics(self) -> list[dict[str, Any]]:
         """The records of metrics.jsonl; InputError naming the line that is not a JSON object."""
@@ -343,6 +389,7 @@ class RunDir:
         kept = [r for r in self.metrics() if r.get("iter", 0) <= iteration]
         with atomic_file(self.path / METRICS) as tmp:
             tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        self.write_csv(kept)
 
     # -- evaluations ---------------------------------------------------------------------------
     def eval_dir(self, store_path: str | Path, fingerprint: str) -> Path:
@@ -358,6 +405,20 @@ class RunDir:
             write_json(known, {"path": str(Path(store_path).absolute()), "fingerprint": fingerprint})
             return d
         raise AssertionError("a fingerprint-named folder holds its own store")
+
+
+def _csv_header(path: Path) -> list[str] | None:
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        return next(csv.reader(f), None)
+
+
+def host_info() -> dict[str, Any]:
+    """The machine a run trains on: host name, platform, Python, CPU count and GPUs."""
+    gpus = [torch.cuda.get_device_name(k) for k in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {"name": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "gpus": gpus}  # fmt: skip
 
 
 def write_json(path: Path, obj: Any, *, indent: int | None = 1) -> None:

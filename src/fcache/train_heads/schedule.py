@@ -17,7 +17,7 @@ def get_lr(it: int, cfg: TrainConfig) -> float:
     ``step`` multiplies by ``gamma`` at each milestone ``round(s * iters)``; ``cosine`` and ``linear`` decay to 0 at ``iters``.
     """
     if cfg.schedule == "step":
-        decay = cfg.gamma ** sum(it >= round(s * cfg.iters) for s in cfg.steps)
+        decay = cfg.gamma ** sum(it >= round(s * cfg.iters) for s in cfg.lr_steps)
     elif cfg.schedule == "cosine":
         decay = 0.5 * (1.0 + math.cos(math.pi * min(it, cfg.iters) / cfg.iters))
     elif cfg.schedule == "linear":

@@ -42,6 +42,20 @@ class Batch:
         targets = [_to(t, device) for t in self.targets]
         return Batch(self.index, self.view, feats, self.geometry, targets, self.raw)
 
+    def chunks(self, k: int) -> list[Batch]:
+        """``k`` consecutive equal micro-batches (gradient accumulation); ``[self]`` for one."""
+        if k == 1:
+            return [self]
+        n = len(self.index)
+        assert n % k == 0, "the loader reads k whole micro-batches per iteration"
+        cut = [slice(s, s + n // k) for s in range(0, n, n // k)]
+        return [
+            Batch(
+                self.index[s], self.view[s], {lv: x[s] for lv, x in self.features.items()}, self.geometry[s], self.targets[s], self.raw[s]
+            )  # fmt: skip
+            for s in cut
+        ]
+
 
 def _to(x: Any, device: torch.device) -> Any:
     import torch
@@ -108,6 +122,7 @@ class TaskDef:
             ``from_description(record)`` rebuilds it from a RUN folder (evaluation, analysis).
         check_eval_store: (task, store) -> None; InputError when the store cannot score the task's head.
         main_metric: the metric that ranks runs (``fcache report``, sweeps, best checkpoints).
+        higher_is_better: the direction of ``main_metric`` (every task's so far: AP, mIoU, top-1).
         defaults: TrainConfig fields every head of the task trains with unless flags say otherwise.
         eval_views: ``plain``: evaluation reads view 0 of every sample; ``all``: every view at once (test views, clips).
         shown_families: the metric families (``box`` of ``box/AP``) ``fcache report``'s leaderboard shows; () for all.
@@ -120,6 +135,7 @@ class TaskDef:
     check_eval_store: Callable[[Any, FeatureStore], None]
     main_metric: str
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    higher_is_better: bool = True
     eval_views: str = "plain"
     shown_families: tuple[str, ...] = ()
 

@@ -1,8 +1,9 @@
 """``fcache train-head``: from stores and flags to the loop, for one head, several in one read pass, or one under torchrun.
 
-Every head is validated (store fits the task and head, training set not empty, RUN folder free or resumable) before
-the first byte is written into any RUN folder. Several heads train in one read pass of the store, each into
-``OUT/<its canonical head spec>``, each exactly as if trained alone (``loop.train_pass``).
+Every head is validated (store fits the task and head, training set not empty, RUN folder free or resumable, logger
+and precision available) before the first byte is written into any RUN folder. Several heads train in one read pass
+of the store, each into ``OUT/<its canonical head spec>``, each exactly as if trained alone (``loop.train_pass``).
+With a validation store each head is evaluated on its cadence and when complete (``validation.Validation``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from fcache import store as fstore
@@ -29,13 +31,18 @@ from fcache.train_heads import distributed as ddp
 from fcache.train_heads.config import TrainConfig
 from fcache.train_heads.data import eval_data, training_items
 from fcache.train_heads.evaluation import check_levels, check_same_backbone, evaluate_into
+from fcache.train_heads.loggers import RunLog, resolve_logger
 from fcache.train_heads.loop import HeadRun, TrainResult, build_model, start_head, train_pass, trainable_parameters
-from fcache.train_heads.runfolder import CHECKPOINT, FeatureSource, RunDir, TrainingRecord
+from fcache.train_heads.optim import check_precision
+from fcache.train_heads.pictures import pictures
+from fcache.train_heads.runfolder import FeatureSource, RunDir, TrainingRecord
 from fcache.train_heads.task import Task
 from fcache.train_heads.tasks import task_def
+from fcache.train_heads.validation import Validation
 
 # Fields every head of one pass shares: they decide which batches are read (and when the pass stops).
-SHARED = ("store", "task", "iters", "batch_size", "seed", "train_fraction", "stop_at", "num_workers", "prefetch", "device")
+SHARED = ("store", "task", "iters", "epochs", "batch_size", "grad_accum", "seed", "train_fraction", "stop_at", "num_workers",
+          "prefetch", "device")  # fmt: skip
 
 
 def echo(message: str) -> None:
@@ -74,8 +81,9 @@ class Prepared:
 def prepare_training(cfg: TrainConfig) -> Prepared:
     """Open the stores, fit the task and head to them, pick the samples, build the model. Raises FcacheError."""
     tdef = task_def(cfg.task)
-    tdef.parse(cfg.head)  # flags first: a bad head or device is named before any store is opened
-    resolve_device(cfg.device)
+    tdef.parse(cfg.head)  # flags first: a bad head, device, precision or logger is named before any store is opened
+    check_precision(torch.device(resolve_device(cfg.device)), cfg.precision)
+    resolve_logger(cfg.logger)
     store = fstore.open(cfg.store)
     task = tdef.from_store(store, cfg.head)
     levels = task.levels(store.levels)
@@ -97,8 +105,9 @@ def training_data(p: Prepared, seed: int, levels: Sequence[str] | None = None) -
 
 
 def train_summary(cfg: TrainConfig, p: Prepared, run: RunDir, result: TrainResult) -> dict[str, Any]:
-    """The summary ``fcache train-head`` prints (as JSON with --json) for one head."""
-    return {
+    """The summary ``fcache train-head`` prints (as JSON with --json) for one head: with a validation store also the
+    last evaluation (``eval``) and the best one (``best``: metric, value, iter), and whether patience stopped it early."""
+    summary = {
         "run": str(run.path),
         "task": cfg.task,
         "head": p.task.describe()["head"],
@@ -109,14 +118,38 @@ def train_summary(cfg: TrainConfig, p: Prepared, run: RunDir, result: TrainResul
         "samples_per_s": round(result.samples_per_s, 3),
         "final_loss": result.final_loss,
         "losses": result.losses,
+        "stopped_early": bool(result.early_stop),
     }
+    summary |= {"early_stop": result.early_stop} if result.early_stop else {}
+    summary |= {"eval": result.eval} if result.eval is not None else {}
+    return summary | ({"best": result.best} if result.best is not None else {})
 
 
-def evaluate_finished(cfg: TrainConfig, p: Prepared, run: RunDir, result: TrainResult, progress: bool) -> dict[str, float] | None:
-    """Score the head on ``cfg.val_store`` when its training is complete (None otherwise)."""
-    if p.val is None or result.stop != cfg.iters:
+def validation(cfg: TrainConfig, p: Prepared) -> Validation | None:
+    """The evaluations of a head during and at the end of its training (None without a validation store)."""
+    if p.val is None:
         return None
-    return evaluate_into(run, p.task, p.model, p.val, p.levels, cfg.batch_size, cfg.num_workers, cfg.device, result.stop, progress)
+    val, tdef = p.val, task_def(cfg.task)
+
+    def evaluate(model: nn.Module, iteration: int, logs: RunLog) -> dict[str, float]:
+        metrics = evaluate_into(logs.run, p.task, model, val, p.levels, cfg.batch_size, cfg.num_workers, cfg.device, iteration, False,
+                                precision=cfg.precision, log=logs.log)  # fmt: skip
+        if logs.sink is not None:
+            logs.pictures(iteration, pictures(cfg.task, logs.run.eval_dir(val.root, val.manifest.fingerprint)))
+        return metrics
+
+    return Validation(evaluate, cfg.eval_interval(len(p.indices)), tdef.main_metric, tdef.higher_is_better, cfg.patience, cfg.keep_best)
+
+
+def warmup_warning(cfg: TrainConfig) -> str:
+    """A warning when the warm-up does not fit in the run (the learning rate would never reach --lr); '' when it does."""
+    if cfg.warmup <= cfg.iters:
+        return ""
+    reached = cfg.warmup_factor + (1 - cfg.warmup_factor) * (cfg.iters - 1) / cfg.warmup  # at the last iteration
+    return (
+        f"warning: the warm-up ({cfg.warmup} iterations) is longer than the run ({cfg.iters}): the learning rate never reaches "
+        f"--lr {cfg.lr:g} (the warm-up ends at {100 * reached:.0f}% of it); give --warmup below {cfg.iters}, or train longer"
+    )
 
 
 def folder_name(head: str) -> str:
@@ -166,18 +199,20 @@ def _check_folders(prepared: Sequence[tuple[TrainConfig, Prepared, TrainingRecor
 
 
 def interrupted_message(heads: Sequence[HeadRun]) -> str:
-    """What an interrupted training pass kept in each RUN folder and the command that continues it."""
+    """What an interrupted training pass kept in each RUN folder (its newest checkpoint on disk) and the command that
+    continues it."""
     kept = []
     for h in heads:
         total = min(h.cfg.iters, h.cfg.stop_at or h.cfg.iters)
-        saved = h.run.saved_iteration()  # what is on disk: the interruption may have come during a save
-        at = f"stopped at iteration {max(h.at, saved)} of {total}"
-        kept.append(f"{at}, {h.run.path / CHECKPOINT} (iteration {saved}) kept" if saved else f"{at}, no checkpoint in {h.run.path} yet")
+        saved = h.run.checkpoints()  # what is on disk: the interruption may have come during a save
+        at = f"stopped at iteration {max([h.at] + [k for k, _ in saved])} of {total}"
+        kept.append(f"{at}, {saved[-1][1]} (iteration {saved[-1][0]}) kept" if saved else f"{at}, no checkpoint in {h.run.path} yet")
     return f"{'; '.join(kept)}; continue with: {rerun(add=('--resume',))}"
 
 
 def run_train(cfg: TrainConfig, *, progress: bool = True, say: Callable[[str], None] = echo) -> dict[str, Any]:
-    """Train one head as ``cfg`` says, evaluate it on ``cfg.val_store`` when the run is complete; returns the summary.
+    """Train one head as ``cfg`` says, evaluate it on ``cfg.val_store`` (every ``eval_every`` and when the run is
+    complete); returns the summary.
 
     Under torchrun (WORLD_SIZE > 1) every process trains its slice of each batch; rank 0 writes RUN and evaluates.
     """
@@ -213,20 +248,21 @@ def _run(cfgs: Sequence[TrainConfig], *, own_folders: bool, progress: bool, say:
                 on = f" on {dist.world} processes" if dist.enabled else ""
                 where = f" -> {run.path}" if own_folders else ""
                 say(f"{cfg.task} head {record.head}: {p.params:,} trainable parameters, {len(p.indices)} training samples{on}{where}")
+                if warmup_warning(cfg):
+                    say(warmup_warning(cfg))
             device = resolve_device(cfg.device)
             heads.append(start_head(dataclasses.replace(cfg, device=device), p.task, p.model, [lv.name for lv in p.levels], run,
-                                    checkpoint, dist))  # fmt: skip
+                                    checkpoint, dist, validation=validation(cfg, p)))  # fmt: skip
         union = sorted({lv for _, p, _ in prepared for lv in p.levels}, key=lambda lv: lv.stride)
         cfg, first, _ = prepared[0]
         try:
             results = train_pass(heads, training_data(first, cfg.seed, [lv.name for lv in union]), progress=progress, dist=dist)
         except KeyboardInterrupt:
             raise Interrupted(interrupted_message(heads)) from None
-        summaries = []
-        for (cfg, p, _), h, result in zip(prepared, heads, results, strict=True):
-            summary = train_summary(cfg, p, h.run, result) | ({"processes": dist.world} if dist.enabled else {})
-            metrics = evaluate_finished(cfg, p, h.run, result, progress) if dist.is_main and not h.error else None
-            summaries.append(summary | ({"eval": metrics} if metrics is not None else {}))
+        summaries = [
+            train_summary(cfg, p, h.run, result) | ({"processes": dist.world} if dist.enabled else {})
+            for (cfg, p, _), h, result in zip(prepared, heads, results, strict=True)
+        ]
     failed = [f"{h.run.path.name}: {h.error}" for h in heads if h.error]
     if len(failed) == len(heads) == 1:
         raise DivergedError(heads[0].error)

@@ -2,7 +2,8 @@
 
 A run's status, from its files alone (nothing else records a live training process):
 
-- ``finished``: its saved weights (``model.safetensors``) are those of its last iteration (``--iters``);
+- ``finished``: its saved weights (``model.safetensors``) are those of its last iteration (``--iters``), or of the
+  iteration where ``--patience`` stopped it early;
 - ``diverged``: its loss stopped being finite (the loop logs ``{"event": "diverged"}`` into metrics.jsonl; resuming
   from the last checkpoint truncates the record away, so a resumed run is running again);
 - ``running``: neither, and a file of the folder changed recently: within ``stale_after`` seconds (default 10
@@ -23,7 +24,7 @@ from safetensors import safe_open
 
 from fcache.train_heads.analysis.report import find_runs
 from fcache.train_heads.analysis.results import last_iteration, main_metric
-from fcache.train_heads.runfolder import CHECKPOINT, CONFIG, METRICS, MODEL, RunDir
+from fcache.train_heads.runfolder import CONFIG, METRICS, MODEL, RunDir
 
 STALE_AFTER_S = 600.0
 STATUSES = ("finished", "running", "stopped", "diverged")
@@ -43,7 +44,13 @@ def saved_iteration(run: RunDir) -> int:
 
 def last_change(run: RunDir) -> float:
     """When the run's folder last changed: the newest modification time of its files (seconds since the epoch)."""
-    times = [(run.path / name).stat().st_mtime for name in (CONFIG, METRICS, CHECKPOINT, MODEL) if (run.path / name).is_file()]
+    files = [run.path / name for name in (CONFIG, METRICS, MODEL)] + [p for _, p in run.checkpoints()]
+    times = []
+    for f in files:
+        try:
+            times.append(f.stat().st_mtime)
+        except FileNotFoundError:  # absent, or a checkpoint --keep-last removed meanwhile
+            continue
     return max(times, default=0.0)
 
 
@@ -62,7 +69,7 @@ def run_status(path: str | Path, *, now: float | None = None, stale_after: float
     saved = saved_iteration(run)
     changed = last_change(run)
     age = (time.time() if now is None else now) - changed
-    if saved == cfg.iters:
+    if saved == cfg.iters or any(r.get("event") == "early_stop" and r.get("iter") == saved for r in records):  # --patience
         status = "finished"
     elif any(r.get("event") == "diverged" for r in records):
         status = "diverged"

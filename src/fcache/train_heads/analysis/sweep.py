@@ -25,16 +25,16 @@ import yaml
 from fcache.common.cluster import ClusterTarget, connect, worker_threads
 from fcache.common.errors import InputError
 from fcache.train_heads.analysis.report import write_outputs
-from fcache.train_heads.config import SweepConfig, TrainConfig
+from fcache.train_heads.config import RENAMED, SweepConfig, TrainConfig
 from fcache.train_heads.runfolder import RunDir
 from fcache.train_heads.training import echo, folder_name, prepare_training, run_train
 
 GRID_KEYS = ("store", "head", "lr", "train_fraction", "weight_decay", "seed", "batch_size")  # a list = one grid axis
-FLOAT_KEYS = ("lr", "weight_decay", "train_fraction", "warmup_epochs", "warmup_factor", "gamma", "clip")
-INT_KEYS = ("iters", "batch_size", "seed", "warmup", "num_workers", "prefetch", "checkpoint_every", "log_every")
-STR_KEYS = ("task", "store", "val_store", "head", "schedule", "device")
+FLOAT_KEYS = ("lr", "weight_decay", "train_fraction", "warmup_epochs", "warmup_factor", "gamma", "clip", "ema")
+INT_KEYS = ("iters", "batch_size", "seed", "warmup", "num_workers", "prefetch", "checkpoint_every", "log_every", "grad_accum", "keep_last")
+STR_KEYS = ("task", "store", "val_store", "head", "schedule", "device", "precision", "logger")
 SWEEP_KEYS = ("out", "threads")  # of the sweep itself, not of a variant
-SPEC_KEYS = (*STR_KEYS, *FLOAT_KEYS, *INT_KEYS, "steps", *SWEEP_KEYS)
+SPEC_KEYS = (*STR_KEYS, *FLOAT_KEYS, *INT_KEYS, "lr_steps", *SWEEP_KEYS)
 REQUIRED = ("store", "head", "iters")
 RUNS = "runs"
 
@@ -66,7 +66,7 @@ class SweepSpec:
 
 def _coerce(path: str, key: str, value: Any) -> Any:
     """A SPEC value as its field's type (YAML reads ``3e-4`` as a string)."""
-    if value is None and key in ("clip", "val_store"):
+    if value is None and key in ("clip", "val_store", "ema"):
         return None
     try:
         if key in FLOAT_KEYS:
@@ -75,7 +75,7 @@ def _coerce(path: str, key: str, value: Any) -> Any:
             if isinstance(value, bool) or float(value) != int(float(value)):
                 raise InputError
             return int(float(value))
-        if key == "steps":
+        if key == "lr_steps":
             return tuple(float(v) for v in (value if isinstance(value, list) else [value]))
     except (TypeError, ValueError, OverflowError):
         kind = "an integer" if key in INT_KEYS or key == "threads" else "a number" if key in FLOAT_KEYS else "a list of fractions"
@@ -108,7 +108,7 @@ def load_spec(path: str) -> SweepSpec:
     Raises:
         ValueError: naming the key and the fix.
     """
-    data = _read_yaml(path)
+    data = {RENAMED.get(k, k): v for k, v in _read_yaml(path).items()}  # a SPEC of an earlier fcache: steps is lr_steps
     unknown = sorted(set(map(str, data)) - set(SPEC_KEYS))
     if unknown:
         raise InputError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))} (known: {', '.join(sorted(SPEC_KEYS))})")
@@ -135,7 +135,7 @@ def _values(path: str, base: Path, key: str, value: Any) -> Any:
         if len(value) == 0:
             raise InputError(f"{path}: {key} is an empty list; give at least one value")
         return [_resolve(base, key, _coerce(path, key, v)) for v in value]
-    if isinstance(value, list) and key != "steps":
+    if isinstance(value, list) and key != "lr_steps":
         raise InputError(f"{path}: {key} takes one value; lists (grid axes) are allowed for {', '.join(GRID_KEYS)}")
     return _resolve(base, key, _coerce(path, key, value))
 
@@ -172,15 +172,18 @@ def plan(spec: SweepSpec, out: Path) -> list[Variant]:
 
 
 def is_finished(path: str | Path) -> bool:
-    """The RUN folder trained all its iterations and, when it has a validation store, was evaluated after them."""
+    """The RUN folder trained all its iterations (or stopped early) and, when it has a validation store, was evaluated
+    after them."""
     run = RunDir(path)
     record = run.read_config()
     if record is None or not (run.path / "model.safetensors").is_file():
         return False
     cfg = record.config
     _, iteration = run.load_model()
-    evaluated = any(r.get("event") == "eval" and r.get("iter") == cfg.iters for r in run.metrics())
-    return iteration == cfg.iters and (evaluated or not cfg.val_store)
+    records = run.metrics()
+    stopped = any(r.get("event") == "early_stop" and r.get("iter") == iteration for r in records)  # --patience
+    evaluated = any(r.get("event") == "eval" and r.get("iter") == iteration for r in records)
+    return (iteration == cfg.iters or stopped) and (evaluated or not cfg.val_store)
 
 
 def run_variant(cfg: dict[str, Any], threads: int | None, progress: bool = False) -> dict[str, Any]:
@@ -249,6 +252,8 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, say: Callable[[str], N
         ValueError: a bad SPEC, head, store or output folder, before anything is written.
     """
     spec = load_spec(cfg.spec)
+    if cfg.device:  # operational: the variants (and their folders) stay those of the SPEC
+        spec = dataclasses.replace(spec, fixed=(*((k, v) for k, v in spec.fixed if k != "device"), ("device", cfg.device)))
     out = Path(cfg.out) if cfg.out else default_out(spec)
     variants = plan(spec, out)
     pending = [v for v in variants if not v.finished]
