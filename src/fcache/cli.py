@@ -73,6 +73,27 @@ class TableChoice(click.Choice):
         self.fail(f"unknown {what} {value!r}; choose one of: {', '.join(self.choices)}", param, ctx)
 
 
+class StoreLocation(click.ParamType):
+    """A store: a local folder (that must exist when ``exists``) or a URL (``s3://``, ``gs://``), taken as written."""
+
+    name = "store"
+
+    def __init__(self, exists: bool = True) -> None:
+        self.local = click.Path(exists=exists, file_okay=False)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from fcache.store.backends import is_url
+
+        return value if is_url(str(value)) else self.local.convert(value, param, ctx)
+
+
+def storage_options_option(fn: F) -> F:
+    """``--storage-options JSON`` for commands that take a store as an argument (config-built commands have the field)."""
+    from fcache.store.access import STORAGE_OPTIONS_HELP
+
+    return click.option("--storage-options", default="", help=STORAGE_OPTIONS_HELP)(fn)
+
+
 class Fcache(click.Group):
     """The ``fcache`` group: a command's bad flag is one line naming it (and the help to read), exit code 2."""
 
@@ -152,27 +173,32 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("store", type=StoreLocation())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@storage_options_option
 @user_errors
-def info(store: str, as_json: bool) -> None:
-    """Show what STORE holds: manifest, levels and shapes, bytes on disk, compression, statuses, int8 error."""
+def info(store: str, as_json: bool, storage_options: str) -> None:
+    """Show what STORE (a folder, s3://... or gs://...) holds: manifest, levels and shapes, bytes stored, compression,
+    statuses, int8 error."""
+    from fcache.store.backends import parse_storage_options
     from fcache.store.info import describe, format_info
 
-    d = describe(store)
+    d = describe(store, parse_storage_options(storage_options))
     click.echo(json.dumps(d, indent=1) if as_json else format_info(d))
 
 
 @main.command()
-@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("store", type=StoreLocation())
 @click.option("--fast", is_flag=True, help="Check presence, sizes and statuses only; skip checksums and decoding.")
 @click.option("--recompute", type=int, default=0, help="Also re-extract K random samples and compare them with the store.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None, help="With --recompute: the weights file used.")
 @click.option("--device", default="auto", show_default=True, help=f"With --recompute: where to run the backbone: {DEVICE_HELP}")
 @click.option("--tolerance", type=float, default=None, help="With --recompute: relative RMSE allowed (default by dtype).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@storage_options_option
 @user_errors
-def verify(store: str, fast: bool, recompute: int, weights: str | None, device: str, tolerance: float | None, as_json: bool) -> None:
+def verify(store: str, fast: bool, recompute: int, weights: str | None, device: str, tolerance: float | None, as_json: bool,
+           storage_options: str) -> None:  # fmt: skip
     """Check STORE against its ledger: temporaries, missing or changed shards, CRCs, statuses, NaN/Inf.
 
     Names each bad file with its sample range. Exit code 0 when the store is sound, 1 otherwise.
@@ -183,14 +209,18 @@ def verify(store: str, fast: bool, recompute: int, weights: str | None, device: 
 
     from fcache.store import open as open_store
     from fcache.store import verify as run_verify
+    from fcache.store.backends import parse_storage_options
 
-    total = len(open_store(store).ledger)
+    options = parse_storage_options(storage_options)
+    total = len(open_store(store, storage_options=options).ledger)
     with tqdm(total=total, unit="unit", desc="verify", disable=as_json or None, file=sys.stderr) as bar:
-        report = run_verify(store, fast=fast, progress=bar.update)
+        report = run_verify(store, fast=fast, progress=bar.update, storage_options=options)
     if recompute:
         from fcache.extract.recompute import recompute as run_recompute
 
-        report.problems += run_recompute(store, recompute, weights=weights or "", device=device, tolerance=tolerance)
+        report.problems += run_recompute(
+            store, recompute, weights=weights or "", device=device, tolerance=tolerance, storage_options=options
+        )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))
     else:
@@ -206,7 +236,9 @@ def verify(store: str, fast: bool, recompute: int, weights: str | None, device: 
 
 @main.command()
 @options_of(SourceConfig, ExtractConfig)
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="The store to create (or resume).")
+@click.option(
+    "--out", type=StoreLocation(exists=False), required=True, help="The store to create (or resume): a folder, s3://... or gs://..."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
 def extract(as_json: bool, **kw: Any) -> None:

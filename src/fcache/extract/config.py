@@ -14,6 +14,7 @@ from typing import Any
 from fcache.common.errors import InputError
 from fcache.common.flags import flag, from_flags, split_csv
 from fcache.spec import LEVEL_NAMES, SourceConfig
+from fcache.store.access import StoreAccess
 
 LEVELS = tuple(LEVEL_NAMES.values())
 DEFAULT_LEVELS = ("p2", "p3", "p4", "p5")
@@ -38,7 +39,7 @@ def parse_pair(text: str) -> tuple[float, float]:
 
 
 @dataclass(frozen=True)
-class ExtractConfig:
+class ExtractConfig(StoreAccess):
     """Everything ``fcache extract`` (and ``fcache plan``) needs; ``source`` is recorded in the store's manifest."""
 
     source: SourceConfig
@@ -102,6 +103,7 @@ class ExtractConfig:
             raise InputError(f"--view-scale {lo},{hi}: need 0 < LO <= HI")
         if self.on_error not in ("skip", "fail"):
             raise InputError(f"--on-error {self.on_error}: use skip or fail")
+        self.options()
         self.target()
 
     def target(self) -> Any:

@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +34,7 @@ from fcache.extract.sources.base import SampleRef, Source
 from fcache.extract.stages import Batcher, SampleDataset, SampleItem, UnitAssembler, check_sample
 from fcache.extract.views import expand_test_views
 from fcache.spec import DatasetInfo, Manifest, Preprocessing, StorageSpec, keys_digest
+from fcache.store.backends import ROOT_META, Backend, open_backend
 from fcache.store.info import human
 from fcache.store.lease import DriverLease
 
@@ -136,7 +136,7 @@ def run_extract(cfg: ExtractConfig, show_progress: bool = False) -> ExtractSumma
     if done["units_committed"] < done["units_total"]:
         left = done["units_total"] - done["units_committed"]
         raise fstore.StoreError(f"{left} unit(s) of {cfg.out} are not committed (another writer held their lock); rerun this command")
-    info = fstore.describe(cfg.out)
+    info = fstore.describe(writer.backend)
     return ExtractSummary(
         store=str(cfg.out),
         samples=len(refs),
@@ -153,19 +153,24 @@ def run_extract(cfg: ExtractConfig, show_progress: bool = False) -> ExtractSumma
 
 @contextlib.contextmanager
 def _leased_store(cfg: ExtractConfig, source: Source, refs: list[SampleRef], manifest: Manifest) -> Iterator[fstore.StoreWriter]:
-    """Create or reopen the store under this driver's lease, taken before anything is replaced and held to the end."""
-    lease = DriverLease(cfg.out)
-    existed = fstore_exists(cfg.out)
+    """Create or reopen the store under this driver's lease, taken before anything is replaced and held to the end.
+
+    On local disk a new store appears by a rename, so its lease is taken once it exists; in object storage the lease
+    is taken first, so one driver at a time builds the store in place (invisible until its manifest is written).
+    """
+    backend = open_backend(cfg.out, cfg.options())
+    lease = DriverLease(backend)
+    existed = fstore_exists(backend)
     try:
-        if existed:
+        if existed or backend.remote:
             lease.acquire()
         try:
             writer = fstore.create(
-                cfg.out, manifest, [r.key for r in refs], targets=source.target_specs(), target_attrs=source.target_attrs(),
+                backend, manifest, [r.key for r in refs], targets=source.target_specs(), target_attrs=source.target_attrs(),
                 overwrite=cfg.overwrite,
             )  # fmt: skip
         except OSError as e:
-            if not existed and e.errno in (errno.EEXIST, errno.ENOTEMPTY) and fstore_exists(cfg.out):
+            if not existed and (isinstance(e, FileExistsError) or e.errno in (errno.EEXIST, errno.ENOTEMPTY)) and fstore_exists(backend):
                 raise LeaseHeld(f"another driver created {cfg.out} at the same moment; rerun this command once it is done") from None
             raise
         lease.acquire()  # a new store (or one just replaced by --overwrite) gets its lease now
@@ -190,8 +195,8 @@ def _progress_bar(total: int, stats: _Stats, t0: float, show: bool) -> Iterator[
         yield progress
 
 
-def fstore_exists(path: str) -> bool:
-    return (Path(path) / "zarr.json").is_file()
+def fstore_exists(location: str | Backend) -> bool:
+    return open_backend(location).exists(ROOT_META)
 
 
 @dataclass

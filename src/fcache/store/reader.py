@@ -2,12 +2,14 @@
 
 Only committed units are visible: statuses of uncommitted units read as pending, and a shard whose
 file is missing or has another size than its ledger record raises instead of returning fill values.
+A store in object storage reads its features through ``fcache.store.fetch`` (shard indexes kept, one range
+request per sample-view, a batch's requests all in flight at once, an optional local disk cache).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -16,37 +18,66 @@ import numpy as np
 import torch
 import zarr
 
-from fcache.common.errors import CorruptStoreError, StoreError
+from fcache.common.errors import CorruptStoreError, InputError, StoreError
 from fcache.spec import Geometry, LevelSpec, Manifest, Status
 from fcache.store import layout
+from fcache.store.backends import Backend, open_backend, parse_size
 from fcache.store.dtypes import decode, stored
 
 
-def open_store(path: str | Path) -> FeatureStore:
-    """Open a store for reading (the public ``fcache.store.open``)."""
-    return FeatureStore(path)
+def open_store(
+    path: str | Path | Backend,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    cache_dir: str | Path | None = None,
+    cache_size: int | str | None = None,
+) -> FeatureStore:
+    """Open a store for reading (the public ``fcache.store.open``): a local path, ``s3://...`` or ``gs://...``.
+
+    Args:
+        storage_options: passed to s3fs / gcsfs as they are (endpoint, profile, ...), for a URL.
+        cache_dir, cache_size: a local disk cache of a remote store's shards, at most ``cache_size`` bytes (e.g. "200GB").
+    """
+    return FeatureStore(path, storage_options=storage_options, cache_dir=cache_dir, cache_size=cache_size)
 
 
 class FeatureStore:
     """Read access to a feature store. Picklable; zarr handles are reopened in each process."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.root = Path(path)
-        attrs = layout.manifest_attrs(self.root)
+    def __init__(
+        self,
+        path: str | Path | Backend,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        cache_dir: str | Path | None = None,
+        cache_size: int | str | None = None,
+    ) -> None:
+        self.backend = open_backend(path, storage_options)
+        self.root = self.backend.root
+        attrs = layout.read_manifest_attrs(self.backend)
         if attrs is None:
             raise StoreError(f"{self.root} is not an fcache store (no zarr.json with an fcache manifest); check the path")
         self.attrs: dict[str, Any] = attrs
         self.manifest = Manifest.from_dict(self.attrs)
-        self.ledger = layout.read_ledger(self.root)
+        self.ledger = layout.read_records(self.backend, self.units)
+        self.cache = (str(cache_dir), parse_size(cache_size or 0)) if cache_dir else None
+        if self.cache and not self.backend.remote:
+            raise InputError(f"--cache-dir caches stores in object storage; {self.root} is on a local disk already")
         self._handles: dict[str, zarr.Array] = {}
         self._pid = os.getpid()
-        self._checked: set[tuple[str, int]] = set()
+        self._checked: dict[tuple[str, int], str] = {}  # (level, unit) -> the shard's key, once its size is checked
+        self._fetcher: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"root": self.root}
+        return {"backend": self.backend, "cache": self.cache}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        FeatureStore.__init__(self, state["root"])
+        cache = state["cache"]
+        FeatureStore.__init__(self, state["backend"], cache_dir=cache[0] if cache else None, cache_size=cache[1] if cache else None)
+
+    @property
+    def url(self) -> str:
+        return self.backend.url
 
     # -- shape of the store -------------------------------------------------------------------
     @property
@@ -109,13 +140,16 @@ class FeatureStore:
         return {Status(int(v)).label: int(c) for v, c in zip(vals, cnt, strict=True)}
 
     # -- targets ------------------------------------------------------------------------------
+    def _group(self, path: str) -> zarr.Group:
+        return zarr.open_group(self.backend.zarr_store(), path=path, mode="r", zarr_format=3, use_consolidated=False)
+
     @cached_property
     def target_names(self) -> tuple[str, ...]:
-        return tuple(sorted(zarr.open_group(str(self.root / layout.TARGETS), mode="r").array_keys()))
+        return tuple(sorted(self._group(layout.TARGETS).array_keys()))
 
     @cached_property
     def target_attrs(self) -> dict[str, Any]:
-        return zarr.open_group(str(self.root / layout.TARGETS), mode="r").attrs.asdict()
+        return self._group(layout.TARGETS).attrs.asdict()
 
     def target(self, name: str, i: int | slice | None = None) -> Any:
         """Values of ``targets/<name>``: all of them, or sample ``i`` (a ``str`` for string targets)."""
@@ -133,7 +167,7 @@ class FeatureStore:
         if self._pid != os.getpid():  # forked into a DataLoader worker: fresh handles
             self._handles, self._pid = {}, os.getpid()
         if name not in self._handles:
-            self._handles[name] = zarr.open_array(str(self.root / name), mode="r")
+            self._handles[name] = zarr.open_array(self.backend.zarr_store(), path=name, mode="r", zarr_format=3)
         return self._handles[name]
 
     def read(self, level: str, i: int, view: int | None = None) -> np.ndarray:
@@ -155,29 +189,41 @@ class FeatureStore:
 
     def _check(self, level: str, i: int) -> None:
         """The shard holding sample i is committed and its file is the one the ledger recorded."""
-        if not 0 <= i < self.n:
-            raise IndexError(f"sample {i} out of range (store has {self.n})")
-        unit = layout.unit_of(i, self.manifest.storage.shard_size, self.n)
-        if (level, unit.index) in self._checked:
+        self.check_shards([(level, i)])
+
+    def check_shards(self, items: Sequence[tuple[str, int]]) -> None:
+        """For each (level, sample): its unit is committed, the sample has features, and the level's shard object is
+        the one the ledger recorded (its size; one request per shard, all at once, the first time only)."""
+        todo: dict[tuple[str, int], tuple[str, int | None, layout.Unit]] = {}
+        for level, i in items:
+            if not 0 <= i < self.n:
+                raise IndexError(f"sample {i} out of range (store has {self.n})")
+            unit = layout.unit_of(i, self.manifest.storage.shard_size, self.n)
+            self._check_record(level, i, unit)
+            if (level, unit.index) in self._checked or (level, unit.index) in todo:
+                continue
+            key = layout.shard_key(f"{layout.FEATURES}/{level}", unit.index, 2 + len(self.manifest.level_shape(level)))
+            entry = self.ledger[unit.index].files.get(key)
+            todo[(level, unit.index)] = (key, entry.size if entry else None, unit)
+        if not todo:
             return
+        sizes = self.backend.sizes([key for key, _, _ in todo.values()])
+        for ((level, u), (key, want, unit)), size in zip(todo.items(), sizes, strict=True):
+            if size != want:
+                what = "is missing" if size is None else f"has {size} bytes, the ledger recorded {want}"
+                raise CorruptStoreError(
+                    f"{self.backend.where(key)} {what} (level {level}, samples {unit.start}-{unit.stop - 1}); "
+                    f"run `fcache verify {self.root}` and re-extract that unit"
+                )
+            self._checked[(level, u)] = key
+
+    def _check_record(self, level: str, i: int, unit: layout.Unit) -> None:
         rec = self.ledger.get(unit.index)
         if rec is None:
             raise StoreError(f"sample {i} of {self.root} is not extracted yet (unit {unit.name} is not committed); rerun extract to finish")
         status = Status(rec.status[i - unit.start])
         if not status.has_features:
             raise StoreError(f"sample {i} ({self.keys[i]}) has status {status.label} and no features")
-        ndim = 2 + len(self.manifest.level_shape(level))
-        path = layout.shard_file(self.root, f"{layout.FEATURES}/{level}", unit.index, ndim)
-        entry = rec.files.get(str(path.relative_to(self.root)))
-        want = entry.size if entry else None
-        size = path.stat().st_size if path.exists() else None
-        if size != want:
-            what = "is missing" if size is None else f"has {size} bytes, the ledger recorded {want}"
-            raise CorruptStoreError(
-                f"{path} {what} (level {level}, samples {unit.start}-{unit.stop - 1}); "
-                f"run `fcache verify {self.root}` and re-extract that unit"
-            )
-        self._checked.add((level, unit.index))
 
     def dataset(
         self,

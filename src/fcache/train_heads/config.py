@@ -18,6 +18,7 @@ from typing import Any
 from fcache.common.devices import DEVICE_HELP
 from fcache.common.errors import InputError
 from fcache.common.flags import flag, required
+from fcache.store.access import ReadAccess
 
 SCHEDULES = ("step", "cosine", "linear")
 
@@ -35,7 +36,9 @@ GENERIC_DEFAULTS: dict[str, Any] = {
 WARMUP_FIELDS = ("warmup", "warmup_epochs")
 
 # Fields that do not change what is trained: they may differ when a run is resumed.
-OPERATIONAL = ("store", "val_store", "out", "num_workers", "prefetch", "device", "checkpoint_every", "log_every", "resume", "stop_at")
+OPERATIONAL = ("store", "val_store", "out", "num_workers", "prefetch", "device", "checkpoint_every", "log_every", "resume", "stop_at",
+               "storage_options", "cache_dir", "cache_size")  # fmt: skip
+UNRECORDED = ("storage_options",)  # may hold credentials: never written into RUN/config.json
 
 
 def parse_fractions(text: str) -> tuple[float, ...]:
@@ -46,7 +49,7 @@ def parse_fractions(text: str) -> tuple[float, ...]:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ReadAccess):
     """Everything ``fcache train-head`` needs. ``identity()`` decides whether a RUN folder holds this run."""
 
     store: str = required("Training feature store.")
@@ -70,7 +73,7 @@ class TrainConfig:
     seed: int = flag(0, "Seed of the head's initialisation, batch order and views.")
     train_fraction: float = flag(1.0, "Train on a seeded subset (Table 6: 0.01, 0.1).")
     num_workers: int = flag(2, "DataLoader worker processes.")
-    prefetch: int = 2
+    prefetch: int = flag(2, "Batches each DataLoader worker reads ahead (bounded prefetch).")
     device: str = flag("auto", DEVICE_HELP)
     checkpoint_every: int = flag(1000, "Iterations between checkpoints.")
     log_every: int = flag(20, "Iterations per metrics.jsonl record.")
@@ -104,10 +107,12 @@ class TrainConfig:
             (self.checkpoint_every >= 1, f"--checkpoint-every must be at least 1 (got {self.checkpoint_every})"),
             (self.log_every >= 1, f"--log-every must be at least 1 (got {self.log_every})"),
             (self.stop_at is None or self.stop_at >= 1, f"--stop-at must be at least 1 (got {self.stop_at})"),
+            (self.prefetch >= 1, f"--prefetch must be at least 1 (got {self.prefetch})"),
         ]
         for ok, message in checks:
             if not ok:
                 raise InputError(message)
+        self.check_access()
 
     @classmethod
     def from_flags(cls, **kw: Any) -> TrainConfig:
@@ -118,7 +123,7 @@ class TrainConfig:
         return cls(**{k: v for k, v in kw.items() if k in names})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in UNRECORDED}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -137,7 +142,7 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(ReadAccess):
     """``fcache eval RUN --store VAL``."""
 
     run: str
@@ -149,16 +154,17 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        self.check_access()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in UNRECORDED}
 
 
 MIN_EXAMPLES = 4  # the unbiased HSIC estimator needs n >= 4
 
 
 @dataclass(frozen=True)
-class CkaConfig:
+class CkaConfig(ReadAccess):
     """``fcache cka RUN --store S``."""
 
     run: str
@@ -174,6 +180,7 @@ class CkaConfig:
             raise InputError(f"--batch-size must be at least {MIN_EXAMPLES} (the unbiased HSIC needs 4 examples per minibatch)")
         if self.samples < self.batch_size:
             raise InputError(f"--samples ({self.samples}) must be at least --batch-size ({self.batch_size})")
+        self.check_access()
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ its weights from ``model.safetensors``, the evaluation store checked to fit it.
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,13 +113,14 @@ class Trained:
     iteration: int
 
 
-def load_trained(run_path: str | Path, store_path: str | Path) -> Trained:
-    """The task, levels and trained model of RUN, and ``store`` checked to fit them."""
+def load_trained(run_path: str | Path, store_path: str | Path, access: Mapping[str, Any] | None = None) -> Trained:
+    """The task, levels and trained model of RUN, and ``store`` (opened with ``access``: ``fcache.store.open``'s
+    storage options and cache) checked to fit them."""
     run = RunDir(run_path)
     record = run.require_config()
     tdef = task_def(record.config.task)
     task = tdef.from_description(record.task)
-    store = fstore.open(store_path)
+    store = fstore.open(store_path, **(access or {}))
     tdef.check_eval_store(task, store)
     check_levels(store, record.levels)
     state, iteration = run.load_model()
@@ -129,7 +131,7 @@ def load_trained(run_path: str | Path, store_path: str | Path) -> Trained:
 
 def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
     """Score the weights in RUN on the store ``cfg.store``; writes the task's prediction files into RUN, logs the metrics."""
-    t = load_trained(cfg.run, cfg.store)
+    t = load_trained(cfg.run, cfg.store, cfg.open_kwargs())
     n = len(eval_data(t.store, t.task, t.levels, task_def(t.task.name).eval_views))  # type: ignore[arg-type]
     resolve_device(cfg.device)
     metrics = evaluate_into(t.run, t.task, t.model, t.store, t.levels, cfg.batch_size, cfg.num_workers, cfg.device, t.iteration, progress)

@@ -72,12 +72,12 @@ class Prepared:
 
 def prepare_training(cfg: TrainConfig) -> Prepared:
     """Open the stores, fit the task and head to them, pick the samples, build the model. Raises FcacheError."""
-    store = fstore.open(cfg.store)
+    store = fstore.open(cfg.store, **cfg.open_kwargs())
     tdef = task_def(cfg.task)
     task = tdef.from_store(store, cfg.head)
     levels = task.levels(store.levels)
     indices = train_indices(store, cfg.train_fraction, cfg.seed)
-    val = fstore.open(cfg.val_store) if cfg.val_store else None
+    val = fstore.open(cfg.val_store, **cfg.open_kwargs()) if cfg.val_store else None
     if val is not None:
         tdef.check_eval_store(task, val)
         check_levels(val, levels)

@@ -23,6 +23,7 @@ import yaml
 
 from fcache.common.cluster import ClusterTarget, connect, worker_threads
 from fcache.common.errors import InputError
+from fcache.store.backends import is_url
 from fcache.train_heads.analysis.report import LOSS_PLOT, plot_losses
 from fcache.train_heads.analysis.results import write_results
 from fcache.train_heads.config import SweepConfig, TrainConfig
@@ -32,7 +33,7 @@ from fcache.train_heads.training import echo, folder_name, prepare_training, run
 GRID_KEYS = ("store", "head", "lr", "train_fraction", "weight_decay", "seed", "batch_size")  # a list = one grid axis
 FLOAT_KEYS = ("lr", "weight_decay", "train_fraction", "warmup_epochs", "warmup_factor", "gamma", "clip")
 INT_KEYS = ("iters", "batch_size", "seed", "warmup", "num_workers", "prefetch", "checkpoint_every", "log_every")
-STR_KEYS = ("task", "store", "val_store", "head", "schedule", "device")
+STR_KEYS = ("task", "store", "val_store", "head", "schedule", "device", "storage_options", "cache_dir", "cache_size")
 SWEEP_KEYS = ("out", "threads")  # of the sweep itself, not of a variant
 SPEC_KEYS = (*STR_KEYS, *FLOAT_KEYS, *INT_KEYS, "steps", *SWEEP_KEYS)
 REQUIRED = ("store", "head", "iters")
@@ -86,8 +87,10 @@ def _coerce(path: str, key: str, value: Any) -> Any:
 
 
 def _resolve(base: Path, key: str, value: Any) -> Any:
-    """Store paths relative to the SPEC file's folder become absolute (dask workers may run elsewhere)."""
-    return str((base / value).resolve()) if key in ("store", "val_store", "out") and value else value
+    """Store paths relative to the SPEC file's folder become absolute (dask workers may run elsewhere); URLs stay."""
+    if key not in ("store", "val_store", "out", "cache_dir") or not value or is_url(value):
+        return value
+    return str((base / value).resolve())
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
