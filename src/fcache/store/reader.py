@@ -18,11 +18,13 @@ import numpy as np
 import torch
 import zarr
 
-from fcache.common.errors import CorruptStoreError, InputError, StoreError
+from fcache.common.errors import CorruptStoreError, StoreError
 from fcache.spec import Geometry, LevelSpec, Manifest, Status
 from fcache.store import layout
 from fcache.store.backends import Backend, open_backend, parse_size
+from fcache.store.cache import DiskCache
 from fcache.store.dtypes import decode, stored
+from fcache.store.fetch import ShardFetcher
 
 
 def open_store(
@@ -60,13 +62,13 @@ class FeatureStore:
         self.attrs: dict[str, Any] = attrs
         self.manifest = Manifest.from_dict(self.attrs)
         self.ledger = layout.read_records(self.backend, self.units)
-        self.cache = (str(cache_dir), parse_size(cache_size or 0)) if cache_dir else None
-        if self.cache and not self.backend.remote:
-            raise InputError(f"--cache-dir caches stores in object storage; {self.root} is on a local disk already")
+        self.cache = (str(cache_dir), parse_size(cache_size or 0)) if cache_dir and self.backend.remote else None
         self._handles: dict[str, zarr.Array] = {}
         self._pid = os.getpid()
         self._checked: dict[tuple[str, int], str] = {}  # (level, unit) -> the shard's key, once its size is checked
-        self._fetcher: Any = None
+        self._fetcher: ShardFetcher | None = None
+        self._fetcher_pid = -1
+        self._scales: dict[tuple[str, int], np.ndarray] = {}  # (level, unit) -> int8 scales of the unit (remote reads)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"backend": self.backend, "cache": self.cache}
@@ -157,10 +159,12 @@ class FeatureStore:
             have = ", ".join(self.target_names) or "none"
             raise StoreError(f"{self.root} has no target {name!r} (it has: {have})")
         arr = self.array(f"{layout.TARGETS}/{name}")
-        values = np.asarray(arr[:] if i is None else arr[i])
-        if values.dtype.kind in "OTU":  # variable-length strings: plain Python str at the boundary
-            return str(values[()]) if values.ndim == 0 else np.asarray(values, dtype=object)
-        return values
+        return _plain(np.asarray(arr[:] if i is None else arr[i]))
+
+    def targets_many(self, name: str, indices: Sequence[int]) -> list[Any]:
+        """``target(name, i)`` of several samples, read concurrently."""
+        self.target(name, slice(0, 0))  # names the target's absence
+        return [_plain(v) for v in _gather(self.array(f"{layout.TARGETS}/{name}"), [int(i) for i in indices])]
 
     # -- features -----------------------------------------------------------------------------
     def array(self, name: str) -> zarr.Array:
@@ -173,6 +177,8 @@ class FeatureStore:
     def read(self, level: str, i: int, view: int | None = None) -> np.ndarray:
         """Float32 features of sample ``i``: (V, C, H, W) or, with ``view``, (C, H, W) (video: with T before C)."""
         self.manifest.level(level)
+        if self.fetcher is not None and self.fetcher.supports(level):
+            return self.read_many([(level, i, view)])[0]
         self._check(level, i)
         arr = self.array(f"{layout.FEATURES}/{level}")
         sel = (i,) if view is None else (i, view)
@@ -186,6 +192,52 @@ class FeatureStore:
                 f"run `fcache verify {self.root}` and re-extract that unit"
             ) from e
         return decode(np.asarray(values), self.manifest.storage.dtype, None if scales is None else np.asarray(scales))
+
+    def read_many(self, requests: Sequence[tuple[str, int, int | None]]) -> list[np.ndarray]:
+        """``read(level, i, view)`` of many requests; for a store in object storage all of them are in flight at once."""
+        fetcher = self.fetcher
+        if fetcher is None or not all(fetcher.supports(lv) for lv, _, _ in requests):
+            return [self.read(lv, i, v) for lv, i, v in requests]
+        for lv, _, _ in requests:
+            self.manifest.level(lv)
+        self.check_shards([(lv, i) for lv, i, _ in requests])
+        values = fetcher.read(requests)
+        dtype = self.manifest.storage.dtype
+        if not stored(dtype).scaled:
+            return [decode(v, dtype, None) for v in values]
+        units = sorted({(lv, layout.unit_of(i, self.manifest.storage.shard_size, self.n)) for lv, i, _ in requests}, key=str)
+        todo = [(lv, u) for lv, u in units if (lv, u.index) not in self._scales]
+        for (lv, u), s in zip(todo, self._gather_scales(todo), strict=True):
+            self._scales[(lv, u.index)] = s
+        out = []
+        for (lv, i, view), v in zip(requests, values, strict=True):
+            unit = layout.unit_of(i, self.manifest.storage.shard_size, self.n)
+            scales = self._scales[(lv, unit.index)][i - unit.start]
+            out.append(decode(v, dtype, scales if view is None else scales[view]))
+        return out
+
+    def _gather_scales(self, todo: Sequence[tuple[str, layout.Unit]]) -> list[np.ndarray]:
+        by_level: dict[str, list[layout.Unit]] = {}
+        for lv, u in todo:
+            by_level.setdefault(lv, []).append(u)
+        got = {}
+        for lv, us in by_level.items():
+            for u, s in zip(us, _gather(self.array(f"{layout.SCALES}/{lv}"), [slice(u.start, u.stop) for u in us]), strict=True):
+                got[(lv, u.index)] = s
+        if len(self._scales) > 4096:
+            self._scales.clear()
+        return [got[(lv, u.index)] for lv, u in todo]
+
+    @property
+    def fetcher(self) -> ShardFetcher | None:
+        """The remote read path of this process (None on local disk)."""
+        if not self.backend.remote:
+            return None
+        if self._fetcher is None or self._fetcher_pid != os.getpid():
+            cache = DiskCache(self.cache[0], self.cache[1], self.backend.url) if self.cache else None
+            self._fetcher, self._fetcher_pid = ShardFetcher(self.backend, self.manifest, self.ledger, cache), os.getpid()
+            self._scales = {}
+        return self._fetcher
 
     def _check(self, level: str, i: int) -> None:
         """The shard holding sample i is committed and its file is the one the ledger recorded."""
@@ -296,14 +348,50 @@ class FeatureDataset(torch.utils.data.Dataset):
         return int(self.views[rng.integers(len(self.views))])
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
-        j, v = item if isinstance(item, tuple) else (item, None)
-        i = int(self.indices[j])
-        v = self.view_of(i) if v is None else int(v)
-        feats = {lv: torch.from_numpy(self.store.read(lv, i, v)) for lv in self.levels}
-        return {
-            "index": i,
-            "view": v,
-            "features": feats,
-            "geometry": torch.from_numpy(self._geometry[i, v].copy()),
-            "targets": {name: self.store.target(name, i) for name in self.targets},
-        }
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: Sequence[int | tuple[int, int]]) -> list[dict[str, Any]]:
+        """Several items at once (a DataLoader batch): a remote store reads all their levels and targets concurrently."""
+        picked = []
+        for item in items:
+            j, v = item if isinstance(item, tuple) else (item, None)
+            i = int(self.indices[j])
+            picked.append((i, self.view_of(i) if v is None else int(v)))
+        if self.store.backend.remote:
+            values = self.store.read_many([(lv, i, v) for i, v in picked for lv in self.levels])
+            targets = {name: self.store.targets_many(name, [i for i, _ in picked]) for name in self.targets}
+        else:
+            values = [self.store.read(lv, i, v) for i, v in picked for lv in self.levels]
+            targets = {name: [self.store.target(name, i) for i, _ in picked] for name in self.targets}
+        out = []
+        for k, (i, v) in enumerate(picked):
+            feats = values[k * len(self.levels) : (k + 1) * len(self.levels)]
+            out.append(
+                {
+                    "index": i,
+                    "view": v,
+                    "features": {lv: torch.from_numpy(x) for lv, x in zip(self.levels, feats, strict=True)},
+                    "geometry": torch.from_numpy(self._geometry[i, v].copy()),
+                    "targets": {name: targets[name][k] for name in self.targets},
+                }
+            )
+        return out
+
+
+def _plain(values: np.ndarray) -> Any:
+    """Variable-length strings as plain Python ``str`` at the boundary; numbers as they are."""
+    if values.dtype.kind in "OTU":
+        return str(values[()]) if values.ndim == 0 else np.asarray(values, dtype=object)
+    return values
+
+
+def _gather(arr: zarr.Array, selections: Sequence[Any]) -> list[np.ndarray]:
+    """``arr[sel]`` for each selection, all read concurrently on zarr's event loop."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def read_all() -> list[Any]:
+        return list(await asyncio.gather(*(arr._async_array.getitem(sel) for sel in selections)))
+
+    return [np.asarray(v) for v in sync(read_all())]

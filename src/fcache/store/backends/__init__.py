@@ -103,7 +103,8 @@ class Backend(ABC):
     @abstractmethod
     def create(self, key: str, data: bytes) -> str | None:
         """Create ``key`` only if it does not exist: its version tag when this call (or its own lost-reply retry)
-        created it, None when it existed."""
+        created it, None when another one did. An object already holding exactly ``data`` counts as ours: callers put
+        a unique token in what they create."""
 
     @abstractmethod
     def read_version(self, key: str) -> Version | None:
