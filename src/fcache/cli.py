@@ -207,12 +207,12 @@ def verify(store: str, fast: bool, recompute: int, weights: str | None, device: 
     """
     from tqdm import tqdm
 
-    from fcache.store import open as open_store
+    from fcache.store import FeatureStore
     from fcache.store import verify as run_verify
     from fcache.store.backends import parse_storage_options
 
     options = parse_storage_options(storage_options)
-    total = len(open_store(store, storage_options=options).ledger)
+    total = len(FeatureStore(store, storage_options=options).ledger)
     with tqdm(total=total, unit="unit", desc="verify", disable=as_json or None, file=sys.stderr) as bar:
         report = run_verify(store, fast=fast, progress=bar.update, storage_options=options)
     if recompute:
@@ -232,6 +232,62 @@ def verify(store: str, fast: bool, recompute: int, weights: str | None, device: 
             f"{verdict}: {report.units_committed}/{report.units_total} units committed, {report.files_checked} files checked ({mode})"
         )
     sys.exit(0 if report.ok else 1)
+
+
+@main.command()
+@click.argument("src", type=StoreLocation())
+@click.argument("dst", type=StoreLocation(exists=False))
+@click.option("--workers", type=int, default=4, show_default=True, help="Units copied at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@storage_options_option
+@user_errors
+def copy(src: str, dst: str, workers: int, as_json: bool, storage_options: str) -> None:
+    """Copy the store SRC to DST: local folder, s3://... or gs://..., in either direction.
+
+    Every object is checked against the sha256 of its unit's ledger record when read from SRC and again when read
+    back from DST; a unit's ledger record is created at DST last. Rerun the same command to finish an interrupted copy.
+    """
+    from tqdm import tqdm
+
+    from fcache.store.backends import parse_storage_options
+    from fcache.store.copy import copy_store
+
+    with tqdm(unit="unit", desc="copy", disable=as_json or None, file=sys.stderr) as bar:
+        summary = copy_store(src, dst, storage_options=parse_storage_options(storage_options), workers=workers, progress=bar.update)
+    s = summary.to_dict()
+    line = f"copied {s['units_copied']} units ({s['bytes_copied']:,} bytes) into {s['destination']}"
+    line += f"; {s['units_present']} were there already; {s['units_committed']}/{s['units_total']} units committed at the source"
+    click.echo(json.dumps(s, indent=1) if as_json else line)
+
+
+@main.command("export-wds")
+@click.argument("store", type=StoreLocation())
+@click.option("--out", type=StoreLocation(exists=False), required=True, help="Folder or URL for the tar shards.")
+@click.option("--shard-size", default="1GB", show_default=True, help="Bytes per tar shard, e.g. 1GB or 512MiB.")
+@click.option("--levels", default="", help="Levels to export, e.g. p4,p5 [default: all].")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@storage_options_option
+@user_errors
+def export_wds(store: str, out: str, shard_size: str, levels: str, as_json: bool, storage_options: str) -> None:
+    """Write STORE's samples as webdataset tar shards: per sample <level>.npy (every view, stored dtype), geometry.json,
+    targets.json; OUT/fcache-wds.json holds the manifest. fcache.store.open(OUT).stream() reads it back as a stream."""
+    from tqdm import tqdm
+
+    from fcache.common.flags import split_csv
+    from fcache.store import FeatureStore
+    from fcache.store.backends import parse_size, parse_storage_options
+    from fcache.store.webdataset import export_wds as run_export
+
+    options = parse_storage_options(storage_options)
+    s = FeatureStore(store, storage_options=options)
+    with tqdm(total=len(s.ok_indices), unit="sample", desc="export", disable=as_json or None, file=sys.stderr) as bar:
+        d = run_export(s, out, shard_size=parse_size(shard_size), levels=split_csv(levels) or None, storage_options=options,
+                       progress=bar.update)  # fmt: skip
+    click.echo(
+        json.dumps(d, indent=1)
+        if as_json
+        else f"exported {d['samples']} samples ({', '.join(d['levels'])}) as {d['shards']} shards into {d['out']}"
+    )
 
 
 @main.command()

@@ -27,7 +27,7 @@ def recompute(
     storage_options: dict | None = None,
 ) -> list[Problem]:
     """Problems found re-extracting ``k`` random samples that have features (empty when all agree)."""
-    s = fstore.open(path, storage_options=storage_options)
+    s = fstore.FeatureStore(path, storage_options=storage_options)
     m = s.manifest
     r = rebuild(m, [str(x) for x in s.keys], weights=weights, device=device)
     chosen = np.random.default_rng(seed).choice(s.ok_indices, size=min(k, len(s.ok_indices)), replace=False)

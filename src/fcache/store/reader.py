@@ -25,6 +25,7 @@ from fcache.store.backends import Backend, open_backend, parse_size
 from fcache.store.cache import DiskCache
 from fcache.store.dtypes import decode, stored
 from fcache.store.fetch import ShardFetcher
+from fcache.store.webdataset import WdsExport, is_export
 
 
 def open_store(
@@ -33,14 +34,18 @@ def open_store(
     storage_options: Mapping[str, Any] | None = None,
     cache_dir: str | Path | None = None,
     cache_size: int | str | None = None,
-) -> FeatureStore:
-    """Open a store for reading (the public ``fcache.store.open``): a local path, ``s3://...`` or ``gs://...``.
+) -> FeatureStore | WdsExport:
+    """Open a store for reading (the public ``fcache.store.open``): a local path, ``s3://...`` or ``gs://...``; or a
+    webdataset export of one (``fcache export-wds``), which is read as a stream (``WdsExport.stream()``).
 
     Args:
         storage_options: passed to s3fs / gcsfs as they are (endpoint, profile, ...), for a URL.
         cache_dir, cache_size: a local disk cache of a remote store's shards, at most ``cache_size`` bytes (e.g. "200GB").
     """
-    return FeatureStore(path, storage_options=storage_options, cache_dir=cache_dir, cache_size=cache_size)
+    backend = open_backend(path, storage_options)
+    if layout.read_manifest_attrs(backend) is None and is_export(backend):
+        return WdsExport(backend)
+    return FeatureStore(backend, cache_dir=cache_dir, cache_size=cache_size)
 
 
 class FeatureStore:
@@ -57,6 +62,11 @@ class FeatureStore:
         self.backend = open_backend(path, storage_options)
         self.root = self.backend.root
         attrs = layout.read_manifest_attrs(self.backend)
+        if attrs is None and is_export(self.backend):
+            raise StoreError(
+                f"{self.root} is a webdataset export, which is read as a stream (fcache.store.open(...).stream()); "
+                "this needs random access: give the store it was exported from"
+            )
         if attrs is None:
             raise StoreError(f"{self.root} is not an fcache store (no zarr.json with an fcache manifest); check the path")
         self.attrs: dict[str, Any] = attrs

@@ -17,7 +17,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from fcache import store as fstore
 from fcache.common.devices import resolve_device
 from fcache.common.errors import InputError
 from fcache.spec import LevelSpec
@@ -120,7 +119,7 @@ def load_trained(run_path: str | Path, store_path: str | Path, access: Mapping[s
     record = run.require_config()
     tdef = task_def(record.config.task)
     task = tdef.from_description(record.task)
-    store = fstore.open(store_path, **(access or {}))
+    store = FeatureStore(store_path, **(access or {}))
     tdef.check_eval_store(task, store)
     check_levels(store, record.levels)
     state, iteration = run.load_model()

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from fcache import store as fstore
 from fcache.common.devices import resolve_device
 from fcache.common.errors import DivergedError, InputError
 from fcache.spec import LevelSpec
@@ -72,12 +71,12 @@ class Prepared:
 
 def prepare_training(cfg: TrainConfig) -> Prepared:
     """Open the stores, fit the task and head to them, pick the samples, build the model. Raises FcacheError."""
-    store = fstore.open(cfg.store, **cfg.open_kwargs())
+    store = FeatureStore(cfg.store, **cfg.open_kwargs())
     tdef = task_def(cfg.task)
     task = tdef.from_store(store, cfg.head)
     levels = task.levels(store.levels)
     indices = train_indices(store, cfg.train_fraction, cfg.seed)
-    val = fstore.open(cfg.val_store, **cfg.open_kwargs()) if cfg.val_store else None
+    val = FeatureStore(cfg.val_store, **cfg.open_kwargs()) if cfg.val_store else None
     if val is not None:
         tdef.check_eval_store(task, val)
         check_levels(val, levels)

@@ -92,6 +92,10 @@ class Backend(ABC):
         """Write a whole object (replacing it); readers see the old bytes or the new, never a part."""
 
     @abstractmethod
+    def put_file(self, key: str, path: str | Path) -> None:
+        """Upload a local file as the object ``key`` (streamed; multipart on object storage), replacing it whole."""
+
+    @abstractmethod
     def delete(self, keys: Iterable[str]) -> None:
         """Delete objects; missing ones are fine."""
 

@@ -80,6 +80,16 @@ class LocalBackend(Backend):
         finally:
             tmp.unlink(missing_ok=True)
 
+    def put_file(self, key: str, path: str | Path) -> None:
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}-{os.urandom(4).hex()}{TEMP_SUFFIX}")
+        try:
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def delete(self, keys: Iterable[str]) -> None:
         for k in keys:
             self.path(k).unlink(missing_ok=True)

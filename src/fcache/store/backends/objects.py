@@ -21,6 +21,7 @@ import time
 import weakref
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fcache.common.errors import InputError
@@ -123,6 +124,9 @@ class ObjectBackend(Backend):
 
     def put(self, key: str, data: bytes) -> None:
         _sync(self.fs._pipe_file(self.path(key), data))
+
+    def put_file(self, key: str, path: str | Path) -> None:
+        _sync(self.fs._put_file(str(path), self.path(key)))
 
     def delete(self, keys: Iterable[str]) -> None:
         fs = self.fs
