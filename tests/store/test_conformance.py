@@ -1,6 +1,7 @@
 """One conformance suite, run for every dtype x codec, for image- and video-shaped levels, on local disk and on S3.
 
-The S3 rows run against a moto server on 127.0.0.1 (``tests/s3.py``): the same store, the object-storage backend.
+The S3 rows run against a moto server on 127.0.0.1 (``tests/s3.py``), two GCS rows against fake-gcs-server: the same
+store through the object-storage backend.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ class StoreConformance:
     @pytest.fixture(scope="class")
     @classmethod
     def built(cls, tmp_path_factory, request):
-        if cls.location == "s3":
-            path = request.getfixturevalue("s3_server").bucket() + "/s.zarr"
+        if cls.location in ("s3", "gcs"):
+            path = request.getfixturevalue(f"{cls.location}_server").bucket() + "/s.zarr"
         else:
             path = tmp_path_factory.mktemp("store") / "s.zarr"
         m, keys = make_manifest(n=10, dtype=cls.dtype, codec=cls.codec, shard_size=4, views=cls.views, frames=cls.frames)
@@ -201,3 +202,6 @@ for _location, _prefix in (("local", "TestStore"), ("s3", "TestS3Store")):
                 if _location == "s3" and (_dtype, _codec) != ("fp16", "zstd"):  # ~20 s each on moto: the default pair runs always
                     _cls = pytest.mark.slow(_cls)
                 globals()[_name] = _cls
+for _dtype, _frames in (("fp16", None), ("int8", 3)):  # GCS (fake-gcs-server): the same store through gcsfs
+    _name = f"TestGcsStore_{_dtype}_zstd_{'video' if _frames else 'image'}"
+    globals()[_name] = type(_name, (StoreConformance,), {"dtype": _dtype, "codec": "zstd", "frames": _frames, "location": "gcs"})

@@ -29,10 +29,15 @@ from helpers import build_store, decoded, refused
 SCRIPT = Path(__file__).with_name("writer_proc.py")
 
 
-@pytest.fixture(params=["local", "s3"])
+CAS_ON_EMULATOR = "fake-gcs-server ignores ifGenerationMatch on media uploads and deletes: compare-and-swap is tested on S3"
+
+
+@pytest.fixture(params=["local", "s3", "gcs"])
 def backend(request, tmp_path):
     if request.param == "s3":
         return open_backend(request.getfixturevalue("s3_bucket") + "/b.zarr")
+    if request.param == "gcs":
+        return open_backend(request.getfixturevalue("gcs_server").bucket() + "/b.zarr")
     return open_backend(tmp_path / "b.zarr")
 
 
@@ -58,6 +63,8 @@ class TestBackendConformance:
         assert backend.get("ledger/done/000001.json") == b"mine"
 
     def test_compare_and_swap_and_remove(self, backend):
+        if backend.url.startswith("gs://"):
+            pytest.skip(CAS_ON_EMULATOR)
         tag = backend.create("lease", b"a")
         current = backend.read_version("lease")
         assert current.data == b"a" and current.tag == tag and current.age < 60
@@ -84,6 +91,8 @@ class TestBackendConformance:
         assert list(zarr.open_array(backend.zarr_store(), path="a", mode="r")[:]) == [0, 1, 2, 3]
 
     def test_leases_take_over_only_stale_holders(self, backend):
+        if backend.url.startswith("gs://"):
+            pytest.skip(CAS_ON_EMULATOR)
         a = Lease(backend, "ledger/lock/000000.lock", timeout=3600)
         b = Lease(backend, "ledger/lock/000000.lock", timeout=3600)
         assert a.acquire() is None

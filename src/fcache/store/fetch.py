@@ -4,8 +4,8 @@ zarr reads a chunk of a sharded array with two dependent requests (the shard's i
 index, so a sample-view costs two round trips of 10-100 ms each. Here a shard's index (16 bytes per chunk + CRC32C,
 at the end of the shard object) is read once and kept, and a whole batch of sample-views is read with every range
 request in flight at once: the first batch that touches a shard costs two round trips, later ones one. Chunks are
-decoded here (bytes, Blosc, CRC32C as ``fcache.store.codecs`` writes them) and checked by their CRC32C, so a
-corrupt chunk raises ``CorruptStoreError`` instead of returning wrong values. With a ``DiskCache`` the indexes and
+decoded here (bytes, Blosc, CRC32C as ``fcache.store.codecs`` writes them), on a pool of threads, and checked by
+their CRC32C, so a corrupt chunk raises ``CorruptStoreError`` instead of returning wrong values. With a ``DiskCache`` the indexes and
 chunks read are kept on local disk too. The local read path is zarr's own (``FeatureStore.read``).
 """
 
@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,18 +149,17 @@ class ShardFetcher:
                     raws[w] = hit
         from_cache = set(raws)
         raws |= self._fetch([w for w in dict.fromkeys(wanted) if w not in raws])
-        out = []
-        for w in wanted:
+
+        def decoded(w: tuple[str, int, int]) -> np.ndarray:
             try:
-                out.append(self._decode(w, raws[w]))
+                return self._decode(w, raws[w])
             except CorruptStoreError:
                 if self.cache is None or w not in from_cache:
                     raise
-                from_cache.discard(w)
-                self.cache.drop(self._cache_name(w[0], w[1]), f"c{w[2]}")
-                raws |= self._fetch([w])
-                out.append(self._decode(w, raws[w]))
-        return out
+                self.cache.drop(self._cache_name(w[0], w[1]), f"c{w[2]}")  # a damaged cache entry: read it from the store
+                return self._decode(w, self._fetch([w])[w])
+
+        return list(decoder().map(decoded, wanted))
 
     def _fetch(self, wanted: Sequence[tuple[str, int, int]]) -> dict[tuple[str, int, int], bytes]:
         ranges = []
@@ -217,6 +218,17 @@ class ShardFetcher:
             f"{self.backend.url}: level {level}, shard {unit} (samples {u.start}-{u.stop - 1}) is corrupt: {what}; "
             f"run `fcache verify {self.backend.url}` and re-extract that unit"
         )
+
+
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def decoder() -> ThreadPoolExecutor:
+    """Threads decoding chunks (Blosc and numpy release the GIL): one per core, made again in a forked child."""
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid():
+        _POOL = (os.getpid(), ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="fcache-decode"))
+    return _POOL[1]
 
 
 def _crc_ok(data: bytes) -> bool:

@@ -24,7 +24,7 @@ from fcache.store import layout
 from fcache.store.backends import Backend, open_backend, parse_size
 from fcache.store.cache import DiskCache
 from fcache.store.dtypes import decode, stored
-from fcache.store.fetch import ShardFetcher
+from fcache.store.fetch import ShardFetcher, decoder
 from fcache.store.webdataset import WdsExport, is_export
 
 
@@ -214,7 +214,7 @@ class FeatureStore:
         values = fetcher.read(requests)
         dtype = self.manifest.storage.dtype
         if not stored(dtype).scaled:
-            return [decode(v, dtype, None) for v in values]
+            return list(decoder().map(lambda v: decode(v, dtype, None), values))
         units = sorted({(lv, layout.unit_of(i, self.manifest.storage.shard_size, self.n)) for lv, i, _ in requests}, key=str)
         todo = [(lv, u) for lv, u in units if (lv, u.index) not in self._scales]
         for (lv, u), s in zip(todo, self._gather_scales(todo), strict=True):
