@@ -32,7 +32,7 @@ def main() -> None:
         st = os.stat(path)
         start, end, status = 0, st.st_size - 1, 200
         headers = {
-            "ETag": '"%s"' % hashlib.md5(f"{path}{st.st_mtime_ns}".encode()).hexdigest(),
+            "ETag": f'"{hashlib.md5(f"{path}{st.st_mtime_ns}".encode()).hexdigest()}"',
             "Last-Modified": email.utils.formatdate(st.st_mtime, usegmt=True),
             "Accept-Ranges": "bytes",
             "Content-Type": "binary/octet-stream",

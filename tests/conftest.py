@@ -49,7 +49,8 @@ def gcs_server():
     import threading
 
     # the wrapper pipes the server's log to us and never reads it: once the pipe is full every request would hang
-    threading.Thread(target=shutil.copyfileobj, args=(server._process.stderr, open(os.devnull, "wb")), daemon=True).start()
+    sink = open(os.devnull, "wb")  # noqa: SIM115 - lives as long as the server
+    threading.Thread(target=shutil.copyfileobj, args=(server._process.stderr, sink), daemon=True).start()
 
     class Gcs:
         @staticmethod
