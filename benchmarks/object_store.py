@@ -164,9 +164,8 @@ def main() -> None:
     for size in args.sizes.split(","):
         mine = [r for r in rows if r["chunks"] == size]
         summary[size] = {f"k for {g}": next((r["k"] for r in mine if r["ratio 20ms"] >= g), None) for g in (0.8, 1.0)}
-        print(
-            f"{size}: 20 ms per request reaches 0.8 of local disk at k = {summary[size]['k for 0.8']}, 1.0 at k = {summary[size]['k for 1.0']}"
-        )
+        k8, k10 = summary[size]["k for 0.8"], summary[size]["k for 1.0"]
+        print(f"{size}: with 20 ms per request, 0.8 of the local-disk rate at k = {k8}, 1.0 at k = {k10}")
     print(f"results: {save('object_store', {'rows': rows, 'summary': summary})}")
 
 
