@@ -8,9 +8,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from test_cls_probe import QUICK, colour_images, extract, train
 
 from fcache.cli import main
-from test_cls_probe import QUICK, colour_images, extract, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
