@@ -98,6 +98,12 @@ def test_second_driver_is_refused_on_s3(data, s3_bucket):
     r = CliRunner().invoke(main, [*args, "--json"])  # the dead holder's lease is stale: taken over
     assert r.exit_code == 0, r.output
     assert len(fstore.open(url).ledger) == 1 and not open_backend(url).exists(LEASE_KEY)
+    r = CliRunner().invoke(main, [*args, "--dtype", "bf16"])
+    assert r.exit_code == 2 and 'storage.dtype: "fp16" != "bf16"' in r.output  # another configuration: refused, named
+    r = CliRunner().invoke(main, [*args, "--dtype", "bf16", "--overwrite", "--json"])
+    assert r.exit_code == 0, r.output
+    s = fstore.open(url)
+    assert s.manifest.storage.dtype == "bf16" and len(s.ledger) == 1 and fstore.verify(url).ok
 
 
 @pytest.mark.slow
