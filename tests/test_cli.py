@@ -54,14 +54,14 @@ def test_a_bug_keeps_its_traceback_while_a_user_mistake_is_one_line(tmp_path, mo
     from fcache.common.errors import InputError
     from fcache.store import info
 
-    def broken(path):
+    def broken(path, storage_options=None):
         raise ValueError("an internal bug")
 
     monkeypatch.setattr(info, "describe", broken)
     r = CliRunner().invoke(main, ["info", str(tmp_path)])
     assert r.exit_code == 1 and isinstance(r.exception, ValueError) and not isinstance(r.exception, InputError)
 
-    def refused(path):
+    def refused(path, storage_options=None):
         raise InputError(f"{path} is not what fcache wants; do this instead")
 
     monkeypatch.setattr(info, "describe", refused)

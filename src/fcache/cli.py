@@ -78,6 +78,27 @@ class TableChoice(click.Choice):
         self.fail(f"unknown {what} {value!r}; choose one of: {', '.join(self.choices)}", param, ctx)
 
 
+class StoreLocation(click.ParamType):
+    """A store: a local folder (that must exist when ``exists``) or a URL (``s3://``, ``gs://``), taken as written."""
+
+    name = "store"
+
+    def __init__(self, exists: bool = True) -> None:
+        self.local = click.Path(exists=exists, file_okay=False)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from fcache.store.backends import is_url
+
+        return value if is_url(str(value)) else self.local.convert(value, param, ctx)
+
+
+def storage_options_option(fn: F) -> F:
+    """``--storage-options JSON`` for commands that take a store as an argument (config-built commands have the field)."""
+    from fcache.store.access import STORAGE_OPTIONS_HELP
+
+    return click.option("--storage-options", default="", help=STORAGE_OPTIONS_HELP)(fn)
+
+
 class Fcache(click.Group):
     """The ``fcache`` group: a command's bad flag is one line naming it (and the help to read), exit code 2."""
 
@@ -157,27 +178,32 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("store", type=StoreLocation())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@storage_options_option
 @user_errors
-def info(store: str, as_json: bool) -> None:
-    """Show what STORE holds: manifest, levels and shapes, bytes on disk, compression, statuses, int8 error."""
+def info(store: str, as_json: bool, storage_options: str) -> None:
+    """Show what STORE (a folder, s3://... or gs://...) holds: manifest, levels and shapes, bytes stored, compression,
+    statuses, int8 error."""
+    from fcache.store.backends import parse_storage_options
     from fcache.store.info import describe, format_info
 
-    d = describe(store)
+    d = describe(store, parse_storage_options(storage_options))
     click.echo(json.dumps(d, indent=1) if as_json else format_info(d))
 
 
 @main.command()
-@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("store", type=StoreLocation())
 @click.option("--fast", is_flag=True, help="Check presence, sizes and statuses only; skip checksums and decoding.")
 @click.option("--recompute", type=int, default=0, help="Also re-extract K random samples and compare them with the store.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None, help="With --recompute: the weights file used.")
 @click.option("--device", default="auto", show_default=True, help=f"With --recompute: where to run the backbone: {DEVICE_HELP}")
 @click.option("--tolerance", type=float, default=None, help="With --recompute: relative RMSE allowed (default by dtype).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@storage_options_option
 @user_errors
-def verify(store: str, fast: bool, recompute: int, weights: str | None, device: str, tolerance: float | None, as_json: bool) -> None:
+def verify(store: str, fast: bool, recompute: int, weights: str | None, device: str, tolerance: float | None, as_json: bool,
+           storage_options: str) -> None:  # fmt: skip
     """Check STORE against its ledger: temporaries, missing or changed shards, CRCs, statuses, NaN/Inf.
 
     Names each bad file with its sample range. Exit code 0 when the store is sound, 1 otherwise.
@@ -187,18 +213,22 @@ def verify(store: str, fast: bool, recompute: int, weights: str | None, device: 
     from tqdm import tqdm
 
     from fcache.common.devices import resolve_device
+    from fcache.store import FeatureStore
     from fcache.store import verify as run_verify
-    from fcache.store.reader import FeatureStore
+    from fcache.store.backends import parse_storage_options
 
+    options = parse_storage_options(storage_options)
     if recompute:
         resolve_device(device)  # a device that is not there is named before the store is read
-    total = len(FeatureStore(store, check=False).ledger)  # an inconsistent store is verify's to report, not to refuse
+    total = len(FeatureStore(store, storage_options=options, check=False).ledger)  # an inconsistent store is verify's to report
     with tqdm(total=total, unit="unit", desc="verify", disable=as_json or None, file=sys.stderr) as bar:
-        report = run_verify(store, fast=fast, progress=bar.update)
+        report = run_verify(store, fast=fast, progress=bar.update, storage_options=options)
     if recompute:
         from fcache.extract.recompute import recompute as run_recompute
 
-        report.problems += run_recompute(store, recompute, weights=weights or "", device=device, tolerance=tolerance)
+        report.problems += run_recompute(
+            store, recompute, weights=weights or "", device=device, tolerance=tolerance, storage_options=options
+        )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))
     else:
@@ -213,8 +243,66 @@ def verify(store: str, fast: bool, recompute: int, weights: str | None, device: 
 
 
 @main.command()
+@click.argument("src", type=StoreLocation())
+@click.argument("dst", type=StoreLocation(exists=False))
+@click.option("--workers", type=int, default=4, show_default=True, help="Units copied at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@storage_options_option
+@user_errors
+def copy(src: str, dst: str, workers: int, as_json: bool, storage_options: str) -> None:
+    """Copy the store SRC to DST: local folder, s3://... or gs://..., in either direction.
+
+    Every object is checked against the sha256 of its unit's ledger record when read from SRC and again when read
+    back from DST; a unit's ledger record is created at DST last. Rerun the same command to finish an interrupted copy.
+    """
+    from tqdm import tqdm
+
+    from fcache.store.backends import parse_storage_options
+    from fcache.store.copy import copy_store
+
+    with tqdm(unit="unit", desc="copy", disable=as_json or None, file=sys.stderr) as bar:
+        summary = copy_store(src, dst, storage_options=parse_storage_options(storage_options), workers=workers, progress=bar.update)
+    s = summary.to_dict()
+    line = f"copied {s['units_copied']} units ({s['bytes_copied']:,} bytes) into {s['destination']}"
+    line += f"; {s['units_present']} were there already; {s['units_committed']}/{s['units_total']} units committed at the source"
+    click.echo(json.dumps(s, indent=1) if as_json else line)
+
+
+@main.command("export-wds")
+@click.argument("store", type=StoreLocation())
+@click.option("--out", type=StoreLocation(exists=False), required=True, help="Folder or URL for the tar shards.")
+@click.option("--shard-size", default="1GB", show_default=True, help="Bytes per tar shard, e.g. 1GB or 512MiB.")
+@click.option("--levels", default="", help="Levels to export, e.g. p4,p5 [default: all].")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@storage_options_option
+@user_errors
+def export_wds(store: str, out: str, shard_size: str, levels: str, as_json: bool, storage_options: str) -> None:
+    """Write STORE's samples as webdataset tar shards: per sample <level>.npy (every view, stored dtype), geometry.json,
+    targets.json; OUT/fcache-wds.json holds the manifest. fcache.store.open(OUT).stream() reads it back as a stream."""
+    from tqdm import tqdm
+
+    from fcache.common.flags import split_csv
+    from fcache.store import FeatureStore
+    from fcache.store.backends import parse_size, parse_storage_options
+    from fcache.store.webdataset import export_wds as run_export
+
+    options = parse_storage_options(storage_options)
+    s = FeatureStore(store, storage_options=options)
+    with tqdm(total=len(s.ok_indices), unit="sample", desc="export", disable=as_json or None, file=sys.stderr) as bar:
+        d = run_export(s, out, shard_size=parse_size(shard_size), levels=split_csv(levels) or None, storage_options=options,
+                       progress=bar.update)  # fmt: skip
+    click.echo(
+        json.dumps(d, indent=1)
+        if as_json
+        else f"exported {d['samples']} samples ({', '.join(d['levels'])}) as {d['shards']} shards into {d['out']}"
+    )
+
+
+@main.command()
 @options_of(SourceConfig, ExtractConfig)
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="The store to create (or resume).")
+@click.option(
+    "--out", type=StoreLocation(exists=False), required=True, help="The store to create (or resume): a folder, s3://... or gs://..."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
 def extract(as_json: bool, **kw: Any) -> None:

@@ -1,4 +1,8 @@
-"""One conformance suite, run for every dtype x codec, for image- and video-shaped levels."""
+"""One conformance suite, run for every dtype x codec, for image- and video-shaped levels, on local disk and on S3.
+
+The S3 rows run against a moto server on 127.0.0.1 (``tests/s3.py``), two GCS rows against fake-gcs-server: the same
+store through the object-storage backend.
+"""
 
 from __future__ import annotations
 
@@ -33,11 +37,15 @@ class StoreConformance:
     frames: int | None = None
     views = 2
     failed = (3,)
+    location = "local"  # or "s3"
 
     @pytest.fixture(scope="class")
     @classmethod
-    def built(cls, tmp_path_factory):
-        path = tmp_path_factory.mktemp("store") / "s.zarr"
+    def built(cls, tmp_path_factory, request):
+        if cls.location in ("s3", "gcs"):
+            path = request.getfixturevalue(f"{cls.location}_server").bucket() + "/s.zarr"
+        else:
+            path = tmp_path_factory.mktemp("store") / "s.zarr"
         m, keys = make_manifest(n=10, dtype=cls.dtype, codec=cls.codec, shard_size=4, views=cls.views, frames=cls.frames)
         write_all(fstore.create(path, m, keys), failed=cls.failed)
         return path, m
@@ -85,7 +93,7 @@ class StoreConformance:
         assert s.status_counts() == {"ok": 9, "decode_error": 1}
         with pytest.raises(fstore.StoreError, match="decode_error"):
             s.read("p2", 3)
-        errors = [json.loads(line) for line in (path / "errors.jsonl").read_text().splitlines()]
+        errors = [json.loads(line) for line in s.backend.get("errors.jsonl").decode().splitlines()]
         assert [e["key"] for e in errors] == ["img_0003.jpg"]
 
     def test_dataset_items(self, built):
@@ -184,8 +192,16 @@ def test_every_stored_dtype_has_conformance_rows():
 
 
 CODECS = ("zstd", "zstd:7", "lz4", "none")
-for _dtype in DTYPES:
-    for _codec in CODECS:
-        for _frames in (None, 3):
-            _name = f"TestStore_{_dtype}_{_codec.replace(':', '')}_{'video' if _frames else 'image'}"
-            globals()[_name] = type(_name, (StoreConformance,), {"dtype": _dtype, "codec": _codec, "frames": _frames})
+for _location, _prefix in (("local", "TestStore"), ("s3", "TestS3Store")):
+    for _dtype in DTYPES:
+        for _codec in CODECS:
+            for _frames in (None, 3):
+                _name = f"{_prefix}_{_dtype}_{_codec.replace(':', '')}_{'video' if _frames else 'image'}"
+                _attrs = {"dtype": _dtype, "codec": _codec, "frames": _frames, "location": _location}
+                _cls = type(_name, (StoreConformance,), _attrs)
+                if _location == "s3" and (_dtype, _codec) != ("fp16", "zstd"):  # ~20 s each on moto: the default pair runs always
+                    _cls = pytest.mark.slow(_cls)
+                globals()[_name] = _cls
+for _dtype, _frames in (("fp16", None), ("int8", 3)):  # GCS (fake-gcs-server): the same store through gcsfs
+    _name = f"TestGcsStore_{_dtype}_zstd_{'video' if _frames else 'image'}"
+    globals()[_name] = type(_name, (StoreConformance,), {"dtype": _dtype, "codec": "zstd", "frames": _frames, "location": "gcs"})

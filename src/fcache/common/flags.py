@@ -95,8 +95,10 @@ def check_flags(config: Any) -> None:
 
 
 def flags_of(cls: type) -> list[tuple[dataclasses.Field, Flag]]:
-    """The fields of ``cls`` that are command-line flags, in declaration order."""
-    return [(f, f.metadata["flag"]) for f in dataclasses.fields(cls) if "flag" in f.metadata]
+    """The fields of ``cls`` that are command-line flags, in declaration order (those of base classes last)."""
+    own = getattr(cls, "__annotations__", {})
+    fields = [f for f in dataclasses.fields(cls) if "flag" in f.metadata]
+    return [(f, f.metadata["flag"]) for f in sorted(fields, key=lambda f: f.name not in own)]
 
 
 def from_flags(cls: type[T], kw: Mapping[str, Any], **nested: Any) -> T:

@@ -16,6 +16,7 @@ from fcache.common.devices import DEVICE_HELP
 from fcache.common.errors import InputError
 from fcache.common.flags import check_flags, flag, from_flags, split_csv
 from fcache.spec import LEVEL_NAMES, SourceConfig
+from fcache.store.access import StoreAccess
 
 LEVELS = tuple(LEVEL_NAMES.values())
 DEFAULT_LEVELS = ("p2", "p3", "p4", "p5")
@@ -48,7 +49,7 @@ def parse_pair(text: str) -> tuple[float, float]:
 
 
 @dataclass(frozen=True)
-class ExtractConfig:
+class ExtractConfig(StoreAccess):
     """Everything ``fcache extract`` (and ``fcache plan``) needs; ``source`` is recorded in the store's manifest."""
 
     source: SourceConfig
@@ -119,6 +120,7 @@ class ExtractConfig:
         if self.on_error not in ("skip", "fail"):
             raise InputError(f"--on-error {self.on_error}: use skip or fail")
         resolve_device(self.device)
+        self.options()
         self.target()
         self.check_out()
 

@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +36,7 @@ from fcache.extract.stages import Batcher, SampleDataset, SampleItem, UnitAssemb
 from fcache.extract.views import expand_test_views
 from fcache.spec import DatasetInfo, Manifest, Preprocessing, StorageSpec, keys_digest
 from fcache.store import layout
+from fcache.store.backends import ROOT_META, Backend, open_backend
 from fcache.store.info import human
 from fcache.store.lease import DriverLease
 
@@ -138,11 +138,11 @@ def run_extract(cfg: ExtractConfig, show_progress: bool = False) -> ExtractSumma
                         _on_cluster(cfg, target, source, refs, pending, stats, progress)
             done = writer.finalize()
     except KeyboardInterrupt:
-        raise Interrupted(interrupted_message(Path(cfg.out))) from None
+        raise Interrupted(interrupted_message(open_backend(cfg.out, cfg.options()))) from None
     if done["units_committed"] < done["units_total"]:
         left = done["units_total"] - done["units_committed"]
         raise fstore.StoreError(f"{left} unit(s) of {cfg.out} are not committed (another writer held their lock); rerun this command")
-    info = fstore.describe(cfg.out)
+    info = fstore.describe(writer.backend)
     return ExtractSummary(
         store=str(cfg.out),
         samples=len(refs),
@@ -157,31 +157,36 @@ def run_extract(cfg: ExtractConfig, show_progress: bool = False) -> ExtractSumma
     )
 
 
-def interrupted_message(root: Path) -> str:
-    """What an interrupted extraction kept in ``root`` and the command that continues it."""
-    manifest = layout.read_manifest(root) if fstore_exists(str(root)) else None
+def interrupted_message(backend: Backend) -> str:
+    """What an interrupted extraction kept in the store at ``backend`` and the command that continues it."""
+    manifest = layout.read_manifest(backend) if fstore_exists(backend) else None
     if manifest is None:
-        return f"nothing was written to {root}"
-    total = len(layout.units(manifest.dataset.n, manifest.storage.shard_size))
-    done = len(list(layout.ledger_dir(root, "done").glob("*.json")))
-    return f"{done} of {total} units of {root} are committed and kept; continue with: {rerun(drop=('--overwrite',))}"
+        return f"nothing was written to {backend.url}"
+    units = layout.units(manifest.dataset.n, manifest.storage.shard_size)
+    done = len(layout.read_records(backend, units))
+    return f"{done} of {len(units)} units of {backend.url} are committed and kept; continue with: {rerun(drop=('--overwrite',))}"
 
 
 @contextlib.contextmanager
 def _leased_store(cfg: ExtractConfig, source: Source, refs: list[SampleRef], manifest: Manifest) -> Iterator[fstore.StoreWriter]:
-    """Create or reopen the store under this driver's lease, taken before anything is replaced and held to the end."""
-    lease = DriverLease(cfg.out)
-    existed = fstore_exists(cfg.out)
+    """Create or reopen the store under this driver's lease, taken before anything is replaced and held to the end.
+
+    On local disk a new store appears by a rename, so its lease is taken once it exists; in object storage the lease
+    is taken first, so one driver at a time builds the store in place (invisible until its manifest is written).
+    """
+    backend = open_backend(cfg.out, cfg.options())
+    lease = DriverLease(backend)
+    existed = fstore_exists(backend)
     try:
-        if existed:
+        if existed or backend.remote:
             lease.acquire()
         try:
             writer = fstore.create(
-                cfg.out, manifest, [r.key for r in refs], targets=source.target_specs(), target_attrs=source.target_attrs(),
+                backend, manifest, [r.key for r in refs], targets=source.target_specs(), target_attrs=source.target_attrs(),
                 overwrite=cfg.overwrite,
             )  # fmt: skip
         except OSError as e:
-            if not existed and e.errno in (errno.EEXIST, errno.ENOTEMPTY) and fstore_exists(cfg.out):
+            if not existed and (isinstance(e, FileExistsError) or e.errno in (errno.EEXIST, errno.ENOTEMPTY)) and fstore_exists(backend):
                 raise LeaseHeld(f"another driver created {cfg.out} at the same moment; rerun this command once it is done") from None
             raise
         lease.acquire()  # a new store (or one just replaced by --overwrite) gets its lease now
@@ -206,8 +211,8 @@ def _progress_bar(total: int, stats: _Stats, t0: float, show: bool) -> Iterator[
         yield progress
 
 
-def fstore_exists(path: str) -> bool:
-    return (Path(path) / "zarr.json").is_file()
+def fstore_exists(location: str | Backend) -> bool:
+    return open_backend(location).exists(ROOT_META)
 
 
 @dataclass

@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -31,6 +30,7 @@ from fcache.extract.rebuild import backbone_of
 from fcache.extract.sources.base import SampleRef, Source
 from fcache.extract.stages import Batcher, SampleItem, UnitAssembler, check_sample
 from fcache.store import StoreWriter, Unit, layout
+from fcache.store.backends import ROOT_META, is_url, open_backend
 from fcache.store.records import LedgerRecord
 
 if TYPE_CHECKING:
@@ -44,7 +44,8 @@ UNITS_PER_WORKER = 2  # units in flight in one worker process (bounds its memory
 class WorkerJob:
     """What every worker needs to run units; travels once per worker (inside the plugin), not with every task."""
 
-    store: str
+    store: str  # a path every worker mounts, or a URL
+    storage_options: dict[str, Any]
     source: Source
     weights: str
     device: str
@@ -86,15 +87,16 @@ class UnitWorkers(WorkerPlugin):
 
     @property
     def writer(self) -> StoreWriter:
-        """The store, as this worker sees it (it must be on a filesystem every worker mounts at the same path)."""
+        """The store, as this worker sees it (on a filesystem every worker mounts at the same path, or in object storage)."""
         with self._lock:
             if self._writer is None:
-                if not (Path(self.job.store) / "zarr.json").is_file():
+                backend = open_backend(self.job.store, self.job.storage_options)
+                if not backend.exists(ROOT_META):
                     raise StoreError(
-                        f"worker {socket.gethostname()} cannot see the store {self.job.store}: "
-                        "put it on a filesystem that every worker mounts at the same path"
+                        f"worker {socket.gethostname()} cannot see the store {self.job.store}: put it in object storage "
+                        "or on a filesystem that every worker mounts at the same path"
                     )
-                self._writer = StoreWriter(self.job.store)
+                self._writer = StoreWriter(backend)
             return self._writer
 
     def teardown(self, worker: Any) -> None:
@@ -136,9 +138,10 @@ def run_unit(plugin: str, unit: Unit, refs: list[SampleRef]) -> UnitOutcome:
     """The dask task of one unit: decode, forward, encode, commit. Idempotent: a committed unit returns at once."""
     workers = cast(UnitWorkers, get_worker().plugins[plugin])
     try:
-        done = layout.done_path(workers.writer.root, unit)
-        if done.exists():  # committed by an earlier try whose worker was lost before it reported
-            rec = LedgerRecord.from_dict(json.loads(done.read_text()), where=f"ledger record {done}")
+        backend = workers.writer.backend
+        done = backend.get(layout.done_key(unit))
+        if done is not None:  # committed by an earlier try whose worker was lost before it reported
+            rec = LedgerRecord.from_dict(json.loads(done), where=f"ledger record {backend.where(layout.done_key(unit))}")
             return UnitOutcome(unit.index, len(unit), bytes=rec.bytes)
         with workers.slots:
             return _extract_unit(workers, unit, refs)
@@ -178,7 +181,8 @@ def _extract_unit(workers: UnitWorkers, unit: Unit, refs: list[SampleRef]) -> Un
 def worker_job(cfg: ExtractConfig, target: ClusterTarget, source: Source) -> WorkerJob:
     """The WorkerJob of an ExtractConfig (``--num-workers`` = decode processes per worker, at least one)."""
     return WorkerJob(
-        store=os.path.abspath(cfg.out),
+        store=cfg.out if is_url(cfg.out) else os.path.abspath(cfg.out),
+        storage_options=cfg.options(),
         source=source,
         weights=os.path.abspath(cfg.weights) if cfg.weights else "",
         device=cfg.device,

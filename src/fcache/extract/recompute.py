@@ -16,9 +16,18 @@ from fcache.store import Problem
 from fcache.store.dtypes import stored
 
 
-def recompute(path: str, k: int, *, weights: str = "", device: str = "cpu", seed: int = 0, tolerance: float | None = None) -> list[Problem]:
+def recompute(
+    path: str,
+    k: int,
+    *,
+    weights: str = "",
+    device: str = "cpu",
+    seed: int = 0,
+    tolerance: float | None = None,
+    storage_options: dict | None = None,
+) -> list[Problem]:
     """Problems found re-extracting ``k`` random samples that have features (empty when all agree)."""
-    s = fstore.open(path)
+    s = fstore.FeatureStore(path, storage_options=storage_options)
     m = s.manifest
     r = rebuild(m, [str(x) for x in s.keys], weights=weights, device=device)
     chosen = np.random.default_rng(seed).choice(s.ok_indices, size=min(k, len(s.ok_indices)), replace=False)

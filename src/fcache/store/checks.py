@@ -7,7 +7,8 @@ statuses equal to the ledger's; every chunk decodes with a valid CRC32C and hold
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import numpy as np
 
 from fcache.spec import Status
 from fcache.store import layout
+from fcache.store.backends import Backend
 from fcache.store.consistency import manifest_problems
 from fcache.store.dtypes import decode, stored
 from fcache.store.reader import FeatureStore
@@ -55,20 +57,24 @@ class VerifyReport:
         return d
 
 
-def verify(path: str | Path, *, fast: bool = False, progress: Callable[[int], None] | None = None) -> VerifyReport:
-    """Check a store; ``progress`` is called with 1 after each committed unit."""
-    store = FeatureStore(path, check=False)
-    root = store.root
-    inconsistent = manifest_problems(root, store.manifest)
+def verify(
+    path: str | Path | Backend,
+    *,
+    fast: bool = False,
+    progress: Callable[[int], None] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> VerifyReport:
+    """Check a store (a path or URL); ``progress`` is called with 1 after each committed unit."""
+    store = FeatureStore(path, storage_options=storage_options, check=False)
+    backend = store.backend
+    inconsistent = manifest_problems(backend, store.manifest)
     if inconsistent:  # the units cannot be read as the manifest says
-        return VerifyReport(str(root), fast, problems=[Problem("manifest", what, problem) for what, problem in inconsistent])
-    store.ledger = layout.read_ledger(root, store.units)  # every record must be a unit of this store
-    report = VerifyReport(store=str(root), fast=fast, units_total=len(store.units), units_committed=len(store.ledger))
-    for tmp in layout.temporaries(root):
-        report.problems.append(Problem("temporary", _rel(tmp, root), "leftover temporary file from an interrupted write"))
-    lock_dir = layout.ledger_dir(root, "lock")
-    for lock in sorted(lock_dir.glob("*.lock")) if lock_dir.is_dir() else []:
-        report.problems.append(Problem("lock", _rel(lock, root), "a writer stopped while holding this unit's lock"))
+        return VerifyReport(str(store.root), fast, problems=[Problem("manifest", what, problem) for what, problem in inconsistent])
+    report = VerifyReport(store=str(store.root), fast=fast, units_total=len(store.units), units_committed=len(store.ledger))
+    for tmp in backend.temporaries():
+        report.problems.append(Problem("temporary", tmp, "leftover temporary file from an interrupted write"))
+    for lock in sorted(k for k in backend.listing(f"{layout.LEDGER}/lock") if k.endswith(".lock")):
+        report.problems.append(Problem("lock", lock, "a writer stopped while holding this unit's lock"))
     for unit in store.units:
         if unit.index not in store.ledger:
             report.problems.append(
@@ -98,17 +104,17 @@ def _check_unit(
     fast: bool,
     report: VerifyReport,
 ) -> list[Problem]:
-    root, span = store.root, (unit.start, unit.stop - 1)
+    backend, span = store.backend, (unit.start, unit.stop - 1)
     problems: list[Problem] = []
     files = rec.files
     bad_files: set[str] = set()
     with_features = any(Status(s).has_features for s in rec.status)
-    for p in layout.unit_files(root, store.manifest, unit, targets):
-        rel = _rel(p, root)
+    keys = layout.unit_keys(store.manifest, unit, targets)
+    for rel, size in zip(keys, backend.sizes(keys), strict=True):
         want = files.get(rel)
         report.files_checked += 1
         if want is None:  # the unit wrote no such file (zarr writes no shard that holds only fill values)
-            if p.exists():
+            if size is not None:
                 problems.append(
                     Problem("unexpected", rel, "a file the unit's ledger record does not list (written after the commit?)", span)
                 )
@@ -116,25 +122,23 @@ def _check_unit(
                 problems.append(Problem("missing", rel, "the unit has samples with features but the ledger lists no shard here", span))
             else:
                 continue
-        elif not p.exists():
+        elif size is None:
             problems.append(Problem("missing", rel, "file is missing", span))
-        elif p.stat().st_size != want.size:
-            problems.append(
-                Problem("size", rel, f"{p.stat().st_size} bytes, the ledger recorded {want.size} (truncated or rewritten)", span)
-            )
-        elif not fast and layout.sha256_file(p) != want.sha256:
+        elif size != want.size:
+            problems.append(Problem("size", rel, f"{size} bytes, the ledger recorded {want.size} (truncated or rewritten)", span))
+        elif not fast and _sha256(backend, rel) != want.sha256:
             problems.append(Problem("checksum", rel, "content differs from what was committed", span))
             continue  # still decoded below, to say whether the damage reaches the values
         else:
             continue
         bad_files.add(rel)
     if not np.array_equal(raw_status[unit.start : unit.stop], np.asarray(rec.status, dtype=np.uint8)):
-        problems.append(Problem("status", _rel(root / layout.STATUS, root), "statuses differ from the unit's ledger record", span))
+        problems.append(Problem("status", layout.STATUS, "statuses differ from the unit's ledger record", span))
     if fast:
         return problems
     for lv in store.levels:
         name = f"{layout.FEATURES}/{lv.name}"
-        shard = _rel(layout.shard_file(root, name, unit.index, 2 + len(store.manifest.level_shape(lv.name))), root)
+        shard = layout.shard_key(name, unit.index, 2 + len(store.manifest.level_shape(lv.name)))
         if shard in bad_files:
             continue  # already named; decoding a missing or cut file would only read fill values
         problems += _decode_level(store, lv.name, unit, shard, span)
@@ -156,5 +160,6 @@ def _decode_level(store: FeatureStore, level: str, unit: layout.Unit, shard: str
     return []
 
 
-def _rel(p: Path, root: Path) -> str:
-    return str(p.relative_to(root))
+def _sha256(backend: Backend, key: str) -> str | None:
+    data = backend.get(key)
+    return None if data is None else hashlib.sha256(data).hexdigest()

@@ -14,11 +14,13 @@ from pathlib import Path
 from fcache.common.errors import InputError
 from fcache.spec import GEOMETRY_FIELDS, LEVEL_NAMES, Manifest
 from fcache.store import layout
+from fcache.store.backends import Backend, open_backend
 from fcache.store.dtypes import stored
 
 
-def manifest_problems(root: Path, m: Manifest) -> list[tuple[str, str]]:
+def manifest_problems(root: str | Path | Backend, m: Manifest) -> list[tuple[str, str]]:
     """(what, problem) pairs: the manifest against itself and against the arrays it describes; empty when they agree."""
+    backend = open_backend(root)
     out: list[tuple[str, str]] = []
     try:
         dtype = stored(m.storage.dtype)
@@ -49,17 +51,18 @@ def manifest_problems(root: Path, m: Manifest) -> list[tuple[str, str]]:
     wanted[layout.STATUS] = ((n,), "uint8", None)
     wanted[layout.GEOMETRY] = ((n, v, len(GEOMETRY_FIELDS)), "float32", None)
     wanted[layout.KEYS] = ((n,), None, None)
+    store = backend.zarr_store()
     for name, (shape, want_dtype, shards) in wanted.items():
-        out += [(name, p) for p in _array_problems(root, name, shape, want_dtype, shards)]
+        out += [(name, p) for p in _array_problems(store, name, shape, want_dtype, shards)]
     return out
 
 
-def _array_problems(root: Path, name: str, shape: tuple[int, ...], dtype: object, shards: tuple[int, ...] | None) -> list[str]:
+def _array_problems(store: object, name: str, shape: tuple[int, ...], dtype: object, shards: tuple[int, ...] | None) -> list[str]:
     import numpy as np
     import zarr
 
     try:
-        arr = zarr.open_array(str(root / name), mode="r")
+        arr = zarr.open_array(store, path=name, mode="r", zarr_format=3)
     except (FileNotFoundError, KeyError, ValueError, TypeError) as e:
         return [f"the array is missing or unreadable ({type(e).__name__})"]
     problems = []
@@ -72,11 +75,12 @@ def _array_problems(root: Path, name: str, shape: tuple[int, ...], dtype: object
     return problems
 
 
-def check_consistent(root: Path, m: Manifest) -> None:
+def check_consistent(root: str | Path | Backend, m: Manifest) -> None:
     """Raise StoreError with the first disagreement between the manifest and the arrays (readers call this)."""
     from fcache.common.errors import StoreError
 
-    problems = manifest_problems(root, m)
+    backend = open_backend(root)
+    problems = manifest_problems(backend, m)
     if problems:
         what, problem = problems[0]
-        raise StoreError(f"{root}: {what}: {problem}; the store was edited or damaged (run `fcache verify {root}`)")
+        raise StoreError(f"{backend.url}: {what}: {problem}; the store was edited or damaged (run `fcache verify {backend.url}`)")

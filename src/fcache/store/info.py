@@ -1,19 +1,22 @@
-"""``fcache info``: what a store holds, how big it is on disk, and how well it compressed."""
+"""``fcache info``: what a store holds, how big it is on disk (or in the bucket), and how well it compressed."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from fcache.store import layout
+from fcache.store.backends import Backend
 from fcache.store.dtypes import stored
 from fcache.store.reader import FeatureStore
 
 
-def describe(path: str | Path) -> dict[str, Any]:
+def describe(path: str | Path | Backend, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Manifest, per-level shapes and sizes, status counts and quantisation error, as plain data."""
-    store = FeatureStore(path)
+    store = FeatureStore(path, storage_options=storage_options)
+    stored_bytes = store.backend.listing()
     m = store.manifest
     committed = sum(rec.samples for rec in store.ledger.values())
     dtype = stored(m.storage.dtype)
@@ -21,9 +24,9 @@ def describe(path: str | Path) -> dict[str, Any]:
     levels: list[dict[str, Any]] = []
     for lv in store.levels:
         shape = m.level_shape(lv.name)
-        disk = _disk_bytes(store.root / layout.FEATURES / lv.name)
+        disk = _bytes_under(stored_bytes, f"{layout.FEATURES}/{lv.name}")
         if dtype.scaled:
-            disk += _disk_bytes(store.root / layout.SCALES / lv.name)
+            disk += _bytes_under(stored_bytes, f"{layout.SCALES}/{lv.name}")
         raw = committed * store.num_views * math.prod(shape) * itemsize
         levels.append(
             {
@@ -51,7 +54,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "status_counts": store.status_counts(),
         "levels": levels,
         "disk_bytes": disk_total,
-        "store_bytes": _disk_bytes(store.root),
+        "store_bytes": sum(stored_bytes.values()),
         "compression_ratio": raw_total / disk_total if disk_total else 0.0,
         "targets": list(store.target_names),
     }
@@ -91,5 +94,5 @@ def human(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def _disk_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+def _bytes_under(sizes: Mapping[str, int], prefix: str) -> int:
+    return sum(size for key, size in sizes.items() if key.startswith(prefix + "/"))

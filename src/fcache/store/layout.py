@@ -1,22 +1,24 @@
-"""Where things live inside a store directory, and the unit/shard arithmetic shared by writer and reader.
+"""Where things live inside a store, as keys relative to its root, and the unit/shard arithmetic shared by writer and reader.
 
 A unit of work is one shard along N (samples ``[u*S, min((u+1)*S, N))``); its ledger record is
-``ledger/done/<unit>.json``. zarr's LocalStore writes every file through ``*.partial`` temporaries.
+``ledger/done/<unit>.json``, its write lock ``ledger/lock/<unit>.lock``. Keys are the same on every backend
+(``fcache.store.backends``); the ``Path`` helpers below are the same keys under a local root.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fcache.common.errors import CorruptStoreError, StoreError
-from fcache.common.records import read_json
+from fcache.common.records import load_json
 from fcache.spec import Manifest
+from fcache.store.backends import ROOT_META, Backend, open_backend
+from fcache.store.backends.local import TEMP_SUFFIX
 from fcache.store.dtypes import stored
 from fcache.store.records import LedgerRecord
 
@@ -29,8 +31,8 @@ GEOMETRY = "samples/geometry"
 TARGETS = "targets"
 LEDGER = "ledger"
 ERRORS = "errors.jsonl"
-TEMP_SUFFIX = ".partial"
-STORE_ENTRIES = ("zarr.json", FEATURES, SCALES, "samples", TARGETS, LEDGER, ERRORS)  # what a store folder holds at its top
+STORE_ENTRIES = (ROOT_META, FEATURES, SCALES, "samples", TARGETS, LEDGER, ERRORS)  # what a store folder holds at its top
+__all__ = ["TEMP_SUFFIX", "ROOT_META"]  # re-exported: where temporaries and the manifest are
 
 
 @dataclass(frozen=True)
@@ -58,34 +60,65 @@ def unit_of(i: int, shard_size: int, n: int) -> Unit:
     return Unit(i // shard_size, start, min(start + shard_size, n))
 
 
+def shard_key(array: str, shard: int, ndim: int) -> str:
+    """Key of the shard (or chunk) object holding ``shard`` along N of a zarr array (default encoding)."""
+    return "/".join([array, "c", str(shard), *(["0"] * (ndim - 1))])
+
+
 def shard_file(root: Path, array: str, shard: int, ndim: int) -> Path:
-    """Path of the shard (or chunk) file holding ``shard`` along N of a zarr array (default encoding)."""
-    return root.joinpath(array, "c", str(shard), *(["0"] * (ndim - 1)))
+    """``shard_key`` under a local root."""
+    return Path(root) / shard_key(array, shard, ndim)
 
 
-def manifest_attrs(root: Path) -> dict[str, Any] | None:
-    """The raw ``attrs["fcache"]`` of a store, or None when ``root`` is not an fcache store.
+def done_key(unit: Unit) -> str:
+    return f"{LEDGER}/done/{unit.name}.json"
+
+
+def lock_key(unit: Unit) -> str:
+    return f"{LEDGER}/lock/{unit.name}.lock"
+
+
+def ledger_dir(root: Path, kind: str) -> Path:
+    return Path(root) / LEDGER / kind
+
+
+def done_path(root: Path, unit: Unit) -> Path:
+    return Path(root) / done_key(unit)
+
+
+def read_manifest_attrs(backend: Backend) -> dict[str, Any] | None:
+    """The raw ``attrs["fcache"]`` from the root ``zarr.json``, or None when the location holds no fcache store.
 
     Raises:
-        StoreError: the group's zarr.json is not JSON (or is nested absurdly deep).
+        StoreError: the root zarr.json is not JSON (or is nested absurdly deep).
     """
-    path = root / "zarr.json"
-    if not path.is_file():
+    raw = backend.get(ROOT_META)
+    if raw is None:
         return None
-    group = read_json(path, StoreError)
+    group = load_json(raw.decode("utf-8", errors="replace"), backend.where(ROOT_META), StoreError)
     attrs = group.get("attributes", {}) if isinstance(group, dict) else {}
     value = attrs.get(MANIFEST_ATTR) if isinstance(attrs, dict) else None
     return dict(value) if isinstance(value, Mapping) else None
 
 
-def read_manifest(root: Path) -> Manifest | None:
-    """The store's manifest, checked field by field; None when ``root`` is not an fcache store."""
-    attrs = manifest_attrs(root)
-    return None if attrs is None else Manifest.read(attrs, f"{root / 'zarr.json'} (the fcache manifest)")
+def manifest_attrs(root: str | Path | Backend) -> dict[str, Any] | None:
+    return read_manifest_attrs(open_backend(root))
 
 
-def unit_files(root: Path, manifest: Manifest, unit: Unit, targets: Mapping[str, int]) -> list[Path]:
-    """Every file a unit owns: feature shards, int8 scales, samples, and targets (name -> ndim)."""
+def manifest_from_attrs(attrs: Mapping[str, Any], backend: Backend) -> Manifest:
+    """The manifest of ``attrs``, checked field by field (a problem names the file and the field)."""
+    return Manifest.read(dict(attrs), f"{backend.where(ROOT_META)} (the fcache manifest)")
+
+
+def read_manifest(root: str | Path | Backend) -> Manifest | None:
+    """The store's manifest, checked field by field; None when ``root`` holds no fcache store."""
+    backend = open_backend(root)
+    attrs = read_manifest_attrs(backend)
+    return None if attrs is None else manifest_from_attrs(attrs, backend)
+
+
+def unit_keys(manifest: Manifest, unit: Unit, targets: Mapping[str, int]) -> list[str]:
+    """Every object a unit owns: feature shards, int8 scales, samples, and targets (name -> ndim)."""
     arrays: list[tuple[str, int]] = []
     for lv in manifest.levels:
         nd = 2 + len(manifest.level_shape(lv.name))
@@ -94,43 +127,49 @@ def unit_files(root: Path, manifest: Manifest, unit: Unit, targets: Mapping[str,
             arrays.append((f"{SCALES}/{lv.name}", nd - 2))
     arrays += [(STATUS, 1), (GEOMETRY, 3)]
     arrays += [(f"{TARGETS}/{name}", nd) for name, nd in sorted(targets.items())]
-    return [shard_file(root, a, unit.index, nd) for a, nd in arrays]
+    return [shard_key(a, unit.index, nd) for a, nd in arrays]
 
 
-def ledger_dir(root: Path, kind: str) -> Path:
-    return root / LEDGER / kind
+def unit_files(root: Path, manifest: Manifest, unit: Unit, targets: Mapping[str, int]) -> list[Path]:
+    return [Path(root) / k for k in unit_keys(manifest, unit, targets)]
 
 
-def done_path(root: Path, unit: Unit) -> Path:
-    return ledger_dir(root, "done") / f"{unit.name}.json"
-
-
-def read_ledger(root: Path, expected: list[Unit] | None = None) -> dict[int, LedgerRecord]:
-    """All committed unit records, by unit index; with ``expected``, each must be one of those units (same range).
+def read_records(backend: Backend, all_units: Sequence[Unit]) -> dict[int, LedgerRecord]:
+    """The committed units' records, by unit index: one read per unit's key (no listing), concurrent on object storage.
 
     Raises:
-        CorruptStoreError: a record that is not JSON, not a ledger record, or not a unit of this store (names the file).
+        CorruptStoreError: a record that is not JSON, not a ledger record, or not the unit its key names (names the file).
     """
     out: dict[int, LedgerRecord] = {}
-    d = ledger_dir(root, "done")
-    if not d.is_dir():
-        return out
-    for p in d.glob("*.json"):
-        rec = LedgerRecord.from_dict(read_json(p, CorruptStoreError), where=f"ledger record {p}")
-        if expected is not None and not (
-            0 <= rec.unit < len(expected) and (rec.start, rec.stop) == (expected[rec.unit].start, expected[rec.unit].stop)
-        ):
-            raise CorruptStoreError(f"ledger record {p}: unit {rec.unit} is not a unit of this store (samples {rec.start}-{rec.stop - 1})")
+    keys = [done_key(u) for u in all_units]
+    for unit, key, raw in zip(all_units, keys, backend.get_many(keys), strict=True):
+        if raw is None:
+            continue
+        where = f"ledger record {backend.where(key)}"
+        rec = LedgerRecord.from_dict(load_json(raw.decode("utf-8", errors="replace"), where, CorruptStoreError), where=where)
+        if (rec.unit, rec.start, rec.stop) != (unit.index, unit.start, unit.stop):
+            raise CorruptStoreError(f"{where}: unit {rec.unit} is not a unit of this store (samples {rec.start}-{rec.stop - 1})")
         out[rec.unit] = rec
     return out
 
 
-def temporaries(root: Path) -> list[Path]:
-    """Leftover temporary files anywhere in the store (from a writer that was killed)."""
-    return sorted(p for p in root.rglob(f"*{TEMP_SUFFIX}") if p.is_file())
+def read_ledger(root: str | Path | Backend) -> dict[int, LedgerRecord]:
+    """All committed unit records of the store at ``root``, by unit index."""
+    backend = open_backend(root)
+    attrs = read_manifest_attrs(backend)
+    if attrs is None:
+        return {}
+    m = manifest_from_attrs(attrs, backend)
+    return read_records(backend, units(m.dataset.n, m.storage.shard_size))
 
 
-def sha256_file(path: Path) -> str:
+def temporaries(root: str | Path | Backend) -> list[Path]:
+    """Leftover temporary files in a local store (from a writer that was killed)."""
+    backend = open_backend(root)
+    return [Path(backend.where(k)) for k in backend.temporaries()]
+
+
+def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -138,22 +177,5 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: Path, obj: Any, exclusive: bool = False) -> bool:
-    """Write JSON through a temporary file; with ``exclusive`` the first writer wins (returns False after)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}{TEMP_SUFFIX}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        if exclusive:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-        else:
-            os.replace(tmp, path)
-        return True
-    finally:
-        tmp.unlink(missing_ok=True)
+def json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, indent=1, sort_keys=True).encode()

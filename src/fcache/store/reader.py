@@ -2,12 +2,14 @@
 
 Only committed units are visible: statuses of uncommitted units read as pending, and a shard whose
 file is missing or has another size than its ledger record raises instead of returning fill values.
+A store in object storage reads its features through ``fcache.store.fetch`` (shard indexes kept, one range
+request per sample-view, a batch's requests all in flight at once, an optional local disk cache).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -17,39 +19,86 @@ import torch
 import zarr
 
 from fcache.common.errors import CorruptStoreError, StoreError
-from fcache.spec import Geometry, LevelSpec, Manifest, Status
+from fcache.spec import Geometry, LevelSpec, Status
 from fcache.store import layout
+from fcache.store.backends import Backend, open_backend, parse_size
+from fcache.store.cache import DiskCache
 from fcache.store.consistency import check_consistent
 from fcache.store.dtypes import decode, stored
+from fcache.store.fetch import ShardFetcher, decoder
+from fcache.store.webdataset import WdsExport, is_export
 
 
-def open_store(path: str | Path) -> FeatureStore:
-    """Open a store for reading (the public ``fcache.store.open``)."""
-    return FeatureStore(path)
+def open_store(
+    path: str | Path | Backend,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    cache_dir: str | Path | None = None,
+    cache_size: int | str | None = None,
+) -> FeatureStore | WdsExport:
+    """Open a store for reading (the public ``fcache.store.open``): a local path, ``s3://...`` or ``gs://...``; or a
+    webdataset export of one (``fcache export-wds``), which is read as a stream (``WdsExport.stream()``).
+
+    Args:
+        storage_options: passed to s3fs / gcsfs as they are (endpoint, profile, ...), for a URL.
+        cache_dir, cache_size: a local disk cache of a remote store's shards, at most ``cache_size`` bytes (e.g. "200GB").
+    """
+    backend = open_backend(path, storage_options)
+    if layout.read_manifest_attrs(backend) is None and is_export(backend):
+        return WdsExport(backend)
+    return FeatureStore(backend, cache_dir=cache_dir, cache_size=cache_size)
 
 
 class FeatureStore:
     """Read access to a feature store. Picklable; zarr handles are reopened in each process."""
 
-    def __init__(self, path: str | Path, *, check: bool = True) -> None:
-        self.root = Path(path)
-        attrs = layout.manifest_attrs(self.root)
+    def __init__(
+        self,
+        path: str | Path | Backend,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        cache_dir: str | Path | None = None,
+        cache_size: int | str | None = None,
+        check: bool = True,
+    ) -> None:
+        """Open the store at ``path``; ``check=False`` skips the manifest-against-arrays check (``fcache verify``
+        reports those problems itself; a store from a pickle was checked where it was opened)."""
+        self.backend = open_backend(path, storage_options)
+        self.root = self.backend.root
+        attrs = layout.read_manifest_attrs(self.backend)
+        if attrs is None and is_export(self.backend):
+            raise StoreError(
+                f"{self.root} is a webdataset export, which is read as a stream (fcache.store.open(...).stream()); "
+                "this needs random access: give the store it was exported from"
+            )
         if attrs is None:
             raise StoreError(f"{self.root} is not an fcache store (no zarr.json with an fcache manifest); check the path")
         self.attrs: dict[str, Any] = attrs
-        self.manifest = Manifest.read(self.attrs, f"{self.root / 'zarr.json'} (the fcache manifest)")
+        self.manifest = layout.manifest_from_attrs(self.attrs, self.backend)
         if check:
-            check_consistent(self.root, self.manifest)
-        self.ledger = layout.read_ledger(self.root, self.units if check else None)
+            check_consistent(self.backend, self.manifest)
+        sane = self.manifest.storage.shard_size >= 1 and self.n >= 0  # else only verify opens it, to name the problem
+        self.ledger = layout.read_records(self.backend, self.units) if sane else {}
+        self.cache = (str(cache_dir), parse_size(cache_size or 0)) if cache_dir and self.backend.remote else None
         self._handles: dict[str, zarr.Array] = {}
         self._pid = os.getpid()
-        self._checked: set[tuple[str, int]] = set()
+        self._checked: dict[tuple[str, int], str] = {}  # (level, unit) -> the shard's key, once its size is checked
+        self._fetcher: ShardFetcher | None = None
+        self._fetcher_pid = -1
+        self._scales: dict[tuple[str, int], np.ndarray] = {}  # (level, unit) -> int8 scales of the unit (remote reads)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"root": self.root}
+        return {"backend": self.backend, "cache": self.cache}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        FeatureStore.__init__(self, state["root"])
+        cache = state["cache"]
+        FeatureStore.__init__(
+            self, state["backend"], cache_dir=cache[0] if cache else None, cache_size=cache[1] if cache else None, check=False
+        )
+
+    @property
+    def url(self) -> str:
+        return self.backend.url
 
     # -- shape of the store -------------------------------------------------------------------
     @property
@@ -112,13 +161,16 @@ class FeatureStore:
         return {Status(int(v)).label: int(c) for v, c in zip(vals, cnt, strict=True)}
 
     # -- targets ------------------------------------------------------------------------------
+    def _group(self, path: str) -> zarr.Group:
+        return zarr.open_group(self.backend.zarr_store(), path=path, mode="r", zarr_format=3, use_consolidated=False)
+
     @cached_property
     def target_names(self) -> tuple[str, ...]:
-        return tuple(sorted(zarr.open_group(str(self.root / layout.TARGETS), mode="r").array_keys()))
+        return tuple(sorted(self._group(layout.TARGETS).array_keys()))
 
     @cached_property
     def target_attrs(self) -> dict[str, Any]:
-        return zarr.open_group(str(self.root / layout.TARGETS), mode="r").attrs.asdict()
+        return self._group(layout.TARGETS).attrs.asdict()
 
     def target(self, name: str, i: int | slice | None = None) -> Any:
         """Values of ``targets/<name>``: all of them, or sample ``i`` (a ``str`` for string targets)."""
@@ -126,22 +178,26 @@ class FeatureStore:
             have = ", ".join(self.target_names) or "none"
             raise StoreError(f"{self.root} has no target {name!r} (it has: {have})")
         arr = self.array(f"{layout.TARGETS}/{name}")
-        values = np.asarray(arr[:] if i is None else arr[i])
-        if values.dtype.kind in "OTU":  # variable-length strings: plain Python str at the boundary
-            return str(values[()]) if values.ndim == 0 else np.asarray(values, dtype=object)
-        return values
+        return _plain(np.asarray(arr[:] if i is None else arr[i]))
+
+    def targets_many(self, name: str, indices: Sequence[int]) -> list[Any]:
+        """``target(name, i)`` of several samples, read concurrently."""
+        self.target(name, slice(0, 0))  # names the target's absence
+        return [_plain(v) for v in _gather(self.array(f"{layout.TARGETS}/{name}"), [int(i) for i in indices])]
 
     # -- features -----------------------------------------------------------------------------
     def array(self, name: str) -> zarr.Array:
         if self._pid != os.getpid():  # forked into a DataLoader worker: fresh handles
             self._handles, self._pid = {}, os.getpid()
         if name not in self._handles:
-            self._handles[name] = zarr.open_array(str(self.root / name), mode="r")
+            self._handles[name] = zarr.open_array(self.backend.zarr_store(), path=name, mode="r", zarr_format=3)
         return self._handles[name]
 
     def read(self, level: str, i: int, view: int | None = None) -> np.ndarray:
         """Float32 features of sample ``i``: (V, C, H, W) or, with ``view``, (C, H, W) (video: with T before C)."""
         self.manifest.level(level)
+        if self.fetcher is not None and self.fetcher.supports(level):
+            return self.read_many([(level, i, view)])[0]
         self._check(level, i)
         arr = self.array(f"{layout.FEATURES}/{level}")
         sel = (i,) if view is None else (i, view)
@@ -156,31 +212,89 @@ class FeatureStore:
             ) from e
         return decode(np.asarray(values), self.manifest.storage.dtype, None if scales is None else np.asarray(scales))
 
+    def read_many(self, requests: Sequence[tuple[str, int, int | None]]) -> list[np.ndarray]:
+        """``read(level, i, view)`` of many requests; for a store in object storage all of them are in flight at once."""
+        fetcher = self.fetcher
+        if fetcher is None or not all(fetcher.supports(lv) for lv, _, _ in requests):
+            return [self.read(lv, i, v) for lv, i, v in requests]
+        for lv, _, _ in requests:
+            self.manifest.level(lv)
+        self.check_shards([(lv, i) for lv, i, _ in requests])
+        values = fetcher.read(requests)
+        dtype = self.manifest.storage.dtype
+        if not stored(dtype).scaled:
+            return list(decoder().map(lambda v: decode(v, dtype, None), values))
+        units = sorted({(lv, layout.unit_of(i, self.manifest.storage.shard_size, self.n)) for lv, i, _ in requests}, key=str)
+        todo = [(lv, u) for lv, u in units if (lv, u.index) not in self._scales]
+        for (lv, u), s in zip(todo, self._gather_scales(todo), strict=True):
+            self._scales[(lv, u.index)] = s
+        out = []
+        for (lv, i, view), v in zip(requests, values, strict=True):
+            unit = layout.unit_of(i, self.manifest.storage.shard_size, self.n)
+            scales = self._scales[(lv, unit.index)][i - unit.start]
+            out.append(decode(v, dtype, scales if view is None else scales[view]))
+        return out
+
+    def _gather_scales(self, todo: Sequence[tuple[str, layout.Unit]]) -> list[np.ndarray]:
+        by_level: dict[str, list[layout.Unit]] = {}
+        for lv, u in todo:
+            by_level.setdefault(lv, []).append(u)
+        got = {}
+        for lv, us in by_level.items():
+            for u, s in zip(us, _gather(self.array(f"{layout.SCALES}/{lv}"), [slice(u.start, u.stop) for u in us]), strict=True):
+                got[(lv, u.index)] = s
+        if len(self._scales) > 4096:
+            self._scales.clear()
+        return [got[(lv, u.index)] for lv, u in todo]
+
+    @property
+    def fetcher(self) -> ShardFetcher | None:
+        """The remote read path of this process (None on local disk)."""
+        if not self.backend.remote:
+            return None
+        if self._fetcher is None or self._fetcher_pid != os.getpid():
+            cache = DiskCache(self.cache[0], self.cache[1], self.backend.url) if self.cache else None
+            self._fetcher, self._fetcher_pid = ShardFetcher(self.backend, self.manifest, self.ledger, cache), os.getpid()
+            self._scales = {}
+        return self._fetcher
+
     def _check(self, level: str, i: int) -> None:
         """The shard holding sample i is committed and its file is the one the ledger recorded."""
-        if not 0 <= i < self.n:
-            raise IndexError(f"sample {i} out of range (store has {self.n})")
-        unit = layout.unit_of(i, self.manifest.storage.shard_size, self.n)
-        if (level, unit.index) in self._checked:
+        self.check_shards([(level, i)])
+
+    def check_shards(self, items: Sequence[tuple[str, int]]) -> None:
+        """For each (level, sample): its unit is committed, the sample has features, and the level's shard object is
+        the one the ledger recorded (its size; one request per shard, all at once, the first time only)."""
+        todo: dict[tuple[str, int], tuple[str, int | None, layout.Unit]] = {}
+        for level, i in items:
+            if not 0 <= i < self.n:
+                raise IndexError(f"sample {i} out of range (store has {self.n})")
+            unit = layout.unit_of(i, self.manifest.storage.shard_size, self.n)
+            self._check_record(level, i, unit)
+            if (level, unit.index) in self._checked or (level, unit.index) in todo:
+                continue
+            key = layout.shard_key(f"{layout.FEATURES}/{level}", unit.index, 2 + len(self.manifest.level_shape(level)))
+            entry = self.ledger[unit.index].files.get(key)
+            todo[(level, unit.index)] = (key, entry.size if entry else None, unit)
+        if not todo:
             return
+        sizes = self.backend.sizes([key for key, _, _ in todo.values()])
+        for ((level, u), (key, want, unit)), size in zip(todo.items(), sizes, strict=True):
+            if size != want:
+                what = "is missing" if size is None else f"has {size} bytes, the ledger recorded {want}"
+                raise CorruptStoreError(
+                    f"{self.backend.where(key)} {what} (level {level}, samples {unit.start}-{unit.stop - 1}); "
+                    f"run `fcache verify {self.root}` and re-extract that unit"
+                )
+            self._checked[(level, u)] = key
+
+    def _check_record(self, level: str, i: int, unit: layout.Unit) -> None:
         rec = self.ledger.get(unit.index)
         if rec is None:
             raise StoreError(f"sample {i} of {self.root} is not extracted yet (unit {unit.name} is not committed); rerun extract to finish")
         status = Status(rec.status[i - unit.start])
         if not status.has_features:
             raise StoreError(f"sample {i} ({self.keys[i]}) has status {status.label} and no features")
-        ndim = 2 + len(self.manifest.level_shape(level))
-        path = layout.shard_file(self.root, f"{layout.FEATURES}/{level}", unit.index, ndim)
-        entry = rec.files.get(str(path.relative_to(self.root)))
-        want = entry.size if entry else None
-        size = path.stat().st_size if path.exists() else None
-        if size != want:
-            what = "is missing" if size is None else f"has {size} bytes, the ledger recorded {want}"
-            raise CorruptStoreError(
-                f"{path} {what} (level {level}, samples {unit.start}-{unit.stop - 1}); "
-                f"run `fcache verify {self.root}` and re-extract that unit"
-            )
-        self._checked.add((level, unit.index))
 
     def dataset(
         self,
@@ -253,14 +367,50 @@ class FeatureDataset(torch.utils.data.Dataset):
         return int(self.views[rng.integers(len(self.views))])
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
-        j, v = item if isinstance(item, tuple) else (item, None)
-        i = int(self.indices[j])
-        v = self.view_of(i) if v is None else int(v)
-        feats = {lv: torch.from_numpy(self.store.read(lv, i, v)) for lv in self.levels}
-        return {
-            "index": i,
-            "view": v,
-            "features": feats,
-            "geometry": torch.from_numpy(self._geometry[i, v].copy()),
-            "targets": {name: self.store.target(name, i) for name in self.targets},
-        }
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: Sequence[int | tuple[int, int]]) -> list[dict[str, Any]]:
+        """Several items at once (a DataLoader batch): a remote store reads all their levels and targets concurrently."""
+        picked = []
+        for item in items:
+            j, v = item if isinstance(item, tuple) else (item, None)
+            i = int(self.indices[j])
+            picked.append((i, self.view_of(i) if v is None else int(v)))
+        if self.store.backend.remote:
+            values = self.store.read_many([(lv, i, v) for i, v in picked for lv in self.levels])
+            targets = {name: self.store.targets_many(name, [i for i, _ in picked]) for name in self.targets}
+        else:
+            values = [self.store.read(lv, i, v) for i, v in picked for lv in self.levels]
+            targets = {name: [self.store.target(name, i) for i, _ in picked] for name in self.targets}
+        out = []
+        for k, (i, v) in enumerate(picked):
+            feats = values[k * len(self.levels) : (k + 1) * len(self.levels)]
+            out.append(
+                {
+                    "index": i,
+                    "view": v,
+                    "features": {lv: torch.from_numpy(x) for lv, x in zip(self.levels, feats, strict=True)},
+                    "geometry": torch.from_numpy(self._geometry[i, v].copy()),
+                    "targets": {name: targets[name][k] for name in self.targets},
+                }
+            )
+        return out
+
+
+def _plain(values: np.ndarray) -> Any:
+    """Variable-length strings as plain Python ``str`` at the boundary; numbers as they are."""
+    if values.dtype.kind in "OTU":
+        return str(values[()]) if values.ndim == 0 else np.asarray(values, dtype=object)
+    return values
+
+
+def _gather(arr: zarr.Array, selections: Sequence[Any]) -> list[np.ndarray]:
+    """``arr[sel]`` for each selection, all read concurrently on zarr's event loop."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def read_all() -> list[Any]:
+        return list(await asyncio.gather(*(arr._async_array.getitem(sel) for sel in selections)))
+
+    return [np.asarray(v) for v in sync(read_all())]

@@ -39,6 +39,7 @@ class LedgerRecord:
     pid: int = 0
     seconds: float = 0.0
     time: float = 0.0
+    token: str = ""  # unique per commit: tells our own record from another writer's after a retried conditional write
     samples: int = field(default=-1)  # stop - start (written for readers of the raw JSON)
 
     def __post_init__(self) -> None:
@@ -73,6 +74,7 @@ class LedgerRecord:
                 pid=int(d.get("pid", 0)),
                 seconds=float(d.get("seconds", 0.0)),
                 time=float(d.get("time", 0.0)),
+                token=str(d.get("token", "")),
             )
         except (TypeError, ValueError, AttributeError, IndexError, KeyError) as e:
             raise CorruptStoreError(f"{where} is malformed ({e}); run `fcache verify` on the store") from None

@@ -1,16 +1,18 @@
-"""Creating a store and committing units into it (the design's commit protocol).
+"""Creating a store and committing units into it (the design's commit protocol), on any backend.
 
-The driver calls :func:`create` once: every array exists at full length N before any work. Workers
-call :meth:`StoreWriter.write_unit`, which owns one shard along N exclusively, writes it whole and
-commits by creating ``ledger/done/<unit>.json`` exclusively. Resume = units minus ledger.
+The driver calls :func:`create` once: every array exists at full length N before any work, and the store appears
+whole or not at all (``Backend.new_store``: a renamed temporary folder locally, the manifest created last on object
+storage). Workers call :meth:`StoreWriter.write_unit`, which takes the unit's lease (``ledger/lock/<unit>.lock``),
+writes each of its shards whole and commits by creating ``ledger/done/<unit>.json`` exclusively; the record holds
+the size and sha256 of every object the unit wrote, as sent. Resume = units minus ledger.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
-import shutil
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,16 +24,20 @@ import numpy as np
 import zarr
 
 from fcache.common.errors import StoreError
-from fcache.common.files import atomic_file
 from fcache.spec import GEOMETRY_FIELDS, Manifest, Status, keys_digest
 from fcache.store import layout
+from fcache.store.backends import Backend, open_backend
+from fcache.store.backends.zarrstores import Recording
 from fcache.store.codecs import chunk_codecs
 from fcache.store.dtypes import Encoded, encode, stored
 from fcache.store.layout import Unit
+from fcache.store.leases import Lease
 from fcache.store.records import FileRecord, LedgerRecord
 
 WRITE_CONFIG: Any = {"write_empty_chunks": True}
 LOCK_TIMEOUT_S = 600.0
+LOCK_HEARTBEAT_S = 60.0
+LEFTOVER_TOPS = (layout.FEATURES, layout.SCALES, "samples", layout.TARGETS, layout.LEDGER, layout.ERRORS, layout.ROOT_META)
 
 
 @dataclass(frozen=True)
@@ -55,62 +61,67 @@ def _refuse_foreign(root: Path) -> None:
 
 
 def create(
-    path: str | Path,
+    path: str | Path | Backend,
     manifest: Manifest,
     keys: Sequence[str],
     *,
     targets: Mapping[str, TargetSpec] | None = None,
     target_attrs: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> StoreWriter:
-    """Create a store (or reopen it to resume, if its fingerprint matches).
+    """Create a store (or reopen it to resume, if its fingerprint matches) at a path or URL.
 
     Raises:
-        StoreError: the path holds another configuration (names the fields that differ), or is not a store.
+        StoreError: the location holds another configuration (names the fields that differ), or is not a store.
+        FileExistsError: another process created a store there at the same moment.
     """
-    root = Path(path)
+    backend = open_backend(path, storage_options)
+    where = backend.url
     if len(keys) != manifest.dataset.n or keys_digest(list(keys)) != manifest.dataset.digest:
         raise ValueError("manifest.dataset.n/digest do not describe the given keys")
-    if root.is_symlink() and overwrite:
-        raise StoreError(f"--out {root} is a symbolic link (to {root.resolve()}); give the store's own path to replace it")
-    if root.exists():
-        existing = _existing_manifest(root)
-        if overwrite:
-            if existing is None and any(root.iterdir()):
-                raise StoreError(f"{root} exists and is not an fcache store; refusing to replace it, choose another path")
-            _refuse_foreign(root)
-            shutil.rmtree(root)
-        elif existing is None and any(root.iterdir()):
-            raise StoreError(f"{root} exists and is not an fcache store; choose another path")
-        elif existing is not None:
+    local = None if backend.remote else Path(backend.root)
+    if local is not None and local.is_symlink() and overwrite:
+        raise StoreError(f"--out {local} is a symbolic link (to {local.resolve()}); give the store's own path to replace it")
+    attrs = layout.read_manifest_attrs(backend)
+    if attrs is not None:
+        existing = layout.manifest_from_attrs(attrs, backend)
+        if not overwrite:
             if existing.fingerprint != manifest.fingerprint:
                 diffs = "; ".join(existing.differences(manifest))
                 raise StoreError(
-                    f"{root} holds a store of another configuration ({diffs}); "
+                    f"{where} holds a store of another configuration ({diffs}); "
                     "use the original settings to resume, or --overwrite to replace it"
                 )
-            return StoreWriter(root)
-        else:
-            root.rmdir()
-    tmp = root.with_name(f".{root.name}.{os.getpid()}{layout.TEMP_SUFFIX}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _build(tmp, manifest, keys, dict(targets or {}), dict(target_attrs or {}))
-        os.replace(tmp, root)  # a store appears whole or not at all
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return StoreWriter(root)
+            return StoreWriter(backend)
+        if local is not None:
+            _refuse_foreign(local)
+        backend.clear(keep=(_lease_key(),))
+    elif not backend.is_empty():
+        if not (backend.remote and _leftovers_only(backend)):
+            if overwrite:
+                raise StoreError(f"{where} exists and is not an fcache store; refusing to replace it, choose another path")
+            raise StoreError(f"{where} exists and is not an fcache store; choose another path")
+        backend.clear(keep=(_lease_key(),))  # an interrupted creation left arrays without a manifest: invisible, redone
+    backend.new_store(lambda store: _build(store, manifest, keys, dict(targets or {}), dict(target_attrs or {})))
+    return StoreWriter(backend)
 
 
-def _existing_manifest(root: Path) -> Manifest | None:
-    return layout.read_manifest(root)
+def _lease_key() -> str:
+    from fcache.store.lease import LEASE_KEY
+
+    return LEASE_KEY
 
 
-def _build(root: Path, m: Manifest, keys: Sequence[str], targets: dict[str, TargetSpec], target_attrs: dict) -> None:
+def _leftovers_only(backend: Backend) -> bool:
+    """Everything under the location is what an interrupted ``create`` leaves (arrays and ledger, no manifest)."""
+    return all(k.split("/", 1)[0] in LEFTOVER_TOPS for k in backend.listing())
+
+
+def _build(store: Any, m: Manifest, keys: Sequence[str], targets: dict[str, TargetSpec], target_attrs: dict) -> None:
     n, s, v = m.dataset.n, m.storage.shard_size, m.num_views
     dtype = m.storage.dtype
-    g = zarr.open_group(str(root), mode="w", zarr_format=3)
+    g = zarr.open_group(store, mode="a", zarr_format=3)
     for lv in m.levels:
         shape = m.level_shape(lv.name)
         g.create_array(
@@ -142,40 +153,42 @@ def _build(root: Path, m: Manifest, keys: Sequence[str], targets: dict[str, Targ
             tg.create_array(name, shape=(n,), chunks=(s,), dtype=str)
         else:
             tg.create_array(name, shape=(n, *t.shape), chunks=(1, *t.shape), shards=(s, *t.shape), dtype=t.dtype, fill_value=t.fill)
-    g.attrs[layout.MANIFEST_ATTR] = m.to_dict()
-    for d in ("done", "lock"):
-        layout.ledger_dir(root, d).mkdir(parents=True, exist_ok=True)
+    g.attrs[layout.MANIFEST_ATTR] = m.to_dict()  # the root metadata, written last
 
 
 class StoreWriter:
-    """Writes units into an existing store. Picklable (holds only the path), so it can travel to workers."""
+    """Writes units into an existing store. Picklable (holds only its location), so it can travel to workers."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.root = Path(path)
-        manifest = _existing_manifest(self.root)
-        if manifest is None:
-            raise StoreError(f"{self.root} is not an fcache store")
-        self.manifest = manifest
-        self.units = layout.units(manifest.dataset.n, manifest.storage.shard_size)
+    def __init__(self, path: str | Path | Backend, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.backend = open_backend(path, storage_options)
+        self.root = self.backend.root
+        attrs = layout.read_manifest_attrs(self.backend)
+        if attrs is None:
+            raise StoreError(f"{self.backend.url} is not an fcache store")
+        self.manifest = layout.manifest_from_attrs(attrs, self.backend)
+        self.units = layout.units(self.manifest.dataset.n, self.manifest.storage.shard_size)
         self._target_ndims: dict[str, int] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"root": self.root}
+        return {"backend": self.backend}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["root"])  # type: ignore[misc]
+        self.__init__(state["backend"])  # type: ignore[misc]
 
     def committed(self) -> dict[int, LedgerRecord]:
-        return layout.read_ledger(self.root)
+        return layout.read_records(self.backend, self.units)
+
+    def is_committed(self, unit: Unit) -> bool:
+        return self.backend.exists(layout.done_key(unit))
 
     def pending(self) -> list[Unit]:
         """Units without a ledger record: all that remains to be done."""
         done = set(self.committed())
         return [u for u in self.units if u.index not in done]
 
-    def write_targets(self, name: str, values: np.ndarray, start: int = 0) -> None:
+    def write_targets(self, name: str, values: np.ndarray, start: int = 0, store: Any = None) -> None:
         """Driver-side: fill ``targets/<name>`` before any unit runs (e.g. annotations known from metadata)."""
-        arr = self._array(f"{layout.TARGETS}/{name}")
+        arr = self._array(f"{layout.TARGETS}/{name}", store)
         if arr.dtype.kind in "OT":
             values = np.asarray(values, dtype=object)
         arr[start : start + len(values)] = values
@@ -204,24 +217,28 @@ class StoreWriter:
         """
         encoded = self._encode(unit, features, status, geometry)
         step = hook or (lambda stage: None)
-        if layout.done_path(self.root, unit).exists() or not self._lock(unit):
+        if self.is_committed(unit):
+            return None
+        lock = Lease(self.backend, layout.lock_key(unit), timeout=LOCK_TIMEOUT_S, heartbeat=LOCK_HEARTBEAT_S)
+        if lock.acquire() is not None:
             return None
         try:
-            if layout.done_path(self.root, unit).exists():
+            if self.is_committed(unit):
                 return None
             t0 = time.time()
             step("delete")
-            written = self._clear(unit)
+            keys = self._clear(unit)
+            store = Recording(self.backend.zarr_store(read_only=False))
             for name, enc in encoded.items():
                 step(f"level:{name}")
-                self._array(f"{layout.FEATURES}/{name}")[unit.start : unit.stop] = enc.values
+                self._array(f"{layout.FEATURES}/{name}", store)[unit.start : unit.stop] = enc.values
                 if enc.scales is not None:
-                    self._array(f"{layout.SCALES}/{name}")[unit.start : unit.stop] = enc.scales
+                    self._array(f"{layout.SCALES}/{name}", store)[unit.start : unit.stop] = enc.scales
             step("samples")
-            self._array(layout.STATUS)[unit.start : unit.stop] = status.astype(np.uint8)
-            self._array(layout.GEOMETRY)[unit.start : unit.stop] = geometry.astype(np.float32)
+            self._array(layout.STATUS, store)[unit.start : unit.stop] = status.astype(np.uint8)
+            self._array(layout.GEOMETRY, store)[unit.start : unit.stop] = geometry.astype(np.float32)
             for name, values in (targets or {}).items():
-                self.write_targets(name, values, unit.start)
+                self.write_targets(name, values, unit.start, store)
             step("commit")
             record = LedgerRecord(
                 unit=unit.index,
@@ -229,26 +246,36 @@ class StoreWriter:
                 stop=unit.stop,
                 status=tuple(int(x) for x in status),
                 status_counts=_counts(status),
-                files={str(p.relative_to(self.root)): FileRecord(p.stat().st_size, layout.sha256_file(p)) for p in written if p.exists()},
+                files=self._file_records(keys, store.written),
                 quant={name: (float(enc.sq_err.sum()), float(enc.sq_ref.sum())) for name, enc in encoded.items()},
                 errors=tuple(dict(e) for e in errors),
                 host=socket.gethostname(),
                 pid=os.getpid(),
                 seconds=round(time.time() - t0, 3),
                 time=time.time(),
+                token=lock.token,
             )
-            if not layout.write_json_atomic(layout.done_path(self.root, unit), record.to_dict(), exclusive=True):
+            if self.backend.create(layout.done_key(unit), layout.json_bytes(record.to_dict())) is None:
                 return None
             return record
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise StoreError(
-                    f"disk full while writing unit {unit.name} (samples {unit.start}-{unit.stop - 1}) to {self.root}: "
+                    f"disk full while writing unit {unit.name} (samples {unit.start}-{unit.stop - 1}) to {self.backend.url}: "
                     "free some space and rerun the same command; committed units are intact"
                 ) from e
             raise
         finally:
-            self._unlock(unit)
+            lock.release()
+
+    def _file_records(self, keys: Sequence[str], written: Mapping[str, tuple[int, str]]) -> dict[str, FileRecord]:
+        """Size and sha256 of the unit's objects: as sent for those just written, read back for the driver's targets."""
+        out = {k: FileRecord(*written[k]) for k in keys if k in written}
+        others = [k for k in keys if k not in written]
+        for k, data in zip(others, self.backend.get_many(others), strict=True):
+            if data is not None:
+                out[k] = FileRecord(len(data), hashlib.sha256(data).hexdigest())
+        return out
 
     def _encode(
         self, unit: Unit, features: Mapping[str, np.ndarray | Encoded], status: np.ndarray, geometry: np.ndarray
@@ -274,60 +301,35 @@ class StoreWriter:
             out[lv.name] = x
         return out
 
-    def _unit_files(self, unit: Unit) -> list[Path]:
-        return layout.unit_files(self.root, self.manifest, unit, self.target_ndims())
+    def unit_keys(self, unit: Unit) -> list[str]:
+        return layout.unit_keys(self.manifest, unit, self.target_ndims())
 
     def target_ndims(self) -> dict[str, int]:
         if self._target_ndims is None:
-            tg = zarr.open_group(str(self.root / layout.TARGETS), mode="r")
+            tg = zarr.open_group(self.backend.zarr_store(), path=layout.TARGETS, mode="r", zarr_format=3)
             self._target_ndims = {name: arr.ndim for name, arr in tg.arrays()}
         return self._target_ndims
 
-    def _clear(self, unit: Unit) -> list[Path]:
-        """Delete the unit's files (features, scales, samples; not driver-written targets) and temporaries."""
-        files = self._unit_files(unit)
-        for p in files:
-            if p.parent.is_dir():
-                for tmp in p.parent.glob(f"{p.name}.*{layout.TEMP_SUFFIX}"):
-                    tmp.unlink(missing_ok=True)
-            if p.parts[len(self.root.parts)] != layout.TARGETS:
-                p.unlink(missing_ok=True)
-        return files
+    def _clear(self, unit: Unit) -> list[str]:
+        """Delete the unit's objects (features, scales, samples; not driver-written targets) and temporaries."""
+        keys = self.unit_keys(unit)
+        self.backend.delete_temporaries(keys)
+        self.backend.delete([k for k in keys if not k.startswith(f"{layout.TARGETS}/")])
+        return keys
 
-    def _array(self, name: str) -> zarr.Array:
-        return zarr.open_array(str(self.root / name), mode="r+", config=WRITE_CONFIG)
-
-    def _lock(self, unit: Unit) -> bool:
-        """Take the unit's write lock; a stale lock (dead pid on this host, or too old) is taken over."""
-        path = layout.ledger_dir(self.root, "lock") / f"{unit.name}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if not _stale(path):
-                    return False
-                path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-            return True
-        return False
-
-    def _unlock(self, unit: Unit) -> None:
-        (layout.ledger_dir(self.root, "lock") / f"{unit.name}.lock").unlink(missing_ok=True)
+    def _array(self, name: str, store: Any = None) -> zarr.Array:
+        store = store if store is not None else self.backend.zarr_store(read_only=False)
+        return zarr.open_array(store, path=name, mode="r+", zarr_format=3, config=WRITE_CONFIG)
 
     def finalize(self) -> dict[str, Any]:
         """Driver-side, after the work: errors.jsonl and the measured statistics from the ledger."""
         ledger = self.committed()
         stats = summarize_ledger(ledger, len(self.units))
         lines = [json.dumps(e, sort_keys=True) for u in sorted(ledger) for e in ledger[u].errors]
-        with atomic_file(self.root / layout.ERRORS) as tmp:
-            tmp.write_text("".join(line + "\n" for line in lines))
-        attrs = layout.manifest_attrs(self.root) or {}
+        self.backend.put(layout.ERRORS, "".join(line + "\n" for line in lines).encode())
+        attrs = layout.read_manifest_attrs(self.backend) or {}
         attrs["quantisation_error"] = stats["quantisation_error"]
-        zarr.open_group(str(self.root), mode="r+").attrs[layout.MANIFEST_ATTR] = attrs
+        zarr.open_group(self.backend.zarr_store(read_only=False), mode="r+", zarr_format=3).attrs[layout.MANIFEST_ATTR] = attrs
         return stats
 
 
@@ -349,19 +351,3 @@ def summarize_ledger(ledger: Mapping[int, LedgerRecord], total_units: int) -> di
 def _counts(status: np.ndarray) -> dict[str, int]:
     vals, cnt = np.unique(status.astype(np.uint8), return_counts=True)
     return {Status(int(v)).label: int(c) for v, c in zip(vals, cnt, strict=True)}
-
-
-def _stale(path: Path) -> bool:
-    try:
-        info = json.loads(path.read_text() or "{}")
-        age = time.time() - path.stat().st_mtime
-    except (OSError, ValueError):
-        return True
-    if info.get("host") == socket.gethostname():
-        try:
-            os.kill(int(info["pid"]), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, KeyError, ValueError):
-            pass
-    return age > LOCK_TIMEOUT_S

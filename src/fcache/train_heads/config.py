@@ -20,6 +20,7 @@ from typing import Any
 from fcache.common.devices import DEVICE_HELP
 from fcache.common.errors import InputError
 from fcache.common.flags import check_flags, flag, required
+from fcache.store.access import ReadAccess
 
 SCHEDULES = ("step", "cosine", "linear")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 on CUDA, fp32 elsewhere
@@ -40,8 +41,9 @@ WARMUP_FIELDS = ("warmup", "warmup_epochs")
 
 # Fields that do not change what is trained: they may differ when a run is resumed.
 OPERATIONAL = ("store", "val_store", "out", "num_workers", "prefetch", "device", "checkpoint_every", "log_every", "resume", "stop_at",
-               "eval_every", "keep_best", "keep_last", "patience", "logger")  # fmt: skip
+               "eval_every", "keep_best", "keep_last", "patience", "logger", "storage_options", "cache_dir", "cache_size")  # fmt: skip
 RENAMED = {"steps": "lr_steps"}  # config.json of earlier runs: old field name -> new
+UNRECORDED = ("storage_options",)  # may hold credentials: never written into RUN/config.json
 
 
 def parse_fractions(text: str) -> tuple[float, ...]:
@@ -65,7 +67,7 @@ def parse_every(text: str) -> str:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ReadAccess):
     """Everything ``fcache train-head`` needs. ``identity()`` decides whether a RUN folder holds this run."""
 
     store: str = required("Training feature store.")
@@ -112,7 +114,7 @@ class TrainConfig:
     seed: int = flag(0, "Seed of the head's initialisation, batch order and views.", min=0, max=2**63 - 1)
     train_fraction: float = flag(1.0, "Train on a seeded subset (Table 6: 0.01, 0.1).", above=0, max=1)
     num_workers: int = flag(2, "DataLoader worker processes.", min=0, max=1024)
-    prefetch: int = 2
+    prefetch: int = flag(2, "Batches each DataLoader worker reads ahead (bounded prefetch).", min=1, max=1024)
     device: str = flag("auto", DEVICE_HELP)
     checkpoint_every: int = flag(1000, "Iterations between checkpoints.", min=1)
     keep_last: int = flag(1, "Checkpoints kept: the newest K checkpoint-<iter>.pt.", min=1, max=1_000_000)
@@ -149,6 +151,7 @@ class TrainConfig:
             raise InputError(f"--eval-every {self.eval_every} evaluates on --val-store: give one")
         if self.patience is not None and self.eval_every is None:
             raise InputError(f"--patience {self.patience} counts evaluations: give --eval-every (and --val-store)")
+        self.check_access()
 
     @classmethod
     def from_flags(cls, **kw: Any) -> TrainConfig:
@@ -162,7 +165,7 @@ class TrainConfig:
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in UNRECORDED}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -203,7 +206,7 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(ReadAccess):
     """``fcache eval RUN --store VAL``."""
 
     run: str
@@ -214,16 +217,17 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_flags(self)
+        self.check_access()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in UNRECORDED}
 
 
 MIN_EXAMPLES = 4  # the unbiased HSIC estimator needs n >= 4
 
 
 @dataclass(frozen=True)
-class CkaConfig:
+class CkaConfig(ReadAccess):
     """``fcache cka RUN --store S``."""
 
     run: str
@@ -240,6 +244,7 @@ class CkaConfig:
             raise InputError(f"--batch-size must be at least {MIN_EXAMPLES} (the unbiased HSIC needs 4 examples per minibatch)")
         if self.samples < self.batch_size:
             raise InputError(f"--samples ({self.samples}) must be at least --batch-size ({self.batch_size})")
+        self.check_access()
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,9 @@ every view's geometry, the view names and the sample's key travel in ``targets``
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +66,18 @@ class EpochItems(Dataset):
             self.data.set_epoch(epoch)
         return self.data[j]
 
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
+        """A batch: read at once where the dataset can (``FeatureDataset``: concurrent requests to a remote store)."""
+        many = getattr(self.data, "__getitems__", None)
+        if many is None:
+            return [self[k] for k in keys]
+        out: list[Any] = []
+        for epoch in dict.fromkeys(e for e, _ in keys):  # a batch spans at most two epochs
+            if hasattr(self.data, "set_epoch"):
+                self.data.set_epoch(epoch)
+            out += many([j for e, j in keys if e == epoch])
+        return out
+
 
 class TrainBatches(Sampler[list[tuple[int, int]]]):
     """Batches ``start..stop-1`` of the stream made of one seeded permutation per epoch, cut into full batches.
@@ -107,12 +122,14 @@ def train_loader(
     device: torch.device | None = None,
     rank: int = 0,
     world: int = 1,
-) -> DataLoader:
+) -> DataLoader | Prefetch:
     """Batches ``start..stop-1`` of ``data`` (items with their epoch's view), collated with ``task``'s training targets.
 
     The loader never touches the global RNG (its own generator is seeded), so heads sampling from it stay exact.
+    Each worker reads ``prefetch`` batches ahead; without workers, a store in object storage is still read
+    ``prefetch`` batches ahead, by a thread (``Prefetch``), so the head never waits on the network.
     """
-    return DataLoader(
+    loader = DataLoader(
         EpochItems(data),
         batch_sampler=TrainBatches(len(data), batch_size, seed, start, stop, rank=rank, world=world),  # type: ignore[arg-type]
         collate_fn=Collate(task, with_targets=True),
@@ -121,6 +138,55 @@ def train_loader(
         pin_memory=device is not None and device.type == "cuda",
         generator=torch.Generator().manual_seed(seed),
     )
+    store = getattr(data, "store", None)
+    if num_workers == 0 and store is not None and store.backend.remote:
+        return Prefetch(loader, prefetch)
+    return loader
+
+
+class Prefetch:
+    """The batches of ``loader``, read up to ``depth`` ahead by a background thread (the same batches, in order)."""
+
+    def __init__(self, loader: DataLoader, depth: int) -> None:
+        self.loader, self.depth = loader, max(1, depth)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        ahead: queue.Queue = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+
+        def read() -> None:
+            try:
+                for batch in self.loader:
+                    while not stop.is_set():
+                        try:
+                            ahead.put(("batch", batch), timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                ahead.put(("end", None))
+            except BaseException as e:  # noqa: BLE001 - raised in the consuming thread
+                ahead.put(("error", e))
+
+        thread = threading.Thread(target=read, name="fcache-prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, value = ahead.get()
+                if kind == "error":
+                    raise value
+                if kind == "end":
+                    return
+                yield value
+        finally:
+            stop.set()
+            while thread.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    ahead.get(timeout=0.1)
 
 
 def training_items(store: FeatureStore, task: Task, indices: np.ndarray, levels: Sequence[str], seed: int) -> Any:
@@ -145,17 +211,28 @@ class AllViews(Dataset):
         return len(self.indices)
 
     def __getitem__(self, j: int) -> dict[str, Any]:
-        i = int(self.indices[j])
-        geometry = self.store.geometry_array[i]  # (V, fields)
-        targets: dict[str, Any] = {name: self.store.target(name, i) for name in self.targets}
-        targets |= {KEY: str(self.store.keys[i]), VIEW_GEOMETRY: geometry.copy(), VIEW_NAMES: self.view_names}
-        return {
-            "index": i,
-            "view": 0,
-            "features": {lv: torch.from_numpy(self.store.read(lv, i)) for lv in self.levels},  # (V, ...)
-            "geometry": torch.from_numpy(geometry[0].copy()),
-            "targets": targets,
-        }
+        return self.__getitems__([j])[0]
+
+    def __getitems__(self, js: Sequence[int]) -> list[dict[str, Any]]:
+        """A batch of samples, every view of every level read at once (concurrently from a remote store)."""
+        picked = [int(self.indices[j]) for j in js]
+        values = self.store.read_many([(lv, i, None) for i in picked for lv in self.levels])  # each (V, ...)
+        out = []
+        for k, i in enumerate(picked):
+            geometry = self.store.geometry_array[i]  # (V, fields)
+            targets: dict[str, Any] = {name: self.store.target(name, i) for name in self.targets}
+            targets |= {KEY: str(self.store.keys[i]), VIEW_GEOMETRY: geometry.copy(), VIEW_NAMES: self.view_names}
+            feats = values[k * len(self.levels) : (k + 1) * len(self.levels)]
+            out.append(
+                {
+                    "index": i,
+                    "view": 0,
+                    "features": {lv: torch.from_numpy(x) for lv, x in zip(self.levels, feats, strict=True)},
+                    "geometry": torch.from_numpy(geometry[0].copy()),
+                    "targets": targets,
+                }
+            )
+        return out
 
 
 def check_plain_view(store: FeatureStore) -> None:

@@ -10,7 +10,7 @@ into ``RUN/eval/<store name>/`` (``RunDir.eval_dir``).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from fcache import store as fstore
 from fcache.common.devices import resolve_device
 from fcache.common.errors import InputError
 from fcache.spec import LevelSpec
@@ -170,13 +169,14 @@ def load_head(run_path: str | Path) -> Head:
     return Head(run, record, task, model.eval(), iteration)
 
 
-def load_trained(run_path: str | Path, store_path: str | Path) -> Trained:
-    """The task, levels and trained model of RUN, and ``store`` checked to fit them."""
+def load_trained(run_path: str | Path, store_path: str | Path, access: Mapping[str, Any] | None = None) -> Trained:
+    """The task, levels and trained model of RUN, and ``store`` (opened with ``access``: ``fcache.store.open``'s
+    storage options and cache) checked to fit them."""
     run = RunDir(run_path)
     record = run.require_config()
     tdef = task_def(record.config.task)
     task = tdef.from_description(record.task)
-    store = fstore.open(store_path)
+    store = FeatureStore(store_path, **(access or {}))
     tdef.check_eval_store(task, store)
     check_levels(store, record.levels)
     check_same_backbone(record.features, store, record.levels)
@@ -186,7 +186,7 @@ def load_trained(run_path: str | Path, store_path: str | Path) -> Trained:
 
 def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
     """Score the weights in RUN on the store ``cfg.store``; writes the task's prediction files into RUN, logs the metrics."""
-    t = load_trained(cfg.run, cfg.store)
+    t = load_trained(cfg.run, cfg.store, cfg.open_kwargs())
     n = len(eval_data(t.store, t.task, t.levels, task_def(t.task.name).eval_views))  # type: ignore[arg-type]
     resolve_device(cfg.device)
     precision = t.run.require_config().config.precision

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from fcache import store as fstore
 from fcache.common.command import rerun
 from fcache.common.devices import resolve_device
 from fcache.common.errors import DivergedError, InputError, Interrupted
@@ -84,11 +83,11 @@ def prepare_training(cfg: TrainConfig) -> Prepared:
     tdef.parse(cfg.head)  # flags first: a bad head, device, precision or logger is named before any store is opened
     check_precision(torch.device(resolve_device(cfg.device)), cfg.precision)
     resolve_logger(cfg.logger)
-    store = fstore.open(cfg.store)
+    store = FeatureStore(cfg.store, **cfg.open_kwargs())
     task = tdef.from_store(store, cfg.head)
     levels = task.levels(store.levels)
     indices = train_indices(store, cfg.train_fraction, cfg.seed)
-    val = fstore.open(cfg.val_store) if cfg.val_store else None
+    val = FeatureStore(cfg.val_store, **cfg.open_kwargs()) if cfg.val_store else None
     if val is not None:
         tdef.check_eval_store(task, val)
         check_levels(val, levels)

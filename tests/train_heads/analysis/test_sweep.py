@@ -154,6 +154,16 @@ def test_a_grid_expands_in_order_with_validation_stores_paired(tmp_path):
     assert [p["head"] for p in points[:4]] == ["fpn", "fpn", "bifpn", "bifpn"]
 
 
+def test_store_urls_stay_urls_and_access_keys_pass_through(tmp_path):
+    spec = {"store": ["s3://bucket/t.zarr", "local.zarr"], "val_store": "gs://other/v.zarr", "head": "fpn", "iters": 3}
+    spec |= {"storage_options": '{"s3": {"profile": "lab"}}', "cache_dir": "cache", "cache_size": "200GB"}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    points = load_spec(str(tmp_path / "s.yaml")).points()
+    assert [p["store"] for p in points] == ["s3://bucket/t.zarr", str(tmp_path / "local.zarr")]
+    assert points[0]["val_store"] == "gs://other/v.zarr" and points[0]["cache_dir"] == str(tmp_path / "cache")
+    assert points[0]["storage_options"] == '{"s3": {"profile": "lab"}}' and points[0]["cache_size"] == "200GB"
+
+
 def test_families_times_and_table_formatting():
     assert head_family("bifpn:layers=3,roi=cascade,channels=64") == "bifpn:roi=cascade"
     assert head_family("upernet:neck=bifpn,layers=5") == "upernet:neck=bifpn"

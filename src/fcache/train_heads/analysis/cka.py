@@ -202,7 +202,7 @@ def run_cka(cfg: CkaConfig, progress: bool = True) -> dict[str, Any]:
     from fcache.train_heads.evaluation import load_trained
     from fcache.train_heads.tasks import task_def
 
-    t = load_trained(cfg.run, cfg.store)
+    t = load_trained(cfg.run, cfg.store, cfg.open_kwargs())
     task, model, store = t.task, t.model, t.store
     data = eval_data(store, task, t.levels, task_def(task.name).eval_views)
     rng = np.random.default_rng(cfg.seed)
@@ -224,5 +224,5 @@ def run_cka(cfg: CkaConfig, progress: bool = True) -> dict[str, Any]:
     if not result:
         raise InputError(f"{cfg.run}: nothing to analyse (the head has no neck or cascade to tap, or too few samples)")
     out = Path(cfg.out or Path(cfg.run) / "cka")
-    write(result, out, f"linear CKA, {t.task.head} at iteration {t.iteration}, {full} samples of {store.root.name}")
+    write(result, out, f"linear CKA, {t.task.head} at iteration {t.iteration}, {full} samples of {Path(str(store.root)).name}")
     return {"out": str(out), "samples": full, "groups": result}

@@ -24,6 +24,7 @@ import yaml
 
 from fcache.common.cluster import ClusterTarget, connect, worker_threads
 from fcache.common.errors import InputError
+from fcache.store.backends import is_url
 from fcache.train_heads.analysis.report import write_outputs
 from fcache.train_heads.config import RENAMED, SweepConfig, TrainConfig
 from fcache.train_heads.runfolder import RunDir
@@ -32,7 +33,8 @@ from fcache.train_heads.training import echo, folder_name, prepare_training, run
 GRID_KEYS = ("store", "head", "lr", "train_fraction", "weight_decay", "seed", "batch_size")  # a list = one grid axis
 FLOAT_KEYS = ("lr", "weight_decay", "train_fraction", "warmup_epochs", "warmup_factor", "gamma", "clip", "ema")
 INT_KEYS = ("iters", "batch_size", "seed", "warmup", "num_workers", "prefetch", "checkpoint_every", "log_every", "grad_accum", "keep_last")
-STR_KEYS = ("task", "store", "val_store", "head", "schedule", "device", "precision", "logger")
+STR_KEYS = ("task", "store", "val_store", "head", "schedule", "device", "precision", "logger", "storage_options", "cache_dir",
+            "cache_size")  # fmt: skip
 SWEEP_KEYS = ("out", "threads")  # of the sweep itself, not of a variant
 SPEC_KEYS = (*STR_KEYS, *FLOAT_KEYS, *INT_KEYS, "lr_steps", *SWEEP_KEYS)
 REQUIRED = ("store", "head", "iters")
@@ -86,8 +88,10 @@ def _coerce(path: str, key: str, value: Any) -> Any:
 
 
 def _resolve(base: Path, key: str, value: Any) -> Any:
-    """Store paths relative to the SPEC file's folder become absolute (dask workers may run elsewhere)."""
-    return str((base / value).resolve()) if key in ("store", "val_store", "out") and value else value
+    """Store paths relative to the SPEC file's folder become absolute (dask workers may run elsewhere); URLs stay."""
+    if key not in ("store", "val_store", "out", "cache_dir") or not value or is_url(value):
+        return value
+    return str((base / value).resolve())
 
 
 def _read_yaml(path: str) -> dict[str, Any]:

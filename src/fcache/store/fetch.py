@@ -1,0 +1,237 @@
+"""Reading feature chunks of a store in object storage: many range requests at once, two round trips at most.
+
+zarr reads a chunk of a sharded array with two dependent requests (the shard's index, then the chunk) and keeps no
+index, so a sample-view costs two round trips of 10-100 ms each. Here a shard's index (16 bytes per chunk + CRC32C,
+at the end of the shard object) is read once and kept, and a whole batch of sample-views is read with every range
+request in flight at once: the first batch that touches a shard costs two round trips, later ones one. Chunks are
+decoded here (bytes, Blosc, CRC32C as ``fcache.store.codecs`` writes them), on a pool of threads, and checked by
+their CRC32C, so a corrupt chunk raises ``CorruptStoreError`` instead of returning wrong values. With a ``DiskCache`` the indexes and
+chunks read are kept on local disk too. The local read path is zarr's own (``FeatureStore.read``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fcache.common.errors import CorruptStoreError
+from fcache.spec import Manifest
+from fcache.store import layout
+from fcache.store.backends import Backend, Range
+from fcache.store.cache import DiskCache
+from fcache.store.dtypes import stored
+from fcache.store.records import LedgerRecord
+
+EMPTY = np.uint64(2**64 - 1)
+INDEXES_KEPT = 4096  # shard indexes held in memory (each 16 bytes per chunk)
+
+
+@dataclass(frozen=True)
+class Chunked:
+    """How one sharded feature array is laid out: chunk shape and codecs, chunks per shard."""
+
+    dtype: np.dtype
+    chunk_shape: tuple[int, ...]
+    grid: tuple[int, ...]  # chunks per shard along each axis
+    codecs: tuple[dict[str, Any], ...]
+
+    @property
+    def chunks_per_shard(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def index_bytes(self) -> int:
+        return 16 * self.chunks_per_shard + 4
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any], dtype: np.dtype) -> Chunked | None:
+        """The layout of an array's ``zarr.json``; None when it is not sharded the way fcache writes features."""
+        codecs = meta.get("codecs", [])
+        if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
+            return None
+        conf = codecs[0]["configuration"]
+        inner = tuple(conf["codecs"])
+        if conf.get("index_location", "end") != "end" or [c["name"] for c in conf["index_codecs"]] != ["bytes", "crc32c"]:
+            return None
+        if inner[0]["name"] != "bytes" or any(c["name"] not in ("blosc", "crc32c") for c in inner[1:]):
+            return None
+        shard = meta["chunk_grid"]["configuration"]["chunk_shape"]
+        chunk = tuple(conf["chunk_shape"])
+        return cls(np.dtype(dtype).newbyteorder("<"), chunk, tuple(s // c for s, c in zip(shard, chunk, strict=True)), inner[1:])
+
+
+class ShardFetcher:
+    """Feature values (stored dtype) of (level, sample, view) requests; safe to use from many threads."""
+
+    def __init__(self, backend: Backend, manifest: Manifest, ledger: dict[int, LedgerRecord], cache: DiskCache | None) -> None:
+        self.backend, self.manifest, self.ledger, self.cache = backend, manifest, ledger, cache
+        self.numpy = stored(manifest.storage.dtype).numpy
+        keys = [f"{layout.FEATURES}/{lv.name}/{layout.ROOT_META}" for lv in manifest.levels]
+        self.layouts: dict[str, Chunked | None] = {}
+        for lv, raw in zip(manifest.levels, backend.get_many(keys), strict=True):
+            self.layouts[lv.name] = Chunked.from_metadata(json.loads(raw), self.numpy) if raw else None
+        self._indexes: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def supports(self, level: str) -> bool:
+        return self.layouts.get(level) is not None
+
+    def read(self, requests: Sequence[tuple[str, int, int | None]]) -> list[np.ndarray]:
+        """Stored values of each (level, sample, view): (C, H, W), or with view None all views (V, C, H, W) (video: T first)."""
+        shards = sorted({(lv, self._unit(i).index) for lv, i, _ in requests})
+        self._load_indexes(shards)
+        wanted: list[tuple[str, int, int]] = []  # (level, unit, chunk within the shard)
+        plan: list[list[int]] = []
+        for lv, i, view in requests:
+            views = range(self.manifest.num_views) if view is None else [view]
+            unit = self._unit(i)
+            plan.append([len(wanted) + k for k in range(len(views))])
+            wanted += [(lv, unit.index, (i - unit.start) * self.manifest.num_views + v) for v in views]
+        chunks = self._chunks(wanted)
+        out = []
+        for (_, _, view), idx in zip(requests, plan, strict=True):
+            values = [chunks[k] for k in idx]
+            out.append(values[0] if view is not None else np.stack(values))
+        return out
+
+    # -- indexes ------------------------------------------------------------------------------------
+    def _load_indexes(self, shards: Sequence[tuple[str, int]]) -> None:
+        with self._lock:
+            missing = [s for s in shards if s not in self._indexes]
+            for s in shards:
+                if s in self._indexes:
+                    self._indexes.move_to_end(s)
+        cached = {s: self.cache.get(self._cache_name(*s), "index") if self.cache else None for s in missing}
+        fetch = [s for s in missing if cached[s] is None]
+        got = self.backend.get_ranges([Range(self._key(lv, u), -self._layout(lv).index_bytes, None) for lv, u in fetch])
+        fetched = dict(zip(fetch, got, strict=True))
+        for s in missing:
+            raw = cached[s] if cached[s] is not None else fetched[s]
+            assert raw is not None
+            try:
+                index = self._parse_index(s, raw)
+            except CorruptStoreError:
+                if cached[s] is None or self.cache is None:
+                    raise
+                self.cache.drop(self._cache_name(*s), "index")  # a damaged cache entry: read it from the store
+                raw = self.backend.get_ranges([Range(self._key(*s), -self._layout(s[0]).index_bytes, None)])[0]
+                index = self._parse_index(s, raw)
+                fetched[s] = raw
+            if s in fetched and self.cache is not None:
+                self.cache.put(self._cache_name(*s), "index", raw)
+            with self._lock:
+                self._indexes[s] = index
+                while len(self._indexes) > INDEXES_KEPT:
+                    self._indexes.popitem(last=False)
+
+    def _parse_index(self, shard: tuple[str, int], raw: bytes) -> np.ndarray:
+        lv, u = shard
+        if len(raw) != self._layout(lv).index_bytes or not _crc_ok(raw):
+            raise CorruptStoreError(self._damaged(lv, u, "its shard index fails its CRC32C"))
+        return np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
+
+    # -- chunks -------------------------------------------------------------------------------------
+    def _chunks(self, wanted: Sequence[tuple[str, int, int]]) -> list[np.ndarray]:
+        raws: dict[tuple[str, int, int], bytes] = {}
+        if self.cache is not None:
+            for w in set(wanted):
+                hit = self.cache.get(self._cache_name(w[0], w[1]), f"c{w[2]}")
+                if hit is not None:
+                    raws[w] = hit
+        from_cache = set(raws)
+        raws |= self._fetch([w for w in dict.fromkeys(wanted) if w not in raws])
+
+        def decoded(w: tuple[str, int, int]) -> np.ndarray:
+            try:
+                return self._decode(w, raws[w])
+            except CorruptStoreError:
+                if self.cache is None or w not in from_cache:
+                    raise
+                self.cache.drop(self._cache_name(w[0], w[1]), f"c{w[2]}")  # a damaged cache entry: read it from the store
+                return self._decode(w, self._fetch([w])[w])
+
+        return list(decoder().map(decoded, wanted))
+
+    def _fetch(self, wanted: Sequence[tuple[str, int, int]]) -> dict[tuple[str, int, int], bytes]:
+        ranges = []
+        for lv, u, k in wanted:
+            with self._lock:
+                offset, nbytes = self._indexes[(lv, u)][k]
+            if offset == EMPTY:
+                raise CorruptStoreError(self._damaged(lv, u, f"chunk {k} is absent from its shard"))
+            ranges.append(Range(self._key(lv, u), int(offset), int(offset + nbytes)))
+        got = dict(zip(wanted, self.backend.get_ranges(ranges), strict=True))
+        if self.cache is not None:
+            for (lv, u, k), data in got.items():
+                self.cache.put(self._cache_name(lv, u), f"c{k}", data)
+        return got
+
+    def _decode(self, w: tuple[str, int, int], raw: bytes) -> np.ndarray:
+        lv, u, _ = w
+        chunked = self._layout(lv)
+        data = raw
+        for codec in reversed(chunked.codecs):
+            if codec["name"] == "crc32c":
+                if not _crc_ok(data):
+                    raise CorruptStoreError(self._damaged(lv, u, "a chunk fails its CRC32C"))
+                data = data[:-4]
+            else:  # blosc
+                from numcodecs import blosc
+
+                try:
+                    data = blosc.decompress(data)
+                except RuntimeError as e:
+                    raise CorruptStoreError(self._damaged(lv, u, f"a chunk does not decompress ({e})")) from None
+        values = np.frombuffer(data, dtype=chunked.dtype)
+        if values.size != math.prod(chunked.chunk_shape):
+            raise CorruptStoreError(self._damaged(lv, u, "a chunk has the wrong size"))
+        return values.reshape(chunked.chunk_shape[2:]).astype(self.numpy, copy=False)
+
+    # -- names --------------------------------------------------------------------------------------
+    def _unit(self, i: int) -> layout.Unit:
+        return layout.unit_of(i, self.manifest.storage.shard_size, self.manifest.dataset.n)
+
+    def _layout(self, level: str) -> Chunked:
+        chunked = self.layouts[level]
+        assert chunked is not None, "callers check supports(level)"
+        return chunked
+
+    def _key(self, level: str, unit: int) -> str:
+        return layout.shard_key(f"{layout.FEATURES}/{level}", unit, 2 + len(self.manifest.level_shape(level)))
+
+    def _cache_name(self, level: str, unit: int) -> str:
+        entry = self.ledger[unit].files.get(self._key(level, unit))
+        return f"{level}-{unit:06d}-{entry.sha256[:16] if entry else 'unrecorded'}"
+
+    def _damaged(self, level: str, unit: int, what: str) -> str:
+        u = self._unit(unit * self.manifest.storage.shard_size)
+        return (
+            f"{self.backend.url}: level {level}, shard {unit} (samples {u.start}-{u.stop - 1}) is corrupt: {what}; "
+            f"run `fcache verify {self.backend.url}` and re-extract that unit"
+        )
+
+
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def decoder() -> ThreadPoolExecutor:
+    """Threads decoding chunks (Blosc and numpy release the GIL): one per core, made again in a forked child."""
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid():
+        _POOL = (os.getpid(), ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="fcache-decode"))
+    return _POOL[1]
+
+
+def _crc_ok(data: bytes) -> bool:
+    import google_crc32c
+
+    return len(data) >= 4 and google_crc32c.value(data[:-4]) == int.from_bytes(data[-4:], "little")

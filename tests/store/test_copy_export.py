@@ -1,0 +1,91 @@
+"""`fcache copy` between local disk and S3 (checked at both ends, resumable) and `fcache export-wds` read back as a stream."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fcache import store as fstore
+from fcache.cli import main
+from fcache.store import copy as copy_module
+from fcache.store import layout
+from fcache.store.backends import open_backend
+from helpers import build_store, decoded, refused
+
+
+def assert_same(a, b) -> None:
+    x, y = decoded(a), decoded(b)
+    assert set(x) == set(y)
+    for k in x:
+        np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_copy_local_to_s3_and_back_is_checked_and_resumable(tmp_path, s3_bucket, monkeypatch):
+    src = build_store(tmp_path / "s.zarr", n=10, shard_size=2, dtype="int8", failed=(3,))
+    url = s3_bucket + "/copy.zarr"
+    real, calls = copy_module._copy_unit, []
+
+    def dies_after_two(*a):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the copy is killed mid-way
+        calls.append(a[2].index)
+        return real(*a)
+
+    monkeypatch.setattr(copy_module, "_copy_unit", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        fstore.copy_store(src, url, workers=1)
+    monkeypatch.undo()
+    assert set(fstore.open(url).ledger) == set(calls)  # what was copied is committed, nothing else
+    r = CliRunner().invoke(main, ["copy", str(src), url, "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["units_copied"] == 3 and summary["units_present"] == 2 and summary["units_committed"] == 5
+    assert fstore.verify(url).ok
+    assert_same(src, url)
+    back = tmp_path / "back.zarr"
+    assert CliRunner().invoke(main, ["copy", url, str(back)]).exit_code == 0
+    assert fstore.verify(back).ok
+    assert_same(src, back)
+    assert (back / "errors.jsonl").read_text() == (src / "errors.jsonl").read_text()
+
+
+def test_copy_refuses_a_damaged_source_and_a_foreign_destination(tmp_path, s3_bucket):
+    src = build_store(tmp_path / "s.zarr", n=6, shard_size=2)
+    shard = src / layout.shard_key("features/p3", 1, 5)
+    data = bytearray(shard.read_bytes())
+    data[50] ^= 0x01
+    shard.write_bytes(bytes(data))
+    refused(CliRunner().invoke(main, ["copy", str(src), s3_bucket + "/c.zarr"]), layout.shard_key("features/p3", 1, 5), "fcache verify")
+    open_backend(s3_bucket + "/other").put("precious.txt", b"x")
+    refused(CliRunner().invoke(main, ["copy", str(src), s3_bucket + "/other"]), "is not an fcache store")
+    assert open_backend(s3_bucket + "/other").get("precious.txt") == b"x"
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bf16"])
+def test_export_wds_reads_back_as_the_store_does(tmp_path, s3_bucket, dtype):
+    src = build_store(tmp_path / "s.zarr", n=9, shard_size=4, views=2, dtype=dtype, failed=(3,))
+    out = s3_bucket + "/wds"
+    r = CliRunner().invoke(main, ["export-wds", str(src), "--out", out, "--shard-size", "40KB", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["samples"] == 8 and d["shards"] > 1
+    export = fstore.open(out)
+    assert isinstance(export, fstore.WdsExport) and export.n == 8 and export.level_names == ("p2", "p3", "p4", "p5")
+    store = fstore.open(src)
+    want = store.dataset(view=1)
+    items = list(export.stream(view=1))
+    assert [it["index"] for it in items] == [int(i) for i in store.ok_indices]
+    for got, ref in zip(items, (want[j] for j in range(len(want))), strict=True):
+        for lv in store.level_names:
+            assert torch.equal(got["features"][lv], ref["features"][lv])
+        assert torch.equal(got["geometry"], ref["geometry"])
+    loader = torch.utils.data.DataLoader(export.stream(["p5"], shuffle=4, seed=1), batch_size=None, num_workers=2)
+    seen = sorted(int(it["index"]) for it in loader)
+    assert seen == [int(i) for i in store.ok_indices]  # every sample once, shards split over the workers
+    with pytest.raises(fstore.StoreError, match="webdataset export, which is read as a stream"):
+        fstore.FeatureStore(out)
+    refused(CliRunner().invoke(main, ["export-wds", str(src), "--out", out]), "already holds an export")
