@@ -13,16 +13,17 @@ import json
 import math
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fcache.common.errors import FcacheError
 
 
-def load_json(text: str, where: str, error: type[FcacheError]) -> Any:
-    """Parse ``text``; ``error`` naming ``where`` when it is not JSON or is nested too deep for the parser."""
+def load_json(text: str, where: str, error: type[FcacheError], object_hook: Callable[[dict], Any] | None = None) -> Any:
+    """Parse ``text`` (``object_hook`` as json's); ``error`` naming ``where`` when it is not JSON or is nested too deep."""
     try:
-        return json.loads(text)
+        return json.loads(text, object_hook=object_hook)
     except RecursionError:
         raise error(f"{where} is nested {_max_depth(text)} levels deep, deeper than JSON can be read here; it is not valid input") from None
     except ValueError as e:
