@@ -21,9 +21,9 @@ def describe(path: str | Path) -> dict[str, Any]:
     levels: list[dict[str, Any]] = []
     for lv in store.levels:
         shape = m.level_shape(lv.name)
-        disk = _disk_bytes(store.root / layout.FEATURES / lv.name)
+        disk = layout.disk_bytes(store.root / layout.FEATURES / lv.name)
         if dtype.scaled:
-            disk += _disk_bytes(store.root / layout.SCALES / lv.name)
+            disk += layout.disk_bytes(store.root / layout.SCALES / lv.name)
         raw = committed * store.num_views * math.prod(shape) * itemsize
         levels.append(
             {
@@ -51,7 +51,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "status_counts": store.status_counts(),
         "levels": levels,
         "disk_bytes": disk_total,
-        "store_bytes": _disk_bytes(store.root),
+        "store_bytes": layout.disk_bytes(store.root),
         "compression_ratio": raw_total / disk_total if disk_total else 0.0,
         "targets": list(store.target_names),
     }
@@ -89,7 +89,3 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
-
-
-def _disk_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,7 +127,24 @@ def read_ledger(root: Path, expected: list[Unit] | None = None) -> dict[int, Led
 
 def temporaries(root: Path) -> list[Path]:
     """Leftover temporary files anywhere in the store (from a writer that was killed)."""
-    return sorted(p for p in root.rglob(f"*{TEMP_SUFFIX}") if p.is_file())
+    return sorted(Path(e.path) for e in files_under(root) if e.name.endswith(TEMP_SUFFIX))
+
+
+def files_under(root: Path) -> Iterator[os.DirEntry]:
+    """Every file below ``root`` (symbolic links not followed): one ``scandir`` per folder, no path objects per file."""
+    folders = [str(root)] if root.is_dir() else []
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    folders.append(e.path)
+                elif e.is_file(follow_symlinks=False):
+                    yield e
+
+
+def disk_bytes(root: Path) -> int:
+    """Bytes of the files below ``root``."""
+    return sum(e.stat(follow_symlinks=False).st_size for e in files_under(root))
 
 
 def sha256_file(path: Path) -> str:

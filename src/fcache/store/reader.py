@@ -72,7 +72,7 @@ class FeatureStore:
     def video(self) -> bool:
         return self.manifest.video
 
-    @property
+    @cached_property
     def units(self) -> list[layout.Unit]:
         return layout.units(self.n, self.manifest.storage.shard_size)
 
@@ -87,11 +87,11 @@ class FeatureStore:
 
     @cached_property
     def status(self) -> np.ndarray:
-        """(N,) uint8 statuses; samples of uncommitted units read as pending."""
-        raw = np.asarray(self.array(layout.STATUS)[:], dtype=np.uint8)
+        """(N,) uint8 statuses as the ledger records them (``samples/status`` holds the same; ``fcache verify`` compares
+        them); samples of uncommitted units read as pending."""
         out = np.full(self.n, int(Status.PENDING), dtype=np.uint8)
         for rec in self.ledger.values():
-            out[rec.start : rec.stop] = raw[rec.start : rec.stop]
+            out[rec.start : rec.stop] = rec.status
         return out
 
     @cached_property
