@@ -29,6 +29,7 @@ from fcache.common.cluster import ClusterTarget
 from fcache.common.command import rerun
 from fcache.common.devices import resolve_device
 from fcache.common.errors import InputError, Interrupted, LeaseHeld
+from fcache.extract import space
 from fcache.extract.backbones import Backbone, build_backbone
 from fcache.extract.config import ExtractConfig
 from fcache.extract.sources import build_source
@@ -123,6 +124,9 @@ def run_extract(cfg: ExtractConfig, show_progress: bool = False) -> ExtractSumma
     target = cfg.target()
     # a cluster's workers build their own backbones: the driver's, for the manifest only, stays off the GPUs
     source, refs, backbone, manifest = prepare(dataclasses.replace(cfg, device="cpu") if target else cfg)
+    if not cfg.no_space_check:  # before anything is created
+        existing = layout.disk_bytes(Path(cfg.out)) if cfg.overwrite and fstore_exists(cfg.out) else 0
+        space.check_space(cfg.out, manifest, space.needed(cfg.out, manifest, overwrite=cfg.overwrite), freed=existing)
     try:
         with _leased_store(cfg, source, refs, manifest) as writer:
             pending = writer.pending()
