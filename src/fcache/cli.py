@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import functools
 import json
+import math
 import sys
 import types
 import typing
@@ -170,13 +171,16 @@ def info(store: str, as_json: bool) -> None:
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--fast", is_flag=True, help="Check presence, sizes and statuses only; skip checksums and decoding.")
+@click.option("--sample", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Check the files of this fraction of the committed units (seeded), e.g. 0.01 on a huge store.")  # fmt: skip
 @click.option("--recompute", type=int, default=0, help="Also re-extract K random samples and compare them with the store.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None, help="With --recompute: the weights file used.")
 @click.option("--device", default="auto", show_default=True, help=f"With --recompute: where to run the backbone: {DEVICE_HELP}")
 @click.option("--tolerance", type=float, default=None, help="With --recompute: relative RMSE allowed (default by dtype).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
-def verify(store: str, fast: bool, recompute: int, weights: str | None, device: str, tolerance: float | None, as_json: bool) -> None:
+def verify(store: str, fast: bool, sample: float, recompute: int, weights: str | None, device: str, tolerance: float | None,
+           as_json: bool) -> None:  # fmt: skip
     """Check STORE against its ledger: temporaries, missing or changed shards, CRCs, statuses, NaN/Inf.
 
     Names each bad file with its sample range. Exit code 0 when the store is sound, 1 otherwise.
@@ -189,8 +193,9 @@ def verify(store: str, fast: bool, recompute: int, weights: str | None, device: 
     from fcache.store.reader import FeatureStore
 
     total = len(FeatureStore(store, check=False).ledger)  # an inconsistent store is verify's to report, not to refuse
+    total = min(total, max(1, math.ceil(sample * total)))
     with tqdm(total=total, unit="unit", desc="verify", disable=as_json or None, file=sys.stderr) as bar:
-        report = run_verify(store, fast=fast, progress=bar.update)
+        report = run_verify(store, fast=fast, sample=sample, progress=bar.update)
     if recompute:
         from fcache.extract.recompute import recompute as run_recompute
 
@@ -200,7 +205,8 @@ def verify(store: str, fast: bool, recompute: int, weights: str | None, device: 
     else:
         for p in report.problems:
             click.echo(p.line())
-        mode = ("fast" if fast else "full") + (f", {recompute} samples recomputed" if recompute else "")
+        mode = ("fast" if fast else "full") + (f", {sample:.0%} of the units" if sample < 1 else "")
+        mode += f", {recompute} samples recomputed" if recompute else ""
         verdict = "OK" if report.ok else f"{len(report.problems)} problem(s)"
         click.echo(
             f"{verdict}: {report.units_committed}/{report.units_total} units committed, {report.files_checked} files checked ({mode})"
