@@ -180,6 +180,7 @@ def step_plan(work: Path) -> dict[str, Any]:
 
 def step_create(work: Path) -> dict[str, Any]:
     from fcache import store as fstore
+    from fcache.extract.driver import write_driver_targets
     from fcache.store import writer as _  # noqa: F401 -- imports are not the step
 
     src = coco_source(work)
@@ -189,8 +190,7 @@ def step_create(work: Path) -> dict[str, Any]:
     t = Clock()
     writer = fstore.create(work / "store.zarr", manifest_for(work, keys), keys, targets=src.target_specs(), target_attrs=src.target_attrs())
     created = t.wall()
-    for name, values in src.driver_targets(refs).items():  # as the driver does for a new store
-        writer.write_targets(name, values)
+    write_driver_targets(writer, src, refs)  # as the driver does for a new store
     return {**t.times(), "create_s": created, "units": len(writer.units)}
 
 

@@ -246,3 +246,28 @@ def test_column_check_gives_what_the_entry_by_entry_check_gives(tmp_path: Path, 
     anns8 = json.loads(got[Targets.ANNOTATIONS][0])
     assert [a["id"] for a in anns8] == [40] and anns8[0]["segmentation"][1] == [1.0] * 8 and anns8[0]["area"] == 12.0
     assert [a["id"] for a in json.loads(got[Targets.ANNOTATIONS][1])] == [6, 39, 42]
+
+
+def test_driver_targets_are_written_block_by_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of whole shards (here one shard of 2 samples each) give the store the same targets as one block."""
+    import dataclasses
+
+    from fcache import store as fstore
+    from fcache.extract import driver
+    from fcache.spec import keys_digest
+    from helpers import make_manifest
+
+    ann_path, _ = write_dataset(tmp_path)
+    src = CocoSource(tmp_path / "images", ann_path)
+    refs = src.samples()
+    keys = [r.key for r in refs]
+    m, _ = make_manifest(n=len(refs), shard_size=2)
+    m = dataclasses.replace(m, dataset=dataclasses.replace(m.dataset, digest=keys_digest(keys)))
+    writer = fstore.create(tmp_path / "s.zarr", m, keys, targets=src.target_specs(), target_attrs=src.target_attrs())
+    monkeypatch.setattr(driver, "TARGET_BLOCK_UNITS", 1)
+    driver.write_driver_targets(writer, src, refs)
+    s = fstore.FeatureStore(tmp_path / "s.zarr")
+    whole = src.driver_targets(refs)
+    for name in (Targets.IMAGE, Targets.ANNOTATIONS):
+        assert list(s.target(name)) == list(whole[name])
+    assert [a["id"] for a in json.loads(s.target(Targets.ANNOTATIONS, 2))] == [5, 7]  # image 10, the third sample

@@ -41,6 +41,8 @@ from fcache.store import layout
 from fcache.store.info import human
 from fcache.store.lease import DriverLease
 
+TARGET_BLOCK_UNITS = 256  # units of driver targets written at once (4096 samples at the default shard size)
+
 
 @dataclass
 class ExtractSummary:
@@ -189,11 +191,19 @@ def _leased_store(cfg: ExtractConfig, source: Source, refs: list[SampleRef], man
             raise
         lease.acquire()  # a new store (or one just replaced by --overwrite) gets its lease now
         if not existed or cfg.overwrite:
-            for name, values in source.driver_targets(refs).items():
-                writer.write_targets(name, values)
+            write_driver_targets(writer, source, refs)
         yield writer
     finally:
         lease.release()
+
+
+def write_driver_targets(writer: fstore.StoreWriter, source: Source, refs: list[SampleRef]) -> None:
+    """The targets known from metadata (COCO's annotations as JSON), written block by block of whole shards: the
+    texts of one block exist at a time, not those of the whole dataset."""
+    block = writer.manifest.storage.shard_size * TARGET_BLOCK_UNITS
+    for start in range(0, len(refs), block):
+        for name, values in source.driver_targets(refs[start : start + block]).items():
+            writer.write_targets(name, values, start)
 
 
 @contextlib.contextmanager
