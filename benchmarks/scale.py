@@ -180,7 +180,7 @@ def step_plan(work: Path) -> dict[str, Any]:
 
 def step_create(work: Path) -> dict[str, Any]:
     from fcache import store as fstore
-    from fcache.extract.driver import write_driver_targets
+    from fcache.extract.sources.base import write_driver_targets
     from fcache.store import writer as _  # noqa: F401 -- imports are not the step
 
     src = coco_source(work)

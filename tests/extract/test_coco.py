@@ -253,7 +253,7 @@ def test_driver_targets_are_written_block_by_block(tmp_path: Path, monkeypatch: 
     import dataclasses
 
     from fcache import store as fstore
-    from fcache.extract import driver
+    from fcache.extract.sources import base
     from fcache.spec import keys_digest
     from helpers import make_manifest
 
@@ -264,8 +264,8 @@ def test_driver_targets_are_written_block_by_block(tmp_path: Path, monkeypatch: 
     m, _ = make_manifest(n=len(refs), shard_size=2)
     m = dataclasses.replace(m, dataset=dataclasses.replace(m.dataset, digest=keys_digest(keys)))
     writer = fstore.create(tmp_path / "s.zarr", m, keys, targets=src.target_specs(), target_attrs=src.target_attrs())
-    monkeypatch.setattr(driver, "TARGET_BLOCK_UNITS", 1)
-    driver.write_driver_targets(writer, src, refs)
+    monkeypatch.setattr(base, "TARGET_BLOCK_UNITS", 1)
+    base.write_driver_targets(writer, src, refs)
     s = fstore.FeatureStore(tmp_path / "s.zarr")
     whole = src.driver_targets(refs)
     for name in (Targets.IMAGE, Targets.ANNOTATIONS):

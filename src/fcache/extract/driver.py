@@ -33,15 +33,13 @@ from fcache.extract import space
 from fcache.extract.backbones import Backbone, build_backbone
 from fcache.extract.config import ExtractConfig
 from fcache.extract.sources import build_source
-from fcache.extract.sources.base import SampleRef, Source
+from fcache.extract.sources.base import SampleRef, Source, write_driver_targets
 from fcache.extract.stages import Batcher, SampleDataset, SampleItem, UnitAssembler, check_sample
 from fcache.extract.views import expand_test_views
 from fcache.spec import DatasetInfo, Manifest, Preprocessing, StorageSpec, keys_digest
 from fcache.store import layout
 from fcache.store.info import human
 from fcache.store.lease import DriverLease
-
-TARGET_BLOCK_UNITS = 256  # units of driver targets written at once (4096 samples at the default shard size)
 
 
 @dataclass
@@ -195,15 +193,6 @@ def _leased_store(cfg: ExtractConfig, source: Source, refs: list[SampleRef], man
         yield writer
     finally:
         lease.release()
-
-
-def write_driver_targets(writer: fstore.StoreWriter, source: Source, refs: list[SampleRef]) -> None:
-    """The targets known from metadata (COCO's annotations as JSON), written block by block of whole shards: the
-    texts of one block exist at a time, not those of the whole dataset."""
-    block = writer.manifest.storage.shard_size * TARGET_BLOCK_UNITS
-    for start in range(0, len(refs), block):
-        for name, values in source.driver_targets(refs[start : start + block]).items():
-            writer.write_targets(name, values, start)
 
 
 @contextlib.contextmanager
