@@ -85,8 +85,9 @@ def verify(path: str | Path, *, fast: bool = False, sample: float = 1.0, progres
                 )
             )
     targets = {name: store.array(f"{layout.TARGETS}/{name}").ndim for name in store.target_names}
-    raw_status = np.asarray(store.array(layout.STATUS)[:], dtype=np.uint8)
-    for u, rec in sorted(_sampled(store.ledger, sample).items()):
+    checked = _sampled(store.ledger, sample)
+    raw_status = np.asarray(store.array(layout.STATUS)[:], dtype=np.uint8) if len(checked) == len(store.ledger) else None
+    for u, rec in sorted(checked.items()):
         unit = store.units[u]
         report.problems += _check_unit(store, unit, rec, targets, raw_status, fast, report)
         if progress:
@@ -107,7 +108,7 @@ def _check_unit(
     unit: layout.Unit,
     rec: LedgerRecord,
     targets: dict[str, int],
-    raw_status: np.ndarray,
+    raw_status: np.ndarray | None,
     fast: bool,
     report: VerifyReport,
 ) -> list[Problem]:
@@ -141,7 +142,8 @@ def _check_unit(
         else:
             continue
         bad_files.add(rel)
-    if not np.array_equal(raw_status[unit.start : unit.stop], np.asarray(rec.status, dtype=np.uint8)):
+    status = raw_status[unit.start : unit.stop] if raw_status is not None else store.array(layout.STATUS)[unit.start : unit.stop]
+    if not np.array_equal(np.asarray(status, dtype=np.uint8), np.asarray(rec.status, dtype=np.uint8)):
         problems.append(Problem("status", _rel(root / layout.STATUS, root), "statuses differ from the unit's ledger record", span))
     if fast:
         return problems
