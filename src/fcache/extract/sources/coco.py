@@ -202,10 +202,11 @@ def _pack(obj: dict[str, Any]) -> dict[str, Any]:
     Anything else stays as parsed, for the exact check to judge. ``_plain`` turns the arrays back into JSON lists."""
     seg = obj.get("segmentation")
     if type(seg) is list:
-        if all(type(p) is list and len(p) >= 6 and not len(p) % 2 and set(map(type, p)) == _FLOAT for p in seg):
-            total = sum(map(sum, seg))  # inf or nan when any value is (or when finite values overflow: left to the check)
-            if math.isfinite(total):
-                obj["segmentation"] = [array("d", p) for p in seg]
+        for p in seg:  # a loop, not all(...): this runs for every annotation
+            if type(p) is not list or len(p) < 6 or len(p) & 1 or set(map(type, p)) != _FLOAT:
+                return obj
+        if math.isfinite(sum(map(sum, seg))):  # inf or nan when any value is (or finite values overflow: left to the check)
+            obj["segmentation"] = [array("d", p) for p in seg]
     elif type(seg) is dict and type(seg.get("counts")) is list:
         counts = seg["counts"]
         if set(map(type, counts)) <= _INT and (not counts or 0 <= min(counts) <= max(counts) < 1 << 63):
