@@ -82,10 +82,13 @@ def preprocessing_of(cfg: ExtractConfig, backbone: Backbone) -> Preprocessing:
     )
 
 
-def prepare(cfg: ExtractConfig, *, meta: bool = False) -> tuple[Source, list[SampleRef], Backbone, Manifest]:
-    """Validate the config and the dataset's metadata, build the backbone and the manifest (no writes)."""
+def prepare(cfg: ExtractConfig, *, meta: bool = False, source: Source | None = None) -> tuple[Source, list[SampleRef], Backbone, Manifest]:
+    """Validate the config and the dataset's metadata, build the backbone and the manifest (no writes).
+
+    ``source``: the dataset's source already built from ``cfg.source`` (its listing is kept by the source).
+    """
     cfg.validate()
-    source = build_source(cfg.source)
+    source = source or build_source(cfg.source)
     refs = source.samples()
     if cfg.limit:
         refs = refs[: cfg.limit]

@@ -13,22 +13,32 @@ import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch.utils.flop_counter import FlopCounterMode
+from typing import TYPE_CHECKING, Any
 
 from fcache.extract import space
-from fcache.extract.driver import ExtractConfig, prepare, run_extract
+from fcache.extract.config import ExtractConfig
+from fcache.extract.sources import build_source
 from fcache.extract.throughput import THROUGHPUT
 from fcache.store.info import human
+
+if TYPE_CHECKING:
+    import torch
 
 
 def plan(
     cfg: ExtractConfig, *, measure: int = 4, no_run: bool = False, assume_tflops: float = 100.0, device_class: str = "h100"
 ) -> dict[str, Any]:
-    """Per-level sizes, totals and a time estimate for extracting ``cfg``; writes nothing outside a temp folder."""
-    _, refs, backbone, manifest = prepare(cfg, meta=True)
+    """Per-level sizes, totals and a time estimate for extracting ``cfg``; writes nothing outside a temp folder.
+
+    The flags and the dataset's metadata are checked before torch is imported: parsing a COCO-train json peaks at its
+    text plus its objects, and that peak then does not sit on top of torch's memory.
+    """
+    dataclasses.replace(cfg, device="cpu").validate()  # the device is checked by prepare (it needs torch)
+    source = build_source(cfg.source)
+    source.samples()
+    from fcache.extract.driver import prepare
+
+    _, refs, backbone, manifest = prepare(cfg, meta=True, source=source)
     n, views = len(refs), manifest.num_views
     images_per_sample = views * (manifest.preprocessing.frames or 1)
     per_level = space.level_bytes(manifest)
@@ -78,12 +88,17 @@ def plan(
 
 def forward_flops(model: torch.nn.Module, input_size: int) -> float:
     """FLOPs of one image through a backbone built on the meta device (no weights needed)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
     with FlopCounterMode(display=False) as counter, torch.device("meta"):
         model(torch.empty(1, 3, input_size, input_size))
     return float(counter.get_total_flops())
 
 
 def _measure(cfg: ExtractConfig, k: int) -> dict[str, Any]:
+    from fcache.extract.driver import run_extract
+
     tmp = Path(tempfile.mkdtemp(prefix="fcache-plan-"))
     try:
         trial = dataclasses.replace(cfg, out=str(tmp / "trial.zarr"), limit=k, overwrite=True, shard_size=max(1, k), no_space_check=True)

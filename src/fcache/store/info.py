@@ -8,11 +8,12 @@ from typing import Any
 
 from fcache.store import layout
 from fcache.store.dtypes import stored
-from fcache.store.reader import FeatureStore
 
 
 def describe(path: str | Path) -> dict[str, Any]:
     """Manifest, per-level shapes and sizes, status counts and quantisation error, as plain data."""
+    from fcache.store.reader import FeatureStore  # here: ``human`` is imported by light modules (no torch)
+
     store = FeatureStore(path)
     m = store.manifest
     committed = sum(rec.samples for rec in store.ledger.values())
