@@ -28,12 +28,14 @@ SCRIPTS = {
     "video_heads": [],
     "distribution": ["--images", "64"],
     "heads_per_pass": ["--sizes", "256", "--rounds", "2"],
+    "scale": ["--n", "2000"],  # full COCO-train size: python benchmarks/scale.py --n 10000,40000,118287 (README, "Scale")
 }
 QUICK = {
     "extract": ["--sizes", "256:0", "--images", "8"],
     "heads": ["--configs", "swinv2-t@256:2", "--heads", "fpn:rois=128", "--iters", "1"],
     "heads_per_pass": ["--sizes", "256", "--iters", "4", "--rounds", "1"],
     "distribution": ["--images", "16"],
+    "scale": ["--n", "500", "--steps", "json_load,validate,create,commit,open,info,verify_fast,to_dask"],
 }
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import functools
 import json
+import math
 import sys
 import types
 import typing
@@ -195,6 +196,8 @@ def info(store: str, as_json: bool, storage_options: str) -> None:
 @main.command()
 @click.argument("store", type=StoreLocation())
 @click.option("--fast", is_flag=True, help="Check presence, sizes and statuses only; skip checksums and decoding.")
+@click.option("--sample", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Check the files of this fraction of the committed units (seeded), e.g. 0.01 on a huge store.")  # fmt: skip
 @click.option("--recompute", type=int, default=0, help="Also re-extract K random samples and compare them with the store.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None, help="With --recompute: the weights file used.")
 @click.option("--device", default="auto", show_default=True, help=f"With --recompute: where to run the backbone: {DEVICE_HELP}")
@@ -202,8 +205,8 @@ def info(store: str, as_json: bool, storage_options: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @storage_options_option
 @user_errors
-def verify(store: str, fast: bool, recompute: int, weights: str | None, device: str, tolerance: float | None, as_json: bool,
-           storage_options: str) -> None:  # fmt: skip
+def verify(store: str, fast: bool, sample: float, recompute: int, weights: str | None, device: str, tolerance: float | None,
+           as_json: bool, storage_options: str) -> None:  # fmt: skip
     """Check STORE against its ledger: temporaries, missing or changed shards, CRCs, statuses, NaN/Inf.
 
     Names each bad file with its sample range. Exit code 0 when the store is sound, 1 otherwise.
@@ -221,8 +224,9 @@ def verify(store: str, fast: bool, recompute: int, weights: str | None, device: 
     if recompute:
         resolve_device(device)  # a device that is not there is named before the store is read
     total = len(FeatureStore(store, storage_options=options, check=False).ledger)  # an inconsistent store is verify's to report
+    total = min(total, max(1, math.ceil(sample * total)))
     with tqdm(total=total, unit="unit", desc="verify", disable=as_json or None, file=sys.stderr) as bar:
-        report = run_verify(store, fast=fast, progress=bar.update, storage_options=options)
+        report = run_verify(store, fast=fast, sample=sample, progress=bar.update, storage_options=options)
     if recompute:
         from fcache.extract.recompute import recompute as run_recompute
 
@@ -234,7 +238,8 @@ def verify(store: str, fast: bool, recompute: int, weights: str | None, device: 
     else:
         for p in report.problems:
             click.echo(p.line())
-        mode = ("fast" if fast else "full") + (f", {recompute} samples recomputed" if recompute else "")
+        mode = ("fast" if fast else "full") + (f", {sample:.0%} of the units" if sample < 1 else "")
+        mode += f", {recompute} samples recomputed" if recompute else ""
         verdict = "OK" if report.ok else f"{len(report.problems)} problem(s)"
         click.echo(
             f"{verdict}: {report.units_committed}/{report.units_total} units committed, {report.files_checked} files checked ({mode})"
@@ -325,20 +330,23 @@ def extract(as_json: bool, **kw: Any) -> None:
 
 
 @main.command()
-@options_of(SourceConfig, ExtractConfig, PlanConfig, skip=("overwrite", "cluster", "scheduler"))
+@options_of(SourceConfig, ExtractConfig, PlanConfig, skip=("overwrite", "cluster", "scheduler", "no_space_check"))
+@click.option("--out", type=click.Path(file_okay=False), default="", help="Where the store would go: shows that filesystem's free space.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @user_errors
-def plan(as_json: bool, measure: int, no_run: bool, assume_tflops: float, **kw: Any) -> None:
+def plan(as_json: bool, measure: int, no_run: bool, device_class: str, assume_tflops: float, **kw: Any) -> None:
     """Show how big a store will be and how long extracting it will take, without writing it.
 
-    Takes the same flags as `fcache extract` (no --out). Shapes come from the model built without
-    weights, so even swinv2-g can be planned on a laptop with --no-run.
+    Takes the same flags as `fcache extract` (--out optional: with it, the plan checks that filesystem's free space
+    as extract will). Shapes come from the model built without weights, so even swinv2-g can be planned on a laptop
+    with --no-run.
     """
     from fcache.extract.plan import format_plan
     from fcache.extract.plan import plan as make_plan
 
-    how = PlanConfig(measure=measure, no_run=no_run, assume_tflops=assume_tflops)
-    p = make_plan(ExtractConfig.from_flags(**kw), measure=how.measure, no_run=how.no_run, assume_tflops=how.assume_tflops)
+    how = PlanConfig(measure=measure, no_run=no_run, device_class=device_class, assume_tflops=assume_tflops)
+    p = make_plan(ExtractConfig.from_flags(**kw), measure=how.measure, no_run=how.no_run, assume_tflops=how.assume_tflops,
+                  device_class=how.device_class)  # fmt: skip
     click.echo(json.dumps(p, indent=1) if as_json else format_plan(p))
 
 

@@ -272,3 +272,65 @@ def test_a_stuff_map_follows_its_images_exif_orientation(tmp_path: Path) -> None
     d = src.decode(src.samples()[0])
     assert d.orientation == 6
     np.testing.assert_array_equal(d.targets[Targets.STUFF], np.rot90(lab, k=-1))  # turned with its image
+
+
+def test_column_check_gives_what_the_entry_by_entry_check_gives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path (polygons packed while parsing, annotations checked by column) and the exact path agree on every
+    target, including filled-in iscrowd/area, uncompressed crowd RLEs, integer polygons and dropped degenerate boxes."""
+    from fcache.extract.sources import coco
+
+    ann_path, data = write_dataset(tmp_path)
+    data["annotations"] += [
+        {
+            "id": 40,
+            "image_id": 8,
+            "category_id": 1,
+            "bbox": [1.5, 2.25, 3.0, 4.0],
+            "segmentation": [[0.5, 1.5, 2.5, 3.5, 4.5, 5.5], [1.0] * 8],
+        },
+        {"id": 41, "image_id": 8, "category_id": 3, "bbox": [0, 0, 0, 4], "segmentation": [[0.5, 1.5, 2.5, 3.5, 4.5, 5.5]]},  # dropped
+        {"id": 39, "image_id": 9, "category_id": 1, "bbox": [0, 0, 2, 2], "iscrowd": 0, "area": 3},
+    ]
+    h, w = data["images"][1]["height"], data["images"][1]["width"]
+    data["annotations"].append({"id": 42, "image_id": 9, "category_id": 1, "bbox": [0, 0, 2, 2], "iscrowd": 1,
+                                "segmentation": {"counts": [h * w - 4, 4], "size": [h, w]}})  # fmt: skip
+    ann_path.write_text(json.dumps(data))
+    calls = []
+    fast = coco.fast_annotations
+    monkeypatch.setattr(coco, "fast_annotations", lambda *a, **k: calls.append(r := fast(*a, **k)) or r)
+    src = coco.CocoSource(tmp_path / "images", ann_path, drop_degenerate_boxes=True)
+    got = src.driver_targets(src.samples())
+    assert calls and calls[0] is not None  # the fast path answered
+    monkeypatch.setattr(coco, "fast_annotations", lambda *a, **k: None)
+    exact = coco.CocoSource(tmp_path / "images", ann_path, drop_degenerate_boxes=True)
+    want = exact.driver_targets(exact.samples())
+    for name in want:
+        assert [json.loads(x) for x in got[name]] == [json.loads(x) for x in want[name]]
+    anns8 = json.loads(got[Targets.ANNOTATIONS][0])
+    assert [a["id"] for a in anns8] == [40] and anns8[0]["segmentation"][1] == [1.0] * 8 and anns8[0]["area"] == 12.0
+    assert [a["id"] for a in json.loads(got[Targets.ANNOTATIONS][1])] == [6, 39, 42]
+
+
+def test_driver_targets_are_written_block_by_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of whole shards (here one shard of 2 samples each) give the store the same targets as one block."""
+    import dataclasses
+
+    from fcache import store as fstore
+    from fcache.extract.sources import base
+    from fcache.spec import keys_digest
+    from helpers import make_manifest
+
+    ann_path, _ = write_dataset(tmp_path)
+    src = CocoSource(tmp_path / "images", ann_path)
+    refs = src.samples()
+    keys = [r.key for r in refs]
+    m, _ = make_manifest(n=len(refs), shard_size=2)
+    m = dataclasses.replace(m, dataset=dataclasses.replace(m.dataset, digest=keys_digest(keys)))
+    writer = fstore.create(tmp_path / "s.zarr", m, keys, targets=src.target_specs(), target_attrs=src.target_attrs())
+    monkeypatch.setattr(base, "TARGET_BLOCK_UNITS", 1)
+    base.write_driver_targets(writer, src, refs)
+    s = fstore.FeatureStore(tmp_path / "s.zarr")
+    whole = src.driver_targets(refs)
+    for name in (Targets.IMAGE, Targets.ANNOTATIONS):
+        assert list(s.target(name)) == list(whole[name])
+    assert [a["id"] for a in json.loads(s.target(Targets.ANNOTATIONS, 2))] == [5, 7]  # image 10, the third sample

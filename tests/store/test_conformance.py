@@ -136,6 +136,37 @@ class StoreConformance:
         assert arr.dtype == np.float32 and arr.shape == (10, s.num_views, *s.manifest.level_shape("p3"))
         np.testing.assert_allclose(np.asarray(arr[5].compute()), s.read("p3", 5))
 
+    def test_to_dask_is_one_chunk_per_shard(self, built):
+        path, _ = built
+        s = fstore.open(path)
+        for lv in s.level_names:
+            arr = s.to_dask(lv)
+            assert arr.chunks[0] == (4, 4, 2) and arr.numblocks[1:] == (1,) * (arr.ndim - 1)  # shards of 4 samples
+            values = np.asarray(arr.compute())
+            for i in s.ok_indices:
+                np.testing.assert_array_equal(values[i], s.read(lv, int(i)))
+
+    def test_xarray_opens_the_store(self, built):
+        xr = pytest.importorskip("xarray")
+        path, _ = built
+        s = fstore.open(path)
+        features = xr.open_zarr(path, group="features", consolidated=False, mask_and_scale=False)
+        scales = xr.open_zarr(path, group="scales", consolidated=False) if STORED[self.dtype].scaled else None
+        for lv in s.level_names:
+            time = ("time",) if self.frames else ()
+            assert features[lv].dims == ("sample", "view", *time, f"channel_{lv}", f"y_{lv}", f"x_{lv}")
+            raw = features[lv].values
+            np.testing.assert_array_equal(raw, np.asarray(s.array(f"features/{lv}")[:]))
+            if self.dtype == "bf16":  # raw 16 bits, as stored
+                continue
+            values = raw.astype(np.float32) * (scales[lv].values[..., None, None] if scales is not None else 1)
+            for i in s.ok_indices:
+                np.testing.assert_array_equal(values[i], s.read(lv, int(i)))
+        samples = xr.open_zarr(path, group="samples", consolidated=False)
+        assert samples["geometry"].dims == ("sample", "view", "geometry_field")
+        np.testing.assert_array_equal(samples["status"].values, s.status)
+        assert [str(k) for k in samples["key"].values] == list(s.keys)
+
     def test_info(self, built):
         path, m = built
         r = CliRunner().invoke(main, ["info", str(path), "--json"])

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from fcache import store as fstore
 from fcache.cli import main
 from fcache.spec import Status
-from helpers import build_store, make_manifest, refused, unit_payload
+from helpers import build_store, make_manifest, refused, unit_payload, write_all
 
 
 def verify(path, *flags):
@@ -125,3 +125,22 @@ def test_a_sound_store_reads_as_before(tmp_path):
     path = build_store(tmp_path / "s.zarr", n=4, shard_size=2)
     s = fstore.open(path)
     assert s.read("p5", 0).shape == (1, *s.manifest.level_shape("p5")) and np.isfinite(s.read("p2", 3)).all()
+
+
+def test_verify_sample_checks_that_fraction_of_the_units(tmp_path):
+    from fcache.store.checks import verify as run_verify
+
+    path = tmp_path / "s.zarr"
+    m, keys = make_manifest(n=40, shard_size=4)
+    write_all(fstore.create(path, m, keys))
+    whole = run_verify(path, fast=True)
+    per_unit = whole.files_checked // 10
+    assert whole.ok and whole.units_committed == 10 and per_unit > 0
+    assert run_verify(path, fast=True, sample=0.2).files_checked == 2 * per_unit
+    assert run_verify(path, fast=True, sample=0.01).files_checked == per_unit  # at least one unit
+    (path / "features" / "p3" / "c" / "0" / "0" / "0" / "0" / "0").write_bytes(b"cut")
+    seen = {run_verify(path, sample=0.5).ok for _ in range(2)}
+    assert len(seen) == 1  # the same units every time (seeded)
+    assert not run_verify(path, sample=1.0).ok
+    r = CliRunner().invoke(main, ["verify", str(path), "--fast", "--sample", "0.2"])
+    assert f"{2 * per_unit} files checked (fast, 20% of the units)" in r.output

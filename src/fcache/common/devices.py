@@ -14,13 +14,13 @@ def resolve_device(name: str) -> str:
     Raises:
         InputError: an unknown name, or a device this machine does not have.
     """
+    if name == "cpu":
+        return name
     import torch
 
     kind, _, index = name.partition(":")
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return name
     if kind == "cuda" and (not index or index.isdigit()):
         if not torch.cuda.is_available():
             raise InputError(f"--device {name}: no CUDA device is available here; use --device cpu (or auto)")

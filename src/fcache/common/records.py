@@ -9,20 +9,22 @@ JSON parser becomes one line naming the file and the dotted field, instead of a 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fcache.common.errors import FcacheError
 
 
-def load_json(text: str, where: str, error: type[FcacheError]) -> Any:
-    """Parse ``text``; ``error`` naming ``where`` when it is not JSON or is nested too deep for the parser."""
+def load_json(text: str, where: str, error: type[FcacheError], object_hook: Callable[[dict], Any] | None = None) -> Any:
+    """Parse ``text`` (``object_hook`` as json's); ``error`` naming ``where`` when it is not JSON or is nested too deep."""
     try:
-        return json.loads(text)
+        return json.loads(text, object_hook=object_hook)
     except RecursionError:
         raise error(f"{where} is nested {_max_depth(text)} levels deep, deeper than JSON can be read here; it is not valid input") from None
     except ValueError as e:
@@ -63,25 +65,40 @@ def check_record(cls: type, d: Any, where: str, error: type[FcacheError], prefix
     """``error`` naming ``where`` and the field when ``d`` does not fit the dataclass ``cls`` (extra keys are allowed)."""
     if not isinstance(d, dict):
         raise error(f"{where}: {prefix.rstrip('.') or 'the document'} is {_kind(d)}, not a JSON object")
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    for f, hint in _fields(cls):
         name = prefix + f.name
         if f.name not in d:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise error(f"{where}: the field {name!r} is missing")
             continue
-        _check_value(hints[f.name], d[f.name], where, name, error)
+        _check_value(hint, d[f.name], where, name, error)
+
+
+@functools.cache
+def _fields(cls: type) -> tuple[tuple[dataclasses.Field, Any], ...]:
+    """A dataclass's fields with their resolved type hints (resolving them costs more than checking a record)."""
+    hints = typing.get_type_hints(cls)
+    return tuple((f, hints[f.name]) for f in dataclasses.fields(cls))
+
+
+@functools.cache
+def _shape(hint: Any) -> tuple[Any, Any, tuple[Any, ...], bool]:
+    """(hint without ``| None``, its origin, its args, whether None is allowed), resolved once per hint."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    optional = False
+    if origin is typing.Union or isinstance(hint, types.UnionType):
+        optional = type(None) in args
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    return hint, origin, args, optional
 
 
 def _check_value(hint: Any, v: Any, where: str, name: str, error: type[FcacheError]) -> None:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
         return
-    if origin is typing.Union or isinstance(hint, types.UnionType):
-        if v is None and type(None) in args:
-            return
-        hint = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    hint, origin, args, optional = _shape(hint)
+    if v is None and optional:
+        return
     if dataclasses.is_dataclass(hint):
         check_record(hint, v, where, error, prefix=name + ".")  # type: ignore[arg-type]
         return
@@ -89,6 +106,8 @@ def _check_value(hint: Any, v: Any, where: str, name: str, error: type[FcacheErr
     if not ok:
         raise error(f"{where}: the field {name!r} is {_kind(v)}, not {_describe(hint)}")
     if origin in (tuple, list) and args:
+        if args[-1] is Ellipsis and args[0] is int and set(map(type, v)) <= {int}:
+            return  # the common long case (a unit's statuses), checked at once
         items = args if origin is tuple and Ellipsis not in args else (args[0],) * len(v)
         if origin is tuple and Ellipsis not in args and len(v) != len(args):
             raise error(f"{where}: the field {name!r} has {len(v)} values, not {len(args)}")

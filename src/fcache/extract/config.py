@@ -80,6 +80,9 @@ class ExtractConfig(StoreAccess):
         0, "Threads encoding + compressing + committing units [default: one per 2 cores].", show_default=False, min=0, max=1024
     )
     overwrite: bool = flag(False, "Replace an existing store of another configuration.", show_default=False)
+    no_space_check: bool = flag(
+        False, "Start even when the store's estimated size exceeds the free space of --out's filesystem.", show_default=False
+    )
     cluster: str = flag(
         "", "local:N: units as dask tasks on a local cluster of N worker processes (CUDA: one per GPU).", show_default=False
     )
@@ -148,7 +151,11 @@ class PlanConfig:
 
     measure: int = flag(4, "Samples extracted into a temporary folder to measure.", min=0, max=100_000)
     no_run: bool = flag(False, "Measure nothing: sizes from shapes, time from FLOPs (works without weights).", show_default=False)
-    assume_tflops: float = flag(100.0, "Sustained TFLOP/s for the --no-run time estimate.", above=0, max=1e7)
+    device_class: str = flag("h100", "Device class whose measured throughput times the extraction (--no-run).",
+                             choices="fcache.extract.throughput:DEVICE_CLASSES")  # fmt: skip
+    assume_tflops: float = flag(
+        100.0, "Sustained TFLOP/s for the --no-run time estimate where no throughput was measured.", above=0, max=1e7
+    )
 
     def __post_init__(self) -> None:
         check_flags(self)

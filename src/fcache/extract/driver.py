@@ -28,10 +28,11 @@ from fcache.common.cluster import ClusterTarget
 from fcache.common.command import rerun
 from fcache.common.devices import resolve_device
 from fcache.common.errors import InputError, Interrupted, LeaseHeld
+from fcache.extract import space
 from fcache.extract.backbones import Backbone, build_backbone, default_window
 from fcache.extract.config import ExtractConfig
 from fcache.extract.sources import build_source
-from fcache.extract.sources.base import SampleRef, Source
+from fcache.extract.sources.base import SampleRef, Source, write_driver_targets
 from fcache.extract.stages import Batcher, SampleDataset, SampleItem, UnitAssembler, check_sample
 from fcache.extract.views import expand_test_views
 from fcache.spec import DatasetInfo, Manifest, Preprocessing, StorageSpec, keys_digest
@@ -81,10 +82,13 @@ def preprocessing_of(cfg: ExtractConfig, backbone: Backbone) -> Preprocessing:
     )
 
 
-def prepare(cfg: ExtractConfig, *, meta: bool = False) -> tuple[Source, list[SampleRef], Backbone, Manifest]:
-    """Validate the config and the dataset's metadata, build the backbone and the manifest (no writes)."""
+def prepare(cfg: ExtractConfig, *, meta: bool = False, source: Source | None = None) -> tuple[Source, list[SampleRef], Backbone, Manifest]:
+    """Validate the config and the dataset's metadata, build the backbone and the manifest (no writes).
+
+    ``source``: the dataset's source already built from ``cfg.source`` (its listing is kept by the source).
+    """
     cfg.validate()
-    source = build_source(cfg.source)
+    source = source or build_source(cfg.source)
     refs = source.samples()
     if cfg.limit:
         refs = refs[: cfg.limit]
@@ -124,6 +128,9 @@ def run_extract(cfg: ExtractConfig, show_progress: bool = False) -> ExtractSumma
     target = cfg.target()
     # a cluster's workers build their own backbones: the driver's, for the manifest only, stays off the GPUs
     source, refs, backbone, manifest = prepare(dataclasses.replace(cfg, device="cpu") if target else cfg)
+    if not cfg.no_space_check:  # before anything is created
+        existing = layout.disk_bytes(cfg.out) if cfg.overwrite and "://" not in cfg.out and fstore_exists(cfg.out) else 0
+        space.check_space(cfg.out, manifest, space.needed(cfg.out, manifest, overwrite=cfg.overwrite), freed=existing)
     try:
         with _leased_store(cfg, source, refs, manifest) as writer:
             pending = writer.pending()
@@ -191,8 +198,7 @@ def _leased_store(cfg: ExtractConfig, source: Source, refs: list[SampleRef], man
             raise
         lease.acquire()  # a new store (or one just replaced by --overwrite) gets its lease now
         if not existed or cfg.overwrite:
-            for name, values in source.driver_targets(refs).items():
-                writer.write_targets(name, values)
+            write_driver_targets(writer, source, refs)
         yield writer
     finally:
         lease.release()

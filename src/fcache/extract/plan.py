@@ -2,43 +2,55 @@
 
 Shapes come from the backbone built on the meta device (no weights, no memory: works for SwinV2-G);
 the compression ratio and time per image from a short real run into a temporary folder, or, with
-``--no-run``, the time from the forward's FLOPs at an assumed sustained throughput.
+``--no-run``, the time from a throughput measured on a device class (``THROUGHPUT``) where there is one for the
+model and input size, else from the forward's FLOPs at an assumed sustained throughput; the plan says which.
+With an ``--out``, the plan shows that filesystem's free space against the estimate (``fcache.extract.space``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
-from fcache.extract.backbones import parameter_count
-from fcache.extract.driver import ExtractConfig, prepare, run_extract
-from fcache.store.dtypes import stored
+from fcache.extract import space
+from fcache.extract.config import ExtractConfig
+from fcache.extract.sources import build_source
+from fcache.extract.throughput import THROUGHPUT
 from fcache.store.info import human
 
+if TYPE_CHECKING:
+    import torch
 
-def plan(cfg: ExtractConfig, *, measure: int = 4, no_run: bool = False, assume_tflops: float = 100.0) -> dict[str, Any]:
-    """Per-level sizes, totals and a time estimate for extracting ``cfg``; writes nothing outside a temp folder."""
-    _, refs, backbone, manifest = prepare(cfg, meta=True)
+
+def plan(
+    cfg: ExtractConfig, *, measure: int = 4, no_run: bool = False, assume_tflops: float = 100.0, device_class: str = "h100"
+) -> dict[str, Any]:
+    """Per-level sizes, totals and a time estimate for extracting ``cfg``; writes nothing outside a temp folder.
+
+    The flags and the dataset's metadata are checked before torch is imported: parsing a COCO-train json peaks at its
+    text plus its objects, and that peak then does not sit on top of torch's memory.
+    """
+    dataclasses.replace(cfg, device="cpu").validate()  # the device is checked by prepare (it needs torch)
+    source = build_source(cfg.source)
+    source.samples()
+    from fcache.extract.backbones import parameter_count
+    from fcache.extract.driver import prepare
+
+    _, refs, backbone, manifest = prepare(cfg, meta=True, source=source)
     n, views = len(refs), manifest.num_views
     images_per_sample = views * (manifest.preprocessing.frames or 1)
-    dtype = stored(cfg.dtype)
-    itemsize = dtype.numpy.itemsize
-    levels: list[dict[str, Any]] = []
-    for lv in manifest.levels:
-        shape = manifest.level_shape(lv.name)
-        per_view = math.prod(shape) * itemsize + (math.prod(shape[:-2]) * 4 if dtype.scaled else 0)
-        levels.append(
-            {"name": lv.name, "channels": lv.channels, "stride": lv.stride, "shape": list(shape), "bytes_per_sample": per_view * views}
-        )
-    per_sample = sum(lv["bytes_per_sample"] for lv in levels)
+    per_level = space.level_bytes(manifest)
+    levels = [
+        {"name": lv.name, "channels": lv.channels, "stride": lv.stride, "shape": list(manifest.level_shape(lv.name)),
+         "bytes_per_sample": per_level[lv.name]}
+        for lv in manifest.levels
+    ]  # fmt: skip
+    per_sample = sum(per_level.values())
     flops = forward_flops(backbone.model, cfg.input_size)
+    measured = THROUGHPUT.get((device_class, cfg.model, cfg.input_size))
     out: dict[str, Any] = {
         "model": manifest.backbone.timm_name,
         "alias": manifest.backbone.alias,
@@ -54,28 +66,45 @@ def plan(cfg: ExtractConfig, *, measure: int = 4, no_run: bool = False, assume_t
         "bytes_per_sample": per_sample,
         "total_bytes": per_sample * n,
         "gflops_per_image": flops / 1e9,
+        "device_class": device_class,
         "estimate": "flops",
         "seconds_per_image": flops / (assume_tflops * 1e12),
         "assumed_tflops": assume_tflops,
     }
+    if measured is not None:
+        out |= {
+            "estimate": "throughput table",
+            "seconds_per_image": 1 / measured.pipeline_img_s,
+            "throughput": dataclasses.asdict(measured),
+        }
     if not no_run:
         out |= _measure(cfg, min(measure, n))
-    out["compressed_total_bytes"] = out["total_bytes"] / out["compression_ratio"] if out.get("compression_ratio") else None
+    ratio = out.get("compression_ratio")
+    out["compressed_total_bytes"] = out["total_bytes"] / ratio if ratio else None
     out["total_seconds"] = out["seconds_per_image"] * images_per_sample * n
+    out["alternatives"] = space.alternatives(manifest, n, ratio)
+    if cfg.out:  # what `fcache extract --out` will check
+        need = space.needed(cfg.out, manifest)
+        out |= {"out": cfg.out, "free_bytes": space.free_bytes(cfg.out), "needed_bytes": need.bytes, "needed": need.describe()}
     return out
 
 
 def forward_flops(model: torch.nn.Module, input_size: int) -> float:
     """FLOPs of one image through a backbone built on the meta device (no weights needed)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
     with FlopCounterMode(display=False) as counter, torch.device("meta"):
         model(torch.empty(1, 3, input_size, input_size))
     return float(counter.get_total_flops())
 
 
 def _measure(cfg: ExtractConfig, k: int) -> dict[str, Any]:
+    from fcache.extract.driver import run_extract
+
     tmp = Path(tempfile.mkdtemp(prefix="fcache-plan-"))
     try:
-        trial = dataclasses.replace(cfg, out=str(tmp / "trial.zarr"), limit=k, overwrite=True, shard_size=max(1, k))
+        trial = dataclasses.replace(cfg, out=str(tmp / "trial.zarr"), limit=k, overwrite=True, shard_size=max(1, k), no_space_check=True)
         s = run_extract(trial)
         return {
             "estimate": f"measured on {k} samples",
@@ -98,14 +127,45 @@ def format_plan(p: dict[str, Any]) -> str:
         per, total = human(lv["bytes_per_sample"]), human(lv["bytes_per_sample"] * p["samples"])
         lines.append(f"{lv['name']:6s} {str(tuple(lv['shape'])):>22s} {per:>12s} {total:>10s}")
     lines.append(f"{'total':6s} {'':>22s} {human(p['bytes_per_sample']):>12s} {human(p['total_bytes']):>10s}  (uncompressed)")
+    whole = (
+        f"whole dataset: {p['samples']} samples x {p['views']} views x {len(p['levels'])} levels = {human(p['total_bytes'])} uncompressed"
+    )
     if p.get("compression_ratio"):
-        lines.append(
-            f"compression ratio {p['compression_ratio']:.2f} ({p['estimate']}): about {human(p['compressed_total_bytes'])} on disk"
-        )
+        whole += f", about {human(p['compressed_total_bytes'])} on disk (compression ratio {p['compression_ratio']:.2f}, {p['estimate']})"
+    else:
+        whole += " (compression not measured: with --no-run the raw size is the estimate)"
+    lines += ["", whole]
+    if p["alternatives"]:
+        lines.append("smaller: " + ", ".join(f"{flag} {human(b)}" for flag, b in p["alternatives"].items()))
+    if "out" in p:
+        lines.append(_space_line(p))
     lines.append(f"backbone: {_count(p['backbone_params'])} parameters, {p['gflops_per_image']:.1f} GFLOPs per image, window {p['window']}")
-    how = p["estimate"] if p["estimate"] != "flops" else f"from FLOPs at an assumed {p['assumed_tflops']:.0f} TFLOP/s"
-    lines.append(f"time: {p['seconds_per_image'] * 1e3:.1f} ms per image ({how}), about {_duration(p['total_seconds'])} in all")
+    lines.append(f"time: {p['seconds_per_image'] * 1e3:.1f} ms per image ({_how(p)}), about {_duration(p['total_seconds'])} in all")
     return "\n".join(lines)
+
+
+def _how(p: dict[str, Any]) -> str:
+    """Which assumption the time estimate rests on."""
+    if p["estimate"] == "flops":
+        return (
+            f"from FLOPs at an assumed {p['assumed_tflops']:g} TFLOP/s sustained: no throughput measured for "
+            f"{p['alias']} @ {p['input_size']} on {p['device_class']}; measured ones: {', '.join(_measured())}"
+        )
+    if p["estimate"] == "throughput table":
+        t = p["throughput"]
+        return f"measured: {t['pipeline_img_s']:g} images/s extracting ({t['forward_img_s']:g} bare forward) on {t['setting']}"
+    return p["estimate"]
+
+
+def _measured() -> list[str]:
+    return [f"{model}@{size} on {device}" for device, model, size in THROUGHPUT]
+
+
+def _space_line(p: dict[str, Any]) -> str:
+    if p["free_bytes"] is None:
+        return f"free space at {p['out']}: not checked (object storage)"
+    verdict = "enough" if p["needed_bytes"] <= p["free_bytes"] else "NOT enough: `fcache extract` will refuse to start"
+    return f"free space at {p['out']}: {human(p['free_bytes'])}; extract needs {p['needed']}: {verdict}"
 
 
 def _count(n: int) -> str:

@@ -10,11 +10,12 @@ from typing import Any
 from fcache.store import layout
 from fcache.store.backends import Backend
 from fcache.store.dtypes import stored
-from fcache.store.reader import FeatureStore
 
 
 def describe(path: str | Path | Backend, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Manifest, per-level shapes and sizes, status counts and quantisation error, as plain data."""
+    from fcache.store.reader import FeatureStore  # here: ``human`` is imported by light modules (no torch)
+
     store = FeatureStore(path, storage_options=storage_options)
     stored_bytes = store.backend.listing()
     m = store.manifest

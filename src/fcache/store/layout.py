@@ -51,6 +51,13 @@ class Unit:
         return self.stop - self.start
 
 
+def feature_dims(level: str, ndim: int) -> tuple[str, ...]:
+    """zarr ``dimension_names`` of ``features/<level>`` for a level of ``ndim`` dims after (sample, view): (C, H, W) or
+    video (T, C, H, W). Channel and spatial names carry the level (their sizes differ between levels), so that
+    ``xarray.open_zarr(store, group="features")`` opens every level as one dataset."""
+    return ("sample", "view", *(["time"] if ndim == 4 else []), f"channel_{level}", f"y_{level}", f"x_{level}")
+
+
 def units(n: int, shard_size: int) -> list[Unit]:
     return [Unit(u, s, min(s + shard_size, n)) for u, s in enumerate(range(0, n, shard_size))]
 
@@ -161,6 +168,11 @@ def read_ledger(root: str | Path | Backend) -> dict[int, LedgerRecord]:
         return {}
     m = manifest_from_attrs(attrs, backend)
     return read_records(backend, units(m.dataset.n, m.storage.shard_size))
+
+
+def disk_bytes(root: str | Path | Backend) -> int:
+    """Bytes of the objects of a store (or below a local folder)."""
+    return sum(open_backend(root).listing().values())
 
 
 def temporaries(root: str | Path | Backend) -> list[Path]:

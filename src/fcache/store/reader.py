@@ -28,6 +28,8 @@ from fcache.store.dtypes import decode, stored
 from fcache.store.fetch import ShardFetcher, decoder
 from fcache.store.webdataset import WdsExport, is_export
 
+GEOMETRY_UNITS_KEPT = 64  # units of geometry a reader keeps (a few KB each)
+
 
 def open_store(
     path: str | Path | Backend,
@@ -86,6 +88,7 @@ class FeatureStore:
         self._fetcher: ShardFetcher | None = None
         self._fetcher_pid = -1
         self._scales: dict[tuple[str, int], np.ndarray] = {}  # (level, unit) -> int8 scales of the unit (remote reads)
+        self._geometry_units: dict[int, np.ndarray] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         return {"backend": self.backend, "cache": self.cache}
@@ -121,7 +124,7 @@ class FeatureStore:
     def video(self) -> bool:
         return self.manifest.video
 
-    @property
+    @cached_property
     def units(self) -> list[layout.Unit]:
         return layout.units(self.n, self.manifest.storage.shard_size)
 
@@ -136,11 +139,11 @@ class FeatureStore:
 
     @cached_property
     def status(self) -> np.ndarray:
-        """(N,) uint8 statuses; samples of uncommitted units read as pending."""
-        raw = np.asarray(self.array(layout.STATUS)[:], dtype=np.uint8)
+        """(N,) uint8 statuses as the ledger records them (``samples/status`` holds the same; ``fcache verify`` compares
+        them); samples of uncommitted units read as pending."""
         out = np.full(self.n, int(Status.PENDING), dtype=np.uint8)
         for rec in self.ledger.values():
-            out[rec.start : rec.stop] = raw[rec.start : rec.stop]
+            out[rec.start : rec.stop] = rec.status
         return out
 
     @cached_property
@@ -154,7 +157,21 @@ class FeatureStore:
         return np.asarray(self.array(layout.GEOMETRY)[:], dtype=np.float32)
 
     def geometry(self, i: int, view: int = 0) -> Geometry:
-        return Geometry.from_array(self.geometry_array[i, view])
+        return Geometry.from_array(self.geometry_rows(i)[view])
+
+    def geometry_rows(self, i: int) -> np.ndarray:
+        """(V, len(GEOMETRY_FIELDS)) float32 of sample ``i``, read with its unit's chunk (the last units read are kept),
+        so one sample does not read the whole array."""
+        if "geometry_array" in self.__dict__:
+            return self.geometry_array[i]
+        unit = layout.unit_of(i, self.manifest.storage.shard_size, self.n)
+        rows = self._geometry_units.pop(unit.index, None)
+        if rows is None:
+            rows = np.asarray(self.array(layout.GEOMETRY)[unit.start : unit.stop], dtype=np.float32)
+            while len(self._geometry_units) >= GEOMETRY_UNITS_KEPT:
+                self._geometry_units.pop(next(iter(self._geometry_units)))
+        self._geometry_units[unit.index] = rows  # most recent last
+        return rows[i - unit.start]
 
     def status_counts(self) -> dict[str, int]:
         vals, cnt = np.unique(self.status, return_counts=True)
@@ -310,14 +327,17 @@ class FeatureStore:
         return FeatureDataset(self, levels, indices=indices, view=view, views=views, seed=seed, targets=targets)
 
     def to_dask(self, level: str) -> Any:
-        """Float32 dask array (N, V, C, H, W) (video: (N, V, T, C, H, W)), dequantised lazily."""
+        """Float32 dask array (N, V, C, H, W) (video: (N, V, T, C, H, W)), dequantised lazily, one dask chunk per
+        shard (a task per shard file, not per sample-view: a COCO-train store is a graph of thousands of tasks)."""
         import dask.array as da
 
         self.manifest.level(level)
-        raw = da.from_zarr(self.array(f"{layout.FEATURES}/{level}"))
+        arr = self.array(f"{layout.FEATURES}/{level}")
+        per_shard = (self.manifest.storage.shard_size, *arr.shape[1:])
+        raw = da.from_zarr(arr, chunks=per_shard)
         dtype = self.manifest.storage.dtype
         if stored(dtype).scaled:
-            scales = da.from_zarr(self.array(f"{layout.SCALES}/{level}"))
+            scales = da.from_zarr(self.array(f"{layout.SCALES}/{level}"), chunks=per_shard[:-2])
             return raw.astype(np.float32) * scales[..., None, None]
         return raw.map_blocks(decode, dtype, dtype=np.float32)
 
@@ -352,7 +372,6 @@ class FeatureDataset(torch.utils.data.Dataset):
         self.views = tuple(views) if views is not None else store.manifest.train_views
         self.seed, self.epoch = seed, 0
         self.targets = tuple(targets)
-        self._geometry = store.geometry_array
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -390,7 +409,7 @@ class FeatureDataset(torch.utils.data.Dataset):
                     "index": i,
                     "view": v,
                     "features": {lv: torch.from_numpy(x) for lv, x in zip(self.levels, feats, strict=True)},
-                    "geometry": torch.from_numpy(self._geometry[i, v].copy()),
+                    "geometry": torch.from_numpy(self.store.geometry_rows(i)[v].copy()),
                     "targets": {name: targets[name][k] for name in self.targets},
                 }
             )

@@ -124,6 +124,7 @@ def _build(store: Any, m: Manifest, keys: Sequence[str], targets: dict[str, Targ
     g = zarr.open_group(store, mode="a", zarr_format=3)
     for lv in m.levels:
         shape = m.level_shape(lv.name)
+        dims = layout.feature_dims(lv.name, len(shape))
         g.create_array(
             f"{layout.FEATURES}/{lv.name}",
             shape=(n, v, *shape),
@@ -133,12 +134,15 @@ def _build(store: Any, m: Manifest, keys: Sequence[str], targets: dict[str, Targ
             compressors=chunk_codecs(m.storage.codec, dtype),
             fill_value=0,
             attributes={"fcache_dtype": dtype, "level": lv.to_dict()},
+            dimension_names=dims,
         )
         if stored(dtype).scaled:
             per = shape[:-2]  # (C,) or (T, C)
-            g.create_array(f"{layout.SCALES}/{lv.name}", shape=(n, v, *per), chunks=(s, v, *per), dtype="float32", fill_value=0)
-    g.create_array(layout.KEYS, shape=(n,), chunks=(s,), dtype=str, config=WRITE_CONFIG)[:] = np.array(list(keys), dtype=object)
-    g.create_array(layout.STATUS, shape=(n,), chunks=(s,), dtype="uint8", fill_value=int(Status.PENDING))
+            g.create_array(f"{layout.SCALES}/{lv.name}", shape=(n, v, *per), chunks=(s, v, *per), dtype="float32", fill_value=0,
+                           dimension_names=dims[:-2])  # fmt: skip
+    keys_array = g.create_array(layout.KEYS, shape=(n,), chunks=(s,), dtype=str, config=WRITE_CONFIG, dimension_names=("sample",))
+    keys_array[:] = np.array(list(keys), dtype=object)
+    g.create_array(layout.STATUS, shape=(n,), chunks=(s,), dtype="uint8", fill_value=int(Status.PENDING), dimension_names=("sample",))
     g.create_array(
         layout.GEOMETRY,
         shape=(n, v, len(GEOMETRY_FIELDS)),
@@ -146,13 +150,16 @@ def _build(store: Any, m: Manifest, keys: Sequence[str], targets: dict[str, Targ
         dtype="float32",
         fill_value=0,
         attributes={"fields": list(GEOMETRY_FIELDS)},
+        dimension_names=("sample", "view", "geometry_field"),
     )
     tg = g.create_group(layout.TARGETS, attributes=target_attrs)
     for name, t in targets.items():
+        dims = ("sample", *(f"{name}_{k}" for k in range(len(t.shape))))
         if t.dtype == "str":
-            tg.create_array(name, shape=(n,), chunks=(s,), dtype=str)
+            tg.create_array(name, shape=(n,), chunks=(s,), dtype=str, dimension_names=dims)
         else:
-            tg.create_array(name, shape=(n, *t.shape), chunks=(1, *t.shape), shards=(s, *t.shape), dtype=t.dtype, fill_value=t.fill)
+            tg.create_array(name, shape=(n, *t.shape), chunks=(1, *t.shape), shards=(s, *t.shape), dtype=t.dtype, fill_value=t.fill,
+                            dimension_names=dims)  # fmt: skip
     g.attrs[layout.MANIFEST_ATTR] = m.to_dict()  # the root metadata, written last
 
 

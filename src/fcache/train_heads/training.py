@@ -77,17 +77,21 @@ class Prepared:
         return TrainingRecord.new(cfg, self.store.manifest, self.task.describe(), self.levels, self.params, len(self.indices))
 
 
-def prepare_training(cfg: TrainConfig) -> Prepared:
-    """Open the stores, fit the task and head to them, pick the samples, build the model. Raises FcacheError."""
+def prepare_training(cfg: TrainConfig, stores: dict[str, FeatureStore] | None = None) -> Prepared:
+    """Open the stores, fit the task and head to them, pick the samples, build the model. Raises FcacheError.
+
+    ``stores``: stores already open, by path; those opened here are added (a sweep opens each store once).
+    """
     tdef = task_def(cfg.task)
     tdef.parse(cfg.head)  # flags first: a bad head, device, precision or logger is named before any store is opened
     check_precision(torch.device(resolve_device(cfg.device)), cfg.precision)
     resolve_logger(cfg.logger)
-    store = FeatureStore(cfg.store, **cfg.open_kwargs())
+    opened = {} if stores is None else stores
+    store = _open(cfg.store, opened, cfg)
     task = tdef.from_store(store, cfg.head)
     levels = task.levels(store.levels)
     indices = train_indices(store, cfg.train_fraction, cfg.seed)
-    val = FeatureStore(cfg.val_store, **cfg.open_kwargs()) if cfg.val_store else None
+    val = _open(cfg.val_store, opened, cfg) if cfg.val_store else None
     if val is not None:
         tdef.check_eval_store(task, val)
         check_levels(val, levels)
@@ -95,6 +99,12 @@ def prepare_training(cfg: TrainConfig) -> Prepared:
         eval_data(val, task, levels, tdef.eval_views)
     model = build_model(task, levels, cfg.seed)
     return Prepared(store, task, levels, indices, val, model, trainable_parameters(model))
+
+
+def _open(path: str, opened: dict[str, FeatureStore], cfg: TrainConfig) -> FeatureStore:
+    if path not in opened:
+        opened[path] = FeatureStore(path, **cfg.open_kwargs())
+    return opened[path]
 
 
 def training_data(p: Prepared, seed: int, levels: Sequence[str] | None = None) -> Any:

@@ -21,7 +21,9 @@ from fcache.extract.decode import Decoded, SampleError  # defined with the decod
 from fcache.spec import Targets
 from fcache.store import TargetSpec
 
-__all__ = ["Decoded", "MetadataError", "SampleError", "SampleRef", "Source"]
+__all__ = ["Decoded", "MetadataError", "SampleError", "SampleRef", "Source", "write_driver_targets"]
+
+TARGET_BLOCK_UNITS = 256  # units of driver targets written at once (4096 samples at the default shard size)
 
 
 @dataclass(frozen=True)
@@ -97,3 +99,12 @@ class Source(Protocol):
     def decode(self, ref: SampleRef) -> Decoded:
         """Decode one sample (runs in DataLoader workers). Raises SampleError with the sample's status."""
         ...
+
+
+def write_driver_targets(writer: Any, source: Source, refs: list[SampleRef]) -> None:
+    """The targets a source knows from metadata (COCO's annotations as JSON) into a new store (a
+    ``fcache.store.StoreWriter``), block by block of whole shards: one block's values exist at a time, not the dataset's."""
+    block = writer.manifest.storage.shard_size * TARGET_BLOCK_UNITS
+    for start in range(0, len(refs), block):
+        for name, values in source.driver_targets(refs[start : start + block]).items():
+            writer.write_targets(name, values, start)

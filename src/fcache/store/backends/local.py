@@ -12,7 +12,7 @@ import hashlib
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,10 +95,8 @@ class LocalBackend(Backend):
             self.path(k).unlink(missing_ok=True)
 
     def listing(self, prefix: str = "") -> dict[str, int]:
-        base = self.path(prefix)
-        if not base.is_dir():
-            return {}
-        return {str(p.relative_to(self.root)): p.stat().st_size for p in base.rglob("*") if p.is_file()}
+        cut = len(str(self.root)) + 1
+        return {e.path[cut:]: e.stat(follow_symlinks=False).st_size for e in _files_under(self.path(prefix))}
 
     # -- the commit protocol ------------------------------------------------------------------------
     def create(self, key: str, data: bytes) -> str | None:
@@ -188,9 +186,8 @@ class LocalBackend(Backend):
         return not self.root.exists() or (self.root.is_dir() and not any(self.root.iterdir()))
 
     def temporaries(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(str(p.relative_to(self.root)) for p in self.root.rglob(f"*{TEMP_SUFFIX}") if p.is_file())
+        cut = len(str(self.root)) + 1
+        return sorted(e.path[cut:] for e in _files_under(self.root) if e.name.endswith(TEMP_SUFFIX))
 
     def delete_temporaries(self, keys: Sequence[str]) -> None:
         for key in keys:
@@ -207,6 +204,18 @@ class LocalBackend(Backend):
             f.flush()
             os.fsync(f.fileno())
         return tmp
+
+
+def _files_under(root: Path) -> Iterator[os.DirEntry]:
+    """Every file below ``root`` (symbolic links not followed): one ``scandir`` per folder, no path objects per file."""
+    folders = [str(root)] if root.is_dir() else []
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    folders.append(e.path)
+                elif e.is_file(follow_symlinks=False):
+                    yield e
 
 
 def _tag(inode: int, data: bytes) -> str:

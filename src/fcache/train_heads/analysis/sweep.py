@@ -24,6 +24,7 @@ import yaml
 
 from fcache.common.cluster import ClusterTarget, connect, worker_threads
 from fcache.common.errors import InputError
+from fcache.store import FeatureStore
 from fcache.store.backends import is_url
 from fcache.train_heads.analysis.report import write_outputs
 from fcache.train_heads.config import RENAMED, SweepConfig, TrainConfig
@@ -161,9 +162,10 @@ class Variant:
 def plan(spec: SweepSpec, out: Path) -> list[Variant]:
     """Every variant checked as ``train-head`` would (stores, head, RUN folder) and named; nothing is written."""
     variants: dict[str, Variant] = {}
+    stores: dict[str, FeatureStore] = {}  # each store opened once, however many variants read it
     for values in spec.points():
         cfg = variant_config(values)
-        p = prepare_training(cfg)
+        p = prepare_training(cfg, stores)
         record = p.record(cfg.resolved(len(p.indices)))
         digest = hashlib.sha256(json.dumps(record.identity(), sort_keys=True).encode()).hexdigest()[:10]
         name = f"{folder_name(record.head)}-{digest}"

@@ -1,0 +1,105 @@
+"""How many bytes a store will take, and whether the filesystem of ``--out`` has them, before anything is written.
+
+One arithmetic for ``fcache plan`` (which prints it) and ``fcache extract`` (which refuses to start, exit code 2, when
+the estimate exceeds the free space, unless ``--no-space-check``): bytes per sample = views x the stored bytes of each
+level's map (+ int8's float32 scales per channel). The estimate is the raw size, or the compressed size where a
+compression ratio was measured (``plan``'s trial run, or the committed units of a store being resumed).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from fcache.common.errors import InputError
+from fcache.spec import Manifest
+from fcache.store import layout
+from fcache.store.dtypes import stored
+from fcache.store.info import human
+
+SMALLER_LEVELS = ("p3", "p4", "p5")  # the alternative named when a store does not fit: drop the stride-4 map
+SMALLER_DTYPE = "int8"
+
+
+def level_bytes(manifest: Manifest, dtype: str | None = None) -> dict[str, int]:
+    """Stored bytes of one sample (all its views) per level, in ``dtype`` (default: the manifest's)."""
+    d = stored(dtype or manifest.storage.dtype)
+    out = {}
+    for lv in manifest.levels:
+        shape = manifest.level_shape(lv.name)
+        per_view = math.prod(shape) * d.numpy.itemsize + (math.prod(shape[:-2]) * 4 if d.scaled else 0)
+        out[lv.name] = per_view * manifest.num_views
+    return out
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes a store of ``samples`` samples needs: raw, and on disk when a compression ratio is known."""
+
+    samples: int
+    raw: int
+    ratio: float | None = None  # raw / on disk, where measured
+    measured_on: str = ""  # how the ratio was measured
+
+    @property
+    def bytes(self) -> int:
+        return round(self.raw / self.ratio) if self.ratio else self.raw
+
+    def describe(self) -> str:
+        if self.ratio:
+            return f"{human(self.bytes)} (compression ratio {self.ratio:.2f} measured on {self.measured_on})"
+        return f"{human(self.bytes)} (uncompressed: no compression ratio measured)"
+
+
+def alternatives(manifest: Manifest, samples: int, ratio: float | None) -> dict[str, int]:
+    """Estimated bytes with ``--levels p3,p4,p5`` and with ``--dtype int8`` (where they differ from the plan): flag -> bytes."""
+    scale = (1 / ratio) if ratio else 1.0
+    out = {}
+    per_level = level_bytes(manifest)
+    kept = [name for name in per_level if name in SMALLER_LEVELS]
+    if kept and len(kept) < len(per_level):
+        out[f"--levels {','.join(kept)}"] = round(sum(per_level[n] for n in kept) * samples * scale)
+    if manifest.storage.dtype != SMALLER_DTYPE:
+        out[f"--dtype {SMALLER_DTYPE}"] = round(sum(level_bytes(manifest, SMALLER_DTYPE).values()) * samples * scale)
+    return out
+
+
+def free_bytes(out: str) -> int | None:
+    """Free bytes of the filesystem ``out`` will be on (its nearest existing folder); None for a URL (object storage)."""
+    if not out or "://" in out:
+        return None
+    p = Path(out).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def check_space(out: str, manifest: Manifest, estimate: Estimate, *, freed: int = 0) -> None:
+    """Refuse (InputError: one line with the numbers and the smaller alternatives) when ``estimate`` exceeds the free
+    space of ``out``'s filesystem plus ``freed`` (bytes an --overwrite deletes first)."""
+    free = free_bytes(out)
+    if free is None or estimate.bytes <= free + freed:
+        return
+    others = ", ".join(f"{flag} needs about {human(b)}" for flag, b in alternatives(manifest, estimate.samples, estimate.ratio).items())
+    raise InputError(
+        f"--out {out} needs about {estimate.describe()} for {estimate.samples} samples but its filesystem has "
+        f"{human(free + freed)} free" + (f"; {others}" if others else "") + "; free some space, store less, or pass --no-space-check"
+    )
+
+
+def needed(out: str, manifest: Manifest, *, overwrite: bool = False) -> Estimate:
+    """The bytes still needed to finish the store at ``out`` with this manifest: all of it for a new (or replaced)
+    store, the uncommitted units of one being resumed (with the compression its committed units achieved)."""
+    per_sample = sum(level_bytes(manifest).values())
+    root = Path(out)
+    existing = layout.read_manifest(root) if "://" not in out and (root / "zarr.json").is_file() else None
+    if overwrite or existing is None or existing.fingerprint != manifest.fingerprint:
+        return Estimate(manifest.dataset.n, per_sample * manifest.dataset.n)
+    ledger = layout.read_ledger(root)
+    committed = sum(rec.samples for rec in ledger.values())
+    on_disk = sum(f.size for rec in ledger.values() for name, f in rec.files.items() if name.startswith((layout.FEATURES, layout.SCALES)))
+    left = manifest.dataset.n - committed
+    ratio = per_sample * committed / on_disk if committed and on_disk else None
+    return Estimate(left, per_sample * left, ratio, f"{committed} committed samples" if ratio else "")
