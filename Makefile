@@ -13,11 +13,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+test: $(STAMP)  # two test processes (pytest-xdist): the suite is mostly single-threaded CPU work
+	$(PY) -m pytest -q -n 2
 
 test-fast: $(STAMP)  # everything but the tests marked slow (over ~10 s each on a 2-core CPU)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 -m "not slow"
 
 demo: $(STAMP)
 	$(VENV)/bin/fcache demo

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With ``-n N`` (pytest-xdist, what ``make test`` uses) each worker runs torch on one thread: N workers share
+    the cores instead of each spreading over all of them. Set before the workers start, so they inherit it."""
+    if getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 TINY = {"model": "swinv2-t", "input_size": 128, "seed": 3}  # the tiny frozen backbone of the suite: random-init SwinV2-T
 
