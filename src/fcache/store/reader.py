@@ -230,7 +230,7 @@ class FeatureStore:
         return decode(np.asarray(values), self.manifest.storage.dtype, None if scales is None else np.asarray(scales))
 
     def read_many(self, requests: Sequence[tuple[str, int, int | None]]) -> list[np.ndarray]:
-        """``read(level, i, view)`` of many requests; for a store in object storage all of them are in flight at once."""
+        """``read(level, i, view)`` of many requests, read and decoded together (on object storage all in flight at once)."""
         fetcher = self.fetcher
         if fetcher is None or not all(fetcher.supports(lv) for lv, _, _ in requests):
             return [self.read(lv, i, v) for lv, i, v in requests]
@@ -266,8 +266,10 @@ class FeatureStore:
 
     @property
     def fetcher(self) -> ShardFetcher | None:
-        """The remote read path of this process (None on local disk)."""
-        if not self.backend.remote:
+        """The direct read path of this process (``fcache.store.fetch``): shard indexes kept, chunks read by byte range
+        and decoded here, on local disk as on object storage; None where zarr's own path reads (``FCACHE_ZARR_READS=1``,
+        kept to compare the two)."""
+        if os.environ.get("FCACHE_ZARR_READS") == "1":
             return None
         if self._fetcher is None or self._fetcher_pid != os.getpid():
             cache = DiskCache(self.cache[0], self.cache[1], self.backend.url) if self.cache else None
@@ -389,17 +391,17 @@ class FeatureDataset(torch.utils.data.Dataset):
         return self.__getitems__([item])[0]
 
     def __getitems__(self, items: Sequence[int | tuple[int, int]]) -> list[dict[str, Any]]:
-        """Several items at once (a DataLoader batch): a remote store reads all their levels and targets concurrently."""
+        """Several items at once (a DataLoader batch): all their levels are read and decoded together (``read_many``);
+        a remote store reads their targets concurrently too."""
         picked = []
         for item in items:
             j, v = item if isinstance(item, tuple) else (item, None)
             i = int(self.indices[j])
             picked.append((i, self.view_of(i) if v is None else int(v)))
+        values = self.store.read_many([(lv, i, v) for i, v in picked for lv in self.levels])
         if self.store.backend.remote:
-            values = self.store.read_many([(lv, i, v) for i, v in picked for lv in self.levels])
             targets = {name: self.store.targets_many(name, [i for i, _ in picked]) for name in self.targets}
         else:
-            values = [self.store.read(lv, i, v) for i, v in picked for lv in self.levels]
             targets = {name: [self.store.target(name, i) for i, _ in picked] for name in self.targets}
         out = []
         for k, (i, v) in enumerate(picked):

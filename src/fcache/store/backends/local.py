@@ -54,15 +54,22 @@ class LocalBackend(Backend):
             return None
 
     def get_ranges(self, ranges: Sequence[Range]) -> list[bytes]:
-        out = []
-        for r in ranges:
-            with open(self.path(r.key), "rb") as f:
-                if r.start < 0:
-                    f.seek(r.start, os.SEEK_END)
-                    out.append(f.read())
+        out: list[bytes] = []
+        fds: dict[str, int] = {}  # one open file per object, however many of its ranges are asked for
+        try:
+            for r in ranges:
+                fd = fds.get(r.key)
+                if fd is None:
+                    fd = fds[r.key] = os.open(self.path(r.key), os.O_RDONLY)
+                if r.start < 0 or r.stop is None:
+                    size = os.fstat(fd).st_size
+                    start = max(0, size + r.start) if r.start < 0 else r.start
+                    out.append(os.pread(fd, size - start, start))
                 else:
-                    f.seek(r.start)
-                    out.append(f.read(-1 if r.stop is None else r.stop - r.start))
+                    out.append(os.pread(fd, r.stop - r.start, r.start))
+        finally:
+            for fd in fds.values():
+                os.close(fd)
         return out
 
     def sizes(self, keys: Sequence[str]) -> list[int | None]:
