@@ -28,7 +28,7 @@ SCRIPTS = {
     "video_heads": [],
     "distribution": ["--images", "64"],
     "heads_per_pass": ["--sizes", "256", "--rounds", "2"],
-    "scale": ["--n", "2000"],  # full COCO-train size: python benchmarks/scale.py --n 10000,40000,118287 (README, "Scale")
+    "scale": ["--n", "2000"],  # full COCO-train size: python benchmarks/scale.py --n 10000,40000,118287 (docs/performance.md, "Scale")
 }
 QUICK = {
     "extract": ["--sizes", "256:0", "--images", "8"],

@@ -43,7 +43,7 @@ def backend(request, tmp_path):
 
 
 # fake-gcs-server ignores ifGenerationMatch on media uploads and deletes, so compare-and-swap (leases) is tested on
-# local disk and S3 only; on real GCS it rests on the same generation preconditions (README, "Stores in the cloud").
+# local disk and S3 only; on real GCS it rests on the same generation preconditions (docs/cloud.md, "The protocol on objects").
 @pytest.fixture(params=["local", "s3"])
 def cas_backend(request, tmp_path):
     return _backend(request, tmp_path)
