@@ -396,10 +396,10 @@ def train_head(head: tuple[str, ...], as_json: bool, **kw: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @user_errors
 def eval_run(run: str, as_json: bool, **kw: Any) -> None:
-    """Evaluate the head trained in RUN on a store: box and mask AP (pycocotools), detections into RUN/detections.json.
+    """Evaluate the head trained in RUN on a store; the metrics and predictions go into RUN/eval/<store name>/.
 
-    Segmentation: mIoU single scale and over the test views; video and classification: top-1 / top-5 of each view and
-    of the views' mean scores, per-sample predictions into RUN/predictions.jsonl.
+    Detection: box and mask AP (pycocotools), detections.json; segmentation: mIoU single scale and over the test views;
+    video and classification: top-1 / top-5 of each view and of the views' mean scores, predictions.jsonl per sample.
     """
     from fcache.train_heads.console import format_eval
     from fcache.train_heads.evaluation import run_eval

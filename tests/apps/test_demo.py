@@ -50,3 +50,17 @@ def test_tiny_demo_writes_a_report(tmp_path):
         x, y, bw, bh = d["bbox"]
         assert x >= -0.5 and x + bw <= w + 0.5 and y >= -0.5 and y + bh <= h + 0.5  # original image coordinates
     assert Image.open(report / "predictions.png").size[0] == 3 * 512
+
+
+def test_an_out_folder_holding_other_files_is_refused_and_kept(tmp_path):
+    from click.testing import CliRunner
+
+    from fcache.cli import main
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    (out / "run").mkdir()
+    r = CliRunner().invoke(main, ["demo", "--out", str(out)])
+    assert r.exit_code == 2 and "holds files the demo did not write (thesis.tex)" in r.output, r.output
+    assert (out / "thesis.tex").read_text() == "years of work" and (out / "run").is_dir()

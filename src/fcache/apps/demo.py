@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 import numpy as np
 
+from fcache.common.errors import InputError
+
 CATEGORIES = ({"id": 1, "name": "square"}, {"id": 2, "name": "disc"}, {"id": 3, "name": "triangle"})
 COLORS = {1: (230, 40, 40), 2: (40, 200, 60), 3: (40, 90, 235)}
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png", "motorcycle_right.png", "retina.jpg")
@@ -114,6 +116,19 @@ def build_dataset(root: Path, n: int, seed: int, long_side: int = 256) -> tuple[
     return root / "images", ann_path
 
 
+DEMO_ENTRIES = {"data", "train.zarr", "val.zarr", "run", "report"}  # what a demo's --out folder holds
+
+
+def check_out(out: Path) -> None:
+    """A rerun replaces an earlier demo's folder; a folder holding anything else is refused (nothing of yours is deleted)."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise InputError(f"--out {out} is not a folder; give a new folder for the demo")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES) if out.is_dir() else []
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise InputError(f"--out {out} holds files the demo did not write ({shown}); give a new or empty folder")
+
+
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Dataset -> extract -> train -> evaluate (untrained and trained) -> report. Returns metrics.json's content."""
     import torch
@@ -126,6 +141,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
     from fcache.train_heads.training import prepare_training, run_train
 
     out = Path(cfg.out)
+    check_out(out)
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}

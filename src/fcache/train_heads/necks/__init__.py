@@ -31,7 +31,7 @@ class NeckDef:
 CHANNELS = Param(256, maximum=4096, help="output width of every pyramid level")
 NORM = Param("gn", kind="choice", choices=NORMS, help="norm inside the neck's added blocks")
 CHECKPOINT = Param(
-    "0", kind="choice", choices=("0", "1"), help="1: recompute each layer in the backward pass (less memory, ~30% more time)"
+    "0", kind="choice", choices=("0", "1"), help="1: recompute each layer in the backward pass (less memory, ~10% more time)"
 )
 
 
