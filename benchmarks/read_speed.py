@@ -1,0 +1,254 @@
+"""Read and write speed of a store against the codec's own speed, in one run: the ratio is what counts.
+
+For two chunk shapes (A: demo-sized, SwinV2-T@256 in fp16; B: SwinV2-L@1024 in bf16, p2..p5, 47 MB per sample),
+a store of synthetic backbone-like features (bf16 precision, per-channel scale and shift) is written with fcache's
+own writer, then read as training reads it: random samples in batches of 8, every level, through the torch
+Dataset (``FeatureDataset.__getitems__``: float32 out), and as the direct path returns them before that conversion
+(``ShardFetcher.read``: stored values). The baseline is raw Blosc decoding of the very same chunk
+frames, already in memory, on one thread and on the reader's pool of threads. MB are the stored dtype's bytes.
+
+Also: zarr's own per-sample path (``FCACHE_ZARR_READS=1``) for comparison, the writer's samples/s at shape B against
+the bare forward rate of SwinV2-L@1024 on an H100 (10.2 images/s: ``fcache.extract.throughput``) with a profile of
+where the writer's time goes, and (``--headroom``) the loader's samples/s over what ``bifpn:layers=5`` consumes at
+shape B on this machine (``fcache bench --features-only``).
+
+Usage: python benchmarks/read_speed.py [--shapes A,B] [--samples-a 64] [--samples-b 16] [--rounds 3] [--headroom]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import save, table  # noqa: E402
+from fcache import store as fstore  # noqa: E402
+from fcache.spec import (  # noqa: E402
+    GEOMETRY_FIELDS,
+    BackboneInfo,
+    DatasetInfo,
+    LevelSpec,
+    Manifest,
+    Preprocessing,
+    SourceConfig,
+    StorageSpec,
+    keys_digest,
+)
+from fcache.store import layout  # noqa: E402
+from fcache.store.dtypes import DTYPES  # noqa: E402
+from fcache.store.fetch import decoder  # noqa: E402
+
+# name -> (input px, ((level, channels, stride), ...), dtype, shard size)
+SHAPES = {
+    "A": (256, (("p2", 96, 4), ("p3", 192, 8), ("p4", 384, 16), ("p5", 768, 32)), "fp16", 16),
+    "B": (1024, (("p2", 192, 4), ("p3", 384, 8), ("p4", 768, 16), ("p5", 1536, 32)), "bf16", 8),
+}
+H100_FORWARD_IMG_S = 10.2  # SwinV2-L@1024, bare forward, bf16 (fcache.extract.throughput)
+BATCH = 8
+
+
+def features(rng: np.random.Generator, n: int, c: int, h: int, w: int) -> np.ndarray:
+    """Backbone-like float32 features (N, 1, C, H, W): normal x per-channel scale + shift, a little spatial
+    correlation, bf16 precision (what bf16-autocast extraction produces)."""
+    x = rng.standard_normal((n, 1, c, h, w), dtype=np.float32)
+    x += 0.5 * np.roll(x, 1, axis=-1)
+    x *= rng.uniform(0.2, 3.0, size=(n, 1, c, 1, 1)).astype(np.float32)
+    x += rng.normal(0, 0.5, size=(n, 1, c, 1, 1)).astype(np.float32)
+    return torch.from_numpy(x).to(torch.bfloat16).float().numpy()
+
+
+def build(root: Path, name: str, n: int) -> tuple[Path, dict]:
+    """The store of shape ``name`` with n samples; the writer's seconds (and profile, shape B) as it was written."""
+    size, levels, dtype, shard = SHAPES[name]
+    keys = [f"s{i:06d}" for i in range(n)]
+    m = Manifest(
+        BackboneInfo("bench", "bench", "random-init", size, 8, tuple(LevelSpec(*lv) for lv in levels)),
+        Preprocessing(),
+        StorageSpec(dtype=dtype, codec="zstd", shard_size=shard),
+        DatasetInfo(SourceConfig("bench", ""), n, keys_digest(keys)),
+    )
+    path = root / f"shape{name}.zarr"
+    w = fstore.create(path, m, keys)
+    rng = np.random.default_rng(0)
+    seconds, profile = 0.0, cProfile.Profile()
+    for u in w.units:
+        feats = {lv.name: features(rng, len(u), *m.level_shape(lv.name)) for lv in m.levels}
+        status, geometry = np.ones(len(u), np.uint8), np.zeros((len(u), 1, len(GEOMETRY_FIELDS)), np.float32)
+        t = time.perf_counter()
+        profile.enable()
+        w.write_unit(u, feats, status, geometry)
+        profile.disable()
+        seconds += time.perf_counter() - t
+    w.finalize()
+    return path, {"write_s": seconds, "profile": profile}
+
+
+def frames(store: fstore.FeatureStore) -> list[tuple[bytes, np.ndarray]]:
+    """Every feature chunk's Blosc frame (CRC stripped) with an output array of its size: the raw-decode workload."""
+    out = []
+    for lv in store.level_names:
+        meta = json.loads(store.backend.get(f"{layout.FEATURES}/{lv}/zarr.json"))
+        conf = meta["codecs"][0]["configuration"]
+        chunk = conf["chunk_shape"]
+        dtype = np.dtype(DTYPES[store.manifest.storage.dtype].numpy)
+        for u in store.units:
+            key = layout.shard_key(f"{layout.FEATURES}/{lv}", u.index, 2 + len(store.manifest.level_shape(lv)))
+            raw = store.backend.get(key)
+            n_chunks = len(u) * store.num_views
+            index = np.frombuffer(raw[-(16 * n_chunks + 4) : -4], dtype="<u8").reshape(-1, 2)
+            for offset, nbytes in index:
+                out.append((raw[int(offset) : int(offset + nbytes) - 4], np.empty(chunk[2:], dtype=dtype)))
+    return out
+
+
+def stored_bytes(store: fstore.FeatureStore) -> int:
+    """Bytes of one sample-view of every level in the stored dtype, uncompressed."""
+    itemsize = np.dtype(DTYPES[store.manifest.storage.dtype].numpy).itemsize
+    return sum(int(np.prod(store.manifest.level_shape(lv))) for lv in store.level_names) * itemsize
+
+
+def raw_decode_mb_s(work: list[tuple[bytes, np.ndarray]], pool: bool) -> float:
+    from numcodecs import blosc
+
+    def one(item: tuple[bytes, np.ndarray]) -> int:
+        blosc.decompress(item[0], item[1])
+        return item[1].nbytes
+
+    t = time.perf_counter()
+    total = sum(decoder().map(one, work)) if pool else sum(map(one, work))
+    return total / (time.perf_counter() - t) / 1e6
+
+
+def dataset_mb_s(path: Path, zarr_path: bool) -> tuple[float, float]:
+    """MB/s and samples/s of random batches through the Dataset (all levels, view 0), one pass over the store."""
+    if zarr_path:
+        os.environ["FCACHE_ZARR_READS"] = "1"
+    try:
+        store = fstore.open(path)
+        ds = store.dataset()
+        per_sample = stored_bytes(store)
+        order = np.random.default_rng(1).permutation(len(ds))
+        ds.__getitems__([int(j) for j in order[:BATCH]])  # indexes, handles, threads
+        t = time.perf_counter()
+        for k in range(0, len(order), BATCH):
+            ds.__getitems__([int(j) for j in order[k : k + BATCH]])
+        dt = time.perf_counter() - t
+    finally:
+        os.environ.pop("FCACHE_ZARR_READS", None)
+    return per_sample * len(order) / dt / 1e6, len(order) / dt
+
+
+def stored_mb_s(path: Path) -> float:
+    """MB/s of the direct path's stored values (``ShardFetcher.read``: no float32 conversion), random batches of 8."""
+    store = fstore.open(path)
+    fetcher = store.fetcher
+    assert fetcher is not None
+    order = [int(i) for i in np.random.default_rng(1).permutation(store.ok_indices)]
+    fetcher.read([(lv, i, 0) for i in order[:BATCH] for lv in store.level_names])
+    t = time.perf_counter()
+    for k in range(0, len(order), BATCH):
+        fetcher.read([(lv, i, 0) for i in order[k : k + BATCH] for lv in store.level_names])
+    return stored_bytes(store) * len(order) / (time.perf_counter() - t) / 1e6
+
+
+def writer_profile(profile: cProfile.Profile, top: int = 10) -> list[str]:
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(top)
+    return [line for line in text.getvalue().splitlines() if line.strip()][-top - 1 :]
+
+
+def headroom_consumed(samples: int) -> float | None:
+    """Samples/s that bifpn:layers=5 trains on at SwinV2-L@1024 shapes here (``fcache bench --features-only``)."""
+    cmd = [sys.executable, "-m", "fcache", "bench", "--task", "detection", "--model", "swinv2-l", "--input-size", "1024"]
+    cmd += ["--batch-size", str(samples), "--iters", "1", "--features-only", "--device", "cpu", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        print(r.stderr[-2000:], file=sys.stderr)
+        return None
+    (row,) = json.loads(r.stdout)["rows"] if isinstance(json.loads(r.stdout), dict) else json.loads(r.stdout)
+    return samples / row["s_per_iter"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="A,B")
+    ap.add_argument("--samples-a", type=int, default=64)
+    ap.add_argument("--samples-b", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3, help="Each measurement's best of this many rounds.")
+    ap.add_argument("--headroom", action="store_true", help="Also time bifpn:layers=5 at shape B (minutes on a CPU).")
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="fcache-read-speed-"))
+    rows, notes = [], {}
+    try:
+        for name in args.shapes.split(","):
+            n = args.samples_a if name == "A" else args.samples_b
+            path, written = build(root, name, n)
+            store = fstore.open(path)
+            per_sample = stored_bytes(store)
+            work = frames(store)
+            raw1 = max(raw_decode_mb_s(work, pool=False) for _ in range(args.rounds))
+            rawp = max(raw_decode_mb_s(work, pool=True) for _ in range(args.rounds))
+            direct = max((dataset_mb_s(path, zarr_path=False) for _ in range(args.rounds)), key=lambda r: r[0])
+            raw_values = max(stored_mb_s(path) for _ in range(args.rounds))
+            plain = max((dataset_mb_s(path, zarr_path=True) for _ in range(args.rounds)), key=lambda r: r[0])
+            row = {
+                "shape": name,
+                "MB_per_sample": per_sample / 1e6,
+                "samples": n,
+                "raw_1t_MB_s": raw1,
+                "raw_pool_MB_s": rawp,
+                "dataset_MB_s": direct[0],
+                "dataset_samples_s": direct[1],
+                "ratio_vs_raw_pool": direct[0] / rawp,
+                "ratio_vs_raw_1t": direct[0] / raw1,
+                "stored_MB_s": raw_values,
+                "stored_ratio_vs_raw_pool": raw_values / rawp,
+                "zarr_path_MB_s": plain[0],
+                "zarr_ratio_vs_raw_pool": plain[0] / rawp,
+                "write_samples_s": n / written["write_s"],
+                "write_MB_s": per_sample * n / written["write_s"] / 1e6,
+            }
+            if name == "B":
+                row["write_vs_h100_forward"] = row["write_samples_s"] / H100_FORWARD_IMG_S
+                notes["writer_profile_B"] = writer_profile(written["profile"])
+                if args.headroom:
+                    consumed = headroom_consumed(2)
+                    if consumed:
+                        row["bifpn5_consumes_samples_s"] = consumed
+                        row["loader_headroom"] = direct[1] / consumed
+            rows.append(row)
+            shutil.rmtree(path, ignore_errors=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    cols = ["shape", "MB_per_sample", "raw_1t_MB_s", "raw_pool_MB_s", "stored_MB_s", "stored_ratio_vs_raw_pool", "dataset_MB_s",
+            "ratio_vs_raw_pool", "zarr_path_MB_s", "zarr_ratio_vs_raw_pool", "write_samples_s", "write_MB_s"]  # fmt: skip
+    print(f"read and write speed against raw Blosc decode of the same chunks ({os.cpu_count()} cores, best of {args.rounds})")
+    print(table(rows, cols))
+    for row in rows:
+        if "write_vs_h100_forward" in row:
+            print(
+                f"writer at shape B: {row['write_samples_s']:.2f} samples/s = {row['write_vs_h100_forward']:.2f}x the H100's bare forward"
+            )
+        if "loader_headroom" in row:
+            print(f"loader headroom at shape B: {row['loader_headroom']:.1f} ({row['dataset_samples_s']:.2f} samples/s read, "
+                  f"{row['bifpn5_consumes_samples_s']:.3f} consumed by bifpn:layers=5)")  # fmt: skip
+    for line in notes.get("writer_profile_B", []):
+        print("  " + line)
+    print(f"results: {save('read_speed', {'args': vars(args), 'rows': rows, 'notes': notes})}")
+
+
+if __name__ == "__main__":
+    main()
