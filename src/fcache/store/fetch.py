@@ -18,7 +18,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +34,7 @@ from fcache.store.dtypes import stored
 from fcache.store.records import LedgerRecord
 
 EMPTY = np.uint64(2**64 - 1)
+Convert = Callable[[np.ndarray], np.ndarray]
 INDEXES_KEPT = 4096  # shard indexes held in memory (each 16 bytes per chunk)
 
 
@@ -87,8 +88,10 @@ class ShardFetcher:
     def supports(self, level: str) -> bool:
         return self.layouts.get(level) is not None
 
-    def read(self, requests: Sequence[tuple[str, int, int | None]]) -> list[np.ndarray]:
-        """Stored values of each (level, sample, view): (C, H, W), or with view None all views (V, C, H, W) (video: T first)."""
+    def read(self, requests: Sequence[tuple[str, int, int | None]], convert: Convert | None = None) -> list[np.ndarray]:
+        """Stored values of each (level, sample, view): (C, H, W), or with view None all views (V, C, H, W) (video: T first).
+
+        ``convert`` is applied to each chunk by the thread that decoded it, while it is in cache (e.g. to float32)."""
         shards = sorted({(lv, self._unit(i).index) for lv, i, _ in requests})
         self._load_indexes(shards)
         wanted: list[tuple[str, int, int]] = []  # (level, unit, chunk within the shard)
@@ -98,7 +101,7 @@ class ShardFetcher:
             unit = self._unit(i)
             plan.append([len(wanted) + k for k in range(len(views))])
             wanted += [(lv, unit.index, (i - unit.start) * self.manifest.num_views + v) for v in views]
-        chunks = self._chunks(wanted)
+        chunks = self._chunks(wanted, convert)
         out = []
         for (_, _, view), idx in zip(requests, plan, strict=True):
             values = [chunks[k] for k in idx]
@@ -142,7 +145,11 @@ class ShardFetcher:
         return np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
 
     # -- chunks -------------------------------------------------------------------------------------
-    def _chunks(self, wanted: Sequence[tuple[str, int, int]]) -> list[np.ndarray]:
+    def _chunks(self, wanted: Sequence[tuple[str, int, int]], convert: Convert | None = None) -> list[np.ndarray]:
+        done = convert or (lambda v: v)
+        if not self.backend.remote and self.cache is None:  # local disk: each decoding thread reads its own chunk
+            ranges = {w: self._range(w) for w in dict.fromkeys(wanted)}
+            return list(decoder().map(lambda w: done(self._decode(w, self.backend.get_ranges([ranges[w]])[0])), wanted))
         raws: dict[tuple[str, int, int], bytes] = {}
         if self.cache is not None:
             for w in set(wanted):
@@ -154,24 +161,25 @@ class ShardFetcher:
 
         def decoded(w: tuple[str, int, int]) -> np.ndarray:
             try:
-                return self._decode(w, raws[w])
+                return done(self._decode(w, raws[w]))
             except CorruptStoreError:
                 if self.cache is None or w not in from_cache:
                     raise
                 self.cache.drop(self._cache_name(w[0], w[1]), f"c{w[2]}")  # a damaged cache entry: read it from the store
-                return self._decode(w, self._fetch([w])[w])
+                return done(self._decode(w, self._fetch([w])[w]))
 
         return list(decoder().map(decoded, wanted))
 
+    def _range(self, w: tuple[str, int, int]) -> Range:
+        lv, u, k = w
+        with self._lock:
+            offset, nbytes = self._indexes[(lv, u)][k]
+        if offset == EMPTY:
+            raise CorruptStoreError(self._damaged(lv, u, f"chunk {k} is absent from its shard"))
+        return Range(self._key(lv, u), int(offset), int(offset + nbytes))
+
     def _fetch(self, wanted: Sequence[tuple[str, int, int]]) -> dict[tuple[str, int, int], bytes]:
-        ranges = []
-        for lv, u, k in wanted:
-            with self._lock:
-                offset, nbytes = self._indexes[(lv, u)][k]
-            if offset == EMPTY:
-                raise CorruptStoreError(self._damaged(lv, u, f"chunk {k} is absent from its shard"))
-            ranges.append(Range(self._key(lv, u), int(offset), int(offset + nbytes)))
-        got = dict(zip(wanted, self.backend.get_ranges(ranges), strict=True))
+        got = dict(zip(wanted, self.backend.get_ranges([self._range(w) for w in wanted]), strict=True))
         if self.cache is not None:
             for (lv, u, k), data in got.items():
                 self.cache.put(self._cache_name(lv, u), f"c{k}", data)

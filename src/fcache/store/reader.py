@@ -25,7 +25,7 @@ from fcache.store.backends import Backend, open_backend, parse_size
 from fcache.store.cache import DiskCache
 from fcache.store.consistency import check_consistent
 from fcache.store.dtypes import decode, stored
-from fcache.store.fetch import ShardFetcher, decoder
+from fcache.store.fetch import ShardFetcher
 from fcache.store.webdataset import WdsExport, is_export
 
 GEOMETRY_UNITS_KEPT = 64  # units of geometry a reader keeps (a few KB each)
@@ -237,10 +237,10 @@ class FeatureStore:
         for lv, _, _ in requests:
             self.manifest.level(lv)
         self.check_shards([(lv, i) for lv, i, _ in requests])
-        values = fetcher.read(requests)
         dtype = self.manifest.storage.dtype
-        if not stored(dtype).scaled:
-            return list(decoder().map(lambda v: decode(v, dtype, None), values))
+        if not stored(dtype).scaled:  # to float32 by the thread that decoded each chunk
+            return fetcher.read(requests, convert=lambda v: decode(v, dtype, None))
+        values = fetcher.read(requests)
         units = sorted({(lv, layout.unit_of(i, self.manifest.storage.shard_size, self.n)) for lv, i, _ in requests}, key=str)
         todo = [(lv, u) for lv, u in units if (lv, u.index) not in self._scales]
         for (lv, u), s in zip(todo, self._gather_scales(todo), strict=True):
