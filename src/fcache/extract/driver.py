@@ -211,10 +211,11 @@ def _progress_bar(total: int, stats: _Stats, t0: float, show: bool) -> Iterator[
 
         def progress(k: int) -> None:
             bar.update(k)
-            rate = stats.images / max(time.perf_counter() - t0, 1e-9)
+            rate = stats.images / (stats.busy or max(time.perf_counter() - t0, 1e-9))  # busy: set when the pipeline ends
             bar.set_postfix(img_s=f"{rate:.2f}", written=human(stats.bytes), refresh=False)
 
         yield progress
+        progress(0)  # the last units' images and bytes: counted once their writes finished, after their samples
 
 
 def fstore_exists(location: str | Backend) -> bool:
