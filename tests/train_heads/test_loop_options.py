@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,12 @@ def test_tensorboard_events_and_csv_equal_metrics_jsonl(store, tmp_path):
     quiet(config(store, out, stop_at=5, **flags))
     for k in (4, 5):  # as if killed after logging iteration 5 with only the checkpoint of iteration 2 kept
         (out / CHECKPOINT.format(iteration=k)).unlink()
+    # TensorBoard reads event files in name order: the second in which a writer started, then the pid and a per-process
+    # counter compared as text. Two sessions of one process in one second (only here: a real resume is a new process,
+    # later) could be read in the wrong order, so the resumed session starts in a later second.
+    second = int(time.time())
+    while int(time.time()) == second:
+        time.sleep(0.05)
     quiet(config(store, out, resume=True, **flags))  # from 2: what 3..5 logged is dropped from every log, then logged again
     want: dict[str, list[tuple[int, float]]] = {}
     for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):
