@@ -137,10 +137,6 @@ def unit_keys(manifest: Manifest, unit: Unit, targets: Mapping[str, int]) -> lis
     return [shard_key(a, unit.index, nd) for a, nd in arrays]
 
 
-def unit_files(root: Path, manifest: Manifest, unit: Unit, targets: Mapping[str, int]) -> list[Path]:
-    return [Path(root) / k for k in unit_keys(manifest, unit, targets)]
-
-
 def read_records(backend: Backend, all_units: Sequence[Unit]) -> dict[int, LedgerRecord]:
     """The committed units' records, by unit index: one read per unit's key (no listing), concurrent on object storage.
 

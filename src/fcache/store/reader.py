@@ -215,7 +215,7 @@ class FeatureStore:
         self.manifest.level(level)
         if self.fetcher is not None and self.fetcher.supports(level):
             return self.read_many([(level, i, view)])[0]
-        self._check(level, i)
+        self.check_shards([(level, i)])
         arr = self.array(f"{layout.FEATURES}/{level}")
         sel = (i,) if view is None else (i, view)
         try:
@@ -276,10 +276,6 @@ class FeatureStore:
             self._fetcher, self._fetcher_pid = ShardFetcher(self.backend, self.manifest, self.ledger, cache), os.getpid()
             self._scales = {}
         return self._fetcher
-
-    def _check(self, level: str, i: int) -> None:
-        """The shard holding sample i is committed and its file is the one the ledger recorded."""
-        self.check_shards([(level, i)])
 
     def check_shards(self, items: Sequence[tuple[str, int]]) -> None:
         """For each (level, sample): its unit is committed, the sample has features, and the level's shard object is
