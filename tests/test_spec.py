@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import typing
 
 import numpy as np
 import pytest
@@ -63,3 +64,76 @@ def test_unknown_format_version_is_refused():
     m, _ = make_manifest()
     with pytest.raises(StoreError, match="format version 2 is not supported"):
         Manifest.from_dict({**m.to_dict(), "format_version": 2})
+
+
+def _pinned_manifests() -> dict[str, Manifest]:
+    """Manifests whose fingerprints fcache 0.1.0 computed (values below): what they hash must never change."""
+    import dataclasses
+
+    from fcache.spec import BackboneInfo, DatasetInfo, Preprocessing, SourceConfig, StorageSpec
+
+    lv = (LevelSpec("p4", 384, 16), LevelSpec("p5", 768, 32))
+    bb = BackboneInfo("swinv2-t", "swinv2_tiny_window16_256.ms_in1k", "random-init", 128, 16, lv)
+    src = SourceConfig(kind="coco", root="/data/coco/val2017", annotations="/data/ann.json", split="val")
+    coco = Manifest(bb, Preprocessing(), StorageSpec(), DatasetInfo(src, n=5000, digest="ab" * 32, task="detection"), libraries={})
+    video_source = SourceConfig(kind="video", root="/k400", frames=8, clips=2, crops=3, classes="a,b")
+    video = dataclasses.replace(
+        coco,
+        preprocessing=Preprocessing(frames=8, clips=2, crops=3, views=1),
+        dataset=DatasetInfo(video_source, n=10, digest="cd" * 32, task="video", label_names=("a", "b")),
+    )
+    seg_source = SourceConfig(
+        kind="seg-folder", root="/x", stuff_root="/stuff", ignore_index=0, drop_degenerate_boxes=True, max_pixels=1000
+    )
+    seg = dataclasses.replace(
+        coco,
+        storage=StorageSpec(dtype="int8", codec="lz4", shard_size=4),
+        preprocessing=Preprocessing(views=4, view_scale=(0.1, 2.0), view_flip=True, test_views=("flip", "ms"), seed=3),
+        dataset=DatasetInfo(seg_source, n=3, digest="ef" * 32, task="segmentation", label_names=("bg", "cat")),
+    )
+    return {"coco": coco, "video": video, "seg": seg}
+
+
+PINNED = {
+    "coco": "fa86f060512912c3e059fcfffcf72009be2c3ed7af72c7a6dc6c16458c5145f9",
+    "video": "83586eba9d3c4550b4256e44e269f9ca32624820fd01a5e5e85e03418f9faa27",
+    "seg": "ce677d40a4c0ca9422f565883d9e224e19765f40a6d30ce987eb772a45bd6367",
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_the_fingerprint_of_a_fixed_manifest_is_pinned(name):
+    m = _pinned_manifests()[name]
+    assert m.fingerprint == PINNED[name]
+    assert Manifest.read(json.loads(json.dumps(m.to_dict())), "x").fingerprint == PINNED[name]
+
+
+def test_every_field_of_a_fingerprinted_record_has_a_rule():
+    """A field added to the manifest's records without a row in FINGERPRINT fails here, not in a user's store."""
+    import dataclasses
+
+    from fcache.spec import FINGERPRINT
+
+    def walk(cls: type, rules: dict, where: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            assert f.name in rules, f"{where}{f.name} has no fingerprint rule"
+            if isinstance(rules[f.name], dict):
+                args = typing.get_args(hints[f.name])  # tuple[LevelSpec, ...] -> LevelSpec
+                walk(args[0] if args else hints[f.name], rules[f.name], f"{where}{f.name}.")
+
+    walk(Manifest, FINGERPRINT, "")
+
+
+def test_a_field_added_later_changes_no_fingerprint_until_it_is_set():
+    import dataclasses
+
+    from fcache.spec import FINGERPRINT, WHEN_SET, StorageSpec, fingerprinted
+
+    @dataclasses.dataclass(frozen=True)
+    class Later(StorageSpec):
+        forms: tuple[str, ...] = ()
+
+    rules = {**FINGERPRINT["storage"], "forms": WHEN_SET}
+    assert fingerprinted(Later(), rules) == fingerprinted(StorageSpec(), FINGERPRINT["storage"])
+    assert fingerprinted(Later(forms=("p5:int4",)), rules)["forms"] == ["p5:int4"]

@@ -379,9 +379,74 @@ def keys_digest(keys: list[str]) -> str:
     return h.hexdigest()
 
 
-# Fields excluded from the fingerprint: where things were and how long decoding may take, not what the bytes are;
-# the video sampling settings are fingerprinted once, in ``preprocessing``; ``stuff_root`` only as whether it was given.
-_NOT_FINGERPRINTED = tuple(f"dataset.source.{k}" for k in ("root", "annotations", "decode_timeout", "frames", "clips", "crops"))
+# What a store's fingerprint hashes: an explicit list of fields per part of the manifest, each with its rule.
+#   ALWAYS: hashed as it is: the fields of format 1 as first released, whose stores' fingerprints must never change;
+#   WHEN_SET: hashed only when it differs from its default: every field added since, so that adding a setting never
+#             changes the fingerprint of an existing store (its stores keep resuming, their eval folders keep their names);
+#   NEVER: where things were and how long decoding may take, not what the bytes are (the video sampling settings of
+#          the source are fingerprinted once, in ``preprocessing``);
+#   GIVEN: hashed as ``{name}: true`` when given (``stuff_root``: whether the store has stuff maps, not where they were).
+# A new field of a fingerprinted record gets a WHEN_SET (or NEVER) row here; tests/test_spec.py fails while it has none.
+ALWAYS, WHEN_SET, NEVER = "always", "when-set", "never"
+GIVEN = ("given", "stuff")
+FINGERPRINT: dict[str, Any] = {
+    "format_version": ALWAYS,
+    **dict.fromkeys(("fcache_version", "libraries"), NEVER),  # provenance
+    "backbone": {
+        **dict.fromkeys(("alias", "timm_name", "weights", "input_size", "window"), ALWAYS),
+        "levels": dict.fromkeys(("name", "channels", "stride"), ALWAYS),
+    },
+    "preprocessing": dict.fromkeys(
+        ("mean", "std", "resize", "views", "view_scale", "view_flip", "test_views", "seed", "frames", "clips", "crops"), ALWAYS
+    ),
+    "storage": dict.fromkeys(("dtype", "codec", "shard_size"), ALWAYS),
+    "dataset": {
+        **dict.fromkeys(("n", "digest", "task", "label_names"), ALWAYS),
+        "source": {
+            **dict.fromkeys(("kind", "split", "classes", "max_pixels", "drop_degenerate_boxes"), ALWAYS),
+            **dict.fromkeys(("root", "annotations", "decode_timeout", "frames", "clips", "crops"), NEVER),
+            "ignore_index": WHEN_SET,
+            "stuff_root": GIVEN,
+        },
+    },
+}
+
+
+def fingerprinted(record: Any, rules: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """The part of a dataclass ``record`` its fingerprint hashes, as JSON values, following ``rules`` (see FINGERPRINT)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(record):
+        rule = rules.get(f.name)
+        if rule is None:
+            raise AssertionError(f"{where}{f.name} has no fingerprint rule: give it one in fcache.spec.FINGERPRINT")
+        value = getattr(record, f.name)
+        if rule == NEVER or (rule == WHEN_SET and value == _default(f)):
+            continue
+        if rule == GIVEN:
+            if value:
+                out[GIVEN[1]] = True
+        elif isinstance(rule, dict):
+            nested = [fingerprinted(v, rule, f"{where}{f.name}.") for v in value] if isinstance(value, tuple | list) else None
+            out[f.name] = nested if nested is not None else fingerprinted(value, rule, f"{where}{f.name}.")
+        else:
+            out[f.name] = _json_value(value)
+    return out
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+
+
+def _json_value(v: Any) -> Any:
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {k: _json_value(x) for k, x in dataclasses.asdict(v).items()}
+    if isinstance(v, tuple | list):
+        return [_json_value(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _json_value(x) for k, x in v.items()}
+    return v
 
 
 @dataclass(frozen=True)
@@ -439,24 +504,8 @@ class Manifest:
         return (int(self.preprocessing.frames or 0), *chw) if self.video else chw
 
     def fingerprinted(self) -> dict[str, Any]:
-        d: dict[str, Any] = {
-            "format_version": self.format_version,
-            "backbone": self.backbone.to_dict(),
-            "preprocessing": self.preprocessing.to_dict(),
-            "storage": self.storage.to_dict(),
-            "dataset": self.dataset.to_dict(),
-        }
-        for dotted in _NOT_FINGERPRINTED:
-            *parents, key = dotted.split(".")
-            inner = d
-            for name in parents:
-                inner = inner[name]
-            inner.pop(key, None)
-        if d["dataset"]["source"].pop("stuff_root", ""):  # whether the store has stuff maps, not where they were
-            d["dataset"]["source"]["stuff"] = True
-        if d["dataset"]["source"].get("ignore_index") == Targets.IGNORE:  # the default: stores from before it keep their fingerprint
-            del d["dataset"]["source"]["ignore_index"]
-        return d
+        """What the fingerprint hashes: the fields of ``FINGERPRINT`` by their rules."""
+        return fingerprinted(self, FINGERPRINT)
 
     @property
     def fingerprint(self) -> str:
