@@ -193,3 +193,16 @@ def test_int8_error_below_one_percent_on_real_backbone_features():
         e = encode(x, "int8")
         assert e.rel_rmse < 0.01 and e.sq_err.shape == (1,)
         assert 0 < encode(x, "fp16").rel_rmse < 1e-3
+
+
+def test_an_error_remade_from_a_worker_traceback_keeps_its_own_line():
+    from fcache.common.errors import CorruptStoreError, InputError
+
+    text = "shard 1 (samples 4-7) is corrupt; run fcache verify"
+    worker = (
+        "Caught CorruptStoreError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 3, in f\n    raise CorruptStoreError(...)\n'
+        f"fcache.common.errors.CorruptStoreError: {text}\n"
+    )
+    assert str(CorruptStoreError(worker)) == text
+    assert str(InputError(text)) == text  # a plain message is kept as it is

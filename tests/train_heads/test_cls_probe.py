@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from clshelpers import build_label_store
 from PIL import Image
 
 from fcache.cli import main
+from fcache.store import layout
 from helpers import refused
 
 COLOURS = {"blue": (40, 60, 200), "green": (40, 170, 60), "red": (200, 40, 40)}  # class folders, sorted = label order
@@ -121,3 +123,19 @@ def test_classes_make_a_split_without_a_class_evaluate(tmp_path):
     assert shown == want  # red has no validation sample: no row
     refused(train(train_store, tmp_path / "run2", "--val-store", str(bare), "--iters", "1", *QUICK),
             "has classes (2: blue, green) but the head was trained on (3: blue, green, red)")  # fmt: skip
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_corrupt_store_read_by_dataloader_workers_is_the_same_one_line(tmp_path, workers):
+    """The typed error a worker process raises reaches the user as the line it has in the main process."""
+    path = build_label_store(tmp_path / "s.zarr", n=8)
+    for level in ("p4", "p5"):
+        for unit in range(2):
+            f = layout.shard_file(path, f"features/{level}", unit, 5)
+            f.write_bytes(f.read_bytes()[:-40])
+    args = ["train-head", "--store", str(path), "--task", "classification", "--head", "linear", "--iters", "2", "--batch-size", "2"]
+    r = CliRunner().invoke(main, [*args, "--num-workers", str(workers), "--device", "cpu", "--out", str(tmp_path / "run"), "--json"])
+    assert r.exit_code == 2, r.output
+    line = r.output.strip().splitlines()[-1]
+    assert "is corrupt" in line or "bytes" in line
+    assert "Traceback" not in r.output and "DataLoader worker" not in r.output and "Caught" not in r.output

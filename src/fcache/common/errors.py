@@ -9,7 +9,26 @@ from __future__ import annotations
 
 
 class FcacheError(Exception):
-    """A mistake of the user's (flags, files, data, a store or RUN folder that does not fit); the message says what to do."""
+    """A mistake of the user's (flags, files, data, a store or RUN folder that does not fit); the message says what to do.
+
+    Raised in a DataLoader worker process, it reaches the main process re-made by torch from a message that holds the
+    worker's whole traceback (``Caught X in DataLoader worker process 0. Original Traceback ...``): the error keeps
+    its own line only, so the user sees the same line as with ``--num-workers 0``.
+    """
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (_own_line(args[0], type(self)),)
+        super().__init__(*args)
+
+
+def _own_line(message: str, cls: type) -> str:
+    """``message`` itself, or the original message inside a worker's re-raised traceback text."""
+    if not (message.startswith("Caught ") and "\nOriginal Traceback" in message):
+        return message
+    marker = f"{cls.__module__}.{cls.__qualname__}: "
+    at = message.rfind("\n" + marker)
+    return message[at + 1 + len(marker) :].strip() if at >= 0 else message
 
 
 class InputError(FcacheError, ValueError):
