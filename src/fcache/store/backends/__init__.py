@@ -215,6 +215,6 @@ def parse_size(text: str | int) -> int:
         value = float(number)
     except ValueError:
         value = -1.0
-    if unit not in units or value < 0:
+    if unit not in units or not 0 <= value * units[unit] < 2**63:  # also nan and inf
         raise InputError(f"{text!r} is not a size; write e.g. 200GB, 1.5TB or 512MiB")
     return int(value * units[unit])

@@ -16,6 +16,7 @@ import asyncio
 import atexit
 import contextlib
 import email.utils
+import logging
 import os
 import time
 import weakref
@@ -24,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fcache.common.errors import InputError
+from fcache.common.errors import InputError, StoreError
 from fcache.store.backends import CLOUD_EXTRA, ROOT_META, SCHEMES, Backend, Range, Version
 from fcache.store.backends.zarrstores import HoldBack
 
@@ -80,10 +81,30 @@ class ObjectBackend(Backend):
                 opts |= S3_DEFAULTS
             else:
                 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # no gRPC probe of the bucket type
+                # gcsfs logs each failed request with its traceback; without a handler of the user's, Python would print
+                # them on stderr before fcache's own line (a handler the user configures still receives them)
+                logging.getLogger("gcsfs").addHandler(logging.NullHandler())
             opts |= self.options
             self._fs, self._pid = self._cls(**opts), os.getpid()  # its session opens on zarr's loop, at the first request
             _close_at_exit(self._fs)
         return self._fs
+
+    def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
+        """``_sync``, with a missing bucket or an unreachable endpoint as one line naming this store."""
+        try:
+            return _sync(coro)
+        except FileNotFoundError as e:
+            if "bucket" in str(e).lower():
+                raise StoreError(f"{self.url}: the bucket {self.bucket!r} does not exist; create it or check the URL") from None
+            raise
+        except Exception as e:
+            if not _unreachable(e):
+                raise
+            where = "AWS_ENDPOINT_URL, --storage-options" if self.scheme == "s3" else "--storage-options, STORAGE_EMULATOR_HOST"
+            raise StoreError(
+                f"{self.url}: cannot reach the object store ({type(e).__name__}: {str(e)[:160]}); check the endpoint "
+                f"({where}) and the network"
+            ) from None
 
     def path(self, key: str = "") -> str:
         return "/".join(p for p in (self.bucket, self.prefix, key) if p)
@@ -109,7 +130,7 @@ class ObjectBackend(Backend):
             except FileNotFoundError:
                 return None
 
-        return _sync(_gather([one(k) for k in keys]))
+        return self._sync(_gather([one(k) for k in keys]))
 
     def get_ranges(self, ranges: Sequence[Range]) -> list[bytes]:
         fs = self.fs
@@ -117,16 +138,16 @@ class ObjectBackend(Backend):
         async def one(r: Range) -> bytes:
             return bytes(await fs._cat_file(self.path(r.key), start=r.start, end=r.stop))
 
-        return _sync(_gather([one(r) for r in ranges]))
+        return self._sync(_gather([one(r) for r in ranges]))
 
     def sizes(self, keys: Sequence[str]) -> list[int | None]:
-        return _sync(_gather([self.ops.size(self, k) for k in keys]))
+        return self._sync(_gather([self.ops.size(self, k) for k in keys]))
 
     def put(self, key: str, data: bytes) -> None:
-        _sync(self.fs._pipe_file(self.path(key), data))
+        self._sync(self.fs._pipe_file(self.path(key), data))
 
     def put_file(self, key: str, path: str | Path) -> None:
-        _sync(self.fs._put_file(str(path), self.path(key)))
+        self._sync(self.fs._put_file(str(path), self.path(key)))
 
     def delete(self, keys: Iterable[str]) -> None:
         fs = self.fs
@@ -135,29 +156,29 @@ class ObjectBackend(Backend):
             with contextlib.suppress(FileNotFoundError):
                 await fs._rm_file(self.path(key))
 
-        _sync(_gather([one(k) for k in keys]))
+        self._sync(_gather([one(k) for k in keys]))
 
     def listing(self, prefix: str = "") -> dict[str, int]:
         base = self.path()
         try:
-            found = _sync(self.fs._find(self.path(prefix), detail=True))
+            found = self._sync(self.fs._find(self.path(prefix), detail=True))
         except FileNotFoundError:
             return {}
         return {name[len(base) + 1 :]: int(info.get("size", 0)) for name, info in found.items() if info.get("type") != "directory"}
 
     # -- the commit protocol ------------------------------------------------------------------------
     def create(self, key: str, data: bytes) -> str | None:
-        tag = _sync(self.ops.create(self, key, data))
+        tag = self._sync(self.ops.create(self, key, data))
         if tag is not None:
             return tag
         current = self.read_version(key)  # a lost reply to our own write, retried by the SDK, also ends in 412
         return current.tag if current is not None and current.data == data else None
 
     def read_version(self, key: str) -> Version | None:
-        return _sync(self.ops.read_version(self, key))
+        return self._sync(self.ops.read_version(self, key))
 
     def swap(self, key: str, data: bytes, tag: str) -> str | None:
-        new = _sync(self.ops.swap(self, key, data, tag))
+        new = self._sync(self.ops.swap(self, key, data, tag))
         if new is None:
             current = self.read_version(key)  # the same trap as ``create``: was it our own write that matched?
             return current.tag if current is not None and current.data == data else None
@@ -167,7 +188,7 @@ class ObjectBackend(Backend):
         return self.swap(key, data, tag)
 
     def remove(self, key: str, tag: str) -> bool:
-        return _sync(self.ops.remove(self, key, tag))
+        return self._sync(self.ops.remove(self, key, tag))
 
     # -- whole stores -------------------------------------------------------------------------------
     def new_store(self, build: Callable[[Any], None]) -> None:
@@ -184,7 +205,7 @@ class ObjectBackend(Backend):
 
     def is_empty(self) -> bool:
         try:
-            return not _sync(self.fs._ls(self.path(), detail=False))
+            return not self._sync(self.fs._ls(self.path(), detail=False))
         except FileNotFoundError:
             return True
 
@@ -329,6 +350,22 @@ def _close_all() -> None:
             with contextlib.suppress(Exception):
                 _sync(close(fs))
     _OPEN.clear()
+
+
+# errors of the clients' network layers (botocore, aiohttp, the resolver) that mean the endpoint cannot be reached
+UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ServerDisconnectedError", "gaierror"}
+
+
+def _unreachable(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it) says the endpoint cannot be reached, rather than anything about a request."""
+    seen: BaseException | None = e
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, ConnectionError | TimeoutError) or UNREACHABLE & {c.__name__ for c in type(seen).__mro__}:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _status(e: BaseException) -> int | None:
