@@ -89,3 +89,21 @@ def test_export_wds_reads_back_as_the_store_does(tmp_path, s3_bucket, dtype):
     with pytest.raises(fstore.StoreError, match="webdataset export, which is read as a stream"):
         fstore.FeatureStore(out)
     refused(CliRunner().invoke(main, ["export-wds", str(src), "--out", out]), "already holds an export")
+
+
+def test_copy_and_export_never_write_into_their_own_store(tmp_path, s3_bucket):
+    src = build_store(tmp_path / "s.zarr", n=4, shard_size=2)
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    for dst in (src / "sub.zarr", src, tmp_path / "s.zarr" / ".." / "s.zarr" / "x"):
+        refused(CliRunner().invoke(main, ["copy", str(src), str(dst)]), "one lies inside the other")
+        refused(CliRunner().invoke(main, ["export-wds", str(src), "--out", str(dst)]), "one lies inside the other")
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
+    assert CliRunner().invoke(main, ["copy", str(src), s3_bucket + "/a.zarr"]).exit_code == 0
+    refused(CliRunner().invoke(main, ["copy", s3_bucket + "/a.zarr", s3_bucket + "/a.zarr/b"]), "one lies inside the other")
+    assert CliRunner().invoke(main, ["copy", s3_bucket + "/a.zarr", s3_bucket + "/a.zarr-b"]).exit_code == 0  # a sibling, not inside
+
+
+def test_export_wds_refuses_a_shard_size_of_nothing(tmp_path):
+    src = build_store(tmp_path / "s.zarr", n=4, shard_size=2)
+    refused(CliRunner().invoke(main, ["export-wds", str(src), "--out", str(tmp_path / "w"), "--shard-size", "0"]), "at least one byte")
+    assert not (tmp_path / "w").exists()

@@ -20,7 +20,7 @@ from typing import Any
 from fcache.common.errors import CorruptStoreError, StoreError
 from fcache.spec import Manifest
 from fcache.store import layout
-from fcache.store.backends import ROOT_META, Backend, open_backend
+from fcache.store.backends import ROOT_META, Backend, open_backend, overlapping
 from fcache.store.records import LedgerRecord
 
 UNIT_KEYED = (layout.FEATURES, layout.SCALES, layout.STATUS, layout.GEOMETRY)  # written by units (targets may be the driver's)
@@ -54,6 +54,10 @@ def copy_store(
         StoreError: ``dst`` holds another store or other data; CorruptStoreError: a source object fails its checksum.
     """
     source, target = open_backend(src, storage_options), open_backend(dst, storage_options)
+    if overlapping(source, target):
+        raise StoreError(
+            f"{target.url} and {source.url} are one location or one lies inside the other; copy into a location outside the store"
+        )
     attrs = layout.read_manifest_attrs(source)
     if attrs is None:
         raise StoreError(f"{source.url} is not an fcache store (no zarr.json with an fcache manifest); check the path")

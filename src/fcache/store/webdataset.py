@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fcache.common.errors import StoreError
+from fcache.common.errors import InputError, StoreError
 from fcache.spec import GEOMETRY_FIELDS, Manifest, Status
 from fcache.store import layout
-from fcache.store.backends import Backend, Range, open_backend
+from fcache.store.backends import Backend, Range, open_backend, overlapping
 from fcache.store.dtypes import decode, stored
 
 INDEX = "fcache-wds.json"
@@ -49,6 +49,10 @@ def export_wds(
 ) -> dict[str, Any]:
     """Write the samples of ``store`` (a ``FeatureStore``) that have features as tar shards into ``out`` (a folder or URL)."""
     target = open_backend(out, storage_options)
+    if shard_size < 1:
+        raise InputError(f"--shard-size {shard_size} bytes: a shard must hold at least one byte; give e.g. 1GB or 512MiB")
+    if overlapping(store.backend, target):
+        raise StoreError(f"{target.url} and the store {store.url} are one location or one lies inside the other; export outside the store")
     if target.exists(INDEX) or target.exists(layout.ROOT_META):
         raise StoreError(f"{target.url} already holds an export or a store; export into a new location")
     names = list(levels or store.level_names)

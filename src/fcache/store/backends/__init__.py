@@ -155,6 +155,17 @@ class Backend(ABC):
         """The full location of ``key``, for messages."""
         return f"{self.url}/{key}" if key else self.url
 
+    @property
+    @abstractmethod
+    def location(self) -> tuple[str, ...]:
+        """Where the root is, as path parts under a scheme: one is inside another when its parts start with the other's."""
+
+
+def overlapping(a: Backend, b: Backend) -> bool:
+    """Whether ``a`` and ``b`` are one location or one lies inside the other (an output must never land on its input)."""
+    n = min(len(a.location), len(b.location))
+    return a.location[:n] == b.location[:n]
+
 
 def is_url(location: str) -> bool:
     """``scheme://...`` other than ``file://``."""

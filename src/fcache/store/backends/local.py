@@ -41,6 +41,10 @@ class LocalBackend(Backend):
     def where(self, key: str = "") -> str:
         return str(self.path(key))
 
+    @property
+    def location(self) -> tuple[str, ...]:
+        return ("file", *self.root.resolve().parts)
+
     def zarr_store(self, read_only: bool = True) -> Any:
         from zarr.storage import LocalStore
 

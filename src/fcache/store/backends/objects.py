@@ -106,6 +106,10 @@ class ObjectBackend(Backend):
                 f"({where}) and the network"
             ) from None
 
+    @property
+    def location(self) -> tuple[str, ...]:
+        return (self.scheme, self.bucket, *[p for p in self.prefix.split("/") if p])
+
     def path(self, key: str = "") -> str:
         return "/".join(p for p in (self.bucket, self.prefix, key) if p)
 
