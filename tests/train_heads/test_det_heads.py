@@ -78,12 +78,36 @@ def test_level_mapper_skips_missing_levels():
     assert NearestLevelMapper([8, 32])(boxes).tolist() == [0, 0, 0, 1]  # k=4 is nearer p3 than... tie -> finer
 
 
-def test_roi_pool_scales_come_from_strides_not_image_sizes():
+@pytest.mark.parametrize("aligned", [False, True])
+def test_roi_pool_scales_come_from_strides_not_image_sizes(aligned):
     feats = {lv.name: torch.randn(1, 16, lv.size(CANVAS), lv.size(CANVAS)) for lv in LEVELS[1:]}  # neck outputs: one width
     boxes = [torch.tensor([[8.0, 8.0, 40.0, 40.0], [10.0, 30.0, 120.0, 60.0]])]
-    a = roi_align(LEVELS[1:], 7)(feats, boxes, [(128, 128)])
-    b = roi_align(LEVELS[1:], 7)(feats, boxes, [(40, 128)])  # a first batch of wide images
+    a = roi_align(LEVELS[1:], 7, aligned=aligned)(feats, boxes, [(128, 128)])
+    b = roi_align(LEVELS[1:], 7, aligned=aligned)(feats, boxes, [(40, 128)])  # a first batch of wide images
     torch.testing.assert_close(a, b)
+
+
+def test_aligned_roi_pool_is_roi_align_with_the_half_pixel_offset_on_each_roi_s_level():
+    """aligned=True (mmcv's RoIAlign default) pools each RoI on its FPN level with torchvision's roi_align(aligned=True);
+    aligned=False is torchvision's MultiScaleRoIAlign as it is."""
+    from torchvision.ops import MultiScaleRoIAlign
+    from torchvision.ops import roi_align as tv_roi_align
+
+    levels = LEVELS[1:]
+    feats = {lv.name: torch.randn(2, 8, lv.size(CANVAS), lv.size(CANVAS)) for lv in levels}
+    boxes = [torch.tensor([[8.0, 8.0, 20.0, 30.0], [0.0, 0.0, 127.0, 127.0]]), torch.tensor([[30.5, 12.25, 90.0, 64.0]])]
+    got = roi_align(levels, 7, sampling_ratio=0, aligned=True)(feats, boxes, [(128, 128)] * 2)
+    which = NearestLevelMapper([lv.stride for lv in levels])(boxes).tolist()
+    rois = [(0, boxes[0][0]), (0, boxes[0][1]), (1, boxes[1][0])]
+    for r, ((image, box), k) in enumerate(zip(rois, which, strict=True)):
+        lv = levels[k]
+        want = tv_roi_align(feats[lv.name][image : image + 1], [box[None]], 7, spatial_scale=1 / lv.stride, sampling_ratio=0, aligned=True)
+        torch.testing.assert_close(got[r], want[0])
+    plain = MultiScaleRoIAlign([lv.name for lv in levels], 7, sampling_ratio=0)
+    plain.scales, plain.map_levels = [1 / lv.stride for lv in levels], NearestLevelMapper([lv.stride for lv in levels])
+    torch.testing.assert_close(roi_align(levels, 7, sampling_ratio=0, aligned=False)(feats, boxes, [(128, 128)] * 2),
+                               plain(feats, boxes, [(128, 128)] * 2))  # fmt: skip
+    assert not torch.allclose(got, plain(feats, boxes, [(128, 128)] * 2))
 
 
 @pytest.mark.parametrize(("roi", "score"), [("cascade", "logits"), ("cascade", "probs"), ("htc", "logits")])
@@ -145,5 +169,39 @@ def test_standard_head_parts_are_torchvisions():
     assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 32 and model.rpn.fg_bg_sampler.batch_size_per_image == 32
     cascade = detector("fpn", LEVELS, "cascade").roi_heads
     assert [s.proposal_matcher.high_threshold for s in cascade.stages] == [0.5, 0.6, 0.7]
-    assert [tuple(s.box_coder.weights) for s in cascade.stages] == [(10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15)]
+    want = [(10, 10, 5, 5), (20, 20, 10, 10), (1 / 0.033, 1 / 0.033, 1 / 0.067, 1 / 0.067)]  # 1 / mmdetection's target stds
+    assert [list(s.box_coder.weights) for s in cascade.stages] == [pytest.approx(w) for w in want]
     assert len({id(s.mask_head) for s in cascade.stages}) == 3 and len({id(s.mask_predictor) for s in cascade.stages}) == 3
+
+
+def test_new_runs_follow_mmdetection_and_runs_without_the_record_keep_the_first_release_s_conventions():
+    from fcache.train_heads.detection.task import DetectionTask, parse_detection_head
+
+    categories = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+    new = DetectionTask(parse_detection_head("fpn:channels=16,roi=htc,semantic=1"), categories)
+    assert new.describe()["conventions"] == "mmdetection"
+    old_record = {k: v for k, v in new.describe().items() if k != "conventions"}  # a RUN of fcache 0.1
+    for task, aligned, third, over_all in ((new, True, 1 / 0.067, True), (DetectionTask.from_description(old_record), False, 15.0, False)):
+        model = task.build(LEVELS[1:])
+        pools = [m for m in model.modules() if hasattr(m, "aligned") and hasattr(m, "featmap_names")]
+        assert pools and {p.aligned for p in pools} == {aligned}
+        assert model.roi_heads.aligned is aligned  # HTC's semantic RoI features
+        assert model.roi_heads.stages[2].box_coder.weights[2] == pytest.approx(third)
+        assert model.roi_heads.semantic_head.over_all_pixels is over_all
+    assert DetectionTask.from_description(new.describe()).conventions == "mmdetection"
+
+
+def test_htc_semantic_loss_averages_over_all_pixels_as_mmdetection_or_over_the_labelled_ones_as_before():
+    import torch.nn.functional as F
+
+    from fcache.spec import Targets
+    from fcache.train_heads.detection.htc import FusedSemanticHead
+
+    logits = torch.randn(1, 3, 2, 2)
+    labels = torch.tensor([[[0, 2], [Targets.IGNORE, Targets.IGNORE]]])  # (B, S, S) at the logits' size: 2 of 4 labelled
+    per_pixel = F.cross_entropy(logits, torch.tensor([[[0, 2], [0, 0]]]), reduction="none")[0]  # (2, 2)
+    labelled = per_pixel[0].sum()
+    head = FusedSemanticHead(LEVELS[1:], 8, 3, over_all_pixels=True)
+    torch.testing.assert_close(head.loss(logits, labels), labelled / 4)
+    head.over_all_pixels = False
+    torch.testing.assert_close(head.loss(logits, labels), labelled / 2)

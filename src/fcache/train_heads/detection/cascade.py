@@ -1,7 +1,7 @@
 """Cascade Mask R-CNN (Cai & Vasconcelos, TPAMI 2019) as mmdetection's ``CascadeRoIHead``, from torchvision RoIHeads.
 
-Three box stages at IoU 0.5/0.6/0.7 (box-regression weights (10,10,5,5), (20,20,10,10), (30,30,15,15), i.e.
-mmdetection's target stds), each a torchvision RoIHeads (Matcher, BoxCoder, balanced sampler, TwoMLPHead) with its
+Three box stages at IoU 0.5/0.6/0.7 (box-regression weights 1 / mmdetection's target stds, ``conventions.py``), each a
+torchvision RoIHeads (Matcher, BoxCoder, balanced sampler, TwoMLPHead) with its
 own mask head (MaskRCNNHeads + MaskRCNNPredictor) in its ``mask_*`` fields. Training, per stage: ground truth added to
 the proposals, assign + sample, box loss (cross-entropy + smooth L1 with beta 1, class-agnostic), mask loss on that
 stage's positives, both times the stage weight 1 / 0.5 / 0.25; then the sampled boxes are refined (ground-truth rows
@@ -24,7 +24,6 @@ from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_loss
 from torchvision.ops import boxes as box_ops
 
 STAGE_IOUS = (0.5, 0.6, 0.7)
-STAGE_REG_WEIGHTS = ((10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
 STAGE_LOSS_WEIGHTS = (1.0, 0.5, 0.25)
 SCORES = ("logits", "probs")
 BOX_BETA = 1.0  # mmdetection's SmoothL1Loss(beta=1.0) in its cascade and htc configs (torchvision's fastrcnn_loss: 1/9)

@@ -73,8 +73,11 @@ class FusedSemanticHead(nn.Module):
     The fusion level is the one at stride 8 (P3, as mmdetection), else the finest level of the pyramid.
     """
 
-    def __init__(self, levels: Sequence[LevelSpec], channels: int, num_classes: int, convs: int = SEMANTIC_CONVS) -> None:
+    def __init__(
+        self, levels: Sequence[LevelSpec], channels: int, num_classes: int, convs: int = SEMANTIC_CONVS, *, over_all_pixels: bool = True
+    ) -> None:
         super().__init__()
+        self.over_all_pixels = over_all_pixels  # the loss's mean: over all pixels (mmdetection's) or the labelled ones
         self.names = [lv.name for lv in levels]
         strides = [lv.stride for lv in levels]
         self.fusion = strides.index(SEMANTIC_STRIDE) if SEMANTIC_STRIDE in strides else strides.index(min(strides))
@@ -99,6 +102,8 @@ class FusedSemanticHead(nn.Module):
         small = F.interpolate(labels[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()  # (B, h, w)
         if not (small != Targets.IGNORE).any():
             return logits.sum() * 0
+        if self.over_all_pixels:  # ignored pixels count in the mean with a loss of 0 (CrossEntropyLoss(avg_non_ignore=False))
+            return F.cross_entropy(logits, small, ignore_index=Targets.IGNORE, reduction="sum") / small.numel()
         return F.cross_entropy(logits, small, ignore_index=Targets.IGNORE)
 
 
@@ -116,8 +121,10 @@ class HybridTaskCascadeRoIHeads(CascadeRoIHeads):
         score: str = "logits",
         semantic: FusedSemanticHead | None = None,
         semantic_loss_weight: float = SEMANTIC_LOSS_WEIGHT,
+        aligned: bool = True,
     ) -> None:
         super().__init__(stages, loss_weights=loss_weights, score=score)
+        self.aligned = aligned  # RoIAlign of the semantic RoI features (Conventions)
         if not all(isinstance(s.mask_head, HTCMaskHead) for s in stages):
             raise ValueError("every HTC stage needs an HTCMaskHead (with the information flow from the second on)")
         self.semantic_head = semantic
@@ -147,7 +154,9 @@ class HybridTaskCascadeRoIHeads(CascadeRoIHeads):
         head = cast(FusedSemanticHead, self.semantic_head)
         assert inputs.semantic is not None
         semantic = inputs.semantic.to(boxes[0].dtype)  # boxes stay float32 under bf16 autocast
-        return roi_align(semantic, boxes, SEMANTIC_ROI, spatial_scale=1.0 / head.stride, sampling_ratio=0)  # (R, C, 14, 14)
+        return roi_align(  # (R, C, 14, 14)
+            semantic, boxes, SEMANTIC_ROI, spatial_scale=1.0 / head.stride, sampling_ratio=0, aligned=self.aligned
+        )
 
     def _box_features(self, k: int, inputs: Inputs, boxes: list[Tensor]) -> Tensor:
         x = super()._box_features(k, inputs, boxes)  # (R, C, 7, 7)

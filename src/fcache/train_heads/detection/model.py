@@ -24,17 +24,11 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.poolers import LevelMapper
 
 from fcache.spec import STUFF_CLASSES, LevelSpec
-from fcache.train_heads.detection.cascade import (
-    STAGE_IOUS,
-    STAGE_REG_WEIGHTS,
-    AgnosticBoxPredictor,
-    CascadeRoIHeads,
-    init_shared_fcs,
-)
+from fcache.train_heads.detection.cascade import STAGE_IOUS, AgnosticBoxPredictor, CascadeRoIHeads, init_shared_fcs
+from fcache.train_heads.detection.conventions import CONVENTIONS, CURRENT, Conventions, RoIPool
 from fcache.train_heads.detection.htc import FusedSemanticHead, HTCMaskHead, HybridTaskCascadeRoIHeads
 from fcache.train_heads.necks import NECKS, Neck
 
@@ -68,14 +62,14 @@ class NearestLevelMapper(LevelMapper):
         return (k[:, None].to(self.ks.dtype) - self.ks.to(k.device)[None]).abs().argmin(dim=1)
 
 
-def roi_align(levels: Sequence[LevelSpec], size: int, sampling_ratio: int = 2) -> MultiScaleRoIAlign:
+def roi_align(levels: Sequence[LevelSpec], size: int, sampling_ratio: int = 2, *, aligned: bool) -> RoIPool:
     """MultiScaleRoIAlign whose scales come from the level strides, not inferred from image sizes.
 
     torchvision infers them once from the first batch's largest image size, which is wrong when views are padded
     (a batch of wide images has a valid height well under the canvas). ``sampling_ratio``: torchvision's 2, or 0
-    (adaptive, mmdetection's).
+    (adaptive, mmdetection's); ``aligned``: RoIAlign's pixel-centre offset (``Conventions``).
     """
-    pool = MultiScaleRoIAlign([lv.name for lv in levels], size, sampling_ratio=sampling_ratio)
+    pool = RoIPool([lv.name for lv in levels], size, sampling_ratio=sampling_ratio, aligned=aligned)
     pool.scales = [1.0 / lv.stride for lv in levels]
     pool.map_levels = NearestLevelMapper([lv.stride for lv in levels])
     return pool
@@ -118,26 +112,28 @@ def _box_stage(
     return heads
 
 
-def _standard(neck: Neck, num_classes: int, p: Mapping[str, Any]) -> nn.Module:
+def _standard(neck: Neck, num_classes: int, p: Mapping[str, Any], c: Conventions) -> nn.Module:
     levels, channels = neck.in_levels, p["channels"]
     heads = _box_stage(
-        roi_align(levels, 7), channels, FastRCNNPredictor(REPRESENTATION, num_classes), 0.5, (10.0, 10.0, 5.0, 5.0), p["rois"]
-    )
-    heads.mask_roi_pool = roi_align(levels, 14)
+        roi_align(levels, 7, aligned=c.aligned), channels, FastRCNNPredictor(REPRESENTATION, num_classes), 0.5, (10.0, 10.0, 5.0, 5.0),
+        p["rois"],
+    )  # fmt: skip
+    heads.mask_roi_pool = roi_align(levels, 14, aligned=c.aligned)
     heads.mask_head = MaskRCNNHeads(channels, [channels] * MASK_CONVS, 1)
     heads.mask_predictor = MaskRCNNPredictor(channels, channels, num_classes)
     return heads
 
 
 def _cascade_stages(
-    neck: Neck, num_classes: int, p: Mapping[str, Any], mask_head: Callable[[int], nn.Module], score_thresh: float
+    neck: Neck, num_classes: int, p: Mapping[str, Any], c: Conventions, mask_head: Callable[[int], nn.Module], score_thresh: float
 ) -> list[RoIHeads]:
     """Three box stages (mmdetection's RoIAlign settings and box-head initialisation), stage k with ``mask_head(k)`` and its
     own MaskRCNNPredictor (torchvision's initialisation is mmdetection's FCNMaskHead's: kaiming normal, fan out)."""
     channels = p["channels"]
-    box_pool, mask_pool = roi_align(neck.in_levels, 7, sampling_ratio=0), roi_align(neck.in_levels, 14, sampling_ratio=0)
+    box_pool = roi_align(neck.in_levels, 7, sampling_ratio=0, aligned=c.aligned)
+    mask_pool = roi_align(neck.in_levels, 14, sampling_ratio=0, aligned=c.aligned)
     stages = []
-    for k, (iou, weights) in enumerate(zip(STAGE_IOUS, STAGE_REG_WEIGHTS, strict=True)):
+    for k, (iou, weights) in enumerate(zip(STAGE_IOUS, c.stage_reg_weights, strict=True)):
         stage = _box_stage(box_pool, channels, AgnosticBoxPredictor(REPRESENTATION, num_classes), iou, weights, p["rois"], score_thresh)
         init_shared_fcs(cast(TwoMLPHead, stage.box_head))
         stage.mask_roi_pool, stage.mask_head = mask_pool, mask_head(k)
@@ -146,24 +142,26 @@ def _cascade_stages(
     return stages
 
 
-def _cascade(neck: Neck, num_classes: int, p: Mapping[str, Any]) -> nn.Module:
+def _cascade(neck: Neck, num_classes: int, p: Mapping[str, Any], c: Conventions) -> nn.Module:
     channels = p["channels"]
-    stages = _cascade_stages(neck, num_classes, p, lambda k: MaskRCNNHeads(channels, [channels] * MASK_CONVS, 1), 0.05)
+    stages = _cascade_stages(neck, num_classes, p, c, lambda k: MaskRCNNHeads(channels, [channels] * MASK_CONVS, 1), 0.05)
     return CascadeRoIHeads(stages, score=p["score"])
 
 
-def _htc(neck: Neck, num_classes: int, p: Mapping[str, Any]) -> nn.Module:
+def _htc(neck: Neck, num_classes: int, p: Mapping[str, Any], c: Conventions) -> nn.Module:
     channels = p["channels"]
-    stages = _cascade_stages(neck, num_classes, p, lambda k: HTCMaskHead(channels, MASK_CONVS, flow=k > 0), HTC_SCORE_THRESH)
-    semantic = FusedSemanticHead(neck.out_levels, channels, STUFF_CLASSES) if p["semantic"] == "1" else None
-    return HybridTaskCascadeRoIHeads(stages, score=p["score"], semantic=semantic)
+    stages = _cascade_stages(neck, num_classes, p, c, lambda k: HTCMaskHead(channels, MASK_CONVS, flow=k > 0), HTC_SCORE_THRESH)
+    semantic = None
+    if p["semantic"] == "1":
+        semantic = FusedSemanticHead(neck.out_levels, channels, STUFF_CLASSES, over_all_pixels=c.semantic_over_all_pixels)
+    return HybridTaskCascadeRoIHeads(stages, score=p["score"], semantic=semantic, aligned=c.aligned)
 
 
 @dataclass(frozen=True)
 class RoiDef:
     """One RoI head family: how it is built over a neck (``num_classes`` counts the background) and what it follows."""
 
-    build: Callable[[Neck, int, Mapping[str, Any]], nn.Module]
+    build: Callable[[Neck, int, Mapping[str, Any], Conventions], nn.Module]
     help: str
 
 
@@ -205,10 +203,12 @@ class Detector(nn.Module):
         return {**rpn_losses, **roi_losses}, detections
 
 
-def build_detector(levels: Sequence[LevelSpec], head: str, params: Mapping[str, Any], num_classes: int) -> Detector:
+def build_detector(
+    levels: Sequence[LevelSpec], head: str, params: Mapping[str, Any], num_classes: int, conventions: Conventions = CONVENTIONS[CURRENT]
+) -> Detector:
     """The detector of head family ``head`` (a NECKS key) over ``levels``; ``num_classes`` counts the background."""
     neck = NECKS[head].build(levels, params)
     channels = params["channels"]
     rpn = build_rpn(neck.out_levels, channels, params["rpn_batch"])
-    roi_heads = ROI_HEADS[params["roi"]].build(neck, num_classes, params)
+    roi_heads = ROI_HEADS[params["roi"]].build(neck, num_classes, params, conventions)
     return Detector(neck, rpn, roi_heads)

@@ -21,6 +21,7 @@ from fcache.common.errors import InputError
 from fcache.spec import Geometry, LevelSpec, Targets
 from fcache.store import FeatureStore
 from fcache.train_heads.detection.cascade import SCORES
+from fcache.train_heads.detection.conventions import BEFORE_RECORD, CURRENT, conventions
 from fcache.train_heads.detection.evaluate import coco_evaluate, coco_ground_truth
 from fcache.train_heads.detection.model import ROI_HEADS, build_detector
 from fcache.train_heads.detection.targets import category_labels, content_size, detections_to_coco, view_targets
@@ -46,7 +47,7 @@ ROI_PARAMS: dict[str, Param] = {
 
 
 def _build(task: DetectionTask, levels: tuple[LevelSpec, ...]) -> nn.Module:
-    return build_detector(levels, task.head.name, dict(task.head.params), num_classes=len(task.labels) + 1)
+    return build_detector(levels, task.head.name, dict(task.head.params), len(task.labels) + 1, conventions(task.conventions))
 
 
 def _check(spec: HeadSpec) -> None:
@@ -80,7 +81,7 @@ class DetectionTask:
     name: str = "detection"
     eval_target_names: tuple[str, ...] = (Targets.IMAGE, Targets.ANNOTATIONS)
 
-    def __init__(self, head: HeadSpec, categories: Sequence[Mapping[str, Any]]) -> None:
+    def __init__(self, head: HeadSpec, categories: Sequence[Mapping[str, Any]], conventions: str = CURRENT) -> None:
         if not categories:
             raise InputError("a detection task needs the COCO categories (targets attrs['categories'] of the store)")
         self.head = head
@@ -89,6 +90,7 @@ class DetectionTask:
         self.categories = tuple(dict(c) for c in categories)
         self.labels = category_labels(self.categories)
         self.category_ids = sorted(self.labels)
+        self.conventions = conventions  # a CONVENTIONS key: new heads follow mmdetection, RUNs keep what they were trained with
 
     @classmethod
     def from_store(cls, store: FeatureStore, head: str) -> DetectionTask:
@@ -102,10 +104,12 @@ class DetectionTask:
 
     @classmethod
     def from_description(cls, d: Mapping[str, Any]) -> DetectionTask:
-        return cls(parse_detection_head(d["head"]), d["categories"])
+        conv = str(d.get("conventions", BEFORE_RECORD))
+        conventions(conv)
+        return cls(parse_detection_head(d["head"]), d["categories"], conv)
 
     def describe(self) -> dict[str, Any]:
-        return {"head": str(self.head), "categories": list(self.categories)}
+        return {"head": str(self.head), "categories": list(self.categories), "conventions": self.conventions}
 
     def levels(self, available: Sequence[LevelSpec]) -> tuple[LevelSpec, ...]:
         return select_levels(self.head, available)
