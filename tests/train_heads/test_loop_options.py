@@ -153,6 +153,11 @@ def test_tensorboard_events_and_csv_equal_metrics_jsonl(store, tmp_path):
         got = [(e.step, e.value) for e in events.Scalars(tag)]
         assert got == [(step, pytest.approx(v, rel=1e-6)) for step, v in points], tag
     assert "eval/confusion" in events.Tags()["images"]
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    files = sorted(out.glob("events.out.tfevents.*"))  # read raw, as any tool but TensorBoard's purging reader would
+    steps = [[e.step for e in EventFileLoader(str(f)).Load() if e.HasField("summary")] for f in files]
+    assert len(files) == 2 and max(steps[0]) == 2 and min(steps[1]) == 4  # what 3..5 logged is gone from the first file
 
     lines = (out / "metrics.jsonl").read_text().splitlines()
     rows = list(csv.DictReader((out / METRICS_CSV).open()))

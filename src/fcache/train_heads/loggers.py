@@ -5,8 +5,9 @@
 RUN/wandb; ``WANDB_MODE=offline`` works without network), ``none`` to neither. Every metrics.jsonl record becomes
 scalars: a training record ``train/<key>`` (loss components, lr, samples_per_s, time_s), an evaluation
 ``eval/<metric>``, at the record's iteration. After each evaluation, pictures of its predictions (``pictures.py``)
-go under ``eval/<name>``. A resumed run's TensorBoard file purges what the discarded iterations wrote (``purge_step``),
-as metrics.jsonl drops their records.
+go under ``eval/<name>``. A resumed run drops what the discarded iterations wrote from its earlier event files (rewritten
+without the events after the checkpoint, as metrics.jsonl drops their records) and starts a new one (with TensorBoard's
+``purge_step`` too).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import hashlib
 import importlib.util
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from fcache.common.errors import InputError
+from fcache.common.files import atomic_file
 from fcache.train_heads.runfolder import RunDir
 
 LIBRARY = {"tensorboard": "tensorboard", "wandb": "wandb"}  # logger -> the package it needs
@@ -67,8 +70,10 @@ class TensorBoard:
     def __init__(self, run: RunDir, start: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        resumed = any(run.path.glob("events.out.tfevents.*"))
-        self.writer = SummaryWriter(log_dir=str(run.path), purge_step=start + 1 if resumed else None)
+        earlier = sorted(run.path.glob(EVENTS))
+        for path in earlier:
+            trim_events(path, start)
+        self.writer = SummaryWriter(log_dir=str(run.path), purge_step=start + 1 if earlier else None)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         for tag, v in values.items():
@@ -82,6 +87,26 @@ class TensorBoard:
 
     def close(self) -> None:
         self.writer.close()
+
+
+EVENTS = "events.out.tfevents.*"
+
+
+def trim_events(path: Path, last: int) -> None:
+    """Rewrite the event file ``path`` without the events of steps after ``last`` (those of iterations a resume discards);
+    a record cut by a killed writer ends the file."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    records = list(RawEventFileLoader(str(path)).Load())
+    kept = [r for r in records if Event.FromString(r).step <= last]
+    if len(kept) == len(records):
+        return
+    with atomic_file(path) as tmp, tmp.open("wb") as f:
+        writer = RecordWriter(f)
+        for r in kept:
+            writer.write(r)
 
 
 class Wandb:
