@@ -522,9 +522,10 @@ def report(runs: tuple[str, ...], out: str, per_class: bool, as_json: bool) -> N
 def runs(folders: tuple[str, ...], stale_after: float, as_json: bool) -> None:
     """List the RUN folders in FOLDERs (default: the current folder), two levels down, with their status.
 
-    Status: finished (weights of the last iteration saved), running (unfinished, changed recently), stopped
-    (unfinished, unchanged for --stale-after: interrupted; continue with train-head --resume) or diverged (the loss
-    stopped being finite). With the iterations done, the evaluation store and the best main metric of each run.
+    Status: finished (weights of the last iteration saved), early-stopped (--patience stopped it), running
+    (unfinished, changed recently), stopped (unfinished, unchanged for --stale-after: interrupted; continue with
+    train-head --resume), diverged (the loss stopped being finite) or damaged (its records cannot be read; the
+    others are listed as usual). With the iterations done, the evaluation store and the best main metric of each run.
     """
     from fcache.train_heads.analysis.runs import format_runs, list_runs
 

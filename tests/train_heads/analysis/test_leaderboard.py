@@ -151,6 +151,8 @@ def statuses(tmp_path) -> Path:
     slow = make_run(d / "slow", FPN, iters=100, saved=-1, logged=2, losses=[1.0, 0.9], seconds=2000.0)  # logs every 1000 s
     error = "the loss is not finite at iteration 5 (nan); lower --lr, or add --clip 1.0"
     make_run(d / "nan", BIFPN2, iters=100, saved=-1, logged=4, losses=[1.0], events=[{"event": "diverged", "iter": 5, "error": error}])
+    make_run(d / "patience", FPN, iters=200, saved=40, logged=40, events=[{"event": "early_stop", "iter": 40}])
+    (make_run(d / "broken", FPN) / "config.json").write_text('{"config": {"head": 3')  # cut while written by hand
     hours_ago, twenty_minutes_ago = time.time() - 7200, time.time() - 1200
     for run, when in ((stopped, hours_ago), (slow, twenty_minutes_ago)):
         for f in run.iterdir():
@@ -168,7 +170,10 @@ def test_runs_lists_each_status(statuses):
         "live": "running",
         "nan": "diverged",
         "slow": "running",  # 20 minutes without a change, but it logs every 1000 s: 3 gaps of its own are allowed
+        "patience": "early-stopped",
+        "broken": "damaged",  # listed, with why; the others shown as usual
     }
+    assert "config.json" in lines["broken"]["error"] and lines["broken"]["task"] is None
     assert (lines["done"]["iters_done"], lines["done"]["iters"], lines["done"]["best"], lines["done"]["eval_store"]) == (10, 10, 0.3, VAL)
     assert (lines["live"]["iters_done"], lines["live"]["saved_iter"], lines["live"]["best"]) == (45, 40, None)
     assert lines["nan"]["error"].startswith("the loss is not finite at iteration 5") and lines["nan"]["head"] == BIFPN2
@@ -176,7 +181,19 @@ def test_runs_lists_each_status(statuses):
     assert {Path(x["run"]).name: x["status"] for x in json.loads(tight.stdout)}["slow"] == "running"  # its own gaps still count
     text = CliRunner().invoke(main, ["runs", str(statuses)]).output
     assert "| " + str(statuses / "done") in text and "box/AP 30.0" in text and "10/10" in text
-    assert "5 run(s): 1 finished, 2 running, 1 stopped, 1 diverged" in text
+    assert "7 run(s): 1 finished, 1 early-stopped, 2 running, 1 stopped, 1 diverged, 1 damaged" in text
+    assert "40/200" in text and "damaged: " in text and "broken" in text.splitlines()[-1]
+
+
+def test_report_leaves_a_damaged_run_out_and_says_so(statuses, tmp_path):
+    r = CliRunner().invoke(main, ["report", str(statuses), "--out", str(tmp_path / "rep"), "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["runs"] == 6 and list(summary["damaged"]) == [str((statuses / "broken").resolve())]
+    assert "broken" in (tmp_path / "rep" / "report.md").read_text().split("Damaged")[1]
+    only = CliRunner().invoke(main, ["report", str(statuses / "broken"), "--out", str(tmp_path / "none")])
+    refused(only, "no RUN folder can be read", "config.json")
+    assert not (tmp_path / "none").exists()
 
 
 def test_runs_refuses_a_folder_without_runs(tmp_path):

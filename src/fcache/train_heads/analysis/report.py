@@ -16,7 +16,7 @@ from typing import Any
 from fcache.common.errors import InputError
 from fcache.train_heads.analysis import leaderboard as lb
 from fcache.train_heads.analysis.figures import loss_curves, plot_losses, plot_metric
-from fcache.train_heads.analysis.results import CSV_NAME, MARKDOWN_NAME, main_metric, write_results
+from fcache.train_heads.analysis.results import CSV_NAME, MARKDOWN_NAME, collect, main_metric, write_results
 from fcache.train_heads.runfolder import CONFIG
 
 LOSS_PLOT, METRIC_PLOT, REPORT = "losses.png", "results.png", "report.md"
@@ -73,7 +73,11 @@ def entry_record(e: lb.Entry) -> dict[str, Any]:
 def write_outputs(runs: Sequence[str | Path], out: str | Path, *, per_class: bool = False) -> dict[str, Any]:
     """Every report file for the RUN folders ``runs`` in ``out``; returns a summary: the files, rows and leaderboard."""
     out = Path(out)
-    rows = write_results(runs, out)
+    damaged: dict[str, str] = {}
+    rows = collect(runs, damaged)
+    if len(damaged) == len(runs):  # nothing to show: nothing is written
+        raise InputError(f"no RUN folder can be read: {'; '.join(damaged.values())}")
+    write_results(rows, out)
     board = lb.entries(rows)
     (out / lb.LEADERBOARD_MD).write_text(lb.markdown(board))
     lb.write_csv(board, out / lb.LEADERBOARD_CSV)
@@ -87,18 +91,19 @@ def write_outputs(runs: Sequence[str | Path], out: str | Path, *, per_class: boo
     if per_class:
         (out / lb.PER_CLASS_MD).write_text(lb.per_class_markdown(tables))
         files["per_class"] = out / lb.PER_CLASS_MD
-    (out / REPORT).write_text(_report_md(rows, board, tables if per_class else None))
+    (out / REPORT).write_text(_report_md(rows, board, tables if per_class else None, damaged))
     files["report"] = out / REPORT
     return {
         "out": str(out),
         "runs": len({r["run"] for r in rows}),
+        "damaged": damaged,
         "files": {k: str(v) for k, v in files.items()},
         "leaderboard": [entry_record(e) for mine in board.values() for e in mine],
         "rows": rows,
     }
 
 
-def _report_md(rows: Sequence[dict[str, Any]], board: dict[str, list[lb.Entry]], tables: list[Any] | None) -> str:
+def _report_md(rows: Sequence[dict[str, Any]], board: dict[str, list[lb.Entry]], tables: list[Any] | None, damaged: dict[str, str]) -> str:
     unevaluated = sorted({Path(r["run"]).name for r in rows if r["value"] is None})
     text = [
         f"# fcache report: {len({r['run'] for r in rows})} run(s)",
@@ -120,6 +125,8 @@ def _report_md(rows: Sequence[dict[str, Any]], board: dict[str, list[lb.Entry]],
         text += ["## Per class", "", lb.per_class_markdown(tables)]
     if unevaluated:
         text += [f"Not evaluated yet (no metric): {', '.join(unevaluated)}; run `fcache eval RUN --store VAL`.", ""]
+    if damaged:
+        text += ["Damaged (left out, their records cannot be read):", "", *(f"- {run}: {why}" for run, why in damaged.items()), ""]
     return "\n".join(text)
 
 
@@ -138,4 +145,5 @@ def format_report(summary: dict[str, Any]) -> str:
     text = [Path(files["leaderboard"]).read_text().rstrip()]
     if "per_class" in files:
         text += ["", Path(files["per_class"]).read_text().rstrip()]
+    text += [f"damaged, left out: {run}: {why}" for run, why in summary.get("damaged", {}).items()]
     return "\n".join([*text, "", "report: " + ", ".join(files.values())])

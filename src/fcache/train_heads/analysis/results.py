@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fcache.common.errors import FcacheError
 from fcache.train_heads.runfolder import RunDir, TrainingRecord
 
 COLUMNS = (
@@ -135,13 +136,20 @@ def run_row(path: str | Path, eval_store: str | None = None) -> dict[str, Any]:
     return row | dict(sorted(metrics.items()))
 
 
-def collect(runs: Iterable[str | Path]) -> list[dict[str, Any]]:
+def collect(runs: Iterable[str | Path], damaged: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Rows of the RUN folders ``runs``, sorted by task, family, trainable parameters, lr, train fraction and store.
 
-    Raises:
-        ValueError: a path is not a RUN folder.
+    A RUN whose records cannot be read gets no row: with ``damaged`` given, its path -> why goes there; without, its
+    error is raised.
     """
-    rows = [row for p in runs for row in run_rows(p)]
+    rows = []
+    for p in runs:
+        try:
+            rows += run_rows(p)
+        except FcacheError as e:
+            if damaged is None:
+                raise
+            damaged[str(p)] = str(e)
     return sorted(rows, key=lambda r: (r["task"], r["family"], r["trainable_params"], r["lr"], r["train_fraction"], r["store"]))
 
 
@@ -212,14 +220,12 @@ def save_figure(fig: Any, path: str | Path, legend_size: int) -> Path:
     return Path(path)
 
 
-def write_results(runs: Iterable[str | Path], out: str | Path) -> list[dict[str, Any]]:
-    """Rows of ``runs`` written into ``out`` as results.csv and results.md; returns the rows."""
+def write_results(rows: Sequence[dict[str, Any]], out: str | Path) -> None:
+    """``rows`` (``collect``'s) written into ``out`` as results.csv and results.md."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = collect(runs)
     write_csv(rows, out / CSV_NAME)
     write_markdown(rows, out / MARKDOWN_NAME)
-    return rows
 
 
 def load_rows(path: str | Path) -> list[dict[str, Any]]:

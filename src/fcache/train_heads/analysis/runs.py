@@ -2,15 +2,16 @@
 
 A run's status, from its files alone (nothing else records a live training process):
 
-- ``finished``: its saved weights (``model.safetensors``) are those of its last iteration (``--iters``), or of the
-  iteration where ``--patience`` stopped it early;
+- ``finished``: its saved weights (``model.safetensors``) are those of its last iteration (``--iters``);
+- ``early-stopped``: they are those of the iteration where ``--patience`` stopped it (no evaluation improved);
 - ``diverged``: its loss stopped being finite (the loop logs ``{"event": "diverged"}`` into metrics.jsonl; resuming
   from the last checkpoint truncates the record away, so a resumed run is running again);
 - ``running``: neither, and a file of the folder changed recently: within ``stale_after`` seconds (default 10
   minutes), or within three of the run's own longest gaps between two metrics records when those are longer (a slow
   run that logs rarely is not taken for a stopped one);
 - ``stopped``: neither, and nothing changed for longer: interrupted, killed, or ``--stop-at`` reached; ``--resume``
-  continues it.
+  continues it;
+- ``damaged``: its config.json or metrics.jsonl cannot be read (the line says why); the other runs are listed as usual.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from typing import Any
 
 from safetensors import safe_open
 
+from fcache.common.errors import FcacheError
 from fcache.train_heads.analysis.report import find_runs
 from fcache.train_heads.analysis.results import last_iteration, main_metric
 from fcache.train_heads.runfolder import CONFIG, METRICS, MODEL, RunDir
 
 STALE_AFTER_S = 600.0
-STATUSES = ("finished", "running", "stopped", "diverged")
+STATUSES = ("finished", "early-stopped", "running", "stopped", "diverged", "damaged")
 
 
 def saved_iteration(run: RunDir) -> int:
@@ -64,13 +66,18 @@ def recent_window(records: Sequence[dict[str, Any]], stale_after: float) -> floa
 def run_status(path: str | Path, *, now: float | None = None, stale_after: float = STALE_AFTER_S) -> dict[str, Any]:
     """One line of ``fcache runs``: path, task, head, status, iterations done / total, and the best evaluation."""
     run = RunDir(path)
-    record = run.require_config()
-    cfg, records = record.config, run.metrics()
+    try:
+        record = run.require_config()
+        cfg, records = record.config, run.metrics()
+    except FcacheError as e:
+        return damaged(run, str(e))
     saved = saved_iteration(run)
     changed = last_change(run)
     age = (time.time() if now is None else now) - changed
-    if saved == cfg.iters or any(r.get("event") == "early_stop" and r.get("iter") == saved for r in records):  # --patience
+    if saved == cfg.iters:
         status = "finished"
+    elif any(r.get("event") == "early_stop" and r.get("iter") == saved for r in records):  # --patience
+        status = "early-stopped"
     elif any(r.get("event") == "diverged" for r in records):
         status = "diverged"
     else:
@@ -95,6 +102,12 @@ def run_status(path: str | Path, *, now: float | None = None, stale_after: float
     }
 
 
+def damaged(run: RunDir, error: str) -> dict[str, Any]:
+    """The line of a RUN folder whose records cannot be read: its path, status ``damaged`` and why."""
+    keys = ("task", "head", "iters_done", "iters", "saved_iter", "eval_store", "metric", "best", "best_iter", "seconds_since_change")
+    return {"run": str(run.path), **dict.fromkeys(keys), "status": "damaged", "error": error}
+
+
 def list_runs(paths: Iterable[str | Path], *, stale_after: float = STALE_AFTER_S) -> list[dict[str, Any]]:
     """:func:`run_status` of every RUN folder under ``paths`` (as ``fcache report`` finds them), sorted by path."""
     now = time.time()
@@ -114,8 +127,12 @@ def format_runs(lines: Sequence[dict[str, Any]]) -> str:
 
     cells = [["run", "task", "head", "status", "iters", "eval store", "best"]]
     for r in lines:
+        if r["status"] == "damaged":
+            cells.append([_shown_path(r["run"]), "-", "-", "damaged", "-", "-", "-"])
+            continue
         best = "-" if r["best"] is None else f"{r['metric']} {100 * r['best']:.1f}"
         store = Path(r["eval_store"]).name if r["eval_store"] else "-"
         cells.append([_shown_path(r["run"]), r["task"], r["head"], r["status"], f"{r['iters_done']}/{r['iters']}", store, best])
     counts = ", ".join(f"{sum(r['status'] == s for r in lines)} {s}" for s in STATUSES if any(r["status"] == s for r in lines))
-    return markdown_table(cells) + f"\n{len(lines)} run(s): {counts}"
+    why = [f"{_shown_path(r['run'])}: {r['error']}" for r in lines if r["status"] == "damaged"]
+    return markdown_table(cells) + f"\n{len(lines)} run(s): {counts}" + "".join(f"\ndamaged: {w}" for w in why)
