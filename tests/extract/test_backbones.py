@@ -233,3 +233,17 @@ def test_hostile_or_damaged_weights_are_one_line(tmp_path, name, data, fragment)
     r = CliRunner().invoke(main, [*args, "--device", "cpu"])
     refused(r, fragment)
     assert "weights_only" not in r.output and "Re-running" not in r.output
+
+
+def test_random_init_is_seeded_without_reseeding_the_callers_generator():
+    """The weights of --random-init --seed S are timm's after torch.manual_seed(S) (stores made so keep their bytes),
+    and building draws nothing from the caller's generator."""
+    torch.manual_seed(2)
+    ref = timm.create_model("resnet18", pretrained=False, features_only=True, out_indices=(1, 2, 3, 4))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    bb = build_backbone("resnet18", input_size=64, random_init=True, seed=2)
+    assert torch.equal(torch.get_rng_state(), before)
+    got = bb.model.state_dict()
+    assert got.keys() == ref.state_dict().keys()
+    assert all(torch.equal(got[k], v) for k, v in ref.state_dict().items())

@@ -22,6 +22,7 @@ from timm.models._features import FeatureListNet
 
 from fcache.common.devices import resolve_device
 from fcache.common.errors import InputError
+from fcache.common.rng import rng_scope
 from fcache.extract import swinv2_giant
 from fcache.spec import BackboneInfo, LevelSpec, level_name
 from fcache.store.layout import sha256_file
@@ -137,8 +138,7 @@ def build_backbone(
     if window is not None and window < 1:
         raise InputError(f"--window {window}: must be at least 1")
     pretrained = not (weights or random_init or meta)
-    torch.manual_seed(seed)
-    with torch.device("meta") if meta else contextlib.nullcontext():
+    with rng_scope(seed=seed, cuda=False), torch.device("meta") if meta else contextlib.nullcontext():  # random init from seed
         if d is not None and d.build is not None:
             full = d.build(input_size, window or default_window(alias, "") or 0)
         else:

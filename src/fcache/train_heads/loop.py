@@ -21,14 +21,12 @@ metric, patience count) is in its checkpoints.
 from __future__ import annotations
 
 import dataclasses
-import random
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
@@ -37,6 +35,7 @@ from tqdm import tqdm
 
 from fcache.common.devices import peak_memory_gb
 from fcache.common.errors import DivergedError, InputError
+from fcache.common.rng import rng_scope, rng_state, seeded_state
 from fcache.spec import LevelSpec
 from fcache.train_heads import distributed as ddp
 from fcache.train_heads.config import TrainConfig
@@ -63,31 +62,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
-def rng_state() -> dict[str, Any]:
-    np_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state(legacy=True))
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "gauss": float(np_state[4]),
-        },
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    npy = state["numpy"]
-    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["gauss"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
 @dataclass
 class TrainResult:
     start: int
@@ -106,9 +80,9 @@ class TrainResult:
 
 
 def build_model(task: Task, levels: tuple[LevelSpec, ...], seed: int) -> nn.Module:
-    """The task's head, initialised from ``seed``."""
-    torch.manual_seed(seed)
-    return task.build(levels)
+    """The task's head, initialised from ``seed`` (the process's generators are left as they were)."""
+    with rng_scope(seed=seed):
+        return task.build(levels)
 
 
 class Meter:
@@ -209,8 +183,7 @@ def start_head(
         stopped = str(checkpoint.get("stopped", ""))
         start, rng = int(checkpoint["iteration"]), ddp.own_rng(checkpoint, dist)
     else:
-        torch.manual_seed(cfg.seed + dist.rank)
-        start, rng = 0, rng_state()
+        start, rng = 0, seeded_state(cfg.seed + dist.rank)
     logs = RunLog.open(run, cfg.logger, start, main=dist.is_main)
     meter = Meter(logs.log, cfg.device)
     return HeadRun(cfg, task, model, net, tuple(levels), run, optimizer, scaler, ema, validation, logs, start, rng, meter,
@@ -268,25 +241,25 @@ def train_pass(heads: Sequence[HeadRun], data: Dataset, *, progress: bool = True
 def head_step(h: HeadRun, batch: Batch, it: int, stop: int, device: torch.device, dist: ddp.Dist = ddp.SINGLE) -> float:
     """Iteration ``it`` of head ``h`` on its levels of ``batch``, under its own RNG state: step, log, evaluate,
     checkpoint. Returns the seconds spent evaluating."""
-    set_rng_state(h.rng)
-    lr = get_lr(it, h.cfg)
-    for group in h.optimizer.param_groups:
-        group["lr"] = lr
-    own = dataclasses.replace(batch, features={lv: batch.features[lv] for lv in h.levels})
-    losses = train_step(h.net, h.optimizer, h.task, own, h.cfg, device, it, scaler=h.scaler)
-    if h.ema is not None:
-        h.ema.update_parameters(h.model)
-    h.meter.add(ddp.mean(losses, dist, device), len(batch.index) * dist.world)
-    h.rng, h.at = rng_state(), it + 1  # where the head's next step starts from, whatever evaluating below draws
-    if dist.is_main and (h.at % h.cfg.log_every == 0 or h.at == stop):
-        h.meter.flush(h.at, lr)
-    t = time.perf_counter()
-    if h.validation is not None and h.validation.due(h.at, h.cfg.iters):
-        if dist.is_main:
-            evaluate_head(h)
-        exhausted = h.validation.exhausted and h.at < h.cfg.iters
-        h.stopped = ddp.from_main(h.validation.stop_reason() if exhausted else "", dist)
-    seconds = time.perf_counter() - t
+    with rng_scope(h.rng):
+        lr = get_lr(it, h.cfg)
+        for group in h.optimizer.param_groups:
+            group["lr"] = lr
+        own = dataclasses.replace(batch, features={lv: batch.features[lv] for lv in h.levels})
+        losses = train_step(h.net, h.optimizer, h.task, own, h.cfg, device, it, scaler=h.scaler)
+        if h.ema is not None:
+            h.ema.update_parameters(h.model)
+        h.meter.add(ddp.mean(losses, dist, device), len(batch.index) * dist.world)
+        h.rng, h.at = rng_state(), it + 1  # where the head's next step starts from, whatever evaluating below draws
+        if dist.is_main and (h.at % h.cfg.log_every == 0 or h.at == stop):
+            h.meter.flush(h.at, lr)
+        t = time.perf_counter()
+        if h.validation is not None and h.validation.due(h.at, h.cfg.iters):
+            if dist.is_main:
+                evaluate_head(h)
+            exhausted = h.validation.exhausted and h.at < h.cfg.iters
+            h.stopped = ddp.from_main(h.validation.stop_reason() if exhausted else "", dist)
+        seconds = time.perf_counter() - t
     if h.stopped and dist.is_main:
         if h.meter.steps:
             h.meter.flush(h.at, lr)
@@ -310,7 +283,8 @@ def evaluate_finished(h: HeadRun, dist: ddp.Dist) -> None:
     --val-store it did not have)."""
     v = h.validation
     if v is not None and dist.is_main and h.active and h.at == h.cfg.iters and v.last_iter != h.at:
-        evaluate_head(h)
+        with rng_scope(h.rng):
+            evaluate_head(h)
 
 
 def save_checkpoint(h: HeadRun, lr: float, dist: ddp.Dist) -> None:
