@@ -7,7 +7,7 @@ features like a backbone's (ReLU'd, fp16). The same folder is then served over t
 sleeps 0 or 20 ms per request: injected first-byte latency. A reader reads the same random sample-views in batches
 of k (``FeatureStore.read_many``: k range requests in flight at once), after one pass that reads each shard's index;
 MB/s are the stored dtype's uncompressed bytes per second, the median of ``--repeats`` passes. Local disk is read
-two ways: fcache's local path (zarr, one sample-view at a time) and the object-store path on the local files
+two ways: zarr's own path (``read_path="zarr"``, one sample-view at a time) and the direct path on the local files
 (``ShardFetcher``: kept indexes, direct range reads); ratios are against the faster. ``cached`` reads through
 ``--cache-dir`` after a first pass filled it. The summary names the smallest k that reaches 0.8 (and 1.0)
 of the local-disk rate at 20 ms.
@@ -114,9 +114,9 @@ def run(size: str, conc: list[int], repeats: int, root: Path) -> list[dict]:
     path = build(root, size)
     n, picks_n = SIZES[size][2], SIZES[size][4]
     picks = [int(i) for i in np.random.default_rng(1).choice(n, size=picks_n, replace=False)]
-    local = fstore.FeatureStore(path)
+    local = fstore.FeatureStore(path, read_path="zarr")
     passes(local, picks, 1, 1)  # page cache warm
-    zarr_rate = passes(local, picks, 1, repeats)  # fcache's local read path (zarr)
+    zarr_rate = passes(local, picks, 1, repeats)  # zarr's own read path
     direct = ShardFetcher(local.backend, local.manifest, local.ledger, None)  # the remote read path on the local files
     direct_rate = passes(direct, picks, len(picks), repeats)
     local_rate = max(zarr_rate, direct_rate)

@@ -7,7 +7,7 @@ Dataset (``FeatureDataset.__getitems__``: float32 out), and as the direct path r
 (``ShardFetcher.read``: stored values). The baseline is raw Blosc decoding of the very same chunk
 frames, already in memory, on one thread and on the reader's pool of threads. MB are the stored dtype's bytes.
 
-Also: zarr's own per-sample path (``FCACHE_ZARR_READS=1``) for comparison, the writer's samples/s at shape B against
+Also: zarr's own per-sample path (``read_path="zarr"``) for comparison, the writer's samples/s at shape B against
 the bare forward rate of SwinV2-L@1024 on an H100 (10.2 images/s: ``fcache.extract.throughput``) with a profile of
 where the writer's time goes, and (``--headroom``) the loader's samples/s over what ``bifpn:layers=5`` consumes at
 shape B on this machine (``fcache bench --features-only``).
@@ -134,20 +134,15 @@ def raw_decode_mb_s(work: list[tuple[bytes, np.ndarray]], pool: bool) -> float:
 
 def dataset_mb_s(path: Path, zarr_path: bool) -> tuple[float, float]:
     """MB/s and samples/s of random batches through the Dataset (all levels, view 0), one pass over the store."""
-    if zarr_path:
-        os.environ["FCACHE_ZARR_READS"] = "1"
-    try:
-        store = fstore.open(path)
-        ds = store.dataset()
-        per_sample = stored_bytes(store)
-        order = np.random.default_rng(1).permutation(len(ds))
-        ds.__getitems__([int(j) for j in order[:BATCH]])  # indexes, handles, threads
-        t = time.perf_counter()
-        for k in range(0, len(order), BATCH):
-            ds.__getitems__([int(j) for j in order[k : k + BATCH]])
-        dt = time.perf_counter() - t
-    finally:
-        os.environ.pop("FCACHE_ZARR_READS", None)
+    store = fstore.open(path, read_path="zarr" if zarr_path else "direct")
+    ds = store.dataset()
+    per_sample = stored_bytes(store)
+    order = np.random.default_rng(1).permutation(len(ds))
+    ds.__getitems__([int(j) for j in order[:BATCH]])  # indexes, handles, threads
+    t = time.perf_counter()
+    for k in range(0, len(order), BATCH):
+        ds.__getitems__([int(j) for j in order[k : k + BATCH]])
+    dt = time.perf_counter() - t
     return per_sample * len(order) / dt / 1e6, len(order) / dt
 
 

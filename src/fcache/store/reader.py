@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import zarr
 
-from fcache.common.errors import CorruptStoreError, StoreError
+from fcache.common.errors import CorruptStoreError, InputError, StoreError
 from fcache.spec import Geometry, LevelSpec, Status
 from fcache.store import layout
 from fcache.store.backends import Backend, open_backend, parse_size
@@ -29,6 +29,7 @@ from fcache.store.fetch import ShardFetcher
 from fcache.store.webdataset import WdsExport, is_export
 
 GEOMETRY_UNITS_KEPT = 64  # units of geometry a reader keeps (a few KB each)
+READ_PATHS = ("direct", "zarr")  # fcache.store.fetch's (kept shard indexes, byte ranges), or zarr's own (to compare the two)
 
 
 def open_store(
@@ -37,6 +38,7 @@ def open_store(
     storage_options: Mapping[str, Any] | None = None,
     cache_dir: str | Path | None = None,
     cache_size: int | str | None = None,
+    read_path: str = "direct",
 ) -> FeatureStore | WdsExport:
     """Open a store for reading (the public ``fcache.store.open``): a local path, ``s3://...`` or ``gs://...``; or a
     webdataset export of one (``fcache export-wds``), which is read as a stream (``WdsExport.stream()``).
@@ -44,11 +46,12 @@ def open_store(
     Args:
         storage_options: passed to s3fs / gcsfs as they are (endpoint, profile, ...), for a URL.
         cache_dir, cache_size: a local disk cache of a remote store's shards, at most ``cache_size`` bytes (e.g. "200GB").
+        read_path: how features are read (``READ_PATHS``): ``direct`` (``fcache.store.fetch``) or zarr's own path.
     """
     backend = open_backend(path, storage_options)
     if layout.read_manifest_attrs(backend) is None and is_export(backend):
         return WdsExport(backend)
-    return FeatureStore(backend, cache_dir=cache_dir, cache_size=cache_size)
+    return FeatureStore(backend, cache_dir=cache_dir, cache_size=cache_size, read_path=read_path)
 
 
 class FeatureStore:
@@ -62,9 +65,14 @@ class FeatureStore:
         cache_dir: str | Path | None = None,
         cache_size: int | str | None = None,
         check: bool = True,
+        read_path: str = "direct",
     ) -> None:
         """Open the store at ``path``; ``check=False`` skips the manifest-against-arrays check (``fcache verify``
-        reports those problems itself; a store from a pickle was checked where it was opened)."""
+        reports those problems itself; a store from a pickle was checked where it was opened). ``read_path``: one of
+        ``READ_PATHS`` (``fetcher``)."""
+        if read_path not in READ_PATHS:
+            raise InputError(f"read_path={read_path!r}: choose one of {', '.join(READ_PATHS)}")
+        self.read_path = read_path
         self.backend = open_backend(path, storage_options)
         self.root = self.backend.root
         attrs = layout.read_manifest_attrs(self.backend)
@@ -91,13 +99,14 @@ class FeatureStore:
         self._geometry_units: dict[int, np.ndarray] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"backend": self.backend, "cache": self.cache}
+        return {"backend": self.backend, "cache": self.cache, "read_path": self.read_path}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         cache = state["cache"]
         FeatureStore.__init__(
-            self, state["backend"], cache_dir=cache[0] if cache else None, cache_size=cache[1] if cache else None, check=False
-        )
+            self, state["backend"], cache_dir=cache[0] if cache else None, cache_size=cache[1] if cache else None, check=False,
+            read_path=state["read_path"],
+        )  # fmt: skip
 
     @property
     def url(self) -> str:
@@ -267,9 +276,9 @@ class FeatureStore:
     @property
     def fetcher(self) -> ShardFetcher | None:
         """The direct read path of this process (``fcache.store.fetch``): shard indexes kept, chunks read by byte range
-        and decoded here, on local disk as on object storage; None where zarr's own path reads (``FCACHE_ZARR_READS=1``,
+        and decoded here, on local disk as on object storage; None where zarr's own path reads (``read_path="zarr"``,
         kept to compare the two)."""
-        if os.environ.get("FCACHE_ZARR_READS") == "1":
+        if self.read_path == "zarr":
             return None
         if self._fetcher is None or self._fetcher_pid != os.getpid():
             cache = DiskCache(self.cache[0], self.cache[1], self.backend.url) if self.cache else None
