@@ -133,7 +133,7 @@ def test_head_keys_are_checked():
         parse_detection_head("fpn:semantic=1")
     with pytest.raises(InputError, match="roi=cascade or roi=htc"):
         parse_detection_head("fpn:score=probs")
-    assert parse_detection_head("bifpn:roi=htc,semantic=1")["semantic"] == "1"
+    assert parse_detection_head("bifpn:roi=htc,semantic=1")["semantic"] is True
 
 
 # -- training from a store ------------------------------------------------------------------------------------------

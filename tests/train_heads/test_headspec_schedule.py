@@ -6,7 +6,12 @@ import pytest
 
 from fcache.train_heads.config import TrainConfig
 from fcache.train_heads.detection.task import HEADS, parse_detection_head
+from fcache.train_heads.headspec import KINDS, Param, show
+from fcache.train_heads.necks import NECKS, UPER_FPN
 from fcache.train_heads.schedule import get_lr
+from fcache.train_heads.tasks import TASKS
+
+TYPES = {"int": int, "bool": bool, "prob": float, "choice": str, "levels": str}  # what each kind parses to
 
 
 def test_parse_fills_defaults_and_prints_canonically():
@@ -18,6 +23,29 @@ def test_parse_fills_defaults_and_prints_canonically():
     assert parse_detection_head(str(spec)) == spec
     assert str(parse_detection_head("fpn:levels=p5+p3+p4")) == f"fpn:channels=256,levels=p3+p4+p5,roi=standard,{roi_keys}"
     assert set(HEADS) == {"fpn", "fpn-res", "bifpn"} and parse_detection_head("fpn-res")["blocks"] == 4
+
+
+def test_values_are_typed_and_booleans_print_as_they_always_did():
+    spec = parse_detection_head("bifpn:checkpoint=1,roi=htc,semantic=0")
+    assert spec["checkpoint"] is True and spec["semantic"] is False and type(spec["layers"]) is int
+    assert "checkpoint=1," in str(spec) and str(spec).endswith("semantic=0")
+    assert parse_detection_head(str(spec)) == spec
+
+
+def every_param() -> list[tuple[str, Param]]:
+    """Every head parameter of every task, every neck's and every option's."""
+    tables = [h.params for t in TASKS.values() for h in t.heads.values()] + [n.params for n in (*NECKS.values(), UPER_FPN)]
+    found = [(k, p) for table in tables for k, p in table.items()]
+    return found + [(k, q) for _, p in found if p.options for table in p.options.values() for k, q in table.items()]
+
+
+def test_every_default_is_a_value_of_its_kind_and_reads_back_from_its_text():
+    params = every_param()
+    assert {p.kind for _, p in params} <= set(KINDS) == set(TYPES) and any(p.options for _, p in params)
+    for key, p in params:
+        assert type(p.default) is TYPES[p.kind], (key, p)
+        assert p.parse("h", key, show(p.default)) == p.default, (key, p)
+        assert p.options is None or set(p.options) == set(p.choices), key
 
 
 @pytest.mark.parametrize(

@@ -103,7 +103,7 @@ def test_bifpn_checkpointing_changes_memory_not_math():
         lv.name: torch.randn(2, lv.channels, 64 // lv.stride, 64 // lv.stride, generator=torch.Generator().manual_seed(1)) for lv in levels
     }
     grads = []
-    for flag in ("0", "1"):
+    for flag in (False, True):
         torch.manual_seed(0)
         neck = NECKS["bifpn"].build(levels, {"channels": 32, "layers": 3, "norm": "gn", "checkpoint": flag}).train()
         out = neck(feats)

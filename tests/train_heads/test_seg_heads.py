@@ -104,6 +104,26 @@ def test_upernet_takes_the_neck_from_its_table():
     assert fpn.ppm.branches[0][1][0].in_channels == 40
 
 
+def test_upernet_passes_its_necks_own_parameters_typed():
+    """neck=X brings X's own keys (bifpn: checkpoint, fpn-res: blocks), parsed by X's table; at their defaults they are
+    left out of the spec, so specs written before still name the same RUN folders."""
+    head, bifpn = build("upernet:neck=bifpn,checkpoint=1,channels=64", LEVELS)
+    assert head["checkpoint"] is True and bifpn.neck.checkpoint is True
+    assert str(head) == "upernet:aux=0,channels=64,checkpoint=1,layers=1,levels=all,neck=bifpn,norm=gn"
+    assert parse_segmentation_head(str(head)) == head
+    assert parse_segmentation_head("upernet:neck=bifpn,checkpoint=0") == parse_segmentation_head("upernet:neck=bifpn")
+    head, res = build("upernet:neck=fpn-res,blocks=2,channels=64", LEVELS)
+    assert head["blocks"] == 2 and len(res.neck.fpn.layer_blocks[0]) == 3  # the output conv + 2 blocks
+    assert parse_segmentation_head("upernet:aux=1")["aux"] is True
+    for text, message in [
+        ("upernet:checkpoint=1", "unknown key 'checkpoint' (known: aux, channels, layers, levels, neck, norm)"),
+        ("upernet:neck=bifpn,checkpoint=yes", "head upernet: checkpoint=yes must be 0 or 1"),
+        ("upernet:blocks=0,neck=fpn-res", "head upernet: blocks=0 must be at least 1"),
+    ]:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            parse_segmentation_head(text)
+
+
 SWINV2_B = tuple(LevelSpec(f"p{k + 2}", 128 * 2**k, 4 * 2**k) for k in range(4))  # 128, 256, 512, 1024 at strides 4..32
 
 

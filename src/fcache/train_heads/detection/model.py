@@ -152,7 +152,7 @@ def _htc(neck: Neck, num_classes: int, p: Mapping[str, Any], c: Conventions) -> 
     channels = p["channels"]
     stages = _cascade_stages(neck, num_classes, p, c, lambda k: HTCMaskHead(channels, MASK_CONVS, flow=k > 0), HTC_SCORE_THRESH)
     semantic = None
-    if p["semantic"] == "1":
+    if p["semantic"]:
         semantic = FusedSemanticHead(neck.out_levels, channels, STUFF_CLASSES, over_all_pixels=c.semantic_over_all_pixels)
     return HybridTaskCascadeRoIHeads(stages, score=p["score"], semantic=semantic, aligned=c.aligned)
 

@@ -37,9 +37,7 @@ ROI_PARAMS: dict[str, Param] = {
     "score": Param(
         "logits", kind="choice", choices=SCORES, help="cascade, htc: stage class scores combined as the mean of logits, or of probabilities"
     ),
-    "semantic": Param(
-        "0", kind="choice", choices=("0", "1"), help="htc: 1 adds the semantic branch (needs a store extracted with --stuff-root)"
-    ),
+    "semantic": Param(False, kind="bool", help="htc: 1 adds the semantic branch (needs a store extracted with --stuff-root)"),
     "rois": Param(512, maximum=8192, help="RoIs sampled per image for the box head"),
     "rpn_batch": Param(256, maximum=8192, help="anchors sampled per image for the RPN loss"),
     "levels": Param("all", kind="levels", help="stored levels the head reads: all, or e.g. p3+p4+p5"),
@@ -51,7 +49,7 @@ def _build(task: DetectionTask, levels: tuple[LevelSpec, ...]) -> nn.Module:
 
 
 def _check(spec: HeadSpec) -> None:
-    if spec["semantic"] == "1" and spec["roi"] != "htc":
+    if spec["semantic"] and spec["roi"] != "htc":
         raise InputError(f"head {spec.name}: semantic=1 is HTC's semantic branch; add roi=htc or drop semantic")
     if spec["score"] != "logits" and spec["roi"] == "standard":
         raise InputError(f"head {spec.name}: score={spec['score']} combines cascade stages; use roi=cascade or roi=htc, or drop score")
@@ -85,7 +83,7 @@ class DetectionTask:
         if not categories:
             raise InputError("a detection task needs the COCO categories (targets attrs['categories'] of the store)")
         self.head = head
-        self.semantic = head["semantic"] == "1"
+        self.semantic: bool = head["semantic"]
         self.target_names = self.eval_target_names + ((Targets.STUFF,) if self.semantic else ())
         self.categories = tuple(dict(c) for c in categories)
         self.labels = category_labels(self.categories)

@@ -1,6 +1,6 @@
 """Necks for multi-scale heads (the paper's Table 2): fpn, fpn-res, bifpn, in a NECKS table with their parameters.
 
-Each builder takes the stored LevelSpecs it reads and the parsed head parameters, never hard-coded channel counts.
+Each builder takes the stored LevelSpecs it reads and the parsed (typed) head parameters, never hard-coded channel counts.
 ``UPER_FPN`` is UPerNet's FPN part as mmseg's UPerHead builds it (ConvModules with norms, the pyramid pooling as its
 top lateral); it is not a detection neck, so it stands outside NECKS (``segmentation.upernet.UPERNET_NECKS`` uses it).
 """
@@ -30,9 +30,7 @@ class NeckDef:
 
 CHANNELS = Param(256, maximum=4096, help="output width of every pyramid level")
 NORM = Param("gn", kind="choice", choices=NORMS, help="norm inside the neck's added blocks")
-CHECKPOINT = Param(
-    "0", kind="choice", choices=("0", "1"), help="1: recompute each layer in the backward pass (less memory, ~10% more time)"
-)
+CHECKPOINT = Param(False, kind="bool", help="1: recompute each layer in the backward pass (less memory, ~10% more time)")
 
 
 def _fpn(levels: Sequence[LevelSpec], p: Mapping[str, Any]) -> Neck:
@@ -44,7 +42,7 @@ def _fpn_res(levels: Sequence[LevelSpec], p: Mapping[str, Any]) -> Neck:
 
 
 def _bifpn(levels: Sequence[LevelSpec], p: Mapping[str, Any]) -> Neck:
-    return BiFPN(levels, channels=p["channels"], layers=p["layers"], norm=p["norm"], checkpoint=p.get("checkpoint") == "1")
+    return BiFPN(levels, channels=p["channels"], layers=p["layers"], norm=p["norm"], checkpoint=p["checkpoint"])
 
 
 def _uper_fpn(levels: Sequence[LevelSpec], p: Mapping[str, Any]) -> Neck:

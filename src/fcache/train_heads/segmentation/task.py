@@ -1,6 +1,7 @@
 """The semantic segmentation task (ADE20K, paper Table 3 and Appendix B Tables 9-10): the HEADS table and the loop's Task.
 
-Head specs: ``upernet[:neck=fpn|bifpn,layers=k,channels=512,norm=gn|bn,aux=0|1,levels=all]`` and
+Head specs: ``upernet[:neck=fpn|fpn-res|bifpn,layers=k,channels=512,norm=gn|bn,aux=0|1,levels=all]`` (plus the neck's own
+parameters, e.g. ``neck=bifpn,checkpoint=1`` or ``neck=fpn-res,blocks=2``) and
 ``mask2former[:pixel_blocks=1,decoder_blocks=3,channels=256,queries=100,levels=all]``. Training defaults per head
 come from the paper's Table 12 (frozen setting): Mask2Former lr 3e-4, weight decay 0.02, no warm-up, linear decay;
 UPerNet lr 2e-3, weight decay 0.05, 1500 warm-up iterations (from 1e-6 x lr, mmseg's ratio), linear decay.
@@ -43,8 +44,6 @@ def _check_upernet(spec: HeadSpec) -> None:
         raise InputError(
             f"head upernet: layers={spec['layers']} applies to neck={'/'.join(layered)} only (e.g. upernet:neck={layered[0]},layers=5)"
         )
-    if spec["aux"] > 1:
-        raise InputError(f"head upernet: aux={spec['aux']} must be 0 or 1")
 
 
 def _upernet(task: SegmentationTask, levels: tuple[LevelSpec, ...]) -> nn.Module:
@@ -62,12 +61,13 @@ HEADS: dict[str, HeadDef] = {
                 "fpn",
                 kind="choice",
                 choices=tuple(UPERNET_NECKS),
-                help="the FPN part: fpn (mmseg's UPerHead), or a neck of the NECKS table (bifpn: k layers)",
+                help="the FPN part: fpn (mmseg's UPerHead), or a neck of the NECKS table (bifpn: k layers), with its own parameters",
+                options={name: neck.params for name, neck in UPERNET_NECKS.items()},
             ),
             "layers": Param(1, maximum=32, help="BiFPN layers (neck=bifpn only)"),
             "channels": Param(512, maximum=4096, help="width of PPM, neck and fuse conv (mmseg's UPerHead: 512); the aux head is half"),
             "norm": Param("gn", kind="choice", choices=NORMS, help="norm of every ConvModule (PPM, FPN, fuse, aux) and of the BiFPN"),
-            "aux": Param(0, minimum=0, help="1: auxiliary FCN head on the second-deepest level, loss weight 0.4"),
+            "aux": Param(False, kind="bool", help="1: auxiliary FCN head on the second-deepest level, loss weight 0.4"),
             "levels": LEVELS,
         },
         _upernet,

@@ -7,7 +7,8 @@ output as the top); every level resized to the finest, concatenated, ``fpn_bottl
 classes that is 33,315,990 parameters, with GN or BN alike (34,534,700 with ``aux=1``).
 The FPN part is any neck of ``UPERNET_NECKS``: ``fpn`` is mmseg's (``necks.UPER_FPN``, not detection's torchvision
 FPN), ``bifpn`` k BiFPN layers (the paper's Table 10 replacement), ``fpn-res`` detection's. Each takes the pooling
-output as its deepest input and its table defaults for the keys UPerNet does not share. A neck's extra level is
+output as its deepest input; the keys UPerNet does not share are the neck's own parameters, given in the head spec
+(``upernet:neck=bifpn,checkpoint=1``) or left at their table defaults. A neck's extra level is
 fused only when learned (BiFPN's: its last layer computes it, so every node is trained; FPN's max-pooled one not).
 The optional auxiliary head (``aux=1``) is mmseg's FCNHead on the second-deepest stored level: 3x3 ConvModule at half
 width, dropout 0.1, 1x1 classifier, loss weight 0.4. Cross-entropy (ignore 255) on logits upsampled to the canvas,
@@ -134,8 +135,9 @@ class UPerNet(nn.Module):
 
 
 def build_upernet(levels: Sequence[LevelSpec], p: Mapping[str, Any], num_classes: int) -> UPerNet:
-    """UPerNet of head parameters ``p``; the neck takes its table defaults, overridden by the upernet keys it shares."""
+    """UPerNet of head parameters ``p``: the neck takes the upernet keys it shares and its own as the spec gave them
+    (typed), else their table defaults."""
     neck_params = {k: p.get(k, q.default) for k, q in UPERNET_NECKS[p["neck"]].params.items()}
     return UPerNet(
-        levels, neck=p["neck"], neck_params=neck_params, channels=p["channels"], norm=p["norm"], aux=bool(p["aux"]), num_classes=num_classes
+        levels, neck=p["neck"], neck_params=neck_params, channels=p["channels"], norm=p["norm"], aux=p["aux"], num_classes=num_classes
     )
