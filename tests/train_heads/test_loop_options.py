@@ -271,13 +271,14 @@ def test_the_progress_bar_shows_the_last_evaluation():
     from types import SimpleNamespace
 
     from fcache.train_heads.loop import progress_values
+    from fcache.train_heads.schedule import get_lr
 
     v = Validation(lambda m, i, log: {}, every=2, metric="ss/mIoU")
     v.record({"ss/mIoU": 0.4321, "ss/mAcc": 0.5}, 2)
     cfg = TrainConfig(store="s", out="o", task="segmentation", head="upernet", iters=10, warmup=0)
-    h = SimpleNamespace(meter=SimpleNamespace(last={"loss": 1.5}, rate=12.0), cfg=cfg, validation=v)
+    meter = SimpleNamespace(last={"loss": 1.5}, rate=12.0)
     # linear decay (segmentation default), no warm-up: 2e-3 x (1 - 3/10)
-    assert progress_values(h, 3) == {"loss": "1.5000", "samples_s": "12.0", "lr": "1.40e-03", "ss/mIoU": "0.4321"}
+    assert progress_values(meter, v, get_lr(3, cfg)) == {"loss": "1.5000", "samples_s": "12.0", "lr": "1.40e-03", "ss/mIoU": "0.4321"}
 
 
 def test_wandb_gets_every_record_at_its_iteration_and_resumes_the_same_run(store, tmp_path, monkeypatch):

@@ -1,12 +1,14 @@
-"""The head-training loop, readable top to bottom like nanoGPT's: get_lr, step, log, evaluate, checkpoint; for one head
-or many.
+"""The head-training loop, one function (``train_pass``) read top to bottom like nanoGPT's train.py: for each batch,
+each head's iteration: get_lr, the micro-steps and the optimiser step (``train_step``), EMA, log, evaluate, checkpoint;
+for one head or many. State passes as arguments: a ``Head`` is what trains and where it writes (fixed for the pass),
+its ``HeadState`` where it stands (iterations done, the RNG state of its next step, its logging window, why it left).
 
 One read pass trains any number of heads on each batch (DINOv2's linear-evaluation trick, for whole heads): one
 loader reads the union of the heads' levels once per batch; each head then takes its own step on its own levels,
 with its own optimiser, schedule, checkpoint, metrics and RUN folder. A head's randomness (init, dropout, RPN / RoI
-sampling) comes from its own RNG state, swapped in around its step, so every head follows bit-exactly (on CPU) the
-trajectory it follows when trained alone, and resumes so: the batch order is a pure function of (seed, iteration)
-and every RNG state is checkpointed. Training one head is the pass with one head (under torchrun, its DDP
+sampling) comes from its own RNG state, swapped in around its step (``rng_scope``), so every head follows
+bit-exactly (on CPU) the trajectory it follows when trained alone, and resumes so: the batch order is a pure function
+of (seed, iteration) and every RNG state is checkpointed. Training one head is the pass with one head (under torchrun, its DDP
 wrapper). The loop consumes a map-style Dataset of items shaped like ``FeatureDataset`` items (``index``, ``view``,
 ``features``, ``geometry``, ``targets``), so a test can feed it features computed online.
 
@@ -35,7 +37,7 @@ from tqdm import tqdm
 
 from fcache.common.devices import peak_memory_gb
 from fcache.common.errors import DivergedError, InputError
-from fcache.common.rng import rng_scope, rng_state, seeded_state
+from fcache.common.rng import RngState, rng_scope, rng_state, seeded_state
 from fcache.spec import LevelSpec
 from fcache.train_heads import distributed as ddp
 from fcache.train_heads.config import TrainConfig
@@ -119,33 +121,40 @@ class Meter:
         self.sums, self.steps, self.window_samples, self.t_window = {}, 0, 0, now
 
 
-@dataclass
-class HeadRun:
-    """One head of a pass: what it trains, where it writes, its own optimiser, RNG, EMA and evaluation state."""
+@dataclass(frozen=True)
+class Head:
+    """One head of a pass, fixed while it trains: what it trains on which levels, where it writes, how it is evaluated.
+    (Its weights, optimiser, EMA and evaluation record change inside those objects; where it stands is its ``HeadState``.)"""
 
     cfg: TrainConfig
     task: Task
+    levels: tuple[str, ...]  # the stored levels it reads from each batch
     model: nn.Module
     net: nn.Module  # what takes the step: ``model``, or its DDP wrapper under torchrun
-    levels: tuple[str, ...]
-    run: RunDir
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     ema: AveragedModel | None  # the moving average of ``model`` (--ema)
-    validation: Validation | None
+    run: RunDir
     logs: RunLog
-    start: int
-    rng: dict[str, Any]
-    meter: Meter
-    error: str = ""  # why the head left the pass (its loss diverged); the others go on
-    stopped: str = ""  # why the head stopped early (--patience)
-    at: int = 0  # iterations done
-    saved: int = 0  # the iteration of the newest checkpoint on disk (0: none yet)
+    validation: Validation | None
 
     @property
     def weights(self) -> nn.Module:
         """What is evaluated and saved as the head's weights: the moving average with --ema, else the model."""
         return self.ema.module if self.ema is not None else self.model
+
+
+@dataclass
+class HeadState:
+    """Where a head stands: the iterations done, the RNG state its next step starts from, its logging window, and why
+    it left the pass before its last iteration."""
+
+    start: int  # the iteration it (re)started from
+    at: int  # iterations done
+    rng: RngState
+    meter: Meter
+    stopped: str = ""  # --patience stopped it (kept in its checkpoints)
+    error: str = ""  # its loss diverged (its last checkpoint is kept; the other heads go on)
 
     @property
     def active(self) -> bool:
@@ -162,7 +171,7 @@ def start_head(
     dist: ddp.Dist = ddp.SINGLE,
     *,
     validation: Validation | None = None,
-) -> HeadRun:
+) -> tuple[Head, HeadState]:
     """A head ready to train: from ``checkpoint``, or with its RNG seeded by ``cfg.seed`` (+ the rank under torchrun)."""
     device = torch.device(cfg.device)
     model.to(device).train()
@@ -170,8 +179,9 @@ def start_head(
     optimizer = make_optimizer(model, cfg)
     scaler = grad_scaler(device, cfg.precision)
     ema = ema_model(model, cfg.ema) if cfg.ema is not None else None
-    stopped = ""
-    if checkpoint is not None:
+    if checkpoint is None:
+        start, rng, stopped = 0, seeded_state(cfg.seed + dist.rank), ""
+    else:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scaler.is_enabled() and "scaler" in checkpoint:
@@ -180,146 +190,166 @@ def start_head(
             ema.load_state_dict(checkpoint["ema"])
         if validation is not None and "validation" in checkpoint:
             validation.load(checkpoint["validation"])
-        stopped = str(checkpoint.get("stopped", ""))
-        start, rng = int(checkpoint["iteration"]), ddp.own_rng(checkpoint, dist)
-    else:
-        start, rng = 0, seeded_state(cfg.seed + dist.rank)
+        start, rng, stopped = int(checkpoint["iteration"]), ddp.own_rng(checkpoint, dist), str(checkpoint.get("stopped", ""))
     logs = RunLog.open(run, cfg.logger, start, main=dist.is_main)
-    meter = Meter(logs.log, cfg.device)
-    return HeadRun(cfg, task, model, net, tuple(levels), run, optimizer, scaler, ema, validation, logs, start, rng, meter,
-                   stopped=stopped, at=start, saved=start)  # fmt: skip
+    head = Head(cfg, task, tuple(levels), model, net, optimizer, scaler, ema, run, logs, validation)
+    state = HeadState(start, start, rng, Meter(logs.log, cfg.device), stopped=stopped)
+    return head, state
 
 
-def train_pass(heads: Sequence[HeadRun], data: Dataset, *, progress: bool = True, dist: ddp.Dist = ddp.SINGLE) -> list[TrainResult]:
-    """Train every head on each batch of ``data`` (items with the union of the heads' levels), read once.
+def train_pass(
+    heads: Sequence[Head], states: Sequence[HeadState], data: Dataset, *, progress: bool = True, dist: ddp.Dist = ddp.SINGLE
+) -> list[TrainResult]:
+    """Train every head on each batch of ``data`` (items with the union of the heads' levels), read once. Top to bottom
+    as nanoGPT's train.py: each batch, each head's iteration under its own RNG state: lr, the micro-steps and the
+    optimiser step (``train_step``), EMA, log, evaluate, checkpoint.
 
-    The pass starts at the earliest head's iteration; a head resumed further on joins when the pass reaches it.
-    A head whose loss diverges leaves the pass (``HeadRun.error``, its last checkpoint kept), and so does one that
-    stops early (``HeadRun.stopped``); the others go on. With ``dist`` of several processes (one head) each rank trains
-    on its slice of every batch; rank 0 logs, evaluates and checkpoints.
+    The pass starts at the earliest head's iteration; a head resumed further on joins when the pass reaches it. A head
+    whose loss diverges leaves the pass (``HeadState.error``), and so does one that stops early; the others go on. With
+    ``dist`` of several processes (one head) each rank trains on its slice of every batch; rank 0 logs, evaluates and
+    checkpoints.
     """
-    if len(data) == 0:  # type: ignore[arg-type]
-        raise InputError("the training set is empty")
-    cfg = heads[0].cfg  # fields that decide the batches are equal in every head (training.check_shared)
-    ddp.check_batch(cfg.batch_size, dist)
-    device = torch.device(cfg.device)
-    stop = min(cfg.iters, cfg.stop_at or cfg.iters)
-    start = min((h.start for h in heads if h.active), default=stop)
-    loader = train_loader(data, heads[0].task, batch_size=cfg.samples_per_iter, seed=cfg.seed, start=start, stop=stop,
-                          num_workers=cfg.num_workers, prefetch=cfg.prefetch, device=device, rank=dist.rank, world=dist.world)  # fmt: skip
+    cfg, device = heads[0].cfg, torch.device(heads[0].cfg.device)  # what decides the batches is every head's (check_shared)
+    start, stop = pass_range(cfg, states, data, dist)
+    batches = train_loader(data, heads[0].task, batch_size=cfg.samples_per_iter, seed=cfg.seed, start=start, stop=stop,
+                           num_workers=cfg.num_workers, prefetch=cfg.prefetch, device=device, rank=dist.rank, world=dist.world)  # fmt: skip
+    bar = progress_bar(heads, cfg.iters, start, shown=progress and dist.is_main)
     t0 = time.perf_counter()
-    what = heads[0].task.name if len(heads) == 1 else f"{len(heads)} heads"
-    bar = tqdm(total=cfg.iters, initial=start, desc=f"train {what}", unit="it", file=sys.stderr, disable=not (progress and dist.is_main))
     try:
         with bar:  # closed before anything is said about an interruption
-            for it, batch in zip(range(start, stop), loader, strict=True):
+            for it, batch in zip(range(start, stop), batches, strict=True):
                 batch = batch.to(device)
-                for h in heads:
-                    if it >= h.start and h.active:
-                        try:
-                            evaluating = head_step(h, batch, it, stop, device, dist)
+                for h, s in zip(heads, states, strict=True):
+                    if it < s.start or not s.active:
+                        continue
+                    with rng_scope(s.rng):  # the head's own generators: it trains as it would alone
+                        lr = get_lr(it, h.cfg)
+                        for group in h.optimizer.param_groups:
+                            group["lr"] = lr
+                        try:  # the micro-steps (--grad-accum) and the optimiser step
+                            losses = train_step(h.net, h.optimizer, h.task, levels_of(batch, h.levels), h.cfg, device, it, scaler=h.scaler)
                         except DivergedError as e:
-                            h.error, evaluating = str(e), 0.0
-                            if dist.is_main:  # what `fcache runs` reads; a resume from the last checkpoint truncates it away
-                                h.logs.log({"event": "diverged", "iter": it + 1, "error": h.error})
-                        for other in heads:  # samples/s and time_s count training only
-                            other.meter.pause(evaluating)
+                            diverged(h, s, e, it, dist)
+                            continue
+                        if h.ema is not None:
+                            h.ema.update_parameters(h.model)
+                        s.meter.add(ddp.mean(losses, dist, device), len(batch.index) * dist.world)
+                        s.rng, s.at = rng_state(), it + 1  # where its next step starts from, whatever evaluating draws
+                        if dist.is_main and (s.at % h.cfg.log_every == 0 or s.at == stop):
+                            s.meter.flush(s.at, lr)
+                        evaluating = evaluate(h, s, lr, dist)  # on its cadence; --patience may stop it
+                        if s.at % h.cfg.checkpoint_every == 0 or s.at == stop or s.stopped:
+                            save_checkpoint(h, s, lr, dist)
+                    for other in states:  # samples/s and time_s count training only
+                        other.meter.pause(evaluating)
                 bar.update(1)
                 if len(heads) == 1:
-                    bar.set_postfix(progress_values(heads[0], it), refresh=False)
-                if not any(h.active for h in heads):
+                    bar.set_postfix(progress_values(states[0].meter, heads[0].validation, get_lr(it, cfg)), refresh=False)
+                if not any(s.active for s in states):
                     break
-        for h in heads:
-            evaluate_finished(h, dist)
+        for h, s in zip(heads, states, strict=True):
+            evaluate_finished(h, s, dist)
     finally:
         for h in heads:
             h.logs.close()
     seconds = time.perf_counter() - t0
-    return [result(h, seconds) for h in heads]
+    return [result(h, s, seconds) for h, s in zip(heads, states, strict=True)]
 
 
-def head_step(h: HeadRun, batch: Batch, it: int, stop: int, device: torch.device, dist: ddp.Dist = ddp.SINGLE) -> float:
-    """Iteration ``it`` of head ``h`` on its levels of ``batch``, under its own RNG state: step, log, evaluate,
-    checkpoint. Returns the seconds spent evaluating."""
-    with rng_scope(h.rng):
-        lr = get_lr(it, h.cfg)
-        for group in h.optimizer.param_groups:
-            group["lr"] = lr
-        own = dataclasses.replace(batch, features={lv: batch.features[lv] for lv in h.levels})
-        losses = train_step(h.net, h.optimizer, h.task, own, h.cfg, device, it, scaler=h.scaler)
-        if h.ema is not None:
-            h.ema.update_parameters(h.model)
-        h.meter.add(ddp.mean(losses, dist, device), len(batch.index) * dist.world)
-        h.rng, h.at = rng_state(), it + 1  # where the head's next step starts from, whatever evaluating below draws
-        if dist.is_main and (h.at % h.cfg.log_every == 0 or h.at == stop):
-            h.meter.flush(h.at, lr)
-        t = time.perf_counter()
-        if h.validation is not None and h.validation.due(h.at, h.cfg.iters):
-            if dist.is_main:
-                evaluate_head(h)
-            exhausted = h.validation.exhausted and h.at < h.cfg.iters
-            h.stopped = ddp.from_main(h.validation.stop_reason() if exhausted else "", dist)
-        seconds = time.perf_counter() - t
-    if h.stopped and dist.is_main:
-        if h.meter.steps:
-            h.meter.flush(h.at, lr)
-        h.logs.log({"event": "early_stop", "iter": h.at, "reason": h.stopped})
-    if h.at % h.cfg.checkpoint_every == 0 or h.at == stop or h.stopped:
-        save_checkpoint(h, lr, dist)
+def pass_range(cfg: TrainConfig, states: Sequence[HeadState], data: Dataset, dist: ddp.Dist) -> tuple[int, int]:
+    """The iterations the pass runs: from the earliest active head's to ``--iters`` (or ``--stop-at``)."""
+    if len(data) == 0:  # type: ignore[arg-type]
+        raise InputError("the training set is empty")
+    ddp.check_batch(cfg.batch_size, dist)
+    stop = min(cfg.iters, cfg.stop_at or cfg.iters)
+    return min((s.start for s in states if s.active), default=stop), stop
+
+
+def progress_bar(heads: Sequence[Head], total: int, start: int, *, shown: bool) -> tqdm:
+    what = heads[0].task.name if len(heads) == 1 else f"{len(heads)} heads"
+    return tqdm(total=total, initial=start, desc=f"train {what}", unit="it", file=sys.stderr, disable=not shown)
+
+
+def levels_of(batch: Batch, levels: Sequence[str]) -> Batch:
+    """``batch`` with the features of ``levels`` only (the head's own, of the union the pass reads)."""
+    return dataclasses.replace(batch, features={lv: batch.features[lv] for lv in levels})
+
+
+def diverged(h: Head, s: HeadState, e: DivergedError, it: int, dist: ddp.Dist) -> None:
+    """The head leaves the pass; its last checkpoint is kept."""
+    s.error = str(e)
+    if dist.is_main:  # what `fcache runs` reads; a resume from the last checkpoint truncates it away
+        h.logs.log({"event": "diverged", "iter": it + 1, "error": s.error})
+
+
+def evaluate(h: Head, s: HeadState, lr: float, dist: ddp.Dist) -> float:
+    """Evaluate the head when its cadence says so (rank 0) and stop it when --patience is exhausted; the seconds it took."""
+    v = h.validation
+    if v is None or not v.due(s.at, h.cfg.iters):
+        return 0.0
+    t = time.perf_counter()
+    if dist.is_main:
+        evaluate_head(h, s.at)
+    exhausted = v.exhausted and s.at < h.cfg.iters
+    s.stopped = ddp.from_main(v.stop_reason() if exhausted else "", dist)
+    seconds = time.perf_counter() - t
+    if s.stopped and dist.is_main:
+        if s.meter.steps:
+            s.meter.flush(s.at, lr)
+        h.logs.log({"event": "early_stop", "iter": s.at, "reason": s.stopped})
     return seconds
 
 
-def evaluate_head(h: HeadRun) -> None:
+def evaluate_head(h: Head, at: int) -> None:
     """Score the head's weights on its validation store now; best.safetensors when they are the best so far."""
     v = cast(Validation, h.validation)
-    metrics = v.evaluate(h.weights, h.at, h.logs)
+    metrics = v.evaluate(h.weights, at, h.logs)
     h.model.train()
-    if v.record(metrics, h.at) and v.keep_best:
-        h.run.save_best(h.weights.state_dict(), h.at, v.metric, cast(float, v.best))
+    if v.record(metrics, at) and v.keep_best:
+        h.run.save_best(h.weights.state_dict(), at, v.metric, cast(float, v.best))
 
 
-def evaluate_finished(h: HeadRun, dist: ddp.Dist) -> None:
+def evaluate_finished(h: Head, s: HeadState, dist: ddp.Dist) -> None:
     """A head whose training is complete is evaluated at its last iteration, if it was not (e.g. resumed with a
-    --val-store it did not have)."""
+    --val-store it did not have), from the RNG state its last step left."""
     v = h.validation
-    if v is not None and dist.is_main and h.active and h.at == h.cfg.iters and v.last_iter != h.at:
-        with rng_scope(h.rng):
-            evaluate_head(h)
+    if v is not None and dist.is_main and s.active and s.at == h.cfg.iters and v.last_iter != s.at:
+        with rng_scope(s.rng):
+            evaluate_head(h, s.at)
 
 
-def save_checkpoint(h: HeadRun, lr: float, dist: ddp.Dist) -> None:
-    """A checkpoint of ``h`` at its iteration (rank 0 writes it, with every rank's RNG state)."""
-    state = checkpoint_state(h.at, h.model, h.optimizer, lr, ddp.gather(h.rng, dist))
+def save_checkpoint(h: Head, s: HeadState, lr: float, dist: ddp.Dist) -> None:
+    """A checkpoint of the head at its iteration (rank 0 writes it, with every rank's RNG state)."""
+    state = checkpoint_state(s.at, h.model, h.optimizer, lr, ddp.gather(s.rng, dist))
     if h.scaler.is_enabled():
         state["scaler"] = h.scaler.state_dict()
     if h.ema is not None:
         state["ema"] = h.ema.state_dict()
     if h.validation is not None:
         state["validation"] = h.validation.state()
-    if h.stopped:
-        state["stopped"] = h.stopped
+    if s.stopped:
+        state["stopped"] = s.stopped
     if dist.is_main:
         h.run.save_checkpoint(state, weights=h.weights.state_dict() if h.ema is not None else None, keep=h.cfg.keep_last)
-    h.saved = h.at
 
 
-def progress_values(h: HeadRun, it: int) -> dict[str, str]:
+def progress_values(meter: Meter, validation: Validation | None, lr: float) -> dict[str, str]:
     """The progress bar's postfix: the last logging window's loss and samples/s, the lr, the last evaluation's metric."""
     out = {}
-    if h.meter.last:
-        out = {"loss": f"{h.meter.last['loss']:.4f}", "samples_s": f"{h.meter.rate:.1f}", "lr": f"{get_lr(it, h.cfg):.2e}"}
-    v = h.validation
+    if meter.last:
+        out = {"loss": f"{meter.last['loss']:.4f}", "samples_s": f"{meter.rate:.1f}", "lr": f"{lr:.2e}"}
+    v = validation
     if v is not None and v.metric in v.last:
         out[v.metric] = f"{v.last[v.metric]:.4f}"
     return out
 
 
-def result(h: HeadRun, seconds: float) -> TrainResult:
+def result(h: Head, s: HeadState, seconds: float) -> TrainResult:
     v = h.validation
     evaluated = v is not None and v.last_iter > 0
-    return TrainResult(h.start, h.at, seconds, h.meter.samples, h.meter.last.get("loss"), dict(h.meter.last),
+    return TrainResult(s.start, s.at, seconds, s.meter.samples, s.meter.last.get("loss"), dict(s.meter.last),
                        eval=dict(v.last) if v is not None and evaluated else None, best=v.summary() if v is not None else None,
-                       early_stop=h.stopped)  # fmt: skip
+                       early_stop=s.stopped)  # fmt: skip
 
 
 def train(
@@ -337,11 +367,10 @@ def train(
     ``checkpoint`` when given: the pass with one head. Its items must hold the levels the model reads (all of ``data``'s
     levels are given to it)."""
     cfg = cfg.resolved(len(data))  # type: ignore[arg-type]
-    levels = tuple(_item_levels(data))
-    head = start_head(cfg, task, model, levels, run, checkpoint, dist)
-    (result,) = train_pass([head], data, progress=progress, dist=dist)
-    if head.error:
-        raise DivergedError(head.error)
+    head, state = start_head(cfg, task, model, tuple(_item_levels(data)), run, checkpoint, dist)
+    (result,) = train_pass([head], [state], data, progress=progress, dist=dist)
+    if state.error:
+        raise DivergedError(state.error)
     return result
 
 

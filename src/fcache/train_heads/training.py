@@ -31,7 +31,7 @@ from fcache.train_heads.config import TrainConfig
 from fcache.train_heads.data import eval_data, training_items
 from fcache.train_heads.evaluation import check_levels, check_same_backbone, evaluate_into
 from fcache.train_heads.loggers import RunLog, resolve_logger
-from fcache.train_heads.loop import HeadRun, TrainResult, build_model, start_head, train_pass, trainable_parameters
+from fcache.train_heads.loop import Head, HeadState, TrainResult, build_model, start_head, train_pass, trainable_parameters
 from fcache.train_heads.optim import check_precision
 from fcache.train_heads.pictures import pictures
 from fcache.train_heads.runfolder import FeatureSource, RunDir, TrainingRecord
@@ -207,14 +207,14 @@ def _check_folders(prepared: Sequence[tuple[TrainConfig, Prepared, TrainingRecor
             ddp.own_rng(checkpoint, dist)
 
 
-def interrupted_message(heads: Sequence[HeadRun]) -> str:
+def interrupted_message(heads: Sequence[Head], states: Sequence[HeadState]) -> str:
     """What an interrupted training pass kept in each RUN folder (its newest checkpoint on disk) and the command that
     continues it."""
     kept = []
-    for h in heads:
+    for h, s in zip(heads, states, strict=True):
         total = min(h.cfg.iters, h.cfg.stop_at or h.cfg.iters)
         saved = h.run.checkpoints()  # what is on disk: the interruption may have come during a save
-        at = f"stopped at iteration {max([h.at] + [k for k, _ in saved])} of {total}"
+        at = f"stopped at iteration {max([s.at] + [k for k, _ in saved])} of {total}"
         kept.append(f"{at}, {saved[-1][1]} (iteration {saved[-1][0]}) kept" if saved else f"{at}, no checkpoint in {h.run.path} yet")
     return f"{'; '.join(kept)}; continue with: {rerun(add=('--resume',))}"
 
@@ -247,7 +247,7 @@ def _run(cfgs: Sequence[TrainConfig], *, own_folders: bool, progress: bool, say:
         prepared = _prepare(cfgs, own_folders)
         ddp.check_batch(cfgs[0].batch_size, dist)
         ddp.on_main(functools.partial(_check_folders, prepared, dist), dist)  # every folder checked before any is written
-        heads = []
+        heads, states = [], []
         for cfg, p, record in prepared:
             run = RunDir(cfg.out)
             checkpoint = ddp.on_main(functools.partial(run.begin, record, resume=cfg.resume), dist)
@@ -260,21 +260,23 @@ def _run(cfgs: Sequence[TrainConfig], *, own_folders: bool, progress: bool, say:
                 if warmup_warning(cfg):
                     say(warmup_warning(cfg))
             device = resolve_device(cfg.device)
-            heads.append(start_head(dataclasses.replace(cfg, device=device), p.task, p.model, [lv.name for lv in p.levels], run,
-                                    checkpoint, dist, validation=validation(cfg, p)))  # fmt: skip
+            head, state = start_head(dataclasses.replace(cfg, device=device), p.task, p.model, [lv.name for lv in p.levels], run,
+                                     checkpoint, dist, validation=validation(cfg, p))  # fmt: skip
+            heads.append(head)
+            states.append(state)
         union = sorted({lv for _, p, _ in prepared for lv in p.levels}, key=lambda lv: lv.stride)
         cfg, first, _ = prepared[0]
         try:
-            results = train_pass(heads, training_data(first, cfg.seed, [lv.name for lv in union]), progress=progress, dist=dist)
+            results = train_pass(heads, states, training_data(first, cfg.seed, [lv.name for lv in union]), progress=progress, dist=dist)
         except KeyboardInterrupt:
-            raise Interrupted(interrupted_message(heads)) from None
+            raise Interrupted(interrupted_message(heads, states)) from None
         summaries = [
             train_summary(cfg, p, h.run, result) | ({"processes": dist.world} if dist.enabled else {})
             for (cfg, p, _), h, result in zip(prepared, heads, results, strict=True)
         ]
-    failed = [f"{h.run.path.name}: {h.error}" for h in heads if h.error]
+    failed = [f"{h.run.path.name}: {s.error}" for h, s in zip(heads, states, strict=True) if s.error]
     if len(failed) == len(heads) == 1:
-        raise DivergedError(heads[0].error)
+        raise DivergedError(states[0].error)
     if failed:
         raise DivergedError(f"{len(failed)} of {len(heads)} heads stopped ({'; '.join(failed)}); the others finished")
     return summaries
