@@ -1,4 +1,4 @@
-"""The storage interface on both backends (one conformance suite), and the store's protocol on a loopback S3 server.
+"""The store's protocol on a loopback S3 server (the storage interface itself: test_backends.py, the shipped suite).
 
 Two writers on one unit commit exactly once, a damaged or deleted object is named by `verify` and refused by the
 reader, the retry trap (a lost reply to our own conditional write) is not mistaken for losing, the disk cache is
@@ -21,98 +21,11 @@ from fcache import store as fstore
 from fcache.cli import main
 from fcache.common.errors import InputError
 from fcache.store import layout
-from fcache.store.backends import Range, open_backend, parse_size, parse_storage_options
+from fcache.store.backends import open_backend, parse_size, parse_storage_options
 from fcache.store.backends.objects import ObjectBackend
-from fcache.store.leases import Lease
 from helpers import build_store, decoded, refused
 
 SCRIPT = Path(__file__).with_name("writer_proc.py")
-
-
-def _backend(request, tmp_path):
-    if request.param == "s3":
-        return open_backend(request.getfixturevalue("s3_bucket") + "/b.zarr")
-    if request.param == "gcs":
-        return open_backend(request.getfixturevalue("gcs_server").bucket() + "/b.zarr")
-    return open_backend(tmp_path / "b.zarr")
-
-
-@pytest.fixture(params=["local", "s3", "gcs"])
-def backend(request, tmp_path):
-    return _backend(request, tmp_path)
-
-
-# fake-gcs-server ignores ifGenerationMatch on media uploads and deletes, so compare-and-swap (leases) is tested on
-# local disk and S3 only; on real GCS it rests on the same generation preconditions (docs/cloud.md, "The protocol on objects").
-@pytest.fixture(params=["local", "s3"])
-def cas_backend(request, tmp_path):
-    return _backend(request, tmp_path)
-
-
-class TestBackendConformance:
-    """What every backend must do (``fcache.store.backends.Backend``), run on local disk and on S3."""
-
-    def test_objects_and_ranges(self, backend):
-        assert backend.get("x/y") is None and backend.size("x/y") is None
-        backend.put("x/y", b"0123456789")
-        backend.put("x/y", b"abcdefghij")  # replaced whole
-        assert backend.get("x/y") == b"abcdefghij" and backend.sizes(["x/y", "nope"]) == [10, None]
-        assert backend.get_ranges([Range("x/y", 2, 5), Range("x/y", -3, None), Range("x/y", 7, None)]) == [b"cde", b"hij", b"hij"]
-        assert backend.get_many(["x/y", "nope"]) == [b"abcdefghij", None]
-        assert backend.listing() == {"x/y": 10}
-        backend.delete(["x/y", "nope"])
-        assert backend.listing() == {}
-
-    def test_create_is_exclusive_and_survives_its_own_retry(self, backend):
-        tag = backend.create("ledger/done/000001.json", b"mine")
-        assert tag is not None
-        assert backend.create("ledger/done/000001.json", b"theirs") is None  # the first writer won
-        assert backend.create("ledger/done/000001.json", b"mine") == tag  # our own write, answered 412 on a retry
-        assert backend.get("ledger/done/000001.json") == b"mine"
-
-    def test_compare_and_swap_and_remove(self, cas_backend):
-        backend = cas_backend
-        tag = backend.create("lease", b"a")
-        current = backend.read_version("lease")
-        assert current.data == b"a" and current.tag == tag and current.age < 60
-        new = backend.swap("lease", b"b", tag)
-        assert new is not None and backend.get("lease") == b"b"
-        assert backend.swap("lease", b"c", tag) is None and backend.get("lease") == b"b"  # a stale tag changes nothing
-        assert not backend.remove("lease", tag) and backend.get("lease") == b"b"
-        assert backend.remove("lease", new) and backend.get("lease") is None
-        assert backend.read_version("lease") is None and backend.swap("lease", b"d", new) is None
-
-    def test_a_new_store_appears_whole_or_not_at_all(self, backend):
-        import zarr
-
-        seen = []
-
-        def build(store):
-            g = zarr.open_group(store, mode="a", zarr_format=3)
-            g.create_array("a", shape=(4,), chunks=(2,), dtype="f4")[:] = np.arange(4)
-            seen.append(open_backend(backend.url).exists("zarr.json"))
-            g.attrs["fcache"] = {"x": 1}
-
-        backend.new_store(build)
-        assert seen == [False] and layout.read_manifest_attrs(backend) == {"x": 1}
-        assert list(zarr.open_array(backend.zarr_store(), path="a", mode="r")[:]) == [0, 1, 2, 3]
-
-    def test_leases_take_over_only_stale_holders(self, cas_backend):
-        backend = cas_backend
-        a = Lease(backend, "ledger/lock/000000.lock", timeout=3600)
-        b = Lease(backend, "ledger/lock/000000.lock", timeout=3600)
-        assert a.acquire() is None
-        assert b.acquire()["token"] == a.token  # held, and the holder is named
-        assert a.renew() and a.held()
-        a.release()
-        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
-        b.info["pid"] = int(dead)  # b's process has died: its lease is stale for anyone on this host
-        assert b.acquire() is None and b.held()
-        c = Lease(backend, "ledger/lock/000000.lock", timeout=3600)
-        assert c.acquire() is None and c.held() and not b.held()
-        assert not b.renew()  # b lost it; its release leaves c's lease alone
-        b.release()
-        assert c.held()
 
 
 def test_lost_reply_to_our_own_create_is_not_losing(s3_bucket, monkeypatch):

@@ -137,7 +137,8 @@ class Backend(ABC):
 
     @abstractmethod
     def clear(self, keep: Sequence[str] = ()) -> None:
-        """Delete everything under the root but the keys in ``keep`` (``--overwrite``)."""
+        """Delete everything under the root (``--overwrite``): on object storage all but the keys in ``keep`` (the driver
+        lease of a store rebuilt in place); a local store goes whole, as its new one appears by a rename."""
 
     @abstractmethod
     def is_empty(self) -> bool:

@@ -221,9 +221,10 @@ class ObjectBackend(Backend):
 class _Conditional:
     async def size(self, b: ObjectBackend, key: str) -> int | None:
         try:
-            return int((await b.fs._info(b.path(key)))["size"])
+            info = await b.fs._info(b.path(key))
         except FileNotFoundError:
             return None
+        return None if info.get("type") == "directory" else int(info["size"])  # a prefix of other keys is no object
 
     async def create(self, b: ObjectBackend, key: str, data: bytes) -> str | None:
         raise NotImplementedError
