@@ -32,6 +32,21 @@ def test_values_are_typed_and_booleans_print_as_they_always_did():
     assert parse_detection_head(str(spec)) == spec
 
 
+# canonical specs as RUN config.json files of the first release hold them (booleans as 0/1, no neck keys in upernet's)
+RELEASED = [
+    ("detection", "bifpn:channels=256,checkpoint=0,layers=5,levels=all,norm=gn,roi=htc,rois=512,rpn_batch=256,score=logits,semantic=1"),
+    ("detection", "fpn-res:blocks=4,channels=256,levels=p3+p4+p5,norm=bn,roi=cascade,rois=512,rpn_batch=256,score=probs,semantic=0"),
+    ("segmentation", "upernet:aux=1,channels=512,layers=5,levels=all,neck=bifpn,norm=gn"),
+    ("segmentation", "upernet:aux=0,channels=512,layers=1,levels=all,neck=fpn-res,norm=gn"),
+    ("video", "temporal:blocks=4,dim=0,drop_path=0.2,dropout=0.5,heads=0,level=p5"),
+]
+
+
+@pytest.mark.parametrize(("task", "text"), RELEASED)
+def test_specs_of_released_runs_read_back_to_the_same_text(task, text):
+    assert str(TASKS[task].parse(text)) == text
+
+
 def every_param() -> list[tuple[str, Param]]:
     """Every head parameter of every task, every neck's and every option's."""
     tables = [h.params for t in TASKS.values() for h in t.heads.values()] + [n.params for n in (*NECKS.values(), UPER_FPN)]
