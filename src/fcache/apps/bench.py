@@ -1,5 +1,6 @@
 """``fcache bench``: what the frozen setting and the cache save per iteration, for the three tasks of the paper's
-Tables 7 (memory) and 8 (seconds per iteration): COCO detection, ADE20K segmentation, Kinetics-400 video.
+Tables 7 (memory) and 8 (seconds per iteration): COCO detection, ADE20K segmentation, Kinetics-400 video; and for any
+other task (depth, classification) with its own defaults (``TaskDef.bench``).
 
 For one task, backbone, input size and batch, three settings, each in its own process so its peak memory is its own
 (CUDA: max allocated; CPU: peak RSS of the measuring process):
@@ -7,13 +8,13 @@ For one task, backbone, input size and batch, three settings, each in its own pr
   (b) online   - the frozen backbone run on the batch's images (inference mode), then the same head's step;
   (c) finetune - the full-finetune head trained with the backbone: its forward and backward are part of the step,
                  AdamW updates it too.
-Defaults are the paper's (``PAPER``): the column titles of Tables 7/8 for the heads (frozen: 5x BiFPN, 6x pixel decoder,
-4x blocks, taken as ``global:blocks=4``; full finetune: FPN, 1x pixel decoder, linear), their batch sizes, and the inputs
-of Tables 11-13 (detection 1024, segmentation 512, SwinV2-G 640, video 16 frames of 224). The store is synthetic
-(``bench_stores``): random features of the backbone's exact level shapes. With ``features_only`` only (a) runs, the
-backbone built on the meta device for its shapes, so a SwinV2-G-shaped head needs no weights. A setting whose process
-raises or dies becomes an error row; the others still run. ``iters`` are timed iterations after one warm-up
-(``fcache train-head --steps`` are learning-rate milestones, another thing).
+Defaults are the paper's (``PAPER``, the tasks whose ``TaskDef.bench`` says so): the column titles of Tables 7/8 for the
+heads (frozen: 5x BiFPN, 6x pixel decoder, 4x blocks, taken as ``global:blocks=4``; full finetune: FPN, 1x pixel decoder,
+linear), their batch sizes, and the inputs of Tables 11-13 (detection 1024, segmentation 512, SwinV2-G 640, video 16
+frames of 224). The store is synthetic (``bench_stores``): random features of the backbone's exact level shapes. With
+``features_only`` only (a) runs, the backbone built on the meta device for its shapes, so a SwinV2-G-shaped head needs
+no weights. A setting whose process raises or dies becomes an error row; the others still run. ``iters`` are timed
+iterations after one warm-up (``fcache train-head --steps`` are learning-rate milestones, another thing).
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ import multiprocessing as mp
 import queue
 import shutil
 import tempfile
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,33 +35,22 @@ from fcache.common.flags import flag
 SETTINGS = ("store", "online", "finetune")
 
 
-@dataclass(frozen=True)
-class PaperTask:
-    """One task's columns of Tables 7 and 8: heads, batch sizes, and the input it trains on."""
+def __getattr__(name: str) -> Any:
+    """``PAPER``: task -> its ``BenchDef``, for the tasks of the paper's Tables 7/8 (read from TASKS when first asked:
+    importing this module, as ``fcache --help`` does, imports no task)."""
+    if name == "PAPER":
+        from fcache.train_heads.tasks import TASKS
 
-    frozen_head: str
-    finetune_head: str
-    batch: int
-    input_size: int
-    frames: int = 0  # video: frames per clip (Table 13)
-    batch_of: Mapping[str, int] = field(default_factory=dict)  # backbone alias -> batch, where the paper's differs
-    input_size_of: Mapping[str, int] = field(default_factory=dict)
-
-
-PAPER: dict[str, PaperTask] = {
-    "detection": PaperTask("bifpn:layers=5", "fpn", 16, 1024, batch_of={"swinv2-g": 8}),
-    "segmentation": PaperTask(
-        "mask2former:pixel_blocks=6", "mask2former:pixel_blocks=1", 16, 512, batch_of={"swinv2-g": 8}, input_size_of={"swinv2-g": 640}
-    ),
-    "video": PaperTask("global:blocks=4", "linear", 64, 224, frames=16, batch_of={"swinv2-l": 32, "swinv2-g": 16}),
-}
+        return {name: t.bench for name, t in TASKS.items() if t.bench.paper}
+    raise AttributeError(f"module 'fcache.apps.bench' has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """``fcache bench`` flags; 0 and "" take the paper's value for the task and backbone (``PAPER``)."""
+    """``fcache bench`` flags; 0 and "" take the task's value for the backbone (the paper's where it has one: ``PAPER``)."""
 
-    task: str = flag("detection", "The task whose Tables 7/8 columns are measured.", choices=tuple(PAPER))
+    task: str = flag("detection", "The task whose heads are measured (Tables 7/8: detection, segmentation, video).",
+                     choices="fcache.train_heads.tasks:TASKS")  # fmt: skip
     model: str = flag("swinv2-t", "Backbone whose features (or shapes) are used.")
     input_size: int = flag(0, "Canvas side [default: the paper's: detection 1024, segmentation 512 (swinv2-g 640), video 224].",
                            show_default=False)  # fmt: skip
@@ -82,21 +71,21 @@ class BenchConfig:
     seed: int = flag(0, "Seed of the synthetic store and the heads.")
 
     def __post_init__(self) -> None:
-        paper = PAPER.get(self.task)
-        if paper is None:
-            raise InputError(f"--task {self.task!r}: choose one of {', '.join(PAPER)}")
+        from fcache.train_heads.tasks import task_def
+
+        bench = task_def(self.task).bench
         resolved = {
-            "input_size": self.input_size or paper.input_size_of.get(self.model, paper.input_size),
-            "batch_size": self.batch_size or paper.batch_of.get(self.model, paper.batch),
-            "frames": (self.frames or paper.frames) if self.task == "video" else 0,
-            "head": self.head or paper.frozen_head,
-            "finetune_head": self.finetune_head or paper.finetune_head,
+            "input_size": self.input_size or bench.input_size_of.get(self.model, bench.input_size),
+            "batch_size": self.batch_size or bench.batch_of.get(self.model, bench.batch),
+            "frames": (self.frames or bench.frames) if bench.frames else 0,
+            "head": self.head or bench.frozen_head,
+            "finetune_head": self.finetune_head or bench.finetune_head,
             "device": resolve_device(self.device),
         }
         for k, v in resolved.items():
             object.__setattr__(self, k, v)
         positive = {"--iters": self.iters, "--batch-size": self.batch_size, "--input-size": self.input_size}
-        positive |= {"--frames": self.frames} if self.task == "video" else {}
+        positive |= {"--frames": self.frames} if bench.frames else {}
         bad = [f"{k} {v}: must be at least 1" for k, v in positive.items() if v < 1]
         bad += [f"{k} {v}: must be 0 or more" for k, v in {"--num-workers": self.num_workers, "--window": self.window}.items() if v < 0]
         if bad:
@@ -129,11 +118,12 @@ def _parse_heads(cfg: BenchConfig) -> list[Any]:
 
 
 def _store(cfg: BenchConfig, heads: list[Any], path: Path) -> Path:
-    """2 x batch synthetic samples shaped like ``cfg.model``'s levels (video: the levels the heads read)."""
-    from fcache.apps.bench_stores import synthetic_store, video_levels
+    """2 x batch synthetic samples shaped like ``cfg.model``'s levels (those the heads read, where the task says so)."""
+    from fcache.apps.bench_stores import synthetic_store
     from fcache.extract.backbones import build_backbone, default_window
+    from fcache.train_heads.tasks import task_def
 
-    levels = video_levels(heads) if cfg.task == "video" else None
+    levels = task_def(cfg.task).bench.levels(heads)
     window = cfg.window or default_window(cfg.model, cfg.task)
     bb = build_backbone(cfg.model, input_size=cfg.input_size, levels=levels, meta=True, window=window)
     return synthetic_store(path, cfg.task, bb.info, samples=2 * cfg.batch_size, shard_size=cfg.batch_size, dtype=cfg.dtype,
@@ -170,7 +160,7 @@ def _child(results: Any, setting: str, cfg_dict: dict[str, Any], store: str) -> 
 
 def _row_keys(setting: str, cfg: BenchConfig) -> dict[str, Any]:
     row = {"setting": setting, "task": cfg.task, "model": cfg.model, "input_size": cfg.input_size, "batch": cfg.batch_size}
-    return row | ({"frames": cfg.frames} if cfg.task == "video" else {}) | {"head": cfg.head_of(setting)}
+    return row | ({"frames": cfg.frames} if cfg.frames else {}) | {"head": cfg.head_of(setting)}
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:

@@ -207,11 +207,11 @@ def plot_losses(metrics_jsonl: Path, png: Path) -> None:
 
 
 def draw_predictions(detections_json: Path, data: Path, png: Path, images: int = 6, min_score: float = 0.5, tile: int = 512) -> None:
-    """Predicted boxes and masks (score >= min_score) on the first val images, in a grid, drawn by ``apps.draw`` (each
+    """Predicted boxes and masks (score >= min_score) on the first val images, in a grid, drawn by ``detection.draw`` (each
     detection in a colour far from the pixels it covers, with a legible name + score tag)."""
     from PIL import Image
 
-    from fcache.apps.draw import draw_detections
+    from fcache.train_heads.detection.draw import draw_detections
 
     coco = json.loads((data / "annotations.json").read_text())
     names = {c["id"]: c["name"] for c in coco["categories"]}

@@ -14,13 +14,14 @@ Every format also writes ``FILE.json``: the inputs and outputs of the graph, the
 (resize the longest side to the canvas, bilinear; normalise with mean/std; pad bottom/right with zeros), the
 classes, and the run's record. Shapes are fixed at export (batch ``--batch-size``, the run's canvas and frames).
 
-What each task's graph computes (``--head-only``: ``features`` replaces ``images``, a dict level -> (B, C, H, W),
-video (B, T, C, H, W)):
+What each task's graph computes after the features (``TaskDef.export``; ``--head-only``: ``features`` replaces
+``images``, a dict level -> (B, C, H, W), video (B, T, C, H, W)):
   - classification: (images (B, 3, S, S), content (B, 2) = valid height and width of the image on the canvas) ->
     logits (B, K);
   - video: clips (B, T, 3, S, S) -> logits (B, K) (one clip x crop view; average the softmax over views yourself);
   - segmentation: images -> class scores (B, K, S, S) on the canvas (UPerNet: logits; Mask2Former: its semantic
     scores); crop the content, resize to the original size, argmax;
+  - depth: images -> depth (B, 1, S, S) in metres on the canvas; crop the content, resize to the original size;
   - detection: images -> the neck's feature pyramid only (level -> (B, channels, H, W)). torchvision's RPN, RoI
     heads and NMS have data-dependent shapes that neither format captures here: for boxes and masks use the
     safetensors weights with fcache (``fcache.load``) or ``fcache predict``.
@@ -31,12 +32,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fcache.common.errors import InputError
+from fcache.train_heads.tasks import task_def
 
 FORMATS = ("pt2", "onnx", "safetensors")
 # the resize + pad of the plain view exactly as fcache extract renders it (extract.views.render), for images of (w, h)
@@ -45,12 +47,6 @@ RESIZE = (
     "box=(0, 0, min(w, rw / s), min(h, rh / s)), reducing_gap=None); x = (pixels / 255 - mean) / std; pad bottom/right with 0 "
     "to canvas x canvas; content = (rh, rw)"
 )
-GRAPH_OUTPUTS = {
-    "classification": "logits (B, K)",
-    "video": "logits (B, K)",
-    "segmentation": "class scores (B, K, S, S) on the canvas",
-    "detection": "the neck's pyramid: level -> (B, channels, H, W) (no RPN / RoI heads / NMS)",
-}
 
 
 @dataclass(frozen=True)
@@ -99,11 +95,14 @@ class Parts:
 
 
 class Graph(nn.Module):
-    """The exported computation of a run's task: backbone features (unless head-only), then the head, tensors only."""
+    """The exported computation of a run's task: backbone features (unless head-only), then the head and what its task
+    makes of it (``TaskDef.export.forward``), tensors only."""
 
     def __init__(self, parts: Parts) -> None:
         super().__init__()
         self.task = parts.task
+        self.finish = task_def(parts.task).export.forward
+        self.clips = parts.manifest.video
         self.head_only = parts.backbone is None
         self.backbone = None if parts.backbone is None else parts.backbone.model  # timm FeatureListNet
         self.nhwc = parts.backbone is not None and parts.backbone.nhwc
@@ -118,34 +117,18 @@ class Graph(nn.Module):
         feats = {n: (f.permute(0, 3, 1, 2) if self.nhwc else f).contiguous() for n, f in zip(self.all_levels, outs, strict=True)}
         return {n: feats[n] for n in self.levels}  # level -> (B, C, H, W)
 
-    def forward(self, x: Any, content: Tensor | None = None) -> Any:
-        if self.task == "video" and not self.head_only:
+    def forward(self, x: Any, *extra: Tensor) -> Any:
+        if self.clips and not self.head_only:
             b, t = x.shape[:2]
             feats = {n: f.reshape(b, t, *f.shape[1:]) for n, f in self.features(x.flatten(0, 1)).items()}  # (B, T, C, H, W)
         else:
             feats = x if self.head_only else self.features(x)
-        if self.task == "classification":
-            return self.head(feats[self.levels[0]], content)
-        if self.task == "video":
-            return self.head(feats[self.levels[0]])
-        if self.task == "segmentation":
-            return self.segmentation_scores(feats)
-        return dict(cast(Any, self.head).neck(feats))
-
-    def segmentation_scores(self, feats: dict[str, Tensor]) -> Tensor:
-        from fcache.train_heads.segmentation.targets import to_canvas
-
-        out = self.head(feats)
-        stride = int(cast(Any, self.head).stride)
-        if "masks" not in out:  # UPerNet: logits at the finest stride
-            return to_canvas(out["logits"], stride, self.canvas)
-        cls = out["logits"][-1].float().softmax(-1)[..., :-1]  # (B, Q, K)
-        masks = to_canvas(out["masks"][-1].float(), stride, self.canvas).sigmoid()  # (B, Q, S, S)
-        return torch.einsum("bqc,bqhw->bchw", cls, masks)
+        return self.finish(self.head, {n: feats[n] for n in self.levels}, self.canvas, *extra)
 
 
 def example_inputs(parts: Parts, batch: int) -> tuple[Any, ...]:
-    """Inputs of the graph's shape: zeros images (or features), and for classification the full canvas as content."""
+    """Inputs of the graph's shape: zeros images (or features), then the task's own inputs (classification: the full
+    canvas as content)."""
     m = parts.manifest
     s = int(m.backbone.input_size)
     frames = int(m.preprocessing.frames or 1)
@@ -156,28 +139,26 @@ def example_inputs(parts: Parts, batch: int) -> tuple[Any, ...]:
             x[lv.name] = torch.zeros(batch, *shape)
     else:
         x = torch.zeros(batch, frames, 3, s, s) if m.video else torch.zeros(batch, 3, s, s)
-    if parts.task == "classification":
-        return x, torch.full((batch, 2), float(s))
-    return (x,)
+    return (x, *task_def(parts.task).export.inputs(batch, s).values())
 
 
 def config_of(parts: Parts, cfg: ExportConfig, graph: Graph) -> dict[str, Any]:
     """What ``FILE.json`` holds."""
     m, record, bb, task = parts.manifest, parts.record, parts.backbone, parts.task
+    s = int(m.backbone.input_size)
     inputs: dict[str, Any] = {"features": {lv.name: [cfg.batch_size, *m.level_shape(lv.name)] for lv in record.levels}}
     if not cfg.head_only:
-        s = int(m.backbone.input_size)
         shape = [cfg.batch_size, int(m.preprocessing.frames or 1), 3, s, s] if m.video else [cfg.batch_size, 3, s, s]
         inputs = {"images": shape}
-    if task == "classification":
-        inputs["content"] = [cfg.batch_size, 2]
+    export = task_def(task).export
+    inputs |= {name: list(t.shape) for name, t in export.inputs(cfg.batch_size, s).items()}
     return {
         "format": cfg.format,
         "task": task,
         "head": record.head,
         "head_only": cfg.head_only,
         "inputs": inputs,
-        "outputs": GRAPH_OUTPUTS[task],
+        "outputs": export.outputs,
         "preprocessing": {
             "canvas": int(m.backbone.input_size),
             "resize": RESIZE,

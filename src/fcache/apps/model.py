@@ -36,8 +36,7 @@ from fcache.train_heads.data import KEY, VIEW_GEOMETRY, VIEW_NAMES, Collate
 from fcache.train_heads.evaluation import load_head
 from fcache.train_heads.optim import autocast
 from fcache.train_heads.runfolder import RANDOM_INIT, TrainingRecord, identity_differences
-from fcache.train_heads.segmentation.labelmaps import read_label_png
-from fcache.train_heads.task import Task
+from fcache.train_heads.task import OutputOptions, Task
 from fcache.train_heads.tasks import task_def
 
 Input = Any  # a path, a PIL image, an (H, W, 3) / (3, H, W) uint8 array or tensor; video: a path or (N, H, W, 3) frames
@@ -83,9 +82,10 @@ def check_weights(record: TrainingRecord, weights: str, random_init: bool) -> No
 class TrainedModel(nn.Module):
     """Frozen backbone + trained head of a RUN, with the run's preprocessing and its task's postprocessing.
 
-    ``model(inputs)`` returns one prediction per input: detection a list of COCO result records (bbox xywh in original
-    pixels, score, category id and name, RLE mask) with a score of at least ``score_thr``; segmentation an (H, W)
-    int64 tensor of class indices at the input's resolution; classification and video a dict with ``probs`` (K,) and
+    ``model(inputs)`` returns one prediction per input, as its task presents it (``TaskDef.outputs.present``): detection
+    a list of COCO result records (bbox xywh in original pixels, score, category id and name, RLE mask) with a score of
+    at least ``score_thr``; segmentation an (H, W) int64 tensor of class indices at the input's resolution; depth an
+    (H, W) float32 tensor of metres at the input's resolution; classification and video a dict with ``probs`` (K,) and
     ``top`` (the ``top_k`` best classes as ``{"class", "name", "score"}``).
     """
 
@@ -96,7 +96,8 @@ class TrainedModel(nn.Module):
         self.backbone, self.head = backbone.model, head
         self.task, self.record, self.manifest = task, record, manifest
         self.batch_size, self.score_thr, self.top_k = batch_size, score_thr, top_k
-        self.eval_views = task_def(task.name).eval_views
+        self.task_def = task_def(task.name)
+        self.eval_views = self.task_def.eval_views
 
     @classmethod
     def from_run(
@@ -259,17 +260,13 @@ class TrainedModel(nn.Module):
         """One user-facing prediction per input (see the class docstring)."""
         return [self.present(s, p) for s, p in self.run(inputs)]
 
+    @property
+    def options(self) -> OutputOptions:
+        return OutputOptions(score_thr=self.score_thr, top_k=self.top_k)
+
     def present(self, s: Sample, p: Any) -> Any:
         """A task prediction as ``model(inputs)`` returns it."""
-        if self.task.name == "detection":
-            names = {int(c["id"]): str(c.get("name", c["id"])) for c in self.record.task.get("categories", [])}
-            return [d | {"category_name": names.get(d["category_id"], "")} for d in p if d["score"] >= self.score_thr]
-        if self.task.name == "segmentation":
-            return torch.from_numpy(read_label_png(p["labels"]).astype(np.int64))
-        probs = torch.from_numpy(np.asarray(p["probs"]).mean(axis=0))  # (K,): the views' mean softmax scores
-        names = self.record.task["label_names"]
-        top = torch.topk(probs, min(self.top_k, len(probs)))
-        return {"probs": probs, "top": [{"class": int(c), "name": names[int(c)], "score": float(v)} for v, c in zip(*top, strict=True)]}
+        return self.task_def.outputs.present(self.task, p, self.options)
 
 
 def backbone_device(backbone: Backbone) -> torch.device:

@@ -3,15 +3,17 @@
 INPUTs are image or video files, folders (searched recursively, sorted) and globs; or one feature store, whose cached
 features are scored without any backbone (the cache path, with the ground truth drawn beside the predictions when
 the store has targets and its source is still on disk). Images go through ``apps.model.TrainedModel`` (the online
-path, equal to ``fcache eval`` on a store of the same images). Per task, into DIR:
+path, equal to ``fcache eval`` on a store of the same images). Each task writes its files into DIR
+(``TaskDef.outputs``):
 
 - detection: ``predictions.json`` (COCO results: image id, file name, category id and name, bbox xywh in original
   pixels, score, RLE mask; scores of at least ``--score-thr``);
 - segmentation: ``labels/<name>.png``, the label map at original resolution (indexed PNG, the class palette);
+- depth: ``depth/<name>.png``, the depth map at original resolution (16-bit PNG, millimetres);
 - video, classification: ``predictions.jsonl``, one line per input: ``fcache eval``'s record (top-5 of the views' mean
   scores) and the ``--top-k`` classes with names and scores;
-- with ``--draw``: ``overlays/<name>.png`` (boxes and masks, or the label map with a legend; ground truth beside for a
-  store with targets).
+- with ``--draw``: ``overlays/<name>.png`` (boxes and masks, the label map with a legend, or the depth map in colour;
+  ground truth beside for a store with targets).
 
 Nothing is written into RUN.
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 import glob
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +32,8 @@ import numpy as np
 
 from fcache.common.errors import InputError
 from fcache.extract.decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
-from fcache.train_heads.segmentation.labelmaps import file_name
 
-PREDICTIONS_JSON, PREDICTIONS_JSONL, LABELS, OVERLAYS = "predictions.json", "predictions.jsonl", "labels", "overlays"
+OVERLAYS = "overlays"
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def run_predict(cfg: PredictConfig, *, progress: bool = True) -> dict[str, Any]:
     files = expand_inputs(cfg.inputs, model.video)
     names = {path: name for path, name in files}
     ids = _image_ids(cfg.annotations)
-    writer = Writer(cfg, model.task.name, dict(model.record.task) | {"view_names": list(model.manifest.view_names)})
+    writer = Writer(cfg, model.task, model.manifest.view_names)
     bar = tqdm(total=len(files), desc=f"predict {model.task.name}", unit="input", file=sys.stderr, disable=not progress)
     for sample, prediction in model.run((path for path, _ in files), image_ids=ids):
         writer.add(names[sample.name], sample.name, sample.image, prediction, None)
@@ -128,80 +129,36 @@ def _image_ids(annotations: str) -> dict[str, int] | None:
 
 
 class Writer:
-    """Writes one task's prediction files as samples arrive."""
+    """Writes one run's prediction files (its task's, ``TaskDef.outputs.files``) and drawings as samples arrive."""
 
-    def __init__(self, cfg: PredictConfig, task: str, description: dict[str, Any]) -> None:
-        self.cfg, self.task, self.description = cfg, task, description
+    def __init__(self, cfg: PredictConfig, task: Any, view_names: Sequence[str]) -> None:
+        from fcache.train_heads.task import OutputOptions
+        from fcache.train_heads.tasks import task_def
+
+        self.cfg, self.task, self.outputs = cfg, task, task_def(task.name).outputs
+        self.options = OutputOptions(score_thr=cfg.score_thr, top_k=cfg.top_k)
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.detections: list[dict[str, Any]] = []
-        self.lines: list[dict[str, Any]] = []
-        self.names = {int(c["id"]): str(c.get("name", c["id"])) for c in description.get("categories", [])}
-        for sub in (LABELS if task == "segmentation" else None, OVERLAYS if cfg.draw else None):
-            if sub:
-                (self.out / sub).mkdir(exist_ok=True)
+        self.files = self.outputs.files(task, self.out, self.options, view_names)
+        if cfg.draw:
+            (self.out / OVERLAYS).mkdir(exist_ok=True)
 
     def add(self, name: str, file: str, image: np.ndarray | None, prediction: Any, truth: Any) -> None:
         """One input's prediction (``task.predict``'s), its pixels (None: nothing to draw on) and, from a store, its
         ground truth (or None)."""
-        from fcache.apps import draw
+        from fcache.train_heads.drawing import save_png
+        from fcache.train_heads.segmentation.labelmaps import file_name
 
-        stem = file_name(name)
-        picture: np.ndarray | None = None
-        drawing = self.cfg.draw
-        if self.task == "detection":
-            kept = [d | {"file_name": file, "category_name": self.names.get(d["category_id"], "")} for d in prediction]
-            kept = [d for d in kept if d["score"] >= self.cfg.score_thr]
-            self.detections += kept
-            if drawing and image is not None:
-                picture = draw.draw_detections(image, kept)
-                if truth is not None:
-                    gt = [a | {"category_name": self.names.get(a["category_id"], "")} for a in truth if not a.get("iscrowd")]
-                    picture = draw.side_by_side([("prediction", picture), ("ground truth", draw.draw_detections(image, gt))])
-        elif self.task == "segmentation":
-            from fcache.train_heads.segmentation.labelmaps import read_label_png
-
-            (self.out / LABELS / f"{stem}.png").write_bytes(prediction["labels"])
-            if drawing and image is not None:
-                labels_names = self.description["label_names"]
-                picture = draw.draw_labels(image, read_label_png(prediction["labels"]), labels_names)
-                if truth is not None:
-                    picture = draw.side_by_side([("prediction", picture), ("ground truth", draw.draw_labels(image, truth, labels_names))])
-        else:
-            self.lines.append(self._record(name, file, np.asarray(prediction["probs"])))
-        if picture is not None:
-            draw.save_png(picture, self.out / OVERLAYS / f"{stem}.png")
-
-    def _record(self, name: str, file: str, probs: np.ndarray) -> dict[str, Any]:
-        from fcache.train_heads.classification.scoring import prediction_records
-
-        label_names = self.description["label_names"]
-        views = self.description.get("view_names") or [f"view{v}" for v in range(len(probs))]
-        (rec,) = prediction_records([name], np.array([-1]), probs[None], views[: len(probs)], label_names)
-        mean = probs.mean(axis=0)
-        top = np.argsort(-mean, kind="stable")[: self.cfg.top_k]
-        return rec | {"file": file, "top": [{"class": int(c), "name": label_names[int(c)], "score": round(float(mean[c]), 6)} for c in top]}
+        self.files.add(name, file, prediction)
+        if self.cfg.draw and image is not None:
+            picture = self.outputs.draw(self.task, image, prediction, truth, self.options)
+            if picture is not None:
+                save_png(picture, self.out / OVERLAYS / f"{file_name(name)}.png")
 
     def finish(self, n: int) -> dict[str, Any]:
-        from fcache.common.files import atomic_file
-        from fcache.train_heads.runfolder import write_json
-
-        files: list[str] = []
-        if self.task == "detection":
-            write_json(self.out / PREDICTIONS_JSON, self.detections, indent=None)
-            files.append(str(self.out / PREDICTIONS_JSON))
-        elif self.task == "segmentation":
-            files.append(str(self.out / LABELS))
-        else:
-            path = self.out / PREDICTIONS_JSONL
-            with atomic_file(path) as tmp:
-                tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.lines))
-            files.append(str(path))
-        if self.cfg.draw:
-            files.append(str(self.out / OVERLAYS))
-        return {"run": self.cfg.run, "task": self.task, "inputs": n, "out": str(self.out), "files": files} | (
-            {"detections": len(self.detections)} if self.task == "detection" else {}
-        )
+        summary = self.files.finish()
+        files = list(summary.pop("files")) + ([str(self.out / OVERLAYS)] if self.cfg.draw else [])
+        return {"run": self.cfg.run, "task": self.task.name, "inputs": n, "out": str(self.out), "files": files} | summary
 
 
 def _from_store(cfg: PredictConfig, progress: bool) -> dict[str, Any]:
@@ -209,7 +166,6 @@ def _from_store(cfg: PredictConfig, progress: bool) -> dict[str, Any]:
     import torch
 
     from fcache.common.devices import resolve_device
-    from fcache.spec import Targets
     from fcache.train_heads.data import eval_data
     from fcache.train_heads.evaluation import load_trained, predict_all
     from fcache.train_heads.tasks import task_def
@@ -217,23 +173,17 @@ def _from_store(cfg: PredictConfig, progress: bool) -> dict[str, Any]:
     if cfg.test_views or cfg.clips or cfg.crops or cfg.weights or cfg.random_init:
         raise InputError("a store brings its own features and views: drop --test-views, --clips, --crops, --weights and --random-init")
     t = load_trained(cfg.run, cfg.inputs[0])
-    record = t.run.require_config()
-    data = eval_data(t.store, t.task, t.levels, task_def(t.task.name).eval_views)
+    tdef = task_def(t.task.name)
+    data = eval_data(t.store, t.task, t.levels, tdef.eval_views)
     device = torch.device(resolve_device(cfg.device))
     raw, predictions = predict_all(t.task, t.model, data, batch_size=cfg.batch_size, num_workers=0, device=device, progress=progress)
-    description = dict(record.task) | {"view_names": list(t.store.manifest.view_names)}
-    writer = Writer(cfg, t.task.name, description)
+    writer = Writer(cfg, t.task, t.store.manifest.view_names)
     indices = [int(i) for i in t.store.ok_indices]
     pictures = _store_images(t.store, indices) if cfg.draw else iter(())
     for i, r, p in zip(indices, raw, predictions, strict=True):
         key = str(t.store.keys[i])
         image = next(pictures, None) if cfg.draw else None
-        truth: Any = None
-        if image is not None and t.task.name == "detection" and Targets.ANNOTATIONS in r:
-            truth = json.loads(str(np.asarray(r[Targets.ANNOTATIONS]).item()))
-        elif image is not None and t.task.name == "segmentation":
-            g = t.store.geometry(i)
-            truth = np.asarray(t.store.target(Targets.SEGMENTATION, i))[: round(g.orig_h), : round(g.orig_w)]
+        truth = tdef.outputs.truth(t.store, i, r) if image is not None else None
         writer.add(key, key, image, p, truth)
     return writer.finish(len(indices))
 

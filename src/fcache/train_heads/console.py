@@ -6,17 +6,21 @@ from collections.abc import Mapping
 from typing import Any
 
 
-def format_metrics(metrics: Mapping[str, float]) -> list[str]:
-    """One line per metric family (``box/AP`` ... -> ``box   AP 45.0  AP50 ...``), in percent; '-' where undefined (-1)."""
+def format_metrics(metrics: Mapping[str, float], task: str) -> list[str]:
+    """One line per metric family (``box/AP`` ... -> ``box   AP 45.0  AP50 ...``), in percent or as they are (the task's
+    ``TaskDef.percent``); '-' where undefined (-1)."""
     families: dict[str, list[str]] = {}
     for key, value in metrics.items():
         family, _, name = key.partition("/")
-        families.setdefault(family, []).append(f"{name} {percent(value)}")
+        families.setdefault(family, []).append(f"{name} {shown(value, task)}")
     return [f"{family:<5} " + "  ".join(parts) for family, parts in families.items()]
 
 
-def percent(value: float) -> str:
-    return "-" if value < 0 else f"{100 * value:.1f}"
+def shown(value: float, task: str) -> str:
+    from fcache.train_heads.tasks import task_def
+
+    scale, digits = task_def(task).number_format
+    return "-" if value < 0 else f"{scale * value:.{digits}f}"
 
 
 def format_train_summary(s: Mapping[str, Any]) -> str:
@@ -33,14 +37,14 @@ def format_train_summary(s: Mapping[str, Any]) -> str:
         "loss      " + ("-" if s["final_loss"] is None else f"{s['final_loss']:.4f} (mean of the last logging window)"),
     ]
     if "eval" in s:
-        lines += ["eval      " + line for line in format_metrics(s["eval"])]
+        lines += ["eval      " + line for line in format_metrics(s["eval"], s["task"])]
     best = s.get("best")
     if best and best.get("value") is not None:
-        lines.append(f"best      {best['metric']} {percent(best['value'])} at iteration {best['iter']} (best.safetensors)")
+        lines.append(f"best      {best['metric']} {shown(best['value'], s['task'])} at iteration {best['iter']} (best.safetensors)")
     return "\n".join(lines)
 
 
 def format_eval(s: Mapping[str, Any]) -> str:
     lines = [f"run       {s['run']} (iteration {s['iter']}) on {s['store']}, {s['samples']} samples"]
-    lines += ["          " + line for line in format_metrics(s["metrics"])]
+    lines += ["          " + line for line in format_metrics(s["metrics"], s["task"])]
     return "\n".join(lines + ([f"files     {s['out']}"] if "out" in s else []))

@@ -193,4 +193,5 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
     metrics = evaluate_into(t.run, t.task, t.model, t.store, t.levels, cfg.batch_size, cfg.num_workers, cfg.device, t.iteration, progress,
                             precision=precision)  # fmt: skip
     out = t.run.eval_dir(t.store.root, t.store.manifest.fingerprint)
-    return {"run": str(t.run.path), "store": str(t.store.root), "iter": t.iteration, "samples": n, "out": str(out), "metrics": metrics}
+    summary = {"run": str(t.run.path), "task": t.task.name, "store": str(t.store.root), "iter": t.iteration, "samples": n}
+    return summary | {"out": str(out), "metrics": metrics}

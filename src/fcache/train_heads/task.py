@@ -1,10 +1,14 @@
-"""The task contract: what the loop, evaluation and analysis need from a task, and the ``TaskDef`` every task exports.
+"""The task contract: what the loop, evaluation, analysis and the apps need from a task, and the ``TaskDef`` every task
+exports.
 
-A task (detection, segmentation, video, classification) is a package with its heads, its targets, its metric and one
-``TASK = TaskDef(...)``; ``fcache.train_heads.tasks.TASKS`` lists them. Everything task-specific sits behind
-:class:`Task` (an object made from a store and a head spec, or rebuilt from a RUN's record); everything a command
-needs to know about a task without making one (its heads, defaults, main metric, which views it evaluates) is in its
-:class:`TaskDef`. Adding a task is its package plus one ``TASKS`` entry.
+A task (detection, segmentation, depth, video, classification) is a package with its heads, its targets, its metric and
+one ``TASK = TaskDef(...)``; ``fcache.train_heads.tasks.TASKS`` lists them. Everything task-specific sits behind
+:class:`Task` (an object made from a store and a head spec, or rebuilt from a RUN's record) and the hooks of its
+:class:`TaskDef`: its heads, defaults, main metric, which views it evaluates, how its predictions leave fcache
+(:class:`Outputs`: ``fcache.load``, ``fcache predict``, drawings), what evaluation files show (pictures, per-class
+tables), what ``fcache export``'s graph computes (:class:`ExportDef`) and how ``fcache bench`` measures it
+(:class:`BenchDef`). Adding a task is its package plus one ``TASKS`` entry; no code outside the package asks which task
+it is.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from fcache.spec import Geometry, LevelSpec
 from fcache.train_heads.headspec import HeadDef, HeadSpec, parse_head
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from torch import Tensor, nn
 
@@ -113,6 +118,115 @@ class TaskClass(Protocol):
 
 
 @dataclass(frozen=True)
+class OutputOptions:
+    """What ``fcache predict`` and ``fcache.load`` let a user choose about a task's predictions."""
+
+    score_thr: float = 0.0  # detection: keep detections scoring at least this
+    top_k: int = 5  # label tasks: classes listed per input
+
+
+class PredictionFiles(Protocol):
+    """The files one ``fcache predict`` writes for a task, filled as samples arrive."""
+
+    def add(self, name: str, file: str, prediction: Any) -> None:
+        """One input's prediction; ``name``: what its output files are called (a relative path), ``file``: its path."""
+        ...
+
+    def finish(self) -> dict[str, Any]:
+        """Writes what is left; the summary: ``files`` (what was written) and the task's counts."""
+        ...
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """How a task's predictions (``Task.predict``'s) leave fcache.
+
+    Attributes:
+        present: (task, prediction, options) -> what ``fcache.load(RUN)(inputs)`` returns for one input.
+        files: (task, out folder, options, view names) -> the :class:`PredictionFiles` of ``fcache predict``.
+        truth: (store, sample index, the item's raw targets) -> the ground truth drawn beside a prediction, or None.
+        draw: (task, image (H, W, 3) uint8, prediction, truth or None, options) -> the overlay ``--draw`` saves, or None.
+    """
+
+    present: Callable[[Any, Any, OutputOptions], Any]
+    files: Callable[[Any, Path, OutputOptions, Sequence[str]], PredictionFiles]
+    truth: Callable[[FeatureStore, int, Mapping[str, Any]], Any]
+    draw: Callable[[Any, np.ndarray, Any, Any, OutputOptions], np.ndarray | None]
+
+
+def no_inputs(batch: int, canvas: int) -> dict[str, Tensor]:
+    return {}
+
+
+@dataclass(frozen=True)
+class ExportDef:
+    """What ``fcache export``'s graph computes after the features.
+
+    Attributes:
+        outputs: what the graph returns, in words (``FILE.json``'s ``outputs``).
+        forward: (head, features level -> (B, C, H, W) in the head's level order, canvas side, *extra inputs) -> outputs.
+        inputs: (batch, canvas) -> the graph's inputs beside the images (or features): name -> an example tensor.
+    """
+
+    outputs: str
+    forward: Callable[..., Any]
+    inputs: Callable[[int, int], dict[str, Tensor]] = no_inputs
+
+
+def no_targets(n: int, canvas: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {}
+
+
+@dataclass(frozen=True)
+class Synthetic:
+    """A task's synthetic targets for ``fcache bench``'s stores.
+
+    Attributes:
+        specs: canvas -> ``fstore.create``'s keyword arguments (``targets``, ``target_attrs``).
+        driver: (n, canvas, rng) -> targets of all samples, written at store creation.
+        per_sample: (n, canvas, rng) -> targets of one unit's n samples, written with its features (or None).
+        classes: class names the store records (``class0``, ``class1``, ...).
+    """
+
+    specs: Callable[[int], dict[str, Any]]
+    driver: Callable[[int, int, np.random.Generator], dict[str, np.ndarray]] = no_targets
+    per_sample: Callable[[int, int, np.random.Generator], dict[str, np.ndarray]] | None = None
+    classes: int = 0
+
+
+def all_levels(heads: Sequence[HeadSpec]) -> tuple[str, ...] | None:
+    return None
+
+
+@dataclass(frozen=True)
+class BenchDef:
+    """How ``fcache bench`` measures a task: the heads, batch and input it takes by default, and its synthetic store.
+
+    Attributes:
+        frozen_head, finetune_head: the heads of the frozen rows (store, online) and of the finetune row.
+        batch, input_size: samples per iteration and canvas side; ``batch_of`` / ``input_size_of``: per backbone alias.
+        targets: the synthetic targets.
+        frames: frames per clip (a task of clips); 0: images.
+        paper: the defaults are the paper's Tables 7/8 columns (``apps.bench.PAPER``).
+        levels: (the parsed heads) -> the levels the store holds; None: every level of the backbone.
+    """
+
+    frozen_head: str
+    finetune_head: str
+    batch: int
+    input_size: int
+    targets: Synthetic
+    frames: int = 0
+    paper: bool = False
+    batch_of: Mapping[str, int] = field(default_factory=dict)
+    input_size_of: Mapping[str, int] = field(default_factory=dict)
+    levels: Callable[[Sequence[HeadSpec]], tuple[str, ...] | None] = all_levels
+
+
+PerClass = dict[str, dict[str, "float | None"]]  # a table's title part (e.g. ``box AP``) -> row name -> value
+
+
+@dataclass(frozen=True)
 class TaskDef:
     """Everything fcache knows about a task without making one: its heads, how it is made and checked, its metric.
 
@@ -127,6 +241,13 @@ class TaskDef:
         eval_views: ``plain``: evaluation reads view 0 of every sample; ``all``: every view at once (test views, clips).
         shown_families: the metric families (``box`` of ``box/AP``) ``fcache report``'s leaderboard shows; () for all.
             Tasks that also score each view alone show their views' mean only.
+        metric_names: the metrics of a family in the order tables show them (``AP``, ``AP50``, ...).
+        percent: the metrics are fractions shown in percent; False: shown as they are (metres, ratios).
+        outputs: how predictions are presented, written and drawn (:class:`Outputs`).
+        pictures: RUN/eval/<store> folder -> name -> (H, W, 3) uint8 pictures of its predictions (TensorBoard, W&B).
+        per_class: RUN/eval/<store> folder -> ``fcache report --per-class``'s tables: title -> row -> value.
+        export: what ``fcache export``'s graph computes (:class:`ExportDef`).
+        bench: how ``fcache bench`` measures the task (:class:`BenchDef`).
     """
 
     name: str
@@ -138,6 +259,13 @@ class TaskDef:
     higher_is_better: bool = True
     eval_views: str = "plain"
     shown_families: tuple[str, ...] = ()
+    metric_names: tuple[str, ...] = field(kw_only=True)
+    percent: bool = field(default=True, kw_only=True)
+    outputs: Outputs = field(kw_only=True)
+    pictures: Callable[[Path], dict[str, np.ndarray]] = field(kw_only=True)
+    per_class: Callable[[Path], PerClass] = field(kw_only=True)
+    export: ExportDef = field(kw_only=True)
+    bench: BenchDef = field(kw_only=True)
 
     def from_store(self, store: FeatureStore, head: str) -> Task:
         return self.task.from_store(store, head)
@@ -152,6 +280,11 @@ class TaskDef:
         if check is not None:
             check(spec)
         return spec
+
+    @property
+    def number_format(self) -> tuple[float, int]:
+        """(factor, decimals) tables show the metrics with: percent with one decimal, or as they are with three."""
+        return (100.0, 1) if self.percent else (1.0, 3)
 
     def train_defaults(self, head: str) -> dict[str, Any]:
         """TrainConfig fields ``head`` (spec text) trains with unless flags say otherwise: the task's, then the head's own."""

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fcache.train_heads.analysis.leaderboard import Entry
+from fcache.train_heads.analysis.leaderboard import Entry, number_format
 from fcache.train_heads.analysis.results import main_metric, save_figure, task_panels
 from fcache.train_heads.runfolder import RunDir
 
@@ -45,21 +45,23 @@ def metric_series(mine: Sequence[Entry]) -> dict[str, list[tuple[int, float, flo
 
 
 def draw_metric(board: dict[str, list[Entry]]) -> Any:
-    """Main metric (percent) against trainable parameters (log scale), one panel per task; the figure."""
+    """Main metric (percent, or as it is: ``TaskDef.percent``) against trainable parameters (log scale), one panel per
+    task; the figure."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     rows = [{"task": task} for task in board]
     fig, panels = task_panels(rows, 5.5)
     for ax, task, _ in panels:
+        scale, _ = number_format(task)
         for label, points in metric_series(board.get(task, [])).items():
-            x, y, err = ([p[0] / 1e6 for p in points], [100 * p[1] for p in points], [100 * p[2] for p in points])
+            x, y, err = ([p[0] / 1e6 for p in points], [scale * p[1] for p in points], [scale * p[2] for p in points])
             ax.errorbar(x, y, yerr=err if any(err) else None, marker="o", capsize=3, label=label)
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("trainable parameters (M)")
-        ax.set_ylabel(main_metric(task) + " (%)")
+        ax.set_ylabel(main_metric(task) + (" (%)" if scale == 100.0 else ""))
         ax.set_title(task)
         ax.grid(True, which="both", alpha=0.3)
     return fig

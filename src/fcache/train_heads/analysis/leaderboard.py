@@ -2,12 +2,13 @@
 
 Runs whose records differ only in their seed (:func:`fcache.train_heads.analysis.results.variant`) and that were
 evaluated on the same store are one entry: each metric is the mean over those runs, with the sample standard deviation
-(n - 1 in the denominator; none for n = 1) and n shown. Metrics come in the usual order (AP, AP50, AP75, APs, APm, APl;
-mIoU, mAcc, aAcc; top1, top5), the main metric's family first, only the families the task shows
-(``TaskDef.shown_families``). The settings column names what differs between entries of one head (lr, train fraction,
-training store, ...): a value that only follows the head (its default lr) is told by the head column. Per-class tables
-(``--per-class``) read what evaluation wrote into ``RUN/eval/<store>``: per-class AP (detection.json), IoU
-(segmentation.json) and top-1 of the views' mean (predictions.jsonl).
+(n - 1 in the denominator; none for n = 1) and n shown. Metrics come in the task's order (``TaskDef.metric_names``: AP,
+AP50, ...; mIoU, mAcc, aAcc; RMSE, AbsRel, ...; top1, top5), the main metric's family first, only the families the task
+shows (``TaskDef.shown_families``), in percent or as they are (``TaskDef.percent``); the best entry first in the main
+metric's direction (``TaskDef.higher_is_better``). The settings column names what differs between entries of one head
+(lr, train fraction, training store, ...): a value that only follows the head (its default lr) is told by the head
+column. Per-class tables (``--per-class``) read what evaluation wrote into ``RUN/eval/<store>``, as each task says
+(``TaskDef.per_class``: per-class AP, IoU, top-1 of the views' mean, per-depth-range scores).
 """
 
 from __future__ import annotations
@@ -15,15 +16,15 @@ from __future__ import annotations
 import csv
 import json
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fcache.train_heads.analysis.results import main_metric
 from fcache.train_heads.runfolder import RunDir
+from fcache.train_heads.task import TaskDef
 
-METRIC_ORDER = ("AP", "AP50", "AP75", "APs", "APm", "APl", "mIoU", "mAcc", "aAcc", "top1", "top5")
 LEADERBOARD_CSV, LEADERBOARD_MD, PER_CLASS_MD = "leaderboard.csv", "leaderboard.md", "per_class.md"
 IDENTITY_HIDDEN = ("head", "seed", "store_fingerprint")  # shown otherwise (head column), grouped over, or as the store
 
@@ -72,6 +73,28 @@ class Entry:
         return ", ".join([self.head, *(f"{k}={_short(v)}" for k, v in self.settings.items())])
 
 
+def known(task: str) -> TaskDef | None:
+    """The TASKS entry of ``task``; None for a task this fcache does not know (its runs are still listed)."""
+    from fcache.train_heads.tasks import TASKS
+
+    return TASKS.get(task)
+
+
+def higher_is_better(task: str) -> bool:
+    t = known(task)
+    return t.higher_is_better if t is not None else True
+
+
+def number_format(task: str) -> tuple[float, int]:
+    """(factor, decimals) of the task's metrics in tables (``TaskDef.number_format``; percent for an unknown task)."""
+    t = known(task)
+    return t.number_format if t is not None else (100.0, 1)
+
+
+def unit(task: str) -> str:
+    return "%, " if number_format(task)[0] == 100.0 else ""
+
+
 def _short(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
@@ -92,7 +115,8 @@ def _varies(mine: Sequence[Entry], key: str) -> bool:
 
 
 def entries(rows: Sequence[dict[str, Any]]) -> dict[str, list[Entry]]:
-    """task -> its entries, ranked: best mean main metric first (runs without one last), fewer parameters first on a tie."""
+    """task -> its entries, ranked: best mean main metric first in its direction (runs without one last), fewer parameters
+    first on a tie."""
     groups: dict[tuple[str, str, str | None], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["task"], r["variant"], r.get("eval_store")), []).append(r)
@@ -102,33 +126,32 @@ def entries(rows: Sequence[dict[str, Any]]) -> dict[str, list[Entry]]:
         out.setdefault(task, []).append(Entry(task, members[0]["head"], members[0]["family"], store, members, _setup(members[0])))
     for task, mine in out.items():
         varying = [k for k in mine[0].setup if _varies(mine, k)]
-        metric = main_metric(task)
+        metric, sign = main_metric(task), (1.0 if higher_is_better(task) else -1.0)
         for e in mine:
             e.settings = {k: e.setup.get(k) for k in varying}
-        mine.sort(key=lambda e: (e.mean(metric) is None, -(e.mean(metric) or 0.0), e.trainable_params, e.label))
+        mine.sort(key=lambda e: (e.mean(metric) is None, -sign * (e.mean(metric) or 0.0), e.trainable_params, e.label))
         for k, e in enumerate(mine, start=1):
             e.rank = k
     return dict(sorted(out.items()))
 
 
 def metric_columns(task: str, mine: Sequence[Entry]) -> list[str]:
-    """The metrics the task's table shows: the main metric's family first, then the others shown, each in METRIC_ORDER."""
-    from fcache.train_heads.tasks import TASKS
-
+    """The metrics the task's table shows: the main metric's family first, then the others shown, each in the task's order."""
+    t = known(task)
     main = main_metric(task)
-    shown = TASKS[task].shown_families if task in TASKS else ()
+    shown, order_of = (t.shown_families, t.metric_names) if t is not None else ((), ())
     keys = {k for e in mine for r in e.rows for k in r if "/" in k}
     families = sorted({k.partition("/")[0] for k in keys}, key=lambda f: (f != main.partition("/")[0], f))
     families = [f for f in families if not shown or f in shown or f == main.partition("/")[0]]
 
     def order(name: str) -> tuple[int, str]:
-        return (METRIC_ORDER.index(name) if name in METRIC_ORDER else len(METRIC_ORDER), name)
+        return (order_of.index(name) if name in order_of else len(order_of), name)
 
     return [f"{f}/{n}" for f in families for n in sorted((k.partition("/")[2] for k in keys if k.startswith(f + "/")), key=order)]
 
 
 def _pm(mean: float | None, std: float | None, scale: float = 100.0, digits: int = 1) -> str:
-    """``45.2 ± 0.3`` (percent by default); ``-`` without a value."""
+    """``45.2 ± 0.3`` (percent by default: ``scale``, ``digits`` from ``number_format``); ``-`` without a value."""
     if mean is None:
         return "-"
     return f"{scale * mean:.{digits}f}" + (f" ± {scale * std:.{digits}f}" if std is not None else "")
@@ -149,6 +172,7 @@ def _number(v: float | None, fmt: str) -> str:
 def table(task: str, mine: Sequence[Entry]) -> list[list[str]]:
     """The task's leaderboard as rows of cells, the header first."""
     metrics = metric_columns(task, mine)
+    scale, digits = number_format(task)
     with_settings = any(e.settings for e in mine)
     header = ["#", "head", *(["settings"] if with_settings else []), "eval store", "n", *metrics]
     header += ["params (M)", "train time", "s/iter", "peak mem (GB)"]
@@ -156,7 +180,7 @@ def table(task: str, mine: Sequence[Entry]) -> list[list[str]]:
     for e in mine:
         settings = [", ".join(f"{k}={_short(v)}" for k, v in e.settings.items())] if with_settings else []
         store = Path(e.eval_store).name if e.eval_store else "(not evaluated)"
-        cells = [str(e.rank), e.head, *settings, store, str(e.n), *(_pm(e.mean(m), e.std(m)) for m in metrics)]
+        cells = [str(e.rank), e.head, *settings, store, str(e.n), *(_pm(e.mean(m), e.std(m), scale, digits) for m in metrics)]
         cells += [f"{e.trainable_params / 1e6:.2f}", _duration(e.mean("time_s")), _number(e.mean("s_per_iter"), "#.3g")]
         cells.append(_number(max(e.values("peak_mem_gb"), default=None), ".2f"))
         out.append(cells)
@@ -174,7 +198,7 @@ def markdown(board: dict[str, list[Entry]]) -> str:
     """Every task's table under a heading that names its ranking metric."""
     parts = []
     for task, mine in board.items():
-        title = f"### {task}: ranked by {main_metric(task)} (%, mean ± std over n seeds)"
+        title = f"### {task}: ranked by {main_metric(task)} ({unit(task)}mean ± std over n seeds)"
         parts += [title, "", markdown_table(table(task, mine))]
     return "\n".join(parts)
 
@@ -212,56 +236,15 @@ def eval_dir(row: dict[str, Any]) -> Path | None:
     return run.path / where if where else None
 
 
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _detection(folder: Path) -> dict[str, dict[str, float | None]]:
-    from fcache.train_heads.detection.task import DETECTION_JSON
-
-    d = _read_json(folder / DETECTION_JSON) or {}
-    return {f"{family} AP": {c["class"]: c["AP"] for c in v["classes"]} for family, v in d.items()}
-
-
-def _segmentation(folder: Path) -> dict[str, dict[str, float | None]]:
-    from fcache.train_heads.segmentation.task import SEGMENTATION_JSON
-
-    d = _read_json(folder / SEGMENTATION_JSON) or {}
-    families = {("ss" if k == "single_scale" else k): v for k, v in d.items() if isinstance(v, dict) and "classes" in v}
-    return {f"{f} IoU": {c["class"]: c["IoU"] for c in families[f]["classes"]} for f in sorted(families, key=lambda f: (f != "ss", f))}
-
-
-def _labels(folder: Path) -> dict[str, dict[str, float | None]]:
-    """Top-1 of the views' mean scores per class (the share of a class's samples predicted as it)."""
-    from fcache.train_heads.classification.scoring import PREDICTIONS
-
-    path = folder / PREDICTIONS
-    if not path.is_file():
-        return {}
-    hits: dict[str, list[bool]] = {}
-    for line in path.read_text().splitlines():
-        p = json.loads(line)
-        if p.get("label_name") is not None:
-            hits.setdefault(p["label_name"], []).append(p["pred"] == p["label"])
-    return {"top-1": {name: sum(h) / len(h) for name, h in hits.items()}}
-
-
-PER_CLASS: dict[str, Callable[[Path], dict[str, dict[str, float | None]]]] = {
-    "detection": _detection,
-    "segmentation": _segmentation,
-    "classification": _labels,
-    "video": _labels,
-}
-
-
 def per_class(board: dict[str, list[Entry]]) -> list[tuple[str, list[list[str]]]]:
     """(title, cells) per task, evaluation store and per-class metric: a row per class, a column per entry (mean ± std
-    over its seeds, percent); '-' where a class has no value (no ground truth, never predicted)."""
+    over its seeds, as the task's tables show them); '-' where a class has no value (no ground truth, never predicted)."""
     out = []
     for task, mine in board.items():
-        read = PER_CLASS.get(task)
-        if read is None:
+        t = known(task)
+        if t is None:
             continue
+        read, (scale, digits) = t.per_class, t.number_format
         by_store: dict[str, dict[str, dict[int, list[dict[str, float | None]]]]] = {}  # store -> metric -> rank -> per run
         for e in mine:
             for r in e.rows:
@@ -277,9 +260,11 @@ def per_class(board: dict[str, list[Entry]]) -> list[tuple[str, list[list[str]]]
                     row = [c]
                     for e in ranked:
                         vs = [float(x) for v in per_entry[e.rank] if (x := v.get(c)) is not None]
-                        row.append(_pm(statistics.fmean(vs) if vs else None, statistics.stdev(vs) if len(vs) > 1 else None))
+                        mean, std = statistics.fmean(vs) if vs else None, statistics.stdev(vs) if len(vs) > 1 else None
+                        row.append(_pm(mean, std, scale, digits))
                     cells.append(row)
-                out.append((f"#### {task}: {metric} per class on {Path(store).name} (%)", cells))
+                shown = " (%)" if scale == 100.0 else ""
+                out.append((f"#### {task}: {metric} per class on {Path(store).name}{shown}", cells))
     return out
 
 

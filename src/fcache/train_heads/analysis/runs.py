@@ -24,6 +24,7 @@ from typing import Any
 from safetensors import safe_open
 
 from fcache.common.errors import FcacheError
+from fcache.train_heads.analysis.leaderboard import higher_is_better
 from fcache.train_heads.analysis.report import find_runs
 from fcache.train_heads.analysis.results import last_iteration, main_metric
 from fcache.train_heads.runfolder import CONFIG, METRICS, MODEL, RunDir
@@ -84,7 +85,7 @@ def run_status(path: str | Path, *, now: float | None = None, stale_after: float
         status = "running" if age <= recent_window(records, stale_after) else "stopped"
     metric = main_metric(cfg.task)
     evals = [r for r in records if r.get("event") == "eval" and isinstance(r.get(metric), int | float) and r[metric] >= 0]
-    best = max(evals, key=lambda r: r[metric], default=None)
+    best = (max if higher_is_better(cfg.task) else min)(evals, key=lambda r: r[metric], default=None)
     return {
         "run": str(run.path),
         "task": cfg.task,
@@ -122,15 +123,16 @@ def _shown_path(path: str) -> str:
 
 def format_runs(lines: Sequence[dict[str, Any]]) -> str:
     """The table ``fcache runs`` prints: run (relative to the current folder when below it), task, head, status,
-    iterations, eval store and best main metric (%)."""
-    from fcache.train_heads.analysis.leaderboard import markdown_table
+    iterations, eval store and best main metric (percent, or as it is: ``TaskDef.percent``)."""
+    from fcache.train_heads.analysis.leaderboard import markdown_table, number_format
 
     cells = [["run", "task", "head", "status", "iters", "eval store", "best"]]
     for r in lines:
         if r["status"] == "damaged":
             cells.append([_shown_path(r["run"]), "-", "-", "damaged", "-", "-", "-"])
             continue
-        best = "-" if r["best"] is None else f"{r['metric']} {100 * r['best']:.1f}"
+        scale, digits = number_format(r["task"])
+        best = "-" if r["best"] is None else f"{r['metric']} {scale * r['best']:.{digits}f}"
         store = Path(r["eval_store"]).name if r["eval_store"] else "-"
         cells.append([_shown_path(r["run"]), r["task"], r["head"], r["status"], f"{r['iters_done']}/{r['iters']}", store, best])
     counts = ", ".join(f"{sum(r['status'] == s for r in lines)} {s}" for s in STATUSES if any(r["status"] == s for r in lines))

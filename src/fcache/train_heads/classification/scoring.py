@@ -19,6 +19,7 @@ from fcache.common.files import atomic_file
 PREDICTIONS = "predictions.jsonl"
 AVERAGED = "avg"  # metric family of the views' mean scores
 TOPK = (1, 5)
+TOPK_NAMES = tuple(f"top{k}" for k in TOPK)  # the metric names of a family
 
 
 def topk_hits(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:

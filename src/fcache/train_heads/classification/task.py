@@ -22,7 +22,16 @@ from fcache.common.errors import InputError
 from fcache.spec import LEVEL_NAMES, Geometry, LevelSpec, Targets
 from fcache.store import FeatureStore
 from fcache.train_heads.classification.model import LinearProbe
-from fcache.train_heads.classification.scoring import AVERAGED, PREDICTIONS, prediction_records, score_views, write_predictions
+from fcache.train_heads.classification.outputs import EXPORT, OUTPUTS, per_class, pictures
+from fcache.train_heads.classification.scoring import (
+    AVERAGED,
+    PREDICTIONS,
+    TOPK_NAMES,
+    prediction_records,
+    score_views,
+    write_predictions,
+)
+from fcache.train_heads.classification.synthetic import BENCH
 from fcache.train_heads.data import KEY, VIEW_GEOMETRY, VIEW_NAMES
 from fcache.train_heads.headspec import HeadDef, HeadSpec, Param
 from fcache.train_heads.task import Batch, TaskDef
@@ -188,6 +197,12 @@ TASK = TaskDef(
     check_eval_store,
     "avg/top1",
     defaults={"batch_size": 64, "lr": 1e-3, "weight_decay": 0.0, "schedule": "cosine", "warmup_epochs": 1.0},
-    eval_views="all",
+    eval_views="all",  # the plain view and the test views, each and averaged
     shown_families=(AVERAGED,),
-)  # the plain view and the test views, each and averaged
+    metric_names=TOPK_NAMES,
+    outputs=OUTPUTS,
+    pictures=pictures,
+    per_class=per_class,
+    export=EXPORT,
+    bench=BENCH,
+)

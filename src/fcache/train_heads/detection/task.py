@@ -24,6 +24,8 @@ from fcache.train_heads.detection.cascade import SCORES
 from fcache.train_heads.detection.conventions import BEFORE_RECORD, CURRENT, conventions
 from fcache.train_heads.detection.evaluate import coco_evaluate, coco_ground_truth
 from fcache.train_heads.detection.model import ROI_HEADS, build_detector
+from fcache.train_heads.detection.outputs import DETECTION_JSON, EXPORT, OUTPUTS, per_class, pictures
+from fcache.train_heads.detection.synthetic import BENCH
 from fcache.train_heads.detection.targets import category_labels, content_size, detections_to_coco, view_targets
 from fcache.train_heads.headspec import HeadDef, HeadSpec, Param, select_levels
 from fcache.train_heads.necks import NECKS
@@ -31,7 +33,6 @@ from fcache.train_heads.runfolder import DETECTIONS, write_json
 from fcache.train_heads.segmentation.targets import view_labels
 from fcache.train_heads.task import Batch, TaskDef
 
-DETECTION_JSON = "detection.json"  # AP of each category per family, written into RUN/eval/<store> by evaluation
 ROI_PARAMS: dict[str, Param] = {
     "roi": Param("standard", kind="choice", choices=tuple(ROI_HEADS), help="; ".join(f"{k}: {r.help}" for k, r in ROI_HEADS.items())),
     "score": Param(
@@ -182,4 +183,16 @@ def check_eval_store(task: DetectionTask, store: FeatureStore) -> None:
         )
 
 
-TASK = TaskDef("detection", HEADS, DetectionTask, check_eval_store, "box/AP")
+TASK = TaskDef(
+    "detection",
+    HEADS,
+    DetectionTask,
+    check_eval_store,
+    "box/AP",
+    metric_names=("AP", "AP50", "AP75", "APs", "APm", "APl"),
+    outputs=OUTPUTS,
+    pictures=pictures,
+    per_class=per_class,
+    export=EXPORT,
+    bench=BENCH,
+)

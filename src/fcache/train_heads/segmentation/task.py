@@ -29,12 +29,12 @@ from fcache.train_heads.runfolder import write_json
 from fcache.train_heads.segmentation import metrics as M
 from fcache.train_heads.segmentation.labelmaps import file_name, label_png
 from fcache.train_heads.segmentation.mask2former import build_mask2former
+from fcache.train_heads.segmentation.outputs import EXPORT, LABELS, OUTPUTS, SEGMENTATION_JSON, per_class, pictures
+from fcache.train_heads.segmentation.synthetic import BENCH
 from fcache.train_heads.segmentation.targets import ground_truth, view_labels
 from fcache.train_heads.segmentation.upernet import UPERNET_NECKS, build_upernet
 from fcache.train_heads.task import Batch, TaskDef
 
-SEGMENTATION_JSON = "segmentation.json"  # per-class IoU and accuracy, written into RUN/eval/<store> by evaluation
-LABELS = "labels"  # the folder of predicted label maps (indexed PNGs at original resolution) beside it
 LEVELS = Param("all", kind="levels", help="stored levels the head reads: all, or e.g. p3+p4+p5")
 
 
@@ -252,5 +252,16 @@ def check_eval_store(task: SegmentationTask, store: FeatureStore) -> None:
 
 
 TASK = TaskDef(
-    "segmentation", HEADS, SegmentationTask, check_eval_store, "ss/mIoU", eval_views="all"
-)  # single scale from view 0, ms+flip from all of them
+    "segmentation",
+    HEADS,
+    SegmentationTask,
+    check_eval_store,
+    "ss/mIoU",
+    eval_views="all",  # single scale from view 0, ms+flip from all of them
+    metric_names=("mIoU", "mAcc", "aAcc"),
+    outputs=OUTPUTS,
+    pictures=pictures,
+    per_class=per_class,
+    export=EXPORT,
+    bench=BENCH,
+)

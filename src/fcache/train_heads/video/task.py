@@ -19,11 +19,13 @@ from torch import Tensor, nn
 from fcache.common.errors import InputError
 from fcache.spec import Geometry, LevelSpec
 from fcache.store import FeatureStore
-from fcache.train_heads.classification.scoring import AVERAGED
+from fcache.train_heads.classification.outputs import OUTPUTS, per_class, pictures
+from fcache.train_heads.classification.scoring import AVERAGED, TOPK_NAMES
 from fcache.train_heads.classification.task import LEVEL, LabelTask, check_labels, check_same_classes, find_level
 from fcache.train_heads.headspec import HeadDef, HeadSpec, Param
-from fcache.train_heads.task import TaskDef
+from fcache.train_heads.task import ExportDef, TaskDef
 from fcache.train_heads.video.model import HEAD_DIM, GlobalHead, TemporalHead, VideoLinear
+from fcache.train_heads.video.synthetic import BENCH
 
 MAX_DIM = 1024
 DROPOUT = Param(0.5, kind="prob", help="dropout before the classifier (Video Swin's head)")
@@ -109,6 +111,12 @@ class VideoTask(LabelTask):
         return model(x)  # (n, T, C, H, W) -> (n, K); every crop fills the canvas, nothing to mask
 
 
+def clip_logits(head: nn.Module, features: dict[str, Tensor], canvas: int) -> Tensor:
+    """The exported graph: (B, K) logits of one clip x crop view per sample."""
+    (x,) = features.values()  # (B, T, C, H, W)
+    return head(x)
+
+
 def check_store(store: FeatureStore) -> None:
     """The store can train or evaluate a video head: per-frame features of labelled clips."""
     if not store.video:
@@ -141,6 +149,12 @@ TASK = TaskDef(
     check_eval_store,
     "avg/top1",
     defaults={"batch_size": 64, "lr": 3e-4, "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 2.5},
-    eval_views="all",
+    eval_views="all",  # every clip x crop, each and averaged
     shown_families=(AVERAGED,),
-)  # Table 13, frozen; every clip x crop, each and averaged
+    metric_names=TOPK_NAMES,
+    outputs=OUTPUTS,
+    pictures=pictures,
+    per_class=per_class,
+    export=ExportDef("logits (B, K)", clip_logits),
+    bench=BENCH,
+)  # defaults: Table 13, frozen
