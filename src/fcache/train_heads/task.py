@@ -223,7 +223,7 @@ class BenchDef:
     levels: Callable[[Sequence[HeadSpec]], tuple[str, ...] | None] = all_levels
 
 
-PerClass = dict[str, dict[str, "float | None"]]  # a table's title part (e.g. ``box AP``) -> row name -> value
+PerClass = dict[str, dict[str, "float | None"]]  # a table's title (``box AP per class``) -> row (a class) -> value
 
 
 @dataclass(frozen=True)

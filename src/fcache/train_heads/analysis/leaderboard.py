@@ -264,7 +264,7 @@ def per_class(board: dict[str, list[Entry]]) -> list[tuple[str, list[list[str]]]
                         row.append(_pm(mean, std, scale, digits))
                     cells.append(row)
                 shown = " (%)" if scale == 100.0 else ""
-                out.append((f"#### {task}: {metric} per class on {Path(store).name}{shown}", cells))
+                out.append((f"#### {task}: {metric} on {Path(store).name}{shown}", cells))
     return out
 
 

@@ -48,7 +48,8 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def entry_record(e: lb.Entry) -> dict[str, Any]:
-    """A leaderboard entry as JSON: metrics as fractions, each with its mean and std over the entry's seeds."""
+    """A leaderboard entry as JSON: metrics as evaluation gives them (fractions, metres), each with its mean and std over
+    the entry's seeds."""
     metrics = {m: {"mean": e.mean(m), "std": e.std(m)} for m in lb.metric_columns(e.task, [e])}
     return {
         "task": e.task,

@@ -89,7 +89,7 @@ def per_class(folder: Path) -> PerClass:
         p = json.loads(line)
         if p.get("label_name") is not None:
             hits.setdefault(p["label_name"], []).append(p["pred"] == p["label"])
-    return {"top-1": {name: sum(h) / len(h) for name, h in hits.items()}}
+    return {"top-1 per class": {name: sum(h) / len(h) for name, h in hits.items()}}
 
 
 def probe_logits(head: nn.Module, features: dict[str, Tensor], canvas: int, content: Tensor) -> Tensor:

@@ -97,7 +97,7 @@ def pictures(folder: Path) -> dict[str, np.ndarray]:
 def per_class(folder: Path) -> PerClass:
     """``box AP`` and ``mask AP`` of each category (detection.json)."""
     d = read_json(folder / DETECTION_JSON) or {}
-    return {f"{family} AP": {c["class"]: c["AP"] for c in v["classes"]} for family, v in d.items()}
+    return {f"{family} AP per class": {c["class"]: c["AP"] for c in v["classes"]} for family, v in d.items()}
 
 
 def graph(head: nn.Module, features: dict[str, Tensor], canvas: int) -> dict[str, Tensor]:

@@ -70,7 +70,9 @@ def per_class(folder: Path) -> PerClass:
     """IoU of each class, single scale first, then over the test views (segmentation.json)."""
     d = read_json(folder / SEGMENTATION_JSON) or {}
     families = {("ss" if k == "single_scale" else k): v for k, v in d.items() if isinstance(v, dict) and "classes" in v}
-    return {f"{f} IoU": {c["class"]: c["IoU"] for c in families[f]["classes"]} for f in sorted(families, key=lambda f: (f != "ss", f))}
+    return {
+        f"{f} IoU per class": {c["class"]: c["IoU"] for c in families[f]["classes"]} for f in sorted(families, key=lambda f: (f != "ss", f))
+    }
 
 
 def scores(head: nn.Module, features: dict[str, Tensor], canvas: int) -> Tensor:
