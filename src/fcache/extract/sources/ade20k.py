@@ -68,5 +68,5 @@ class Ade20kSource(LabelMapSource):
     def label_names(self) -> tuple[str, ...]:
         return ADE20K_CLASSES
 
-    def to_classes(self, values: np.ndarray, ref: SampleRef) -> np.ndarray:
+    def to_target(self, values: np.ndarray, ref: SampleRef) -> np.ndarray:
         return reduce_zero_label(values)

@@ -66,14 +66,15 @@ class LabelTargets:
 
 
 class Source(Protocol):
-    """A raw dataset. Implementations: coco, ade20k, seg-folder, video, folder, wds."""
+    """A raw dataset. Implementations: the SOURCES table (coco, ade20k, seg-folder, depth-folder, video, folder, wds)."""
 
-    kind: str  # coco | ade20k | seg-folder | video | folder | wds
+    kind: str  # its SOURCES key
     root: Path
 
     @property
     def task(self) -> str:
-        """detection | segmentation | video | classification | "" (folder / wds: known once the files are listed)."""
+        """The task its targets serve (a TASKS key: detection, segmentation, depth, ...); "" (folder / wds: known once the
+        files are listed)."""
         ...
 
     def samples(self) -> list[SampleRef]:

@@ -1,9 +1,10 @@
-"""What the segmentation sources (``ade20k``, ``seg-folder``) share: images paired by stem with single-channel label
-PNGs, listed from headers only, decoded into one ``segmentation`` target per sample.
+"""What the dense-target sources (``ade20k``, ``seg-folder``, ``depth-folder``) share: images paired by stem with
+single-channel label maps, listed from headers only, decoded into one target map per sample.
 
-A subclass names its folders and classes and turns a label PNG's values into class indices (``to_classes``). The
-``segmentation`` target is (Hmax, Wmax) uint8 per sample, padded with ``Targets.IGNORE``; Hmax/Wmax come from the PNG and
-image headers read in ``samples()`` (no pixel is decoded there). Keys are image paths relative to ``--root``, sorted.
+A subclass names its folders and classes and turns a label file's values into the target's (``to_target``: class
+indices, or metres). The target (``segmentation`` by default) is (Hmax, Wmax) per sample, padded with its fill
+(``Targets.IGNORE``); Hmax/Wmax come from the label and image headers read in ``samples()`` (no pixel is decoded there).
+Keys are image paths relative to ``--root``, sorted.
 
 EXIF orientation never desynchronises image and label: label PNGs carry no orientation, so a label the size of the
 stored image pixels is transposed exactly like the image (both end upright); a label already the size of the
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from fcache.common.errors import MetadataError
+from fcache.common.errors import InputError, MetadataError
 from fcache.extract.decode import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -50,13 +51,40 @@ def header(path: Path, formats: tuple[str, ...]) -> tuple[tuple[int, int], int]:
             return im.size, exif_orientation(im)
 
 
+def check_split(split: str, labels: str) -> None:
+    """``--split`` names a sub-folder (of images/ and ``labels``/), not a path."""
+    if split and (Path(split).name != split or split in (".", "..")):
+        raise InputError(f"--split {split!r} must name a sub-folder of images/ and {labels}/ (e.g. train), not a path")
+
+
+def split_folders(root: Path, split: str, labels: str, layout: str) -> tuple[Path, Path]:
+    """(images folder, label folder) of ``ROOT/images[/SPLIT]`` + ``ROOT/<labels>[/SPLIT]``; InputError naming the
+    ``layout`` and the splits there are when they are not there (or only splits are, and no ``--split`` was given)."""
+    sub = Path(split) if split else Path()
+    images, maps = root / "images" / sub, root / labels / sub
+    top = root / "images"
+    splits = sorted(p.name for p in top.iterdir() if p.is_dir() and (root / labels / p.name).is_dir()) if top.is_dir() else []
+    only_splits = not split and splits and not any(p.is_file() for p in top.iterdir())
+    if not images.is_dir() or not maps.is_dir() or only_splits:
+        found = f"; splits found: {', '.join(splits)} (--split NAME)" if splits and not split else ""
+        raise InputError(
+            f"--root {root}{f' --split {split}' if split else ''}: expected folders {images.relative_to(root)} "
+            f"and {maps.relative_to(root)} ({layout}){found}"
+        )
+    return images, maps
+
+
 class LabelMapSource:
-    """Images and label PNGs of the same stem; subclasses set ``kind``, the folders, the classes and ``to_classes``."""
+    """Images and label PNGs of the same stem; subclasses set ``kind``, the folders, the classes and ``to_target``."""
 
     kind = ""
     task = "segmentation"
     labels_name = "label map"  # what a label file is called in messages
     strict_pairs = False  # True: a label file without its image is a metadata problem (else a warning)
+    label_suffixes: tuple[str, ...] = (".png",)  # what a label file may end with
+    target: str = Targets.SEGMENTATION  # the stored map: its name, dtype and padding
+    target_dtype: str = "uint8"
+    target_fill: float = Targets.IGNORE
 
     def __init__(self, root: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.root = Path(os.path.abspath(root))
@@ -72,9 +100,23 @@ class LabelMapSource:
     def label_names(self) -> tuple[str, ...]:
         raise NotImplementedError
 
-    def to_classes(self, values: np.ndarray, ref: SampleRef) -> np.ndarray:
-        """(h, w) uint8 class indices, ``Targets.IGNORE`` where unlabelled, from a label PNG's values; SampleError if bad."""
+    def to_target(self, values: np.ndarray, ref: SampleRef) -> np.ndarray:
+        """(h, w) target values from a label file's (segmentation: uint8 class indices, ``Targets.IGNORE`` where
+        unlabelled); SampleError if bad."""
         raise NotImplementedError
+
+    def label_size(self, path: Path) -> tuple[int, int]:
+        """(w, h) of a label file from its header (raises when it is not one)."""
+        return header(path, ("PNG",))[0]
+
+    def open_label(self, ref: SampleRef) -> Image.Image:
+        """The sample's label file as a single-channel image (SampleError with the sample's status when it is not one)."""
+        label_im, _ = load_image(ref.extra["label"], root=self.root, max_pixels=self.max_pixels)
+        if label_im.mode not in LABEL_MODES:
+            raise SampleError(
+                Status.DECODE_ERROR, f"{ref.extra['label']}: a {self.labels_name} must be single-channel (L or P), not {label_im.mode}"
+            )
+        return label_im
 
     # -- listing -----------------------------------------------------------------------------------
     def samples(self) -> list[SampleRef]:
@@ -82,7 +124,7 @@ class LabelMapSource:
             return self._refs
         images_dir, labels_dir = self.folders()
         images = sorted(p for p in images_dir.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS))
-        labels = {p.stem: p for p in labels_dir.iterdir() if p.is_file() and p.suffix.lower() == ".png"}
+        labels = {p.stem: p for p in labels_dir.iterdir() if p.is_file() and p.suffix.lower() in self.label_suffixes}
         problems, refs, sizes = [], [], []
         seen: dict[str, Path] = {}
         for path in images:
@@ -92,11 +134,12 @@ class LabelMapSource:
             seen[path.stem] = path.relative_to(self.root)
             label = labels.pop(path.stem, None)
             if label is None:
-                problems.append(f"{path.relative_to(self.root)}: no {self.labels_name} {labels_dir.relative_to(self.root)}/{path.stem}.png")
+                wanted = f"{labels_dir.relative_to(self.root)}/{path.stem}{'|'.join(self.label_suffixes)}"
+                problems.append(f"{path.relative_to(self.root)}: no {self.labels_name} {wanted}")
                 continue
             extra: dict[str, Any] = {"label": str(label)}
             try:
-                label_wh, _ = header(label, ("PNG",))
+                label_wh = self.label_size(label)
             except Exception as e:  # an empty, cut, non-PNG or bomb-sized label costs its sample, not the dataset
                 status = Status.EMPTY_FILE if label.stat().st_size == 0 else Status.DECODE_ERROR
                 status = Status.TOO_LARGE if isinstance(e, Image.DecompressionBombError) else status
@@ -133,7 +176,7 @@ class LabelMapSource:
         if self.hw is None:
             self.samples()
         assert self.hw is not None
-        return {Targets.SEGMENTATION: TargetSpec("uint8", self.hw, fill=Targets.IGNORE)}
+        return {self.target: TargetSpec(self.target_dtype, self.hw, fill=self.target_fill)}
 
     def target_attrs(self) -> dict[str, Any]:
         return {}
@@ -151,15 +194,11 @@ class LabelMapSource:
         assert self.hw is not None
         if "label_status" in ref.extra:
             what = {Status.EMPTY_FILE: "is empty (0 bytes)", Status.TOO_LARGE: "is too large"}.get(
-                ref.extra["label_status"], "is not a PNG"
+                ref.extra["label_status"], f"is not a {' or '.join(x.lstrip('.').upper() for x in self.label_suffixes)} file"
             )
             raise SampleError(Status(ref.extra["label_status"]), f"{ref.key}: its {self.labels_name} {what} ({ref.extra['label_error']})")
         im, orientation = load_image(ref.path, root=self.root, max_pixels=self.max_pixels)
-        label_im, _ = load_image(ref.extra["label"], root=self.root, max_pixels=self.max_pixels)
-        if label_im.mode not in LABEL_MODES:
-            raise SampleError(
-                Status.DECODE_ERROR, f"{ref.extra['label']}: a {self.labels_name} must be single-channel (L or P), not {label_im.mode}"
-            )
+        label_im = self.open_label(ref)
         oriented = oriented_size(im.size, orientation)
         if label_im.size == im.size:
             label_im = orient(label_im, orientation)
@@ -168,13 +207,13 @@ class LabelMapSource:
                 Status.SIZE_MISMATCH,
                 f"{ref.key}: the image is {oriented[0]}x{oriented[1]}, its {self.labels_name} {label_im.size[0]}x{label_im.size[1]}",
             )
-        label = self.to_classes(np.asarray(label_im), ref)  # (h, w)
+        label = self.to_target(np.asarray(label_im), ref)  # (h, w)
         hmax, wmax = self.hw
         h, w = label.shape
         if h > hmax or w > wmax:
             raise SampleError(
                 Status.SIZE_MISMATCH, f"{ref.key}: {self.labels_name} {w}x{h} exceeds {wmax}x{hmax} (files changed since listing?)"
             )
-        padded = np.full((hmax, wmax), Targets.IGNORE, dtype=np.uint8)
+        padded = np.full((hmax, wmax), self.target_fill, dtype=self.target_dtype)
         padded[:h, :w] = label
-        return Decoded(image=to_rgb(im, orientation, name=ref.path), orientation=orientation, targets={Targets.SEGMENTATION: padded})
+        return Decoded(image=to_rgb(im, orientation, name=ref.path), orientation=orientation, targets={self.target: padded})

@@ -20,7 +20,7 @@ from fcache.common.errors import InputError
 from fcache.extract.decode import DEFAULT_MAX_PIXELS
 from fcache.extract.sources.base import SampleError, SampleRef
 from fcache.extract.sources.classes import read_classes
-from fcache.extract.sources.labelmap import LabelMapSource
+from fcache.extract.sources.labelmap import LabelMapSource, check_split, split_folders
 from fcache.spec import Status, Targets
 
 CLASSES_FILE = "classes.txt"
@@ -57,28 +57,16 @@ class SegFolderSource(LabelMapSource):
                 f"--ignore-index {ignore_index} is class {ignore_index} ({classes[ignore_index]!r}) of the {len(classes)} classes; "
                 f"give the mask value of unlabelled pixels, at least {len(classes)} (default 255)"
             )
-        if split and (Path(split).name != split or split in (".", "..")):
-            raise InputError(f"--split {split!r} must name a sub-folder of images/ and masks/ (e.g. train), not a path")
+        check_split(split, "masks")
         self.classes, self.split, self.ignore_index = classes, split, ignore_index
 
     def folders(self) -> tuple[Path, Path]:
-        sub = Path(self.split) if self.split else Path()
-        images, masks = self.root / "images" / sub, self.root / "masks" / sub
-        top = self.root / "images"
-        splits = sorted(p.name for p in top.iterdir() if p.is_dir() and (self.root / "masks" / p.name).is_dir()) if top.is_dir() else []
-        only_splits = not self.split and splits and not any(p.is_file() for p in top.iterdir())
-        if not images.is_dir() or not masks.is_dir() or only_splits:
-            found = f"; splits found: {', '.join(splits)} (--split NAME)" if splits and not self.split else ""
-            raise InputError(
-                f"--root {self.root}{f' --split {self.split}' if self.split else ''}: expected folders {images.relative_to(self.root)} "
-                f"and {masks.relative_to(self.root)} (images/<name>.<ext> + masks/<name>.png){found}"
-            )
-        return images, masks
+        return split_folders(self.root, self.split, "masks", "images/<name>.<ext> + masks/<name>.png")
 
     def label_names(self) -> tuple[str, ...]:
         return self.classes
 
-    def to_classes(self, values: np.ndarray, ref: SampleRef) -> np.ndarray:
+    def to_target(self, values: np.ndarray, ref: SampleRef) -> np.ndarray:
         v = values.astype(np.int64)
         n, ignore = len(self.classes), self.ignore_index
         bad = ((v < 0) | (v >= n)) & (v != ignore)
