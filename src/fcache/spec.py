@@ -176,6 +176,8 @@ class Targets:
       (orig_h, orig_w) of the sample's geometry.
     - ``stuff``: [N, Hmax, Wmax] uint8 COCO-stuff label map at original resolution (``--stuff-root``), values
       0..STUFF_CLASSES-1, ``IGNORE`` for unlabelled pixels, values >= STUFF_CLASSES and the padding; HTC's semantic branch.
+    - ``depth``: [N, Hmax, Wmax] float32 depth map in metres at original resolution (``depth-folder``), 0 for invalid
+      pixels (no measurement) and for the padding beyond (orig_h, orig_w) of the sample's geometry.
     Group attrs of ``targets/``: ``categories`` (the COCO categories list) for detection stores.
     """
 
@@ -184,6 +186,7 @@ class Targets:
     LABEL = "label"
     SEGMENTATION = "segmentation"
     STUFF = "stuff"
+    DEPTH = "depth"
     IGNORE = 255
 
 
@@ -277,11 +280,13 @@ class SourceConfig:
     kind: str = required("Kind of raw dataset.", name="--dataset", choices="fcache.extract.sources:SOURCES")
     root: str = required(
         "Image folder (coco, folder), ADEChallengeData2016 folder (ade20k), images/ + masks/ folder (seg-folder), "
-        "class folders (video), tar folder (wds)."
+        "images/ + depth/ folder (depth-folder), class folders (video), tar folder (wds)."
     )
     annotations: str = flag("", "COCO json (coco) or path,label CSV (video).", show_default=False)
     split: str = flag(
-        "", "ade20k: training or validation; seg-folder: the sub-folder of images/ and masks/ (optional).", show_default=False
+        "",
+        "ade20k: training or validation; seg-folder, depth-folder: the sub-folder of images/ and masks/ or depth/ (optional).",
+        show_default=False,
     )
     frames: int = flag(16, "video: frames per clip.", min=1, max=4096)
     clips: int = flag(1, "video: temporal clips per video.", min=1, max=256)
@@ -300,6 +305,9 @@ class SourceConfig:
     )
     drop_degenerate_boxes: bool = flag(
         False, "coco: drop boxes with w or h <= 0 (with a warning) instead of refusing the json.", show_default=False
+    )
+    depth_scale: float = flag(
+        0.0, "depth-folder: depth units per metre [default: 1000 for PNG (millimetres), 1 for .npy (metres)].", show_default=False, min=0
     )
 
     def __post_init__(self) -> None:
@@ -324,7 +332,7 @@ class DatasetInfo:
     source: SourceConfig
     n: int
     digest: str  # sha256 of the ordered sample keys
-    task: str = ""  # detection | segmentation | video | classification | ""
+    task: str = ""  # detection | segmentation | depth | video | classification | "" (the source's task)
     label_names: tuple[str, ...] = ()
 
     @property
@@ -405,7 +413,7 @@ FINGERPRINT: dict[str, Any] = {
         "source": {
             **dict.fromkeys(("kind", "split", "classes", "max_pixels", "drop_degenerate_boxes"), ALWAYS),
             **dict.fromkeys(("root", "annotations", "decode_timeout", "frames", "clips", "crops"), NEVER),
-            "ignore_index": WHEN_SET,
+            **dict.fromkeys(("ignore_index", "depth_scale"), WHEN_SET),
             "stuff_root": GIVEN,
         },
     },

@@ -87,6 +87,14 @@ def _seg_folder(c: SourceConfig) -> Source:
     return SegFolderSource(root, seg_folder_classes(root, c.classes), split=c.split, ignore_index=c.ignore_index, max_pixels=c.max_pixels)
 
 
+def _depth_folder(c: SourceConfig) -> Source:
+    from fcache.extract.sources.depthfolder import DepthFolderSource
+
+    _no_annotations(c)
+    _no_classes(c)
+    return DepthFolderSource(_existing(c.root, "depth (images/ + depth/)"), split=c.split, scale=c.depth_scale, max_pixels=c.max_pixels)
+
+
 def _video(c: SourceConfig) -> Source:
     from fcache.extract.sources.video import VideoSource
 
@@ -120,6 +128,7 @@ SOURCES: dict[str, SourceDef] = {
     "coco": SourceDef(_coco, "image folder + COCO json: boxes, polygons/RLE, categories"),
     "ade20k": SourceDef(_ade20k, "ADEChallengeData2016: images + 150-class label PNGs"),
     "seg-folder": SourceDef(_seg_folder, "images/ + masks/ (label PNGs) + classes.txt: any segmentation set"),
+    "depth-folder": SourceDef(_depth_folder, "images/ + depth/ (16-bit PNGs, .npy in metres): any monocular depth set"),
     "video": SourceDef(_video, "a folder per class, or a path,label CSV; clips of frames"),
     "folder": SourceDef(_folder, "ImageFolder class folders, or a flat folder"),
     "wds": SourceDef(_wds, "webdataset .tar shards with an image + cls/json"),
@@ -136,6 +145,8 @@ def build_source(c: SourceConfig) -> Source:
         raise InputError(f"--dataset {c.kind!r} is not a known source; choose one of {', '.join(SOURCES)}")
     if c.ignore_index != Targets.IGNORE and c.kind != "seg-folder":
         raise InputError(f"--ignore-index is not used by --dataset {c.kind} (its labels say what is unlabelled); drop it")
+    if c.depth_scale and c.kind != "depth-folder":
+        raise InputError(f"--depth-scale is not used by --dataset {c.kind} (only depth-folder reads depth maps); drop it")
     return SOURCES[c.kind].build(c)
 
 
