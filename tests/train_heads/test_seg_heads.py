@@ -210,8 +210,8 @@ def test_training_defaults_follow_table_12_per_head():
     }
     assert task_defaults("segmentation", "upernet") == train_defaults("upernet")
     assert task_defaults("detection", "bifpn:layers=5") == {}  # detection keeps TrainConfig's Table 11 defaults
-    with pytest.raises(ValueError, match="unknown task 'depth'"):
-        task_defaults("depth", "upernet")
+    with pytest.raises(ValueError, match="unknown task 'pose'"):
+        task_defaults("pose", "upernet")
 
 
 def test_upernet_norms_its_pooled_branch_or_says_why_not():

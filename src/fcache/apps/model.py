@@ -120,8 +120,8 @@ class TrainedModel(nn.Module):
             weights: the weights file the training store was extracted with (its sha256 must match).
             random_init: the run was trained on random-init features: rebuild them (same seed); never implied.
             device: where the backbone and head run, as ``--device``: auto (CUDA when available), cpu, cuda, cuda:K, mps.
-            test_views: ``flip`` and/or ``ms``, as ``fcache extract --test-views``: views averaged by segmentation and
-                classification heads (detection evaluates the plain view only).
+            test_views: ``flip`` and/or ``ms``, as ``fcache extract --test-views``: views averaged by the heads whose task
+                evaluates every view (segmentation, depth, classification; detection evaluates the plain view only).
             clips, crops: video views (default: the training store's).
         """
         head = load_head(run)
@@ -131,7 +131,8 @@ class TrainedModel(nn.Module):
         tdef = task_def(record.config.task)
         views = expand_test_views(tuple(test_views))
         if views and (tdef.eval_views != "all" or features.preprocessing.frames is not None):
-            raise InputError(f"--test-views is for segmentation and classification heads; a {tdef.name} head reads the plain view")
+            reads = "clips x crops (--clips, --crops)" if features.preprocessing.frames is not None else "the plain view only"
+            raise InputError(f"--test-views adds views a head averages; a {tdef.name} head reads {reads}")
         manifest = inference_manifest(features.backbone, features.preprocessing, features.dataset, views, clips, crops)
         backbone = backbone_of(manifest, weights=weights, device=resolve_device(device))
         built = Preprocessing(mean=backbone.mean, std=backbone.std, resize=manifest.preprocessing.resize, seed=manifest.preprocessing.seed)

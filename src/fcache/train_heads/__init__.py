@@ -1,4 +1,4 @@
-"""Heads trained from a feature store (the paper's H(.) on a frozen B(.)): necks, detection, segmentation, video,
+"""Heads trained from a feature store (the paper's H(.) on a frozen B(.)): necks, detection, segmentation, depth, video,
 classification, the shared loop, evaluation, and the analysis of many runs (``analysis/``).
 
 Where to look: ``tasks.py`` (the TASKS table), ``task.py`` (what a task provides), ``config.py`` (the settings of a

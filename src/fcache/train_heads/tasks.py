@@ -9,12 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from fcache.train_heads.classification.task import TASK as CLASSIFICATION
+from fcache.train_heads.depth.task import TASK as DEPTH
 from fcache.train_heads.detection.task import TASK as DETECTION
 from fcache.train_heads.segmentation.task import TASK as SEGMENTATION
 from fcache.train_heads.task import TaskDef, unknown_task
 from fcache.train_heads.video.task import TASK as VIDEO
 
-TASKS: dict[str, TaskDef] = {t.name: t for t in (DETECTION, SEGMENTATION, VIDEO, CLASSIFICATION)}
+TASKS: dict[str, TaskDef] = {t.name: t for t in (DETECTION, SEGMENTATION, VIDEO, CLASSIFICATION, DEPTH)}
 
 
 def task_def(name: str) -> TaskDef:

@@ -43,8 +43,9 @@ def _source_index(n: int, offset: int, scale: float, limit: int, resized: bool) 
     return np.where((idx >= 0) & (idx < limit), idx, -1)
 
 
-def view_labels(label: np.ndarray, g: Geometry) -> np.ndarray:
-    """(canvas, canvas) uint8 labels of one view from the stored (Hmax, Wmax) map; ``IGNORE`` outside the content.
+def view_labels(label: np.ndarray, g: Geometry, fill: float = IGNORE) -> np.ndarray:
+    """(canvas, canvas) labels of one view from the stored (Hmax, Wmax) map, in its dtype (uint8 labels; float32 depth);
+    ``fill`` outside the content.
 
     Nearest neighbour at the pixel centres the view's image was sampled at, so scale, crop and flip follow exactly.
     """
@@ -57,8 +58,9 @@ def view_labels(label: np.ndarray, g: Geometry) -> np.ndarray:
     if g.flip:
         cols = cols[::-1]
     r_ok, c_ok = np.flatnonzero(rows >= 0), np.flatnonzero(cols >= 0)
-    out = np.full((s, s), IGNORE, dtype=np.uint8)
-    out[np.ix_(r_ok, c_ok)] = np.asarray(label)[np.ix_(rows[r_ok], cols[c_ok])]
+    label = np.asarray(label)
+    out = np.full((s, s), fill, dtype=label.dtype)
+    out[np.ix_(r_ok, c_ok)] = label[np.ix_(rows[r_ok], cols[c_ok])]
     return out
 
 
