@@ -367,7 +367,7 @@ def train_head(head: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     (Table 11); segmentation upernet lr 2e-3, weight decay 0.05, 1500 warm-up, linear decay, mask2former
     lr 3e-4, weight decay 0.02, no warm-up, linear decay (Table 12); video batch 64, lr 3e-4, weight decay
     0.05, 2.5 warm-up epochs, cosine decay (Table 13); classification (linear probe) batch 64, lr 1e-3, no
-    weight decay, 1 warm-up epoch, cosine decay.
+    weight decay, 1 warm-up epoch, cosine decay; depth lr 1e-3 (dpt 1e-4), weight decay 1e-4, 200 warm-up, cosine.
 
     Writes RUN/config.json, RUN/checkpoint-<iter>.pt + model.safetensors (every --checkpoint-every iterations),
     RUN/metrics.jsonl + metrics.csv and TensorBoard events (when installed); with --val-store also the task's
@@ -399,6 +399,7 @@ def eval_run(run: str, as_json: bool, **kw: Any) -> None:
     """Evaluate the head trained in RUN on a store; the metrics and predictions go into RUN/eval/<store name>/.
 
     Detection: box and mask AP (pycocotools), detections.json; segmentation: mIoU single scale and over the test views;
+    depth: RMSE (metres), AbsRel, log10, d1-d3 of view 0 and over the test views, depth/<key>.png (16-bit mm);
     video and classification: top-1 / top-5 of each view and of the views' mean scores, predictions.jsonl per sample.
     """
     from fcache.train_heads.console import format_eval
@@ -430,7 +431,8 @@ def predict(run: str, inputs: tuple[str, ...], weights: str | None, test_views: 
     globs, or videos (video heads); or on one feature store (its cached features, no backbone).
 
     Writes into OUT: detection predictions.json (COCO results in original pixels); segmentation labels/<name>.png
-    (label maps at original resolution, class palette); video and classification predictions.jsonl (top-k classes).
+    (label maps at original resolution, class palette); depth depth/<name>.png (16-bit, millimetres, original
+    resolution); video and classification predictions.jsonl (top-k classes).
     The predictions equal `fcache eval`'s on a store of the same images. Nothing is written into RUN.
     """
     from fcache.apps.predict import PredictConfig, run_predict
@@ -458,8 +460,8 @@ def predict(run: str, inputs: tuple[str, ...], weights: str | None, test_views: 
 def export(run: str, out: str, fmt: str, head_only: bool, weights: str | None, random_init: bool, batch_size: int, as_json: bool) -> None:
     """Export the frozen backbone + head of RUN (or --head-only) as an artifact that loads without fcache.
 
-    pt2 (torch.export) and onnx hold the graph: classification and video logits, segmentation class scores on the
-    canvas, and for detection the neck's feature pyramid only (RPN, RoI heads and NMS do not export); safetensors holds
+    pt2 (torch.export) and onnx hold the graph: classification and video logits, segmentation class scores and depth
+    (metres) on the canvas, and for detection the neck's feature pyramid only (RPN, RoI heads and NMS do not export); safetensors holds
     every weight (the backbone under timm's features_only key names). FILE.json says the inputs, outputs and the
     preprocessing that makes the input.
     """
@@ -495,7 +497,8 @@ def sweep(spec: str, as_json: bool, **kw: Any) -> None:
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), default="report", show_default=True, help="Folder for the report files.")
-@click.option("--per-class", is_flag=True, help="Also tabulate each class: AP (detection), IoU (segmentation), top-1 (labels).")
+@click.option("--per-class", is_flag=True,
+              help="Also tabulate each class: AP (detection), IoU (segmentation), top-1 (labels); depth: each depth range.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (with the leaderboard and rows) as JSON.")
 @user_errors
 def report(runs: tuple[str, ...], out: str, per_class: bool, as_json: bool) -> None:
@@ -588,7 +591,8 @@ def cka(run: str, as_json: bool, **kw: Any) -> None:
 @user_errors
 def bench(as_json: bool, **kw: Any) -> None:
     """Per-iteration time and peak memory of a task head trained from the store, with the frozen backbone
-    online, and trained with the backbone (the paper's Tables 7 and 8: --task detection, segmentation or video).
+    online, and trained with the backbone (the paper's Tables 7 and 8: --task detection, segmentation or video; and
+    depth or classification with their own defaults).
 
     Defaults are the paper's heads, batch sizes and inputs for the task and backbone. Each setting runs in its own
     process; one that fails is an error row (and the exit code is 1). With --features-only (e.g. --model swinv2-g
