@@ -89,10 +89,11 @@ def test_the_head_learns_depth_far_better_than_the_mean(trained):
 
 
 def test_report_and_runs_rank_the_lower_rmse_first(trained, tmp_path):
+    """A worse head (a DPT after 2 iterations) ranks below the trained probe, though its RMSE is the larger number."""
     train, val, run, summary = trained
-    short = run.parent / "short"
-    worse = cli("train-head", "--task", "depth", "--store", str(train), "--val-store", str(val), "--head", LINEAR, "--out", str(short),
-                "--iters", "2", "--batch-size", "4", "--lr", "1e-3", "--warmup", "0", *CPU)  # fmt: skip
+    short = run.parent / "short"  # a DPT trained for 2 iterations: worse
+    worse = cli("train-head", "--task", "depth", "--store", str(train), "--val-store", str(val), "--head", "dpt:channels=16,max_depth=5",
+                "--out", str(short), "--iters", "2", "--batch-size", "4", "--lr", "1e-3", "--warmup", "0", *CPU)  # fmt: skip
     assert worse["eval"]["ss/RMSE"] > summary["eval"]["ss/RMSE"]
     r = cli("report", str(run.parent), "--out", str(tmp_path / "rep"), "--per-class")
     board = r["leaderboard"]

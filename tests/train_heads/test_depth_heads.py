@@ -76,6 +76,8 @@ def test_heads_predict_depth_in_range_at_their_stride(head, levels, stride):
         and out.shape == (2, 1, 64 // stride, 64 // stride)
     )
     assert (out >= 0.5 - 1e-5).all() and (head == "dpt" or (out <= 5 + 1e-5).all())
+    assert (model.min_depth, model.max_depth) == (0.5, 5.0)  # what prediction clamps to
+    assert float((out > 0.5 + 1e-3).float().mean()) > 0.9  # starts above min_depth: a ReLU'd depth at 0 gets no gradient
 
 
 def test_head_specs_levels_and_defaults():

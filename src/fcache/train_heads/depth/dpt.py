@@ -7,7 +7,10 @@ stages as DPT does for ViT: projected to 1/8, 1/4, 1/2 and all of its channels a
 (transposed convs, a strided conv). A 3x3 conv brings every stage to ``channels``; RefineNet-style fusion blocks
 (pre-activation residual conv units) fuse them coarse to fine, each upsampling x2 (bilinear, corners aligned) and
 projecting 1x1; a 3x3 conv + ReLU, then the depth head (3x3 conv to half, x2 upsampling, 3x3 conv to 32, ReLU, 1x1
-conv to 1), ReLU + min_depth. No norms (DINOv2's ``norm_cfg=None``). Output stride: the finest stage's / 4.
+conv to 1), ReLU + min_depth. No norms (DINOv2's ``norm_cfg=None``). Output stride: the finest stage's / 4. One
+departure: the last conv's bias starts at half the depth range. Its inputs are ReLU outputs, so with the default init
+its output often starts negative everywhere, and a ReLU'd depth that starts at 0 everywhere gets no gradient: the head
+would never learn (seen on random-init features: SigLoss stuck at its value for min_depth).
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ class FusionBlock(nn.Module):
 class DPTDepth(nn.Module):
     """DPT over the stored levels ``levels``: features -> (B, 1, h, w) metres at ``stride`` (the finest stage's / 4)."""
 
-    def __init__(self, levels: tuple[LevelSpec, ...], channels: int, min_depth: float) -> None:
+    def __init__(self, levels: tuple[LevelSpec, ...], channels: int, min_depth: float, max_depth: float) -> None:
         super().__init__()
         if len(levels) == 1:
             (lv,) = levels
@@ -74,7 +77,7 @@ class DPTDepth(nn.Module):
         if finest % 4:
             raise InputError(f"head dpt: the finest stage has stride {finest:g}; DPT needs a multiple of 4 (read coarser levels)")
         self.levels = tuple(lv.name for lv, _, _ in stages)  # fine to coarse
-        self.stride, self.min_depth = int(finest) // 4, min_depth
+        self.stride, self.min_depth, self.max_depth = int(finest) // 4, min_depth, max_depth  # max: clamps predictions only
         self.projects = nn.ModuleList(nn.Conv2d(lv.channels, c, kernel_size=1) for lv, c, _ in stages)
         self.resamples = nn.ModuleList(resample(c, f) for _, c, f in stages)
         self.convs = nn.ModuleList(nn.Conv2d(c, channels, kernel_size=3, padding=1, bias=False) for _, c, _ in stages)
@@ -88,6 +91,7 @@ class DPTDepth(nn.Module):
             nn.ReLU(),
             nn.Conv2d(32, 1, kernel_size=1),
         )
+        nn.init.constant_(self.head[-1].bias, (max_depth - min_depth) / 2)  # every pixel starts alive, mid-range
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         stages = [

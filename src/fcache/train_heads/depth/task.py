@@ -86,7 +86,8 @@ def _linear(task: DepthTask, levels: tuple[LevelSpec, ...]) -> nn.Module:
 
 
 def _dpt(task: DepthTask, levels: tuple[LevelSpec, ...]) -> nn.Module:
-    return DPTDepth(levels, task.head["channels"], task.head["min_depth"])
+    p = task.head
+    return DPTDepth(levels, p["channels"], p["min_depth"], p["max_depth"])
 
 
 HEADS: dict[str, HeadDef] = {
