@@ -28,7 +28,8 @@ def train(store, out, head, *extra, task="segmentation"):
         ("seg", "mask2former:levels=p1+p2", "segmentation", ("levels='p1+p2' must be 'all' or distinct level names",)),
         ("det345", "mask2former:levels=p2+p3", "segmentation", ("no 'segmentation' targets",)),
         ("seg", "mask2former:channels=48", "segmentation", ("channels=48 must be divisible by 32",)),
-        ("seg", "upernet", "depth", ("unknown task 'depth'", "detection", "segmentation")),
+        ("seg", "upernet", "pose", ("unknown task 'pose'", "detection", "segmentation")),
+        ("seg", "linear", "depth", ("no 'depth' targets", "segmentation store", "--dataset depth-folder")),
     ],
 )
 def test_train_head_refuses(store, head, task, fragments, seg_stores, det_store, det_store_p345, tmp_path):
