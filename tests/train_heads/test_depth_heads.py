@@ -15,7 +15,8 @@ from fcache.train_heads.depth.dpt import DPTDepth
 from fcache.train_heads.depth.linear import LinearDepth, bins_to_depth, sigloss
 from fcache.train_heads.depth.maps import depth_png, read_depth_png, view_depth
 from fcache.train_heads.depth.task import TASK, DepthTask
-from fcache.train_heads.tasks import task_defaults
+from fcache.train_heads.headspec import select_levels
+from fcache.train_heads.tasks import TASKS, task_defaults
 
 LEVELS = (LevelSpec("p2", 8, 4), LevelSpec("p3", 16, 8), LevelSpec("p4", 24, 16), LevelSpec("p5", 32, 32))
 
@@ -84,12 +85,17 @@ def test_head_specs_levels_and_defaults():
     t = DepthTask(TASK.parse("linear"))
     assert str(t.head) == "linear:bins=256,crop=none,levels=last,max_depth=10.0,min_depth=0.001,upsample=4"
     assert [lv.name for lv in t.levels(LEVELS)] == ["p5"]  # the last stored level
+    assert [lv.name for lv in t.levels(LEVELS[:3])] == ["p4"]
+    with pytest.raises(ValueError, match="needs at least 2 feature levels and gets only p5"):  # 'last' is any head's
+        select_levels(TASKS["segmentation"].parse("upernet:levels=last"), LEVELS)
     assert [lv.name for lv in DepthTask(TASK.parse("dpt:levels=p3+p5")).levels(LEVELS)] == ["p3", "p5"]
     assert DepthTask.from_description(t.describe()).head == t.head
     with pytest.raises(ValueError, match="min_depth=5.0 must be below max_depth=2.0"):
         TASK.parse("dpt:min_depth=5,max_depth=2")
-    with pytest.raises(ValueError, match="max_depth='far' is not a number of metres"):
+    with pytest.raises(ValueError, match="max_depth='far' is not a number"):
         TASK.parse("linear:max_depth=far")
+    with pytest.raises(ValueError, match="min_depth=-1.0 must be a positive number"):
+        TASK.parse("linear:min_depth=-1")
     with pytest.raises(ValueError, match="upsample=3 must divide the finest level's stride 32"):
         TASK.heads["linear"].build(DepthTask(TASK.parse("linear:upsample=3")), LEVELS[3:])
     assert task_defaults("depth", "dpt")["lr"] == 1e-4 and task_defaults("depth", "linear")["lr"] == 1e-3

@@ -11,7 +11,7 @@ from fcache.train_heads.necks import NECKS, UPER_FPN
 from fcache.train_heads.schedule import get_lr
 from fcache.train_heads.tasks import TASKS
 
-TYPES = {"int": int, "bool": bool, "prob": float, "choice": str, "levels": str}  # what each kind parses to
+TYPES = {"int": int, "bool": bool, "prob": float, "positive": float, "choice": str, "levels": str}  # what each kind parses to
 
 
 def test_parse_fills_defaults_and_prints_canonically():

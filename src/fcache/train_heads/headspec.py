@@ -6,6 +6,7 @@ Shared by every task's HEADS table; a spec prints back canonically (all paramete
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,8 +20,9 @@ class Param:
     """One head parameter: its default (a value of its kind) and what text it accepts, parsed to a typed value.
 
     ``kind`` names a parser of ``KINDS``: ``int`` (in [``minimum``, ``maximum``]), ``bool`` (0 or 1: a bool, written
-    back as 0 / 1), ``prob`` (a float in [0, 1): dropout, stochastic depth), ``choice`` (one of ``choices``) or
-    ``levels`` (``all`` or names joined by ``+``, e.g. ``p3+p4+p5``; a comma would end the value). A choice may bring
+    back as 0 / 1), ``prob`` (a float in [0, 1): dropout, stochastic depth), ``positive`` (a finite float > 0: a depth
+    in metres), ``choice`` (one of ``choices``) or ``levels`` (``all``, ``last`` (the coarsest stored level) or names
+    joined by ``+``, e.g. ``p3+p4+p5``; a comma would end the value). A choice may bring
     parameters of its own (``options``: choice -> its parameters, e.g. a neck's), accepted beside the head's when it is
     chosen; the head's own parameter wins where both have a key.
     """
@@ -68,6 +70,16 @@ def _prob(p: Param, key: str, text: str) -> float:
     return prob
 
 
+def _positive(p: Param, key: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise InputError(f"{key}={text!r} is not a number (e.g. {key}={p.default})") from None
+    if not (math.isfinite(value) and value > 0):
+        raise InputError(f"{key}={value} must be a positive number")
+    return value
+
+
 def _choice(p: Param, key: str, text: str) -> str:
     if text not in p.choices:
         raise InputError(f"{key}={text!r} is not one of {', '.join(p.choices)}")
@@ -75,17 +87,24 @@ def _choice(p: Param, key: str, text: str) -> str:
 
 
 def _levels(p: Param, key: str, text: str) -> str:
-    if text == "all":
+    if text in ("all", "last"):
         return text
     names = text.split("+")
     known = set(LEVEL_NAMES.values())
     bad = [n for n in names if n not in known]
     if bad or len(set(names)) != len(names):
-        raise InputError(f"{key}={text!r} must be 'all' or distinct level names joined by '+', e.g. p3+p4+p5")
+        raise InputError(f"{key}={text!r} must be 'all' or distinct level names joined by '+', e.g. p3+p4+p5 (or 'last')")
     return "+".join(sorted(names))
 
 
-KINDS: dict[str, Callable[[Param, str, str], Any]] = {"int": _int, "bool": _bool, "prob": _prob, "choice": _choice, "levels": _levels}
+KINDS: dict[str, Callable[[Param, str, str], Any]] = {
+    "int": _int,
+    "bool": _bool,
+    "prob": _prob,
+    "positive": _positive,
+    "choice": _choice,
+    "levels": _levels,
+}
 
 
 def show(value: Any) -> str:
@@ -108,14 +127,16 @@ class HeadSpec:
 
 
 def select_levels(head: HeadSpec, available: Sequence[LevelSpec], minimum: int = 2) -> tuple[LevelSpec, ...]:
-    """The stored levels a head reads: its ``levels`` parameter (``all`` = every stored level, fine to coarse).
+    """The stored levels a head reads: its ``levels`` parameter (``all`` = every stored level, fine to coarse; ``last`` =
+    the coarsest stored level).
 
     Raises:
         ValueError: a wanted level is not stored, or fewer than ``minimum`` levels remain.
     """
     wanted = head["levels"]
     have = {lv.name: lv for lv in available}
-    names = sorted(have, key=lambda n: have[n].stride) if wanted == "all" else wanted.split("+")
+    names = sorted(have, key=lambda n: have[n].stride) if wanted in ("all", "last") else wanted.split("+")
+    names = names[-1:] if wanted == "last" else names
     missing = [n for n in names if n not in have]
     if missing:
         raise InputError(

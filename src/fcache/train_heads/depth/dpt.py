@@ -89,9 +89,10 @@ class DPTDepth(nn.Module):
             nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
             nn.Conv2d(half, 32, kernel_size=3, padding=1),
             nn.ReLU(),
-            nn.Conv2d(32, 1, kernel_size=1),
+            last := nn.Conv2d(32, 1, kernel_size=1),
         )
-        nn.init.constant_(self.head[-1].bias, (max_depth - min_depth) / 2)  # every pixel starts alive, mid-range
+        assert last.bias is not None
+        nn.init.constant_(last.bias, (max_depth - min_depth) / 2)  # every pixel starts alive, mid-range
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         stages = [

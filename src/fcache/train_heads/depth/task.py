@@ -12,9 +12,7 @@ views, of the views' mean depth (``flip``, ``ms+flip``, as segmentation names th
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -42,35 +40,9 @@ from fcache.train_heads.task import Batch, TaskDef
 SINGLE_VIEW = "ss"  # the metric family of view 0 (the plain view), as segmentation's single scale
 
 
-@dataclass(frozen=True)
-class Metres(Param):
-    """A head parameter in metres: a positive number."""
-
-    kind: str = "metres"
-
-    def parse(self, head: str, key: str, text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise InputError(f"head {head}: {key}={text!r} is not a number of metres (e.g. {key}={self.default})") from None
-        if not (math.isfinite(value) and value > 0):
-            raise InputError(f"head {head}: {key}={value} must be a positive number of metres")
-        return value
-
-
-@dataclass(frozen=True)
-class Levels(Param):
-    """The stored levels a head reads: ``last`` (the coarsest stored), ``all``, or names joined by ``+``."""
-
-    kind: str = "levels"
-
-    def parse(self, head: str, key: str, text: str) -> str:
-        return text if text == "last" else super().parse(head, key, text)
-
-
 COMMON: dict[str, Param] = {
-    "min_depth": Metres(0.001, help="the nearest depth predicted, metres (DINOv2: 0.001)"),
-    "max_depth": Metres(10.0, help="the farthest depth predicted, metres (DINOv2 on NYU-Depth v2: 10; KITTI: 80)"),
+    "min_depth": Param(0.001, kind="positive", help="the nearest depth predicted, metres (DINOv2: 0.001)"),
+    "max_depth": Param(10.0, kind="positive", help="the farthest depth predicted, metres (DINOv2 on NYU-Depth v2: 10; KITTI: 80)"),
     "crop": Param("none", kind="choice", choices=M.CROPS, help="evaluation: nyu scores Eigen's crop of NYU's frames only"),
 }
 
@@ -93,7 +65,7 @@ def _dpt(task: DepthTask, levels: tuple[LevelSpec, ...]) -> nn.Module:
 HEADS: dict[str, HeadDef] = {
     "linear": HeadDef(
         {
-            "levels": Levels("last", help="stored levels, concatenated: last (the coarsest), all, or e.g. p4+p5"),
+            "levels": Param("last", kind="levels", help="stored levels, concatenated: last (the coarsest), all, or e.g. p4+p5"),
             "bins": Param(256, minimum=2, maximum=4096, help="depth bins, uniform over [min_depth, max_depth] (DINOv2: 256)"),
             "upsample": Param(4, maximum=32, help="bilinear upsampling of the finest level's grid before the 1x1 conv (DINOv2: 4)"),
             **COMMON,
@@ -103,7 +75,7 @@ HEADS: dict[str, HeadDef] = {
     ),
     "dpt": HeadDef(
         {
-            "levels": Levels("all", help="stored levels, each a DPT stage: all, or e.g. p3+p4+p5; one level: four stages of it"),
+            "levels": Param("all", kind="levels", help="stored levels, each a DPT stage: all, or e.g. p3+p4+p5; one: four stages of it"),
             "channels": Param(256, minimum=2, maximum=4096, help="width of the fusion blocks (DINOv2's DPT: 256)"),
             **COMMON,
         },
@@ -141,8 +113,6 @@ class DepthTask:
         return {"head": str(self.head)}
 
     def levels(self, available: Sequence[LevelSpec]) -> tuple[LevelSpec, ...]:
-        if self.head["levels"] == "last":
-            return (max(available, key=lambda lv: lv.stride),)
         return select_levels(self.head, available, minimum=1)
 
     def build(self, levels: tuple[LevelSpec, ...]) -> nn.Module:
