@@ -1,17 +1,21 @@
-"""Read throughput of a store in object storage against the same store on local disk, with and without the disk cache.
+"""Read throughput of a store in object storage against the same store on local disk, per S3 read client.
 
 One store per chunk size is written to local disk: ``demo`` (SwinV2-T at 256, level p3: 192 x 32 x 32 fp16, 0.39 MB
 per sample-view) and ``swinv2-l`` (SwinV2-L at 1024, level p3: 384 x 128 x 128 fp16, 12.6 MB per sample-view), with
 features like a backbone's (ReLU'd, fp16). The same folder is then served over the S3 API on 127.0.0.1 by
 ``s3_read_server.py`` (moto, which copies a whole object for every ranged GET, is far too slow to time), which
 sleeps 0 or 20 ms per request: injected first-byte latency. A reader reads the same random sample-views in batches
-of k (``FeatureStore.read_many``: k range requests in flight at once), after one pass that reads each shard's index;
-MB/s are the stored dtype's uncompressed bytes per second, the median of ``--repeats`` passes. Local disk is read
-two ways: zarr's own path (``read_path="zarr"``, one sample-view at a time) and the direct path on the local files
-(``ShardFetcher``: kept indexes, direct range reads); ratios are against the faster. ``cached`` reads through
-``--cache-dir`` after a first pass filled it. The summary names the smallest k that reaches 0.8 (and 1.0)
-of the local-disk rate at 20 ms.
+of k (``FeatureStore.read_many``: k range requests in flight at once), after one pass that reads each shard's index,
+through each S3 read client (``--clients``: s3fs, the one before obstore, and obstore), the clients interleaved at
+every k. MB/s are the stored dtype's uncompressed bytes per second, the median of ``--repeats`` passes; ``spread``
+is (max - min) / median of the 20 ms passes. Local disk is read two ways: zarr's own path (``read_path="zarr"``, one
+sample-view at a time, once) and the direct path on the local files (``ShardFetcher``: kept indexes, direct range
+reads, measured again at every k, between the clients); ratios are against the faster. ``cached`` reads through
+``--cache-dir`` after a first pass filled it (the first client only: no request leaves the cache). The second table
+times the ranged GETs alone (no decoding): requests per second and the client's CPU per request at 0 ms.
+The summary names the smallest k that reaches 0.8 (and 1.0) of the local-disk rate at 20 ms, per client.
 Usage: python benchmarks/object_store.py [--sizes demo,swinv2-l] [--conc 1,2,4,8,16,32,64] [--repeats 3]
+                                         [--clients s3fs,obstore] [--no-cached]
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from fcache.spec import (  # noqa: E402
     StorageSpec,
     keys_digest,
 )
+from fcache.store.backends.objects import ObjectBackend  # noqa: E402
 from fcache.store.dtypes import decode  # noqa: E402
 from fcache.store.fetch import ShardFetcher, decoder  # noqa: E402
 
@@ -51,8 +56,10 @@ SIZES = {  # name -> (input size, channels of p3, samples, shard size, sample-vi
     "swinv2-l": (1024, 384, 48, 8, 32),
 }
 BUCKET = "bench"
-COLS = ["chunks", "k", "local zarr MB/s", "local direct MB/s", "S3 0ms MB/s", "S3 20ms MB/s", "ratio 20ms", "S3 20ms cached MB/s",
-        "ratio cached"]  # fmt: skip
+READERS = {"s3fs": "fsspec", "obstore": "obstore"}  # --clients name -> ObjectBackend's reader
+COLS = ["chunks", "k", "client", "local zarr MB/s", "local direct MB/s", "S3 0ms MB/s", "S3 20ms MB/s", "spread 20ms", "ratio 20ms",
+        "S3 20ms cached MB/s", "ratio cached"]  # fmt: skip
+GET_COLS = ["chunks", "k", "client", "GETs/s 0ms", "CPU ms per GET 0ms", "GETs/s 20ms"]
 
 
 def build(root: Path, size: str) -> Path:
@@ -87,8 +94,8 @@ def serve(root: Path, delay_ms: float) -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
-def passes(store: fstore.FeatureStore | ShardFetcher, picks: list[int], k: int, repeats: int) -> float:
-    """Median MB/s of reading ``picks`` (view 0 of level p3) in batches of k."""
+def passes(store: fstore.FeatureStore | ShardFetcher, picks: list[int], k: int, repeats: int) -> list[float]:
+    """MB/s of each of ``repeats`` passes reading ``picks`` (view 0 of level p3) in batches of k."""
     per = int(np.prod(store.manifest.level_shape("p3"))) * 2
     rates = []
     for _ in range(repeats):
@@ -100,47 +107,75 @@ def passes(store: fstore.FeatureStore | ShardFetcher, picks: list[int], k: int, 
             else:  # the fetch path on local files, decoded to float32 as a FeatureStore does
                 list(decoder().map(lambda v: decode(v, "fp16", None), store.read(batch)))
         rates.append(len(picks) * per / (time.perf_counter() - t) / 1e6)
-    return statistics.median(rates)
+    return rates
 
 
-def opened(url: str, port: int, cache: Path | None = None) -> fstore.FeatureStore:
-    """The store over S3 (the endpoint as a storage option: fsspec keeps one filesystem per set of options)."""
-    s = fstore.FeatureStore(url, storage_options={"endpoint_url": f"http://127.0.0.1:{port}"}, cache_dir=cache, cache_size="50GB")
+def gets(store: fstore.FeatureStore, picks: list[int], k: int, repeats: int) -> tuple[float, float]:
+    """Median ranged GETs per second (the chunks of ``picks``, k at once, not decoded) and the CPU seconds per GET."""
+    fetcher = store.fetcher
+    assert fetcher is not None
+    views = store.manifest.num_views
+    ranges = [fetcher._range(("p3", fetcher._unit(i).index, (i - fetcher._unit(i).start) * views)) for i in picks]  # view 0's chunk
+    rates, cpu = [], []
+    for _ in range(repeats):
+        t, c = time.perf_counter(), time.process_time()
+        for b in range(0, len(ranges), k):
+            store.backend.get_ranges(ranges[b : b + k])
+        rates.append(len(ranges) / (time.perf_counter() - t))
+        cpu.append((time.process_time() - c) / len(ranges))
+    return statistics.median(rates), statistics.median(cpu)
+
+
+def opened(url: str, port: int, client: str, cache: Path | None = None) -> fstore.FeatureStore:
+    """The store over S3 read through ``client`` (the endpoint as a storage option, as a user would give it)."""
+    backend = ObjectBackend(url, {"endpoint_url": f"http://127.0.0.1:{port}"}, reader=READERS[client])
+    s = fstore.FeatureStore(backend, cache_dir=cache, cache_size="50GB")
     s.read_many([("p3", u.start, 0) for u in s.units])  # every shard's index and size read: the steady state of training
     return s
 
 
-def run(size: str, conc: list[int], repeats: int, root: Path) -> list[dict]:
+def spread(rates: list[float]) -> float:
+    return (max(rates) - min(rates)) / statistics.median(rates)
+
+
+def run(size: str, conc: list[int], repeats: int, root: Path, clients: list[str], cached: bool) -> tuple[list[dict], list[dict]]:
     path = build(root, size)
     n, picks_n = SIZES[size][2], SIZES[size][4]
     picks = [int(i) for i in np.random.default_rng(1).choice(n, size=picks_n, replace=False)]
     local = fstore.FeatureStore(path, read_path="zarr")
     passes(local, picks, 1, 1)  # page cache warm
-    zarr_rate = passes(local, picks, 1, repeats)  # zarr's own read path
+    zarr_rate = statistics.median(passes(local, picks, 1, repeats))  # zarr's own read path
     direct = ShardFetcher(local.backend, local.manifest, local.ledger, None)  # the remote read path on the local files
-    direct_rate = passes(direct, picks, len(picks), repeats)
-    local_rate = max(zarr_rate, direct_rate)
-    rows = []
+    rows, get_rows = [], []
     servers = {d: serve(root, d) for d in (0, 20)}
     try:
         url = f"s3://{BUCKET}/{path.name}"
         for k in conc:
-            row = {"chunks": size, "k": k, "local zarr MB/s": zarr_rate, "local direct MB/s": direct_rate}
-            for d, (_, port) in servers.items():
-                row[f"S3 {d}ms MB/s"] = passes(opened(url, port), picks, k, repeats)
-            cache = root / f"cache-{size}-{k}"
-            warm = opened(url, servers[20][1], cache)
-            passes(warm, picks, k, 1)  # fills the cache
-            row["S3 20ms cached MB/s"] = passes(warm, picks, k, repeats)
-            shutil.rmtree(cache, ignore_errors=True)
-            row["ratio 20ms"] = row["S3 20ms MB/s"] / local_rate
-            row["ratio cached"] = row["S3 20ms cached MB/s"] / local_rate
-            rows.append(row)
-            print(table([row], COLS).splitlines()[-1], flush=True)
+            for c, client in enumerate(clients):
+                direct_rate = statistics.median(passes(direct, picks, len(picks), repeats))  # again next to every client
+                local_rate = max(zarr_rate, direct_rate)
+                row = {"chunks": size, "k": k, "client": client, "local zarr MB/s": zarr_rate, "local direct MB/s": direct_rate}
+                stores = {d: opened(url, port, client) for d, (_, port) in servers.items()}
+                row["S3 0ms MB/s"] = statistics.median(passes(stores[0], picks, k, repeats))
+                at20 = passes(stores[20], picks, k, repeats)
+                row["S3 20ms MB/s"], row["spread 20ms"] = statistics.median(at20), spread(at20)
+                row["ratio 20ms"] = row["S3 20ms MB/s"] / local_rate
+                if cached and c == 0:
+                    cache = root / f"cache-{size}-{k}"
+                    warm = opened(url, servers[20][1], client, cache)
+                    passes(warm, picks, k, 1)  # fills the cache
+                    row["S3 20ms cached MB/s"] = statistics.median(passes(warm, picks, k, repeats))
+                    row["ratio cached"] = row["S3 20ms cached MB/s"] / local_rate
+                    shutil.rmtree(cache, ignore_errors=True)
+                rate0, cpu0 = gets(stores[0], picks, k, repeats)
+                get_rows.append({"chunks": size, "k": k, "client": client, "GETs/s 0ms": rate0, "CPU ms per GET 0ms": cpu0 * 1e3,
+                                 "GETs/s 20ms": gets(stores[20], picks, k, repeats)[0]})  # fmt: skip
+                rows.append(row)
+                print(table([row], COLS).splitlines()[-1], flush=True)
     finally:
         for proc, _ in servers.values():
             proc.terminate()
-    return rows
+    return rows, get_rows
 
 
 def main() -> None:
@@ -148,27 +183,40 @@ def main() -> None:
     ap.add_argument("--sizes", default="demo,swinv2-l")
     ap.add_argument("--conc", default="1,2,4,8,16,32,64")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--clients", default="s3fs,obstore", help="S3 read clients, interleaved at every k: s3fs, obstore")
+    ap.add_argument("--no-cached", dest="cached", action="store_false", help="skip the --cache-dir column")
     args = ap.parse_args()
+    clients = args.clients.split(",")
+    if unknown := set(clients) - set(READERS):
+        ap.error(f"--clients: unknown {sorted(unknown)}; choose from {sorted(READERS)}")
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1", NO_PROXY="127.0.0.1")
     os.environ.pop("AWS_ENDPOINT_URL", None)
     conc = [int(c) for c in args.conc.split(",")]
     root = Path(tempfile.mkdtemp(prefix="fcache-objbench-"))
     rows: list[dict] = []
+    get_rows: list[dict] = []
+    loads = [os.getloadavg()[0]]
     try:
         for size in args.sizes.split(","):
-            rows += run(size, conc, args.repeats, root)
+            got, got_gets = run(size, conc, args.repeats, root, clients, args.cached)
+            rows, get_rows, loads = rows + got, get_rows + got_gets, loads + [os.getloadavg()[0]]
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(table(rows, COLS))
-    summary = {}
+    print(table(get_rows, GET_COLS))
+    summary: dict[str, dict] = {}
     for size in args.sizes.split(","):
-        mine = [r for r in rows if r["chunks"] == size]
-        summary[size] = {f"k for {g}": next((r["k"] for r in mine if r["ratio 20ms"] >= g), None) for g in (0.8, 1.0)}
-        k8, k10 = summary[size]["k for 0.8"], summary[size]["k for 1.0"]
-        print(f"{size}: with 20 ms per request, 0.8 of the local-disk rate at k = {k8}, 1.0 at k = {k10}")
-    load = os.getloadavg()[1]  # other work on the machine: every figure here is CPU-bound on a small machine
-    print(f"load average over the last 5 minutes: {load:.1f} on {os.cpu_count()} cores")
-    print(f"results: {save('object_store', {'rows': rows, 'summary': summary, 'load_average': load, 'cores': os.cpu_count()})}")
+        for client in clients:
+            mine = [r for r in rows if r["chunks"] == size and r["client"] == client]
+            got = {f"k for {g}": next((r["k"] for r in mine if r["ratio 20ms"] >= g), None) for g in (0.8, 1.0)}
+            summary[f"{size} {client}"] = got
+            print(
+                f"{size}, {client}: with 20 ms per request, 0.8 of the local-disk rate at k = {got['k for 0.8']}, 1.0 at k = {got['k for 1.0']}"
+            )
+    # other work on the machine: every figure here is CPU-bound on a small machine
+    print(f"load average (1 minute) at the start and after each size: {', '.join(f'{v:.1f}' for v in loads)} on {os.cpu_count()} cores")
+    payload = {"rows": rows, "gets": get_rows, "summary": summary, "load_averages": loads, "cores": os.cpu_count()}
+    print(f"results: {save('object_store', payload)}")
 
 
 if __name__ == "__main__":

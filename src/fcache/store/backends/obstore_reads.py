@@ -1,0 +1,208 @@
+"""Ranged GETs and HEADs of an s3:// store through obstore (Rust's object_store), at a fifth of s3fs's CPU per request.
+
+Optional (``fcache[cloud]`` brings it): without obstore, or with a ``--storage-options`` key it cannot honour, s3fs
+reads as before. Where obstore connects comes from the s3fs client of the same store, so from the same places as
+every other request: its endpoint and signing region as botocore resolved them (the options, ``AWS_ENDPOINT_URL``,
+``AWS_REGION``, profiles; on AWS itself the bucket's own region, asked once), its credentials (the options'
+``key``/``secret``/``token``, else the session's chain: environment, profiles, SSO, instance roles; refreshable
+ones asked again before they expire), its retries and timeouts. ``anon`` sends unsigned requests. obstore's runtime
+does not survive a fork: a process forked from one that already read through it reads through s3fs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlparse
+
+from fcache.store.backends import Range
+
+# --storage-options keys (s3fs's) and what obstore reads make of them; any other key keeps the reads on s3fs
+THROUGH_S3FS = "through the s3fs client"
+S3_OPTIONS: dict[str, str] = {
+    "endpoint_url": THROUGH_S3FS,
+    "key": THROUGH_S3FS,
+    "secret": THROUGH_S3FS,
+    "token": THROUGH_S3FS,
+    "profile": THROUGH_S3FS,
+    "anon": "unsigned requests",
+    "client_kwargs": THROUGH_S3FS + " (endpoint_url, region_name, aws_access_key_id, aws_secret_access_key, aws_session_token)",
+    "config_kwargs": THROUGH_S3FS + " (retries, connect_timeout, read_timeout, max_pool_connections, s3.addressing_style)",
+    "use_ssl": THROUGH_S3FS,
+    "max_concurrency": "not about reads",
+    "use_listings_cache": "not about reads",
+    "listings_expiry_time": "not about reads",
+    "skip_instance_cache": "not about reads",
+    "asynchronous": "not about reads",
+    "default_block_size": "not about reads",
+    "default_cache_type": "not about reads",
+}
+CLIENT_KWARGS = {"endpoint_url", "region_name", "aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
+CONFIG_KWARGS = {"retries", "connect_timeout", "read_timeout", "max_pool_connections", "s3"}
+DEFAULT_RETRIES = 4  # botocore's default: 5 attempts
+CREDENTIALS_TTL = timedelta(minutes=5)  # refreshable credentials are asked again this often (botocore refreshes early)
+
+_RAN_IN: int | None = None  # the process whose obstore runtime has started: its forked children must not use obstore
+
+
+def unsupported(scheme: str, options: Mapping[str, Any]) -> str | None:
+    """Why obstore cannot read a store with these options (None: it can)."""
+    if scheme != "s3":
+        return f"{scheme}:// reads through gcsfs"
+    try:
+        import obstore  # noqa: F401
+    except ImportError:
+        return "obstore is not installed"
+    if extra := sorted(set(options) - set(S3_OPTIONS)):
+        return f"--storage-options {', '.join(extra)} have no obstore equivalent"
+    for name, allowed in (("client_kwargs", CLIENT_KWARGS), ("config_kwargs", CONFIG_KWARGS)):
+        if extra := sorted(set(options.get(name) or {}) - allowed):
+            return f"--storage-options {name} {', '.join(extra)} have no obstore equivalent"
+    s3 = (options.get("config_kwargs") or {}).get("s3") or {}
+    if set(s3) - {"addressing_style"}:
+        return "--storage-options config_kwargs.s3 other than addressing_style have no obstore equivalent"
+    return None
+
+
+def usable() -> bool:
+    """Whether this process may read through obstore (it is not a fork of a process that already did)."""
+    return _RAN_IN is None or os.getpid() == _RAN_IN
+
+
+class ObstoreReads:
+    """obstore's S3Store on a bucket, made in each process from that process's s3fs filesystem ``fs``."""
+
+    def __init__(self, bucket: str, options: Mapping[str, Any]) -> None:
+        self.bucket, self.options = bucket, dict(options)
+        self._store: Any = None
+        self._pid = -1
+        self._lock = asyncio.Lock()
+
+    async def get_ranges(self, fs: Any, paths: Sequence[str], ranges: Sequence[Range]) -> list[bytes]:
+        """The bytes of each range (``paths[i]``: the object key of ``ranges[i]``). Ranges of one object go in one
+        call, which merges those less than 1 MiB apart into one request and sends up to 10 at once."""
+        import obstore
+
+        store = await self.store(fs)
+        out: list[bytes] = [b""] * len(ranges)
+        bounded: dict[str, list[int]] = {}
+        singles = []
+        for i, (path, r) in enumerate(zip(paths, ranges, strict=True)):
+            if r.start >= 0 and r.stop is not None:
+                if r.stop > r.start:
+                    bounded.setdefault(path, []).append(i)
+            else:
+                singles.append(i)
+
+        async def group(path: str, idx: list[int]) -> None:
+            got = await obstore.get_ranges_async(
+                store, path, starts=[ranges[i].start for i in idx], ends=[ranges[i].stop or 0 for i in idx]
+            )
+            for i, data in zip(idx, got, strict=True):
+                out[i] = bytes(data)
+
+        async def single(i: int) -> None:
+            r = ranges[i]
+            span: Any = {"suffix": -r.start} if r.start < 0 else {"offset": r.start}
+            result = await obstore.get_async(store, paths[i], options={"range": span})
+            out[i] = bytes(await result.bytes_async())
+
+        from fcache.store.backends.objects import _gather
+
+        await _gather([group(p, idx) for p, idx in bounded.items()] + [single(i) for i in singles])
+        return out
+
+    async def size(self, fs: Any, path: str) -> int | None:
+        import obstore
+
+        try:
+            meta = await obstore.head_async(await self.store(fs), path)
+        except FileNotFoundError:
+            return None
+        return int(meta["size"])
+
+    async def store(self, fs: Any) -> Any:
+        """This process's S3Store (made at its first request)."""
+        global _RAN_IN
+        if self._store is None or self._pid != os.getpid():
+            if self._pid != os.getpid():
+                self._lock = asyncio.Lock()
+            async with self._lock:
+                if self._store is None or self._pid != os.getpid():
+                    from obstore.store import S3Store
+
+                    config, client, retry, credentials = await self._settings(fs)
+                    self._store = S3Store(
+                        self.bucket, config=config, client_options=client, retry_config=retry, credential_provider=credentials
+                    )
+                    self._pid = os.getpid()
+        _RAN_IN = os.getpid()
+        return self._store
+
+    async def _settings(self, fs: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], Any]:
+        """(config, client options, retry config, credential provider) of the S3Store, from the s3fs client."""
+        client = await fs.set_session()
+        endpoint = str(client.meta.endpoint_url)
+        conf = client.meta.config
+        config: dict[str, Any] = {"region": client.meta.region_name or "us-east-1"}
+        if urlparse(endpoint).hostname and str(urlparse(endpoint).hostname).endswith(".amazonaws.com"):
+            config["region"] = await _bucket_region(client, self.bucket) or config["region"]  # botocore follows redirects
+        else:
+            config["endpoint"] = endpoint
+        if (conf.s3 or {}).get("addressing_style") == "virtual":
+            config["virtual_hosted_style_request"] = True
+        credentials = None
+        if self.options.get("anon"):
+            config["skip_signature"] = True
+        else:
+            signing, credentials = await _credentials(fs, self.options)
+            config |= signing
+        timeouts = {"connect_timeout": timedelta(seconds=conf.connect_timeout), "timeout": timedelta(seconds=conf.read_timeout)}
+        client_options = {"allow_http": endpoint.startswith("http://"), **timeouts}
+        retries = conf.retries or {}
+        attempts = retries.get("total_max_attempts") or (retries["max_attempts"] + 1 if "max_attempts" in retries else None)
+        return config, client_options, {"max_retries": attempts - 1 if attempts else DEFAULT_RETRIES}, credentials
+
+
+async def _bucket_region(client: Any, bucket: str) -> str | None:
+    """The region AWS keeps ``bucket`` in (``x-amz-bucket-region``, sent even with a 403)."""
+    try:
+        head = await client.head_bucket(Bucket=bucket)
+    except Exception as e:  # noqa: BLE001 - the header rides on errors too; without it, the client's own region
+        head = getattr(e, "response", {}) or {}
+    return head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
+
+
+async def _credentials(fs: Any, options: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+    """What obstore signs with, as (config, provider): the options' keys as they are, else the session's (through a
+    provider when they refresh)."""
+    client_kwargs = options.get("client_kwargs") or {}
+    key = options.get("key") or client_kwargs.get("aws_access_key_id")
+    secret = options.get("secret") or client_kwargs.get("aws_secret_access_key")
+    token = options.get("token") or client_kwargs.get("aws_session_token")
+    if not (key and secret):
+        found = await fs.session.get_credentials()
+        if found is None:
+            return {}, None  # unsigned attempts fail as s3fs's would: obstore's own chain finds nothing either
+        if hasattr(found, "refresh_needed"):
+            return {}, _Refreshed(found)
+        frozen = await found.get_frozen_credentials()
+        key, secret, token = frozen.access_key, frozen.secret_key, frozen.token
+    return {"access_key_id": key, "secret_access_key": secret} | ({"session_token": token} if token else {}), None
+
+
+class _Refreshed:
+    """obstore's credential provider over botocore's refreshable credentials (asked again every few minutes)."""
+
+    def __init__(self, credentials: Any) -> None:
+        self.credentials = credentials
+
+    def __call__(self) -> dict[str, Any]:
+        from fcache.store.backends.objects import _sync
+
+        frozen = _sync(self.credentials.get_frozen_credentials())
+        expires = datetime.now(UTC) + CREDENTIALS_TTL
+        return {"access_key_id": frozen.access_key, "secret_access_key": frozen.secret_key, "token": frozen.token, "expires_at": expires}
