@@ -210,9 +210,8 @@ def main() -> None:
             mine = [r for r in rows if r["chunks"] == size and r["client"] == client]
             got = {f"k for {g}": next((r["k"] for r in mine if r["ratio 20ms"] >= g), None) for g in (0.8, 1.0)}
             summary[f"{size} {client}"] = got
-            print(
-                f"{size}, {client}: with 20 ms per request, 0.8 of the local-disk rate at k = {got['k for 0.8']}, 1.0 at k = {got['k for 1.0']}"
-            )
+            k8, k10 = got["k for 0.8"], got["k for 1.0"]
+            print(f"{size}, {client}: with 20 ms per request, 0.8 of the local-disk rate at k = {k8}, 1.0 at k = {k10}")
     # other work on the machine: every figure here is CPU-bound on a small machine
     print(f"load average (1 minute) at the start and after each size: {', '.join(f'{v:.1f}' for v in loads)} on {os.cpu_count()} cores")
     payload = {"rows": rows, "gets": get_rows, "summary": summary, "load_averages": loads, "cores": os.cpu_count()}

@@ -1,5 +1,6 @@
 """Every backend passes the conformance suite fcache ships (``fcache.store.testing.BackendTests``): local disk, S3 (a
-moto server) and GCS (fake-gcs-server), each checked through raw helpers that bypass the backend under test."""
+moto server) read through s3fs and through obstore, and GCS (fake-gcs-server), each checked through raw helpers that
+bypass the backend under test."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from fcache.store.backends import Backend, open_backend
+from fcache.store.backends.objects import ObjectBackend
 from fcache.store.testing import BackendTests
 
 
@@ -37,9 +39,13 @@ class TestLocalBackend(BackendTests):
 
 
 class TestS3Backend(BackendTests):
+    reader = "fsspec"  # s3fs reads ranges and sizes
+
     @pytest.fixture
     def backend(self, s3_bucket):
-        return open_backend(s3_bucket + "/b.zarr")
+        backend = ObjectBackend(s3_bucket + "/b.zarr", reader=self.reader)
+        assert backend.read_client == ("s3fs" if self.reader == "fsspec" else self.reader)
+        return backend
 
     @pytest.fixture(autouse=True)
     def client(self, s3_server):
@@ -55,6 +61,14 @@ class TestS3Backend(BackendTests):
             return self.s3.get_object(Bucket=bucket, Key=name)["Body"].read()
         except self.s3.exceptions.NoSuchKey:
             return None
+
+
+class TestS3ObstoreBackend(TestS3Backend):
+    reader = "obstore"  # obstore reads ranges and sizes; the commit protocol stays on s3fs
+
+    @pytest.fixture(autouse=True)
+    def needs_obstore(self):
+        pytest.importorskip("obstore", reason="obstore reads need obstore (the cloud extra)")
 
 
 class TestGcsBackend(BackendTests):

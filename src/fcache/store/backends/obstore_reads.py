@@ -15,13 +15,18 @@ import asyncio
 import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from fcache.store.backends import Range
 
+if TYPE_CHECKING:
+    from obstore.store import ClientConfig, RetryConfig, S3Config, S3Credential, S3Store
+
 # --storage-options keys (s3fs's) and what obstore reads make of them; any other key keeps the reads on s3fs
 THROUGH_S3FS = "through the s3fs client"
+CLIENT_KWARGS = ("endpoint_url", "region_name", "aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+CONFIG_KWARGS = ("retries", "connect_timeout", "read_timeout", "max_pool_connections", "s3")  # s3: addressing_style only
 S3_OPTIONS: dict[str, str] = {
     "endpoint_url": THROUGH_S3FS,
     "key": THROUGH_S3FS,
@@ -29,8 +34,8 @@ S3_OPTIONS: dict[str, str] = {
     "token": THROUGH_S3FS,
     "profile": THROUGH_S3FS,
     "anon": "unsigned requests",
-    "client_kwargs": THROUGH_S3FS + " (endpoint_url, region_name, aws_access_key_id, aws_secret_access_key, aws_session_token)",
-    "config_kwargs": THROUGH_S3FS + " (retries, connect_timeout, read_timeout, max_pool_connections, s3.addressing_style)",
+    "client_kwargs": f"{THROUGH_S3FS} ({', '.join(CLIENT_KWARGS)})",
+    "config_kwargs": f"{THROUGH_S3FS} ({', '.join(CONFIG_KWARGS)}; max_pool_connections does not limit obstore)",
     "use_ssl": THROUGH_S3FS,
     "max_concurrency": "not about reads",
     "use_listings_cache": "not about reads",
@@ -40,8 +45,6 @@ S3_OPTIONS: dict[str, str] = {
     "default_block_size": "not about reads",
     "default_cache_type": "not about reads",
 }
-CLIENT_KWARGS = {"endpoint_url", "region_name", "aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
-CONFIG_KWARGS = {"retries", "connect_timeout", "read_timeout", "max_pool_connections", "s3"}
 DEFAULT_RETRIES = 4  # botocore's default: 5 attempts
 CREDENTIALS_TTL = timedelta(minutes=5)  # refreshable credentials are asked again this often (botocore refreshes early)
 
@@ -59,7 +62,7 @@ def unsupported(scheme: str, options: Mapping[str, Any]) -> str | None:
     if extra := sorted(set(options) - set(S3_OPTIONS)):
         return f"--storage-options {', '.join(extra)} have no obstore equivalent"
     for name, allowed in (("client_kwargs", CLIENT_KWARGS), ("config_kwargs", CONFIG_KWARGS)):
-        if extra := sorted(set(options.get(name) or {}) - allowed):
+        if extra := sorted(set(options.get(name) or {}) - set(allowed)):
             return f"--storage-options {name} {', '.join(extra)} have no obstore equivalent"
     s3 = (options.get("config_kwargs") or {}).get("s3") or {}
     if set(s3) - {"addressing_style"}:
@@ -77,7 +80,7 @@ class ObstoreReads:
 
     def __init__(self, bucket: str, options: Mapping[str, Any]) -> None:
         self.bucket, self.options = bucket, dict(options)
-        self._store: Any = None
+        self._store: S3Store | None = None
         self._pid = -1
         self._lock = asyncio.Lock()
 
@@ -124,7 +127,7 @@ class ObstoreReads:
             return None
         return int(meta["size"])
 
-    async def store(self, fs: Any) -> Any:
+    async def store(self, fs: Any) -> S3Store:
         """This process's S3Store (made at its first request)."""
         global _RAN_IN
         if self._store is None or self._pid != os.getpid():
@@ -132,39 +135,41 @@ class ObstoreReads:
                 self._lock = asyncio.Lock()
             async with self._lock:
                 if self._store is None or self._pid != os.getpid():
-                    from obstore.store import S3Store
-
-                    config, client, retry, credentials = await self._settings(fs)
-                    self._store = S3Store(
-                        self.bucket, config=config, client_options=client, retry_config=retry, credential_provider=credentials
-                    )
-                    self._pid = os.getpid()
+                    self._store, self._pid = await self._made(fs), os.getpid()
         _RAN_IN = os.getpid()
         return self._store
 
-    async def _settings(self, fs: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], Any]:
-        """(config, client options, retry config, credential provider) of the S3Store, from the s3fs client."""
+    async def _made(self, fs: Any) -> S3Store:
+        """An S3Store where the s3fs filesystem ``fs`` connects, signed as it signs, retrying and timing out as it does."""
+        from obstore.store import S3Store
+
         client = await fs.set_session()
-        endpoint = str(client.meta.endpoint_url)
-        conf = client.meta.config
-        config: dict[str, Any] = {"region": client.meta.region_name or "us-east-1"}
-        if urlparse(endpoint).hostname and str(urlparse(endpoint).hostname).endswith(".amazonaws.com"):
+        endpoint, conf = str(client.meta.endpoint_url), client.meta.config
+        config: S3Config = {"region": client.meta.region_name or "us-east-1"}
+        if str(urlparse(endpoint).hostname).endswith(".amazonaws.com"):
             config["region"] = await _bucket_region(client, self.bucket) or config["region"]  # botocore follows redirects
         else:
             config["endpoint"] = endpoint
         if (conf.s3 or {}).get("addressing_style") == "virtual":
             config["virtual_hosted_style_request"] = True
-        credentials = None
+        provider = None
         if self.options.get("anon"):
             config["skip_signature"] = True
         else:
-            signing, credentials = await _credentials(fs, self.options)
-            config |= signing
-        timeouts = {"connect_timeout": timedelta(seconds=conf.connect_timeout), "timeout": timedelta(seconds=conf.read_timeout)}
-        client_options = {"allow_http": endpoint.startswith("http://"), **timeouts}
+            keys, provider = await _credentials(fs, self.options)
+            if keys is not None:
+                config["access_key_id"], config["secret_access_key"] = keys[0], keys[1]
+                if keys[2]:
+                    config["session_token"] = keys[2]
+        client_options: ClientConfig = {
+            "allow_http": endpoint.startswith("http://"),
+            "connect_timeout": timedelta(seconds=conf.connect_timeout),
+            "timeout": timedelta(seconds=conf.read_timeout),
+        }
         retries = conf.retries or {}
         attempts = retries.get("total_max_attempts") or (retries["max_attempts"] + 1 if "max_attempts" in retries else None)
-        return config, client_options, {"max_retries": attempts - 1 if attempts else DEFAULT_RETRIES}, credentials
+        retry: RetryConfig = {"max_retries": attempts - 1 if attempts else DEFAULT_RETRIES}
+        return S3Store(self.bucket, config=config, client_options=client_options, retry_config=retry, credential_provider=provider)
 
 
 async def _bucket_region(client: Any, bucket: str) -> str | None:
@@ -176,22 +181,21 @@ async def _bucket_region(client: Any, bucket: str) -> str | None:
     return head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
 
 
-async def _credentials(fs: Any, options: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
-    """What obstore signs with, as (config, provider): the options' keys as they are, else the session's (through a
-    provider when they refresh)."""
+async def _credentials(fs: Any, options: Mapping[str, Any]) -> tuple[tuple[str, str, str | None] | None, _Refreshed | None]:
+    """What obstore signs with: (key, secret, token), the options' as they are, else the session's; or a provider of
+    the session's when they refresh; (None, None) when there are none (requests then fail as s3fs's would)."""
     client_kwargs = options.get("client_kwargs") or {}
     key = options.get("key") or client_kwargs.get("aws_access_key_id")
     secret = options.get("secret") or client_kwargs.get("aws_secret_access_key")
-    token = options.get("token") or client_kwargs.get("aws_session_token")
-    if not (key and secret):
-        found = await fs.session.get_credentials()
-        if found is None:
-            return {}, None  # unsigned attempts fail as s3fs's would: obstore's own chain finds nothing either
-        if hasattr(found, "refresh_needed"):
-            return {}, _Refreshed(found)
-        frozen = await found.get_frozen_credentials()
-        key, secret, token = frozen.access_key, frozen.secret_key, frozen.token
-    return {"access_key_id": key, "secret_access_key": secret} | ({"session_token": token} if token else {}), None
+    if key and secret:
+        return (key, secret, options.get("token") or client_kwargs.get("aws_session_token")), None
+    found = await fs.session.get_credentials()
+    if found is None:
+        return None, None
+    if hasattr(found, "refresh_needed"):
+        return None, _Refreshed(found)
+    frozen = await found.get_frozen_credentials()
+    return (frozen.access_key, frozen.secret_key, frozen.token), None
 
 
 class _Refreshed:
@@ -200,7 +204,7 @@ class _Refreshed:
     def __init__(self, credentials: Any) -> None:
         self.credentials = credentials
 
-    def __call__(self) -> dict[str, Any]:
+    def __call__(self) -> S3Credential:
         from fcache.store.backends.objects import _sync
 
         frozen = _sync(self.credentials.get_frozen_credentials())
