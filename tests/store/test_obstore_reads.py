@@ -42,7 +42,7 @@ def test_both_clients_read_the_same_bytes_and_values(remote_store):
     assert size and obs.sizes([key, "features/p2", "nope"]) == [size, None, None]  # a prefix is no object
     rng = np.random.default_rng(0)
     starts = rng.integers(0, size - 1, 12)
-    ranges = [Range(key, int(a), int(a + rng.integers(1, 300))) for a in starts]  # some overlap, some lie close: merged
+    ranges = [Range(key, int(a), int(a + rng.integers(1, 300))) for a in starts]  # some overlap
     ranges += [Range(key, -20, None), Range(key, size - 5, None), Range(key, size - 4, size + 100)]
     want = s3fs.get_ranges(ranges)
     assert obs.get_ranges(ranges) == want and want[-1] == want[-2][-4:] and len(want[-3]) == 20
