@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,6 +69,12 @@ def test_without_obstore_or_with_options_it_cannot_honour_s3fs_reads(remote_stor
     np.testing.assert_array_equal(fstore.FeatureStore(backend).read_many([("p2", 2, 0)])[0], want)
     with pytest.raises(InputError, match=f"^{url}: cannot read through obstore: obstore is not installed$"):
         ObjectBackend(url, reader="obstore")
+
+
+def test_the_docs_say_what_each_option_becomes():
+    text = (Path(__file__).parents[2] / "docs" / "cloud.md").read_text()
+    section = text[text.index("### Which client reads") :]
+    assert all(f"`{key}`" in section for key in (*reads.S3_OPTIONS, *reads.CLIENT_KWARGS, *reads.CONFIG_KWARGS))
 
 
 def test_settings_come_from_the_options_as_s3fs_takes_them(s3_server, s3_bucket, monkeypatch):

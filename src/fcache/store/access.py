@@ -15,7 +15,8 @@ from fcache.store.backends import parse_size, parse_storage_options
 
 STORAGE_OPTIONS_HELP = (
     'JSON object passed as it is to s3fs / gcsfs for s3:// and gs:// stores, e.g. \'{"profile": "lab"}\'; '
-    '\'{"s3": {...}, "gs": {...}}\' gives each scheme its own. Credentials are best left to the environment or a profile.'
+    '\'{"s3": {...}, "gs": {...}}\' gives each scheme its own (obstore, which reads s3:// chunks, maps the common keys: '
+    "docs/cloud.md). Credentials are best left to the environment or a profile."
 )
 
 

@@ -8,7 +8,7 @@ connections, since object stores are fast only with many requests in flight. The
 process exits. Credentials and endpoints are whatever s3fs / gcsfs take: environment (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, ``GOOGLE_APPLICATION_CREDENTIALS``), profiles, or
 the options. Range reads and sizes of s3:// stores go through obstore where it is installed (``obstore_reads``: a
-fifth of s3fs's CPU per request, so small chunks read at the rate latency allows); everything else, the commit
+quarter of s3fs's CPU per request, so small chunks read at the rate latency allows); everything else, the commit
 protocol included, through s3fs (obstore has no conditional DELETE, and its replies do not carry the server's clock).
 """
 

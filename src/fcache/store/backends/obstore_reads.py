@@ -1,4 +1,4 @@
-"""Ranged GETs and HEADs of an s3:// store through obstore (Rust's object_store), at a fifth of s3fs's CPU per request.
+"""Ranged GETs and HEADs of an s3:// store through obstore (Rust's object_store), at a quarter of s3fs's CPU per request.
 
 Optional (``fcache[cloud]`` brings it): without obstore, or with a ``--storage-options`` key it cannot honour, s3fs
 reads as before. Where obstore connects comes from the s3fs client of the same store, so from the same places as
