@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import click
 
-from fcache import __version__
+from fcache._version import __version__
 from fcache.apps.bench import BenchConfig
 from fcache.common.devices import DEVICE_HELP
 from fcache.common.flags import Flag, flags_of

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fcache import __version__
+from fcache._version import __version__
 from fcache.common.errors import InputError, StoreError
 from fcache.common.flags import check_flags, flag, required
 from fcache.common.records import check_record

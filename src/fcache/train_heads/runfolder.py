@@ -38,7 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fcache import __version__
+from fcache._version import __version__
 from fcache.common.errors import InputError
 from fcache.common.files import atomic_file, remove_stale
 from fcache.common.records import check_record, load_json, read_json
