@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 TEMP_SUFFIX = ".partial"
 LOW_SPACE = 64 << 20  # bytes: a failed write with less than this free is taken as a full disk
@@ -63,3 +65,9 @@ def remove_stale(folder: Path, names: tuple[str, ...]) -> None:
     for name in names:
         for p in folder.glob(f".{name}.*{TEMP_SUFFIX}"):
             p.unlink(missing_ok=True)
+
+
+def write_json(path: Path, obj: Any, *, indent: int | None = 1) -> None:
+    """Write JSON atomically (a temporary file renamed into place), keys sorted."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=indent, sort_keys=True) + "\n")

@@ -22,13 +22,14 @@ from tqdm import tqdm
 
 from fcache.common.devices import resolve_device
 from fcache.common.errors import InputError
+from fcache.common.files import write_json
 from fcache.spec import LevelSpec
 from fcache.store import FeatureStore
 from fcache.train_heads.config import EvalConfig
 from fcache.train_heads.data import Collate, eval_data
 from fcache.train_heads.loop import build_model
 from fcache.train_heads.optim import autocast
-from fcache.train_heads.runfolder import EVAL_METRICS, FeatureSource, RunDir, TrainingRecord, identity_differences, write_json
+from fcache.train_heads.runfolder import EVAL_METRICS, FeatureSource, RunDir, TrainingRecord, identity_differences
 from fcache.train_heads.task import Task
 from fcache.train_heads.tasks import task_def
 

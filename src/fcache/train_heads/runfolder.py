@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from fcache._version import __version__
 from fcache.common.errors import InputError
-from fcache.common.files import atomic_file, remove_stale
+from fcache.common.files import atomic_file, remove_stale, write_json
 from fcache.common.records import check_record, load_json, read_json
 from fcache.spec import BackboneInfo, DatasetInfo, LevelSpec, Manifest, Preprocessing, library_versions
 from fcache.train_heads.config import TrainConfig
@@ -50,7 +50,6 @@ CONFIG, MODEL, BEST, METRICS, METRICS_CSV = "config.json", "model.safetensors", 
 CHECKPOINT = "checkpoint-{iteration}.pt"
 OLD_CHECKPOINT = "checkpoint.pt"  # the one checkpoint of a run written before checkpoints were numbered
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)\.pt")
-DETECTIONS = "detections.json"
 EVAL, EVAL_METRICS, EVAL_STORE = "eval", "metrics.json", "store.json"
 RANDOM_INIT = "random-init"  # BackboneInfo.weights of a random backbone: its weights are made from the extraction seed
 RECORD_KEY = "fcache.run"  # model.safetensors metadata: the TrainingRecord as JSON
@@ -419,12 +418,6 @@ def host_info() -> dict[str, Any]:
     gpus = [torch.cuda.get_device_name(k) for k in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     return {"name": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
             "gpus": gpus}  # fmt: skip
-
-
-def write_json(path: Path, obj: Any, *, indent: int | None = 1) -> None:
-    """Write JSON atomically (a temporary file renamed into place)."""
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=indent, sort_keys=True) + "\n")
 
 
 def _diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from fcache.common.files import write_json
 from fcache.train_heads.config import TrainConfig
-from fcache.train_heads.runfolder import CONFIG, RunDir, TrainingRecord, write_json
+from fcache.train_heads.runfolder import CONFIG, RunDir, TrainingRecord
 
 TRAIN_STORE = "/data/train.zarr"
 

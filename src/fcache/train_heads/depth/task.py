@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from fcache.common.errors import InputError
+from fcache.common.files import write_json
 from fcache.spec import Geometry, LevelSpec, Targets
 from fcache.store import FeatureStore
 from fcache.train_heads.data import KEY, VIEW_GEOMETRY, VIEW_NAMES
@@ -31,7 +32,6 @@ from fcache.train_heads.depth.maps import depth_png, view_depth
 from fcache.train_heads.depth.outputs import DEPTH, DEPTH_JSON, EXPORT, OUTPUTS, per_class, pictures
 from fcache.train_heads.depth.synthetic import BENCH
 from fcache.train_heads.headspec import HeadDef, HeadSpec, Param, select_levels
-from fcache.train_heads.runfolder import write_json
 from fcache.train_heads.segmentation.labelmaps import file_name
 from fcache.train_heads.segmentation.targets import ground_truth, to_canvas, to_original
 from fcache.train_heads.segmentation.task import multi_view_name

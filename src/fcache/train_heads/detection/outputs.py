@@ -14,12 +14,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fcache.common.files import write_json
 from fcache.spec import Targets
 from fcache.store import FeatureStore
 from fcache.train_heads.pictures import LIMIT, PER_IMAGE, enlarge, read_json
-from fcache.train_heads.runfolder import DETECTIONS
 from fcache.train_heads.task import ExportDef, OutputOptions, Outputs, PerClass
 
+DETECTIONS = "detections.json"  # the COCO results of an evaluation, written into RUN/eval/<store>
 DETECTION_JSON = "detection.json"  # AP of each category per family, written into RUN/eval/<store> by evaluation
 PREDICTIONS_JSON = "predictions.json"  # what fcache predict writes
 
@@ -45,8 +46,6 @@ class DetectionFiles:
         self.detections += [d | {"file_name": file} for d in present(self.task, prediction, self.options)]
 
     def finish(self) -> dict[str, Any]:
-        from fcache.train_heads.runfolder import write_json
-
         write_json(self.out / PREDICTIONS_JSON, self.detections, indent=None)
         return {"files": [str(self.out / PREDICTIONS_JSON)], "detections": len(self.detections)}
 

@@ -18,18 +18,18 @@ import torch
 from torch import Tensor, nn
 
 from fcache.common.errors import InputError
+from fcache.common.files import write_json
 from fcache.spec import Geometry, LevelSpec, Targets
 from fcache.store import FeatureStore
 from fcache.train_heads.detection.cascade import SCORES
 from fcache.train_heads.detection.conventions import BEFORE_RECORD, CURRENT, conventions
 from fcache.train_heads.detection.evaluate import coco_evaluate, coco_ground_truth
 from fcache.train_heads.detection.model import ROI_HEADS, build_detector
-from fcache.train_heads.detection.outputs import DETECTION_JSON, EXPORT, OUTPUTS, per_class, pictures
+from fcache.train_heads.detection.outputs import DETECTION_JSON, DETECTIONS, EXPORT, OUTPUTS, per_class, pictures
 from fcache.train_heads.detection.synthetic import BENCH
 from fcache.train_heads.detection.targets import category_labels, content_size, detections_to_coco, view_targets
 from fcache.train_heads.headspec import HeadDef, HeadSpec, Param, select_levels
 from fcache.train_heads.necks import NECKS
-from fcache.train_heads.runfolder import DETECTIONS, write_json
 from fcache.train_heads.segmentation.targets import view_labels
 from fcache.train_heads.task import Batch, TaskDef
 

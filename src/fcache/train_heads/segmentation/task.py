@@ -20,12 +20,12 @@ import torch
 from torch import Tensor, nn
 
 from fcache.common.errors import InputError
+from fcache.common.files import write_json
 from fcache.spec import Geometry, LevelSpec, Targets
 from fcache.store import FeatureStore
 from fcache.train_heads.data import KEY, VIEW_GEOMETRY, VIEW_NAMES
 from fcache.train_heads.headspec import HeadDef, HeadSpec, Param, select_levels
 from fcache.train_heads.necks.base import NORMS
-from fcache.train_heads.runfolder import write_json
 from fcache.train_heads.segmentation import metrics as M
 from fcache.train_heads.segmentation.labelmaps import file_name, label_png
 from fcache.train_heads.segmentation.mask2former import build_mask2former
