@@ -33,6 +33,7 @@ from fcache.extract.driver import run_extract  # noqa: E402
 from fcache.extract.stages import SampleDataset  # noqa: E402
 from fcache.train_heads.config import TrainConfig  # noqa: E402
 from fcache.train_heads.data import train_loader  # noqa: E402
+from fcache.train_heads.defaults import with_defaults  # noqa: E402
 from fcache.train_heads.loop import make_optimizer, train_step  # noqa: E402
 from fcache.train_heads.training import prepare_training, training_data  # noqa: E402
 
@@ -57,7 +58,8 @@ def loader(cfg: TrainConfig, p, workers: int):  # noqa: ANN001
 
 def measure(store: Path, images: Path, ann: Path, head: str, model_name: str, size: int, batch: int, steps: int, workers: int) -> dict:
     device = torch.device("cpu")
-    cfg = TrainConfig(store=str(store), out="", head=head, iters=10_000, batch_size=batch, num_workers=workers, device="cpu", warmup=0)
+    cfg = with_defaults(TrainConfig(store=str(store), out="", head=head, iters=10_000, batch_size=batch, num_workers=workers, device="cpu",
+                                    warmup=0))  # fmt: skip
     p = prepare_training(cfg)
     p.model.train()
     opt = make_optimizer(p.model, cfg)

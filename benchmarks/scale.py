@@ -272,9 +272,11 @@ def step_verify_sample(work: Path) -> dict[str, Any]:
 
 def _train_config(work: Path, out: str = "", **kw: Any) -> Any:
     from fcache.train_heads.config import TrainConfig
+    from fcache.train_heads.defaults import with_defaults
 
-    return TrainConfig.from_flags(store=str(work / "store.zarr"), out=out, head="fpn:channels=8,rois=8,rpn_batch=8", iters=10,
-                                  device="cpu", num_workers=0, **kw)  # fmt: skip
+    cfg = TrainConfig.from_flags(store=str(work / "store.zarr"), out=out, head="fpn:channels=8,rois=8,rpn_batch=8", iters=10,
+                                 device="cpu", num_workers=0, **kw)  # fmt: skip
+    return with_defaults(cfg)
 
 
 def step_dataset_index(work: Path) -> dict[str, Any]:

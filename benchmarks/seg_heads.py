@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import save, table  # noqa: E402
 from fcache.spec import Geometry, LevelSpec  # noqa: E402
 from fcache.train_heads.config import TrainConfig  # noqa: E402
+from fcache.train_heads.defaults import with_defaults  # noqa: E402
 from fcache.train_heads.loop import make_optimizer, trainable_parameters  # noqa: E402
 from fcache.train_heads.segmentation import SegmentationTask, parse_segmentation_head  # noqa: E402
 from fcache.train_heads.task import Batch  # noqa: E402
@@ -69,7 +70,7 @@ def measure(spec: str, size: int, batch: int, steps: int, device: torch.device) 
     base = rss_mb()
     torch.manual_seed(0)
     model = task.build(SWINV2_B).to(device).train()
-    opt = make_optimizer(model, TrainConfig(store="", out="", head=spec, iters=1, task="segmentation", weight_decay=0.05))
+    opt = make_optimizer(model, with_defaults(TrainConfig(store="", out="", head=spec, iters=1, task="segmentation", weight_decay=0.05)))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for k in range(steps + 1):

@@ -28,6 +28,7 @@ from fcache.extract.config import ExtractConfig
 from fcache.extract.driver import run_extract  # noqa: E402
 from fcache.spec import Geometry, LevelSpec  # noqa: E402
 from fcache.train_heads.config import TrainConfig  # noqa: E402
+from fcache.train_heads.defaults import with_defaults  # noqa: E402
 from fcache.train_heads.loop import make_optimizer, trainable_parameters  # noqa: E402
 from fcache.train_heads.task import Batch  # noqa: E402
 from fcache.train_heads.video import VideoTask, parse_video_head  # noqa: E402
@@ -97,7 +98,7 @@ def head_step(spec: str, batch: int, frames: int, grid: int, steps: int) -> dict
     task = VideoTask(parse_video_head(spec), names, frames=frames, grid=(grid, grid))
     torch.manual_seed(0)
     model = task.build((SWINV2_B_P5,)).train()
-    optimizer = make_optimizer(model, TrainConfig(store="", out="", head=spec, iters=1, task="video"))
+    optimizer = make_optimizer(model, with_defaults(TrainConfig(store="", out="", head=spec, iters=1, task="video")))
     features = {"p5": torch.randn(batch, frames, SWINV2_B_P5.channels, grid, grid)}  # (B, T, C, H, W)
     labels = [torch.tensor(k % CLASSES) for k in range(batch)]
     b = Batch(list(range(batch)), [0] * batch, features, [Geometry(1, 1, 1)] * batch, labels, [{}] * batch)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fcache.train_heads.config import TrainConfig
+from fcache.train_heads.defaults import with_defaults
 from fcache.train_heads.detection.task import HEADS, parse_detection_head
 from fcache.train_heads.headspec import KINDS, Param, show
 from fcache.train_heads.necks import NECKS, UPER_FPN
@@ -83,7 +84,7 @@ def test_parse_errors_name_the_fix(text, message):
 
 
 def cfg(**kw):
-    return TrainConfig(**{"store": "s", "out": "o", "head": "fpn", "iters": 1200, **kw})
+    return with_defaults(TrainConfig(**{"store": "s", "out": "o", "head": "fpn", "iters": 1200, **kw}))
 
 
 def test_defaults_are_the_papers():

@@ -21,6 +21,7 @@ from fcache.cli import main
 from fcache.common.errors import InputError
 from fcache.train_heads import TrainConfig, run_train, training
 from fcache.train_heads.console import format_train_summary
+from fcache.train_heads.defaults import with_defaults
 from fcache.train_heads.loggers import resolve_logger
 from fcache.train_heads.optim import check_precision
 from fcache.train_heads.runfolder import BEST, CHECKPOINT, METRICS_CSV, MODEL
@@ -240,14 +241,17 @@ def test_warmup_longer_than_the_run_is_warned_about(store, tmp_path):
 
 
 def test_python_configs_take_the_same_per_task_defaults_as_the_command(store, tmp_path):
-    """``TrainConfig(task=...)`` fills what the flags leave unset from the task's and head's defaults, as the CLI does."""
+    """``with_defaults`` (applied by ``run_train``) fills what a ``TrainConfig(task=...)`` leaves unset from the task's and
+    head's defaults, as the command does; a config alone holds only what it was given."""
     for task, head in (("segmentation", "upernet"), ("segmentation", "mask2former"), ("video", "linear"), ("classification", "linear"),
                        ("detection", "fpn")):  # fmt: skip
         flags = {name: None for name in ("batch_size", "lr", "weight_decay", "warmup", "warmup_factor", "warmup_epochs", "schedule",
                                          "lr_steps")}  # fmt: skip
-        cli = TrainConfig.from_flags(store="s", out="o", task=task, head=head, iters=100, **flags)
-        assert TrainConfig(store="s", out="o", task=task, head=head, iters=100) == cli, (task, head)
-    assert TrainConfig(store="s", out="o", task="segmentation", head="upernet", iters=1).lr == 2e-3
+        cli = with_defaults(TrainConfig.from_flags(store="s", out="o", task=task, head=head, iters=100, **flags))
+        assert with_defaults(TrainConfig(store="s", out="o", task=task, head=head, iters=100)) == cli, (task, head)
+        assert with_defaults(cli) == cli and cli.lr is not None and cli.schedule is not None
+    bare = TrainConfig(store="s", out="o", task="segmentation", head="upernet", iters=1)
+    assert bare.lr is None and with_defaults(bare).lr == 2e-3
 
 
 def test_heads_in_one_pass_keep_their_own_best(store, tmp_path):
@@ -275,7 +279,7 @@ def test_the_progress_bar_shows_the_last_evaluation():
 
     v = Validation(lambda m, i, log: {}, every=2, metric="ss/mIoU")
     v.record({"ss/mIoU": 0.4321, "ss/mAcc": 0.5}, 2)
-    cfg = TrainConfig(store="s", out="o", task="segmentation", head="upernet", iters=10, warmup=0)
+    cfg = with_defaults(TrainConfig(store="s", out="o", task="segmentation", head="upernet", iters=10, warmup=0))
     meter = SimpleNamespace(last={"loss": 1.5}, rate=12.0)
     # linear decay (segmentation default), no warm-up: 2e-3 x (1 - 3/10)
     assert progress_values(meter, v, get_lr(3, cfg)) == {"loss": "1.5000", "samples_s": "12.0", "lr": "1.40e-03", "ss/mIoU": "0.4321"}

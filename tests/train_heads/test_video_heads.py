@@ -8,6 +8,7 @@ from timm.layers import DropPath
 
 from fcache.spec import LevelSpec
 from fcache.train_heads.config import TrainConfig
+from fcache.train_heads.defaults import with_defaults
 from fcache.train_heads.tasks import task_defaults
 from fcache.train_heads.video import GlobalHead, TemporalHead, VideoLinear, VideoTask, parse_video_head
 
@@ -108,15 +109,18 @@ def test_widths_default_to_the_channels_capped_at_1024():
 def test_table_13_defaults_and_warmup_in_epochs():
     video = task_defaults("video", "temporal:blocks=4")
     assert video == {"batch_size": 64, "lr": 3e-4, "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 2.5}
-    cfg = TrainConfig(store="s", out="o", head="linear", iters=100, task="video")  # Python gets the task's defaults too
+    cfg = with_defaults(TrainConfig(store="s", out="o", head="linear", iters=100, task="video"))  # Python gets the task's defaults too
     assert (cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.schedule, cfg.warmup_epochs) == (64, 3e-4, 0.05, "cosine", 2.5)
     assert cfg.resolved(train_samples=240).warmup == 10  # ceil(2.5 * 240 / 64)
-    assert TrainConfig(store="s", out="o", head="fpn", iters=1).resolved(10).warmup == 500  # detection: iterations, untouched
+    assert with_defaults(TrainConfig(store="s", out="o", head="fpn", iters=1)).resolved(10).warmup == 500  # detection: iterations
     # a warm-up given in either unit replaces the task's default in both
-    given = TrainConfig.from_flags(store="s", out="o", head="linear", iters=100, task="video", warmup=100, warmup_epochs=None)
+    given = with_defaults(
+        TrainConfig.from_flags(store="s", out="o", head="linear", iters=100, task="video", warmup=100, warmup_epochs=None)
+    )
     assert given.warmup == 100 and given.warmup_epochs is None and given.resolved(240).warmup == 100
-    assert TrainConfig(store="s", out="o", head="linear", iters=100, task="video", warmup_epochs=1.0).resolved(128).warmup == 2
-    detection = TrainConfig(store="s", out="o", head="fpn", iters=100, warmup_epochs=1.0, batch_size=None)
+    video = with_defaults(TrainConfig(store="s", out="o", head="linear", iters=100, task="video", warmup_epochs=1.0))
+    assert video.resolved(128).warmup == 2
+    detection = with_defaults(TrainConfig(store="s", out="o", head="fpn", iters=100, warmup_epochs=1.0, batch_size=None))
     assert detection.warmup_epochs == 1.0 and detection.batch_size == 16 and detection.resolved(32).warmup == 2
     with pytest.raises(ValueError, match="not both"):
         TrainConfig.from_flags(store="s", out="o", head="linear", iters=100, task="video", warmup=100, warmup_epochs=1.0)

@@ -34,13 +34,15 @@ def _steps(setting: str, cfg: BenchConfig, store: str) -> dict[str, Any]:
     from fcache.extract.rebuild import backbone_of
     from fcache.train_heads.config import TrainConfig
     from fcache.train_heads.data import train_loader
+    from fcache.train_heads.defaults import with_defaults
     from fcache.train_heads.loop import make_optimizer, train_step
     from fcache.train_heads.training import prepare_training, training_data
 
     device = torch.device(cfg.device)
     workers = cfg.num_workers if setting == "store" else 0
-    tcfg = TrainConfig(store=store, out="", task=cfg.task, head=cfg.head_of(setting), iters=10_000, batch_size=cfg.batch_size,
-                       device=cfg.device, num_workers=workers, warmup=0, seed=cfg.seed)  # fmt: skip
+    given = TrainConfig(store=store, out="", task=cfg.task, head=cfg.head_of(setting), iters=10_000, batch_size=cfg.batch_size,
+                        device=cfg.device, num_workers=workers, warmup=0, seed=cfg.seed)  # fmt: skip
+    tcfg = with_defaults(given)
     p = prepare_training(tcfg)
     model = p.model.to(device).train()
     data = training_data(p, cfg.seed, None if setting == "store" else ())  # online: targets and geometry only

@@ -1,13 +1,11 @@
 """Frozen configs of the head-training stage, each setting written once as a field with its flag.
 
-``fcache train-head`` builds a :class:`TrainConfig` from its flags; Python callers construct one directly. Either way
-the hyper-parameters left unset (None) take the task's and head's defaults (``TaskDef.train_defaults``: the paper's
-Tables 11-13), so ``TrainConfig(task="segmentation", head="upernet", ...)`` trains as the command would. Without a
-task default, the detection recipe of Table 11 applies (COCO, frozen setting, 100% data): AdamW, lr 3e-4, weight
-decay 0.05, betas (0.9, 0.999), 500 warm-up iterations, batch 16, multi-step decay by 0.1 at 8/12 and 11/12.
-``config.json`` records the resolved values: lengths given in epochs (``--epochs``, ``--warmup-epochs``) become
-iterations of the training set (``TrainConfig.resolved``); one iteration is one optimiser step on ``batch_size x
-grad_accum`` samples.
+``fcache train-head`` builds a :class:`TrainConfig` from its flags; Python callers construct one directly. The
+hyper-parameters left unset (None) take the task's and head's defaults (``TaskDef.train_defaults``: the paper's
+Tables 11-13) when the run starts (``fcache.train_heads.defaults.with_defaults``, which ``run_train`` applies), so
+``TrainConfig(task="segmentation", head="upernet", ...)`` trains as the command would. ``config.json`` records the
+resolved values: lengths given in epochs (``--epochs``, ``--warmup-epochs``) become iterations of the training set
+(``TrainConfig.resolved``); one iteration is one optimiser step on ``batch_size x grad_accum`` samples.
 """
 
 from __future__ import annotations
@@ -26,17 +24,6 @@ SCHEDULES = ("step", "cosine", "linear")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 on CUDA, fp32 elsewhere
 LOGGERS = ("auto", "tensorboard", "wandb", "none")  # auto: TensorBoard when it is installed
 
-# Table 11 (detection, frozen): what a hyper-parameter is when neither a flag nor the task's defaults set it
-GENERIC_DEFAULTS: dict[str, Any] = {
-    "batch_size": 16,
-    "lr": 3e-4,
-    "weight_decay": 0.05,
-    "warmup": 500,
-    "warmup_epochs": None,
-    "warmup_factor": 1e-3,
-    "schedule": "step",
-    "lr_steps": (8 / 12, 11 / 12),
-}
 WARMUP_FIELDS = ("warmup", "warmup_epochs")
 
 # Fields that do not change what is trained: they may differ when a run is resumed.
@@ -127,23 +114,15 @@ class TrainConfig(ReadAccess):
     )
 
     def __post_init__(self) -> None:
-        unset = [k for k in GENERIC_DEFAULTS if getattr(self, k) is None]
-        if unset:
-            from fcache.train_heads.tasks import task_defaults
-
-            defaults = {**GENERIC_DEFAULTS, **task_defaults(self.task, self.head)}
-            if any(k not in unset for k in WARMUP_FIELDS):  # a warm-up given in either unit replaces the default in both
-                defaults |= {"warmup": 0, "warmup_epochs": None}
-            for k in unset:
-                object.__setattr__(self, k, defaults[k])
-        object.__setattr__(self, "lr_steps", tuple(self.lr_steps))
+        if self.lr_steps is not None:
+            object.__setattr__(self, "lr_steps", tuple(self.lr_steps))
         object.__setattr__(self, "betas", tuple(self.betas))
         if self.eval_every is not None:
             object.__setattr__(self, "eval_every", parse_every(str(self.eval_every)))
         check_flags(self)
         for name, value, choices in (("schedule", self.schedule, SCHEDULES), ("precision", self.precision, PRECISIONS),
                                      ("logger", self.logger, LOGGERS)):  # fmt: skip
-            if value not in choices:
+            if value is not None and value not in choices:
                 raise InputError(f"--{name} {value!r}: use one of {', '.join(choices)}")
         if self.iters is None and self.epochs is None:
             raise InputError("give --iters N or --epochs E: how long to train")

@@ -42,6 +42,7 @@ from fcache.spec import LevelSpec
 from fcache.train_heads import distributed as ddp
 from fcache.train_heads.config import TrainConfig
 from fcache.train_heads.data import train_loader
+from fcache.train_heads.defaults import with_defaults
 from fcache.train_heads.loggers import RunLog
 from fcache.train_heads.optim import autocast, ema_model, grad_scaler, no_sync
 from fcache.train_heads.runfolder import RunDir
@@ -366,7 +367,7 @@ def train(
     """Train one head on ``data`` for ``cfg.iters`` iterations (or ``cfg.epochs`` of ``data``; until ``cfg.stop_at``), from
     ``checkpoint`` when given: the pass with one head. Its items must hold the levels the model reads (all of ``data``'s
     levels are given to it)."""
-    cfg = cfg.resolved(len(data))  # type: ignore[arg-type]
+    cfg = with_defaults(cfg).resolved(len(data))  # type: ignore[arg-type]
     head, state = start_head(cfg, task, model, tuple(_item_levels(data)), run, checkpoint, dist)
     (result,) = train_pass([head], [state], data, progress=progress, dist=dist)
     if state.error:

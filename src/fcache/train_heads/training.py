@@ -29,6 +29,7 @@ from fcache.store import FeatureStore
 from fcache.train_heads import distributed as ddp
 from fcache.train_heads.config import TrainConfig
 from fcache.train_heads.data import eval_data, training_items
+from fcache.train_heads.defaults import with_defaults
 from fcache.train_heads.evaluation import check_levels, check_same_backbone, evaluate_into
 from fcache.train_heads.loggers import RunLog, resolve_logger
 from fcache.train_heads.loop import Head, HeadState, TrainResult, build_model, start_head, train_pass, trainable_parameters
@@ -220,8 +221,8 @@ def interrupted_message(heads: Sequence[Head], states: Sequence[HeadState]) -> s
 
 
 def run_train(cfg: TrainConfig, *, progress: bool = True, say: Callable[[str], None] = echo) -> dict[str, Any]:
-    """Train one head as ``cfg`` says, evaluate it on ``cfg.val_store`` (every ``eval_every`` and when the run is
-    complete); returns the summary.
+    """Train one head as ``cfg`` says (its unset hyper-parameters: the task's and head's defaults), evaluate it on
+    ``cfg.val_store`` (every ``eval_every`` and when the run is complete); returns the summary.
 
     Under torchrun (WORLD_SIZE > 1) every process trains its slice of each batch; rank 0 writes RUN and evaluates.
     """
@@ -241,6 +242,7 @@ def run_train_heads(cfgs: Sequence[TrainConfig], *, progress: bool = True, say: 
 
 
 def _run(cfgs: Sequence[TrainConfig], *, own_folders: bool, progress: bool, say: Callable[[str], None]) -> list[dict[str, Any]]:
+    cfgs = [with_defaults(c) for c in cfgs]
     check_shared(cfgs)
     dist = ddp.Dist.from_env()
     with ddp.process_group(dist, cfgs[0].device):

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from fcache.common.files import write_json
 from fcache.train_heads.config import TrainConfig
+from fcache.train_heads.defaults import with_defaults
 from fcache.train_heads.runfolder import CONFIG, RunDir, TrainingRecord
 
 TRAIN_STORE = "/data/train.zarr"
@@ -41,7 +42,7 @@ def make_run(
     which ``per_class`` (file name -> JSON, or text for .jsonl) is written. ``losses``: one training record each,
     evenly spaced up to ``logged`` (default ``iters``), the last at ``seconds`` with ``peak_gb``.
     """
-    cfg = TrainConfig(store=TRAIN_STORE, out=str(path), head=head, iters=iters, task=task, seed=seed, lr=lr, batch_size=2)
+    cfg = with_defaults(TrainConfig(store=TRAIN_STORE, out=str(path), head=head, iters=iters, task=task, seed=seed, lr=lr, batch_size=2))
     record = TrainingRecord(cfg, "fingerprint-of-train", {"head": head}, (), params, 8)
     path.mkdir(parents=True)
     write_json(path / CONFIG, record.to_dict())

@@ -28,6 +28,7 @@ from fcache.store import FeatureStore
 from fcache.store.backends import is_url
 from fcache.train_heads.analysis.report import write_outputs
 from fcache.train_heads.config import RENAMED, SweepConfig, TrainConfig
+from fcache.train_heads.defaults import with_defaults
 from fcache.train_heads.runfolder import RunDir
 from fcache.train_heads.training import echo, folder_name, prepare_training, run_train
 
@@ -147,7 +148,7 @@ def _values(path: str, base: Path, key: str, value: Any) -> Any:
 
 def variant_config(values: Mapping[str, Any]) -> TrainConfig:
     """The TrainConfig of one grid point: the task's defaults for its head under the values the SPEC gives."""
-    return TrainConfig.from_flags(**{"out": "", **values})
+    return with_defaults(TrainConfig.from_flags(**{"out": "", **values}))
 
 
 @dataclass(frozen=True)
