@@ -1,6 +1,7 @@
 """The shared vocabulary of fcache: level specs, view geometry and the store manifest.
 
-Everything written to disk is a frozen dataclass with ``to_dict``/``from_dict`` (format version 1).
+Everything written to disk is a frozen dataclass read and written from its type hints (``fcache.common.records.Record``);
+the manifest is format version 1, and ``MANIFEST_FORMAT`` migrates the layouts earlier releases wrote within it.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from fcache._version import __version__
-from fcache.common.errors import InputError, StoreError
+from fcache.common.errors import StoreError
 from fcache.common.flags import check_flags, flag, required
-from fcache.common.records import check_record
+from fcache.common.records import Document, Format, Migration, Record, fill, to_dict
 
 FORMAT_VERSION = 1
 
@@ -58,7 +59,7 @@ class Status(IntEnum):
 
 
 @dataclass(frozen=True)
-class LevelSpec:
+class LevelSpec(Record):
     """One stored feature level: its name (p2..p5), channel count and stride in input pixels."""
 
     name: str
@@ -68,13 +69,6 @@ class LevelSpec:
     def size(self, input_size: int) -> int:
         """Side of this level's square feature map for a square canvas of ``input_size``."""
         return math.ceil(input_size / self.stride)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LevelSpec:
-        return cls(name=str(d["name"]), channels=int(d["channels"]), stride=int(d["stride"]))
 
 
 GEOMETRY_FIELDS = (
@@ -94,7 +88,7 @@ GEOMETRY_FIELDS = (
 
 
 @dataclass(frozen=True)
-class Geometry:
+class Geometry(Record):
     """How one view was cut from its sample: original -> resized -> cropped -> flipped -> padded.
 
     A point (x, y) of the original image lands on the canvas at
@@ -123,13 +117,6 @@ class Geometry:
         if len(a) != len(GEOMETRY_FIELDS):
             raise ValueError(f"geometry vector has {len(a)} fields, expected {len(GEOMETRY_FIELDS)}")
         return cls(**{f: float(v) for f, v in zip(GEOMETRY_FIELDS, a, strict=True)})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Geometry:
-        return cls(**{f: float(d[f]) for f in GEOMETRY_FIELDS if f in d})
 
     def boxes_to_view(self, boxes: np.ndarray, clip: bool = True) -> np.ndarray:
         """Map xyxy boxes (..., 4) from original-image to canvas coordinates."""
@@ -193,13 +180,8 @@ class Targets:
 STUFF_CLASSES = 183  # COCO-stuff label values 0..182, the class count of mmdetection's HTC semantic head
 
 
-def _subset(cls: type, d: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in d.items() if k in names}
-
-
 @dataclass(frozen=True)
-class BackboneInfo:
+class BackboneInfo(Record):
     """The frozen base network whose features are stored."""
 
     alias: str
@@ -209,20 +191,9 @@ class BackboneInfo:
     window: int | None
     levels: tuple[LevelSpec, ...]
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["levels"] = [lv.to_dict() for lv in self.levels]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BackboneInfo:
-        d = dict(_subset(cls, d))
-        d["levels"] = tuple(LevelSpec.from_dict(x) for x in d["levels"])
-        return cls(**d)
-
 
 @dataclass(frozen=True)
-class Preprocessing:
+class Preprocessing(Record):
     """How samples become backbone inputs (see ``Geometry``)."""
 
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
@@ -237,39 +208,21 @@ class Preprocessing:
     clips: int = 1  # video: temporal clips per sample
     crops: int = 1  # video: spatial crops per clip
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        d = dict(_subset(cls, d))
-        for k in ("mean", "std", "view_scale", "test_views"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return cls(**d)
-
 
 @dataclass(frozen=True)
-class StorageSpec:
+class StorageSpec(Record):
     """How feature bytes are laid out: dtype, codec and shard size along N."""
 
     dtype: str = "fp16"  # fp16 | bf16 | int8 | fp32
     codec: str = "zstd"  # zstd | zstd:LEVEL | lz4 | none
     shard_size: int = 16
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> StorageSpec:
-        return cls(**_subset(cls, d))
-
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default MAX_IMAGE_PIXELS (~ 9459 x 9459)
 
 
 @dataclass(frozen=True)
-class SourceConfig:
+class SourceConfig(Record):
     """Where a store's samples come from and how they are listed and decoded: everything needed to rebuild the source.
 
     Built from the ``fcache extract`` flags, recorded in the manifest (``dataset.source``), passed whole to
@@ -317,16 +270,9 @@ class SourceConfig:
     def video(self) -> bool:
         return self.kind == "video"
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SourceConfig:
-        return cls(**_subset(cls, d))
-
 
 @dataclass(frozen=True)
-class DatasetInfo:
+class DatasetInfo(Record):
     """Which samples the store holds and the source they came from (``source.root``/``annotations`` are informative)."""
 
     source: SourceConfig
@@ -347,24 +293,35 @@ class DatasetInfo:
     def root(self) -> str:
         return self.source.root
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "source": self.source.to_dict(),
-            "n": self.n,
-            "digest": self.digest,
-            "task": self.task,
-            "label_names": list(self.label_names),
-        }
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DatasetInfo:
-        if "source" in d:
-            source = SourceConfig.from_dict(d["source"])
-        else:  # stores written before the source was recorded whole
-            source = SourceConfig(kind=d["kind"], root=d.get("root", ""), annotations=d.get("annotations", ""), split=d.get("split", ""))
-        return cls(
-            source=source, n=int(d["n"]), digest=str(d["digest"]), task=str(d.get("task", "")), label_names=tuple(d.get("label_names", ()))
-        )
+def source_recorded_whole(dataset: Any, preprocessing: Any) -> Any:
+    """A dataset record written before its source was recorded whole: its ``kind``, ``root``, ``annotations`` and
+    ``split`` (and, for a video store, the sampling then kept in ``preprocessing`` only) become ``dataset.source``."""
+    if not isinstance(dataset, dict) or "source" in dataset:
+        return dataset
+    source = {k: dataset.get(k, "") for k in ("kind", "root", "annotations", "split")}
+    if isinstance(preprocessing, dict) and preprocessing.get("frames") is not None:
+        source |= {k: preprocessing[k] for k in ("frames", "clips", "crops") if k in preprocessing}
+    return {**dataset, "source": source}
+
+
+def _manifest_source(d: Document) -> Document:
+    dataset = source_recorded_whole(d.get("dataset"), d.get("preprocessing"))
+    return d if dataset is d.get("dataset") else {**d, "dataset": dataset}
+
+
+# The manifest's format: version 1, read as every earlier release of it was written (oldest first).
+MANIFEST_FORMAT = Format(
+    FORMAT_VERSION,
+    refused="store format version {version} is not supported (this fcache reads version {current}); "
+    "re-extract the store with this fcache version",
+    oldest=FORMAT_VERSION,
+    missing=0,
+    migrations=(
+        Migration(1, fill(fcache_version="", libraries={})),  # provenance not recorded: unknown, not this fcache's
+        Migration(1, _manifest_source),  # dataset.source recorded whole
+    ),
+)
 
 
 def library_versions() -> dict[str, str]:
@@ -458,8 +415,13 @@ def _json_value(v: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class Manifest:
-    """``attrs["fcache"]`` of a store: everything that decides its bytes, plus provenance."""
+class Manifest(Record):
+    """``attrs["fcache"]`` of a store: everything that decides its bytes, plus provenance (and, written beside them,
+    the fingerprint)."""
+
+    FORMAT = MANIFEST_FORMAT
+    ERROR = StoreError
+    DAMAGED = "the store was edited or damaged"
 
     backbone: BackboneInfo
     preprocessing: Preprocessing
@@ -525,53 +487,12 @@ class Manifest:
         return _diff(self.fingerprinted(), other.fingerprinted(), "")
 
     def to_dict(self) -> dict[str, Any]:
-        d = {
-            "format_version": self.format_version,
-            "fcache_version": self.fcache_version,
-            "backbone": self.backbone.to_dict(),
-            "preprocessing": self.preprocessing.to_dict(),
-            "storage": self.storage.to_dict(),
-            "dataset": self.dataset.to_dict(),
-            "libraries": dict(self.libraries),
-        }
-        d["fingerprint"] = self.fingerprint
-        return d
+        return {**to_dict(self), "fingerprint": self.fingerprint}
 
     @classmethod
     def read(cls, d: Any, where: str) -> Manifest:
-        """A manifest read from a store: checked field by field first (StoreError naming ``where`` and the field)."""
-        if isinstance(d, dict) and isinstance(d.get("dataset"), dict) and "source" not in d["dataset"]:
-            legacy = {k: d["dataset"].get(k, "") for k in ("kind", "root", "annotations", "split")}
-            d = {**d, "dataset": {**d["dataset"], "source": legacy}}  # written before the source was recorded whole
-        if isinstance(d, dict) and d.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
-            return cls.from_dict(d)  # refused with the version's own message
-        check_record(cls, d, where, StoreError)
-        try:
-            return cls.from_dict(d)
-        except (InputError, ValueError) as e:
-            raise StoreError(f"{where}: the manifest holds an impossible value ({e}); the store was edited or damaged") from None
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Manifest:
-        version = int(d.get("format_version", -1))
-        if version != FORMAT_VERSION:
-            raise StoreError(
-                f"store format version {version} is not supported (this fcache reads version {FORMAT_VERSION}); "
-                "re-extract the store with this fcache version"
-            )
-        pre, dataset = Preprocessing.from_dict(d["preprocessing"]), DatasetInfo.from_dict(d["dataset"])
-        if "source" not in d["dataset"] and pre.frames is not None:  # an older video store: its sampling is in preprocessing
-            source = dataclasses.replace(dataset.source, frames=pre.frames, clips=pre.clips, crops=pre.crops)
-            dataset = dataclasses.replace(dataset, source=source)
-        return cls(
-            backbone=BackboneInfo.from_dict(d["backbone"]),
-            preprocessing=pre,
-            storage=StorageSpec.from_dict(d["storage"]),
-            dataset=dataset,
-            format_version=version,
-            fcache_version=str(d.get("fcache_version", "")),
-            libraries=dict(d.get("libraries", {})),
-        )
+        """A manifest read from a store: migrated and checked field by field first (StoreError naming ``where`` and the field)."""
+        return cls.from_dict(d, where)
 
 
 def _diff(a: Any, b: Any, prefix: str) -> list[str]:

@@ -20,11 +20,12 @@ from safetensors.torch import load_file
 from fcache.cli import main
 from fcache.common.errors import InputError
 from fcache.train_heads import TrainConfig, run_train, training
+from fcache.train_heads.checkpoints import BEST, CHECKPOINT, MODEL
 from fcache.train_heads.console import format_train_summary
 from fcache.train_heads.defaults import with_defaults
 from fcache.train_heads.loggers import resolve_logger
+from fcache.train_heads.metricslog import METRICS_CSV
 from fcache.train_heads.optim import check_precision
-from fcache.train_heads.runfolder import BEST, CHECKPOINT, METRICS_CSV, MODEL
 from fcache.train_heads.validation import Validation, improves
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,7 +15,9 @@ from safetensors import safe_open
 
 from fcache import store as fstore
 from fcache.cli import main
-from fcache.train_heads.runfolder import RECORD_KEY, RunDir, TrainingRecord
+from fcache.train_heads.checkpoints import RECORD_KEY
+from fcache.train_heads.runfolder import RunDir
+from fcache.train_heads.runrecord import TrainingRecord
 from helpers import refused
 
 pytestmark = pytest.mark.usefixtures("one_thread")

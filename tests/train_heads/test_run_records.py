@@ -13,7 +13,9 @@ import torch
 from click.testing import CliRunner
 
 from fcache.cli import main
-from fcache.train_heads.runfolder import CHECKPOINT, CONFIG, METRICS, METRICS_CSV, MODEL, OLD_CHECKPOINT
+from fcache.train_heads.checkpoints import CHECKPOINT, MODEL, OLD_CHECKPOINT
+from fcache.train_heads.metricslog import METRICS, METRICS_CSV
+from fcache.train_heads.runfolder import CONFIG
 from helpers import refused
 
 pytestmark = pytest.mark.usefixtures("one_thread")

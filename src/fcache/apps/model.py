@@ -35,7 +35,7 @@ from fcache.spec import Geometry, Manifest, Preprocessing, StorageSpec, Targets
 from fcache.train_heads.data import KEY, VIEW_GEOMETRY, VIEW_NAMES, Collate
 from fcache.train_heads.evaluation import load_head
 from fcache.train_heads.optim import autocast
-from fcache.train_heads.runfolder import RANDOM_INIT, TrainingRecord, identity_differences
+from fcache.train_heads.runrecord import RANDOM_INIT, TrainingRecord, identity_differences
 from fcache.train_heads.task import OutputOptions, Task
 from fcache.train_heads.tasks import task_def
 

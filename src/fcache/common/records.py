@@ -1,24 +1,190 @@
-"""Reading records back from JSON: one check of a document against the dataclass it should make, naming the field.
+"""Records on disk: frozen dataclasses read and written by one generic path from their type hints, with migrations.
 
-Everything fcache writes to disk is a frozen dataclass with ``to_dict``/``from_dict``. Before a ``from_dict`` trusts
-a document (a store's manifest, a ledger record, a RUN's config.json), :func:`check_record` walks it against the
-dataclass's type hints: a missing field, a value of the wrong type, garbage, or a document nested too deep for the
-JSON parser becomes one line naming the file and the dotted field, instead of a KeyError deep inside.
+Everything fcache writes to disk (a store's manifest, a ledger record, a RUN's config.json, an evaluation's
+metrics.json) is a frozen dataclass deriving from :class:`Record`: :func:`to_dict` turns it into JSON values (nested
+records as objects, tuples as lists) and :func:`from_dict` reads it back in three steps: a document of an earlier
+format is migrated (``Record.FORMAT``: the version the class writes into ``format_version`` and the table of
+migrations of older documents), checked against the type hints (:func:`check_record`: a missing field, a value of the
+wrong type, garbage, or a document nested too deep for the JSON parser becomes one line naming the file and the
+dotted field, instead of a KeyError deep inside), then built (lists become the tuples the hints say, numbers the
+floats, objects the nested records). A value the class itself refuses (its ``__post_init__``) is one line too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import json
 import math
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
-from fcache.common.errors import FcacheError
+from fcache.common.errors import FcacheError, InputError
+
+R = TypeVar("R", bound="Record")
+VERSION_FIELD = "format_version"
+Document = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One change of a record's layout: a document of format ``version`` or older passes through ``change``.
+
+    ``change`` gets the raw document (checked only after every migration) and returns it in the later layout; it is
+    given every document of that version, so it leaves one that already has the later layout as it is.
+    """
+
+    version: int
+    change: Callable[[Document], Document]
+
+
+@dataclass(frozen=True)
+class Format:
+    """How a record is versioned on disk: the ``format_version`` it writes, the versions it reads, its migrations.
+
+    ``refused`` is the message for a version outside ``oldest``..``version`` (``{version}``, ``{current}``); a document
+    without ``format_version`` is of version ``missing``.
+    """
+
+    version: int
+    refused: str
+    oldest: int | None = None  # None: every earlier version is read
+    missing: int | None = None  # None: ``version``
+    migrations: tuple[Migration, ...] = ()
+
+    def problem(self, version: int) -> str:
+        """Why a document of ``version`` cannot be read ('' when it can)."""
+        if version > self.version or (self.oldest is not None and version < self.oldest):
+            return self.refused.format(version=version, current=self.version)
+        return ""
+
+    def migrate(self, d: Document, where: str, error: type[FcacheError]) -> Document:
+        """``d`` in today's layout (unchanged when its version is not an integer: the check names it)."""
+        version = d.get(VERSION_FIELD, self.version if self.missing is None else self.missing)
+        if not isinstance(version, int) or isinstance(version, bool):
+            return d
+        problem = self.problem(version)
+        if problem:
+            raise error(f"{where}: {problem}")
+        for m in self.migrations:
+            if version <= m.version:
+                d = m.change(d)
+        return d
+
+
+def fill(**absent: Any) -> Callable[[Document], Document]:
+    """A migration giving a document the fields it lacks (written before they were recorded) their values then."""
+
+    def change(d: Document) -> Document:
+        return {**absent, **d}
+
+    return change
+
+
+def renamed(old: str, new: str, inside: str = "") -> Callable[[Document], Document]:
+    """A migration reading the field ``old`` (of the object ``inside``, when given) as ``new``, unless both are there."""
+
+    def change(d: Document) -> Document:
+        target = d.get(inside) if inside else d
+        if not isinstance(target, dict) or old not in target or new in target:
+            return d
+        moved = {new if k == old else k: v for k, v in target.items()}
+        return {**d, inside: moved} if inside else moved
+
+    return change
+
+
+class Record:
+    """A frozen dataclass kept on disk as JSON (``to_dict`` / ``from_dict`` by the generic path of this module).
+
+    A class says, as class attributes: ``FORMAT`` (a versioned top-level record: its version and migrations),
+    ``ERROR`` (what a bad document raises: a store's records StoreError, a RUN's InputError), ``UNRECORDED`` (fields
+    never written, e.g. ones that may hold credentials) and ``DAMAGED`` (what to do about a document with an impossible
+    value).
+    """
+
+    FORMAT: ClassVar[Format | None] = None
+    ERROR: ClassVar[type[FcacheError]] = InputError
+    UNRECORDED: ClassVar[tuple[str, ...]] = ()
+    DAMAGED: ClassVar[str] = "it was edited or damaged"
+
+    def to_dict(self) -> Document:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls: type[R], d: Any, where: str = "") -> R:
+        """The record of the JSON document ``d``; ``cls.ERROR`` naming ``where`` (a file) and the field when it is not one."""
+        return from_dict(cls, d, where or f"the {cls.__name__} record")
+
+
+def to_dict(record: Any) -> Document:
+    """The JSON values of a dataclass ``record``, by field in declaration order (``UNRECORDED`` fields left out)."""
+    skip = getattr(record, "UNRECORDED", ())
+    return {f.name: _json(getattr(record, f.name)) for f in dataclasses.fields(record) if f.name not in skip}
+
+
+def _json(v: Any) -> Any:
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return to_dict(v)
+    if isinstance(v, enum.Enum):
+        return v.value
+    if isinstance(v, tuple | list):
+        return [_json(x) for x in v]
+    if isinstance(v, Mapping):
+        return {str(k): _json(x) for k, x in v.items()}
+    return v
+
+
+def from_dict(cls: type[R], d: Any, where: str, error: type[FcacheError] | None = None) -> R:
+    """Migrate, check and build the record ``cls`` of the JSON document ``d`` (``error``: default ``cls.ERROR``).
+
+    Raises:
+        FcacheError: one line naming ``where`` and the field: an unreadable version, a missing field, a value of the
+            wrong type, or one the class refuses.
+    """
+    error = error or cls.ERROR
+    if cls.FORMAT is not None and isinstance(d, dict):
+        d = cls.FORMAT.migrate(d, where, error)
+    check_record(cls, d, where, error)
+    try:
+        return _build(cls, d)
+    except (InputError, ValueError) as e:
+        raise error(f"{where} holds an impossible value ({e}); {cls.DAMAGED}") from None
+
+
+def _build(cls: Any, d: Mapping[str, Any]) -> Any:
+    return cls(**{f.name: _value(hint, d[f.name]) for f, hint in _fields(cls) if f.init and f.name in d})
+
+
+def _value(hint: Any, v: Any) -> Any:
+    """The field value of the (checked) JSON value ``v`` for ``hint``."""
+    if v is None or hint is Any:
+        return v
+    hint, origin, args, _ = _shape(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, v)
+    if hint is tuple or hint is list:
+        return hint(v)
+    if origin is tuple or origin is list:
+        if set(args) <= {int, str, bool, Ellipsis}:  # nothing to convert (a unit's statuses: thousands of ints)
+            items = list(v)
+        elif origin is tuple and Ellipsis not in args:
+            items = [_value(h, x) for h, x in zip(args, v, strict=True)]
+        else:
+            items = [_value(args[0], x) for x in v]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        return {k: _value(args[1], x) for k, x in v.items()} if args else dict(v)
+    if hint is float:
+        return float(v)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return hint(v)
+    return v
 
 
 def load_json(text: str, where: str, error: type[FcacheError], object_hook: Callable[[dict], Any] | None = None) -> Any:
@@ -119,6 +285,8 @@ def _check_value(hint: Any, v: Any, where: str, name: str, error: type[FcacheErr
 
 
 def _fits(hint: Any, origin: Any, v: Any) -> bool:
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return any(v == m.value and type(v) is type(m.value) for m in hint)
     if hint is bool:
         return isinstance(v, bool)
     if hint is int:
@@ -152,6 +320,8 @@ def _describe(hint: Any) -> str:
     names = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
     if hint in names:
         return names[hint]
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return "one of " + ", ".join(json.dumps(m.value) for m in hint)
     origin = typing.get_origin(hint)
     if origin in (tuple, list):
         return "a list"

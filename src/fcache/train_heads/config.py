@@ -18,6 +18,7 @@ from typing import Any
 from fcache.common.devices import DEVICE_HELP
 from fcache.common.errors import InputError
 from fcache.common.flags import check_flags, flag, required
+from fcache.common.records import Record
 from fcache.store.access import ReadAccess
 
 SCHEDULES = ("step", "cosine", "linear")
@@ -29,8 +30,7 @@ WARMUP_FIELDS = ("warmup", "warmup_epochs")
 # Fields that do not change what is trained: they may differ when a run is resumed.
 OPERATIONAL = ("store", "val_store", "out", "num_workers", "prefetch", "device", "checkpoint_every", "log_every", "resume", "stop_at",
                "eval_every", "keep_best", "keep_last", "patience", "logger", "storage_options", "cache_dir", "cache_size")  # fmt: skip
-RENAMED = {"steps": "lr_steps"}  # config.json of earlier runs: old field name -> new
-UNRECORDED = ("storage_options",)  # may hold credentials: never written into RUN/config.json
+RENAMED = {"steps": "lr_steps"}  # config.json and SPEC files of earlier releases: old field name -> new
 
 
 def parse_fractions(text: str) -> tuple[float, ...]:
@@ -54,8 +54,10 @@ def parse_every(text: str) -> str:
 
 
 @dataclass(frozen=True)
-class TrainConfig(ReadAccess):
+class TrainConfig(ReadAccess, Record):
     """Everything ``fcache train-head`` needs. ``identity()`` decides whether a RUN folder holds this run."""
+
+    UNRECORDED = ("storage_options",)  # may hold credentials: never written into RUN/config.json
 
     store: str = required("Training feature store.")
     out: str = required("RUN folder: config.json, checkpoints, weights, metrics. With several --head: the parent of a RUN folder each.")
@@ -143,16 +145,6 @@ class TrainConfig(ReadAccess):
             raise InputError("give --iters or --epochs, not both")
         return cfg
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in UNRECORDED}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """The config of a ``to_dict`` (also one written by an earlier fcache: renamed fields read under their new name)."""
-        d = {RENAMED.get(k, k): v for k, v in d.items() if not (k in RENAMED and RENAMED[k] in d)}
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
     def identity(self) -> dict[str, Any]:
         """The fields that decide the trained weights (all but the operational ones)."""
         return {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL}
@@ -197,9 +189,6 @@ class EvalConfig(ReadAccess):
     def __post_init__(self) -> None:
         check_flags(self)
         self.check_access()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in UNRECORDED}
 
 
 MIN_EXAMPLES = 4  # the unbiased HSIC estimator needs n >= 4

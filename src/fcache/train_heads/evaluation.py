@@ -29,7 +29,8 @@ from fcache.train_heads.config import EvalConfig
 from fcache.train_heads.data import Collate, eval_data
 from fcache.train_heads.loop import build_model
 from fcache.train_heads.optim import autocast
-from fcache.train_heads.runfolder import EVAL_METRICS, FeatureSource, RunDir, TrainingRecord, identity_differences
+from fcache.train_heads.runfolder import EVAL_METRICS, RunDir
+from fcache.train_heads.runrecord import EvalRecord, FeatureSource, TrainingRecord, identity_differences
 from fcache.train_heads.task import Task
 from fcache.train_heads.tasks import task_def
 
@@ -130,9 +131,9 @@ def evaluate_into(
         progress=progress, precision=precision,
     )  # fmt: skip
     samples = len(data)  # type: ignore[arg-type]
-    record = {"event": "eval", "iter": iteration, "store": str(store.root), "samples": samples, "eval_dir": str(out.relative_to(run.path))}
-    write_json(out / EVAL_METRICS, record | {"metrics": metrics})
-    (log or run.log)(record | metrics)
+    record = EvalRecord(iter=iteration, store=str(store.root), samples=samples, eval_dir=str(out.relative_to(run.path)), metrics=metrics)
+    write_json(out / EVAL_METRICS, record.to_dict())
+    (log or run.log)(record.logged())
     return metrics
 
 

@@ -35,7 +35,8 @@ from fcache.train_heads.loggers import RunLog, resolve_logger
 from fcache.train_heads.loop import Head, HeadState, TrainResult, build_model, start_head, train_pass, trainable_parameters
 from fcache.train_heads.optim import check_precision
 from fcache.train_heads.pictures import pictures
-from fcache.train_heads.runfolder import FeatureSource, RunDir, TrainingRecord
+from fcache.train_heads.runfolder import RunDir
+from fcache.train_heads.runrecord import FeatureSource, TrainingRecord
 from fcache.train_heads.task import Task
 from fcache.train_heads.tasks import task_def
 from fcache.train_heads.validation import Validation

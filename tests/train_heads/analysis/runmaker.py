@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from fcache.common.files import write_json
 from fcache.train_heads.config import TrainConfig
 from fcache.train_heads.defaults import with_defaults
-from fcache.train_heads.runfolder import CONFIG, RunDir, TrainingRecord
+from fcache.train_heads.runfolder import CONFIG, RunDir
+from fcache.train_heads.runrecord import TrainingRecord
 
 TRAIN_STORE = "/data/train.zarr"
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from fcache.common.errors import FcacheError
-from fcache.train_heads.runfolder import RunDir, TrainingRecord
+from fcache.train_heads.runfolder import RunDir
+from fcache.train_heads.runrecord import TrainingRecord
 
 COLUMNS = (
     "run",
