@@ -237,6 +237,8 @@ def check_record(cls: type, d: Any, where: str, error: type[FcacheError], prefix
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise error(f"{where}: the field {name!r} is missing")
             continue
+        if d[f.name] is None and f.default is None:  # a field that is None until set (e.g. a training default) may be null
+            continue
         _check_value(hint, d[f.name], where, name, error)
 
 

@@ -173,3 +173,36 @@ def test_families_times_and_table_formatting():
     row |= {"train_fraction": 0.1, "store": "/data/coco-l.zarr", "iters": 9, "seed": 0, "metric": "box/AP", "value": None, "time_s": 1.0}
     line = "| fpn-1 | detection | fpn | fpn | 2.50 M | 0.0003 | 0.1 | coco-l.zarr | - | 9 | 0 | box/AP | - | 1 | - | - | - |"
     assert markdown([row]).splitlines()[2] == line
+
+
+def test_every_train_head_setting_is_a_sweep_key(tmp_path):
+    """Walks TrainConfig's flag fields: each one (but ``out`` and ``resume``, the sweep's own) is a SPEC key whose value
+    reaches the variant's configuration."""
+    import typing
+
+    from fcache.common.flags import flags_of
+    from fcache.train_heads.analysis.sweep import SPEC_KEYS
+    from fcache.train_heads.config import TrainConfig
+
+    special = {"store": str(tmp_path / "t.zarr"), "val_store": str(tmp_path / "v.zarr"), "cache_dir": str(tmp_path / "cache"),
+               "cache_size": "1GB", "storage_options": '{"s3": {}}', "eval_every": "2e", "lr_steps": [0.25, 0.5]}  # fmt: skip
+    hints = typing.get_type_hints(TrainConfig)
+    spec = {}
+    for f, fl in flags_of(TrainConfig):
+        if f.name in ("out", "resume", "epochs", "warmup_epochs"):  # the sweep's own; lengths in epochs exclude those in
+            assert f.name in SPEC_KEYS or f.name in ("out", "resume"), f.name  # iterations (below)
+            continue
+        assert f.name in SPEC_KEYS, f.name
+        kind = next(t for t in (bool, int, float, str) if t == hints[f.name] or t in typing.get_args(hints[f.name]))
+        sample = {bool: not f.default, int: 3, float: 0.5, str: fl.values()[-1] if fl.values() else "text"}[kind]
+        spec[f.name] = special.get(f.name, sample)
+    (tmp_path / "all.yaml").write_text(yaml.safe_dump(spec))
+    (point,) = load_spec(str(tmp_path / "all.yaml")).points()
+    cfg = TrainConfig.from_flags(out="o", **point)
+    for name, value in spec.items():
+        assert getattr(cfg, name) == (tuple(value) if isinstance(value, list) else value), name
+        assert getattr(cfg, name) != TrainConfig.__dataclass_fields__[name].default, name  # the value did change something
+    lengths = {"store": "t.zarr", "head": "fpn", "epochs": 2, "warmup_epochs": "0.5", "eval_every": 500}
+    (tmp_path / "epochs.yaml").write_text(yaml.safe_dump(lengths))
+    (point,) = load_spec(str(tmp_path / "epochs.yaml")).points()
+    assert (point["epochs"], point["warmup_epochs"], point["eval_every"]) == (2.0, 0.5, "500") and "iters" not in point

@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import json
 import multiprocessing
+import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import yaml
 
 from fcache.common.cluster import ClusterTarget, connect, worker_threads
 from fcache.common.errors import InputError
+from fcache.common.flags import Flag, flags_of
 from fcache.store import FeatureStore
 from fcache.store.backends import is_url
 from fcache.train_heads.analysis.report import write_outputs
@@ -32,14 +34,14 @@ from fcache.train_heads.defaults import with_defaults
 from fcache.train_heads.runfolder import RunDir
 from fcache.train_heads.training import echo, folder_name, prepare_training, run_train
 
+# Every train-head setting is a key (``out`` and ``resume`` are the sweep's to set: each variant resumes in its folder).
+SETTINGS: dict[str, tuple[Any, Flag]] = {
+    f.name: (typing.get_type_hints(TrainConfig)[f.name], fl) for f, fl in flags_of(TrainConfig) if f.name not in ("out", "resume")
+}
 GRID_KEYS = ("store", "head", "lr", "train_fraction", "weight_decay", "seed", "batch_size")  # a list = one grid axis
-FLOAT_KEYS = ("lr", "weight_decay", "train_fraction", "warmup_epochs", "warmup_factor", "gamma", "clip", "ema")
-INT_KEYS = ("iters", "batch_size", "seed", "warmup", "num_workers", "prefetch", "checkpoint_every", "log_every", "grad_accum", "keep_last")
-STR_KEYS = ("task", "store", "val_store", "head", "schedule", "device", "precision", "logger", "storage_options", "cache_dir",
-            "cache_size")  # fmt: skip
 SWEEP_KEYS = ("out", "threads")  # of the sweep itself, not of a variant
-SPEC_KEYS = (*STR_KEYS, *FLOAT_KEYS, *INT_KEYS, "lr_steps", *SWEEP_KEYS)
-REQUIRED = ("store", "head", "iters")
+SPEC_KEYS = (*SETTINGS, *SWEEP_KEYS)
+PATH_KEYS = ("store", "val_store", "out", "cache_dir")  # relative to the SPEC file
 RUNS = "runs"
 
 
@@ -69,29 +71,44 @@ class SweepSpec:
 
 
 def _coerce(path: str, key: str, value: Any) -> Any:
-    """A SPEC value as its field's type (YAML reads ``3e-4`` as a string)."""
-    if value is None and key in ("clip", "val_store", "ema"):
+    """A SPEC value as its setting's type, from the field's type hint (YAML reads ``3e-4`` as a string); InputError
+    naming the key otherwise. A setting that is None until set (a task default) may be null."""
+    hint, flag = SETTINGS.get(key, (str if key == "out" else int, None))
+    optional = typing.get_origin(hint) in (typing.Union, type(int | None)) and type(None) in typing.get_args(hint)
+    if optional:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if value is None and (optional or key in SETTINGS and _default(key) is None):
         return None
     try:
-        if key in FLOAT_KEYS:
-            return float(value)
-        if key in INT_KEYS or key == "threads":
-            if isinstance(value, bool) or float(value) != int(float(value)):
-                raise InputError
-            return int(float(value))
-        if key == "lr_steps":
+        if typing.get_origin(hint) is tuple:
             return tuple(float(v) for v in (value if isinstance(value, list) else [value]))
+        if hint is bool:
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if hint is int:
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if hint is float:
+            return float(value)
     except (TypeError, ValueError, OverflowError):
-        kind = "an integer" if key in INT_KEYS or key == "threads" else "a number" if key in FLOAT_KEYS else "a list of fractions"
-        raise InputError(f"{path}: {key}: {value!r} is not {kind}") from None
+        kinds = {bool: "true or false", int: "an integer", float: "a number"}
+        raise InputError(f"{path}: {key}: {value!r} is not {kinds.get(hint, 'a list of numbers')}") from None
+    if flag is not None and flag.parse is not None and isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)  # eval_every: 500
     if not isinstance(value, str):
         raise InputError(f"{path}: {key}: {value!r} is not a string")
-    return value
+    return flag.parse(value) if flag is not None and flag.parse is not None else value
+
+
+def _default(key: str) -> Any:
+    return TrainConfig.__dataclass_fields__[key].default
 
 
 def _resolve(base: Path, key: str, value: Any) -> Any:
     """Store paths relative to the SPEC file's folder become absolute (dask workers may run elsewhere); URLs stay."""
-    if key not in ("store", "val_store", "out", "cache_dir") or not value or is_url(value):
+    if key not in PATH_KEYS or not value or is_url(value):
         return value
     return str((base / value).resolve())
 
@@ -118,7 +135,8 @@ def load_spec(path: str) -> SweepSpec:
     unknown = sorted(set(map(str, data)) - set(SPEC_KEYS))
     if unknown:
         raise InputError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))} (known: {', '.join(sorted(SPEC_KEYS))})")
-    missing = [k for k in REQUIRED if data.get(k) in (None, [], "")]
+    missing = [k for k in ("store", "head") if data.get(k) in (None, [], "")]
+    missing += ["iters"] if all(data.get(k) in (None, []) for k in ("iters", "epochs")) else []
     if missing:
         raise InputError(f"{path}: missing {', '.join(missing)} (e.g. store: train.zarr, head: [fpn], iters: 1000)")
     base = Path(path).resolve().parent
@@ -141,7 +159,7 @@ def _values(path: str, base: Path, key: str, value: Any) -> Any:
         if len(value) == 0:
             raise InputError(f"{path}: {key} is an empty list; give at least one value")
         return [_resolve(base, key, _coerce(path, key, v)) for v in value]
-    if isinstance(value, list) and key != "lr_steps":
+    if isinstance(value, list) and typing.get_origin(SETTINGS[key][0]) is not tuple:
         raise InputError(f"{path}: {key} takes one value; lists (grid axes) are allowed for {', '.join(GRID_KEYS)}")
     return _resolve(base, key, _coerce(path, key, value))
 
@@ -193,7 +211,7 @@ def is_finished(path: str | Path) -> bool:
     return (iteration == cfg.iters or stopped) and (evaluated or not cfg.val_store)
 
 
-def run_variant(cfg: dict[str, Any], threads: int | None, progress: bool = False) -> dict[str, Any]:
+def run_variant(cfg: TrainConfig, threads: int | None, progress: bool = False) -> dict[str, Any]:
     """Train (or resume) one variant; runs in the sweep's process or on a dask worker. Returns the train-head summary.
 
     ``threads`` sets torch's intra-op threads for the variant. Inside a daemonic dask worker, which may not start
@@ -201,9 +219,7 @@ def run_variant(cfg: dict[str, Any], threads: int | None, progress: bool = False
     """
     import torch
 
-    c = TrainConfig.from_dict(cfg)
-    if multiprocessing.current_process().daemon:
-        c = dataclasses.replace(c, num_workers=0)
+    c = dataclasses.replace(cfg, num_workers=0) if multiprocessing.current_process().daemon else cfg
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -230,13 +246,13 @@ def train_all(variants: Sequence[Variant], client: Any, threads: int | None, pro
         for k, v in enumerate(variants, start=1):
             say(f"[{k}/{len(variants)}] {v.name}")
             try:
-                run_variant(v.cfg.to_dict(), threads, progress)
+                run_variant(v.cfg, threads, progress)
             except Exception as e:  # a failed variant must not stop the sweep; it is reported and retried on rerun
                 failed[v.name] = f"{type(e).__name__}: {e}"
         return failed
     from dask.distributed import as_completed
 
-    futures = {client.submit(run_variant, v.cfg.to_dict(), threads, key=f"fcache-sweep-{v.name}", pure=False): v for v in variants}
+    futures = {client.submit(run_variant, v.cfg, threads, key=f"fcache-sweep-{v.name}", pure=False): v for v in variants}
     for k, future in enumerate(as_completed(futures), start=1):
         name = futures[future].name
         try:
