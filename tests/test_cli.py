@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import click
 from click.testing import CliRunner
 
 from fcache.cli import main
@@ -82,3 +83,33 @@ def test_device_means_one_thing_in_every_command():
         assert DEVICE_HELP in (option.help or ""), name
         assert option.default == ("" if name == "sweep" else "auto"), name  # sweep: the SPEC's device key, else auto
     assert inspect.signature(fcache.load).parameters["device"].default == "auto"
+
+
+def test_every_commands_options_are_its_configs_flags():
+    """A command's options are the flags of its config classes (their names, defaults and choices): no command writes an
+    option of its own but --json (and the few that are not settings: extract's --out, train-head's repeatable --head)."""
+    from fcache.apps.bench import BenchConfig
+    from fcache.apps.config import FORMATS, DemoConfig, ExportConfig, PredictConfig
+    from fcache.common.flags import flags_of
+    from fcache.extract.config import ExtractConfig, PlanConfig
+    from fcache.spec import SourceConfig
+    from fcache.store.config import CopyConfig, ExportWdsConfig, InfoConfig, VerifyConfig
+    from fcache.train_heads.config import CkaConfig, EvalConfig, ReportConfig, RunsConfig, SweepConfig, TrainConfig
+
+    configs = {
+        "info": (InfoConfig,), "verify": (VerifyConfig,), "copy": (CopyConfig,), "export-wds": (ExportWdsConfig,),
+        "extract": (SourceConfig, ExtractConfig), "plan": (SourceConfig, ExtractConfig, PlanConfig), "train-head": (TrainConfig,),
+        "eval": (EvalConfig,), "predict": (PredictConfig,), "export": (ExportConfig,), "sweep": (SweepConfig,),
+        "report": (ReportConfig,), "runs": (RunsConfig,), "demo": (DemoConfig,), "cka": (CkaConfig,), "bench": (BenchConfig,),
+    }  # fmt: skip
+    own = {"extract": {"--out", "--config"}, "train-head": {"--config"}, "plan": {"--out"}}
+    skipped = {"plan": {"--overwrite", "--cluster", "--scheduler", "--no-space-check"}}
+    assert set(configs) == set(main.commands)
+    for name, classes in configs.items():
+        options = {p.opts[0] for p in main.commands[name].params if isinstance(p, click.Option)} - {"--json", "--help"}
+        flags = {fl.option(f.name) for cls in classes for f, fl in flags_of(cls)} - skipped.get(name, set())
+        assert options == flags | own.get(name, set()), name
+    defaults = {p.name: p.default for p in main.commands["predict"].params}
+    assert defaults["batch_size"] == PredictConfig.batch_size and defaults["score_thr"] == PredictConfig.score_thr
+    (fmt,) = [p for p in main.commands["export"].params if p.name == "format"]
+    assert tuple(fmt.type.choices) == FORMATS and fmt.default == "pt2"

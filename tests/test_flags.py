@@ -17,6 +17,7 @@ from media import image_folder
 EXTRACT = ["extract", "--dataset", "folder", "--random-init", "--device", "cpu"]
 PLAN = ["plan", "--dataset", "folder", "--random-init", "--device", "cpu", "--no-run"]
 TRAIN = ["train-head", "--head", "fpn", "--iters", "2", "--device", "cpu"]
+VERIFY, COPY, EXPORT_WDS, PREDICT, EXPORT, RUNS, DEMO = ["verify"], ["copy"], ["export-wds"], ["predict"], ["export"], ["runs"], ["demo"]
 
 ROWS = [
     # extract: source and store settings
@@ -80,6 +81,27 @@ ROWS = [
     (TRAIN, "--head", "fpn:channels=100000", "channels=100000 must be at most 4096"),
     (TRAIN, "--head", "bifpn:layers=1000", "layers=1000 must be at most 32"),
     (TRAIN, "--task", "captioning", "unknown task 'captioning'"),
+    # the store commands
+    (VERIFY, "--sample", "0", "--sample 0.0: must be greater than 0"),
+    (VERIFY, "--sample", "1.5", "--sample 1.5: must be at most 1"),
+    (VERIFY, "--recompute", "-1", "--recompute -1: must be at least 0"),
+    (VERIFY, "--tolerance", "0", "--tolerance 0.0: must be greater than 0"),
+    (VERIFY, "--storage-options", "[1]", "--storage-options"),
+    (COPY, "--workers", "0", "--workers 0: must be at least 1"),
+    (EXPORT_WDS, "--shard-size", "lots", "'lots' is not a size"),
+    # predict, export, runs, demo
+    (PREDICT, "--batch-size", "0", "--batch-size 0: must be at least 1"),
+    (PREDICT, "--score-thr", "1.5", "--score-thr 1.5: must be at most 1"),
+    (PREDICT, "--score-thr", "nan", "--score-thr nan: must be a finite number"),
+    (PREDICT, "--top-k", "0", "--top-k 0: must be at least 1"),
+    (PREDICT, "--clips", "0", "--clips 0: must be at least 1"),
+    (PREDICT, "--weights", "missing.safetensors", "File 'missing.safetensors' does not exist"),
+    (EXPORT, "--batch-size", "0", "--batch-size 0: must be at least 1"),
+    (EXPORT, "--format", "tflite", "unknown format 'tflite'"),
+    (RUNS, "--stale-after", "-1", "--stale-after -1.0: must be at least 0"),
+    (DEMO, "--iters", "0", "--iters 0: must be at least 1"),
+    (DEMO, "--train-images", "0", "--train-images 0: must be at least 1"),
+    (DEMO, "--val-images", "-2", "--val-images -2: must be at least 1"),
 ]
 
 
@@ -95,8 +117,13 @@ def test_bad_value_is_one_line_and_nothing_is_created(command, flag, value, frag
         args = [*command, "--root", str(folder), "--out", str(out)]
     elif command is PLAN:
         args = [*command, "--root", str(folder)]
-    else:
+    elif command is TRAIN:
         args = [*command, "--store", str(folder), "--out", str(out)]
+    else:  # a folder stands for the store or RUN the command reads: the flag is refused before it is opened
+        places = {"copy": [str(folder), str(out)], "predict": [str(folder), str(folder)], "runs": [str(folder)], "demo": []}
+        args = [*command, *places.get(command[0], [str(folder)])] + (
+            [] if command[0] in ("copy", "runs", "verify") else ["--out", str(out)]
+        )
     if flag == "--head":  # the table's own --head replaces TRAIN's
         args = [a for a in args if a != "fpn" and a != "--head"]
     r = CliRunner().invoke(main, [*args, flag, value])

@@ -1,9 +1,9 @@
 """The ``fcache`` command: parses flags, builds a config, calls one function. No logic lives here.
 
-The flags of ``extract``, ``plan``, ``train-head``, ``eval``, ``cka``, ``bench``, ``sweep`` and ``demo`` are made from
-the fields of their config dataclasses (``fcache.common.flags``): a setting, its default and its help are written once,
-as a field. Importing this module imports neither torch nor zarr; a command imports what it runs, and a table of
-choices (datasets, dtypes, tasks) is read when a command's help or flags need it.
+Every command's flags are made from the fields of its config dataclass (``fcache.common.flags``): a setting, its
+default, choices and help are written once, as a field; only the output switch ``--json`` is the command's own.
+Importing this module imports neither torch nor zarr; a command imports what it runs, and a table of choices
+(datasets, dtypes, tasks) is read when a command's help or flags need it.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ import click
 
 from fcache._version import __version__
 from fcache.apps.bench import BenchConfig
-from fcache.common.devices import DEVICE_HELP
+from fcache.apps.config import DemoConfig, ExportConfig, PredictConfig
 from fcache.common.flags import Flag, flags_of
 from fcache.extract.config import ExtractConfig, PlanConfig
 from fcache.spec import SourceConfig
-from fcache.train_heads.config import CkaConfig, EvalConfig, SweepConfig, TrainConfig
+from fcache.store.config import CopyConfig, ExportWdsConfig, InfoConfig, VerifyConfig
+from fcache.train_heads.config import CkaConfig, EvalConfig, ReportConfig, RunsConfig, SweepConfig, TrainConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -93,13 +94,6 @@ class StoreLocation(click.ParamType):
         return value if is_url(str(value)) else self.local.convert(value, param, ctx)
 
 
-def storage_options_option(fn: F) -> F:
-    """``--storage-options JSON`` for commands that take a store as an argument (config-built commands have the field)."""
-    from fcache.store.access import STORAGE_OPTIONS_HELP
-
-    return click.option("--storage-options", default="", help=STORAGE_OPTIONS_HELP)(fn)
-
-
 class Fcache(click.Group):
     """The ``fcache`` group: a command's bad flag is one line naming it (and the help to read), exit code 2."""
 
@@ -120,13 +114,34 @@ def _base_type(hint: Any) -> Any:
     return hint if hint in (int, float, str, bool) else str
 
 
-def _option(field: dataclasses.Field, flag: Flag, hint: Any) -> Callable[[F], F]:
-    """The click option of one config field."""
-    required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+def _path_type(kind: str) -> click.ParamType:
+    """The click type checking a path flag of ``kind`` (``fcache.common.flags.PATHS``)."""
+    return {
+        "file": click.Path(exists=True, dir_okay=False),
+        "new-file": click.Path(dir_okay=False),
+        "folder": click.Path(file_okay=False),
+        "store": StoreLocation(),
+        "new-store": StoreLocation(exists=False),
+    }[kind]
+
+
+def _required(field: dataclasses.Field) -> bool:
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+
+
+def _option(field: dataclasses.Field, flag: Flag, hint: Any, config: bool = False) -> Callable[[F], F]:
+    """The click option of one config field (with ``config``, a required one may come from ``--config`` instead)."""
+    required = _required(field) and not config
     kwargs: dict[str, Any] = {"help": flag.help, "show_default": flag.show_default, "required": required}
     decls = [flag.option(field.name), field.name]
     base = _base_type(hint)
-    if base is bool:
+    if flag.path:
+        kwargs["type"] = _path_type(flag.path)
+        if not required and field.default:
+            kwargs["default"] = field.default
+        elif not required:  # "" (none given) is not a path to check: the option's None stands for it
+            kwargs["callback"] = lambda ctx, param, value: field.default if value is None else value
+    elif base is bool:
         if flag.secondary:
             decls[0] = f"{decls[0]}/{flag.secondary}"
             kwargs["default"] = field.default
@@ -148,24 +163,61 @@ def _option(field: dataclasses.Field, flag: Flag, hint: Any) -> Callable[[F], F]
         kwargs |= {"type": str, "default": flag.text_default, "callback": callback}
     else:
         kwargs |= {"type": TableChoice(flag) if flag.choices is not None else base}
-        if not required:
+        if not _required(field):
             kwargs["default"] = field.default
     return click.option(*decls, **kwargs)
 
 
-def options_of(*classes: type, skip: tuple[str, ...] = ()) -> Callable[[F], F]:
-    """Click options for the flag fields of config ``classes`` (their defaults and help), in declaration order."""
+CONFIG_HELP = (
+    "Settings from a YAML or JSON file: keys are the flags' names (lr: 0.001, eval-every: 2e); a RUN's config.json works as "
+    "one. Flags given beside it override it."
+)
+
+
+def options_of(*classes: type, skip: tuple[str, ...] = (), config: bool = False) -> Callable[[F], F]:
+    """Click options for the flag fields of config ``classes`` (their defaults and help), in declaration order; with
+    ``config``, first ``--config FILE`` (see :func:`with_settings`)."""
 
     def decorate(fn: F) -> F:
         options = []
+        if config:
+            options.append(click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help=CONFIG_HELP))
         for cls in classes:
             hints = typing.get_type_hints(cls)
-            options += [_option(f, fl, hints[f.name]) for f, fl in flags_of(cls) if f.name not in skip]
+            options += [_option(f, fl, hints[f.name], config) for f, fl in flags_of(cls) if f.name not in skip]
         for option in reversed(options):
             fn = option(fn)
         return fn
 
     return decorate
+
+
+def with_settings(
+    kw: dict[str, Any], classes: tuple[type, ...], required: dict[str, str], document: Callable[[Any], Any] | None = None
+) -> dict[str, Any]:
+    """The command's flags ``kw`` over the settings of its ``--config FILE`` (flags given on the command line win).
+
+    ``required``: parameter name -> flag of the settings that the command line or the file must give (those of the
+    ``classes`` without a default are added); ``document`` picks the settings out of another kind of file (a RUN's
+    config.json). A bad file is InputError naming it and the key; a required flag neither gives, click's usage error.
+    """
+    from click.core import ParameterSource
+
+    from fcache.common.flags import read_settings
+
+    ctx = click.get_current_context()
+    path = kw.pop("config_file", None)
+    if path is not None:
+        for name, value in read_settings(path, classes, document, lists=("head",)).items():
+            if ctx.get_parameter_source(name) in (None, ParameterSource.DEFAULT):
+                kw[name] = value
+    required = {f.name: fl.option(f.name) for cls in classes for f, fl in flags_of(cls) if _required(f)} | required
+    for name, option in required.items():
+        if kw.get(name) in (None, (), ""):
+            raise click.UsageError(
+                f"Missing option '{option}'" + (f" (give it, or {option.lstrip('-')}: in {path})." if path else "."), ctx
+            )
+    return kw
 
 
 @click.group(cls=Fcache, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -180,33 +232,24 @@ def main() -> None:
 
 @main.command()
 @click.argument("store", type=StoreLocation())
+@options_of(InfoConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-@storage_options_option
 @user_errors
-def info(store: str, as_json: bool, storage_options: str) -> None:
+def info(store: str, as_json: bool, **kw: Any) -> None:
     """Show what STORE (a folder, s3://... or gs://...) holds: manifest, levels and shapes, bytes stored, compression,
     statuses, int8 error."""
-    from fcache.store.backends import parse_storage_options
     from fcache.store.info import describe, format_info
 
-    d = describe(store, parse_storage_options(storage_options))
+    d = describe(store, InfoConfig(store=store, **kw).options())
     click.echo(json.dumps(d, indent=1) if as_json else format_info(d))
 
 
 @main.command()
 @click.argument("store", type=StoreLocation())
-@click.option("--fast", is_flag=True, help="Check presence, sizes and statuses only; skip checksums and decoding.")
-@click.option("--sample", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
-              help="Check the files of this fraction of the committed units (seeded), e.g. 0.01 on a huge store.")  # fmt: skip
-@click.option("--recompute", type=int, default=0, help="Also re-extract K random samples and compare them with the store.")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None, help="With --recompute: the weights file used.")
-@click.option("--device", default="auto", show_default=True, help=f"With --recompute: where to run the backbone: {DEVICE_HELP}")
-@click.option("--tolerance", type=float, default=None, help="With --recompute: relative RMSE allowed (default by dtype).")
+@options_of(VerifyConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@storage_options_option
 @user_errors
-def verify(store: str, fast: bool, sample: float, recompute: int, weights: str | None, device: str, tolerance: float | None,
-           as_json: bool, storage_options: str) -> None:  # fmt: skip
+def verify(store: str, as_json: bool, **kw: Any) -> None:
     """Check STORE against its ledger: temporaries, missing or changed shards, CRCs, statuses, NaN/Inf.
 
     Names each bad file with its sample range. Exit code 0 when the store is sound, 1 otherwise.
@@ -218,28 +261,28 @@ def verify(store: str, fast: bool, sample: float, recompute: int, weights: str |
     from fcache.common.devices import resolve_device
     from fcache.store import FeatureStore
     from fcache.store import verify as run_verify
-    from fcache.store.backends import parse_storage_options
 
-    options = parse_storage_options(storage_options)
-    if recompute:
-        resolve_device(device)  # a device that is not there is named before the store is read
+    cfg = VerifyConfig(store=store, **kw)
+    options = cfg.options()
+    if cfg.recompute:
+        resolve_device(cfg.device)  # a device that is not there is named before the store is read
     total = len(FeatureStore(store, storage_options=options, check=False).ledger)  # an inconsistent store is verify's to report
-    total = min(total, max(1, math.ceil(sample * total)))
+    total = min(total, max(1, math.ceil(cfg.sample * total)))
     with tqdm(total=total, unit="unit", desc="verify", disable=as_json or None, file=sys.stderr) as bar:
-        report = run_verify(store, fast=fast, sample=sample, progress=bar.update, storage_options=options)
-    if recompute:
+        report = run_verify(store, fast=cfg.fast, sample=cfg.sample, progress=bar.update, storage_options=options)
+    if cfg.recompute:
         from fcache.extract.recompute import recompute as run_recompute
 
         report.problems += run_recompute(
-            store, recompute, weights=weights or "", device=device, tolerance=tolerance, storage_options=options
+            store, cfg.recompute, weights=cfg.weights, device=cfg.device, tolerance=cfg.tolerance, storage_options=options
         )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))
     else:
         for p in report.problems:
             click.echo(p.line())
-        mode = ("fast" if fast else "full") + (f", {sample:.0%} of the units" if sample < 1 else "")
-        mode += f", {recompute} samples recomputed" if recompute else ""
+        mode = ("fast" if cfg.fast else "full") + (f", {cfg.sample:.0%} of the units" if cfg.sample < 1 else "")
+        mode += f", {cfg.recompute} samples recomputed" if cfg.recompute else ""
         verdict = "OK" if report.ok else f"{len(report.problems)} problem(s)"
         click.echo(
             f"{verdict}: {report.units_committed}/{report.units_total} units committed, {report.files_checked} files checked ({mode})"
@@ -250,11 +293,10 @@ def verify(store: str, fast: bool, sample: float, recompute: int, weights: str |
 @main.command()
 @click.argument("src", type=StoreLocation())
 @click.argument("dst", type=StoreLocation(exists=False))
-@click.option("--workers", type=int, default=4, show_default=True, help="Units copied at once.")
+@options_of(CopyConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@storage_options_option
 @user_errors
-def copy(src: str, dst: str, workers: int, as_json: bool, storage_options: str) -> None:
+def copy(src: str, dst: str, as_json: bool, **kw: Any) -> None:
     """Copy the store SRC to DST: local folder, s3://... or gs://..., in either direction.
 
     Every object is checked against the sha256 of its unit's ledger record when read from SRC and again when read
@@ -262,11 +304,11 @@ def copy(src: str, dst: str, workers: int, as_json: bool, storage_options: str) 
     """
     from tqdm import tqdm
 
-    from fcache.store.backends import parse_storage_options
     from fcache.store.copy import copy_store
 
+    cfg = CopyConfig(src=src, dst=dst, **kw)
     with tqdm(unit="unit", desc="copy", disable=as_json or None, file=sys.stderr) as bar:
-        summary = copy_store(src, dst, storage_options=parse_storage_options(storage_options), workers=workers, progress=bar.update)
+        summary = copy_store(src, dst, storage_options=cfg.options(), workers=cfg.workers, progress=bar.update)
     s = summary.to_dict()
     line = f"copied {s['units_copied']} units ({s['bytes_copied']:,} bytes) into {s['destination']}"
     line += f"; {s['units_present']} were there already; {s['units_committed']}/{s['units_total']} units committed at the source"
@@ -275,26 +317,23 @@ def copy(src: str, dst: str, workers: int, as_json: bool, storage_options: str) 
 
 @main.command("export-wds")
 @click.argument("store", type=StoreLocation())
-@click.option("--out", type=StoreLocation(exists=False), required=True, help="Folder or URL for the tar shards.")
-@click.option("--shard-size", default="1GB", show_default=True, help="Bytes per tar shard, e.g. 1GB or 512MiB.")
-@click.option("--levels", default="", help="Levels to export, e.g. p4,p5 [default: all].")
+@options_of(ExportWdsConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@storage_options_option
 @user_errors
-def export_wds(store: str, out: str, shard_size: str, levels: str, as_json: bool, storage_options: str) -> None:
+def export_wds(store: str, as_json: bool, **kw: Any) -> None:
     """Write STORE's samples as webdataset tar shards: per sample <level>.npy (every view, stored dtype), geometry.json,
     targets.json; OUT/fcache-wds.json holds the manifest. fcache.store.open(OUT).stream() reads it back as a stream."""
     from tqdm import tqdm
 
-    from fcache.common.flags import split_csv
     from fcache.store import FeatureStore
-    from fcache.store.backends import parse_size, parse_storage_options
+    from fcache.store.backends import parse_size
     from fcache.store.webdataset import export_wds as run_export
 
-    options = parse_storage_options(storage_options)
+    cfg = ExportWdsConfig(store=store, **kw)
+    options = cfg.options()
     s = FeatureStore(store, storage_options=options)
     with tqdm(total=len(s.ok_indices), unit="sample", desc="export", disable=as_json or None, file=sys.stderr) as bar:
-        d = run_export(s, out, shard_size=parse_size(shard_size), levels=split_csv(levels) or None, storage_options=options,
+        d = run_export(s, cfg.out, shard_size=parse_size(cfg.shard_size), levels=cfg.levels or None, storage_options=options,
                        progress=bar.update)  # fmt: skip
     click.echo(
         json.dumps(d, indent=1)
@@ -304,10 +343,8 @@ def export_wds(store: str, out: str, shard_size: str, levels: str, as_json: bool
 
 
 @main.command()
-@options_of(SourceConfig, ExtractConfig)
-@click.option(
-    "--out", type=StoreLocation(exists=False), required=True, help="The store to create (or resume): a folder, s3://... or gs://..."
-)
+@options_of(SourceConfig, ExtractConfig, config=True)
+@click.option("--out", type=StoreLocation(exists=False), help="The store to create (or resume): a folder, s3://... or gs://...")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
 def extract(as_json: bool, **kw: Any) -> None:
@@ -320,6 +357,7 @@ def extract(as_json: bool, **kw: Any) -> None:
     from fcache.common.errors import SampleFailed
     from fcache.extract.driver import run_extract, summary_lines
 
+    kw = with_settings(kw, (SourceConfig, ExtractConfig), {"out": "--out"})
     try:
         summary = run_extract(ExtractConfig.from_flags(**kw), show_progress=not as_json)
     except SampleFailed as e:
@@ -351,10 +389,9 @@ def plan(as_json: bool, measure: int, no_run: bool, device_class: str, assume_tf
 
 
 @main.command("train-head")
-@options_of(TrainConfig, skip=("head",))
+@options_of(TrainConfig, skip=("head",), config=True)
 @click.option(
     "--head",
-    required=True,
     multiple=True,
     help="Head spec NAME[:key=value,...], e.g. fpn, bifpn:layers=5,roi=cascade. Repeat it to train several heads in one read pass.",
 )
@@ -362,6 +399,9 @@ def plan(as_json: bool, measure: int, no_run: bool, device_class: str, assume_tf
 @user_errors
 def train_head(head: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     """Train a task head from a feature store; AdamW with the paper's defaults for the task and head.
+
+    Settings may come from a file (--config FILE, YAML or JSON; a RUN's config.json repeats its run), flags beside it
+    overriding it.
 
     Defaults (frozen setting): detection lr 3e-4, weight decay 0.05, 500 warm-up iterations, step decay
     (Table 11); segmentation upernet lr 2e-3, weight decay 0.05, 1500 warm-up, linear decay, mask2former
@@ -376,11 +416,14 @@ def train_head(head: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     Several --head train in one read pass of the store, each into OUT/<its canonical spec>, each exactly as
     if trained alone. One head on many GPUs: torchrun --nproc-per-node K -m fcache train-head ...
     """
+    from fcache.train_heads.config import run_settings
     from fcache.train_heads.console import format_train_summary
     from fcache.train_heads.distributed import is_main_process
     from fcache.train_heads.training import run_train, run_train_heads
 
-    cfgs = [TrainConfig.from_flags(head=spec, **kw) for spec in head]
+    kw = with_settings({"head": head, **kw}, (TrainConfig,), {"head": "--head"}, document=run_settings)
+    heads = kw.pop("head")
+    cfgs = [TrainConfig.from_flags(head=spec, **kw) for spec in ((heads,) if isinstance(heads, str) else heads)]
     if len(cfgs) == 1:
         summary = run_train(cfgs[0], progress=not as_json)
         if is_main_process():  # under torchrun, rank 0 speaks for all
@@ -412,21 +455,10 @@ def eval_run(run: str, as_json: bool, **kw: Any) -> None:
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder for the predictions (and overlays).")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None, help="The weights file of the run's store.")
-@click.option("--random-init", is_flag=True, help="The run was trained on random-init features: rebuild them (same seed).")
-@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Images per backbone forward, and inputs per head batch.")
-@click.option("--score-thr", type=float, default=0.3, show_default=True, help="Detection: keep (and draw) detections scoring this.")
-@click.option("--top-k", type=int, default=5, show_default=True, help="Video, classification: classes listed per input.")
-@click.option("--test-views", default="", help="Segmentation, classification: also average the flip and/or ms views, as eval does.")
-@click.option("--clips", type=int, default=None, help="Video: temporal clips per video [default: the training store's].")
-@click.option("--crops", type=int, default=None, help="Video: spatial crops per clip [default: the training store's].")
-@click.option("--draw", is_flag=True, help="Also write overlays/<name>.png (with the ground truth beside, for a store with targets).")
-@click.option("--annotations", default="", help="Detection: a COCO json whose image ids the predictions should carry.")
+@options_of(PredictConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON, without progress bar.")
 @user_errors
-def predict(run: str, inputs: tuple[str, ...], weights: str | None, test_views: str, as_json: bool, **kw: Any) -> None:
+def predict(run: str, inputs: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     """Run the head trained in RUN, with its frozen backbone rebuilt from RUN's record, on INPUTs: images, folders,
     globs, or videos (video heads); or on one feature store (its cached features, no backbone).
 
@@ -435,11 +467,9 @@ def predict(run: str, inputs: tuple[str, ...], weights: str | None, test_views: 
     resolution); video and classification predictions.jsonl (top-k classes).
     The predictions equal `fcache eval`'s on a store of the same images. Nothing is written into RUN.
     """
-    from fcache.apps.predict import PredictConfig, run_predict
-    from fcache.common.flags import split_csv
+    from fcache.apps.predict import run_predict
 
-    cfg = PredictConfig(run=run, inputs=inputs, weights=weights or "", test_views=split_csv(test_views), **kw)
-    summary = run_predict(cfg, progress=not as_json)
+    summary = run_predict(PredictConfig(run=run, inputs=inputs, **kw), progress=not as_json)
     if as_json:
         click.echo(json.dumps(summary, indent=1))
     else:
@@ -448,16 +478,10 @@ def predict(run: str, inputs: tuple[str, ...], weights: str | None, test_views: 
 
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", type=click.Path(dir_okay=False), required=True, help="The artifact; its JSON config goes beside it (FILE.json).")
-@click.option("--format", "fmt", type=click.Choice(["pt2", "onnx", "safetensors"]), default="pt2", show_default=True,
-              help="torch.export program, ONNX graph, or the weights with their description.")  # fmt: skip
-@click.option("--head-only", is_flag=True, help="Export the head alone: its input is a dict of feature levels.")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None, help="The weights file of the run's store.")
-@click.option("--random-init", is_flag=True, help="The run was trained on random-init features: rebuild them (same seed).")
-@click.option("--batch-size", type=int, default=1, show_default=True, help="Batch of the exported graph (shapes are fixed).")
+@options_of(ExportConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
-def export(run: str, out: str, fmt: str, head_only: bool, weights: str | None, random_init: bool, batch_size: int, as_json: bool) -> None:
+def export(run: str, as_json: bool, **kw: Any) -> None:
     """Export the frozen backbone + head of RUN (or --head-only) as an artifact that loads without fcache.
 
     pt2 (torch.export) and onnx hold the graph: classification and video logits, segmentation class scores and depth
@@ -465,11 +489,9 @@ def export(run: str, out: str, fmt: str, head_only: bool, weights: str | None, r
     every weight (the backbone under timm's features_only key names). FILE.json says the inputs, outputs and the
     preprocessing that makes the input.
     """
-    from fcache.apps.export import ExportConfig, run_export
+    from fcache.apps.export import run_export
 
-    cfg = ExportConfig(run=run, out=out, format=fmt, head_only=head_only, weights=weights or "", random_init=random_init,
-                       batch_size=batch_size)  # fmt: skip
-    summary = run_export(cfg)
+    summary = run_export(ExportConfig(run=run, **kw))
     text = f"{summary['task']} -> {summary['out']} ({summary['outputs']}); {summary['config']}"
     click.echo(json.dumps(summary, indent=1) if as_json else text)
 
@@ -496,12 +518,10 @@ def sweep(spec: str, as_json: bool, **kw: Any) -> None:
 
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--out", type=click.Path(file_okay=False), default="report", show_default=True, help="Folder for the report files.")
-@click.option("--per-class", is_flag=True,
-              help="Also tabulate each class: AP (detection), IoU (segmentation), top-1 (labels); depth: each depth range.")  # fmt: skip
+@options_of(ReportConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (with the leaderboard and rows) as JSON.")
 @user_errors
-def report(runs: tuple[str, ...], out: str, per_class: bool, as_json: bool) -> None:
+def report(runs: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     """A leaderboard of runs: RUN folders, or folders holding them (a multi-head --out, a sweep's folder).
 
     One table per task, ranked by its main metric; runs that differ only in their seed are one line (mean ± std, n),
@@ -512,17 +532,17 @@ def report(runs: tuple[str, ...], out: str, per_class: bool, as_json: bool) -> N
     """
     from fcache.train_heads.analysis.report import format_report, write_report
 
-    summary = write_report(runs, out, per_class=per_class)
+    cfg = ReportConfig(runs=runs, **kw)
+    summary = write_report(cfg.runs, cfg.out, per_class=cfg.per_class)
     click.echo(json.dumps(summary, indent=1) if as_json else format_report(summary))
 
 
 @main.command()
 @click.argument("folders", nargs=-1, type=click.Path(exists=True, file_okay=False))
-@click.option("--stale-after", type=click.FloatRange(min=0), default=600, show_default=True,
-              help="Seconds without a change after which an unfinished run counts as stopped (at least 3 logging gaps).")  # fmt: skip
+@options_of(RunsConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per run (a list) instead of a table.")
 @user_errors
-def runs(folders: tuple[str, ...], stale_after: float, as_json: bool) -> None:
+def runs(folders: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     """List the RUN folders in FOLDERs (default: the current folder), two levels down, with their status.
 
     Status: finished (weights of the last iteration saved), early-stopped (--patience stopped it), running
@@ -532,20 +552,16 @@ def runs(folders: tuple[str, ...], stale_after: float, as_json: bool) -> None:
     """
     from fcache.train_heads.analysis.runs import format_runs, list_runs
 
-    lines = list_runs(folders or (".",), stale_after=stale_after)
+    cfg = RunsConfig(folders=folders, **kw)
+    lines = list_runs(cfg.folders, stale_after=cfg.stale_after)
     click.echo(json.dumps(lines, indent=1) if as_json else format_runs(lines))
 
 
 @main.command()
-@click.option(
-    "--out", default="demo-output", show_default=True, type=click.Path(file_okay=False), help="Folder for data, stores, run, report."
-)
-@click.option("--iters", type=int, default=120, show_default=True, help="Training iterations of the head.")
-@click.option("--train-images", type=int, default=48, show_default=True)
-@click.option("--val-images", type=int, default=16, show_default=True)
+@options_of(DemoConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the summary.")
 @user_errors
-def demo(out: str, iters: int, train_images: int, val_images: int, as_json: bool) -> None:
+def demo(as_json: bool, **kw: Any) -> None:
     """Run the whole tool on an embedded dataset, on the CPU, in a few minutes.
 
     Real photos shipped with scikit-image / scikit-learn get pasted shapes (squares, discs, triangles)
@@ -553,11 +569,11 @@ def demo(out: str, iters: int, train_images: int, val_images: int, as_json: bool
     R-CNN head trains from the store; pycocotools scores it against the untrained head. The report
     (metrics.json, loss.png, predictions.png) is written to OUT/report.
     """
-    from fcache.apps.demo import DemoConfig, run_demo, summary_lines
+    from fcache.apps.demo import run_demo, summary_lines
 
-    cfg = DemoConfig(out=out, iters=iters, train_images=train_images, val_images=val_images)
+    cfg = DemoConfig(**kw)
     metrics = run_demo(cfg, say=lambda m: click.echo(m, err=True))
-    click.echo(json.dumps(metrics, indent=1) if as_json else "\n".join(summary_lines(metrics, out)))
+    click.echo(json.dumps(metrics, indent=1) if as_json else "\n".join(summary_lines(metrics, cfg.out)))
 
 
 @main.command()

@@ -13,7 +13,6 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,26 +21,12 @@ if TYPE_CHECKING:
 
 import numpy as np
 
+from fcache.apps.config import DemoConfig
 from fcache.common.errors import InputError
 
 CATEGORIES = ({"id": 1, "name": "square"}, {"id": 2, "name": "disc"}, {"id": 3, "name": "triangle"})
 COLORS = {1: (230, 40, 40), 2: (40, 200, 60), 3: (40, 90, 235)}
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png", "motorcycle_right.png", "retina.jpg")
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    out: str = "demo-output"
-    train_images: int = 48
-    val_images: int = 16
-    input_size: int = 256
-    levels: tuple[str, ...] = ("p3", "p4", "p5")  # the shapes are 36-80 px wide: stride 8 is fine enough, and 4x cheaper
-    head: str = "bifpn:layers=2,channels=64,rois=64,rpn_batch=128"
-    iters: int = 120
-    batch_size: int = 4
-    lr: float = 2e-3
-    seed: int = 0
-    num_workers: int = 1
 
 
 def photo_paths() -> list[Path]:

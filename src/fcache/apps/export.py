@@ -37,35 +37,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fcache.apps.config import ExportConfig
 from fcache.common.errors import InputError
 from fcache.train_heads.tasks import task_def
 
-FORMATS = ("pt2", "onnx", "safetensors")
 # the resize + pad of the plain view exactly as fcache extract renders it (extract.views.render), for images of (w, h)
 RESIZE = (
     "s = canvas / max(w, h); rw, rh = max(1, round(w * s)), max(1, round(h * s)); PIL Image.resize((rw, rh), BILINEAR, "
     "box=(0, 0, min(w, rw / s), min(h, rh / s)), reducing_gap=None); x = (pixels / 255 - mean) / std; pad bottom/right with 0 "
     "to canvas x canvas; content = (rh, rw)"
 )
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """``fcache export`` flags."""
-
-    run: str
-    out: str
-    format: str = "pt2"
-    head_only: bool = False
-    weights: str = ""
-    random_init: bool = False
-    batch_size: int = 1
-
-    def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise InputError(f"--format {self.format}: choose one of {', '.join(FORMATS)}")
-        if self.batch_size < 1:
-            raise InputError("--batch-size must be at least 1")
 
 
 @dataclass

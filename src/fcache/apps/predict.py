@@ -24,42 +24,16 @@ import glob
 import json
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fcache.apps.config import PredictConfig
 from fcache.common.errors import InputError
 from fcache.extract.decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
 OVERLAYS = "overlays"
-
-
-@dataclass(frozen=True)
-class PredictConfig:
-    """``fcache predict`` flags."""
-
-    run: str
-    inputs: tuple[str, ...]
-    out: str
-    weights: str = ""
-    random_init: bool = False
-    device: str = "auto"
-    batch_size: int = 8
-    score_thr: float = 0.3
-    top_k: int = 5
-    test_views: tuple[str, ...] = ()
-    clips: int | None = None
-    crops: int | None = None
-    draw: bool = False
-    annotations: str = ""
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.top_k < 1:
-            raise InputError("--batch-size and --top-k must be at least 1")
-        if not 0 <= self.score_thr <= 1:
-            raise InputError(f"--score-thr must be in [0, 1] (got {self.score_thr})")
 
 
 def is_store(path: str | Path) -> bool:

@@ -33,6 +33,19 @@ OPERATIONAL = ("store", "val_store", "out", "num_workers", "prefetch", "device",
 RENAMED = {"steps": "lr_steps"}  # config.json and SPEC files of earlier releases: old field name -> new
 
 
+def run_settings(d: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a ``--config`` document: a RUN's config.json gives its ``config`` object as it was given (a length
+    given in epochs without the iterations it resolved to; fields renamed since under their new names); any other
+    document is its own settings."""
+    if not (isinstance(d.get("config"), dict) and "store_fingerprint" in d):
+        return d
+    cfg = {RENAMED.get(k, k): v for k, v in d["config"].items()}
+    for epochs, iterations in (("epochs", "iters"), ("warmup_epochs", "warmup")):
+        if cfg.get(epochs) is not None:
+            cfg.pop(iterations, None)
+    return cfg
+
+
 def parse_fractions(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
@@ -213,6 +226,34 @@ class CkaConfig(ReadAccess):
         if self.samples < self.batch_size:
             raise InputError(f"--samples ({self.samples}) must be at least --batch-size ({self.batch_size})")
         self.check_access()
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """``fcache report RUN...``: the runs tabulated and where the report goes."""
+
+    runs: tuple[str, ...]
+    out: str = flag("report", "Folder for the report files.", path="folder")
+    per_class: bool = flag(
+        False, "Also tabulate each class: AP (detection), IoU (segmentation), top-1 (labels); depth: each depth range.", show_default=False
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "runs", tuple(self.runs))
+
+
+@dataclass(frozen=True)
+class RunsConfig:
+    """``fcache runs [FOLDER...]``: where to look for RUN folders and when an unfinished one counts as stopped."""
+
+    folders: tuple[str, ...] = (".",)
+    stale_after: float = flag(
+        600, "Seconds without a change after which an unfinished run counts as stopped (at least 3 logging gaps).", min=0
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "folders", tuple(self.folders) or (".",))
+        check_flags(self)
 
 
 @dataclass(frozen=True)

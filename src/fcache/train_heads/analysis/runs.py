@@ -28,10 +28,11 @@ from fcache.train_heads.analysis.leaderboard import higher_is_better
 from fcache.train_heads.analysis.report import find_runs
 from fcache.train_heads.analysis.results import last_iteration, main_metric
 from fcache.train_heads.checkpoints import MODEL
+from fcache.train_heads.config import RunsConfig
 from fcache.train_heads.metricslog import METRICS
 from fcache.train_heads.runfolder import CONFIG, RunDir
 
-STALE_AFTER_S = 600.0
+STALE_AFTER_S = float(RunsConfig.stale_after)  # the --stale-after default
 STATUSES = ("finished", "early-stopped", "running", "stopped", "diverged", "damaged")
 
 

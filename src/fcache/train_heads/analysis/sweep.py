@@ -25,7 +25,7 @@ import yaml
 
 from fcache.common.cluster import ClusterTarget, connect, worker_threads
 from fcache.common.errors import InputError
-from fcache.common.flags import Flag, flags_of
+from fcache.common.flags import flags_of, setting_value
 from fcache.store import FeatureStore
 from fcache.store.backends import is_url
 from fcache.train_heads.analysis.report import write_outputs
@@ -35,8 +35,8 @@ from fcache.train_heads.runfolder import RunDir
 from fcache.train_heads.training import echo, folder_name, prepare_training, run_train
 
 # Every train-head setting is a key (``out`` and ``resume`` are the sweep's to set: each variant resumes in its folder).
-SETTINGS: dict[str, tuple[Any, Flag]] = {
-    f.name: (typing.get_type_hints(TrainConfig)[f.name], fl) for f, fl in flags_of(TrainConfig) if f.name not in ("out", "resume")
+SETTINGS: dict[str, tuple[dataclasses.Field, Any]] = {
+    f.name: (f, typing.get_type_hints(TrainConfig)[f.name]) for f, _ in flags_of(TrainConfig) if f.name not in ("out", "resume")
 }
 GRID_KEYS = ("store", "head", "lr", "train_fraction", "weight_decay", "seed", "batch_size")  # a list = one grid axis
 SWEEP_KEYS = ("out", "threads")  # of the sweep itself, not of a variant
@@ -71,39 +71,13 @@ class SweepSpec:
 
 
 def _coerce(path: str, key: str, value: Any) -> Any:
-    """A SPEC value as its setting's type, from the field's type hint (YAML reads ``3e-4`` as a string); InputError
-    naming the key otherwise. A setting that is None until set (a task default) may be null."""
-    hint, flag = SETTINGS.get(key, (str if key == "out" else int, None))
-    optional = typing.get_origin(hint) in (typing.Union, type(int | None)) and type(None) in typing.get_args(hint)
-    if optional:
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    if value is None and (optional or key in SETTINGS and _default(key) is None):
-        return None
+    """A SPEC value as its setting's type (``fcache.common.flags.setting_value``); InputError naming the key otherwise."""
+    own = {f.name: (f, typing.get_type_hints(SweepSpec)[f.name]) for f in dataclasses.fields(SweepSpec) if f.name in SWEEP_KEYS}
+    field, hint = SETTINGS[key] if key in SETTINGS else own[key]
     try:
-        if typing.get_origin(hint) is tuple:
-            return tuple(float(v) for v in (value if isinstance(value, list) else [value]))
-        if hint is bool:
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
-        if hint is int:
-            if isinstance(value, bool) or float(value) != int(float(value)):
-                raise ValueError
-            return int(float(value))
-        if hint is float:
-            return float(value)
-    except (TypeError, ValueError, OverflowError):
-        kinds = {bool: "true or false", int: "an integer", float: "a number"}
-        raise InputError(f"{path}: {key}: {value!r} is not {kinds.get(hint, 'a list of numbers')}") from None
-    if flag is not None and flag.parse is not None and isinstance(value, int | float) and not isinstance(value, bool):
-        value = str(value)  # eval_every: 500
-    if not isinstance(value, str):
-        raise InputError(f"{path}: {key}: {value!r} is not a string")
-    return flag.parse(value) if flag is not None and flag.parse is not None else value
-
-
-def _default(key: str) -> Any:
-    return TrainConfig.__dataclass_fields__[key].default
+        return setting_value(field, hint, value)
+    except InputError as e:
+        raise InputError(f"{path}: {key}: {e}") from None
 
 
 def _resolve(base: Path, key: str, value: Any) -> Any:
@@ -159,7 +133,7 @@ def _values(path: str, base: Path, key: str, value: Any) -> Any:
         if len(value) == 0:
             raise InputError(f"{path}: {key} is an empty list; give at least one value")
         return [_resolve(base, key, _coerce(path, key, v)) for v in value]
-    if isinstance(value, list) and typing.get_origin(SETTINGS[key][0]) is not tuple:
+    if isinstance(value, list) and typing.get_origin(SETTINGS[key][1]) is not tuple:
         raise InputError(f"{path}: {key} takes one value; lists (grid axes) are allowed for {', '.join(GRID_KEYS)}")
     return _resolve(base, key, _coerce(path, key, value))
 
