@@ -158,32 +158,56 @@ def from_dict(cls: type[R], d: Any, where: str, error: type[FcacheError] | None 
 
 
 def _build(cls: Any, d: Mapping[str, Any]) -> Any:
-    return cls(**{f.name: _value(hint, d[f.name]) for f, hint in _fields(cls) if f.init and f.name in d})
+    kwargs = {}
+    for name, convert in _converters(cls):
+        if name in d:
+            v = d[name]
+            kwargs[name] = v if convert is None or v is None else convert(v)
+    return cls(**kwargs)
 
 
-def _value(hint: Any, v: Any) -> Any:
-    """The field value of the (checked) JSON value ``v`` for ``hint``."""
-    if v is None or hint is Any:
-        return v
-    hint, origin, args, _ = _shape(hint)
+@functools.cache
+def _converters(cls: Any) -> tuple[tuple[str, Callable[[Any], Any] | None], ...]:
+    """Each init field of ``cls`` with what turns its checked JSON value into the field's value (worked out once)."""
+    return tuple((f.name, _converter(hint)) for f, hint in _fields(cls) if f.init)
+
+
+@functools.cache
+def _converter(hint: Any) -> Callable[[Any], Any] | None:
+    """What turns a (checked, not null) JSON value into a value of ``hint``; None when it is one already."""
+    if hint is Any:
+        return None
+    hint, origin, args, optional = _shape(hint)
+    convert = _plain_converter(hint, origin, args)
+    if convert is None or not optional:
+        return convert
+    return lambda v: None if v is None else convert(v)
+
+
+def _plain_converter(hint: Any, origin: Any, args: tuple[Any, ...]) -> Callable[[Any], Any] | None:
     if dataclasses.is_dataclass(hint):
-        return _build(hint, v)
+        return functools.partial(_build, hint)
     if hint is tuple or hint is list:
-        return hint(v)
+        return hint
     if origin is tuple or origin is list:
         if set(args) <= {int, str, bool, Ellipsis}:  # nothing to convert (a unit's statuses: thousands of ints)
-            items = list(v)
-        elif origin is tuple and Ellipsis not in args:
-            items = [_value(h, x) for h, x in zip(args, v, strict=True)]
-        else:
-            items = [_value(args[0], x) for x in v]
-        return tuple(items) if origin is tuple else items
+            return origin
+        if origin is tuple and Ellipsis not in args:
+            each = [_converter(h) or _same for h in args]
+            return lambda v: tuple(c(x) for c, x in zip(each, v, strict=True))
+        item = _converter(args[0]) or _same
+        return lambda v: origin(item(x) for x in v)
     if origin is dict:
-        return {k: _value(args[1], x) for k, x in v.items()} if args else dict(v)
+        value = _converter(args[1]) if args else None
+        return dict if value is None else lambda v: {k: value(x) for k, x in v.items()}
     if hint is float:
-        return float(v)
+        return float
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return hint(v)
+        return hint
+    return None
+
+
+def _same(v: Any) -> Any:
     return v
 
 
