@@ -137,9 +137,9 @@ def _option(field: dataclasses.Field, flag: Flag, hint: Any, config: bool = Fals
     base = _base_type(hint)
     if flag.path:
         kwargs["type"] = _path_type(flag.path)
-        if not required and field.default:
+        if not _required(field) and field.default:
             kwargs["default"] = field.default
-        elif not required:  # "" (none given) is not a path to check: the option's None stands for it
+        elif not _required(field):  # "" (none given) is not a path to check: the option's None stands for it
             kwargs["callback"] = lambda ctx, param, value: field.default if value is None else value
     elif base is bool:
         if flag.secondary:
@@ -193,13 +193,18 @@ def options_of(*classes: type, skip: tuple[str, ...] = (), config: bool = False)
 
 
 def with_settings(
-    kw: dict[str, Any], classes: tuple[type, ...], required: dict[str, str], document: Callable[[Any], Any] | None = None
+    kw: dict[str, Any],
+    classes: tuple[type, ...],
+    required: dict[str, str],
+    document: Callable[[Any], Any] | None = None,
+    lists: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The command's flags ``kw`` over the settings of its ``--config FILE`` (flags given on the command line win).
 
     ``required``: parameter name -> flag of the settings that the command line or the file must give (those of the
     ``classes`` without a default are added); ``document`` picks the settings out of another kind of file (a RUN's
-    config.json). A bad file is InputError naming it and the key; a required flag neither gives, click's usage error.
+    config.json); ``lists``: settings of a repeatable flag, which the file may give as a list. A bad file is InputError
+    naming it and the key; a required flag neither gives, click's usage error.
     """
     from click.core import ParameterSource
 
@@ -208,7 +213,7 @@ def with_settings(
     ctx = click.get_current_context()
     path = kw.pop("config_file", None)
     if path is not None:
-        for name, value in read_settings(path, classes, document, lists=("head",)).items():
+        for name, value in read_settings(path, classes, document, lists).items():
             if ctx.get_parameter_source(name) in (None, ParameterSource.DEFAULT):
                 kw[name] = value
     required = {f.name: fl.option(f.name) for cls in classes for f, fl in flags_of(cls) if _required(f)} | required
@@ -421,7 +426,7 @@ def train_head(head: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     from fcache.train_heads.distributed import is_main_process
     from fcache.train_heads.training import run_train, run_train_heads
 
-    kw = with_settings({"head": head, **kw}, (TrainConfig,), {"head": "--head"}, document=run_settings)
+    kw = with_settings({"head": head, **kw}, (TrainConfig,), {"head": "--head"}, document=run_settings, lists=("head",))
     heads = kw.pop("head")
     cfgs = [TrainConfig.from_flags(head=spec, **kw) for spec in ((heads,) if isinstance(heads, str) else heads)]
     if len(cfgs) == 1:
