@@ -78,14 +78,11 @@ def test_an_unknown_task_is_refused_everywhere(tmp_path):
     """A RUN of a task this fcache does not know is refused by predict and export (one line, nothing written), as by
     every table of tasks; never taken for classification or detection."""
     from fcache.apps.bench import BenchConfig
-    from fcache.train_heads.pictures import pictures
 
     with pytest.raises(ValueError, match="unknown task 'pose'; choose one of: detection, "):
         task_def("pose")
     with pytest.raises(ValueError, match="unknown task 'pose'"):
         BenchConfig(task="pose", device="cpu")
-    with pytest.raises(ValueError, match="unknown task 'pose'"):
-        pictures("pose", tmp_path)
     run = make_run(tmp_path / "run", "linear", task="classification")
     config = json.loads((run / CONFIG).read_text())
     config["config"]["task"] = "pose"

@@ -2,7 +2,8 @@
 
 A store holds features, not images, so the pictures show the predictions alone; each task draws its own
 (``TaskDef.pictures``: detection boxes and masks on a grey canvas, segmentation label maps, depth maps in colour, the
-confusion matrix of label tasks), the first ``LIMIT`` samples of each, with the helpers here.
+confusion matrix of label tasks), the first ``LIMIT`` samples of each, with the helpers here (which import no task:
+the tasks' hooks import them).
 """
 
 from __future__ import annotations
@@ -16,13 +17,6 @@ import numpy as np
 LIMIT = 4  # pictures of one evaluation
 PER_IMAGE = 10  # detections drawn per picture
 MIN_SIDE = 256  # pictures are enlarged (nearest neighbour) to at least this long side
-
-
-def pictures(task: str, folder: Path) -> dict[str, np.ndarray]:
-    """name -> (H, W, 3) uint8 picture of the evaluation whose files are in ``folder``."""
-    from fcache.train_heads.tasks import task_def
-
-    return task_def(task).pictures(folder)
 
 
 def enlarge(image: np.ndarray) -> np.ndarray:

@@ -34,7 +34,6 @@ from fcache.train_heads.evaluation import check_levels, check_same_backbone, eva
 from fcache.train_heads.loggers import RunLog, resolve_logger
 from fcache.train_heads.loop import Head, HeadState, TrainResult, build_model, start_head, train_pass, trainable_parameters
 from fcache.train_heads.optim import check_precision
-from fcache.train_heads.pictures import pictures
 from fcache.train_heads.runfolder import RunDir
 from fcache.train_heads.runrecord import FeatureSource, TrainingRecord
 from fcache.train_heads.task import Task
@@ -146,7 +145,7 @@ def validation(cfg: TrainConfig, p: Prepared) -> Validation | None:
         metrics = evaluate_into(logs.run, p.task, model, val, p.levels, cfg.batch_size, cfg.num_workers, cfg.device, iteration, False,
                                 precision=cfg.precision, log=logs.log)  # fmt: skip
         if logs.sink is not None:
-            logs.pictures(iteration, pictures(cfg.task, logs.run.eval_dir(val.root, val.manifest.fingerprint)))
+            logs.pictures(iteration, tdef.pictures(logs.run.eval_dir(val.root, val.manifest.fingerprint)))
         return metrics
 
     return Validation(evaluate, cfg.eval_interval(len(p.indices)), tdef.main_metric, tdef.higher_is_better, cfg.patience, cfg.keep_best)
