@@ -1,6 +1,6 @@
 """Settings declared once: a config dataclass field carries its command-line flag (help, choices, parser).
 
-``cli.py`` turns the fields of a config class into click options (``fcache.cli.options_of``) and the parsed flags
+``cli.py`` turns the fields of a config class into click options (``fcache.commandline.options_of``) and the parsed flags
 back into the config (:func:`from_flags`), so a setting is written in one place: its field. The same fields read
 settings from files: ``--config FILE`` (:func:`read_settings`) and the keys of a sweep's SPEC (:func:`setting_value`).
 Choices may be a table named as ``"module:TABLE"`` (its keys), so a command's table of choices (datasets, dtypes,

@@ -1,7 +1,7 @@
 """The settings of ``fcache extract`` and ``fcache plan``, each written once: a field with its flag.
 
 ``ExtractConfig`` nests the dataset's :class:`fcache.spec.SourceConfig` (recorded in the store's manifest); the
-``fcache`` command builds both from its flags (``cli.options_of`` / ``from_flags``), Python callers with
+``fcache`` command builds both from its flags (``commandline.options_of`` / ``from_flags``), Python callers with
 :meth:`ExtractConfig.from_flags` and the same names. Everything is checked by :meth:`ExtractConfig.validate` before
 any file is written.
 """
