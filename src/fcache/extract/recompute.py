@@ -2,7 +2,8 @@
 
 The source, views and backbone are rebuilt from the manifest alone (plus ``--weights`` when the
 store was made from a weights file, checked against the recorded sha256). A sample-level pair
-fails when its relative RMSE exceeds the tolerance of the store's dtype.
+fails when its relative RMSE exceeds its level's tolerance: the stored form's (``DTYPES``), or 1.5 times the error the
+level measured when it was written where that is larger (a lossy form on features it suits less well).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def recompute(
     m = s.manifest
     r = rebuild(m, [str(x) for x in s.keys], weights=weights, device=device)
     chosen = np.random.default_rng(seed).choice(s.ok_indices, size=min(k, len(s.ok_indices)), replace=False)
-    tol = tolerance if tolerance is not None else stored(m.storage.dtype).tolerance
+    measured = s.quantisation_error
+    tols = {lv: tolerance if tolerance is not None else max(stored(m.storage.form(lv)).tolerance, 1.5 * measured.get(lv, 0.0))
+            for lv in s.level_names}  # fmt: skip
     dataset = SampleDataset(r.source, r.refs, [int(i) for i in sorted(chosen)], m)
     problems = []
     for j in range(len(dataset)):
@@ -45,8 +48,8 @@ def recompute(
                 got = got.reshape(m.num_views, int(m.preprocessing.frames or 1), *got.shape[1:])
             kept = s.read(name, item.index)
             rel = float(np.sqrt(np.square(kept - got).sum() / max(np.square(got).sum(), 1e-30)))
-            if rel > tol:
+            if rel > tols[name]:
                 where = (item.index, item.index)
-                message = f"sample {item.index} ({item.key}) differs: relative RMSE {rel:.2e} > {tol:.0e}"
+                message = f"sample {item.index} ({item.key}) differs: relative RMSE {rel:.2e} > {tols[name]:.2g}"
                 problems.append(Problem("recompute", f"features/{name}", message, where))
     return problems

@@ -120,25 +120,26 @@ def _leftovers_only(backend: Backend) -> bool:
 
 def _build(store: Any, m: Manifest, keys: Sequence[str], targets: dict[str, TargetSpec], target_attrs: dict) -> None:
     n, s, v = m.dataset.n, m.storage.shard_size, m.num_views
-    dtype = m.storage.dtype
     g = zarr.open_group(store, mode="a", zarr_format=3)
     for lv in m.levels:
-        shape = m.level_shape(lv.name)
-        dims = layout.feature_dims(lv.name, len(shape))
+        form = m.storage.form(lv.name)
+        d, shape = stored(form), m.level_shape(lv.name)
+        values = d.stored_shape(shape)
+        dims = layout.feature_dims(lv.name, len(shape), packed=d.per_byte > 1)
         g.create_array(
             f"{layout.FEATURES}/{lv.name}",
-            shape=(n, v, *shape),
-            chunks=(1, 1, *shape),
-            shards=(s, v, *shape),
-            dtype=stored(dtype).numpy,
-            compressors=chunk_codecs(m.storage.codec, dtype),
+            shape=(n, v, *values),
+            chunks=(1, 1, *values),
+            shards=(s, v, *values),
+            dtype=d.numpy,
+            compressors=chunk_codecs(m.storage.codec, form),
             fill_value=0,
-            attributes={"fcache_dtype": dtype, "level": lv.to_dict()},
+            attributes={"fcache_dtype": form, "level": lv.to_dict(), "shape": list(shape)},
             dimension_names=dims,
         )
-        if stored(dtype).scaled:
-            per = shape[:-2]  # (C,) or (T, C)
-            g.create_array(f"{layout.SCALES}/{lv.name}", shape=(n, v, *per), chunks=(s, v, *per), dtype="float32", fill_value=0,
+        if d.side is not None:
+            per = d.side_shape(shape)  # (C,) or (T, C)
+            g.create_array(f"{layout.SCALES}/{lv.name}", shape=(n, v, *per), chunks=(s, v, *per), dtype=d.side, fill_value=0,
                            dimension_names=dims[:-2])  # fmt: skip
     keys_array = g.create_array(layout.KEYS, shape=(n,), chunks=(s,), dtype=str, config=WRITE_CONFIG, dimension_names=("sample",))
     keys_array[:] = np.array(list(keys), dtype=object)
@@ -215,7 +216,7 @@ class StoreWriter:
 
         Args:
             features: level -> float32 (n_unit, V, C, H, W) or (n_unit, V, T, C, H, W), failed samples zeros;
-                or the same already ``Encoded`` in the store's dtype.
+                or the same already ``Encoded`` in the level's stored form.
             status: (n_unit,) uint8 ``Status`` codes.
             geometry: (n_unit, V, len(GEOMETRY_FIELDS)) float32.
             targets: name -> (n_unit, ...) values for targets written by workers.
@@ -296,15 +297,16 @@ class StoreWriter:
             raise ValueError(f"unit {unit.name}: status {status.shape} / geometry {geometry.shape} do not match {n_u} samples")
         out = {}
         for lv in m.levels:
-            want = (n_u, m.num_views, *m.level_shape(lv.name))
+            form = m.storage.form(lv.name)
+            d, shape = stored(form), (n_u, m.num_views, *m.level_shape(lv.name))
             x = features[lv.name]
-            values = x.values if isinstance(x, Encoded) else x
+            values, want = (x.values, d.stored_shape(shape)) if isinstance(x, Encoded) else (x, shape)
             if tuple(values.shape) != want:
                 raise ValueError(f"unit {unit.name}: level {lv.name} has shape {tuple(values.shape)}, expected {want}")
             if not isinstance(x, Encoded):
-                x = encode(x, m.storage.dtype, lv.name)
-            elif x.values.dtype != stored(m.storage.dtype).numpy or stored(m.storage.dtype).scaled != (x.scales is not None):
-                raise ValueError(f"unit {unit.name}: level {lv.name} was encoded as {x.values.dtype}, the store holds {m.storage.dtype}")
+                x = encode(x, form, lv.name)
+            elif x.values.dtype != d.numpy or d.scaled != (x.scales is not None):
+                raise ValueError(f"unit {unit.name}: level {lv.name} was encoded as {x.values.dtype}, the store holds {form}")
             out[lv.name] = x
         return out
 
