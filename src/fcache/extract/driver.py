@@ -30,6 +30,7 @@ from fcache.common.devices import resolve_device
 from fcache.common.errors import InputError, Interrupted, LeaseHeld
 from fcache.extract import space
 from fcache.extract.backbones import Backbone, build_backbone, default_window
+from fcache.extract.choose import chosen_storage, existing_manifest
 from fcache.extract.config import ExtractConfig
 from fcache.extract.sources import build_source
 from fcache.extract.sources.base import SampleRef, Source, write_driver_targets
@@ -128,6 +129,10 @@ def run_extract(cfg: ExtractConfig, show_progress: bool = False) -> ExtractSumma
     target = cfg.target()
     # a cluster's workers build their own backbones: the driver's, for the manifest only, stays off the GPUs
     source, refs, backbone, manifest = prepare(dataclasses.replace(cfg, device="cpu") if target else cfg)
+    if cfg.max_error is not None:  # each level's form, measured on the first unit (or as the store being resumed chose)
+        resumed = existing_manifest(open_backend(cfg.out, cfg.options()), cfg.overwrite)
+        storage = chosen_storage(source, refs, backbone, manifest, cfg.max_error, existing=resumed, batch_size=cfg.batch_size)
+        manifest = dataclasses.replace(manifest, storage=storage)
     if not cfg.no_space_check:  # before anything is created
         existing = layout.disk_bytes(cfg.out) if cfg.overwrite and "://" not in cfg.out and fstore_exists(cfg.out) else 0
         space.check_space(cfg.out, manifest, space.needed(cfg.out, manifest, overwrite=cfg.overwrite), freed=existing)

@@ -81,7 +81,7 @@ def format_info(d: dict[str, Any]) -> str:
         f"backbone   {bb['alias']} ({bb['timm_name']}) @ {bb['input_size']}px, weights {bb['weights'][:16]}",
         f"dataset    {src['kind']} {src.get('split', '')}  {d['samples']} samples x {d['views']} views",
         f"targets    {', '.join(d['targets']) or '-'}",
-        f"storage    {_forms(st)}, codec {st['codec']}, shards of {st['shard_size']} samples",
+        f"storage    {_forms(st, [lv['name'] for lv in d['levels']])}, codec {st['codec']}, shards of {st['shard_size']} samples",
         f"units      {d['units_committed']}/{d['units_total']} committed",
         "status     " + ", ".join(f"{k} {v}" for k, v in sorted(d["status_counts"].items())),
         "",
@@ -103,14 +103,13 @@ def format_info(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _forms(st: Mapping[str, Any]) -> str:
-    """``fp16``, or the forms per level and the budget they were chosen for."""
+def _forms(st: Mapping[str, Any], levels: list[str]) -> str:
+    """``fp16``, or the form of each level and the budget they were chosen for."""
     forms, budget = st.get("forms") or {}, st.get("max_error")
     if not forms and budget is None:
         return str(st["dtype"])
-    chosen = ", ".join(f"{lv} {form}" for lv, form in sorted(forms.items()))
-    rest = f"{chosen}, other levels {st['dtype']}" if chosen else f"every level {st['dtype']}"
-    return rest + (f" (chosen for --max-error {budget:g})" if budget is not None else "")
+    shown = ", ".join(f"{lv} {forms.get(lv, st['dtype'])}" for lv in levels)
+    return shown + (f" (chosen for --max-error {budget:g})" if budget is not None else "")
 
 
 def human(n: float) -> str:

@@ -1,0 +1,109 @@
+"""`fcache extract --max-error`: each level's form chosen on the first unit, recorded, shown, kept on resume; the
+compact forms under `verify --recompute`."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from test_runner import assert_same_store, cfg, folder_flags
+
+from fcache import store as fstore
+from fcache.cli import main
+from fcache.extract.choose import sample_features
+from fcache.extract.driver import prepare, run_extract
+from fcache.store.dtypes import DTYPES
+from fcache.store.forms import measure_all, pick
+from helpers import refused
+from media import image_folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return image_folder(tmp_path_factory.mktemp("folder"), n=5)
+
+
+@pytest.fixture(scope="module")
+def compact(tmp_path_factory, folder):
+    out = tmp_path_factory.mktemp("compact") / "s.zarr"
+    run_extract(cfg(dataset="folder", root=str(folder), out=str(out), max_error=0.25))
+    return out
+
+
+def test_each_level_takes_the_smallest_form_within_budget_on_the_first_unit(compact, folder):
+    m = fstore.open(compact).manifest
+    source, refs, backbone, _ = prepare(cfg(dataset="folder", root=str(folder), out=""))
+    first = sample_features(source, refs, backbone, m, range(2))  # the first unit: shard size 2
+    assert set(m.storage.measured) == set(first) == {"p2", "p3", "p4", "p5"}
+    for level, x in first.items():
+        best = pick(measure_all(x), 0.25)
+        assert m.storage.form(level) == best.form and best.rel_rmse <= 0.25
+        assert m.storage.measured[level] == {"rel_rmse": pytest.approx(best.rel_rmse), "bits": pytest.approx(best.bits)}
+    assert m.storage.max_error == 0.25 and m.storage.dtype == "fp16"
+    assert all(DTYPES[m.storage.form(lv)].per_byte > 1 for lv in first)  # 0.25 leaves room for packed forms only
+
+
+def test_info_shows_each_levels_form_error_and_bits(compact):
+    r = CliRunner().invoke(main, ["info", str(compact), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    m = fstore.open(compact).manifest
+    assert d["max_error"] == 0.25
+    for lv in d["levels"]:
+        values = np.prod(lv["shape"])
+        assert lv["form"] == m.storage.form(lv["name"]) and lv["chosen"] == m.storage.measured[lv["name"]]
+        assert lv["bits_per_value"] == pytest.approx(8 * lv["disk_bytes"] / values) and lv["bits_per_value"] < 4
+        assert 0 < lv["quantisation_error"] <= 0.3  # the whole store, against the first unit's 0.25
+    text = CliRunner().invoke(main, ["info", str(compact)]).output
+    assert "chosen for --max-error 0.25" in text and m.storage.form("p3") in text
+
+
+def test_verify_recompute_allows_each_forms_tolerance(tmp_path, folder, compact):
+    r = CliRunner().invoke(main, ["verify", str(compact), "--recompute", "2"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "int2.zarr"
+    run_extract(cfg(dataset="folder", root=str(folder), out=str(out), dtype="int2", limit=2))
+    assert CliRunner().invoke(main, ["verify", str(out), "--recompute", "2"]).exit_code == 0  # within int2's 0.6
+    r = CliRunner().invoke(main, ["verify", str(out), "--recompute", "1", "--tolerance", "0.01"])
+    assert r.exit_code == 1 and "RECOMPUTE" in r.output  # int2 differs from the float features by far more than 0.01
+
+
+def test_dtype_with_max_error_is_refused_in_one_line(tmp_path, folder):
+    r = CliRunner().invoke(main, ["extract", *folder_flags(folder, "--dtype", "int8", "--max-error", "0.1", "--out", str(tmp_path / "s"))])
+    refused(r, "--dtype int8 and --max-error")
+    assert not (tmp_path / "s").exists()
+    r = CliRunner().invoke(main, ["extract", *folder_flags(folder, "--max-error", "1.5", "--out", str(tmp_path / "s"))])
+    refused(r, "--max-error 1.5")
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_the_recorded_choice(tmp_path, folder, compact, monkeypatch):
+    """Killed after two units, the rerun reads the choice from the store (it measures nothing) and ends equal to an
+    uninterrupted run."""
+    args = folder_flags(folder, "--shard-size", "1", "--batch-size", "1", "--max-error", "0.25")
+    killed = tmp_path / "killed.zarr"
+    proc = subprocess.Popen([sys.executable, "-m", "fcache", "extract", *args, "--out", str(killed)], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list((killed / "ledger" / "done").glob("*.json"))) < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 2 <= len(list((killed / "ledger" / "done").glob("*.json"))) < 5
+    chosen = fstore.FeatureStore(killed).manifest.storage
+
+    def measuring(*a, **k):
+        raise AssertionError("a resumed run must not measure the forms again")
+
+    monkeypatch.setattr("fcache.extract.choose.choose_forms", measuring)
+    run_extract(cfg(dataset="folder", root=str(folder), out=str(killed), max_error=0.25, shard_size=1, batch_size=1))
+    assert fstore.FeatureStore(killed).manifest.storage == chosen
+    monkeypatch.undo()
+    ref = tmp_path / "ref.zarr"
+    run_extract(cfg(dataset="folder", root=str(folder), out=str(ref), max_error=0.25, shard_size=1, batch_size=1))
+    assert_same_store(ref, killed)
