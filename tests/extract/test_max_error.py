@@ -107,3 +107,30 @@ def test_a_resumed_run_keeps_the_recorded_choice(tmp_path, folder, compact, monk
     ref = tmp_path / "ref.zarr"
     run_extract(cfg(dataset="folder", root=str(folder), out=str(ref), max_error=0.25, shard_size=1, batch_size=1))
     assert_same_store(ref, killed)
+
+
+def test_plan_codecs_measures_every_form_and_says_which_budget_picks_it(folder):
+    r = CliRunner().invoke(main, ["plan", *folder_flags(folder, "--codecs", "--max-error", "0.25", "--measure", "2", "--json")])
+    assert r.exit_code == 0, r.output
+    p = json.loads(r.output)
+    assert set(p["forms_table"]) == {"p2", "p3", "p4", "p5"}
+    for level, rows in p["forms_table"].items():
+        assert {row["form"] for row in rows} == set(DTYPES) and [row["bits"] for row in rows] == sorted(row["bits"] for row in rows)
+        values = 5 * np.prod(next(lv["shape"] for lv in p["levels"] if lv["name"] == level))
+        for row in rows:
+            assert row["total_bytes"] == pytest.approx(row["bits"] * values / 8) and row["encode_mb_s"] > 0 < row["decode_mb_s"]
+        within = [row for row in rows if row["rel_rmse"] <= 0.25]
+        assert [row["form"] for row in rows if 0.25 in row["picked_for"]] == [within[0]["form"]] == [p["forms"][level]]
+        assert [row["form"] for row in rows if 0.01 in row["picked_for"]] == [min(
+            (row for row in rows if row["rel_rmse"] <= 0.01), key=lambda row: row["bits"])["form"]]  # fmt: skip
+    assert p["levels"][0]["bytes_per_sample"] < 96 * 32 * 32  # the chosen forms' raw sizes: under a byte per value
+    text = CliRunner().invoke(main, ["plan", *folder_flags(folder, "--codecs", "--measure", "2")]).output
+    assert "--max-error picks it for" in text and "int4" in text
+
+
+def test_plan_codecs_without_a_run_gives_raw_sizes(folder):
+    r = CliRunner().invoke(main, ["plan", *folder_flags(folder, "--codecs", "--no-run", "--json")])
+    assert r.exit_code == 0, r.output
+    rows = {row["form"]: row for row in json.loads(r.output)["forms_table"]["p2"]}  # (96, 32, 32) per sample
+    assert rows["int4"]["bits"] == 4 + 16 / 1024 and rows["int2"]["bits"] == 2 + 16 / 1024 and rows["int8"]["bits"] == 8 + 32 / 1024
+    assert rows["fp16"]["bits"] == rows["bf16m3"]["bits"] == 16 and not rows["fp16"]["measured"] and "rel_rmse" not in rows["fp16"]

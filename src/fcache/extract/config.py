@@ -164,6 +164,8 @@ class PlanConfig:
     assume_tflops: float = flag(
         100.0, "Sustained TFLOP/s for the --no-run time estimate where no throughput was measured.", above=0, max=1e7
     )
+    codecs: bool = flag(False, "A table per level of every stored form, measured on the run's samples (--no-run: raw sizes).",
+                        show_default=False)  # fmt: skip
 
     def __post_init__(self) -> None:
         check_flags(self)

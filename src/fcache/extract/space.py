@@ -60,8 +60,9 @@ def alternatives(manifest: Manifest, samples: int, ratio: float | None) -> dict[
     kept = [name for name in per_level if name in SMALLER_LEVELS]
     if kept and len(kept) < len(per_level):
         out[f"--levels {','.join(kept)}"] = round(sum(per_level[n] for n in kept) * samples * scale)
-    if manifest.storage.dtype != SMALLER_DTYPE:
-        out[f"--dtype {SMALLER_DTYPE}"] = round(sum(level_bytes(manifest, SMALLER_DTYPE).values()) * samples * scale)
+    smaller = round(sum(level_bytes(manifest, SMALLER_DTYPE).values()) * samples * scale)
+    if smaller < sum(per_level.values()) * samples * scale:
+        out[f"--dtype {SMALLER_DTYPE}"] = smaller
     return out
 
 
