@@ -1,8 +1,8 @@
 """The kernels of the compact stored forms: per-channel scales chosen for the least error, bit packing, rounding.
 
 Each form encodes in torch (on the extraction device) and decodes twice, in numpy (readers) and in torch (on the
-training device), equal bit for bit on CPU: decoding is a table lookup of exact small integers and one float32
-multiply per value, or a shift of raw bits, so both libraries compute the same IEEE operations.
+training device), equal bit for bit on CPU: decoding shifts small integers out of their bytes and computes
+(v - q) x scale in float32, or shifts raw bits, so both libraries do the same exact IEEE operations.
 
 - ``intN`` (N = 2, 3, 4, 6): symmetric uniform quantisation with per channel scales per sample-view. The clipping
   point is the one of a few candidates (multiples of the channel's RMS, and its peak) that gives the least squared
@@ -17,7 +17,6 @@ multiply per value, or a shift of raw bits, so both libraries compute the same I
 
 from __future__ import annotations
 
-from functools import cache
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -119,26 +118,23 @@ def round_mantissa(t: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 # -- decoding: numpy (readers) and torch (the training device), equal bit for bit ------------------------------------
-@cache
-def table(bits: int) -> np.ndarray:
-    """(256, values per byte) float32: the signed values each byte of a packed ``bits``-bit form holds."""
-    per_byte = slots(bits)
-    width = 8 // per_byte
-    b = np.arange(256, dtype=np.int32)[:, None]
-    vals = (b >> (width * np.arange(per_byte)[None])) & ((1 << width) - 1)
-    return (vals - ((1 << (bits - 1)) - 1)).astype(np.float32)
-
-
 def int_decode(values: np.ndarray, scales: np.ndarray | None, width: int, bits: int) -> np.ndarray:
-    """Stored values (+ bf16 scales (..., C)) -> float32 (..., C, H, width)."""
+    """Stored values (+ bf16 scales (..., C)) -> float32 (..., C, H, width): each value shifted out of its byte straight
+    into the float32 output, then (v - q) x scale (both exact steps of IEEE single precision, as in torch)."""
     if scales is None:
         raise ValueError(f"int{bits} features need their scales to be decoded")
     s = bf16_to_float32(scales)[..., None, None]
-    if slots(bits) == 1:
+    per_byte = slots(bits)
+    if per_byte == 1:
         return values.astype(np.float32) * s
-    lut = table(bits)
-    unpacked = lut[values.view(np.uint8)].reshape(*values.shape[:-1], -1)
-    return unpacked[..., :width] * s
+    u = values.view(np.uint8)
+    slot, mask = 8 // per_byte, (1 << (8 // per_byte)) - 1
+    out = np.empty((*u.shape[:-1], u.shape[-1] * per_byte), dtype=np.float32)
+    for k in range(per_byte):
+        out[..., k::per_byte] = (u >> (slot * k)) & mask if k else u & mask
+    out -= (1 << (bits - 1)) - 1
+    out *= s
+    return out if out.shape[-1] == width else np.ascontiguousarray(out[..., :width])
 
 
 def int_decode_torch(values: torch.Tensor, scales: torch.Tensor | None, width: int, bits: int) -> torch.Tensor:
@@ -147,11 +143,13 @@ def int_decode_torch(values: torch.Tensor, scales: torch.Tensor | None, width: i
     if scales is None:
         raise ValueError(f"int{bits} features need their scales to be decoded")
     s = from_bf16_bits(scales.view(torch.int16))[..., None, None]
-    if slots(bits) == 1:
+    per_byte = slots(bits)
+    if per_byte == 1:
         return values.float() * s
-    lut = torch.from_numpy(table(bits)).to(values.device)
-    unpacked = lut[values.to(torch.uint8).long()].reshape(*values.shape[:-1], -1)
-    return unpacked[..., :width] * s
+    u = values.view(torch.uint8)
+    slot, mask = 8 // per_byte, (1 << (8 // per_byte)) - 1
+    parts = torch.stack([(u >> (slot * k)) & mask for k in range(per_byte)], dim=-1).reshape(*u.shape[:-1], -1)
+    return (parts[..., :width].float() - ((1 << (bits - 1)) - 1)) * s
 
 
 def bf16_to_float32(b: np.ndarray) -> np.ndarray:
