@@ -46,7 +46,12 @@ def test_each_level_takes_the_smallest_form_within_budget_on_the_first_unit(comp
         assert m.storage.form(level) == best.form and best.rel_rmse <= 0.25
         assert m.storage.measured[level] == {"rel_rmse": pytest.approx(best.rel_rmse), "bits": pytest.approx(best.bits)}
     assert m.storage.max_error == 0.25 and m.storage.dtype == "fp16"
-    assert all(DTYPES[m.storage.form(lv)].per_byte > 1 for lv in first)  # 0.25 leaves room for packed forms only
+    store = fstore.open(compact)
+    for level, x in first.items():  # a projected form's basis: fitted on the same first unit
+        d = DTYPES[m.storage.form(level)]
+        assert d.name not in ("fp16", "bf16", "fp32", "int8")
+        if d.fitted:
+            np.testing.assert_array_equal(store.bases[level], d.fit(x))
 
 
 def test_info_shows_each_levels_form_error_and_bits(compact):
@@ -64,14 +69,27 @@ def test_info_shows_each_levels_form_error_and_bits(compact):
     assert "chosen for --max-error 0.25" in text and m.storage.form("p3") in text
 
 
-def test_verify_recompute_allows_each_forms_tolerance(tmp_path, folder, compact):
-    r = CliRunner().invoke(main, ["verify", str(compact), "--recompute", "2"])
+def test_verify_recompute_compares_what_the_form_stores_and_finds_tampered_values(tmp_path, folder, compact):
+    """Recomputed features are encoded in their level's form before the comparison: an honest compact store agrees to
+    well within each form's tolerance (its own error, up to 0.3 here, is not counted), a tampered one is named."""
+    r = CliRunner().invoke(main, ["verify", str(compact), "--recompute", "3", "--tolerance", "1e-3"])
     assert r.exit_code == 0, r.output
     out = tmp_path / "int2.zarr"
-    run_extract(cfg(dataset="folder", root=str(folder), out=str(out), dtype="int2", limit=2))
-    assert CliRunner().invoke(main, ["verify", str(out), "--recompute", "2"]).exit_code == 0  # within int2's 0.6
-    r = CliRunner().invoke(main, ["verify", str(out), "--recompute", "1", "--tolerance", "0.01"])
-    assert r.exit_code == 1 and "RECOMPUTE" in r.output  # int2 differs from the float features by far more than 0.01
+    run_extract(cfg(dataset="folder", root=str(folder), out=str(out), dtype="int2", limit=4, codec="none"))
+    assert CliRunner().invoke(main, ["verify", str(out), "--recompute", "4"]).exit_code == 0
+    import zarr
+
+    from fcache.store import layout
+
+    arr = zarr.open_array(str(out / "features" / "p4"), mode="r+")
+    arr[2] = 0x55 ^ np.asarray(arr[2])  # consistent bytes, other values: only a recompute can tell
+    rec_path = layout.done_path(out, layout.units(4, 2)[1])
+    rec = json.loads(rec_path.read_text())
+    shard = "features/p4/c/1/0/0/0/0"
+    rec["files"][shard]["sha256"] = layout.sha256_file(out / shard)
+    rec_path.write_text(json.dumps(rec))
+    r = CliRunner().invoke(main, ["verify", str(out), "--recompute", "4"])
+    assert r.exit_code == 1 and "RECOMPUTE" in r.output and "sample 2 " in r.output and "features/p4" in r.output
 
 
 def test_dtype_with_max_error_is_refused_in_one_line(tmp_path, folder):
@@ -134,3 +152,17 @@ def test_plan_codecs_without_a_run_gives_raw_sizes(folder):
     rows = {row["form"]: row for row in json.loads(r.output)["forms_table"]["p2"]}  # (96, 32, 32) per sample
     assert rows["int4"]["bits"] == 4 + 16 / 1024 and rows["int2"]["bits"] == 2 + 16 / 1024 and rows["int8"]["bits"] == 8 + 32 / 1024
     assert rows["fp16"]["bits"] == rows["bf16m3"]["bits"] == 16 and not rows["fp16"]["measured"] and "rel_rmse" not in rows["fp16"]
+
+
+def test_a_projected_dtype_is_fitted_on_the_first_unit(tmp_path, folder):
+    out = tmp_path / "pca.zarr"
+    run_extract(cfg(dataset="folder", root=str(folder), out=str(out), dtype="pca16", limit=3))
+    s = fstore.open(out)
+    m = s.manifest
+    source, refs, backbone, _ = prepare(cfg(dataset="folder", root=str(folder), out=""))
+    first = sample_features(source, refs, backbone, m, range(2))
+    for lv in s.level_names:
+        np.testing.assert_array_equal(s.bases[lv], DTYPES["pca16"].fit(first[lv]))
+        assert s.read(lv, 2, 0).shape == m.level_shape(lv) and 0 < s.quantisation_error[lv] < 1
+    r = CliRunner().invoke(main, ["verify", str(out), "--recompute", "1"])
+    assert r.exit_code == 0, r.output  # sample 2 was not fitted on: its error is its own, what is compared is the store

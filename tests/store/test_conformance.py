@@ -22,7 +22,7 @@ from fcache.cli import main
 from fcache.spec import Status
 from fcache.store.dtypes import DTYPES as STORED
 from fcache.store.dtypes import bf16_bits_to_float32, decode
-from helpers import decoded, make_manifest, sample_features, write_all
+from helpers import decoded, fitted_bases, make_manifest, sample_features, write_all
 
 
 def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -52,7 +52,7 @@ class StoreConformance:
         m, keys = make_manifest(
             n=10, dtype=cls.dtype, codec=cls.codec, shard_size=4, views=cls.views, frames=cls.frames, input_size=cls.input_size
         )
-        write_all(fstore.create(path, m, keys), failed=cls.failed)
+        write_all(fstore.create(path, m, keys, bases=fitted_bases(m)), failed=cls.failed)
         return path, m
 
     def expected(self, m, i):
@@ -177,13 +177,15 @@ class StoreConformance:
         for lv in s.level_names:
             time = ("time",) if self.frames else ()
             x = f"x_{lv}_packed" if STORED[self.dtype].per_byte > 1 else f"x_{lv}"
-            assert features[lv].dims == ("sample", "view", *time, f"channel_{lv}", f"y_{lv}", x)
+            c = f"component_{lv}" if STORED[self.dtype].fitted else f"channel_{lv}"
+            assert features[lv].dims == ("sample", "view", *time, c, f"y_{lv}", x)
             raw = features[lv].values
             np.testing.assert_array_equal(raw, np.asarray(s.array(f"features/{lv}")[:]))
             if self.dtype in ("fp16", "fp32", "int8"):  # plain numbers (x per-channel scales)
                 values = raw.astype(np.float32) * (scales[lv].values[..., None, None] if scales is not None else 1)
             else:  # raw bits, packed values: decoded by the form's table row
-                values = decode(raw, self.dtype, None if scales is None else scales[lv].values, s.manifest.level_shape(lv)[-1])
+                side = None if scales is None else scales[lv].values
+                values = decode(raw, self.dtype, side, s.manifest.level_shape(lv)[-1], s.bases.get(lv))
             for i in s.ok_indices:
                 np.testing.assert_array_equal(values[i], s.read(lv, int(i)))
         samples = xr.open_zarr(path, group="samples", consolidated=False)
@@ -244,6 +246,7 @@ ROWS = {
     "int4": Row(np.uint8, None, rel_rmse=0.2),  # two values per byte
     "int3": Row(np.uint8, None, rel_rmse=0.35),  # two values per byte
     "int2": Row(np.uint8, None, rel_rmse=0.6),  # four values per byte
+    **{f"pca{r}": Row(np.int8, None, rel_rmse=0.05) for r in (4, 8, 16, 32)},  # features of one direction: int6's rounding
 }
 DTYPES = tuple(STORED)
 

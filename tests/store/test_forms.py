@@ -12,6 +12,7 @@ from fcache.store.dtypes import DTYPES, decode, decode_torch, encode
 from fcache.store.forms import FormMeasure, choose_forms, measure_all, pick
 
 COMPACT = ("bf16m3", "int6", "int4", "int3", "int2")
+PROJECTED = ("pca4", "pca8", "pca16", "pca32")
 
 
 def features(kind: str, shape=(3, 2, 24, 10, 13), seed: int = 0) -> np.ndarray:
@@ -21,6 +22,18 @@ def features(kind: str, shape=(3, 2, 24, 10, 13), seed: int = 0) -> np.ndarray:
     x = rng.standard_normal(shape) * rng.uniform(0.2, 3.0, per_c) + rng.normal(0, 0.5, per_c)
     if kind == "heavy":
         x[:, :, :3] *= 100
+    return x.astype(np.float32)
+
+
+def low_rank(shape=(6, 2, 64, 9, 11), rank: int = 2, seed: int = 0) -> np.ndarray:
+    """Features of ``rank`` directions in channel space (the same for every sample), channel means, a little noise,
+    and three channels 100x the rest."""
+    rng = np.random.default_rng(seed)
+    c = shape[-3]
+    directions = rng.standard_normal((rank, c)) * np.linspace(3, 1, rank)[:, None]
+    directions[:, :3] *= 100
+    fields = rng.standard_normal((*shape[:-3], rank, *shape[-2:]))
+    x = np.einsum("rc,...rhw->...chw", directions, fields) + rng.normal(0, 1, (c, 1, 1)) + 0.01 * rng.standard_normal(shape)
     return x.astype(np.float32)
 
 
@@ -40,6 +53,35 @@ def test_round_trip_within_the_forms_bound(form, kind):
     assert enc.rel_rmse == pytest.approx(err, rel=1e-6)  # measured at write time: what the reader gets
     if kind == "heavy":  # scales per channel: the 100x channels do not flatten the others
         assert rel_rmse(got[:, :, 3:], x[:, :, 3:]) < DTYPES[form].tolerance
+
+
+@pytest.mark.parametrize("form", PROJECTED)
+def test_projected_round_trip_within_the_coefficients_bound_when_the_rank_fits(form):
+    x = low_rank()
+    d = DTYPES[form]
+    basis = d.fit(x[:3])  # fitted on some samples, used on the others
+    assert basis.shape == (-(-64 // d.ratio) + 1, 64) and np.all(basis[1:] == np.round(basis[1:]))
+    enc = encode(x[3:], form, basis=basis)
+    assert enc.values.shape == (3, 2, -(-64 // d.ratio), 9, 11) and enc.scales.shape == (3, 2, 1)
+    got = decode(enc.values, form, enc.scales, basis=basis)
+    assert got.shape == x[3:].shape and 0 < rel_rmse(got, x[3:]) < d.tolerance
+    assert enc.rel_rmse == pytest.approx(rel_rmse(got, x[3:]), rel=1e-6)
+
+
+def test_projected_decode_is_exact_whole_number_sums_whatever_the_batch():
+    """mean + scale x (rows^T @ coefficients): the matmul sums whole numbers below 2**24, so one map decoded alone, in
+    a batch, in numpy or in torch gives the same bits."""
+    x = low_rank(rank=5, seed=1)
+    basis = DTYPES["pca4"].fit(x)
+    enc = encode(x, "pca4", basis=basis)
+    k = basis.shape[0] - 1
+    assert np.abs(basis[1:]).max() * 127 * k < 2**24
+    batch = decode(enc.values, "pca4", enc.scales, basis=basis)
+    np.testing.assert_array_equal(decode(enc.values[4, 1], "pca4", enc.scales[4, 1], basis=basis), batch[4, 1])
+    side, b = torch.from_numpy(enc.scales), torch.from_numpy(basis)
+    np.testing.assert_array_equal(decode_torch(torch.from_numpy(enc.values), "pca4", side, basis=b).numpy(), batch)
+    with pytest.raises(ValueError, match="basis"):
+        decode(enc.values, "pca4", enc.scales)
 
 
 def test_lower_bit_forms_lose_more_and_take_less():
@@ -76,10 +118,11 @@ def test_torch_decode_equals_numpy_decode_bit_for_bit(form):
     x = features("heavy", shape=(2, 3, 16, 7, 9), seed=1)
     if form == "fp16":
         x = x / 100
-    enc = encode(x, form)
-    want = decode(enc.values, form, enc.scales, width=9)
+    basis = DTYPES[form].fit(x)
+    enc = encode(x, form, basis=basis)
+    want = decode(enc.values, form, enc.scales, width=9, basis=basis)
     side = None if enc.scales is None else torch.from_numpy(enc.scales)
-    got = decode_torch(torch.from_numpy(enc.values), form, side, width=9)
+    got = decode_torch(torch.from_numpy(enc.values), form, side, width=9, basis=None if basis is None else torch.from_numpy(basis))
     assert got.dtype == torch.float32
     np.testing.assert_array_equal(got.numpy(), want)
 
@@ -123,7 +166,20 @@ def test_choose_forms_picks_the_smallest_form_meeting_the_budget():
             assert c.rel_rmse <= budget and c.bits == pytest.approx(min(m.bits for m in within))
     assert choose_forms(x, 0.6)["p3"].form == "int2"
     assert choose_forms(x, 1e-6)["p3"].form == "fp32"  # only the exact form meets a budget below every rounding
-    assert {c.form for c in choose_forms(x, 0.05).values()} <= {"int6", "bf16m3"}
+    chosen = choose_forms(x, 0.05)
+    assert chosen["p3"].form == "int6"  # random channels: no projection holds them
+    assert chosen["p5"].form == "pca8"  # three channels 100x the rest: four components hold nearly all of it
+
+
+def test_features_of_few_directions_take_a_projected_form_with_its_basis():
+    """Two directions in 64 channels: every projected form keeps them to the coefficients' rounding, at a fraction of a
+    bit per value; the fewest components win, with the basis fitted on all the samples."""
+    x = low_rank()
+    chosen = choose_forms({"p4": x}, 0.05)["p4"]
+    assert chosen.form == "pca32" and chosen.rel_rmse < 0.05 and chosen.bits < 0.5
+    assert chosen.basis is not None and chosen.basis.shape == (3, 64)
+    np.testing.assert_array_equal(chosen.basis, DTYPES["pca32"].fit(x.reshape(-1, 64, 9, 11)))
+    assert choose_forms({"p4": features("random", shape=(4, 1, 64, 9, 11))}, 0.05)["p4"].basis is None  # no structure: int6
 
 
 def test_features_a_small_form_holds_exactly_take_it_at_any_budget():

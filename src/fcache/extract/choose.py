@@ -1,5 +1,7 @@
 """``extract --max-error``: each level's stored form chosen on the first unit's features, fixed for the whole store.
 
+(A projected form, chosen or given with ``--dtype``, is fitted on the same features: its basis is kept in the store.)
+
 Before the store exists, the driver runs the backbone over the first unit's samples (the next units' when none of
 them decodes), keeps evenly spaced maps of each level (at most ``MEASURE_VALUES`` values per level, so SwinV2-L at
 1024 measures in seconds) and ``fcache.store.forms.choose_forms`` picks per level the smallest form whose relative
@@ -24,7 +26,8 @@ from fcache.extract.stages import SampleDataset
 from fcache.spec import Manifest, StorageSpec
 from fcache.store import layout
 from fcache.store.backends import Backend
-from fcache.store.forms import choose_forms, storage_of
+from fcache.store.dtypes import stored
+from fcache.store.forms import bases_of, choose_forms, storage_of
 
 MEASURE_VALUES = 1 << 24  # values per level the forms are measured on (whole maps, evenly spaced over the images)
 SEARCH_UNITS = 8  # units looked through for samples that decode
@@ -65,22 +68,38 @@ def sample_features(
 
 
 def chosen_storage(
-    source: Source, refs: Sequence[SampleRef], backbone: Backbone, m: Manifest, max_error: float, *, existing: Manifest | None,
-    batch_size: int = 8,
-) -> StorageSpec:  # fmt: skip
-    """``m.storage`` with each level's form chosen for ``max_error``: the choice ``existing`` (the store being resumed)
-    recorded for the same budget, or one measured on the first unit's features."""
-    if existing is not None and existing.storage.max_error == max_error:
+    source: Source, refs: Sequence[SampleRef], backbone: Backbone, m: Manifest, max_error: float | None, *,
+    existing: Manifest | None, batch_size: int = 8,
+) -> tuple[StorageSpec, dict[str, np.ndarray]]:  # fmt: skip
+    """``m.storage`` with each level's form chosen for ``max_error`` (None: the forms of ``m``), and the bases of the
+    levels in projected forms, fitted on the first unit's features. A store being resumed (``existing``) keeps the
+    choice it recorded for the same budget, and its bases."""
+    fitted = any(stored(m.storage.form(lv.name)).fitted for lv in m.levels)
+    if existing is not None and (max_error is None or existing.storage.max_error == max_error):
+        if max_error is None:
+            return m.storage, {}
         old = existing.storage
-        return dataclasses.replace(m.storage, forms=dict(old.forms), max_error=max_error, measured=dict(old.measured))
+        return dataclasses.replace(m.storage, forms=dict(old.forms), max_error=max_error, measured=dict(old.measured)), {}
+    if max_error is None and not fitted:
+        return m.storage, {}
+    feats = first_features(source, refs, backbone, m, batch_size=batch_size)
+    if max_error is None:
+        forms = {name: stored(m.storage.form(name)) for name in feats}
+        return m.storage, {name: b for name, d in forms.items() if (b := d.fit(feats[name])) is not None}
+    choices = choose_forms(feats, max_error, m.storage.codec)
+    return storage_of(choices, m.storage, max_error), bases_of(choices)
+
+
+def first_features(source: Source, refs: Sequence[SampleRef], backbone: Backbone, m: Manifest, *, batch_size: int = 8) -> dict:
+    """``sample_features`` of the first unit, or of the next ones when none of its samples decodes."""
     units = layout.units(m.dataset.n, m.storage.shard_size)
     for unit in units[:SEARCH_UNITS]:
         feats = sample_features(source, refs, backbone, m, range(unit.start, unit.stop), batch_size=batch_size)
         if feats:
-            return storage_of(choose_forms(feats, max_error, m.storage.codec), m.storage, max_error)
+            return feats
     raise InputError(
-        f"no sample of the first {min(len(units), SEARCH_UNITS)} units decodes, so no stored form can be measured for "
-        "--max-error; check the dataset, or give --dtype instead"
+        f"no sample of the first {min(len(units), SEARCH_UNITS)} units decodes, so the stored forms cannot be measured "
+        "(--max-error) or fitted (projected forms); check the dataset, or give another --dtype"
     )
 
 

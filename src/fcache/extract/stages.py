@@ -196,9 +196,10 @@ class Batcher:
     Shared by the in-process pipeline and the cluster's unit tasks. ``images`` and ``seconds`` count the forwards.
     """
 
-    def __init__(self, backbone: Backbone, assembler: UnitAssembler, batch_size: int) -> None:
+    def __init__(self, backbone: Backbone, assembler: UnitAssembler, batch_size: int, bases: dict[str, np.ndarray] | None = None) -> None:
         self.backbone, self.assembler, self.size = backbone, assembler, batch_size
         self.storage = assembler.m.storage
+        self.bases: dict[str, Any] = dict(bases or {})  # a projected form's basis, moved to the device at first use
         self.waiting: list[tuple[int, int, torch.Tensor]] = []  # (sample index, image k, (3, S, S))
         self.images = 0
         self.seconds = 0.0
@@ -217,7 +218,11 @@ class Batcher:
             return
         t = time.perf_counter()
         feats = self.backbone.forward(torch.stack([img for _, _, img in self.waiting]))  # level -> (B, C, H, W) on the device
-        encoded = {name: encode(f, self.storage.form(name), name) for name, f in feats.items()}  # on the device, then to the host
+        for name, b in self.bases.items():
+            if isinstance(b, np.ndarray):
+                self.bases[name] = torch.from_numpy(b).to(feats[name].device)
+        # on the device, then to the host
+        encoded = {name: encode(f, self.storage.form(name), name, basis=self.bases.get(name)) for name, f in feats.items()}
         self.seconds += time.perf_counter() - t
         self.images += len(self.waiting)
         for b, (i, k, _) in enumerate(self.waiting):

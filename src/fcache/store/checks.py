@@ -168,7 +168,7 @@ def _decode_level(store: FeatureStore, level: str, unit: layout.Unit, shard: str
         scales = np.asarray(store.array(f"{layout.SCALES}/{level}")[unit.start : unit.stop]) if stored(form).scaled else None
     except (ValueError, RuntimeError) as e:
         return [Problem("decode", shard, f"does not decode ({e})", span)]
-    x = decode(values, form, scales, store.width(level))
+    x = decode(values, form, scales, store.width(level), store.bases.get(level))
     bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
     if bad.any():
         idx = np.flatnonzero(bad) + unit.start

@@ -52,6 +52,9 @@ def manifest_problems(root: str | Path | Backend, m: Manifest) -> list[tuple[str
         wanted[f"{layout.FEATURES}/{lv.name}"] = ((n, v, *d.stored_shape(shape)), d.numpy, (s, v, *d.stored_shape(shape)))
         if d.side is not None:
             wanted[f"{layout.SCALES}/{lv.name}"] = ((n, v, *d.side_shape(shape)), d.side, None)
+        basis = d.basis_shape(lv.channels)
+        if basis is not None:
+            wanted[f"{layout.BASIS}/{lv.name}"] = (basis, "float32", None)
     wanted[layout.STATUS] = ((n,), "uint8", None)
     wanted[layout.GEOMETRY] = ((n, v, len(GEOMETRY_FIELDS)), "float32", None)
     wanted[layout.KEYS] = ((n,), None, None)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fcache.common.errors import Fp16OverflowError, InputError
-from fcache.store import quant
+from fcache.store import project, quant
 
 if TYPE_CHECKING:
     import torch
@@ -27,9 +27,10 @@ if TYPE_CHECKING:
 FP16_MAX = float(np.finfo(np.float16).max)
 ERROR_SAMPLE = 1 << 20  # values per item on which the quantisation error is measured exactly
 
-Encode = Callable[["torch.Tensor"], "tuple[torch.Tensor, torch.Tensor | None]"]  # float (..., C, H, W) -> values, side (..., C)
-Decode = Callable[[np.ndarray, "np.ndarray | None", int], np.ndarray]  # values, side, width -> float32 (..., C, H, width)
-DecodeTorch = Callable[["torch.Tensor", "torch.Tensor | None", int], "torch.Tensor"]
+# float (..., C, H, W), basis -> values, side (..., C); values, side, width, basis -> float32 (..., C, H, width)
+Encode = Callable[["torch.Tensor", "torch.Tensor | None"], "tuple[torch.Tensor, torch.Tensor | None]"]
+Decode = Callable[[np.ndarray, "np.ndarray | None", int, "np.ndarray | None"], np.ndarray]
+DecodeTorch = Callable[["torch.Tensor", "torch.Tensor | None", int, "torch.Tensor | None"], "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -46,38 +47,67 @@ class StoredDtype:
     side: np.dtype | None = None  # per channel side data per sample-view (scales), in scales/<level>
     per_byte: int = 1  # values packed into each stored element along the width
     max_abs: float = math.inf  # finite values beyond this do not fit (fp16)
-    bits: int = 0  # bits of information per value before the codec (0: the stored element's)
+    ratio: int = 0  # projected forms: ceil(C / ratio) components of a basis fitted per level (basis/<level>)
 
     @property
     def scaled(self) -> bool:
         return self.side is not None
 
     @property
+    def fitted(self) -> bool:
+        """Whether the form needs a basis fitted on the store's first unit (``fit``)."""
+        return self.ratio > 0
+
+    @property
     def bitshuffle(self) -> bool:
         return self.shuffle == "bit"
 
     def stored_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """Shape of the stored values of features shaped ``shape`` (..., C, H, W): the width packed."""
-        return (*shape[:-1], quant.packed_width(shape[-1], self.per_byte))
+        """Shape of the stored values of features shaped ``shape`` (..., C, H, W): the width packed, the channels
+        projected."""
+        c = project.components(shape[-3], self.ratio) if self.ratio else shape[-3]
+        return (*shape[:-3], c, shape[-2], quant.packed_width(shape[-1], self.per_byte))
 
     def side_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """Shape of the side data of features shaped ``shape`` (..., C, H, W): (..., C)."""
-        return tuple(shape[:-2])
+        """Shape of the side data of features shaped ``shape`` (..., C, H, W): (..., C), or one scale per map (..., 1)
+        for a projected form."""
+        return (*shape[:-3], 1) if self.ratio else tuple(shape[:-2])
+
+    def basis_shape(self, channels: int) -> tuple[int, int] | None:
+        """Shape of the basis of a level of ``channels`` (the channel means, then the components), None unfitted."""
+        return (project.components(channels, self.ratio) + 1, channels) if self.ratio else None
+
+    def fit(self, maps: np.ndarray) -> np.ndarray | None:
+        """The basis of a projected form fitted on float32 ``maps`` (..., C, H, W); None for the others."""
+        return project.fit(maps, project.components(maps.shape[-3], self.ratio)) if self.ratio else None
 
 
-def _fp16(t: torch.Tensor) -> tuple[torch.Tensor, None]:
+def _fp16(t: torch.Tensor, basis: torch.Tensor | None) -> tuple[torch.Tensor, None]:
     return t.half(), None
 
 
-def _bf16(t: torch.Tensor) -> tuple[torch.Tensor, None]:
+def _bf16(t: torch.Tensor, basis: torch.Tensor | None) -> tuple[torch.Tensor, None]:
     return quant.bf16_bits(t), None  # round to nearest even; raw bits
 
 
-def _bf16_rounded(t: torch.Tensor, keep: int) -> tuple[torch.Tensor, None]:
+def _bf16_rounded(t: torch.Tensor, basis: torch.Tensor | None, keep: int) -> tuple[torch.Tensor, None]:
     return quant.round_mantissa(t, keep), None
 
 
-def _int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _int_encode(t: torch.Tensor, basis: torch.Tensor | None, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return quant.int_encode(t, bits)
+
+
+def _int_decode(values: np.ndarray, scales: np.ndarray | None, width: int, basis: np.ndarray | None, bits: int) -> np.ndarray:
+    return quant.int_decode(values, scales, width, bits)
+
+
+def _int_decode_torch(values: torch.Tensor, scales: torch.Tensor | None, width: int, basis: torch.Tensor | None,
+                      bits: int) -> torch.Tensor:  # fmt: skip
+    return quant.int_decode_torch(values, scales, width, bits)
+
+
+def _int8(t: torch.Tensor, basis: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     import torch
 
     channel_peak = t.abs().amax(dim=(-2, -1))  # (..., C): symmetric, per channel of each sample-view
@@ -85,15 +115,15 @@ def _int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(t / scales[..., None, None]).clamp_(-127, 127).to(torch.int8), scales
 
 
-def _fp32(t: torch.Tensor) -> tuple[torch.Tensor, None]:
+def _fp32(t: torch.Tensor, basis: torch.Tensor | None) -> tuple[torch.Tensor, None]:
     return t, None
 
 
-def _as_float32(values: np.ndarray, side: np.ndarray | None, width: int) -> np.ndarray:
+def _as_float32(values: np.ndarray, side: np.ndarray | None, width: int, basis: np.ndarray | None) -> np.ndarray:
     return values.astype(np.float32, copy=False)
 
 
-def _as_float32_torch(values: torch.Tensor, side: torch.Tensor | None, width: int) -> torch.Tensor:
+def _as_float32_torch(values: torch.Tensor, side: torch.Tensor | None, width: int, basis: torch.Tensor | None) -> torch.Tensor:
     return values.float()
 
 
@@ -101,23 +131,23 @@ def bf16_bits_to_float32(b: np.ndarray) -> np.ndarray:
     return quant.bf16_to_float32(b)
 
 
-def _bf16_decode(values: np.ndarray, side: np.ndarray | None, width: int) -> np.ndarray:
+def _bf16_decode(values: np.ndarray, side: np.ndarray | None, width: int, basis: np.ndarray | None) -> np.ndarray:
     return quant.bf16_to_float32(values)
 
 
-def _bf16_decode_torch(values: torch.Tensor, side: torch.Tensor | None, width: int) -> torch.Tensor:
+def _bf16_decode_torch(values: torch.Tensor, side: torch.Tensor | None, width: int, basis: torch.Tensor | None) -> torch.Tensor:
     import torch
 
     return quant.from_bf16_bits(values.view(torch.int16))
 
 
-def _int8_decode(values: np.ndarray, scales: np.ndarray | None, width: int) -> np.ndarray:
+def _int8_decode(values: np.ndarray, scales: np.ndarray | None, width: int, basis: np.ndarray | None) -> np.ndarray:
     if scales is None:
         raise ValueError("int8 features need their scales to be decoded")
     return values.astype(np.float32) * scales[..., None, None]
 
 
-def _int8_decode_torch(values: torch.Tensor, scales: torch.Tensor | None, width: int) -> torch.Tensor:
+def _int8_decode_torch(values: torch.Tensor, scales: torch.Tensor | None, width: int, basis: torch.Tensor | None) -> torch.Tensor:
     if scales is None:
         raise ValueError("int8 features need their scales to be decoded")
     return values.float() * scales.float()[..., None, None]
@@ -128,15 +158,23 @@ def _int_form(bits: int, tolerance: float) -> StoredDtype:
     per_byte = quant.slots(bits)
     return StoredDtype(
         f"int{bits}", np.dtype("int8" if per_byte == 1 else "uint8"), "none", tolerance,
-        partial(quant.int_encode, bits=bits), partial(quant.int_decode, bits=bits), partial(quant.int_decode_torch, bits=bits),
-        side=np.dtype("uint16"), per_byte=per_byte, bits=bits,
+        partial(_int_encode, bits=bits), partial(_int_decode, bits=bits), partial(_int_decode_torch, bits=bits),
+        side=np.dtype("uint16"), per_byte=per_byte,
     )  # fmt: skip
+
+
+def _pca_form(ratio: int) -> StoredDtype:
+    """``pca{ratio}``: ceil(C / ratio) principal components of the level, fitted on the first unit; int8 coefficients.
+    Its error depends on the features (measured per store): the bound is that of the coefficients' rounding alone."""
+    return StoredDtype(f"pca{ratio}", np.dtype("int8"), "none", 0.05, partial(project.encode, ratio=ratio),
+                       partial(project.decode, ratio=ratio), partial(project.decode_torch, ratio=ratio), side=np.dtype("uint16"),
+                       ratio=ratio)  # fmt: skip
 
 
 def _bf16_form(keep: int, tolerance: float) -> StoredDtype:
     """``bf16m{keep}``: bfloat16 with its mantissa rounded to ``keep`` bits; the zero bit planes vanish under bit-shuffle."""
     return StoredDtype(f"bf16m{keep}", np.dtype("uint16"), "bit", tolerance, partial(_bf16_rounded, keep=keep), _bf16_decode,
-                       _bf16_decode_torch, bits=9 + keep)  # fmt: skip
+                       _bf16_decode_torch)  # fmt: skip
 
 
 DTYPES: dict[str, StoredDtype] = {
@@ -151,6 +189,9 @@ DTYPES: dict[str, StoredDtype] = {
     "int4": _int_form(4, 0.2),
     "int3": _int_form(3, 0.35),
     "int2": _int_form(2, 0.6),
+    # projected forms: what they keep depends on how correlated the level's channels are (verify --recompute allows
+    # 1.5x the error the store measured); one row per ratio of channels kept
+    **{f"pca{r}": _pca_form(r) for r in (4, 8, 16, 32)},
 }
 
 
@@ -170,8 +211,8 @@ def check_dtype(dtype: str) -> str:
 class Encoded:
     """Features in stored form, with what their quantisation cost, per item along the first axis."""
 
-    values: np.ndarray  # stored dtype, same shape as the input
-    scales: np.ndarray | None  # scaled dtypes only: float32, input shape without (H, W)
+    values: np.ndarray  # stored form: the input's shape, packed along W or projected along C
+    scales: np.ndarray | None  # scaled forms only: the form's side data, shaped as the values without (H, W)
     sq_err: np.ndarray  # (n,) float64: sum of squared reconstruction errors of each item
     sq_ref: np.ndarray  # (n,) float64: sum of squared reference values of each item
 
@@ -182,8 +223,9 @@ class Encoded:
         return math.sqrt(float(self.sq_err.sum()) / ref) if ref > 0 else 0.0
 
 
-def encode(x: np.ndarray | torch.Tensor, dtype: str, level: str = "") -> Encoded:
-    """Encode float features (..., C, H, W), a numpy array or a tensor on any device, into the stored form.
+def encode(x: np.ndarray | torch.Tensor, dtype: str, level: str = "", basis: np.ndarray | torch.Tensor | None = None) -> Encoded:
+    """Encode float features (..., C, H, W), a numpy array or a tensor on any device, into the stored form (a projected
+    form on its level's ``basis``, ``StoredDtype.fit``).
 
     The reconstruction error (of what the reader decodes) is measured per item (first axis), exactly on up to
     ``ERROR_SAMPLE`` values in all and on an evenly strided subset of that many beyond (an unbiased estimate).
@@ -205,8 +247,10 @@ def encode(x: np.ndarray | torch.Tensor, dtype: str, level: str = "") -> Encoded
             f"features of level {level or '?'} reach {peak:.3g}, beyond {dtype}'s range ({d.max_abs:.0f}); "
             "rerun with --dtype bf16 (same size, float32's range) or --dtype fp32"
         )
-    values, side = d.encode(t)
-    sq_err, sq_ref = _error(t, d.decode_torch(values, side, t.shape[-1]))
+    b = None if basis is None else (torch.from_numpy(np.asarray(basis, dtype=np.float32)) if isinstance(basis, np.ndarray) else basis)
+    b = None if b is None else b.to(t.device)
+    values, side = d.encode(t, b)
+    sq_err, sq_ref = _error(t, d.decode_torch(values, side, t.shape[-1], b))
     host = values.cpu().numpy().view(d.numpy)
     side_host = None if side is None or d.side is None else side.cpu().numpy().view(d.side)
     return Encoded(values=host, scales=side_host, sq_err=sq_err, sq_ref=sq_ref)
@@ -221,17 +265,21 @@ def _error(t: torch.Tensor, got: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return err.cpu().numpy(), (ref.square().sum(dim=1) * step).cpu().numpy()
 
 
-def decode(values: np.ndarray, dtype: str, scales: np.ndarray | None = None, width: int | None = None) -> np.ndarray:
+def decode(
+    values: np.ndarray, dtype: str, scales: np.ndarray | None = None, width: int | None = None, basis: np.ndarray | None = None
+) -> np.ndarray:
     """Stored values (and side data, for a scaled form) back to float32 (..., C, H, W); ``width`` is W, needed for a
-    packed form (its stored width is W over the values per byte, rounded up)."""
+    packed form (its stored width is W over the values per byte, rounded up); ``basis`` for a projected form."""
     d = stored(dtype)
-    return d.decode(values, scales, _width(d, values.shape[-1], width))
+    return d.decode(values, scales, _width(d, values.shape[-1], width), basis)
 
 
-def decode_torch(values: torch.Tensor, dtype: str, scales: torch.Tensor | None = None, width: int | None = None) -> torch.Tensor:
+def decode_torch(
+    values: torch.Tensor, dtype: str, scales: torch.Tensor | None = None, width: int | None = None, basis: torch.Tensor | None = None
+) -> torch.Tensor:
     """``decode`` in torch, on the tensors' device (equal to ``decode`` bit for bit on CPU)."""
     d = stored(dtype)
-    return d.decode_torch(values, scales, _width(d, values.shape[-1], width))
+    return d.decode_torch(values, scales, _width(d, values.shape[-1], width), basis)
 
 
 def _width(d: StoredDtype, stored_width: int, width: int | None) -> int:

@@ -2,8 +2,10 @@
 
 ``measure`` encodes sample features in a form, compresses them as a store would (``fcache.store.codecs``) and
 decodes them back: bits per stored value after the codec (side data, CRCs and shard indexes included), the relative
-RMSE of what a reader gets, and the speed of each way. ``choose_forms`` picks per level the smallest form within the
-budget (``extract --max-error`` on the first unit's features, ``fcache plan --codecs`` on its measuring run's).
+RMSE of what a reader gets, and the speed of each way. A projected form is fitted on every other map and measured on
+the others (its error as on samples it was not fitted on). ``choose_forms`` picks per level the smallest form within
+the budget (``extract --max-error`` on the first unit's features, ``fcache plan --codecs`` on its measuring run's);
+a projected form chosen comes with its basis fitted on all the samples, for the store (``fstore.create(bases=...)``).
 """
 
 from __future__ import annotations
@@ -11,14 +13,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from fcache.common.errors import Fp16OverflowError, InputError
 from fcache.store.codecs import CHUNK_OVERHEAD, blosc_of, side_bytes
-from fcache.store.dtypes import DTYPES, decode, encode
+from fcache.store.dtypes import DTYPES, decode, encode, stored
 
 CANDIDATES = tuple(DTYPES)  # every form is a candidate; fp32 (exact) is always within budget
 
@@ -30,6 +32,7 @@ class FormChoice:
     form: str
     rel_rmse: float
     bits: float  # per stored value after the codec, side data included
+    basis: np.ndarray | None = field(default=None, repr=False, compare=False)  # a projected form's, fitted on the samples
 
     def record(self) -> dict[str, float]:
         """What the manifest keeps of the choice (``StorageSpec.measured``)."""
@@ -56,16 +59,17 @@ def measure(samples: np.ndarray, form: str, codec: str = "zstd") -> FormMeasure:
     Raises:
         Fp16OverflowError: the features do not fit the form (fp16).
     """
-    x = np.ascontiguousarray(samples, dtype=np.float32)
-    maps = x.reshape(-1, *x.shape[-3:])
+    maps = np.ascontiguousarray(samples, dtype=np.float32).reshape(-1, *samples.shape[-3:])
+    basis = stored(form).fit(maps[0::2] if len(maps) > 1 else maps)
+    x = maps[1::2] if basis is not None and len(maps) > 1 else maps
     blosc = blosc_of(codec, form)
     t0 = time.perf_counter()
-    enc = encode(maps, form)
+    enc = encode(x, form, basis=basis)
     frames = [blosc.encode(np.ascontiguousarray(v)) if blosc else v.tobytes() for v in enc.values]
     t1 = time.perf_counter()
     for k, (frame, v) in enumerate(zip(frames, enc.values, strict=True)):
         raw = np.frombuffer(blosc.decode(frame) if blosc else frame, dtype=v.dtype).reshape(v.shape)
-        decode(raw, form, None if enc.scales is None else enc.scales[k], width=x.shape[-1])
+        decode(raw, form, None if enc.scales is None else enc.scales[k], width=x.shape[-1], basis=basis)
     t2 = time.perf_counter()
     size = sum(map(len, frames)) + CHUNK_OVERHEAD * len(frames) + (side_bytes(enc.scales) if enc.scales is not None else 0)
     mb = x.nbytes / 1e6
@@ -101,7 +105,17 @@ def choose_forms(samples: Mapping[str, np.ndarray], max_error: float, codec: str
     """Level -> the smallest form whose relative RMSE on ``samples`` (float32 features per level, shaped
     (n, ..., C, H, W)) is within ``max_error``, with what it measured (bits per stored value after ``codec``)."""
     check_budget(max_error)
-    return {level: pick(measure_all(x, codec), max_error).choice() for level, x in samples.items()}
+    out = {}
+    for level, x in samples.items():
+        best = pick(measure_all(x, codec), max_error).choice()
+        basis = stored(best.form).fit(x.reshape(-1, *x.shape[-3:]))
+        out[level] = best if basis is None else FormChoice(best.form, best.rel_rmse, best.bits, basis)
+    return out
+
+
+def bases_of(choices: Mapping[str, FormChoice]) -> dict[str, np.ndarray]:
+    """The bases of the projected forms among ``choices``, by level (what ``fstore.create`` keeps in ``basis/``)."""
+    return {level: c.basis for level, c in choices.items() if c.basis is not None}
 
 
 def storage_of(choices: Mapping[str, FormChoice], base: Any, max_error: float) -> Any:

@@ -31,6 +31,8 @@ def describe(path: str | Path | Backend, storage_options: Mapping[str, Any] | No
         disk = _bytes_under(stored_bytes, f"{layout.FEATURES}/{lv.name}")
         if d.scaled:
             disk += _bytes_under(stored_bytes, f"{layout.SCALES}/{lv.name}")
+        if d.fitted:
+            disk += _bytes_under(stored_bytes, f"{layout.BASIS}/{lv.name}")
         values = committed * store.num_views * math.prod(shape)
         side = math.prod(d.side_shape(shape)) * d.side.itemsize if d.side is not None else 0
         raw = committed * store.num_views * (math.prod(d.stored_shape(shape)) * d.numpy.itemsize + side)

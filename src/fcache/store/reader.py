@@ -137,6 +137,13 @@ class FeatureStore:
     def units(self) -> list[layout.Unit]:
         return layout.units(self.n, self.manifest.storage.shard_size)
 
+    @cached_property
+    def bases(self) -> dict[str, np.ndarray]:
+        """The fitted basis of each level stored in a projected form (``basis/<level>``)."""
+        from fcache.store.writer import read_bases
+
+        return read_bases(self.backend, self.manifest)
+
     @property
     def quantisation_error(self) -> dict[str, float]:
         return dict(self.attrs.get("quantisation_error", {}))
@@ -237,7 +244,8 @@ class FeatureStore:
                 f"{self.root}: level {level}, shard {unit.index} (samples {unit.start}-{unit.stop - 1}) is corrupt ({e}); "
                 f"run `fcache verify {self.root}` and re-extract that unit"
             ) from e
-        return decode(np.asarray(values), form, None if scales is None else np.asarray(scales), self.width(level))
+        side = None if scales is None else np.asarray(scales)
+        return decode(np.asarray(values), form, side, self.width(level), self.bases.get(level))
 
     def width(self, level: str) -> int:
         """W of a level's maps (its stored values may be packed along it)."""
@@ -259,12 +267,12 @@ class FeatureStore:
         todo = [(lv, u) for lv, u in units if (lv, u.index) not in scales]
         for (lv, u), s in zip(todo, self._gather_scales(todo), strict=True):
             self._scales[(lv, u.index)] = scales[(lv, u.index)] = s
-        widths = {lv: self.width(lv) for lv in forms}
+        widths, bases = {lv: self.width(lv) for lv in forms}, self.bases
 
         def to_float(chunk: tuple[str, int, int], values: np.ndarray) -> np.ndarray:
             lv, u, k = chunk
             side = scales[(lv, u)][k // views, k % views] if lv in scaled else None
-            return decode(values, forms[lv], side, widths[lv])
+            return decode(values, forms[lv], side, widths[lv], bases.get(lv))
 
         return fetcher.read(requests, convert=to_float)  # to float32 by the thread that decoded each chunk
 
@@ -349,13 +357,14 @@ class FeatureStore:
         arr = self.array(f"{layout.FEATURES}/{level}")
         per_shard = (self.manifest.storage.shard_size, *arr.shape[1:])
         raw = da.from_zarr(arr, chunks=per_shard)
-        form, width = self.manifest.storage.form(level), self.width(level)
-        chunks = (*raw.chunks[:-1], (width,))
+        form, width, basis = self.manifest.storage.form(level), self.width(level), self.bases.get(level)
+        channels = self.manifest.level(level).channels
+        chunks = (*raw.chunks[:-3], (channels,), raw.chunks[-2], (width,))
         if stored(form).scaled:
             scales = da.from_zarr(self.array(f"{layout.SCALES}/{level}"), chunks=per_shard[:-2])
-            return da.map_blocks(lambda v, s: decode(v, form, s[..., 0, 0], width), raw, scales[..., None, None], dtype=np.float32,
-                                 chunks=chunks)  # fmt: skip
-        return raw.map_blocks(decode, form, None, width, dtype=np.float32, chunks=chunks)
+            return da.map_blocks(lambda v, s: decode(v, form, s[..., 0, 0], width, basis), raw, scales[..., None, None],
+                                 dtype=np.float32, chunks=chunks)  # fmt: skip
+        return raw.map_blocks(decode, form, None, width, basis, dtype=np.float32, chunks=chunks)
 
 
 class FeatureDataset(torch.utils.data.Dataset):

@@ -84,6 +84,7 @@ def export_wds(
     finally:
         writer.discard()
     index = {"format": FORMAT, "manifest": store.attrs, "levels": names, "samples": len(indices), "shards": shards}
+    index["bases"] = {lv: store.bases[lv].tolist() for lv in names if lv in store.bases}  # projected forms: float32, exact
     index |= {"target_names": list(store.target_names), "target_attrs": store.target_attrs}
     target.put(INDEX, _json(index))
     return {"out": target.url, "samples": len(indices), "shards": len(shards), "levels": names}
@@ -158,6 +159,7 @@ class WdsExport:
         if self.index.get("format") != FORMAT:
             raise StoreError(f"{self.backend.where(INDEX)} has format {self.index.get('format')!r}; this fcache reads {FORMAT}")
         self.manifest = Manifest.from_dict(self.index["manifest"])
+        self.bases = {lv: np.asarray(b, dtype=np.float32) for lv, b in self.index.get("bases", {}).items()}
         self.root = self.backend.root
 
     @property
@@ -206,7 +208,7 @@ class WdsExport:
         for lv in levels:
             values = np.load(io.BytesIO(group[f"{lv}.npy"]))
             scales = np.load(io.BytesIO(group[f"{lv}.scales.npy"])) if f"{lv}.scales.npy" in group else None
-            x = decode(values, storage.form(lv), scales, self.manifest.level_shape(lv)[-1])
+            x = decode(values, storage.form(lv), scales, self.manifest.level_shape(lv)[-1], self.bases.get(lv))
             feats[lv] = torch.from_numpy(x if view is None else np.ascontiguousarray(x[view]))
         v = 0 if view is None else view
         targets = {k: val for k, val in meta.items() if k not in ("index", "key", "status")}
