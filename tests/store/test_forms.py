@@ -210,3 +210,17 @@ def test_a_budget_outside_zero_to_one_is_refused():
     for bad in (0.0, 1.0, -0.1, float("nan")):
         with pytest.raises(InputError, match="--max-error"):
             choose_forms({"p3": features("random")}, bad)
+
+
+def test_a_basis_counts_in_the_bits_of_a_small_store():
+    """A projected form keeps its basis once per store: over a few samples it outweighs the coefficients."""
+    from fcache.store.codecs import side_bytes
+    from fcache.store.forms import measure
+
+    x = low_rank()
+    alone = measure(x, "pca4")
+    small = measure(x, "pca4", store_values=x.size)
+    basis = DTYPES["pca4"].fit(x[0::2].reshape(-1, 64, 9, 11))
+    assert small.bits == pytest.approx(alone.bits + 8 * side_bytes(basis) / x.size)
+    assert choose_forms({"p4": x}, 0.05, store_values={"p4": x.size})["p4"].form == "pca32"  # the smallest basis still wins
+    assert measure(x, "pca4", store_values=10**9).bits == pytest.approx(alone.bits, abs=1e-3)

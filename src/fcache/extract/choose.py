@@ -86,7 +86,8 @@ def chosen_storage(
     if max_error is None:
         forms = {name: stored(m.storage.form(name)) for name in feats}
         return m.storage, {name: b for name, d in forms.items() if (b := d.fit(feats[name])) is not None}
-    choices = choose_forms(feats, max_error, m.storage.codec)
+    values = {lv.name: m.dataset.n * m.num_views * math.prod(m.level_shape(lv.name)) for lv in m.levels}
+    choices = choose_forms(feats, max_error, m.storage.codec, store_values=values)
     return storage_of(choices, m.storage, max_error), bases_of(choices)
 
 

@@ -46,7 +46,7 @@ def plan(
 
     _, refs, backbone, manifest = prepare(cfg, meta=True, source=source)
     n, views = len(refs), manifest.num_views
-    forms = plan_forms.measure_forms(cfg, min(measure, n)) if not no_run and (codecs or cfg.max_error is not None) else None
+    forms = plan_forms.measure_forms(cfg, min(measure, n), n) if not no_run and (codecs or cfg.max_error is not None) else None
     if forms is not None and cfg.max_error is not None:
         chosen = {lv: pick(ms, cfg.max_error).choice() for lv, ms in forms["forms"].items()}
         manifest = dataclasses.replace(manifest, storage=storage_of(chosen, manifest.storage, cfg.max_error))

@@ -28,8 +28,9 @@ from fcache.store.info import human
 BUDGETS = (0.01, 0.05, 0.1, 0.25, 0.5)  # the --max-error values the table says it picks for (and the user's own)
 
 
-def measure_forms(cfg: ExtractConfig, k: int) -> dict[str, Any]:
-    """A measuring run of ``k`` samples in fp32; every form measured on each level's features."""
+def measure_forms(cfg: ExtractConfig, k: int, n: int) -> dict[str, Any]:
+    """A measuring run of ``k`` samples in fp32; every form measured on each level's features (a projected form's
+    basis counted over the ``n`` samples of the whole dataset)."""
     from fcache.extract.choose import MEASURE_VALUES
     from fcache.extract.driver import run_extract
     from fcache.store.reader import FeatureStore
@@ -44,7 +45,8 @@ def measure_forms(cfg: ExtractConfig, k: int) -> dict[str, Any]:
         for lv in store.level_names:
             maps = np.concatenate([store.read(lv, int(i)).reshape(-1, *store.manifest.level_shape(lv)[-3:]) for i in store.ok_indices])
             step = max(1, math.ceil(maps.size / MEASURE_VALUES))
-            forms[lv] = measure_all(maps[::step], cfg.codec)
+            values = store.manifest.num_views * math.prod(store.manifest.level_shape(lv)) * n
+            forms[lv] = measure_all(maps[::step], cfg.codec, store_values=values)
         return {"estimate": f"measured on {k} samples", "seconds_per_image": 1.0 / s.images_per_s if s.images_per_s else None,
                 "forms": forms}  # fmt: skip
     finally:

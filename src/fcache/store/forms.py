@@ -53,8 +53,9 @@ class FormMeasure:
         return FormChoice(self.form, self.rel_rmse, self.bits)
 
 
-def measure(samples: np.ndarray, form: str, codec: str = "zstd") -> FormMeasure:
-    """``samples`` (n, ..., C, H, W) float32 in ``form`` and ``codec``, one chunk per (C, H, W) map as stored.
+def measure(samples: np.ndarray, form: str, codec: str = "zstd", store_values: int | None = None) -> FormMeasure:
+    """``samples`` (n, ..., C, H, W) float32 in ``form`` and ``codec``, one chunk per (C, H, W) map as stored; a
+    projected form's basis counted over the ``store_values`` values its level will hold (None: not counted).
 
     Raises:
         Fp16OverflowError: the features do not fit the form (fp16).
@@ -72,16 +73,21 @@ def measure(samples: np.ndarray, form: str, codec: str = "zstd") -> FormMeasure:
         decode(raw, form, None if enc.scales is None else enc.scales[k], width=x.shape[-1], basis=basis)
     t2 = time.perf_counter()
     size = sum(map(len, frames)) + CHUNK_OVERHEAD * len(frames) + (side_bytes(enc.scales) if enc.scales is not None else 0)
+    bits = 8 * size / max(1, x.size)
+    if basis is not None and store_values:
+        bits += 8 * side_bytes(basis) / store_values  # kept once per store: its share of each value
     mb = x.nbytes / 1e6
-    return FormMeasure(form, enc.rel_rmse, 8 * size / max(1, x.size), mb / max(t1 - t0, 1e-9), mb / max(t2 - t1, 1e-9))
+    return FormMeasure(form, enc.rel_rmse, bits, mb / max(t1 - t0, 1e-9), mb / max(t2 - t1, 1e-9))
 
 
-def measure_all(samples: np.ndarray, codec: str = "zstd", forms: Sequence[str] = CANDIDATES) -> list[FormMeasure]:
+def measure_all(
+    samples: np.ndarray, codec: str = "zstd", forms: Sequence[str] = CANDIDATES, store_values: int | None = None
+) -> list[FormMeasure]:
     """Every form that can hold ``samples`` measured on them, smallest first."""
     out = []
     for form in forms:
         try:
-            out.append(measure(samples, form, codec))
+            out.append(measure(samples, form, codec, store_values))
         except Fp16OverflowError:
             continue
     return sorted(out, key=lambda m: (m.bits, m.rel_rmse))
@@ -101,13 +107,16 @@ def check_budget(max_error: float) -> float:
     return max_error
 
 
-def choose_forms(samples: Mapping[str, np.ndarray], max_error: float, codec: str = "zstd") -> dict[str, FormChoice]:
+def choose_forms(
+    samples: Mapping[str, np.ndarray], max_error: float, codec: str = "zstd", store_values: Mapping[str, int] | None = None
+) -> dict[str, FormChoice]:
     """Level -> the smallest form whose relative RMSE on ``samples`` (float32 features per level, shaped
-    (n, ..., C, H, W)) is within ``max_error``, with what it measured (bits per stored value after ``codec``)."""
+    (n, ..., C, H, W)) is within ``max_error``, with what it measured (bits per stored value after ``codec``; with
+    ``store_values``, the values each level of the store will hold, a projected form's basis is counted in them)."""
     check_budget(max_error)
     out = {}
     for level, x in samples.items():
-        best = pick(measure_all(x, codec), max_error).choice()
+        best = pick(measure_all(x, codec, store_values=(store_values or {}).get(level)), max_error).choice()
         basis = stored(best.form).fit(x.reshape(-1, *x.shape[-3:]))
         out[level] = best if basis is None else FormChoice(best.form, best.rel_rmse, best.bits, basis)
     return out
