@@ -17,7 +17,7 @@ where the writer's time goes, and (``--headroom``) the loader's samples/s over w
 shape B on this machine (``fcache bench --features-only``).
 
 Usage: python benchmarks/read_speed.py [--shapes A,B] [--samples-a 64] [--samples-b 16] [--rounds 3] [--headroom]
-       [--forms int6,int4,int3,int2,bf16m3 | --forms ""]
+       [--forms int6,int4,int3,int2,bf16m3,pca8 | --forms ""] [--only-forms]
 """
 
 from __future__ import annotations
@@ -88,11 +88,14 @@ def build(root: Path, name: str, n: int, form: str | None = None) -> tuple[Path,
         DatasetInfo(SourceConfig("bench", ""), n, keys_digest(keys)),
     )
     path = root / f"shape{name}-{dtype}.zarr"
-    w = fstore.create(path, m, keys)
     rng = np.random.default_rng(0)
+    units = layout.units(n, shard)
+    first = {lv.name: features(rng, len(units[0]), *m.level_shape(lv.name)) for lv in m.levels}
+    bases = {lv: DTYPES[dtype].fit(x[:, 0]) for lv, x in first.items()} if DTYPES[dtype].fitted else {}
+    w = fstore.create(path, m, keys, bases=bases)  # a projected form: fitted on the first unit, as extract does
     seconds, profile = 0.0, cProfile.Profile()
     for u in w.units:
-        feats = {lv.name: features(rng, len(u), *m.level_shape(lv.name)) for lv in m.levels}
+        feats = first if u.index == 0 else {lv.name: features(rng, len(u), *m.level_shape(lv.name)) for lv in m.levels}
         status, geometry = np.ones(len(u), np.uint8), np.zeros((len(u), 1, len(GEOMETRY_FIELDS)), np.float32)
         t = time.perf_counter()
         profile.enable()
@@ -209,7 +212,7 @@ def main() -> None:
     ap.add_argument("--samples-b", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3, help="Each measurement's best of this many rounds.")
     ap.add_argument("--headroom", action="store_true", help="Also time bifpn:layers=5 at shape B (minutes on a CPU).")
-    ap.add_argument("--forms", default="int6,int4,int3,int2,bf16m3", help="Compact forms read against bf16 ('' for none).")
+    ap.add_argument("--forms", default="int6,int4,int3,int2,bf16m3,pca8", help="Compact forms read against bf16 ('' for none).")
     ap.add_argument("--only-forms", action="store_true", help="Measure only the compact forms against bf16.")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="fcache-read-speed-"))
