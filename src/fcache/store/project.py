@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
 Q = 127  # coefficients: int8
+SEARCH_VALUES = 8192  # coefficients of a map on which each candidate clip's error is measured (one scale per map)
 
 
 def components(channels: int, ratio: int) -> int:
@@ -69,7 +70,7 @@ def encode(t: torch.Tensor, basis: torch.Tensor | None, ratio: int) -> tuple[tor
     rows = b[1:]
     coef = torch.matmul(rows, (t - b[0][:, None, None]).flatten(-2)) / rows.square().sum(dim=1)[:, None]  # (..., k, HW)
     maps = coef.flatten(-2)[..., None, :, None]  # (..., 1, k * HW, 1): one scale for all of a map's coefficients
-    scales = quant.best_scales(maps, Q)  # (..., 1)
+    scales = quant.best_scales(maps, Q, search=SEARCH_VALUES)  # (..., 1)
     values = quant.quantise(maps, scales, Q).reshape(coef.shape).unflatten(-1, t.shape[-2:])
     return values.to(torch.int8), quant.bf16_bits(scales)
 

@@ -53,16 +53,16 @@ def from_bf16_bits(b: torch.Tensor) -> torch.Tensor:
     return b.view(torch.bfloat16).float()
 
 
-def best_scales(t: torch.Tensor, q: int) -> torch.Tensor:
+def best_scales(t: torch.Tensor, q: int, search: int = SEARCH_VALUES) -> torch.Tensor:
     """Per channel scales (..., C), float32 values of bfloat16, whose quantisation of ``t`` (..., C, H, W) to integers
     in [-q, q] has the least squared error among clips at multiples of the channel's RMS and at its peak (the error
-    of each clip measured on up to ``SEARCH_VALUES`` evenly strided values of the channel, all clips at once)."""
+    of each clip measured on up to ``search`` evenly strided values of the channel, all clips at once)."""
     import torch
 
     flat = t.flatten(-2)
     peak = flat.abs().amax(dim=-1)
     rms = flat.square().mean(dim=-1).sqrt()
-    sub = flat[..., :: max(1, flat.shape[-1] // SEARCH_VALUES)]
+    sub = flat[..., :: max(1, flat.shape[-1] // search)]
     m = torch.tensor((0.0, *CLIP_RMS), device=t.device).reshape(-1, *[1] * peak.ndim)  # 0: the peak itself
     clips = torch.where(m > 0, torch.minimum(rms * m, peak), peak)  # (K, ..., C)
     s = from_bf16_bits(bf16_bits(clips / q))
