@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 CLIP_RMS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 5.0, 6.0)  # candidate clips, x the channel RMS
 SEARCH_VALUES = 256  # values per channel on which each candidate clip's error is measured
+PEAKS = 8  # largest magnitudes of a channel whose clipping error is counted exactly in the search
 ROUNDER = 1.5 * 2**23  # x + ROUNDER - ROUNDER rounds a float32 of magnitude below 2**22 to the nearest integer, ties even
 
 
@@ -55,22 +56,31 @@ def from_bf16_bits(b: torch.Tensor) -> torch.Tensor:
 
 def best_scales(t: torch.Tensor, q: int, search: int = SEARCH_VALUES) -> torch.Tensor:
     """Per channel scales (..., C), float32 values of bfloat16, whose quantisation of ``t`` (..., C, H, W) to integers
-    in [-q, q] has the least squared error among clips at multiples of the channel's RMS and at its peak (the error
-    of each clip measured on up to ``search`` evenly strided values of the channel, all clips at once)."""
+    in [-q, q] has the least squared error among clips at multiples of the channel's RMS and at its peak. Each clip's
+    error is estimated, all clips at once, on up to ``search`` evenly strided values of the channel (scaled to all of
+    them) plus its ``PEAKS`` largest magnitudes exactly: rare outliers (a few positions 100x the rest) decide whether
+    clipping pays, and a strided sample would miss them."""
     import torch
 
     flat = t.flatten(-2)
+    n = flat.shape[-1]
     peak = flat.abs().amax(dim=-1)
     rms = flat.square().mean(dim=-1).sqrt()
-    sub = flat[..., :: max(1, flat.shape[-1] // search)]
+    sub = flat[..., :: max(1, n // search)]
+    top = flat.gather(-1, flat.abs().topk(min(PEAKS, n), dim=-1).indices)
     m = torch.tensor((0.0, *CLIP_RMS), device=t.device).reshape(-1, *[1] * peak.ndim)  # 0: the peak itself
     clips = torch.where(m > 0, torch.minimum(rms * m, peak), peak)  # (K, ..., C)
     s = from_bf16_bits(bf16_bits(clips / q))
     s = torch.where(s > 0, s, torch.ones_like(s))[..., None]
-    v = (sub * (1 / s)).clamp_(-q, q)  # (K, ..., C, m): what each clip stores, to be rounded
-    v.add_(ROUNDER).sub_(ROUNDER)  # nearest, ties to even (|v| <= q < 2**22): two adds where torch.round is slow on CPU
-    err = v.mul_(s).sub_(sub).square_().sum(dim=-1)  # (K, ..., C)
+    err = _clip_error(sub, s, q) * (n / sub.shape[-1]) + _clip_error(top, s, q) * (1 if n > search else 0)
     return s[..., 0].gather(0, err.argmin(dim=0, keepdim=True))[0]
+
+
+def _clip_error(x: torch.Tensor, s: torch.Tensor, q: int) -> torch.Tensor:
+    """Squared error of quantising ``x`` (..., C, m) with each of the scales ``s`` (K, ..., C, 1): (K, ..., C)."""
+    v = (x * (1 / s)).clamp_(-q, q)
+    v.add_(ROUNDER).sub_(ROUNDER)  # nearest, ties to even (|v| <= q < 2**22): two adds where torch.round is slow on CPU
+    return v.mul_(s).sub_(x).square_().sum(dim=-1)
 
 
 def quantise(t: torch.Tensor, scales: torch.Tensor, q: int) -> torch.Tensor:
