@@ -241,3 +241,17 @@ def test_the_clip_search_sees_rare_outlier_positions(bits):
         return float((quant.quantise(t, scales, q) * scales[..., None, None] - t).square().sum() / t.square().sum()) ** 0.5
 
     assert error(quant.best_scales(t, q)) <= 1.05 * error(quant.best_scales(t, q, search=64 * 64))
+
+
+def test_the_clip_search_sample_does_not_fall_on_one_column():
+    """A stride that is a multiple of the width samples one column: here a column of near zeros, whose clip would
+    crush the rest. The stride is kept prime to the width."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 8, 64, 16)).astype(np.float32)
+    x[..., 0] *= 0.01
+    t = torch.from_numpy(x)
+
+    def error(scales: torch.Tensor) -> float:
+        return float((quant.quantise(t, scales, 7) * scales[..., None, None] - t).square().sum() / t.square().sum()) ** 0.5
+
+    assert error(quant.best_scales(t, 7, search=64)) <= 1.1 * error(quant.best_scales(t, 7, search=64 * 16))  # one column: 1.26

@@ -70,7 +70,7 @@ def encode(t: torch.Tensor, basis: torch.Tensor | None, ratio: int) -> tuple[tor
     rows = b[1:]
     coef = torch.matmul(rows, (t - b[0][:, None, None]).flatten(-2)) / rows.square().sum(dim=1)[:, None]  # (..., k, HW)
     maps = coef.flatten(-2)[..., None, :, None]  # (..., 1, k * HW, 1): one scale for all of a map's coefficients
-    scales = quant.best_scales(maps, Q, search=SEARCH_VALUES)  # (..., 1)
+    scales = quant.best_scales(maps, Q, search=SEARCH_VALUES, width=t.shape[-1])  # (..., 1)
     values = quant.quantise(maps, scales, Q).reshape(coef.shape).unflatten(-1, t.shape[-2:])
     return values.to(torch.int8), quant.bf16_bits(scales)
 

@@ -17,6 +17,7 @@ training device), equal bit for bit on CPU: decoding shifts small integers out o
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -54,11 +55,12 @@ def from_bf16_bits(b: torch.Tensor) -> torch.Tensor:
     return b.view(torch.bfloat16).float()
 
 
-def best_scales(t: torch.Tensor, q: int, search: int = SEARCH_VALUES) -> torch.Tensor:
+def best_scales(t: torch.Tensor, q: int, search: int = SEARCH_VALUES, width: int | None = None) -> torch.Tensor:
     """Per channel scales (..., C), float32 values of bfloat16, whose quantisation of ``t`` (..., C, H, W) to integers
     in [-q, q] has the least squared error among clips at multiples of the channel's RMS and at its peak. Each clip's
     error is estimated, all clips at once, on up to ``search`` evenly strided values of the channel (scaled to all of
-    them) plus its ``PEAKS`` largest magnitudes exactly: rare outliers (a few positions 100x the rest) decide whether
+    them; the stride prime to the map's ``width``, default W, so that the sample does not fall on a few columns)
+    plus its ``PEAKS`` largest magnitudes exactly: rare outliers (a few positions 100x the rest) decide whether
     clipping pays, and a strided sample would miss them."""
     import torch
 
@@ -66,7 +68,10 @@ def best_scales(t: torch.Tensor, q: int, search: int = SEARCH_VALUES) -> torch.T
     n = flat.shape[-1]
     peak = flat.abs().amax(dim=-1)
     rms = flat.square().mean(dim=-1).sqrt()
-    sub = flat[..., :: max(1, n // search)]
+    step = max(1, n // search)
+    while math.gcd(step, width or t.shape[-1]) > 1:
+        step += 1
+    sub = flat[..., ::step]
     top = flat.gather(-1, flat.abs().topk(min(PEAKS, n), dim=-1).indices)
     m = torch.tensor((0.0, *CLIP_RMS), device=t.device).reshape(-1, *[1] * peak.ndim)  # 0: the peak itself
     clips = torch.where(m > 0, torch.minimum(rms * m, peak), peak)  # (K, ..., C)
