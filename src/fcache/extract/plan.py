@@ -19,7 +19,6 @@ from fcache.extract import plan_forms, space
 from fcache.extract.config import ExtractConfig
 from fcache.extract.sources import build_source
 from fcache.extract.throughput import THROUGHPUT
-from fcache.store.forms import pick, storage_of
 from fcache.store.info import human
 
 if TYPE_CHECKING:
@@ -47,9 +46,7 @@ def plan(
     _, refs, backbone, manifest = prepare(cfg, meta=True, source=source)
     n, views = len(refs), manifest.num_views
     forms = plan_forms.measure_forms(cfg, min(measure, n), n) if not no_run and (codecs or cfg.max_error is not None) else None
-    if forms is not None and cfg.max_error is not None:
-        chosen = {lv: pick(ms, cfg.max_error).choice() for lv, ms in forms["forms"].items()}
-        manifest = dataclasses.replace(manifest, storage=storage_of(chosen, manifest.storage, cfg.max_error))
+    manifest = plan_forms.with_picks(manifest, forms, cfg.max_error)
     images_per_sample = views * (manifest.preprocessing.frames or 1)
     per_level = space.level_bytes(manifest)
     levels = [
@@ -89,14 +86,11 @@ def plan(
             "throughput": dataclasses.asdict(measured),
         }
     if forms is not None:
-        bits = {lv: next(x.bits for x in forms["forms"][lv] if x.form == manifest.storage.form(lv)) for lv in per_level}
-        disk = sum(bits[lv] * plan_forms.values_per_sample(manifest, lv) / 8 for lv in per_level)
-        out |= {k: forms[k] for k in ("estimate", "seconds_per_image")} | {"compression_ratio": per_sample / disk}
+        out |= plan_forms.measured(manifest, forms)
     elif not no_run:
         out |= _measure(cfg, min(measure, n))
     if codecs:
-        budgets = sorted({*plan_forms.BUDGETS, *([cfg.max_error] if cfg.max_error is not None else [])})
-        out["forms_table"] = plan_forms.table(manifest, forms["forms"] if forms else None, budgets)
+        out["forms_table"] = plan_forms.table(manifest, forms["forms"] if forms else None, plan_forms.budgets(cfg.max_error))
     ratio = out.get("compression_ratio")
     out["compressed_total_bytes"] = out["total_bytes"] / ratio if ratio else None
     out["total_seconds"] = out["seconds_per_image"] * images_per_sample * n

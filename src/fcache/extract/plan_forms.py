@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from fcache.extract import space
 from fcache.extract.config import ExtractConfig
 from fcache.spec import Manifest
 from fcache.store.dtypes import DTYPES
-from fcache.store.forms import FormMeasure, measure_all, pick
+from fcache.store.forms import FormMeasure, measure_all, pick, storage_of
 from fcache.store.info import human
 
 BUDGETS = (0.01, 0.05, 0.1, 0.25, 0.5)  # the --max-error values the table says it picks for (and the user's own)
@@ -51,6 +52,28 @@ def measure_forms(cfg: ExtractConfig, k: int, n: int) -> dict[str, Any]:
                 "forms": forms}  # fmt: skip
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def with_picks(m: Manifest, forms: Mapping[str, Any] | None, max_error: float | None) -> Manifest:
+    """``m`` with each level in the form ``max_error`` picks among the measured ``forms`` (as it is without either)."""
+    if forms is None or max_error is None:
+        return m
+    chosen = {lv: pick(ms, max_error).choice() for lv, ms in forms["forms"].items()}
+    return dataclasses.replace(m, storage=storage_of(chosen, m.storage, max_error))
+
+
+def measured(m: Manifest, forms: Mapping[str, Any]) -> dict[str, Any]:
+    """The plan's measured figures: how, the time per image, and the compression ratio of ``m``'s forms."""
+    levels = [lv.name for lv in m.levels]
+    bits = {lv: next(x.bits for x in forms["forms"][lv] if x.form == m.storage.form(lv)) for lv in levels}
+    disk = sum(bits[lv] * values_per_sample(m, lv) / 8 for lv in levels)
+    raw = sum(space.level_bytes(m).values())
+    return {"estimate": forms["estimate"], "seconds_per_image": forms["seconds_per_image"], "compression_ratio": raw / disk}
+
+
+def budgets(max_error: float | None) -> list[float]:
+    """The budgets the table says it picks for: the usual ones and the user's."""
+    return sorted({*BUDGETS, *([max_error] if max_error is not None else [])})
 
 
 def values_per_sample(m: Manifest, level: str) -> int:

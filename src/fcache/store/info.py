@@ -24,35 +24,7 @@ def describe(path: str | Path | Backend, storage_options: Mapping[str, Any] | No
     stored_bytes = store.backend.listing()
     m = store.manifest
     committed = sum(rec.samples for rec in store.ledger.values())
-    levels: list[dict[str, Any]] = []
-    for lv in store.levels:
-        form = m.storage.form(lv.name)
-        d, shape = stored(form), m.level_shape(lv.name)
-        disk = _bytes_under(stored_bytes, f"{layout.FEATURES}/{lv.name}")
-        if d.scaled:
-            disk += _bytes_under(stored_bytes, f"{layout.SCALES}/{lv.name}")
-        if d.fitted:
-            disk += _bytes_under(stored_bytes, f"{layout.BASIS}/{lv.name}")
-        values = committed * store.num_views * math.prod(shape)
-        side = math.prod(d.side_shape(shape)) * d.side.itemsize if d.side is not None else 0
-        raw = committed * store.num_views * (math.prod(d.stored_shape(shape)) * d.numpy.itemsize + side)
-        levels.append(
-            {
-                "name": lv.name,
-                "channels": lv.channels,
-                "stride": lv.stride,
-                "shape": [m.dataset.n, store.num_views, *shape],
-                "form": form,
-                "dtype": form,
-                "disk_bytes": disk,
-                "raw_bytes": raw,
-                "bytes_per_sample": disk / committed if committed else 0.0,
-                "bits_per_value": 8 * disk / values if values else 0.0,
-                "compression_ratio": raw / disk if disk else 0.0,
-                "quantisation_error": store.quantisation_error.get(lv.name),
-                "chosen": m.storage.measured.get(lv.name),
-            }
-        )
+    levels = [_level(store, lv.name, committed, stored_bytes) for lv in store.levels]
     disk_total = sum(lv["disk_bytes"] for lv in levels)
     raw_total = sum(lv["raw_bytes"] for lv in levels)
     values_total = sum(8 * lv["disk_bytes"] / lv["bits_per_value"] for lv in levels if lv["bits_per_value"])
@@ -71,6 +43,36 @@ def describe(path: str | Path | Backend, storage_options: Mapping[str, Any] | No
         "bits_per_value": 8 * disk_total / values_total if values_total else 0.0,
         "max_error": m.storage.max_error,
         "targets": list(store.target_names),
+    }
+
+
+def _level(store: Any, level: str, committed: int, stored_bytes: Mapping[str, int]) -> dict[str, Any]:
+    """One level's row of ``describe``: its form, bytes (values, scales, basis), bits per value and errors."""
+    m = store.manifest
+    lv, form = m.level(level), m.storage.form(level)
+    d, shape = stored(form), m.level_shape(level)
+    disk = _bytes_under(stored_bytes, f"{layout.FEATURES}/{level}")
+    if d.scaled:
+        disk += _bytes_under(stored_bytes, f"{layout.SCALES}/{level}")
+    if d.fitted:
+        disk += _bytes_under(stored_bytes, f"{layout.BASIS}/{level}")
+    values = committed * store.num_views * math.prod(shape)
+    side = math.prod(d.side_shape(shape)) * d.side.itemsize if d.side is not None else 0
+    raw = committed * store.num_views * (math.prod(d.stored_shape(shape)) * d.numpy.itemsize + side)
+    return {
+        "name": level,
+        "channels": lv.channels,
+        "stride": lv.stride,
+        "shape": [m.dataset.n, store.num_views, *shape],
+        "form": form,
+        "dtype": form,
+        "disk_bytes": disk,
+        "raw_bytes": raw,
+        "bytes_per_sample": disk / committed if committed else 0.0,
+        "bits_per_value": 8 * disk / values if values else 0.0,
+        "compression_ratio": raw / disk if disk else 0.0,
+        "quantisation_error": store.quantisation_error.get(level),
+        "chosen": m.storage.measured.get(level),
     }
 
 
