@@ -7,12 +7,17 @@ Dataset (``FeatureDataset.__getitems__``: float32 out), and as the direct path r
 (``ShardFetcher.read``: stored values). The baseline is raw Blosc decoding of the very same chunk
 frames, already in memory, on one thread and on the reader's pool of threads. MB are the stored dtype's bytes.
 
+Compact forms (``--forms``): the same features stored in bf16 and in each compact form, read through the Dataset on
+the same threads; the ratio of samples/s against the bf16 store is the goal's (decoding must not slow training:
+at least 0.8).
+
 Also: zarr's own per-sample path (``read_path="zarr"``) for comparison, the writer's samples/s at shape B against
 the bare forward rate of SwinV2-L@1024 on an H100 (10.2 images/s: ``fcache.extract.throughput``) with a profile of
 where the writer's time goes, and (``--headroom``) the loader's samples/s over what ``bifpn:layers=5`` consumes at
 shape B on this machine (``fcache bench --features-only``).
 
 Usage: python benchmarks/read_speed.py [--shapes A,B] [--samples-a 64] [--samples-b 16] [--rounds 3] [--headroom]
+       [--forms int6,int4,int3,int2,bf16m3,pca8 | --forms ""] [--only-forms]
 """
 
 from __future__ import annotations
@@ -70,9 +75,11 @@ def features(rng: np.random.Generator, n: int, c: int, h: int, w: int) -> np.nda
     return torch.from_numpy(x).to(torch.bfloat16).float().numpy()
 
 
-def build(root: Path, name: str, n: int) -> tuple[Path, dict]:
-    """The store of shape ``name`` with n samples; the writer's seconds (and profile, shape B) as it was written."""
+def build(root: Path, name: str, n: int, form: str | None = None) -> tuple[Path, dict]:
+    """The store of shape ``name`` with n samples (in ``form``, default the shape's dtype); the writer's seconds (and
+    profile) as it was written. The features are the same whatever the form."""
     size, levels, dtype, shard = SHAPES[name]
+    dtype = form or dtype
     keys = [f"s{i:06d}" for i in range(n)]
     m = Manifest(
         BackboneInfo("bench", "bench", "random-init", size, 8, tuple(LevelSpec(*lv) for lv in levels)),
@@ -80,12 +87,15 @@ def build(root: Path, name: str, n: int) -> tuple[Path, dict]:
         StorageSpec(dtype=dtype, codec="zstd", shard_size=shard),
         DatasetInfo(SourceConfig("bench", ""), n, keys_digest(keys)),
     )
-    path = root / f"shape{name}.zarr"
-    w = fstore.create(path, m, keys)
+    path = root / f"shape{name}-{dtype}.zarr"
     rng = np.random.default_rng(0)
+    units = layout.units(n, shard)
+    first = {lv.name: features(rng, len(units[0]), *m.level_shape(lv.name)) for lv in m.levels}
+    bases = {lv: DTYPES[dtype].fit(x[:, 0]) for lv, x in first.items()} if DTYPES[dtype].fitted else {}
+    w = fstore.create(path, m, keys, bases=bases)  # a projected form: fitted on the first unit, as extract does
     seconds, profile = 0.0, cProfile.Profile()
     for u in w.units:
-        feats = {lv.name: features(rng, len(u), *m.level_shape(lv.name)) for lv in m.levels}
+        feats = first if u.index == 0 else {lv.name: features(rng, len(u), *m.level_shape(lv.name)) for lv in m.levels}
         status, geometry = np.ones(len(u), np.uint8), np.zeros((len(u), 1, len(GEOMETRY_FIELDS)), np.float32)
         t = time.perf_counter()
         profile.enable()
@@ -115,9 +125,10 @@ def frames(store: fstore.FeatureStore) -> list[tuple[bytes, np.ndarray]]:
 
 
 def stored_bytes(store: fstore.FeatureStore) -> int:
-    """Bytes of one sample-view of every level in the stored dtype, uncompressed."""
-    itemsize = np.dtype(DTYPES[store.manifest.storage.dtype].numpy).itemsize
-    return sum(int(np.prod(store.manifest.level_shape(lv))) for lv in store.level_names) * itemsize
+    """Bytes of one sample-view of every level in the stored form, uncompressed."""
+    m = store.manifest
+    d = {lv: DTYPES[m.storage.form(lv)] for lv in store.level_names}
+    return sum(int(np.prod(d[lv].stored_shape(m.level_shape(lv)))) * d[lv].numpy.itemsize for lv in store.level_names)
 
 
 def raw_decode_mb_s(work: list[tuple[bytes, np.ndarray]], pool: bool) -> float:
@@ -159,6 +170,23 @@ def stored_mb_s(path: Path) -> float:
     return stored_bytes(store) * len(order) / (time.perf_counter() - t) / 1e6
 
 
+def compact_rows(root: Path, name: str, n: int, forms: list[str], rounds: int) -> list[dict]:
+    """Samples/s through the Dataset of the same features in bf16 and in each compact form, and the ratio to bf16."""
+    rows = []
+    base = 0.0
+    for form in ["bf16", *forms]:
+        path, written = build(root, name, n, form)
+        samples_s = max(dataset_mb_s(path, zarr_path=False)[1] for _ in range(rounds))
+        base = base or samples_s
+        disk = sum(layout.disk_bytes(path / layout.FEATURES / lv) + layout.disk_bytes(path / layout.SCALES / lv)
+                   for lv in fstore.open(path).level_names)  # fmt: skip
+        values = n * sum(int(np.prod(fstore.open(path).manifest.level_shape(lv))) for lv in fstore.open(path).level_names)
+        rows.append({"shape": name, "form": form, "bits_per_value": 8 * disk / values, "samples_s": samples_s,
+                     "ratio_vs_bf16": samples_s / base, "write_samples_s": n / written["write_s"]})  # fmt: skip
+        shutil.rmtree(path, ignore_errors=True)
+    return rows
+
+
 def writer_profile(profile: cProfile.Profile, top: int = 10) -> list[str]:
     text = io.StringIO()
     pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(top)
@@ -184,12 +212,18 @@ def main() -> None:
     ap.add_argument("--samples-b", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3, help="Each measurement's best of this many rounds.")
     ap.add_argument("--headroom", action="store_true", help="Also time bifpn:layers=5 at shape B (minutes on a CPU).")
+    ap.add_argument("--forms", default="int6,int4,int3,int2,bf16m3,pca8", help="Compact forms read against bf16 ('' for none).")
+    ap.add_argument("--only-forms", action="store_true", help="Measure only the compact forms against bf16.")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="fcache-read-speed-"))
-    rows, notes = [], {}
+    rows, notes, compact = [], {}, []
     try:
         for name in args.shapes.split(","):
             n = args.samples_a if name == "A" else args.samples_b
+            if args.forms:
+                compact += compact_rows(root, name, n, args.forms.split(","), args.rounds)
+            if args.only_forms:
+                continue
             path, written = build(root, name, n)
             store = fstore.open(path)
             per_sample = stored_bytes(store)
@@ -228,6 +262,12 @@ def main() -> None:
             shutil.rmtree(path, ignore_errors=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    if compact:
+        print(f"compact forms against bf16, the same features through the Dataset ({os.cpu_count()} cores, best of {args.rounds})")
+        print(table(compact, ["shape", "form", "bits_per_value", "samples_s", "ratio_vs_bf16", "write_samples_s"]))
+    if args.only_forms:
+        print(f"results: {save('read_speed', {'args': vars(args), 'compact': compact})}")
+        return
     cols = ["shape", "MB_per_sample", "raw_1t_MB_s", "raw_pool_MB_s", "stored_MB_s", "stored_ratio_vs_raw_pool", "dataset_MB_s",
             "ratio_vs_raw_pool", "zarr_path_MB_s", "zarr_ratio_vs_raw_pool", "write_samples_s", "write_MB_s"]  # fmt: skip
     print(f"read and write speed against raw Blosc decode of the same chunks ({os.cpu_count()} cores, best of {args.rounds})")
@@ -242,7 +282,7 @@ def main() -> None:
                   f"{row['bifpn5_consumes_samples_s']:.3f} consumed by bifpn:layers=5)")  # fmt: skip
     for line in notes.get("writer_profile_B", []):
         print("  " + line)
-    print(f"results: {save('read_speed', {'args': vars(args), 'rows': rows, 'notes': notes})}")
+    print(f"results: {save('read_speed', {'args': vars(args), 'rows': rows, 'notes': notes, 'compact': compact})}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ SCRIPTS = {
     "video_heads": [],
     "distribution": ["--images", "64"],
     "heads_per_pass": ["--sizes", "256", "--rounds", "2"],
-    "read_speed": ["--samples-a", "64", "--samples-b", "8"],
+    "read_speed": ["--samples-a", "64", "--samples-b", "8", "--forms", "int4,int3,pca8"],
     "scale": ["--n", "2000"],  # full COCO-train size: python benchmarks/scale.py --n 10000,40000,118287 (docs/performance.md, "Scale")
 }
 QUICK = {
@@ -36,7 +36,7 @@ QUICK = {
     "heads": ["--configs", "swinv2-t@256:2", "--heads", "fpn:rois=128", "--iters", "1"],
     "heads_per_pass": ["--sizes", "256", "--iters", "4", "--rounds", "1"],
     "distribution": ["--images", "16"],
-    "read_speed": ["--samples-a", "32", "--samples-b", "8", "--rounds", "1"],
+    "read_speed": ["--samples-a", "32", "--samples-b", "8", "--rounds", "1", "--forms", "int4"],
     "scale": ["--n", "500", "--steps", "json_load,validate,create,commit,open,info,verify_fast,to_dask"],
 }
 

@@ -48,7 +48,11 @@ def make_manifest(
 
 
 def sample_features(m: Manifest, i: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Deterministic features of sample i, shaped (V, ...) per level, like normalised backbone outputs."""
+    """Deterministic features of sample i, shaped (V, ...) per level, like normalised backbone outputs. A level stored
+    in a projected form gets features of one direction in channel space (the same for every sample) plus a little noise,
+    which its one component holds."""
+    from fcache.store.dtypes import stored
+
     out = {}
     for k, lv in enumerate(m.levels):
         rng = np.random.default_rng((seed, i, k))
@@ -58,7 +62,28 @@ def sample_features(m: Manifest, i: int, seed: int = 0) -> dict[str, np.ndarray]
         per_c[c_axis] = shape[c_axis]
         scale = rng.uniform(0.2, 3.0, size=per_c)
         shift = rng.normal(0, 0.5, size=per_c)
+        if stored(m.storage.form(lv.name)).fitted:
+            direction = np.random.default_rng((seed, k)).uniform(0.2, 3.0, size=per_c)
+            one = rng.standard_normal((*shape[:-3], 1, *shape[-2:]))
+            out[lv.name] = (one * direction + 0.01 * rng.standard_normal(shape)).astype(np.float32)
+            continue
         out[lv.name] = (rng.standard_normal(shape) * scale + shift).astype(np.float32)
+    return out
+
+
+def fitted_bases(m: Manifest, n: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
+    """The bases of the levels ``m`` stores in projected forms, fitted on the features of its first ``n`` samples."""
+    from fcache.store.dtypes import stored
+
+    out = {}
+    for lv in m.levels:
+        d = stored(m.storage.form(lv.name))
+        if d.fitted:
+            basis = d.fit(
+                np.concatenate([sample_features(m, i, seed)[lv.name] for i in range(n)]).reshape(-1, *m.level_shape(lv.name)[-3:])
+            )
+            assert basis is not None
+            out[lv.name] = basis
     return out
 
 
@@ -89,7 +114,7 @@ def write_all(writer: fstore.StoreWriter, seed: int = 0, failed: tuple[int, ...]
 
 def build_store(path: Path, failed: tuple[int, ...] = (), **kw) -> Path:
     m, keys = make_manifest(**kw)
-    write_all(fstore.create(path, m, keys), failed=failed)
+    write_all(fstore.create(path, m, keys, bases=fitted_bases(m)), failed=failed)
     return path
 
 

@@ -137,3 +137,20 @@ def test_a_field_added_later_changes_no_fingerprint_until_it_is_set():
     rules = {**FINGERPRINT["storage"], "forms": WHEN_SET}
     assert fingerprinted(Later(), rules) == fingerprinted(StorageSpec(), FINGERPRINT["storage"])
     assert fingerprinted(Later(forms=("p5:int4",)), rules)["forms"] == ["p5:int4"]
+
+
+def test_per_level_forms_and_budget_are_fingerprinted_only_when_set():
+    import dataclasses
+
+    from fcache.spec import StorageSpec
+
+    m = _pinned_manifests()["coco"]
+    storage = StorageSpec(forms={"p4": "int3"}, max_error=0.25, measured={"p4": {"rel_rmse": 0.2, "bits": 1.7}})
+    compact = dataclasses.replace(m, storage=storage)
+    assert storage.form("p4") == "int3" and storage.form("p5") == "fp16"
+    assert m.fingerprint == PINNED["coco"] != compact.fingerprint
+    assert compact.differences(m) == ['storage.forms: {"p4": "int3"} != null', "storage.max_error: 0.25 != null"]
+    measured_again = dataclasses.replace(compact, storage=dataclasses.replace(storage, measured={}))
+    assert measured_again.fingerprint == compact.fingerprint  # what was measured is provenance
+    back = Manifest.read(json.loads(json.dumps(compact.to_dict())), "x")
+    assert back.storage == storage and back.fingerprint == compact.fingerprint

@@ -177,19 +177,20 @@ def extract(as_json: bool, **kw: Any) -> None:
 @click.option("--out", type=click.Path(file_okay=False), default="", help="Where the store would go: shows that filesystem's free space.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @user_errors
-def plan(as_json: bool, measure: int, no_run: bool, device_class: str, assume_tflops: float, **kw: Any) -> None:
+def plan(as_json: bool, measure: int, no_run: bool, device_class: str, assume_tflops: float, codecs: bool, **kw: Any) -> None:
     """Show how big a store will be and how long extracting it will take, without writing it.
 
     Takes the same flags as `fcache extract` (--out optional: with it, the plan checks that filesystem's free space
     as extract will). Shapes come from the model built without weights, so even swinv2-g can be planned on a laptop
-    with --no-run.
+    with --no-run. With --codecs, a table per level of every stored form (bits per value, the whole dataset's size,
+    relative RMSE, encode and decode speed, the budgets of --max-error that pick it), measured on the run's samples.
     """
     from fcache.extract.plan import format_plan
     from fcache.extract.plan import plan as make_plan
 
-    how = PlanConfig(measure=measure, no_run=no_run, device_class=device_class, assume_tflops=assume_tflops)
+    how = PlanConfig(measure=measure, no_run=no_run, device_class=device_class, assume_tflops=assume_tflops, codecs=codecs)
     p = make_plan(ExtractConfig.from_flags(**kw), measure=how.measure, no_run=how.no_run, assume_tflops=how.assume_tflops,
-                  device_class=how.device_class)  # fmt: skip
+                  device_class=how.device_class, codecs=how.codecs)  # fmt: skip
     click.echo(json.dumps(p, indent=1) if as_json else format_plan(p))
 
 

@@ -211,11 +211,23 @@ class Preprocessing(Record):
 
 @dataclass(frozen=True)
 class StorageSpec(Record):
-    """How feature bytes are laid out: dtype, codec and shard size along N."""
+    """How feature bytes are laid out: the stored form of each level, codec and shard size along N.
 
-    dtype: str = "fp16"  # fp16 | bf16 | int8 | fp32
+    ``dtype`` is the form of every level not named in ``forms`` (a row of ``fcache.store.dtypes.DTYPES`` each);
+    ``max_error`` the relative RMSE budget the forms were chosen for (``--max-error``), and ``measured`` what the
+    choice measured per level on the first unit (``rel_rmse``, ``bits`` per stored value with side data).
+    """
+
+    dtype: str = "fp16"  # fp16 | bf16 | int8 | fp32 | the compact forms of fcache.store.dtypes
     codec: str = "zstd"  # zstd | zstd:LEVEL | lz4 | none
     shard_size: int = 16
+    forms: dict[str, str] = field(default_factory=dict)  # level -> form, where it differs from dtype
+    max_error: float | None = None
+    measured: dict[str, dict[str, float]] = field(default_factory=dict)  # level -> {"rel_rmse": ..., "bits": ...}
+
+    def form(self, level: str) -> str:
+        """The stored form of ``level``."""
+        return self.forms.get(level, self.dtype)
 
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default MAX_IMAGE_PIXELS (~ 9459 x 9459)
@@ -364,7 +376,11 @@ FINGERPRINT: dict[str, Any] = {
     "preprocessing": dict.fromkeys(
         ("mean", "std", "resize", "views", "view_scale", "view_flip", "test_views", "seed", "frames", "clips", "crops"), ALWAYS
     ),
-    "storage": dict.fromkeys(("dtype", "codec", "shard_size"), ALWAYS),
+    "storage": {
+        **dict.fromkeys(("dtype", "codec", "shard_size"), ALWAYS),
+        **dict.fromkeys(("forms", "max_error"), WHEN_SET),
+        "measured": NEVER,  # what the choice measured, not what the bytes are
+    },
     "dataset": {
         **dict.fromkeys(("n", "digest", "task", "label_names"), ALWAYS),
         "source": {

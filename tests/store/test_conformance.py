@@ -7,6 +7,7 @@ store through the object-storage backend.
 from __future__ import annotations
 
 import json
+import math
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,8 +21,8 @@ from fcache import store as fstore
 from fcache.cli import main
 from fcache.spec import Status
 from fcache.store.dtypes import DTYPES as STORED
-from fcache.store.dtypes import bf16_bits_to_float32
-from helpers import decoded, make_manifest, sample_features, write_all
+from fcache.store.dtypes import bf16_bits_to_float32, decode
+from helpers import decoded, fitted_bases, make_manifest, sample_features, write_all
 
 
 def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -39,6 +40,7 @@ class StoreConformance:
     views = 2
     failed = (3,)
     location = "local"  # or "s3"
+    input_size = 64
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -47,8 +49,10 @@ class StoreConformance:
             path = request.getfixturevalue(f"{cls.location}_server").bucket() + "/s.zarr"
         else:
             path = tmp_path_factory.mktemp("store") / "s.zarr"
-        m, keys = make_manifest(n=10, dtype=cls.dtype, codec=cls.codec, shard_size=4, views=cls.views, frames=cls.frames)
-        write_all(fstore.create(path, m, keys), failed=cls.failed)
+        m, keys = make_manifest(
+            n=10, dtype=cls.dtype, codec=cls.codec, shard_size=4, views=cls.views, frames=cls.frames, input_size=cls.input_size
+        )
+        write_all(fstore.create(path, m, keys, bases=fitted_bases(m)), failed=cls.failed)
         return path, m
 
     def expected(self, m, i):
@@ -97,6 +101,10 @@ class StoreConformance:
             assert raw.dtype == np.int8 and np.abs(raw).max() == 127
             scales = np.asarray(s.array(f"scales/{s.level_names[0]}")[0])
             assert scales.shape == raw.shape[:-2]
+        elif STORED[self.dtype].per_byte > 1:  # packed along W: the stored width is W over the values per byte, rounded up
+            per_byte = STORED[self.dtype].per_byte
+            assert raw.shape == (*x.shape[:-1], -(-x.shape[-1] // per_byte))
+            assert s.array(f"features/{s.level_names[0]}").attrs["shape"] == list(x.shape[1:])
         assert raw.dtype == ROWS[self.dtype].raw
 
     def test_statuses_and_failed_samples(self, built):
@@ -168,12 +176,16 @@ class StoreConformance:
         scales = xr.open_zarr(path, group="scales", consolidated=False) if STORED[self.dtype].scaled else None
         for lv in s.level_names:
             time = ("time",) if self.frames else ()
-            assert features[lv].dims == ("sample", "view", *time, f"channel_{lv}", f"y_{lv}", f"x_{lv}")
+            x = f"x_{lv}_packed" if STORED[self.dtype].per_byte > 1 else f"x_{lv}"
+            c = f"component_{lv}" if STORED[self.dtype].fitted else f"channel_{lv}"
+            assert features[lv].dims == ("sample", "view", *time, c, f"y_{lv}", x)
             raw = features[lv].values
             np.testing.assert_array_equal(raw, np.asarray(s.array(f"features/{lv}")[:]))
-            if self.dtype == "bf16":  # raw 16 bits, as stored
-                continue
-            values = raw.astype(np.float32) * (scales[lv].values[..., None, None] if scales is not None else 1)
+            if self.dtype in ("fp16", "fp32", "int8"):  # plain numbers (x per-channel scales)
+                values = raw.astype(np.float32) * (scales[lv].values[..., None, None] if scales is not None else 1)
+            else:  # raw bits, packed values: decoded by the form's table row
+                side = None if scales is None else scales[lv].values
+                values = decode(raw, self.dtype, side, s.manifest.level_shape(lv)[-1], s.bases.get(lv))
             for i in s.ok_indices:
                 np.testing.assert_array_equal(values[i], s.read(lv, int(i)))
         samples = xr.open_zarr(path, group="samples", consolidated=False)
@@ -192,7 +204,8 @@ class StoreConformance:
         assert p2["name"] == "p2" and p2["shape"] == [10, self.views, *m.level_shape("p2")]
         assert p2["disk_bytes"] > 0 and p2["compression_ratio"] > 0
         err = p2["quantisation_error"]
-        assert (err == 0) if self.dtype == "fp32" else (0 < err < 0.01)
+        assert (err == 0) if self.dtype == "fp32" else (0 < err < max(0.01, ROWS[self.dtype].rel_rmse))
+        assert p2["form"] == self.dtype and p2["bits_per_value"] == pytest.approx(8 * p2["disk_bytes"] / math.prod(p2["shape"]))
         text = CliRunner().invoke(main, ["info", str(path)]).output
         assert "p5" in text and "3/3 committed" in text
 
@@ -228,6 +241,12 @@ ROWS = {
     "fp16": Row(np.float16, lambda v: v.astype(np.float16).astype(np.float32)),
     "bf16": Row(np.uint16, lambda v: bf16_bits_to_float32(float32_to_bf16_bits(v))),  # raw 16 bits
     "int8": Row(np.int8, None, rel_rmse=0.01),  # symmetric per-channel scales
+    "bf16m3": Row(np.uint16, None, rel_rmse=0.0625),  # every value within 2**-4 of itself
+    "int6": Row(np.int8, None, rel_rmse=0.05),
+    "int4": Row(np.uint8, None, rel_rmse=0.2),  # two values per byte
+    "int3": Row(np.uint8, None, rel_rmse=0.35),  # two values per byte
+    "int2": Row(np.uint8, None, rel_rmse=0.6),  # four values per byte
+    **{f"pca{r}": Row(np.int8, None, rel_rmse=0.05) for r in (4, 8, 16, 32)},  # features of one direction: int6's rounding
 }
 DTYPES = tuple(STORED)
 
@@ -237,13 +256,15 @@ def test_every_stored_dtype_has_conformance_rows():
 
 
 CODECS = ("zstd", "zstd:7", "lz4", "none")
-S3_ROWS = {("fp16", "zstd"), ("int8", "zstd"), ("bf16", "none")}  # ~20 s each on moto: the default, a scaled and a raw dtype
+S3_ROWS = {("fp16", "zstd"), ("int8", "zstd"), ("bf16", "none"), ("int4", "zstd")}  # ~20 s each on moto: the default, scaled, raw, packed
 for _location, _prefix in (("local", "TestStore"), ("s3", "TestS3Store")):
     for _dtype in DTYPES:
         for _codec in CODECS:
             for _frames in (None, 3):
                 _name = f"{_prefix}_{_dtype}_{_codec.replace(':', '')}_{'video' if _frames else 'image'}"
                 _attrs = {"dtype": _dtype, "codec": _codec, "frames": _frames, "location": _location}
+                if STORED[_dtype].per_byte > 1:
+                    _attrs["input_size"] = 72  # maps 18, 9, 5 and 3 wide: packed rows end in a padded byte
                 _cls = type(_name, (StoreConformance,), _attrs)
                 if _location == "s3" and (_dtype, _codec) not in S3_ROWS:
                     continue  # the decoding is the local rows' (the same direct read path); S3 rows cover the backend

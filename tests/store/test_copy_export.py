@@ -65,7 +65,17 @@ def test_copy_refuses_a_damaged_source_and_a_foreign_destination(tmp_path, s3_bu
     assert open_backend(s3_bucket + "/other").get("precious.txt") == b"x"
 
 
-@pytest.mark.parametrize("dtype", ["int8", "bf16"])
+def test_copy_keeps_a_projected_forms_basis(tmp_path):
+    src = build_store(tmp_path / "s.zarr", n=6, shard_size=2, dtype="pca8")
+    r = CliRunner().invoke(main, ["copy", str(src), str(tmp_path / "c.zarr")])
+    assert r.exit_code == 0, r.output
+    copied = fstore.open(tmp_path / "c.zarr")
+    np.testing.assert_array_equal(copied.bases["p5"], fstore.open(src).bases["p5"])
+    for k, v in decoded(src).items():
+        np.testing.assert_array_equal(decoded(tmp_path / "c.zarr")[k], v)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bf16", "int3", "pca8"])
 def test_export_wds_reads_back_as_the_store_does(tmp_path, s3_bucket, dtype):
     src = build_store(tmp_path / "s.zarr", n=9, shard_size=4, views=2, dtype=dtype, failed=(3,))
     out = s3_bucket + "/wds"

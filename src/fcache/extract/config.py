@@ -20,6 +20,7 @@ from fcache.store.access import StoreAccess
 
 LEVELS = tuple(LEVEL_NAMES.values())
 DEFAULT_LEVELS = ("p2", "p3", "p4", "p5")
+DEFAULT_DTYPE = "fp16"
 
 
 def parse_levels(text: str) -> tuple[str, ...]:
@@ -62,7 +63,12 @@ class ExtractConfig(StoreAccess):
                        show_default=False, min=0)  # fmt: skip
     levels: tuple[str, ...] = flag(DEFAULT_LEVELS, "Levels to store (p2..p5 = strides 4..32).", parse=parse_levels,
                                    text_default=",".join(DEFAULT_LEVELS))  # fmt: skip
-    dtype: str = flag("fp16", "Stored feature dtype.", choices="fcache.store.dtypes:DTYPES")
+    dtype: str = flag(DEFAULT_DTYPE, "Stored form of every level (compact forms: docs/store-format.md).",
+                      choices="fcache.store.dtypes:DTYPES")  # fmt: skip
+    max_error: float | None = flag(
+        None, "Relative RMSE budget per level: each level is stored in the smallest form within it, measured on the first "
+        "unit (instead of --dtype).", show_default=False, above=0, below=1,
+    )  # fmt: skip
     codec: str = flag("zstd", "zstd, zstd:LEVEL (1-9), lz4 or none; CRC32C always.")
     shard_size: int = flag(16, "Samples per shard (= unit of work).", min=1, max=65536)
     views: int = flag(1, "Training views per sample (>1: seeded random resize-crop).", min=1, max=1024)
@@ -110,6 +116,8 @@ class ExtractConfig(StoreAccess):
         from fcache.store.dtypes import check_dtype
 
         check_dtype(self.dtype)
+        if self.max_error is not None and self.dtype != DEFAULT_DTYPE:
+            raise InputError(f"--dtype {self.dtype} and --max-error: --max-error chooses every level's form; give one of them")
         parse_codec(self.codec)
         try:
             check_levels(tuple(self.levels))
@@ -156,6 +164,8 @@ class PlanConfig:
     assume_tflops: float = flag(
         100.0, "Sustained TFLOP/s for the --no-run time estimate where no throughput was measured.", above=0, max=1e7
     )
+    codecs: bool = flag(False, "A table per level of every stored form, measured on the run's samples (--no-run: raw sizes).",
+                        show_default=False)  # fmt: skip
 
     def __post_init__(self) -> None:
         check_flags(self)

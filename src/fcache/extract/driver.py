@@ -30,6 +30,7 @@ from fcache.common.devices import resolve_device
 from fcache.common.errors import InputError, Interrupted, LeaseHeld
 from fcache.extract import space
 from fcache.extract.backbones import Backbone, build_backbone, default_window
+from fcache.extract.choose import chosen_storage, existing_manifest
 from fcache.extract.config import ExtractConfig
 from fcache.extract.sources import build_source
 from fcache.extract.sources.base import SampleRef, Source, write_driver_targets
@@ -128,11 +129,15 @@ def run_extract(cfg: ExtractConfig, show_progress: bool = False) -> ExtractSumma
     target = cfg.target()
     # a cluster's workers build their own backbones: the driver's, for the manifest only, stays off the GPUs
     source, refs, backbone, manifest = prepare(dataclasses.replace(cfg, device="cpu") if target else cfg)
+    # each level's form measured on the first unit for --max-error, projected forms fitted (or the resumed store's)
+    resumed = existing_manifest(open_backend(cfg.out, cfg.options()), cfg.overwrite)
+    storage, bases = chosen_storage(source, refs, backbone, manifest, cfg.max_error, existing=resumed, batch_size=cfg.batch_size)
+    manifest = dataclasses.replace(manifest, storage=storage)
     if not cfg.no_space_check:  # before anything is created
         existing = layout.disk_bytes(cfg.out) if cfg.overwrite and "://" not in cfg.out and fstore_exists(cfg.out) else 0
         space.check_space(cfg.out, manifest, space.needed(cfg.out, manifest, overwrite=cfg.overwrite), freed=existing)
     try:
-        with _leased_store(cfg, source, refs, manifest) as writer:
+        with _leased_store(cfg, source, refs, manifest, bases) as writer:
             pending = writer.pending()
             n = sum(len(u) for u in pending)
             stats = _Stats()
@@ -175,7 +180,9 @@ def interrupted_message(backend: Backend) -> str:
 
 
 @contextlib.contextmanager
-def _leased_store(cfg: ExtractConfig, source: Source, refs: list[SampleRef], manifest: Manifest) -> Iterator[fstore.StoreWriter]:
+def _leased_store(
+    cfg: ExtractConfig, source: Source, refs: list[SampleRef], manifest: Manifest, bases: dict[str, Any]
+) -> Iterator[fstore.StoreWriter]:
     """Create or reopen the store under this driver's lease, taken before anything is replaced and held to the end.
 
     On local disk a new store appears by a rename, so its lease is taken once it exists; in object storage the lease
@@ -190,7 +197,7 @@ def _leased_store(cfg: ExtractConfig, source: Source, refs: list[SampleRef], man
         try:
             writer = fstore.create(
                 backend, manifest, [r.key for r in refs], targets=source.target_specs(), target_attrs=source.target_attrs(),
-                overwrite=cfg.overwrite,
+                overwrite=cfg.overwrite, bases=bases,
             )  # fmt: skip
         except OSError as e:
             if not existed and (isinstance(e, FileExistsError) or e.errno in (errno.EEXIST, errno.ENOTEMPTY)) and fstore_exists(backend):
@@ -271,7 +278,7 @@ def _pipeline(cfg: ExtractConfig, source: Source, refs: list[SampleRef], backbon
         collate_fn=_as_is,
     )
     assembler = UnitAssembler(m, pending)
-    batcher = Batcher(backbone, assembler, cfg.batch_size)
+    batcher = Batcher(backbone, assembler, cfg.batch_size, writer.bases)
     writers = _Writers(writer, stats, cfg.writers or default_writers())
     t_start = time.perf_counter()
     try:

@@ -155,7 +155,7 @@ def _extract_unit(workers: UnitWorkers, unit: Unit, refs: list[SampleRef]) -> Un
         torch.set_num_threads(job.torch_threads)
     workers.pool()  # decode processes start while the backbone is built
     assembler = UnitAssembler(writer.manifest, [unit])
-    batcher = Batcher(workers.backbone(), assembler, job.batch_size)
+    batcher = Batcher(workers.backbone(), assembler, job.batch_size, writer.bases)
     decode_wait, t = 0.0, time.perf_counter()
     items = workers.decode([(unit.start + j, ref) for j, ref in enumerate(refs)])
     try:

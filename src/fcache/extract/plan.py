@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fcache.extract import space
+from fcache.extract import plan_forms, space
 from fcache.extract.config import ExtractConfig
 from fcache.extract.sources import build_source
 from fcache.extract.throughput import THROUGHPUT
@@ -26,9 +26,13 @@ if TYPE_CHECKING:
 
 
 def plan(
-    cfg: ExtractConfig, *, measure: int = 4, no_run: bool = False, assume_tflops: float = 100.0, device_class: str = "h100"
-) -> dict[str, Any]:
+    cfg: ExtractConfig, *, measure: int = 4, no_run: bool = False, assume_tflops: float = 100.0, device_class: str = "h100",
+    codecs: bool = False,
+) -> dict[str, Any]:  # fmt: skip
     """Per-level sizes, totals and a time estimate for extracting ``cfg``; writes nothing outside a temp folder.
+
+    With ``codecs`` (or ``--max-error``), every stored form measured per level (``fcache.extract.plan_forms``); the
+    sizes are those of ``--dtype``, or of the forms ``--max-error`` picks.
 
     The flags and the dataset's metadata are checked before torch is imported: parsing a COCO-train json peaks at its
     text plus its objects, and that peak then does not sit on top of torch's memory.
@@ -41,6 +45,8 @@ def plan(
 
     _, refs, backbone, manifest = prepare(cfg, meta=True, source=source)
     n, views = len(refs), manifest.num_views
+    forms = plan_forms.measure_forms(cfg, min(measure, n), n) if not no_run and (codecs or cfg.max_error is not None) else None
+    manifest = plan_forms.with_picks(manifest, forms, cfg.max_error)
     images_per_sample = views * (manifest.preprocessing.frames or 1)
     per_level = space.level_bytes(manifest)
     levels = [
@@ -58,6 +64,8 @@ def plan(
         "input_size": cfg.input_size,
         "window": manifest.backbone.window,
         "dtype": cfg.dtype,
+        "forms": {lv.name: manifest.storage.form(lv.name) for lv in manifest.levels},
+        "max_error": cfg.max_error,
         "codec": cfg.codec,
         "samples": n,
         "views": views,
@@ -77,8 +85,12 @@ def plan(
             "seconds_per_image": 1 / measured.pipeline_img_s,
             "throughput": dataclasses.asdict(measured),
         }
-    if not no_run:
+    if forms is not None:
+        out |= plan_forms.measured(manifest, forms)
+    elif not no_run:
         out |= _measure(cfg, min(measure, n))
+    if codecs:
+        out["forms_table"] = plan_forms.table(manifest, forms["forms"] if forms else None, plan_forms.budgets(cfg.max_error))
     ratio = out.get("compression_ratio")
     out["compressed_total_bytes"] = out["total_bytes"] / ratio if ratio else None
     out["total_seconds"] = out["seconds_per_image"] * images_per_sample * n
@@ -117,8 +129,9 @@ def _measure(cfg: ExtractConfig, k: int) -> dict[str, Any]:
 
 
 def format_plan(p: dict[str, Any]) -> str:
+    stored = p["dtype"] if p["max_error"] is None else ", ".join(f"{lv} {f}" for lv, f in p["forms"].items())
     lines = [
-        f"{p['model']} @ {p['input_size']}px, {p['dtype']} / {p['codec']}: {p['samples']} samples x {p['views']} views "
+        f"{p['model']} @ {p['input_size']}px, {stored} / {p['codec']}: {p['samples']} samples x {p['views']} views "
         f"({p['images_per_sample']} backbone images each)",
         "",
         f"{'level':6s} {'shape':>22s} {'per sample':>12s} {'total':>10s}",
@@ -139,6 +152,8 @@ def format_plan(p: dict[str, Any]) -> str:
         lines.append("smaller: " + ", ".join(f"{flag} {human(b)}" for flag, b in p["alternatives"].items()))
     if "out" in p:
         lines.append(_space_line(p))
+    if "forms_table" in p:
+        lines += plan_forms.format_forms(p) + [""]
     lines.append(f"backbone: {_count(p['backbone_params'])} parameters, {p['gflops_per_image']:.1f} GFLOPs per image, window {p['window']}")
     lines.append(f"time: {p['seconds_per_image'] * 1e3:.1f} ms per image ({_how(p)}), about {_duration(p['total_seconds'])} in all")
     return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 One arithmetic for ``fcache plan`` (which prints it) and ``fcache extract`` (which refuses to start, exit code 2, when
 the estimate exceeds the free space, unless ``--no-space-check``): bytes per sample = views x the stored bytes of each
-level's map (+ int8's float32 scales per channel). The estimate is the raw size, or the compressed size where a
+level's map in its stored form (+ the scales per channel of the scaled forms). The estimate is the raw size, or the compressed size where a
 compression ratio was measured (``plan``'s trial run, or the committed units of a store being resumed).
 """
 
@@ -24,13 +24,12 @@ SMALLER_DTYPE = "int8"
 
 
 def level_bytes(manifest: Manifest, dtype: str | None = None) -> dict[str, int]:
-    """Stored bytes of one sample (all its views) per level, in ``dtype`` (default: the manifest's)."""
-    d = stored(dtype or manifest.storage.dtype)
+    """Stored bytes of one sample (all its views) per level, in ``dtype`` (default: each level's form in the manifest)."""
     out = {}
     for lv in manifest.levels:
-        shape = manifest.level_shape(lv.name)
-        per_view = math.prod(shape) * d.numpy.itemsize + (math.prod(shape[:-2]) * 4 if d.scaled else 0)
-        out[lv.name] = per_view * manifest.num_views
+        d, shape = stored(dtype or manifest.storage.form(lv.name)), manifest.level_shape(lv.name)
+        side = math.prod(d.side_shape(shape)) * d.side.itemsize if d.side is not None else 0
+        out[lv.name] = (math.prod(d.stored_shape(shape)) * d.numpy.itemsize + side) * manifest.num_views
     return out
 
 
@@ -61,8 +60,9 @@ def alternatives(manifest: Manifest, samples: int, ratio: float | None) -> dict[
     kept = [name for name in per_level if name in SMALLER_LEVELS]
     if kept and len(kept) < len(per_level):
         out[f"--levels {','.join(kept)}"] = round(sum(per_level[n] for n in kept) * samples * scale)
-    if manifest.storage.dtype != SMALLER_DTYPE:
-        out[f"--dtype {SMALLER_DTYPE}"] = round(sum(level_bytes(manifest, SMALLER_DTYPE).values()) * samples * scale)
+    smaller = round(sum(level_bytes(manifest, SMALLER_DTYPE).values()) * samples * scale)
+    if smaller < sum(per_level.values()) * samples * scale:
+        out[f"--dtype {SMALLER_DTYPE}"] = smaller
     return out
 
 

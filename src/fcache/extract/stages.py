@@ -118,7 +118,7 @@ def view_images(d: Decoded, key: str, m: Manifest, only: int | None = None) -> t
 
 @dataclass
 class UnitPayload:
-    """Everything ``StoreWriter.write_unit`` needs for one unit; features already in the store's dtype."""
+    """Everything ``StoreWriter.write_unit`` needs for one unit; features already in their levels' stored forms."""
 
     unit: Unit
     features: dict[str, Encoded]
@@ -143,12 +143,12 @@ class UnitAssembler:
     def _payload(self, u: int) -> UnitPayload:
         if u not in self.open:
             unit, m = self.todo[u], self.m
-            n_u, v, dtype = len(unit), m.num_views, stored(m.storage.dtype)
+            n_u, v = len(unit), m.num_views
             feats = {}
             for lv in m.levels:
-                shape = (n_u, v, *m.level_shape(lv.name))
-                scales = np.zeros(shape[:-2], np.float32) if dtype.scaled else None
-                feats[lv.name] = Encoded(np.zeros(shape, dtype.numpy), scales, np.zeros(n_u), np.zeros(n_u))
+                d, shape = stored(m.storage.form(lv.name)), (n_u, v, *m.level_shape(lv.name))
+                scales = np.zeros(d.side_shape(shape), d.side) if d.side is not None else None
+                feats[lv.name] = Encoded(np.zeros(d.stored_shape(shape), d.numpy), scales, np.zeros(n_u), np.zeros(n_u))
             self.open[u] = UnitPayload(unit, feats, np.zeros(n_u, np.uint8), np.zeros((n_u, v, len(GEOMETRY_FIELDS)), np.float32))
         return self.open[u]
 
@@ -196,9 +196,10 @@ class Batcher:
     Shared by the in-process pipeline and the cluster's unit tasks. ``images`` and ``seconds`` count the forwards.
     """
 
-    def __init__(self, backbone: Backbone, assembler: UnitAssembler, batch_size: int) -> None:
+    def __init__(self, backbone: Backbone, assembler: UnitAssembler, batch_size: int, bases: dict[str, np.ndarray] | None = None) -> None:
         self.backbone, self.assembler, self.size = backbone, assembler, batch_size
-        self.dtype = assembler.m.storage.dtype
+        self.storage = assembler.m.storage
+        self.bases: dict[str, Any] = dict(bases or {})  # a projected form's basis, moved to the device at first use
         self.waiting: list[tuple[int, int, torch.Tensor]] = []  # (sample index, image k, (3, S, S))
         self.images = 0
         self.seconds = 0.0
@@ -217,7 +218,11 @@ class Batcher:
             return
         t = time.perf_counter()
         feats = self.backbone.forward(torch.stack([img for _, _, img in self.waiting]))  # level -> (B, C, H, W) on the device
-        encoded = {name: encode(f, self.dtype, name) for name, f in feats.items()}  # on the device, then to the host
+        for name, b in self.bases.items():
+            if isinstance(b, np.ndarray):
+                self.bases[name] = torch.from_numpy(b).to(feats[name].device)
+        # on the device, then to the host
+        encoded = {name: encode(f, self.storage.form(name), name, basis=self.bases.get(name)) for name, f in feats.items()}
         self.seconds += time.perf_counter() - t
         self.images += len(self.waiting)
         for b, (i, k, _) in enumerate(self.waiting):

@@ -162,13 +162,13 @@ def _check_unit(
 
 
 def _decode_level(store: FeatureStore, level: str, unit: layout.Unit, shard: str, span: tuple[int, int]) -> list[Problem]:
-    dtype = store.manifest.storage.dtype
+    form = store.manifest.storage.form(level)
     try:
         values = np.asarray(store.array(f"{layout.FEATURES}/{level}")[unit.start : unit.stop])
-        scales = np.asarray(store.array(f"{layout.SCALES}/{level}")[unit.start : unit.stop]) if stored(dtype).scaled else None
+        scales = np.asarray(store.array(f"{layout.SCALES}/{level}")[unit.start : unit.stop]) if stored(form).scaled else None
     except (ValueError, RuntimeError) as e:
         return [Problem("decode", shard, f"does not decode ({e})", span)]
-    x = decode(values, dtype, scales)
+    x = decode(values, form, scales, store.width(level), store.bases.get(level))
     bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
     if bad.any():
         idx = np.flatnonzero(bad) + unit.start

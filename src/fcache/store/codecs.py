@@ -1,8 +1,10 @@
-"""Codecs of feature chunks: Blosc (zstd, zstd:LEVEL, lz4, or none) with the dtype's shuffle, then CRC32C always."""
+"""Codecs of feature chunks: Blosc (zstd, zstd:LEVEL, lz4, or none) with the form's shuffle, then CRC32C always."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import numpy as np
 
 from fcache.common.errors import InputError
 from fcache.store.dtypes import stored
@@ -31,5 +33,26 @@ def chunk_codecs(spec: str, dtype: str) -> list[Any]:
     if name == "none":
         return crc
     d = stored(dtype)
-    shuffle = BloscShuffle.bitshuffle if d.bitshuffle else BloscShuffle.shuffle
+    shuffle = {"bit": BloscShuffle.bitshuffle, "byte": BloscShuffle.shuffle, "none": BloscShuffle.noshuffle}[d.shuffle]
     return [BloscCodec(cname=name, clevel=level, shuffle=shuffle, typesize=d.numpy.itemsize), *crc]  # type: ignore[arg-type]
+
+
+CHUNK_OVERHEAD = 4 + 16  # bytes per stored chunk beside its data: its CRC32C and its entry in the shard index
+
+
+def blosc_of(spec: str, dtype: str) -> Any:
+    """The numcodecs Blosc that compresses chunks of ``dtype`` as ``chunk_codecs(spec, dtype)`` does; None for ``none``."""
+    from numcodecs import Blosc
+
+    name, level = parse_codec(spec)
+    if name == "none":
+        return None
+    shuffle = {"bit": Blosc.BITSHUFFLE, "byte": Blosc.SHUFFLE, "none": Blosc.NOSHUFFLE}[stored(dtype).shuffle]
+    return Blosc(cname=name, clevel=level, shuffle=shuffle)
+
+
+def side_bytes(side: np.ndarray) -> int:
+    """Bytes of side data (scales) in a store: zarr's default codec for them (zstd), one chunk per unit."""
+    from numcodecs import Zstd
+
+    return len(Zstd(level=0).encode(np.ascontiguousarray(side)))

@@ -2,7 +2,7 @@
 
 The manifest decides how every byte is read (which levels, how many views, which dtype, how big each map is).
 A manifest edited after the fact (a level's channels, ``preprocessing.views``, ``input_size``, ``dataset.n``,
-``storage.shard_size``, ``storage.dtype``) or an array removed would make readers decode the wrong geometry or
+``storage.shard_size``, ``storage.dtype`` or ``storage.forms``) or an array removed would make readers decode the wrong geometry or
 crash. Every reader refuses such a store with the first problem (``FeatureStore``), and ``fcache verify`` lists all
 of them. Only array metadata is read (a few small JSON files), never a chunk.
 """
@@ -23,9 +23,13 @@ def manifest_problems(root: str | Path | Backend, m: Manifest) -> list[tuple[str
     backend = open_backend(root)
     out: list[tuple[str, str]] = []
     try:
-        dtype = stored(m.storage.dtype)
+        forms = {lv.name: stored(m.storage.form(lv.name)) for lv in m.levels}
+        stored(m.storage.dtype)
     except InputError as e:
-        return [("storage.dtype", str(e))]
+        return [("storage.forms" if m.storage.forms else "storage.dtype", str(e))]
+    unknown = sorted(set(m.storage.forms) - {lv.name for lv in m.levels})
+    if unknown:
+        out.append(("storage.forms", f"names level {unknown[0]}, which the store does not hold"))
     s, n, v = m.storage.shard_size, m.dataset.n, m.num_views
     for name, value, minimum in (
         ("storage.shard_size", s, 1),
@@ -44,10 +48,13 @@ def manifest_problems(root: str | Path | Backend, m: Manifest) -> list[tuple[str
         return out
     wanted: dict[str, tuple[tuple[int, ...], object, tuple[int, ...] | None]] = {}
     for lv in m.levels:
-        shape = m.level_shape(lv.name)
-        wanted[f"{layout.FEATURES}/{lv.name}"] = ((n, v, *shape), dtype.numpy, (s, v, *shape))
-        if dtype.scaled:
-            wanted[f"{layout.SCALES}/{lv.name}"] = ((n, v, *shape[:-2]), "float32", None)
+        d, shape = forms[lv.name], m.level_shape(lv.name)
+        wanted[f"{layout.FEATURES}/{lv.name}"] = ((n, v, *d.stored_shape(shape)), d.numpy, (s, v, *d.stored_shape(shape)))
+        if d.side is not None:
+            wanted[f"{layout.SCALES}/{lv.name}"] = ((n, v, *d.side_shape(shape)), d.side, None)
+        basis = d.basis_shape(lv.channels)
+        if basis is not None:
+            wanted[f"{layout.BASIS}/{lv.name}"] = (basis, "float32", None)
     wanted[layout.STATUS] = ((n,), "uint8", None)
     wanted[layout.GEOMETRY] = ((n, v, len(GEOMETRY_FIELDS)), "float32", None)
     wanted[layout.KEYS] = ((n,), None, None)

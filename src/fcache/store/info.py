@@ -13,38 +13,21 @@ from fcache.store.dtypes import stored
 
 
 def describe(path: str | Path | Backend, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Manifest, per-level shapes and sizes, status counts and quantisation error, as plain data."""
+    """Manifest, per-level forms, shapes and sizes, status counts and quantisation error, as plain data.
+
+    Per level: ``form``; ``disk_bytes`` (values, scales and side data); ``bits_per_value``, those bytes over the values
+    of the committed samples; ``quantisation_error``, the relative RMSE measured while writing; ``chosen``, what the
+    ``--max-error`` choice measured on the first unit (``rel_rmse``, ``bits``), or None."""
     from fcache.store.reader import FeatureStore  # here: ``human`` is imported by light modules (no torch)
 
     store = FeatureStore(path, storage_options=storage_options)
     stored_bytes = store.backend.listing()
     m = store.manifest
     committed = sum(rec.samples for rec in store.ledger.values())
-    dtype = stored(m.storage.dtype)
-    itemsize = dtype.numpy.itemsize
-    levels: list[dict[str, Any]] = []
-    for lv in store.levels:
-        shape = m.level_shape(lv.name)
-        disk = _bytes_under(stored_bytes, f"{layout.FEATURES}/{lv.name}")
-        if dtype.scaled:
-            disk += _bytes_under(stored_bytes, f"{layout.SCALES}/{lv.name}")
-        raw = committed * store.num_views * math.prod(shape) * itemsize
-        levels.append(
-            {
-                "name": lv.name,
-                "channels": lv.channels,
-                "stride": lv.stride,
-                "shape": [m.dataset.n, store.num_views, *shape],
-                "dtype": m.storage.dtype,
-                "disk_bytes": disk,
-                "raw_bytes": raw,
-                "bytes_per_sample": disk / committed if committed else 0.0,
-                "compression_ratio": raw / disk if disk else 0.0,
-                "quantisation_error": store.quantisation_error.get(lv.name),
-            }
-        )
+    levels = [_level(store, lv.name, committed, stored_bytes) for lv in store.levels]
     disk_total = sum(lv["disk_bytes"] for lv in levels)
     raw_total = sum(lv["raw_bytes"] for lv in levels)
+    values_total = sum(8 * lv["disk_bytes"] / lv["bits_per_value"] for lv in levels if lv["bits_per_value"])
     return {
         "store": str(store.root),
         "manifest": store.attrs,
@@ -57,7 +40,39 @@ def describe(path: str | Path | Backend, storage_options: Mapping[str, Any] | No
         "disk_bytes": disk_total,
         "store_bytes": sum(stored_bytes.values()),
         "compression_ratio": raw_total / disk_total if disk_total else 0.0,
+        "bits_per_value": 8 * disk_total / values_total if values_total else 0.0,
+        "max_error": m.storage.max_error,
         "targets": list(store.target_names),
+    }
+
+
+def _level(store: Any, level: str, committed: int, stored_bytes: Mapping[str, int]) -> dict[str, Any]:
+    """One level's row of ``describe``: its form, bytes (values, scales, basis), bits per value and errors."""
+    m = store.manifest
+    lv, form = m.level(level), m.storage.form(level)
+    d, shape = stored(form), m.level_shape(level)
+    disk = _bytes_under(stored_bytes, f"{layout.FEATURES}/{level}")
+    if d.scaled:
+        disk += _bytes_under(stored_bytes, f"{layout.SCALES}/{level}")
+    if d.fitted:
+        disk += _bytes_under(stored_bytes, f"{layout.BASIS}/{level}")
+    values = committed * store.num_views * math.prod(shape)
+    side = math.prod(d.side_shape(shape)) * d.side.itemsize if d.side is not None else 0
+    raw = committed * store.num_views * (math.prod(d.stored_shape(shape)) * d.numpy.itemsize + side)
+    return {
+        "name": level,
+        "channels": lv.channels,
+        "stride": lv.stride,
+        "shape": [m.dataset.n, store.num_views, *shape],
+        "form": form,
+        "dtype": form,
+        "disk_bytes": disk,
+        "raw_bytes": raw,
+        "bytes_per_sample": disk / committed if committed else 0.0,
+        "bits_per_value": 8 * disk / values if values else 0.0,
+        "compression_ratio": raw / disk if disk else 0.0,
+        "quantisation_error": store.quantisation_error.get(level),
+        "chosen": m.storage.measured.get(level),
     }
 
 
@@ -70,21 +85,35 @@ def format_info(d: dict[str, Any]) -> str:
         f"backbone   {bb['alias']} ({bb['timm_name']}) @ {bb['input_size']}px, weights {bb['weights'][:16]}",
         f"dataset    {src['kind']} {src.get('split', '')}  {d['samples']} samples x {d['views']} views",
         f"targets    {', '.join(d['targets']) or '-'}",
-        f"storage    {st['dtype']}, codec {st['codec']}, shards of {st['shard_size']} samples",
+        f"storage    {_forms(st, [lv['name'] for lv in d['levels']])}, codec {st['codec']}, shards of {st['shard_size']} samples",
         f"units      {d['units_committed']}/{d['units_total']} committed",
         "status     " + ", ".join(f"{k} {v}" for k, v in sorted(d["status_counts"].items())),
         "",
-        f"{'level':6s} {'C':>5s} {'stride':>6s} {'shape':>24s} {'on disk':>10s} {'per sample':>11s} {'ratio':>6s} {'rel.RMSE':>9s}",
+        f"{'level':6s} {'C':>5s} {'stride':>6s} {'shape':>24s} {'form':>7s} {'on disk':>10s} {'per sample':>11s} {'bits':>6s} "
+        f"{'ratio':>6s} {'rel.RMSE':>9s}",
     ]
     for lv in d["levels"]:
         err = lv["quantisation_error"]
         lines.append(
-            f"{lv['name']:6s} {lv['channels']:5d} {lv['stride']:6d} {str(tuple(lv['shape'])):>24s} "
-            f"{human(lv['disk_bytes']):>10s} {human(lv['bytes_per_sample']):>11s} {lv['compression_ratio']:6.2f} "
-            f"{'-' if err is None else f'{err:.2e}':>9s}"
+            f"{lv['name']:6s} {lv['channels']:5d} {lv['stride']:6d} {str(tuple(lv['shape'])):>24s} {lv.get('form', st['dtype']):>7s} "
+            f"{human(lv['disk_bytes']):>10s} {human(lv['bytes_per_sample']):>11s} {lv.get('bits_per_value', 0):6.2f} "
+            f"{lv['compression_ratio']:6.2f} {'-' if err is None else f'{err:.2e}':>9s}"
         )
-    lines.append(f"{'total':6s} {'':>5s} {'':>6s} {'':>24s} {human(d['disk_bytes']):>10s} {'':>11s} {d['compression_ratio']:6.2f}")
+    lines.append(
+        f"{'total':6s} {'':>5s} {'':>6s} {'':>24s} {'':>7s} {human(d['disk_bytes']):>10s} {'':>11s} {d.get('bits_per_value', 0):6.2f} "
+        f"{d['compression_ratio']:6.2f}"
+    )
+    lines += ["  bits: per stored value on disk, scales and side data included; rel.RMSE: measured while writing"]
     return "\n".join(lines)
+
+
+def _forms(st: Mapping[str, Any], levels: list[str]) -> str:
+    """``fp16``, or the form of each level and the budget they were chosen for."""
+    forms, budget = st.get("forms") or {}, st.get("max_error")
+    if not forms and budget is None:
+        return str(st["dtype"])
+    shown = ", ".join(f"{lv} {forms.get(lv, st['dtype'])}" for lv in levels)
+    return shown + (f" (chosen for --max-error {budget:g})" if budget is not None else "")
 
 
 def human(n: float) -> str:

@@ -25,13 +25,14 @@ from fcache.store.records import LedgerRecord
 MANIFEST_ATTR = "fcache"
 FEATURES = "features"
 SCALES = "scales"
+BASIS = "basis"  # basis/<level>: the fitted basis of a projected form (store-wide, written when the store is created)
 KEYS = "samples/key"
 STATUS = "samples/status"
 GEOMETRY = "samples/geometry"
 TARGETS = "targets"
 LEDGER = "ledger"
 ERRORS = "errors.jsonl"
-STORE_ENTRIES = (ROOT_META, FEATURES, SCALES, "samples", TARGETS, LEDGER, ERRORS)  # what a store folder holds at its top
+STORE_ENTRIES = (ROOT_META, FEATURES, SCALES, BASIS, "samples", TARGETS, LEDGER, ERRORS)  # what a store folder holds at its top
 __all__ = ["TEMP_SUFFIX", "ROOT_META"]  # re-exported: where temporaries and the manifest are
 
 
@@ -51,11 +52,14 @@ class Unit:
         return self.stop - self.start
 
 
-def feature_dims(level: str, ndim: int) -> tuple[str, ...]:
+def feature_dims(level: str, ndim: int, packed: bool = False, projected: bool = False) -> tuple[str, ...]:
     """zarr ``dimension_names`` of ``features/<level>`` for a level of ``ndim`` dims after (sample, view): (C, H, W) or
     video (T, C, H, W). Channel and spatial names carry the level (their sizes differ between levels), so that
-    ``xarray.open_zarr(store, group="features")`` opens every level as one dataset."""
-    return ("sample", "view", *(["time"] if ndim == 4 else []), f"channel_{level}", f"y_{level}", f"x_{level}")
+    ``xarray.open_zarr(store, group="features")`` opens every level as one dataset; a packed width is
+    ``x_<level>_packed``, projected channels ``component_<level>``."""
+    x = f"x_{level}_packed" if packed else f"x_{level}"
+    c = f"component_{level}" if projected else f"channel_{level}"
+    return ("sample", "view", *(["time"] if ndim == 4 else []), c, f"y_{level}", x)
 
 
 def units(n: int, shard_size: int) -> list[Unit]:
@@ -125,12 +129,12 @@ def read_manifest(root: str | Path | Backend) -> Manifest | None:
 
 
 def unit_keys(manifest: Manifest, unit: Unit, targets: Mapping[str, int]) -> list[str]:
-    """Every object a unit owns: feature shards, int8 scales, samples, and targets (name -> ndim)."""
+    """Every object a unit owns: feature shards, scales of the scaled forms, samples, and targets (name -> ndim)."""
     arrays: list[tuple[str, int]] = []
     for lv in manifest.levels:
         nd = 2 + len(manifest.level_shape(lv.name))
         arrays.append((f"{FEATURES}/{lv.name}", nd))
-        if stored(manifest.storage.dtype).scaled:
+        if stored(manifest.storage.form(lv.name)).scaled:
             arrays.append((f"{SCALES}/{lv.name}", nd - 2))
     arrays += [(STATUS, 1), (GEOMETRY, 3)]
     arrays += [(f"{TARGETS}/{name}", nd) for name, nd in sorted(targets.items())]

@@ -95,7 +95,7 @@ class FeatureStore:
         self._checked: dict[tuple[str, int], str] = {}  # (level, unit) -> the shard's key, once its size is checked
         self._fetcher: ShardFetcher | None = None
         self._fetcher_pid = -1
-        self._scales: dict[tuple[str, int], np.ndarray] = {}  # (level, unit) -> int8 scales of the unit (remote reads)
+        self._scales: dict[tuple[str, int], np.ndarray] = {}  # (level, unit) -> scales of the unit's sample-views
         self._geometry_units: dict[int, np.ndarray] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -136,6 +136,13 @@ class FeatureStore:
     @cached_property
     def units(self) -> list[layout.Unit]:
         return layout.units(self.n, self.manifest.storage.shard_size)
+
+    @cached_property
+    def bases(self) -> dict[str, np.ndarray]:
+        """The fitted basis of each level stored in a projected form (``basis/<level>``)."""
+        from fcache.store.writer import read_bases
+
+        return read_bases(self.backend, self.manifest)
 
     @property
     def quantisation_error(self) -> dict[str, float]:
@@ -227,16 +234,22 @@ class FeatureStore:
         self.check_shards([(level, i)])
         arr = self.array(f"{layout.FEATURES}/{level}")
         sel = (i,) if view is None else (i, view)
+        form = self.manifest.storage.form(level)
         try:
             values = arr[sel]
-            scales = self.array(f"{layout.SCALES}/{level}")[sel] if stored(self.manifest.storage.dtype).scaled else None
+            scales = self.array(f"{layout.SCALES}/{level}")[sel] if stored(form).scaled else None
         except (ValueError, RuntimeError) as e:
             unit = layout.unit_of(i, self.manifest.storage.shard_size, self.n)
             raise CorruptStoreError(
                 f"{self.root}: level {level}, shard {unit.index} (samples {unit.start}-{unit.stop - 1}) is corrupt ({e}); "
                 f"run `fcache verify {self.root}` and re-extract that unit"
             ) from e
-        return decode(np.asarray(values), self.manifest.storage.dtype, None if scales is None else np.asarray(scales))
+        side = None if scales is None else np.asarray(scales)
+        return decode(np.asarray(values), form, side, self.width(level), self.bases.get(level))
+
+    def width(self, level: str) -> int:
+        """W of a level's maps (its stored values may be packed along it)."""
+        return self.manifest.level_shape(level)[-1]
 
     def read_many(self, requests: Sequence[tuple[str, int, int | None]]) -> list[np.ndarray]:
         """``read(level, i, view)`` of many requests, read and decoded together (on object storage all in flight at once)."""
@@ -246,20 +259,22 @@ class FeatureStore:
         for lv, _, _ in requests:
             self.manifest.level(lv)
         self.check_shards([(lv, i) for lv, i, _ in requests])
-        dtype = self.manifest.storage.dtype
-        if not stored(dtype).scaled:  # to float32 by the thread that decoded each chunk
-            return fetcher.read(requests, convert=lambda v: decode(v, dtype, None))
-        values = fetcher.read(requests)
-        units = sorted({(lv, layout.unit_of(i, self.manifest.storage.shard_size, self.n)) for lv, i, _ in requests}, key=str)
-        todo = [(lv, u) for lv, u in units if (lv, u.index) not in self._scales]
+        storage, views = self.manifest.storage, self.num_views
+        forms = {lv: storage.form(lv) for lv, _, _ in requests}
+        scaled = sorted(lv for lv, form in forms.items() if stored(form).scaled)
+        units = sorted({(lv, layout.unit_of(i, storage.shard_size, self.n)) for lv, i, _ in requests if lv in scaled}, key=str)
+        scales = {(lv, u.index): self._scales[(lv, u.index)] for lv, u in units if (lv, u.index) in self._scales}
+        todo = [(lv, u) for lv, u in units if (lv, u.index) not in scales]
         for (lv, u), s in zip(todo, self._gather_scales(todo), strict=True):
-            self._scales[(lv, u.index)] = s
-        out = []
-        for (lv, i, view), v in zip(requests, values, strict=True):
-            unit = layout.unit_of(i, self.manifest.storage.shard_size, self.n)
-            scales = self._scales[(lv, unit.index)][i - unit.start]
-            out.append(decode(v, dtype, scales if view is None else scales[view]))
-        return out
+            self._scales[(lv, u.index)] = scales[(lv, u.index)] = s
+        widths, bases = {lv: self.width(lv) for lv in forms}, self.bases
+
+        def to_float(chunk: tuple[str, int, int], values: np.ndarray) -> np.ndarray:
+            lv, u, k = chunk
+            side = scales[(lv, u)][k // views, k % views] if lv in scaled else None
+            return decode(values, forms[lv], side, widths[lv], bases.get(lv))
+
+        return fetcher.read(requests, convert=to_float)  # to float32 by the thread that decoded each chunk
 
     def _gather_scales(self, todo: Sequence[tuple[str, layout.Unit]]) -> list[np.ndarray]:
         by_level: dict[str, list[layout.Unit]] = {}
@@ -334,7 +349,7 @@ class FeatureStore:
         return FeatureDataset(self, levels, indices=indices, view=view, views=views, seed=seed, targets=targets)
 
     def to_dask(self, level: str) -> Any:
-        """Float32 dask array (N, V, C, H, W) (video: (N, V, T, C, H, W)), dequantised lazily, one dask chunk per
+        """Float32 dask array (N, V, C, H, W) (video: (N, V, T, C, H, W)), decoded lazily, one dask chunk per
         shard (a task per shard file, not per sample-view: a COCO-train store is a graph of thousands of tasks)."""
         import dask.array as da
 
@@ -342,11 +357,14 @@ class FeatureStore:
         arr = self.array(f"{layout.FEATURES}/{level}")
         per_shard = (self.manifest.storage.shard_size, *arr.shape[1:])
         raw = da.from_zarr(arr, chunks=per_shard)
-        dtype = self.manifest.storage.dtype
-        if stored(dtype).scaled:
+        form, width, basis = self.manifest.storage.form(level), self.width(level), self.bases.get(level)
+        channels = self.manifest.level(level).channels
+        chunks = (*raw.chunks[:-3], (channels,), raw.chunks[-2], (width,))
+        if stored(form).scaled:
             scales = da.from_zarr(self.array(f"{layout.SCALES}/{level}"), chunks=per_shard[:-2])
-            return raw.astype(np.float32) * scales[..., None, None]
-        return raw.map_blocks(decode, dtype, dtype=np.float32)
+            return da.map_blocks(lambda v, s: decode(v, form, s[..., 0, 0], width, basis), raw, scales[..., None, None],
+                                 dtype=np.float32, chunks=chunks)  # fmt: skip
+        return raw.map_blocks(decode, form, None, width, basis, dtype=np.float32, chunks=chunks)
 
 
 class FeatureDataset(torch.utils.data.Dataset):

@@ -1,10 +1,11 @@
 """``fcache export-wds``: a store as webdataset tar shards, and reading such an export back as a stream.
 
 One member group per sample with features, named by its index (``000000042``): ``<level>.npy`` the stored values of
-every view (V, C, H, W) (video (V, T, C, H, W)) in the stored dtype (bf16 as its raw 16 bits, int8 with
-``<level>.scales.npy``), ``geometry.json`` (each view's geometry, by field) and ``targets.json`` (the sample's source
-key, status and targets). ``fcache-wds.json`` beside the shards holds the store's manifest, the shard names and the
-sample count; it is written last, so an export is complete once it exists. Shards are cut at ``shard_size`` bytes.
+every view (V, C, H, W) (video (V, T, C, H, W)) in the level's stored form (bf16 as its raw 16 bits, packed forms
+packed along W, scaled forms with ``<level>.scales.npy``), ``geometry.json`` (each view's geometry, by field) and
+``targets.json`` (the sample's source key, status and targets). ``fcache-wds.json`` beside the shards holds the
+store's manifest, the shard names and the sample count; it is written last, so an export is complete once it exists.
+Shards are cut at ``shard_size`` bytes.
 
 An export is streaming-only: ``fcache.store.open`` on it returns a :class:`WdsExport`, whose ``stream()`` is a torch
 IterableDataset of items shaped like ``FeatureDataset``'s (float32 features, geometry, targets), shards split over
@@ -83,17 +84,18 @@ def export_wds(
     finally:
         writer.discard()
     index = {"format": FORMAT, "manifest": store.attrs, "levels": names, "samples": len(indices), "shards": shards}
+    index["bases"] = {lv: store.bases[lv].tolist() for lv in names if lv in store.bases}  # projected forms: float32, exact
     index |= {"target_names": list(store.target_names), "target_attrs": store.target_attrs}
     target.put(INDEX, _json(index))
     return {"out": target.url, "samples": len(indices), "shards": len(shards), "levels": names}
 
 
 def _stored_values(store: Any, levels: Sequence[str], indices: Sequence[int]) -> dict[str, list[tuple[np.ndarray, np.ndarray | None]]]:
-    """Stored (undecoded) values and int8 scales of every view of each sample, per level."""
+    """Stored (undecoded) values and scales of every view of each sample, per level."""
     store.check_shards([(lv, i) for lv in levels for i in indices])
     out: dict[str, list[tuple[np.ndarray, np.ndarray | None]]] = {}
-    scaled = stored(store.manifest.storage.dtype).scaled
     for lv in levels:
+        scaled = stored(store.manifest.storage.form(lv)).scaled
         if store.fetcher is not None and store.fetcher.supports(lv):
             values = store.fetcher.read([(lv, i, None) for i in indices])
         else:
@@ -157,6 +159,7 @@ class WdsExport:
         if self.index.get("format") != FORMAT:
             raise StoreError(f"{self.backend.where(INDEX)} has format {self.index.get('format')!r}; this fcache reads {FORMAT}")
         self.manifest = Manifest.from_dict(self.index["manifest"])
+        self.bases = {lv: np.asarray(b, dtype=np.float32) for lv, b in self.index.get("bases", {}).items()}
         self.root = self.backend.root
 
     @property
@@ -198,14 +201,14 @@ class WdsExport:
 
     def item(self, group: Mapping[str, bytes], levels: Sequence[str], view: int | None) -> dict[str, Any]:
         """One sample's member group decoded into a ``FeatureDataset``-shaped item (features float32 tensors)."""
-        dtype = self.manifest.storage.dtype
+        storage = self.manifest.storage
         meta = json.loads(group["targets.json"])
         geometry = np.asarray([[g[f] for f in GEOMETRY_FIELDS] for g in json.loads(group["geometry.json"])], dtype=np.float32)
         feats = {}
         for lv in levels:
             values = np.load(io.BytesIO(group[f"{lv}.npy"]))
             scales = np.load(io.BytesIO(group[f"{lv}.scales.npy"])) if f"{lv}.scales.npy" in group else None
-            x = decode(values, dtype, scales)
+            x = decode(values, storage.form(lv), scales, self.manifest.level_shape(lv)[-1], self.bases.get(lv))
             feats[lv] = torch.from_numpy(x if view is None else np.ascontiguousarray(x[view]))
         v = 0 if view is None else view
         targets = {k: val for k, val in meta.items() if k not in ("index", "key", "status")}

@@ -37,7 +37,7 @@ from fcache.store.records import FileRecord, LedgerRecord
 WRITE_CONFIG: Any = {"write_empty_chunks": True}
 LOCK_TIMEOUT_S = 600.0
 LOCK_HEARTBEAT_S = 60.0
-LEFTOVER_TOPS = (layout.FEATURES, layout.SCALES, "samples", layout.TARGETS, layout.LEDGER, layout.ERRORS, layout.ROOT_META)
+LEFTOVER_TOPS = (layout.FEATURES, layout.SCALES, layout.BASIS, "samples", layout.TARGETS, layout.LEDGER, layout.ERRORS, layout.ROOT_META)
 
 
 @dataclass(frozen=True)
@@ -69,8 +69,12 @@ def create(
     target_attrs: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    bases: Mapping[str, np.ndarray] | None = None,
 ) -> StoreWriter:
     """Create a store (or reopen it to resume, if its fingerprint matches) at a path or URL.
+
+    ``bases``: level -> the fitted basis of each level stored in a projected form (``StoredDtype.fit`` on the first
+    unit's features, or ``FormChoice.basis``); a resumed store keeps its own.
 
     Raises:
         StoreError: the location holds another configuration (names the fields that differ), or is not a store.
@@ -103,8 +107,24 @@ def create(
                 raise StoreError(f"{where} exists and is not an fcache store; refusing to replace it, choose another path")
             raise StoreError(f"{where} exists and is not an fcache store; choose another path")
         backend.clear(keep=(_lease_key(),))  # an interrupted creation left arrays without a manifest: invisible, redone
-    backend.new_store(lambda store: _build(store, manifest, keys, dict(targets or {}), dict(target_attrs or {})))
+    fitted = _check_bases(manifest, dict(bases or {}))
+    backend.new_store(lambda store: _build(store, manifest, keys, dict(targets or {}), dict(target_attrs or {}), fitted))
     return StoreWriter(backend)
+
+
+def _check_bases(m: Manifest, bases: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The basis of every level in a projected form, shaped as its form says (ValueError naming what is missing)."""
+    out = {}
+    for lv in m.levels:
+        want = stored(m.storage.form(lv.name)).basis_shape(lv.channels)
+        if want is None:
+            continue
+        basis = bases.get(lv.name)
+        if basis is None or tuple(basis.shape) != want:
+            got = "none" if basis is None else str(tuple(basis.shape))
+            raise ValueError(f"level {lv.name} is stored as {m.storage.form(lv.name)}: it needs a fitted basis {want}, got {got}")
+        out[lv.name] = np.asarray(basis, dtype=np.float32)
+    return out
 
 
 def _lease_key() -> str:
@@ -118,28 +138,34 @@ def _leftovers_only(backend: Backend) -> bool:
     return all(k.split("/", 1)[0] in LEFTOVER_TOPS for k in backend.listing())
 
 
-def _build(store: Any, m: Manifest, keys: Sequence[str], targets: dict[str, TargetSpec], target_attrs: dict) -> None:
+def _build(store: Any, m: Manifest, keys: Sequence[str], targets: dict[str, TargetSpec], target_attrs: dict,
+           bases: dict[str, np.ndarray]) -> None:  # fmt: skip
     n, s, v = m.dataset.n, m.storage.shard_size, m.num_views
-    dtype = m.storage.dtype
     g = zarr.open_group(store, mode="a", zarr_format=3)
     for lv in m.levels:
-        shape = m.level_shape(lv.name)
-        dims = layout.feature_dims(lv.name, len(shape))
+        form = m.storage.form(lv.name)
+        d, shape = stored(form), m.level_shape(lv.name)
+        values = d.stored_shape(shape)
+        dims = layout.feature_dims(lv.name, len(shape), packed=d.per_byte > 1, projected=d.fitted)
         g.create_array(
             f"{layout.FEATURES}/{lv.name}",
-            shape=(n, v, *shape),
-            chunks=(1, 1, *shape),
-            shards=(s, v, *shape),
-            dtype=stored(dtype).numpy,
-            compressors=chunk_codecs(m.storage.codec, dtype),
+            shape=(n, v, *values),
+            chunks=(1, 1, *values),
+            shards=(s, v, *values),
+            dtype=d.numpy,
+            compressors=chunk_codecs(m.storage.codec, form),
             fill_value=0,
-            attributes={"fcache_dtype": dtype, "level": lv.to_dict()},
+            attributes={"fcache_dtype": form, "level": lv.to_dict(), "shape": list(shape)},
             dimension_names=dims,
         )
-        if stored(dtype).scaled:
-            per = shape[:-2]  # (C,) or (T, C)
-            g.create_array(f"{layout.SCALES}/{lv.name}", shape=(n, v, *per), chunks=(s, v, *per), dtype="float32", fill_value=0,
+        if d.side is not None:
+            per = d.side_shape(shape)  # (C,) or (T, C)
+            g.create_array(f"{layout.SCALES}/{lv.name}", shape=(n, v, *per), chunks=(s, v, *per), dtype=d.side, fill_value=0,
                            dimension_names=dims[:-2])  # fmt: skip
+        if lv.name in bases:
+            basis = g.create_array(f"{layout.BASIS}/{lv.name}", shape=bases[lv.name].shape, dtype="float32", fill_value=0,
+                                   dimension_names=(f"mean_and_component_{lv.name}", f"channel_{lv.name}"))  # fmt: skip
+            basis[:] = bases[lv.name]
     keys_array = g.create_array(layout.KEYS, shape=(n,), chunks=(s,), dtype=str, config=WRITE_CONFIG, dimension_names=("sample",))
     keys_array[:] = np.array(list(keys), dtype=object)
     g.create_array(layout.STATUS, shape=(n,), chunks=(s,), dtype="uint8", fill_value=int(Status.PENDING), dimension_names=("sample",))
@@ -175,6 +201,14 @@ class StoreWriter:
         self.manifest = layout.manifest_from_attrs(attrs, self.backend)
         self.units = layout.units(self.manifest.dataset.n, self.manifest.storage.shard_size)
         self._target_ndims: dict[str, int] | None = None
+        self._bases: dict[str, np.ndarray] | None = None
+
+    @property
+    def bases(self) -> dict[str, np.ndarray]:
+        """The fitted basis of each level in a projected form (read once)."""
+        if self._bases is None:
+            self._bases = read_bases(self.backend, self.manifest)
+        return self._bases
 
     def __getstate__(self) -> dict[str, Any]:
         return {"backend": self.backend}
@@ -215,7 +249,7 @@ class StoreWriter:
 
         Args:
             features: level -> float32 (n_unit, V, C, H, W) or (n_unit, V, T, C, H, W), failed samples zeros;
-                or the same already ``Encoded`` in the store's dtype.
+                or the same already ``Encoded`` in the level's stored form.
             status: (n_unit,) uint8 ``Status`` codes.
             geometry: (n_unit, V, len(GEOMETRY_FIELDS)) float32.
             targets: name -> (n_unit, ...) values for targets written by workers.
@@ -296,15 +330,16 @@ class StoreWriter:
             raise ValueError(f"unit {unit.name}: status {status.shape} / geometry {geometry.shape} do not match {n_u} samples")
         out = {}
         for lv in m.levels:
-            want = (n_u, m.num_views, *m.level_shape(lv.name))
+            form = m.storage.form(lv.name)
+            d, shape = stored(form), (n_u, m.num_views, *m.level_shape(lv.name))
             x = features[lv.name]
-            values = x.values if isinstance(x, Encoded) else x
+            values, want = (x.values, d.stored_shape(shape)) if isinstance(x, Encoded) else (x, shape)
             if tuple(values.shape) != want:
                 raise ValueError(f"unit {unit.name}: level {lv.name} has shape {tuple(values.shape)}, expected {want}")
             if not isinstance(x, Encoded):
-                x = encode(x, m.storage.dtype, lv.name)
-            elif x.values.dtype != stored(m.storage.dtype).numpy or stored(m.storage.dtype).scaled != (x.scales is not None):
-                raise ValueError(f"unit {unit.name}: level {lv.name} was encoded as {x.values.dtype}, the store holds {m.storage.dtype}")
+                x = encode(x, form, lv.name, basis=self.bases.get(lv.name))
+            elif x.values.dtype != d.numpy or d.scaled != (x.scales is not None):
+                raise ValueError(f"unit {unit.name}: level {lv.name} was encoded as {x.values.dtype}, the store holds {form}")
             out[lv.name] = x
         return out
 
@@ -338,6 +373,13 @@ class StoreWriter:
         attrs["quantisation_error"] = stats["quantisation_error"]
         zarr.open_group(self.backend.zarr_store(read_only=False), mode="r+", zarr_format=3).attrs[layout.MANIFEST_ATTR] = attrs
         return stats
+
+
+def read_bases(backend: Backend, m: Manifest) -> dict[str, np.ndarray]:
+    """``basis/<level>`` of each level the manifest stores in a projected form."""
+    fitted = [lv.name for lv in m.levels if stored(m.storage.form(lv.name)).fitted]
+    store = backend.zarr_store()
+    return {lv: np.asarray(zarr.open_array(store, path=f"{layout.BASIS}/{lv}", mode="r", zarr_format=3)[:]) for lv in fitted}
 
 
 def summarize_ledger(ledger: Mapping[int, LedgerRecord], total_units: int) -> dict[str, Any]:
