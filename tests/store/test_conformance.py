@@ -257,18 +257,28 @@ def test_every_stored_dtype_has_conformance_rows():
 
 CODECS = ("zstd", "zstd:7", "lz4", "none")
 S3_ROWS = {("fp16", "zstd"), ("int8", "zstd"), ("bf16", "none"), ("int4", "zstd")}  # ~20 s each on moto: the default, scaled, raw, packed
+# The codec compresses a chunk's bytes whatever wrote them: every codec runs with the first release's dtypes and with
+# int4 (packed bytes); the other compact forms with the default codec; the projected forms share all their code but
+# the rank, so pca8 runs for images and clips and the other ranks for images.
+EVERY_CODEC = ("fp32", "fp16", "bf16", "int8", "int4")
+
+
+def _cases(dtype: str) -> list[tuple[str, int | None]]:
+    codecs = CODECS if dtype in EVERY_CODEC else ("zstd",)
+    frames: tuple[int | None, ...] = (None,) if dtype.startswith("pca") and dtype != "pca8" else (None, 3)
+    return [(c, f) for c in codecs for f in frames]
+
+
 for _location, _prefix in (("local", "TestStore"), ("s3", "TestS3Store")):
     for _dtype in DTYPES:
-        for _codec in CODECS:
-            for _frames in (None, 3):
-                _name = f"{_prefix}_{_dtype}_{_codec.replace(':', '')}_{'video' if _frames else 'image'}"
-                _attrs = {"dtype": _dtype, "codec": _codec, "frames": _frames, "location": _location}
-                if STORED[_dtype].per_byte > 1:
-                    _attrs["input_size"] = 72  # maps 18, 9, 5 and 3 wide: packed rows end in a padded byte
-                _cls = type(_name, (StoreConformance,), _attrs)
-                if _location == "s3" and (_dtype, _codec) not in S3_ROWS:
-                    continue  # the decoding is the local rows' (the same direct read path); S3 rows cover the backend
-                globals()[_name] = _cls
+        for _codec, _frames in _cases(_dtype):
+            _name = f"{_prefix}_{_dtype}_{_codec.replace(':', '')}_{'video' if _frames else 'image'}"
+            _attrs = {"dtype": _dtype, "codec": _codec, "frames": _frames, "location": _location}
+            if STORED[_dtype].per_byte > 1:
+                _attrs["input_size"] = 72  # maps 18, 9, 5 and 3 wide: packed rows end in a padded byte
+            if _location == "s3" and (_dtype, _codec) not in S3_ROWS:
+                continue  # the decoding is the local rows' (the same direct read path); S3 rows cover the backend
+            globals()[_name] = type(_name, (StoreConformance,), _attrs)
 for _dtype, _frames in (("fp16", None), ("int8", 3)):  # GCS (fake-gcs-server): the same store through gcsfs
     _name = f"TestGcsStore_{_dtype}_zstd_{'video' if _frames else 'image'}"
     globals()[_name] = type(_name, (StoreConformance,), {"dtype": _dtype, "codec": "zstd", "frames": _frames, "location": "gcs"})
