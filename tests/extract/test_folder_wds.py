@@ -132,8 +132,8 @@ def test_wds_refuses_escaping_names_and_reports_bad_members(tmp_path: Path) -> N
 
 
 def test_build_source_table(tmp_path: Path) -> None:
-    assert set(SOURCES) == {"coco", "ade20k", "seg-folder", "video", "folder", "wds"}
-    with pytest.raises(ValueError, match="choose one of coco, ade20k, seg-folder, video, folder, wds"):
+    assert set(SOURCES) == {"coco", "ade20k", "seg-folder", "depth-folder", "video", "folder", "wds"}
+    with pytest.raises(ValueError, match="choose one of coco, ade20k, seg-folder, depth-folder, video, folder, wds"):
         source_of("imagenet", tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
         source_of("folder", tmp_path / "missing")

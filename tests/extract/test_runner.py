@@ -136,6 +136,24 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, folder):
     assert CliRunner().invoke(main, ["verify", str(killed)]).exit_code == 0
 
 
+def test_resume_deletes_what_killed_writers_left(tmp_path, folder):
+    """A kill between a unit's commit and its lock's release, or inside a write, leaves a lock and a temporary."""
+    out = tmp_path / "s.zarr"
+    run_extract(cfg(dataset="folder", root=str(folder), out=str(out), shard_size=2))
+    lock, tmp = out / "ledger" / "lock" / "000000.lock", out / "ledger" / "done" / ".000001.json.4242-abcd.partial"
+    lock.parent.mkdir(exist_ok=True)
+    lock.write_text("{}")
+    tmp.write_text("{}")
+    shard = next(p for p in (out / "features").rglob("*") if p.is_file() and "/c/" in str(p))
+    tmp_shard = shard.with_name(".0.1234.partial")
+    tmp_shard.write_bytes(b"x")
+    report = fstore.verify(out)
+    assert sorted(p.kind for p in report.problems) == ["lock", "temporary", "temporary"]
+    s = run_extract(cfg(dataset="folder", root=str(folder), out=str(out), shard_size=2))
+    assert s.processed == 0 and fstore.verify(out).ok
+    assert not lock.exists() and not tmp.exists() and not tmp_shard.exists()
+
+
 def test_other_configuration_is_refused_then_overwritten(tmp_path, folder):
     out = tmp_path / "s.zarr"
     run_extract(cfg(dataset="folder", root=str(folder), out=str(out)))

@@ -206,6 +206,8 @@ def _leased_store(
         lease.acquire()  # a new store (or one just replaced by --overwrite) gets its lease now
         if not existed or cfg.overwrite:
             write_driver_targets(writer, source, refs)
+        else:
+            writer.tidy()  # a resumed store: what its killed writers left
         yield writer
     finally:
         lease.release()

@@ -222,6 +222,19 @@ class StoreWriter:
     def is_committed(self, unit: Unit) -> bool:
         return self.backend.exists(layout.done_key(unit))
 
+    def tidy(self) -> list[str]:
+        """Driver-side, under its lease before any unit runs: delete what writers killed mid-write left behind.
+
+        That is their temporaries and the locks of units they had committed (killed between the commit and the
+        release); the lock of an uncommitted unit stays, to be taken over once stale. Returns the keys deleted.
+        """
+        committed = self.committed()
+        done = {layout.lock_key(u) for u in self.units if u.index in committed}
+        locks = [k for k in self.backend.listing(f"{layout.LEDGER}/lock") if k in done]
+        leftovers = [*self.backend.temporaries(), *locks]
+        self.backend.delete(leftovers)
+        return leftovers
+
     def pending(self) -> list[Unit]:
         """Units without a ledger record: all that remains to be done."""
         done = set(self.committed())
