@@ -1,9 +1,10 @@
 """Compact stores: bits per stored value against the cost in head quality, for every stored form (issue 22, section 3).
 
 For each set of compact_sets.py (detection, segmentation, video), features are extracted once losslessly (fp32) and
-recoded (`fcache recode`, no backbone) into every other row of the dtype table. Per form:
-- bits per stored value (scales and side data included: the committed units' shard bytes over their values) and the
-  ratio to bf16 raw (16 bits);
+recoded (`fcache recode`, no backbone) into every other row of the dtype table and into the forms `--max-error` picks
+per level at a few budgets. Per form:
+- bits per stored value (side data included: the committed units' shards and scales, a projected form's basis, over
+  their values) and the ratio to bf16 raw (16 bits);
 - relative RMSE and linear CKA (minibatch-unbiased, examples = sample-views; the lowest over levels) of the val
   features against the lossless ones;
 - (a) the main metric of the head trained on the lossless store (seed 0), evaluated on the form's val store;
