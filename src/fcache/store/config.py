@@ -7,7 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fcache.common.devices import DEVICE_HELP
-from fcache.common.errors import InputError
 from fcache.common.flags import check_flags, flag, required, split_csv
 from fcache.store.access import StoreAccess
 from fcache.store.backends import parse_size
@@ -71,8 +70,6 @@ class RecodeConfig(StoreAccess):
     def __post_init__(self) -> None:
         check_flags(self)
         self.options()
-        if (self.dtype is None) == (self.max_error is None):
-            raise InputError("give --dtype D (one form for every level) or --max-error E (each level's smallest form within E)")
 
 
 @dataclass(frozen=True)

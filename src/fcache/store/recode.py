@@ -93,7 +93,7 @@ def recode(
     """
     t0 = time.perf_counter()
     if (dtype is None) == (max_error is None):
-        raise InputError("give --dtype D (one form for every level) or --max-error E (each level's smallest form within E), one of them")
+        raise InputError("give --dtype D (one form for every level) or --max-error E (each level's smallest form within E): one of them")
     if dtype is not None:
         stored(dtype)
     else:
@@ -102,9 +102,10 @@ def recode(
     target = open_backend(dst, storage_options)
     if overlapping(source.backend, target):
         raise StoreError(f"--out {target.url} and {source.url} are one location or one lies inside the other; recode into a new location")
-    existing = layout.read_manifest_attrs(target)
-    storage, bases = _storage(source, None if existing is None else layout.manifest_from_attrs(existing, target), dtype, max_error)
-    manifest = _destination_manifest(source, target, storage)
+    attrs = layout.read_manifest_attrs(target)
+    existing = None if attrs is None else layout.manifest_from_attrs(attrs, target)
+    storage, bases = _storage(source, existing, dtype, max_error)
+    manifest = _destination_manifest(source, target, existing, storage)
     keys = [str(k) for k in source.keys]
     try:
         with leased_store(target, lambda: create(target, manifest, keys, bases=bases, template=source.backend)) as (writer, _):
@@ -154,15 +155,14 @@ def measured_maps(source: FeatureStore, max_values: int = MEASURE_VALUES) -> dic
     raise InputError(f"{source.url} has no committed sample with features to measure the forms on; give --dtype instead")
 
 
-def _destination_manifest(source: FeatureStore, target: Backend, storage: StorageSpec) -> Manifest:
-    """SRC's manifest with ``storage``; the one DST already holds when it is this recode (resumed); else StoreError."""
+def _destination_manifest(source: FeatureStore, target: Backend, have: Manifest | None, storage: StorageSpec) -> Manifest:
+    """SRC's manifest with ``storage``; the one DST already holds (``have``) when it is this recode (resumed); else
+    StoreError."""
     want = dataclasses.replace(source.manifest, storage=storage, fcache_version=__version__)
-    attrs = layout.read_manifest_attrs(target)
-    if attrs is None:
+    if have is None:
         if not target.is_empty() and not (target.remote and leftovers_only(target)):
             raise StoreError(f"--out {target.url} exists and is not an fcache store; recode into a new location")
         return want
-    have = layout.manifest_from_attrs(attrs, target)
     if have.fingerprint != want.fingerprint:
         diffs = "; ".join(have.differences(want))
         raise StoreError(
