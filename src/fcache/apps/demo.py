@@ -114,6 +114,19 @@ def check_out(out: Path) -> None:
         raise InputError(f"--out {out} holds files the demo did not write ({shown}); give a new or empty folder")
 
 
+def extract_settings(cfg: DemoConfig) -> dict[str, Any]:
+    """The demo's ``fcache extract`` settings besides the dataset and ``--out`` (ExtractConfig fields)."""
+    return {"model": "swinv2-t", "random_init": True, "input_size": cfg.input_size, "levels": cfg.levels, "seed": cfg.seed,
+            "num_workers": cfg.num_workers, "device": "cpu", "batch_size": 4, "shard_size": 8}  # fmt: skip
+
+
+def train_settings(cfg: DemoConfig) -> dict[str, Any]:
+    """The demo head's ``fcache train-head`` settings besides the stores and ``--out`` (TrainConfig fields)."""
+    return {"head": cfg.head, "iters": cfg.iters, "batch_size": cfg.batch_size, "lr": cfg.lr, "warmup": min(20, cfg.iters // 5),
+            "schedule": "cosine", "seed": cfg.seed, "num_workers": cfg.num_workers, "device": "cpu", "checkpoint_every": cfg.iters,
+            "log_every": 5, "clip": 5.0}  # fmt: skip
+
+
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Dataset -> extract -> train -> evaluate (untrained and trained) -> report. Returns metrics.json's content."""
     import torch
@@ -135,19 +148,13 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
         images, ann = build_dataset(out / "data" / split, n, seed)
         say(f"[demo] {split}: {n} photos with pasted shapes in {out / 'data' / split}")
         t = time.perf_counter()
-        ecfg = ExtractConfig.from_flags(
-            dataset="coco", root=str(images), annotations=str(ann), out=str(out / f"{split}.zarr"), model="swinv2-t", random_init=True,
-            input_size=cfg.input_size, levels=cfg.levels, seed=cfg.seed, num_workers=cfg.num_workers, device="cpu", batch_size=4,
-            shard_size=8,
-        )  # fmt: skip
+        ecfg = ExtractConfig.from_flags(dataset="coco", root=str(images), annotations=str(ann), out=str(out / f"{split}.zarr"),
+                                        **extract_settings(cfg))  # fmt: skip
         summary = run_extract(ecfg, show_progress=True)
         timings[f"extract_{split}_s"] = round(time.perf_counter() - t, 1)
         stores[split] = out / f"{split}.zarr"
         say("\n".join(f"[demo]   {line}" for line in summary_lines(summary)))
-    base = TrainConfig(store=str(stores["train"]), out="", head=cfg.head, iters=cfg.iters, batch_size=cfg.batch_size, lr=cfg.lr,
-                       warmup=min(20, cfg.iters // 5), schedule="cosine", seed=cfg.seed, num_workers=cfg.num_workers, device="cpu",
-                       checkpoint_every=cfg.iters, log_every=5, clip=5.0)  # fmt: skip
-    trained_cfg = TrainConfig(**{**base.to_dict(), "out": str(out / "run"), "val_store": str(stores["val"])})
+    trained_cfg = TrainConfig(store=str(stores["train"]), out=str(out / "run"), val_store=str(stores["val"]), **train_settings(cfg))
     p = prepare_training(trained_cfg)  # the head as initialised: the baseline it must beat
     assert p.val is not None
     untrained = evaluate(

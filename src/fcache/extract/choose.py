@@ -27,9 +27,8 @@ from fcache.spec import Manifest, StorageSpec
 from fcache.store import layout
 from fcache.store.backends import Backend
 from fcache.store.dtypes import stored
-from fcache.store.forms import bases_of, choose_forms, storage_of
+from fcache.store.forms import MEASURE_VALUES, bases_of, choose_forms, storage_of
 
-MEASURE_VALUES = 1 << 24  # values per level the forms are measured on (whole maps, evenly spaced over the images)
 SEARCH_UNITS = 8  # units looked through for samples that decode
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import os
 import queue
 import sys
 import threading
@@ -25,9 +23,8 @@ from tqdm import tqdm
 
 from fcache import store as fstore
 from fcache.common.cluster import ClusterTarget
-from fcache.common.command import rerun
 from fcache.common.devices import resolve_device
-from fcache.common.errors import InputError, Interrupted, LeaseHeld
+from fcache.common.errors import InputError, Interrupted
 from fcache.extract import space
 from fcache.extract.backbones import Backbone, build_backbone, default_window
 from fcache.extract.choose import chosen_storage, existing_manifest
@@ -40,7 +37,8 @@ from fcache.spec import DatasetInfo, Manifest, Preprocessing, StorageSpec, keys_
 from fcache.store import layout
 from fcache.store.backends import ROOT_META, Backend, open_backend
 from fcache.store.info import human
-from fcache.store.lease import DriverLease
+from fcache.store.lease import interrupted_message, leased_store
+from fcache.store.writer import default_writers
 
 
 @dataclass
@@ -169,48 +167,24 @@ def run_extract(cfg: ExtractConfig, show_progress: bool = False) -> ExtractSumma
     )
 
 
-def interrupted_message(backend: Backend) -> str:
-    """What an interrupted extraction kept in the store at ``backend`` and the command that continues it."""
-    manifest = layout.read_manifest(backend) if fstore_exists(backend) else None
-    if manifest is None:
-        return f"nothing was written to {backend.url}"
-    units = layout.units(manifest.dataset.n, manifest.storage.shard_size)
-    done = len(layout.read_records(backend, units))
-    return f"{done} of {len(units)} units of {backend.url} are committed and kept; continue with: {rerun(drop=('--overwrite',))}"
-
-
 @contextlib.contextmanager
 def _leased_store(
     cfg: ExtractConfig, source: Source, refs: list[SampleRef], manifest: Manifest, bases: dict[str, Any]
 ) -> Iterator[fstore.StoreWriter]:
-    """Create or reopen the store under this driver's lease, taken before anything is replaced and held to the end.
-
-    On local disk a new store appears by a rename, so its lease is taken once it exists; in object storage the lease
-    is taken first, so one driver at a time builds the store in place (invisible until its manifest is written).
-    """
+    """Create or reopen the store under this driver's lease (``fcache.store.lease.leased_store``); a new or replaced
+    store gets the targets its source knows from metadata."""
     backend = open_backend(cfg.out, cfg.options())
-    lease = DriverLease(backend)
-    existed = fstore_exists(backend)
-    try:
-        if existed or backend.remote:
-            lease.acquire()
-        try:
-            writer = fstore.create(
-                backend, manifest, [r.key for r in refs], targets=source.target_specs(), target_attrs=source.target_attrs(),
-                overwrite=cfg.overwrite, bases=bases,
-            )  # fmt: skip
-        except OSError as e:
-            if not existed and (isinstance(e, FileExistsError) or e.errno in (errno.EEXIST, errno.ENOTEMPTY)) and fstore_exists(backend):
-                raise LeaseHeld(f"another driver created {cfg.out} at the same moment; rerun this command once it is done") from None
-            raise
-        lease.acquire()  # a new store (or one just replaced by --overwrite) gets its lease now
+
+    def make() -> fstore.StoreWriter:
+        return fstore.create(backend, manifest, [r.key for r in refs], targets=source.target_specs(), target_attrs=source.target_attrs(),
+                             overwrite=cfg.overwrite, bases=bases)  # fmt: skip
+
+    with leased_store(backend, make) as (writer, existed):
         if not existed or cfg.overwrite:
             write_driver_targets(writer, source, refs)
         else:
             writer.tidy()  # a resumed store: what its killed writers left
         yield writer
-    finally:
-        lease.release()
 
 
 @contextlib.contextmanager
@@ -323,14 +297,6 @@ def _drain(assembler: UnitAssembler, writers: _Writers, stats: _Stats, final: bo
         stats.writer_wait += time.perf_counter() - t
     if final and assembler.open_units():
         raise RuntimeError(f"extraction ended with incomplete units {assembler.open_units()}")
-
-
-def default_writers() -> int:
-    """Writer threads: compression, checksums and file writes release the GIL; one per 2 cores (1 on 2 cores, 8 at most).
-
-    Measured on an H100 box (16 cores), SwinV2-L at 1024: 4 writers were the pipeline's bottleneck (0.71 of the bare forward).
-    """
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 class _Writers:

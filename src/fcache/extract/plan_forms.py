@@ -32,8 +32,8 @@ BUDGETS = (0.01, 0.05, 0.1, 0.25, 0.5)  # the --max-error values the table says 
 def measure_forms(cfg: ExtractConfig, k: int, n: int) -> dict[str, Any]:
     """A measuring run of ``k`` samples in fp32; every form measured on each level's features (a projected form's
     basis counted over the ``n`` samples of the whole dataset)."""
-    from fcache.extract.choose import MEASURE_VALUES
     from fcache.extract.driver import run_extract
+    from fcache.store.forms import MEASURE_VALUES
     from fcache.store.reader import FeatureStore
 
     tmp = Path(tempfile.mkdtemp(prefix="fcache-plan-"))

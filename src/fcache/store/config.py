@@ -1,5 +1,5 @@
-"""The settings of the store commands ``fcache info``, ``verify``, ``copy`` and ``export-wds``, each written once: a
-field with its flag (``fcache.cli`` builds the options from them). Imports nothing heavy.
+"""The settings of the store commands ``fcache info``, ``verify``, ``copy``, ``recode`` and ``export-wds``, each written
+once: a field with its flag (``fcache.cli`` builds the options from them). Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -47,6 +47,25 @@ class CopyConfig(StoreAccess):
     src: str
     dst: str
     workers: int = flag(4, "Units copied at once.", min=1, max=1024)
+
+    def __post_init__(self) -> None:
+        check_flags(self)
+        self.options()
+
+
+@dataclass(frozen=True)
+class RecodeConfig(StoreAccess):
+    """``fcache recode SRC --out DST``: DST's stored form, given for every level or chosen per level for a budget."""
+
+    src: str
+    out: str = required("The store to create (or finish): a folder, s3://... or gs://...", path="new-store")
+    dtype: str | None = flag(None, "Stored form of every level of DST (compact forms: docs/store-format.md).",
+                             choices="fcache.store.dtypes:DTYPES", show_default=False)  # fmt: skip
+    max_error: float | None = flag(
+        None, "Instead of --dtype: a relative RMSE budget per level; each level of DST is stored in the smallest form within "
+        "it, measured on SRC's first committed unit.", show_default=False, above=0, below=1,
+    )  # fmt: skip
+    workers: int = flag(0, "Units recoded at once [default: one per 2 cores].", show_default=False, min=0, max=1024)
 
     def __post_init__(self) -> None:
         check_flags(self)

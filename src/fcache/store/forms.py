@@ -23,6 +23,7 @@ from fcache.store.codecs import CHUNK_OVERHEAD, blosc_of, side_bytes
 from fcache.store.dtypes import DTYPES, decode, encode, stored
 
 CANDIDATES = tuple(DTYPES)  # every form is a candidate; fp32 (exact) is always within budget
+MEASURE_VALUES = 1 << 24  # values per level the forms are measured on (whole maps, evenly spaced over the images)
 
 
 @dataclass(frozen=True)

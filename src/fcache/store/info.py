@@ -85,7 +85,7 @@ def format_info(d: dict[str, Any]) -> str:
         f"backbone   {bb['alias']} ({bb['timm_name']}) @ {bb['input_size']}px, weights {bb['weights'][:16]}",
         f"dataset    {src['kind']} {src.get('split', '')}  {d['samples']} samples x {d['views']} views",
         f"targets    {', '.join(d['targets']) or '-'}",
-        f"storage    {_forms(st, [lv['name'] for lv in d['levels']])}, codec {st['codec']}, shards of {st['shard_size']} samples",
+        f"storage    {forms_text(st, [lv['name'] for lv in d['levels']])}, codec {st['codec']}, shards of {st['shard_size']} samples",
         f"units      {d['units_committed']}/{d['units_total']} committed",
         "status     " + ", ".join(f"{k} {v}" for k, v in sorted(d["status_counts"].items())),
         "",
@@ -107,7 +107,7 @@ def format_info(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _forms(st: Mapping[str, Any], levels: list[str]) -> str:
+def forms_text(st: Mapping[str, Any], levels: list[str]) -> str:
     """``fp16``, or the form of each level and the budget they were chosen for."""
     forms, budget = st.get("forms") or {}, st.get("max_error")
     if not forms and budget is None:

@@ -10,17 +10,19 @@ the commit protocol: unit locks and exclusive commits keep the store sound even 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
-from fcache.common.command import command_line
+from fcache.common.command import command_line, rerun
 from fcache.common.errors import LeaseHeld
 from fcache.store import layout
-from fcache.store.backends import Backend, open_backend
+from fcache.store.backends import ROOT_META, Backend, open_backend
 from fcache.store.leases import Lease
 from fcache.store.leases import is_stale as _is_stale
 
@@ -28,6 +30,7 @@ LEASE_FILE = "driver.lease"
 LEASE_KEY = f"{layout.LEDGER}/{LEASE_FILE}"
 LEASE_TIMEOUT_S = 1800.0
 HEARTBEAT_S = 60.0
+T = TypeVar("T")
 
 
 class DriverLease:
@@ -91,3 +94,40 @@ def held_message(root: str | Path, info: dict[str, Any]) -> str:
         f"{info.get('host')}, since {since}); wait for it to finish, or stop it and rerun this command "
         f"(a lease whose driver died is taken over automatically)"
     )
+
+
+@contextlib.contextmanager
+def leased_store(backend: Backend, make: Callable[[], T]) -> Iterator[tuple[T, bool]]:
+    """``make()`` (creating or reopening the store at ``backend``, e.g. ``fcache.store.create``) and the work after it,
+    under this driver's lease, taken before anything is replaced and held to the end; yields what ``make`` returned and
+    whether the store existed before.
+
+    On local disk a new store appears by a rename, so its lease is taken once it exists; in object storage the lease
+    is taken first, so one driver at a time builds the store in place (invisible until its manifest is written).
+    """
+    lease = DriverLease(backend)
+    existed = backend.exists(ROOT_META)
+    try:
+        if existed or backend.remote:
+            lease.acquire()
+        try:
+            made = make()
+        except OSError as e:
+            lost = isinstance(e, FileExistsError) or e.errno in (errno.EEXIST, errno.ENOTEMPTY)
+            if not existed and lost and backend.exists(ROOT_META):
+                raise LeaseHeld(f"another driver created {backend.url} at the same moment; rerun this command once it is done") from None
+            raise
+        lease.acquire()  # a new store (or one just replaced by --overwrite) gets its lease now
+        yield made, existed
+    finally:
+        lease.release()
+
+
+def interrupted_message(backend: Backend) -> str:
+    """What an interrupted driver kept in the store at ``backend`` and the command that continues it."""
+    manifest = layout.read_manifest(backend) if backend.exists(ROOT_META) else None
+    if manifest is None:
+        return f"nothing was written to {backend.url}"
+    units = layout.units(manifest.dataset.n, manifest.storage.shard_size)
+    done = len(layout.read_records(backend, units))
+    return f"{done} of {len(units)} units of {backend.url} are committed and kept; continue with: {rerun(drop=('--overwrite',))}"

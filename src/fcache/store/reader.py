@@ -232,14 +232,26 @@ class FeatureStore:
         if self.fetcher is not None and self.fetcher.supports(level):
             return self.read_many([(level, i, view)])[0]
         self.check_shards([(level, i)])
-        arr = self.array(f"{layout.FEATURES}/{level}")
-        sel = (i,) if view is None else (i, view)
+        return self._decoded(level, (i,) if view is None else (i, view), layout.unit_of(i, self.manifest.storage.shard_size, self.n))
+
+    def read_unit(self, level: str, unit: layout.Unit) -> np.ndarray:
+        """Float32 features of every sample of a committed unit: (n, V, C, H, W) (video: T before C), the samples
+        without features as the zeros they are stored as; the shard is checked as ``read`` checks it."""
+        self.manifest.level(level)
+        rec = self.ledger.get(unit.index)
+        if rec is None:
+            raise StoreError(f"unit {unit.name} of {self.root} is not committed (samples {unit.start}-{unit.stop - 1})")
+        with_features = [unit.start + j for j, s in enumerate(rec.status) if Status(s).has_features]
+        self.check_shards([(level, i) for i in with_features[:1]])
+        return self._decoded(level, slice(unit.start, unit.stop), unit)
+
+    def _decoded(self, level: str, sel: Any, unit: layout.Unit) -> np.ndarray:
+        """``features/<level>[sel]`` (and its scales) decoded to float32; CorruptStoreError naming the unit's shard."""
         form = self.manifest.storage.form(level)
         try:
-            values = arr[sel]
+            values = self.array(f"{layout.FEATURES}/{level}")[sel]
             scales = self.array(f"{layout.SCALES}/{level}")[sel] if stored(form).scaled else None
         except (ValueError, RuntimeError) as e:
-            unit = layout.unit_of(i, self.manifest.storage.shard_size, self.n)
             raise CorruptStoreError(
                 f"{self.root}: level {level}, shard {unit.index} (samples {unit.start}-{unit.stop - 1}) is corrupt ({e}); "
                 f"run `fcache verify {self.root}` and re-extract that unit"

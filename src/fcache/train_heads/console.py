@@ -45,6 +45,6 @@ def format_train_summary(s: Mapping[str, Any]) -> str:
 
 
 def format_eval(s: Mapping[str, Any]) -> str:
-    lines = [f"run       {s['run']} (iteration {s['iter']}) on {s['store']}, {s['samples']} samples"]
+    lines = [f"run       {s['run']} (iteration {s['iter']}) on {s['store']} (features: {s['form']}), {s['samples']} samples"]
     lines += ["          " + line for line in format_metrics(s["metrics"], s["task"])]
     return "\n".join(lines + ([f"files     {s['out']}"] if "out" in s else []))

@@ -3,8 +3,10 @@
 :func:`load_trained` is the one way a RUN's head comes back (eval, cka): its task from the recorded description,
 its weights from ``model.safetensors``, the evaluation store checked to fit it: the task's own check, the levels,
 and the frozen backbone (:func:`check_same_backbone`: features of another model, weights, input size, normalisation
-or random seed are refused, naming the fields that differ). Prediction files and metrics of each evaluation store go
-into ``RUN/eval/<store name>/`` (``RunDir.eval_dir``).
+or random seed are refused, naming the fields that differ). How the store keeps its values (its stored form: fp16,
+int8, ...) is no part of that: a head evaluates on any form of its backbone's features, and says which it read
+(:func:`stored_form`). Prediction files and metrics of each evaluation store go into ``RUN/eval/<store name>/``
+(``RunDir.eval_dir``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fcache.common.errors import InputError
 from fcache.common.files import write_json
 from fcache.spec import LevelSpec
 from fcache.store import FeatureStore
+from fcache.store.info import forms_text
 from fcache.train_heads.config import EvalConfig
 from fcache.train_heads.data import Collate, eval_data
 from fcache.train_heads.loop import build_model
@@ -63,6 +66,12 @@ def check_same_backbone(features: FeatureSource | None, store: FeatureStore, lev
             f"{store.root} holds features of another backbone than the head was trained on ({'; '.join(diffs)}; store != run); "
             "extract it with the training store's --model, --weights/--random-init, --seed and --input-size"
         )
+
+
+def stored_form(store: FeatureStore, levels: tuple[LevelSpec, ...]) -> str:
+    """The stored form the head's levels are read in: its name (``int8``), or each level's and the budget they were
+    chosen for (``p3 int3, p5 int4 (chosen for --max-error 0.25)``)."""
+    return forms_text(store.manifest.storage.to_dict(), [lv.name for lv in levels])
 
 
 @torch.inference_mode()
@@ -131,7 +140,8 @@ def evaluate_into(
         progress=progress, precision=precision,
     )  # fmt: skip
     samples = len(data)  # type: ignore[arg-type]
-    record = EvalRecord(iter=iteration, store=str(store.root), samples=samples, eval_dir=str(out.relative_to(run.path)), metrics=metrics)
+    record = EvalRecord(iter=iteration, store=str(store.root), samples=samples, eval_dir=str(out.relative_to(run.path)), metrics=metrics,
+                        form=stored_form(store, levels))  # fmt: skip
     write_json(out / EVAL_METRICS, record.to_dict())
     (log or run.log)(record.logged())
     return metrics
@@ -195,5 +205,6 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
     metrics = evaluate_into(t.run, t.task, t.model, t.store, t.levels, cfg.batch_size, cfg.num_workers, cfg.device, t.iteration, progress,
                             precision=precision)  # fmt: skip
     out = t.run.eval_dir(t.store.root, t.store.manifest.fingerprint)
-    summary = {"run": str(t.run.path), "task": t.task.name, "store": str(t.store.root), "iter": t.iteration, "samples": n}
+    summary = {"run": str(t.run.path), "task": t.task.name, "store": str(t.store.root), "form": stored_form(t.store, t.levels),
+               "iter": t.iteration, "samples": n}  # fmt: skip
     return summary | {"out": str(out), "metrics": metrics}

@@ -172,6 +172,7 @@ class EvalRecord(Record):
     samples: int
     eval_dir: str
     metrics: dict[str, float]
+    form: str = ""  # the stored form the head's levels were read in (``evaluation.stored_form``); "" in earlier records
 
     def logged(self) -> dict[str, Any]:
         """The metrics.jsonl record of this evaluation."""
