@@ -24,6 +24,7 @@ from torch import nn
 from fcache.common.command import rerun
 from fcache.common.devices import resolve_device
 from fcache.common.errors import DivergedError, InputError, Interrupted
+from fcache.common.files import check_writable
 from fcache.spec import LevelSpec
 from fcache.store import FeatureStore
 from fcache.train_heads import distributed as ddp
@@ -201,8 +202,9 @@ def _prepare(cfgs: Sequence[TrainConfig], own_folders: bool) -> list[tuple[Train
 
 
 def _check_folders(prepared: Sequence[tuple[TrainConfig, Prepared, TrainingRecord]], dist: ddp.Dist) -> None:
-    """Each RUN folder free or resumable as asked; a checkpoint of another number of processes is refused."""
+    """Each RUN folder writable, free or resumable as asked; a checkpoint of another number of processes is refused."""
     for cfg, _, record in prepared:
+        check_writable(cfg.out, "--out")
         checkpoint = RunDir(cfg.out).check(record, resume=cfg.resume)
         if checkpoint is not None:
             ddp.own_rng(checkpoint, dist)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from fcache.common.errors import InputError
+from fcache.common.files import check_writable
 from fcache.train_heads.config import MIN_EXAMPLES, CkaConfig
 from fcache.train_heads.necks.base import Tap
 
@@ -202,6 +203,7 @@ def run_cka(cfg: CkaConfig, progress: bool = True) -> dict[str, Any]:
     from fcache.train_heads.evaluation import load_trained
     from fcache.train_heads.tasks import task_def
 
+    check_writable(cfg.out or Path(cfg.run) / "cka", "--out" if cfg.out else "RUN/cka")
     t = load_trained(cfg.run, cfg.store, cfg.open_kwargs())
     task, model, store = t.task, t.model, t.store
     data = eval_data(store, task, t.levels, task_def(task.name).eval_views)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fcache.common.errors import InputError
+from fcache.common.files import check_writable
 from fcache.train_heads.analysis import leaderboard as lb
 from fcache.train_heads.analysis.figures import loss_curves, plot_losses, plot_metric
 from fcache.train_heads.analysis.results import CSV_NAME, MARKDOWN_NAME, collect, main_metric, write_results
@@ -74,6 +75,7 @@ def entry_record(e: lb.Entry) -> dict[str, Any]:
 def write_outputs(runs: Sequence[str | Path], out: str | Path, *, per_class: bool = False) -> dict[str, Any]:
     """Every report file for the RUN folders ``runs`` in ``out``; returns a summary: the files, rows and leaderboard."""
     out = Path(out)
+    check_writable(out, "--out")
     damaged: dict[str, str] = {}
     rows = collect(runs, damaged)
     if len(damaged) == len(runs):  # nothing to show: nothing is written
