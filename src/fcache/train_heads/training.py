@@ -62,6 +62,18 @@ def train_indices(store: FeatureStore, fraction: float, seed: int) -> np.ndarray
     return np.sort(np.random.default_rng(seed).choice(ok, size=k, replace=False))
 
 
+def check_batch(cfg: TrainConfig, samples: int, usable: int) -> None:
+    """Refuse a batch larger than the training set of ``samples`` (of ``usable`` in the store): it would hold every
+    sample many times over in one step, and its reading alone fills the memory. Refused, not capped: the batch size is
+    the run's (its record, schedule and learning rate follow it), and what was meant is the user's to say."""
+    if cfg.batch_size is None or cfg.batch_size <= samples:
+        return
+    subset = f", --train-fraction {cfg.train_fraction:g} of {usable}" if samples < usable else ""
+    raise InputError(
+        f"--batch-size {cfg.batch_size} is larger than the training set ({samples} samples{subset}); give --batch-size {samples} or less"
+    )
+
+
 @dataclass
 class Prepared:
     """A training run checked against its inputs, with nothing written yet."""
@@ -93,6 +105,7 @@ def prepare_training(cfg: TrainConfig, stores: dict[str, FeatureStore] | None = 
     task = tdef.from_store(store, cfg.head)
     levels = task.levels(store.levels)
     indices = train_indices(store, cfg.train_fraction, cfg.seed)
+    check_batch(cfg, len(indices), len(store.ok_indices))
     val = _open(cfg.val_store, opened, cfg) if cfg.val_store else None
     if val is not None:
         tdef.check_eval_store(task, val)
