@@ -28,6 +28,7 @@ from fcache.common.files import check_writable
 from fcache.spec import LevelSpec
 from fcache.store import FeatureStore
 from fcache.train_heads import distributed as ddp
+from fcache.train_heads.checkpoints import BEST
 from fcache.train_heads.config import TrainConfig
 from fcache.train_heads.data import eval_data, training_items
 from fcache.train_heads.defaults import with_defaults
@@ -130,7 +131,8 @@ def training_data(p: Prepared, seed: int, levels: Sequence[str] | None = None) -
 
 def train_summary(cfg: TrainConfig, p: Prepared, run: RunDir, result: TrainResult) -> dict[str, Any]:
     """The summary ``fcache train-head`` prints (as JSON with --json) for one head: with a validation store also the
-    last evaluation (``eval``) and the best one (``best``: metric, value, iter), and whether patience stopped it early."""
+    last evaluation (``eval``), the best one (``best``: metric, value, iter) and the file holding its weights
+    (``best_weights``: None with --no-keep-best), and whether patience stopped it early."""
     summary = {
         "run": str(run.path),
         "task": cfg.task,
@@ -146,7 +148,10 @@ def train_summary(cfg: TrainConfig, p: Prepared, run: RunDir, result: TrainResul
     }
     summary |= {"early_stop": result.early_stop} if result.early_stop else {}
     summary |= {"eval": result.eval} if result.eval is not None else {}
-    return summary | ({"best": result.best} if result.best is not None else {})
+    if result.best is None:
+        return summary
+    kept = cfg.keep_best and result.best["value"] is not None
+    return summary | {"best": result.best, "best_weights": str(run.path / BEST) if kept else None}
 
 
 def validation(cfg: TrainConfig, p: Prepared) -> Validation | None:
