@@ -8,6 +8,7 @@ With a validation store each head is evaluated on its cadence and when complete 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import re
@@ -37,6 +38,7 @@ from fcache.train_heads.loggers import RunLog, resolve_logger
 from fcache.train_heads.loop import Head, HeadState, TrainResult, build_model, start_head, train_pass, trainable_parameters
 from fcache.train_heads.optim import check_precision
 from fcache.train_heads.runfolder import RunDir
+from fcache.train_heads.runlease import RunLease
 from fcache.train_heads.runrecord import FeatureSource, TrainingRecord
 from fcache.train_heads.task import Task
 from fcache.train_heads.tasks import task_def
@@ -261,14 +263,21 @@ def run_train_heads(cfgs: Sequence[TrainConfig], *, progress: bool = True, say: 
     return _run(cfgs, own_folders=True, progress=progress, say=say)
 
 
+def _take_leases(prepared: Sequence[tuple[TrainConfig, Prepared, TrainingRecord]], leases: contextlib.ExitStack) -> None:
+    """Take the RUN lease of every folder (one process trains into a RUN at a time), released when ``leases`` closes."""
+    for cfg, _, _ in prepared:
+        leases.enter_context(RunLease(cfg.out))
+
+
 def _run(cfgs: Sequence[TrainConfig], *, own_folders: bool, progress: bool, say: Callable[[str], None]) -> list[dict[str, Any]]:
     cfgs = [with_defaults(c) for c in cfgs]
     check_shared(cfgs)
     dist = ddp.Dist.from_env()
-    with ddp.process_group(dist, cfgs[0].device):
+    with ddp.process_group(dist, cfgs[0].device), contextlib.ExitStack() as leases:
         prepared = _prepare(cfgs, own_folders)
         ddp.check_batch(cfgs[0].batch_size, dist)
         ddp.on_main(functools.partial(_check_folders, prepared, dist), dist)  # every folder checked before any is written
+        ddp.on_main(functools.partial(_take_leases, prepared, leases), dist)
         heads, states = [], []
         for cfg, p, record in prepared:
             run = RunDir(cfg.out)
