@@ -63,9 +63,9 @@ def test_a_second_process_is_refused_and_a_killed_runs_lease_is_taken_over(tmp_p
 def test_heads_refused_for_a_held_folder_leave_no_folder_behind(tmp_path):
     store = build_label_store(tmp_path / "labels.zarr", n=8)
     out = tmp_path / "runs"
-    with RunLease(out / "linear_dropout-0.5_level-p5") as held:  # another training holds the second head's folder
+    with RunLease(out / "linear_dropout-0.5") as held:  # another training holds the second head's folder
         r = CliRunner().invoke(main, args(store, out, "--iters", "1", "--head", "linear:dropout=0.5"))
-        refused(r, f"{out / 'linear_dropout-0.5_level-p5'} is being trained by another process")
-        assert sorted(p.name for p in out.iterdir()) == ["linear_dropout-0.5_level-p5"]
+        refused(r, f"{out / 'linear_dropout-0.5'} is being trained by another process")
+        assert sorted(p.name for p in out.iterdir()) == ["linear_dropout-0.5"]
         assert held.lease.held()
     assert not out.exists()  # the folders the lease made, left empty, went with it

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -199,25 +200,44 @@ def check_shared(cfgs: Sequence[TrainConfig]) -> None:
             )
 
 
+def run_folders(heads: Sequence[tuple[Path, str, str]]) -> list[Path]:
+    """The RUN folder of each head of one pass, given as (parent folder, spec as typed, canonical spec): the typed spec
+    made filesystem-safe (``bifpn:layers=3`` -> ``bifpn_layers-3``; the full spec is in its config.json), with a digest
+    of the canonical spec where heads would share that name. Where only the canonical spec's folder exists (an earlier
+    release named every folder so), that one: a resume finds it."""
+    typed = [out / folder_name(t) for out, t, _ in heads]
+    folders = []
+    for folder, (out, _, canonical) in zip(typed, heads, strict=True):
+        full = out / folder_name(canonical)
+        if full.exists() and not folder.exists():
+            folders.append(full)
+        elif typed.count(folder) > 1:
+            folders.append(folder.with_name(f"{folder.name}-{hashlib.sha256(canonical.encode()).hexdigest()[:8]}"))
+        else:
+            folders.append(folder)
+    return folders
+
+
 def _prepare(cfgs: Sequence[TrainConfig], own_folders: bool) -> list[tuple[TrainConfig, Prepared, TrainingRecord]]:
-    """Each head checked against the stores and its RUN folder named (``OUT/<canonical head>`` when ``own_folders``)."""
-    out = []
-    for cfg in cfgs:
-        p = prepare_training(cfg)
-        if own_folders:
-            cfg = dataclasses.replace(cfg, out=str(Path(cfg.out) / folder_name(p.task.describe()["head"])))
-        cfg = cfg.resolved(len(p.indices))  # warm-up given in epochs -> iterations of this training set
-        out.append((cfg, p, p.record(cfg)))
-    reads = sorted({p.task.target_names for _, p, _ in out})
+    """Each head checked against the stores and its RUN folder named (:func:`run_folders` when ``own_folders``)."""
+    prepared = [(cfg, prepare_training(cfg)) for cfg in cfgs]
+    reads = sorted({p.task.target_names for _, p in prepared})
     if len(reads) > 1:
         raise InputError(
             f"heads trained in one pass read the same targets, these read {' vs '.join('+'.join(r) for r in reads)}; "
             "train them in separate runs"
         )
-    names = [cfg.out for cfg, _, _ in out]
-    twice = sorted({n for n in names if names.count(n) > 1})
+    canonical = [p.task.describe()["head"] for _, p in prepared]
+    twice = sorted({c for c in canonical if canonical.count(c) > 1})
     if twice:
-        raise InputError(f"a head is given twice ({', '.join(Path(n).name for n in twice)}); give each head once")
+        raise InputError(f"a head is given twice ({', '.join(twice)}, spelled out); give each head once")
+    if own_folders:
+        folders = run_folders([(Path(cfg.out), cfg.head, c) for cfg, c in zip(cfgs, canonical, strict=True)])
+        prepared = [(dataclasses.replace(cfg, out=str(f)), p) for (cfg, p), f in zip(prepared, folders, strict=True)]
+    out = []
+    for cfg, p in prepared:
+        cfg = cfg.resolved(len(p.indices))  # warm-up given in epochs -> iterations of this training set
+        out.append((cfg, p, p.record(cfg)))
     return out
 
 
