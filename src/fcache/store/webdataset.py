@@ -59,6 +59,11 @@ def export_wds(
         check_writable(target.root, "--out")
     if target.exists(INDEX) or target.exists(layout.ROOT_META):
         raise StoreError(f"{target.url} already holds an export or a store; export into a new location")
+    if not target.is_empty():  # files of the user's, or the shards of an interrupted export
+        raise StoreError(
+            f"{target.url} holds files but no finished export (files of yours, or the shards of an interrupted export); "
+            "export into a new or empty location"
+        )
     names = list(levels or store.level_names)
     for lv in names:
         store.manifest.level(lv)
