@@ -38,6 +38,7 @@ def checkpoints(run: Path) -> list[int]:
     return sorted(int(p.stem.split("-")[1]) for p in run.glob("checkpoint-*.pt"))
 
 
+@pytest.mark.slow  # two processes training
 def test_a_second_process_is_refused_and_a_killed_runs_lease_is_taken_over(tmp_path):
     store = build_label_store(tmp_path / "labels.zarr")
     out = tmp_path / "run"
