@@ -30,7 +30,8 @@ class UserError(click.ClickException):
 
 
 def user_errors(fn: F) -> F:
-    """Turn a user's mistake (an ``FcacheError``) into one clear line and exit code 2; bugs keep their traceback."""
+    """Turn a user's mistake (an ``FcacheError``; a path that cannot be written, a full disk) into one clear line and exit
+    code 2; bugs keep their traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -44,10 +45,16 @@ def user_errors(fn: F) -> F:
             click.echo(f"Interrupted: {e}" if str(e) else "Interrupted.", err=True)
             sys.exit(130)
         except OSError as e:
+            from fcache.common.files import shown_path, unusable_path
+
             if e.errno == errno.ENOSPC:
                 again = "rerun with --resume" if fn.__name__ == "train_head" else "rerun the same command"
-                raise UserError(f"disk full ({e.filename or 'no space left on device'}): free some space and {again}") from None
-            raise
+                where = shown_path(e.filename) if e.filename else "no space left on device"
+                raise UserError(f"disk full ({where}): free some space and {again}") from None
+            line = unusable_path(e)
+            if line is None:
+                raise
+            raise UserError(line) from None
 
     return wrapper  # type: ignore[return-value]
 

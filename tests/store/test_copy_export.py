@@ -117,3 +117,15 @@ def test_export_wds_refuses_a_shard_size_of_nothing(tmp_path):
     src = build_store(tmp_path / "s.zarr", n=4, shard_size=2)
     refused(CliRunner().invoke(main, ["export-wds", str(src), "--out", str(tmp_path / "w"), "--shard-size", "0"]), "at least one byte")
     assert not (tmp_path / "w").exists()
+
+
+def test_export_wds_refuses_a_folder_holding_files_of_the_users(tmp_path):
+    src = build_store(tmp_path / "s.zarr", n=4, shard_size=2)
+    out = tmp_path / "w"
+    out.mkdir()
+    (out / "shard-000000.tar").write_bytes(b"mine")  # the name of the export's first shard
+    refused(CliRunner().invoke(main, ["export-wds", str(src), "--out", str(out)]), f"{out} holds files but no finished export")
+    assert [p.name for p in out.iterdir()] == ["shard-000000.tar"] and (out / "shard-000000.tar").read_bytes() == b"mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert CliRunner().invoke(main, ["export-wds", str(src), "--out", str(empty)]).exit_code == 0

@@ -108,6 +108,16 @@ def test_best_checkpoint_holds_the_weights_of_the_best_evaluation(store, tmp_pat
     assert not summary["stopped_early"] and "stopped early" not in format_train_summary(summary)
 
 
+def test_the_summary_names_best_weights_only_when_kept(store, tmp_path, scripted):
+    kept = quiet(config(store, tmp_path / "kept", val_store=str(store), eval_every="2", iters=4))
+    assert kept["best_weights"] == str(tmp_path / "kept" / BEST) and (tmp_path / "kept" / BEST).is_file()
+    assert "at iteration 4 (best.safetensors)" in format_train_summary(kept)
+    dropped = quiet(config(store, tmp_path / "dropped", val_store=str(store), eval_every="2", iters=4, keep_best=False))
+    assert dropped["best"]["value"] is not None and dropped["best_weights"] is None and not (tmp_path / "dropped" / BEST).exists()
+    text = format_train_summary(dropped)
+    assert "best.safetensors" not in text and f"at iteration {dropped['best']['iter']} (weights not kept: --no-keep-best)" in text
+
+
 def test_patience_stops_early_and_says_so(store, tmp_path, scripted):
     out = tmp_path / "run"
     cfg = config(store, out, val_store=str(store), eval_every="2", iters=20, patience=2)

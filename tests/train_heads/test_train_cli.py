@@ -94,3 +94,24 @@ def test_val_store_is_checked_before_training(det_store, stores, tmp_path):
 def test_cuda_without_a_device_is_refused_before_writing(det_store, tmp_path):
     refused(train(det_store, tmp_path / "run", "--device", "cuda"), "no CUDA device")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("given", ["flag", "config", "sweep"])
+def test_a_batch_larger_than_the_training_set_is_refused_at_once(given, det_store, tmp_path):
+    """It would sit at 0% while the batch of repeated samples grows in memory: refused before anything is written."""
+    out = tmp_path / "run"
+    head = TINY[TINY.index("--head") + 1]
+    if given == "sweep":
+        spec = tmp_path / "s.yaml"
+        spec.write_text(json.dumps({"store": str(det_store), "head": head, "iters": 1, "batch_size": [1, 1e11], "device": "cpu"}))
+        r = CliRunner().invoke(main, ["sweep", str(spec), "--out", str(out)])
+    else:
+        settings = tmp_path / "settings.json"
+        settings.write_text(json.dumps({"batch_size": 1e11}))
+        size = ["--config", str(settings)] if given == "config" else ["--batch-size", "1000000"]
+        at = TINY.index("--batch-size")
+        base = TINY[:at] + TINY[at + 2 :]
+        r = CliRunner().invoke(main, ["train-head", "--store", str(det_store), "--out", str(out), *base, *size])
+    batch = "1000000" if given == "flag" else "100000000000"
+    refused(r, f"--batch-size {batch} is larger than the training set (2 samples); give --batch-size 2 or less")
+    assert not out.exists()

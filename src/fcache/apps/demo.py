@@ -23,6 +23,7 @@ import numpy as np
 
 from fcache.apps.config import DemoConfig
 from fcache.common.errors import InputError
+from fcache.common.files import check_writable
 
 CATEGORIES = ({"id": 1, "name": "square"}, {"id": 2, "name": "disc"}, {"id": 3, "name": "triangle"})
 COLORS = {1: (230, 40, 40), 2: (40, 200, 60), 3: (40, 90, 235)}
@@ -112,6 +113,7 @@ def check_out(out: Path) -> None:
     if foreign:
         shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
         raise InputError(f"--out {out} holds files the demo did not write ({shown}); give a new or empty folder")
+    check_writable(out, "--out")
 
 
 def extract_settings(cfg: DemoConfig) -> dict[str, Any]:

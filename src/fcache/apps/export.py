@@ -169,6 +169,9 @@ def config_of(parts: Parts, cfg: ExportConfig, graph: Graph) -> dict[str, Any]:
 
 def run_export(cfg: ExportConfig) -> dict[str, Any]:
     """Write the artifact and its JSON config; returns a summary."""
+    from fcache.common.files import check_writable
+
+    check_writable(cfg.out, "--out", folder=False)
     parts = Parts.of(cfg)
     graph = Graph(parts).eval()
     out = Path(cfg.out)

@@ -69,6 +69,9 @@ def expand_inputs(args: tuple[str, ...], video: bool) -> list[tuple[str, str]]:
 
 def run_predict(cfg: PredictConfig, *, progress: bool = True) -> dict[str, Any]:
     """Predict every input of ``cfg`` and write the task's files into ``cfg.out``; returns a summary."""
+    from fcache.common.files import check_writable
+
+    check_writable(cfg.out, "--out")
     if len(cfg.inputs) == 1 and is_store(cfg.inputs[0]):
         return _from_store(cfg, progress)
     from tqdm import tqdm

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fcache.common.errors import CorruptStoreError, StoreError
+from fcache.common.files import check_writable
 from fcache.spec import Manifest
 from fcache.store import layout
 from fcache.store.backends import ROOT_META, Backend, open_backend, overlapping
@@ -58,6 +59,8 @@ def copy_store(
         raise StoreError(
             f"{target.url} and {source.url} are one location or one lies inside the other; copy into a location outside the store"
         )
+    if not target.remote:
+        check_writable(target.root, "DST")
     attrs = layout.read_manifest_attrs(source)
     if attrs is None:
         raise StoreError(f"{source.url} is not an fcache store (no zarr.json with an fcache manifest); check the path")

@@ -19,6 +19,7 @@ import torch
 import zarr
 
 from fcache.common.errors import CorruptStoreError, InputError, StoreError
+from fcache.common.files import check_writable
 from fcache.spec import Geometry, LevelSpec, Status
 from fcache.store import layout
 from fcache.store.backends import Backend, open_backend, parse_size
@@ -90,6 +91,8 @@ class FeatureStore:
         sane = self.manifest.storage.shard_size >= 1 and self.n >= 0  # else only verify opens it, to name the problem
         self.ledger = layout.read_records(self.backend, self.units) if sane else {}
         self.cache = (str(cache_dir), parse_size(cache_size or 0)) if cache_dir and self.backend.remote else None
+        if self.cache is not None and check:
+            check_writable(self.cache[0], "--cache-dir", fix="give a folder you can write to, or no --cache-dir")
         self._handles: dict[str, zarr.Array] = {}
         self._pid = os.getpid()
         self._checked: dict[tuple[str, int], str] = {}  # (level, unit) -> the shard's key, once its size is checked

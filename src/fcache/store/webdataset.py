@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from fcache.common.errors import InputError, StoreError
+from fcache.common.files import check_writable
 from fcache.spec import GEOMETRY_FIELDS, Manifest, Status
 from fcache.store import layout
 from fcache.store.backends import Backend, Range, open_backend, overlapping
@@ -54,8 +55,15 @@ def export_wds(
         raise InputError(f"--shard-size {shard_size} bytes: a shard must hold at least one byte; give e.g. 1GB or 512MiB")
     if overlapping(store.backend, target):
         raise StoreError(f"{target.url} and the store {store.url} are one location or one lies inside the other; export outside the store")
+    if not target.remote:
+        check_writable(target.root, "--out")
     if target.exists(INDEX) or target.exists(layout.ROOT_META):
         raise StoreError(f"{target.url} already holds an export or a store; export into a new location")
+    if not target.is_empty():  # files of the user's, or the shards of an interrupted export
+        raise StoreError(
+            f"{target.url} holds files but no finished export (files of yours, or the shards of an interrupted export); "
+            "export into a new or empty location"
+        )
     names = list(levels or store.level_names)
     for lv in names:
         store.manifest.level(lv)

@@ -61,7 +61,9 @@ def parse_every(text: str) -> str:
         value = float(text[:-1]) if epochs else int(text)
     except ValueError:
         raise InputError(f"--eval-every {text}: use N (iterations) or Ne (epochs), e.g. 500 or 2e") from None
-    if not math.isfinite(value) or value <= 0:
+    if not math.isfinite(value):  # nan, inf, 1e400: not a count
+        raise InputError(f"--eval-every {text}: use N (iterations) or Ne (epochs), e.g. 500 or 2e")
+    if value <= 0:
         raise InputError(f"--eval-every {text}: must be greater than 0")
     return text
 

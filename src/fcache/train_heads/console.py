@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 
@@ -40,7 +41,8 @@ def format_train_summary(s: Mapping[str, Any]) -> str:
         lines += ["eval      " + line for line in format_metrics(s["eval"], s["task"])]
     best = s.get("best")
     if best and best.get("value") is not None:
-        lines.append(f"best      {best['metric']} {shown(best['value'], s['task'])} at iteration {best['iter']} (best.safetensors)")
+        kept = f"({Path(s['best_weights']).name})" if s.get("best_weights") else "(weights not kept: --no-keep-best)"
+        lines.append(f"best      {best['metric']} {shown(best['value'], s['task'])} at iteration {best['iter']} {kept}")
     return "\n".join(lines)
 
 

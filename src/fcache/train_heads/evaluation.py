@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from fcache.common.devices import resolve_device
 from fcache.common.errors import InputError
-from fcache.common.files import write_json
+from fcache.common.files import check_writable, write_json
 from fcache.spec import LevelSpec
 from fcache.store import FeatureStore
 from fcache.store.info import forms_text
@@ -198,6 +198,7 @@ def load_trained(run_path: str | Path, store_path: str | Path, access: Mapping[s
 
 def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
     """Score the weights in RUN on the store ``cfg.store``; writes the task's prediction files into RUN, logs the metrics."""
+    check_writable(cfg.run, "RUN", fix="evaluation writes into RUN/eval/ and RUN/metrics.jsonl: copy the RUN folder somewhere writable")
     t = load_trained(cfg.run, cfg.store, cfg.open_kwargs())
     n = len(eval_data(t.store, t.task, t.levels, task_def(t.task.name).eval_views))  # type: ignore[arg-type]
     resolve_device(cfg.device)

@@ -6,6 +6,7 @@
 - ``metrics.jsonl`` and ``metrics.csv``: ``metricslog.py``.
 - ``eval/<store>/``: what ``fcache eval`` wrote for one evaluation store (its prediction files, ``metrics.json`` and
   ``store.json`` naming the store), one folder per store, so no evaluation overwrites another's.
+- ``train.lease``: held by the process training into the folder (``runlease.py``).
 
 Files are written atomically (a temporary file renamed into place) and readable as the umask allows, like any other.
 """
@@ -21,6 +22,7 @@ from fcache.common.files import remove_stale, write_json
 from fcache.common.records import read_json
 from fcache.train_heads.checkpoints import BEST, MODEL, OLD_CHECKPOINT, Checkpoints
 from fcache.train_heads.metricslog import METRICS, METRICS_CSV, MetricsLog
+from fcache.train_heads.runlease import LEASE
 from fcache.train_heads.runrecord import EvalStore, TrainingRecord
 
 CONFIG = "config.json"
@@ -54,7 +56,7 @@ class RunDir(Checkpoints, MetricsLog):
         """
         existing = self.read_config()
         if existing is None:
-            if self.path.exists() and any(self.path.iterdir()):
+            if self.path.exists() and any(p.name != LEASE for p in self.path.iterdir()):  # a lease alone: a run starting
                 raise InputError(f"{self.path} exists and is not an fcache run folder; choose another --out")
             return None
         diffs = _diff(existing.identity(), record.identity())

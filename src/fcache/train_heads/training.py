@@ -8,8 +8,10 @@ With a validation store each head is evaluated on its cadence and when complete 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import hashlib
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -24,9 +26,11 @@ from torch import nn
 from fcache.common.command import rerun
 from fcache.common.devices import resolve_device
 from fcache.common.errors import DivergedError, InputError, Interrupted
+from fcache.common.files import check_writable
 from fcache.spec import LevelSpec
 from fcache.store import FeatureStore
 from fcache.train_heads import distributed as ddp
+from fcache.train_heads.checkpoints import BEST
 from fcache.train_heads.config import TrainConfig
 from fcache.train_heads.data import eval_data, training_items
 from fcache.train_heads.defaults import with_defaults
@@ -35,6 +39,7 @@ from fcache.train_heads.loggers import RunLog, resolve_logger
 from fcache.train_heads.loop import Head, HeadState, TrainResult, build_model, start_head, train_pass, trainable_parameters
 from fcache.train_heads.optim import check_precision
 from fcache.train_heads.runfolder import RunDir
+from fcache.train_heads.runlease import RunLease
 from fcache.train_heads.runrecord import FeatureSource, TrainingRecord
 from fcache.train_heads.task import Task
 from fcache.train_heads.tasks import task_def
@@ -59,6 +64,18 @@ def train_indices(store: FeatureStore, fraction: float, seed: int) -> np.ndarray
         return ok
     k = max(1, round(fraction * len(ok)))
     return np.sort(np.random.default_rng(seed).choice(ok, size=k, replace=False))
+
+
+def check_batch(cfg: TrainConfig, samples: int, usable: int) -> None:
+    """Refuse a batch larger than the training set of ``samples`` (of ``usable`` in the store): it would hold every
+    sample many times over in one step, and its reading alone fills the memory. Refused, not capped: the batch size is
+    the run's (its record, schedule and learning rate follow it), and what was meant is the user's to say."""
+    if cfg.batch_size is None or cfg.batch_size <= samples:
+        return
+    subset = f", --train-fraction {cfg.train_fraction:g} of {usable}" if samples < usable else ""
+    raise InputError(
+        f"--batch-size {cfg.batch_size} is larger than the training set ({samples} samples{subset}); give --batch-size {samples} or less"
+    )
 
 
 @dataclass
@@ -92,6 +109,7 @@ def prepare_training(cfg: TrainConfig, stores: dict[str, FeatureStore] | None = 
     task = tdef.from_store(store, cfg.head)
     levels = task.levels(store.levels)
     indices = train_indices(store, cfg.train_fraction, cfg.seed)
+    check_batch(cfg, len(indices), len(store.ok_indices))
     val = _open(cfg.val_store, opened, cfg) if cfg.val_store else None
     if val is not None:
         tdef.check_eval_store(task, val)
@@ -116,7 +134,8 @@ def training_data(p: Prepared, seed: int, levels: Sequence[str] | None = None) -
 
 def train_summary(cfg: TrainConfig, p: Prepared, run: RunDir, result: TrainResult) -> dict[str, Any]:
     """The summary ``fcache train-head`` prints (as JSON with --json) for one head: with a validation store also the
-    last evaluation (``eval``) and the best one (``best``: metric, value, iter), and whether patience stopped it early."""
+    last evaluation (``eval``), the best one (``best``: metric, value, iter) and the file holding its weights
+    (``best_weights``: None with --no-keep-best), and whether patience stopped it early."""
     summary = {
         "run": str(run.path),
         "task": cfg.task,
@@ -132,7 +151,10 @@ def train_summary(cfg: TrainConfig, p: Prepared, run: RunDir, result: TrainResul
     }
     summary |= {"early_stop": result.early_stop} if result.early_stop else {}
     summary |= {"eval": result.eval} if result.eval is not None else {}
-    return summary | ({"best": result.best} if result.best is not None else {})
+    if result.best is None:
+        return summary
+    kept = cfg.keep_best and result.best["value"] is not None
+    return summary | {"best": result.best, "best_weights": str(run.path / BEST) if kept else None}
 
 
 def validation(cfg: TrainConfig, p: Prepared) -> Validation | None:
@@ -178,31 +200,51 @@ def check_shared(cfgs: Sequence[TrainConfig]) -> None:
             )
 
 
+def run_folders(heads: Sequence[tuple[Path, str, str]]) -> list[Path]:
+    """The RUN folder of each head of one pass, given as (parent folder, spec as typed, canonical spec): the typed spec
+    made filesystem-safe (``bifpn:layers=3`` -> ``bifpn_layers-3``; the full spec is in its config.json), with a digest
+    of the canonical spec where heads would share that name. Where only the canonical spec's folder exists (an earlier
+    release named every folder so), that one: a resume finds it."""
+    typed = [out / folder_name(t) for out, t, _ in heads]
+    folders = []
+    for folder, (out, _, canonical) in zip(typed, heads, strict=True):
+        full = out / folder_name(canonical)
+        if full.exists() and not folder.exists():
+            folders.append(full)
+        elif typed.count(folder) > 1:
+            folders.append(folder.with_name(f"{folder.name}-{hashlib.sha256(canonical.encode()).hexdigest()[:8]}"))
+        else:
+            folders.append(folder)
+    return folders
+
+
 def _prepare(cfgs: Sequence[TrainConfig], own_folders: bool) -> list[tuple[TrainConfig, Prepared, TrainingRecord]]:
-    """Each head checked against the stores and its RUN folder named (``OUT/<canonical head>`` when ``own_folders``)."""
-    out = []
-    for cfg in cfgs:
-        p = prepare_training(cfg)
-        if own_folders:
-            cfg = dataclasses.replace(cfg, out=str(Path(cfg.out) / folder_name(p.task.describe()["head"])))
-        cfg = cfg.resolved(len(p.indices))  # warm-up given in epochs -> iterations of this training set
-        out.append((cfg, p, p.record(cfg)))
-    reads = sorted({p.task.target_names for _, p, _ in out})
+    """Each head checked against the stores and its RUN folder named (:func:`run_folders` when ``own_folders``)."""
+    prepared = [(cfg, prepare_training(cfg)) for cfg in cfgs]
+    reads = sorted({p.task.target_names for _, p in prepared})
     if len(reads) > 1:
         raise InputError(
             f"heads trained in one pass read the same targets, these read {' vs '.join('+'.join(r) for r in reads)}; "
             "train them in separate runs"
         )
-    names = [cfg.out for cfg, _, _ in out]
-    twice = sorted({n for n in names if names.count(n) > 1})
+    canonical = [p.task.describe()["head"] for _, p in prepared]
+    twice = sorted({c for c in canonical if canonical.count(c) > 1})
     if twice:
-        raise InputError(f"a head is given twice ({', '.join(Path(n).name for n in twice)}); give each head once")
+        raise InputError(f"a head is given twice ({', '.join(twice)}, spelled out); give each head once")
+    if own_folders:
+        folders = run_folders([(Path(cfg.out), cfg.head, c) for cfg, c in zip(cfgs, canonical, strict=True)])
+        prepared = [(dataclasses.replace(cfg, out=str(f)), p) for (cfg, p), f in zip(prepared, folders, strict=True)]
+    out = []
+    for cfg, p in prepared:
+        cfg = cfg.resolved(len(p.indices))  # warm-up given in epochs -> iterations of this training set
+        out.append((cfg, p, p.record(cfg)))
     return out
 
 
 def _check_folders(prepared: Sequence[tuple[TrainConfig, Prepared, TrainingRecord]], dist: ddp.Dist) -> None:
-    """Each RUN folder free or resumable as asked; a checkpoint of another number of processes is refused."""
+    """Each RUN folder writable, free or resumable as asked; a checkpoint of another number of processes is refused."""
     for cfg, _, record in prepared:
+        check_writable(cfg.out, "--out")
         checkpoint = RunDir(cfg.out).check(record, resume=cfg.resume)
         if checkpoint is not None:
             ddp.own_rng(checkpoint, dist)
@@ -241,14 +283,21 @@ def run_train_heads(cfgs: Sequence[TrainConfig], *, progress: bool = True, say: 
     return _run(cfgs, own_folders=True, progress=progress, say=say)
 
 
+def _take_leases(prepared: Sequence[tuple[TrainConfig, Prepared, TrainingRecord]], leases: contextlib.ExitStack) -> None:
+    """Take the RUN lease of every folder (one process trains into a RUN at a time), released when ``leases`` closes."""
+    for cfg, _, _ in prepared:
+        leases.enter_context(RunLease(cfg.out))
+
+
 def _run(cfgs: Sequence[TrainConfig], *, own_folders: bool, progress: bool, say: Callable[[str], None]) -> list[dict[str, Any]]:
     cfgs = [with_defaults(c) for c in cfgs]
     check_shared(cfgs)
     dist = ddp.Dist.from_env()
-    with ddp.process_group(dist, cfgs[0].device):
+    with ddp.process_group(dist, cfgs[0].device), contextlib.ExitStack() as leases:
         prepared = _prepare(cfgs, own_folders)
         ddp.check_batch(cfgs[0].batch_size, dist)
         ddp.on_main(functools.partial(_check_folders, prepared, dist), dist)  # every folder checked before any is written
+        ddp.on_main(functools.partial(_take_leases, prepared, leases), dist)
         heads, states = [], []
         for cfg, p, record in prepared:
             run = RunDir(cfg.out)

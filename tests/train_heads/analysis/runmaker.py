@@ -36,11 +36,13 @@ def make_run(
     seconds: float = 5.0,
     peak_gb: float = 0.5,
     events: list[dict[str, Any]] | None = None,
+    fingerprints: dict[str, str] | None = None,
 ) -> Path:
     """A RUN folder of ``head`` trained ``iters`` iterations (weights saved at ``saved``, default ``iters``; -1 for none).
 
     ``evals``: eval store path -> metrics, each logged at the last iteration with its ``eval/<name>`` folder, into
-    which ``per_class`` (file name -> JSON, or text for .jsonl) is written. ``losses``: one training record each,
+    which ``per_class`` (file name -> JSON, or text for .jsonl) is written; a store ``fingerprints`` (eval store path ->
+    fingerprint) names gets its folder and ``store.json`` as evaluation makes them. ``losses``: one training record each,
     evenly spaced up to ``logged`` (default ``iters``), the last at ``seconds`` with ``peak_gb``.
     """
     cfg = with_defaults(TrainConfig(store=TRAIN_STORE, out=str(path), head=head, iters=iters, task=task, seed=seed, lr=lr, batch_size=2))
@@ -53,11 +55,15 @@ def make_run(
         at = round((iters if logged is None else logged) * k / len(losses))
         run.log({"iter": at, "lr": lr, "loss": loss, "time_s": seconds * k / len(losses), "samples_per_s": 1.0, "peak_mem_gb": peak_gb})
     for store, metrics in (evals or {}).items():
-        folder = path / "eval" / Path(store).stem
-        folder.mkdir(parents=True)
+        if store in (fingerprints or {}):  # named and recorded as evaluation does
+            folder = run.eval_dir(store, (fingerprints or {})[store])
+        else:
+            folder = path / "eval" / Path(store).stem
+            folder.mkdir(parents=True)
         for name, content in (per_class or {}).items():
             (folder / name).write_text(content if isinstance(content, str) else json.dumps(content))
-        run.log({"event": "eval", "iter": iters, "store": store, "samples": 4, "eval_dir": f"eval/{Path(store).stem}", **metrics})
+        where = folder.relative_to(path).as_posix()
+        run.log({"event": "eval", "iter": iters, "store": store, "samples": 4, "eval_dir": where, **metrics})
     for e in events or []:
         run.log(e)
     saved = iters if saved is None else saved

@@ -15,6 +15,7 @@ from fcache.cli import main
 from fcache.train_heads.analysis.cka import MinibatchCKA, cka
 from fcache.train_heads.config import TrainConfig
 from fcache.train_heads.training import run_train
+from helpers import build_store, refused
 
 
 def reference_hsic1(x: np.ndarray, y: np.ndarray) -> float:
@@ -93,3 +94,15 @@ def test_fcache_cka_writes_heatmaps_of_the_neck_and_the_cascade(trained, tmp_pat
         np.testing.assert_allclose(m, m.T, atol=1e-12)
     r = CliRunner().invoke(main, ["cka", str(run), "--store", str(store), "--batch-size", "2"])
     assert r.exit_code == 2 and "at least 4" in r.output
+
+
+def test_an_output_folder_holding_files_of_the_users_is_refused_before_anything_is_computed(tmp_path):
+    store = build_store(tmp_path / "s.zarr")
+    (tmp_path / "run").mkdir()
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "cka.json").write_text("{}")
+    r = CliRunner().invoke(main, ["cka", str(tmp_path / "run"), "--store", str(store), "--out", str(out)])
+    refused(r, f"--out {out} holds files fcache cka did not write (notes.txt)")
+    assert sorted(p.name for p in out.iterdir()) == ["cka.json", "notes.txt"] and (out / "cka.json").read_text() == "{}"

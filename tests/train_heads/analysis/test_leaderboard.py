@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -92,8 +93,34 @@ def test_the_printed_table_orders_metrics_and_shows_costs(runs, report, tmp_path
     assert dict(zip(table[0], table[3], strict=True))["box/AP"] == "10.0"  # n = 1: no ±
     assert dict(zip(table[0], table[5], strict=True))["box/AP"] == "-" and table[5][3] == "(not evaluated)"
     csv_lines = (out / "leaderboard.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("task,rank,head,settings,eval_store,n,seeds,metric,box/AP,box/AP std,")
+    assert csv_lines[0].startswith("task,rank,head,settings,eval_store,eval_name,n,n_runs,seeds,metric,box/AP,box/AP std,")
     assert len(csv_lines) == 1 + 5
+
+
+def test_stores_of_one_name_are_told_apart_and_a_repeated_seed_counts_as_a_run(tmp_path):
+    """Two val.zarr of different fingerprints are two lines named as the RUN names their eval folders; a copied RUN and
+    the same seed trained twice are runs of one seed."""
+    x, y = "/x/val.zarr", "/y/val.zarr"
+    fps = {x: "aaaaaaaa" + "1" * 56, y: "bbbbbbbb" + "2" * 56}
+    d = tmp_path / "runs"
+    make_run(d / "s0", FPN, seed=0, evals={x: coco_metrics(0.30)}, fingerprints=fps)
+    shutil.copytree(d / "s0", d / "s0-copy")
+    make_run(d / "s0-again", FPN, seed=0, evals={x: coco_metrics(0.34)}, fingerprints=fps)
+    make_run(d / "s1", FPN, seed=1, evals={x: coco_metrics(0.32), y: coco_metrics(0.50)}, fingerprints=fps)
+    r = CliRunner().invoke(main, ["report", str(d), "--out", str(tmp_path / "rep"), "--json"])
+    assert r.exit_code == 0, r.output
+    board = json.loads(r.stdout)["leaderboard"]
+    assert [(e["eval_name"], e["n"], e["n_runs"], e["seeds"]) for e in board] == [
+        ("val-bbbbbbbb", 1, 1, [1]),
+        ("val-aaaaaaaa", 2, 4, [0, 0, 0, 1]),
+    ]
+    table = cells((tmp_path / "rep" / "leaderboard.md").read_text())
+    assert [(row[2], row[3]) for row in table[1:]] == [("val-bbbbbbbb", "1"), ("val-aaaaaaaa", "2 (4 runs)")]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "mean ± std over a line's runs; n: its seeds, and runs where a seed repeats" in md
+    results = cells((tmp_path / "rep" / "results.md").read_text())
+    column = results[0].index("eval store")
+    assert sorted(row[column] for row in results[1:]) == ["val-aaaaaaaa"] * 4 + ["val-bbbbbbbb"]
 
 
 def test_per_class_tables(report):

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from fcache.common.errors import InputError
+from fcache.common.files import check_writable
 from fcache.train_heads.config import MIN_EXAMPLES, CkaConfig
 from fcache.train_heads.necks.base import Tap
 
@@ -186,10 +187,22 @@ def heatmap(result: dict[str, dict[str, Any]], png: Path, title: str) -> None:
     plt.close(fig)
 
 
+CKA_JSON, CKA_PNG = "cka.json", "cka.png"
+
+
+def check_out(out: Path, flag: str) -> None:
+    """Refuse an output folder that cannot be written or holds anything but an earlier ``fcache cka``'s two files
+    (which a rerun replaces), before anything is computed."""
+    check_writable(out, flag)
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in (CKA_JSON, CKA_PNG)) if out.is_dir() else []
+    if foreign:
+        raise InputError(f"{flag} {out} holds files fcache cka did not write ({', '.join(foreign[:5])}); give a new or empty folder")
+
+
 def write(result: dict[str, dict[str, Any]], out: Path, title: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cka.json").write_text(json.dumps(result, indent=1))
-    heatmap(result, out / "cka.png", title)
+    (out / CKA_JSON).write_text(json.dumps(result, indent=1))
+    heatmap(result, out / CKA_PNG, title)
 
 
 def run_cka(cfg: CkaConfig, progress: bool = True) -> dict[str, Any]:
@@ -202,6 +215,7 @@ def run_cka(cfg: CkaConfig, progress: bool = True) -> dict[str, Any]:
     from fcache.train_heads.evaluation import load_trained
     from fcache.train_heads.tasks import task_def
 
+    check_out(Path(cfg.out or Path(cfg.run) / "cka"), "--out" if cfg.out else "RUN/cka")
     t = load_trained(cfg.run, cfg.store, cfg.open_kwargs())
     task, model, store = t.task, t.model, t.store
     data = eval_data(store, task, t.levels, task_def(task.name).eval_views)

@@ -27,11 +27,11 @@ def metric_series(mine: Sequence[Entry]) -> dict[str, list[tuple[int, float, flo
     metric = main_metric(mine[0].task)
     scored = [e for e in mine if e.mean(metric) is not None]
     many = lambda key: len({str(e.setup.get(key)) for e in scored}) > 1  # noqa: E731
-    many_evals = len({e.eval_store for e in scored}) > 1
+    many_evals = len({e.eval_name for e in scored}) > 1
     grouped: dict[str, list[Entry]] = {}
     for e in scored:
         label = e.family + (f" @ {e.setup['store']}" if many("store") else "")
-        label += f" on {Path(str(e.eval_store)).name}" if many_evals else ""
+        label += f" on {e.eval_name}" if many_evals else ""
         label += f", {100 * e.setup['train_fraction']:g}% data" if many("train_fraction") else ""
         grouped.setdefault(label, []).append(e)
     out: dict[str, list[tuple[int, float, float]]] = {}

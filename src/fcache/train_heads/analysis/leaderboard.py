@@ -37,6 +37,7 @@ class Entry:
     head: str
     family: str
     eval_store: str | None
+    eval_name: str | None  # how the store is shown (``results.name_eval_stores``)
     rows: list[dict[str, Any]]
     setup: dict[str, Any]  # the variant's identity without head and seed, the training store by name
     settings: dict[str, Any] = field(default_factory=dict)  # what of ``setup`` differs between the task's entries
@@ -44,7 +45,16 @@ class Entry:
 
     @property
     def n(self) -> int:
+        """The distinct seeds of its runs (a copied RUN or a seed trained twice adds a run, not a seed)."""
+        return len(set(self.seeds))
+
+    @property
+    def n_runs(self) -> int:
         return len(self.rows)
+
+    @property
+    def shown_n(self) -> str:
+        return str(self.n) if self.n == self.n_runs else f"{self.n} ({self.n_runs} runs)"
 
     @property
     def seeds(self) -> list[int]:
@@ -119,11 +129,12 @@ def entries(rows: Sequence[dict[str, Any]]) -> dict[str, list[Entry]]:
     first on a tie."""
     groups: dict[tuple[str, str, str | None], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["task"], r["variant"], r.get("eval_store")), []).append(r)
+        groups.setdefault((r["task"], r["variant"], r.get("eval_name", r.get("eval_store"))), []).append(r)
     out: dict[str, list[Entry]] = {}
-    for (task, _, store), members in groups.items():
+    for (task, _, name), members in groups.items():
         members = sorted(members, key=lambda r: r["seed"])
-        out.setdefault(task, []).append(Entry(task, members[0]["head"], members[0]["family"], store, members, _setup(members[0])))
+        first = members[0]
+        out.setdefault(task, []).append(Entry(task, first["head"], first["family"], first.get("eval_store"), name, members, _setup(first)))
     for task, mine in out.items():
         varying = [k for k in mine[0].setup if _varies(mine, k)]
         metric, sign = main_metric(task), (1.0 if higher_is_better(task) else -1.0)
@@ -179,8 +190,8 @@ def table(task: str, mine: Sequence[Entry]) -> list[list[str]]:
     out = [header]
     for e in mine:
         settings = [", ".join(f"{k}={_short(v)}" for k, v in e.settings.items())] if with_settings else []
-        store = Path(e.eval_store).name if e.eval_store else "(not evaluated)"
-        cells = [str(e.rank), e.head, *settings, store, str(e.n), *(_pm(e.mean(m), e.std(m), scale, digits) for m in metrics)]
+        store = e.eval_name or "(not evaluated)"
+        cells = [str(e.rank), e.head, *settings, store, e.shown_n, *(_pm(e.mean(m), e.std(m), scale, digits) for m in metrics)]
         cells += [f"{e.trainable_params / 1e6:.2f}", _duration(e.mean("time_s")), _number(e.mean("s_per_iter"), "#.3g")]
         cells.append(_number(max(e.values("peak_mem_gb"), default=None), ".2f"))
         out.append(cells)
@@ -198,7 +209,8 @@ def markdown(board: dict[str, list[Entry]]) -> str:
     """Every task's table under a heading that names its ranking metric."""
     parts = []
     for task, mine in board.items():
-        title = f"### {task}: ranked by {main_metric(task)} ({unit(task)}mean ± std over n seeds)"
+        over = "n seeds" if all(e.n == e.n_runs for e in mine) else "a line's runs; n: its seeds, and runs where a seed repeats"
+        title = f"### {task}: ranked by {main_metric(task)} ({unit(task)}mean ± std over {over})"
         parts += [title, "", markdown_table(table(task, mine))]
     return "\n".join(parts)
 
@@ -210,7 +222,8 @@ def write_csv(board: dict[str, list[Entry]], path: str | Path) -> Path:
         metrics = metric_columns(task, mine)
         for e in mine:
             line: dict[str, Any] = {"task": task, "rank": e.rank, "head": e.head, "settings": json.dumps(e.settings, sort_keys=True)}
-            line |= {"eval_store": e.eval_store or "", "n": e.n, "seeds": " ".join(map(str, e.seeds)), "metric": main_metric(task)}
+            line |= {"eval_store": e.eval_store or "", "eval_name": e.eval_name or "", "n": e.n, "n_runs": e.n_runs}
+            line |= {"seeds": " ".join(map(str, e.seeds)), "metric": main_metric(task)}
             for m in metrics:
                 line |= {m: e.mean(m), f"{m} std": e.std(m)}
             line |= {"trainable_params": e.trainable_params, "time_s": e.mean("time_s"), "s_per_iter": e.mean("s_per_iter")}
@@ -250,7 +263,7 @@ def per_class(board: dict[str, list[Entry]]) -> list[tuple[str, list[list[str]]]
             for r in e.rows:
                 folder = eval_dir(r) if e.eval_store else None
                 for metric, values in (read(folder) if folder is not None else {}).items():
-                    by_store.setdefault(str(e.eval_store), {}).setdefault(metric, {}).setdefault(e.rank, []).append(values)
+                    by_store.setdefault(str(e.eval_name), {}).setdefault(metric, {}).setdefault(e.rank, []).append(values)
         for store, metrics in by_store.items():
             for metric, per_entry in metrics.items():
                 ranked = [e for e in mine if e.rank in per_entry]
@@ -264,7 +277,7 @@ def per_class(board: dict[str, list[Entry]]) -> list[tuple[str, list[list[str]]]
                         row.append(_pm(mean, std, scale, digits))
                     cells.append(row)
                 shown = " (%)" if scale == 100.0 else ""
-                out.append((f"#### {task}: {metric} on {Path(store).name}{shown}", cells))
+                out.append((f"#### {task}: {metric} on {store}{shown}", cells))
     return out
 
 

@@ -4,24 +4,31 @@ every run (CSV and Markdown), the metric against trainable parameters, the loss 
 with ``--per-class``, and a ``report.md`` that shows them together.
 
 Reads RUN folders only (``config.json``, ``metrics.jsonl``, ``eval/<store>/``), so it works on runs trained anywhere,
-any time.
+any time. The report folder is fcache's: ``.fcache-report.json`` lists the files a report wrote there with their sha256,
+and a later report replaces them only while they are unchanged; a folder holding anything else (a file of the user's,
+one edited since) is refused before anything is written (:func:`check_out`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from fcache.common.errors import InputError
+from fcache.common.files import check_writable, write_json
 from fcache.train_heads.analysis import leaderboard as lb
 from fcache.train_heads.analysis.figures import loss_curves, plot_losses, plot_metric
 from fcache.train_heads.analysis.results import CSV_NAME, MARKDOWN_NAME, collect, main_metric, write_results
 from fcache.train_heads.runfolder import CONFIG
 
 LOSS_PLOT, METRIC_PLOT, REPORT = "losses.png", "results.png", "report.md"
+WRITTEN = ".fcache-report.json"  # the files the last report wrote into its folder: name -> sha256
+REPORT_TITLE = "# fcache report: "  # how report.md begins (a folder of an earlier release, without WRITTEN, is told by it)
 
-__all__ = ["find_runs", "format_report", "loss_curves", "write_outputs", "write_report"]
+__all__ = ["check_out", "find_runs", "format_report", "loss_curves", "write_outputs", "write_report"]
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:
@@ -57,7 +64,9 @@ def entry_record(e: lb.Entry) -> dict[str, Any]:
         "head": e.head,
         "settings": e.settings,
         "eval_store": e.eval_store,
+        "eval_name": e.eval_name,
         "n": e.n,
+        "n_runs": e.n_runs,
         "seeds": e.seeds,
         "metric": main_metric(e.task),
         "value": e.mean(main_metric(e.task)),
@@ -71,9 +80,59 @@ def entry_record(e: lb.Entry) -> dict[str, Any]:
     }
 
 
-def write_outputs(runs: Sequence[str | Path], out: str | Path, *, per_class: bool = False) -> dict[str, Any]:
-    """Every report file for the RUN folders ``runs`` in ``out``; returns a summary: the files, rows and leaderboard."""
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _written(out: Path) -> dict[str, str | None]:
+    """The files an earlier report wrote into ``out`` (name -> sha256; None: any content, for a report of an earlier
+    release, which recorded none: the report files when its report.md is fcache's)."""
+    try:
+        listed = json.loads((out / WRITTEN).read_text())
+    except (OSError, ValueError):
+        listed = None
+    if isinstance(listed, dict) and all(isinstance(v, str) for v in listed.values()):
+        return listed
+    try:
+        ours = (out / REPORT).read_text().startswith(REPORT_TITLE)
+    except (OSError, UnicodeDecodeError):
+        ours = False
+    names = (lb.LEADERBOARD_MD, lb.LEADERBOARD_CSV, CSV_NAME, MARKDOWN_NAME, lb.PER_CLASS_MD, REPORT, METRIC_PLOT, LOSS_PLOT)
+    return dict.fromkeys([*names, *(str(Path(n).with_suffix(".pdf")) for n in (METRIC_PLOT, LOSS_PLOT))]) if ours else {}
+
+
+def check_out(out: str | Path, keep: Sequence[str] = ()) -> dict[str, str | None]:
+    """Refuse a report folder that cannot be written or holds anything an earlier report did not write there (or has
+    changed since); ``keep``: names in it that are the caller's own (a sweep's ``runs``). Returns what the earlier
+    report wrote (name -> sha256), which the new one replaces.
+
+    Raises:
+        InputError: naming the folder and what it holds of the user's, before anything is written.
+    """
     out = Path(out)
+    check_writable(out, "--out")
+    if not out.is_dir():
+        return {}
+    written = _written(out)
+    foreign = sorted(
+        p.name + ("/" if p.is_dir() else "")
+        for p in out.iterdir()
+        if p.name not in (*keep, WRITTEN)
+        and (p.name not in written or not p.is_file() or written[p.name] not in (None, _digest(p)))
+    )  # fmt: skip
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise InputError(
+            f"--out {out} holds files fcache report did not write, or that changed since ({shown}); give a new or empty folder"
+        )
+    return written
+
+
+def write_outputs(runs: Sequence[str | Path], out: str | Path, *, per_class: bool = False, keep: Sequence[str] = ()) -> dict[str, Any]:
+    """Every report file for the RUN folders ``runs`` in ``out`` (checked first: :func:`check_out`, ``keep`` the
+    caller's own names in it); returns a summary: the files, rows and leaderboard."""
+    out = Path(out)
+    earlier = check_out(out, keep)
     damaged: dict[str, str] = {}
     rows = collect(runs, damaged)
     if len(damaged) == len(runs):  # nothing to show: nothing is written
@@ -94,6 +153,9 @@ def write_outputs(runs: Sequence[str | Path], out: str | Path, *, per_class: boo
         files["per_class"] = out / lb.PER_CLASS_MD
     (out / REPORT).write_text(_report_md(rows, board, tables if per_class else None, damaged))
     files["report"] = out / REPORT
+    for name in set(earlier) - {p.name for p in files.values()}:  # an earlier report's file this one does not write
+        (out / name).unlink(missing_ok=True)
+    write_json(out / WRITTEN, {p.name: _digest(p) for p in files.values()})
     return {
         "out": str(out),
         "runs": len({r["run"] for r in rows}),
@@ -107,12 +169,14 @@ def write_outputs(runs: Sequence[str | Path], out: str | Path, *, per_class: boo
 def _report_md(rows: Sequence[dict[str, Any]], board: dict[str, list[lb.Entry]], tables: list[Any] | None, damaged: dict[str, str]) -> str:
     unevaluated = sorted({Path(r["run"]).name for r in rows if r["value"] is None})
     text = [
-        f"# fcache report: {len({r['run'] for r in rows})} run(s)",
+        f"{REPORT_TITLE}{len({r['run'] for r in rows})} run(s)",
         "",
         "Runs that differ only in their seed are one line: metrics (in percent where a title says %) as mean ± standard",
-        "deviation over the n seeds; parameters in millions; train time the mean seconds spent training over all sessions",
-        "of a run, s/iter that over its iterations, peak memory the largest the runs recorded (CUDA: allocated tensors; CPU: the",
-        "process's peak resident set). `eval store` is the store the metrics come from (one line per store).",
+        "deviation over its runs; n the distinct seeds (and the runs, where a seed repeats: a copied RUN, a seed trained",
+        "twice); parameters in millions; train time the mean seconds spent training over all sessions of a run, s/iter that",
+        "over its iterations, peak memory the largest the runs recorded (CUDA: allocated tensors; CPU: the process's peak",
+        "resident set). `eval store` is the store the metrics come from (one line per store; stores of one name that differ",
+        "are told apart as `<name>-<fingerprint[:8]>`, the name a RUN gives their evaluation folders).",
         "",
         lb.markdown(board),
         f"![metric against trainable parameters]({METRIC_PLOT})",

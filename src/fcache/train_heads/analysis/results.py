@@ -13,9 +13,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fcache.common.errors import FcacheError
-from fcache.train_heads.runfolder import RunDir
-from fcache.train_heads.runrecord import TrainingRecord
+from fcache.common.errors import FcacheError, InputError
+from fcache.common.records import read_json
+from fcache.train_heads.runfolder import EVAL_STORE, RunDir
+from fcache.train_heads.runrecord import EvalStore, TrainingRecord
 
 COLUMNS = (
     "run",
@@ -27,6 +28,8 @@ COLUMNS = (
     "train_fraction",
     "store",
     "eval_store",
+    "eval_fingerprint",
+    "eval_name",
     "iters",
     "seed",
     "metric",
@@ -125,6 +128,7 @@ def run_row(path: str | Path, eval_store: str | None = None) -> dict[str, Any]:
         "train_fraction": cfg.train_fraction,
         "store": cfg.store,
         "eval_store": evals[-1].get("store") if evals else None,
+        "eval_fingerprint": eval_fingerprint(run, evals[-1]) if evals else None,
         "iters": cfg.iters,
         "seed": cfg.seed,
         "metric": metric,
@@ -135,6 +139,37 @@ def run_row(path: str | Path, eval_store: str | None = None) -> dict[str, Any]:
         "variant": variant(record),
     }
     return row | dict(sorted(metrics.items()))
+
+
+def eval_fingerprint(run: RunDir, evaluation: dict[str, Any]) -> str | None:
+    """The fingerprint of the store ``evaluation`` (a metrics.jsonl record) scored, from its folder's store.json; None
+    for an evaluation of a release that did not record it."""
+    where = evaluation.get("eval_dir")
+    known = run.path / str(where) / EVAL_STORE if where else None
+    if known is None or not known.is_file():
+        return None
+    return EvalStore.from_dict(read_json(known, InputError), str(known)).fingerprint
+
+
+def store_name(path: str) -> str:
+    return Path(str(path).rstrip("/")).name
+
+
+def name_eval_stores(rows: Sequence[dict[str, Any]]) -> None:
+    """Set each row's ``eval_name``, the name its evaluation store is shown by: the store's folder name (``val.zarr``),
+    or where stores of one name differ (their fingerprints), the name the RUN gives its evaluation folder of each
+    (``val-<fingerprint[:8]>``; the path for an evaluation that recorded no fingerprint). None: not evaluated."""
+    stores: dict[str, set[str]] = {}
+    for r in rows:
+        if r["eval_store"]:
+            stores.setdefault(store_name(r["eval_store"]), set()).add(r["eval_fingerprint"] or r["eval_store"])
+    for r in rows:
+        name = store_name(r["eval_store"]) if r["eval_store"] else None
+        if name is None or len(stores[name]) == 1:
+            r["eval_name"] = name
+        else:
+            fp = r["eval_fingerprint"]
+            r["eval_name"] = f"{name.removesuffix('.zarr')}-{fp[:8]}" if fp else str(r["eval_store"])
 
 
 def collect(runs: Iterable[str | Path], damaged: dict[str, str] | None = None) -> list[dict[str, Any]]:
@@ -151,6 +186,7 @@ def collect(runs: Iterable[str | Path], damaged: dict[str, str] | None = None) -
             if damaged is None:
                 raise
             damaged[str(p)] = str(e)
+    name_eval_stores(rows)
     return sorted(rows, key=lambda r: (r["task"], r["family"], r["trainable_params"], r["lr"], r["train_fraction"], r["store"]))
 
 
@@ -176,17 +212,19 @@ def _shown(key: str, value: Any) -> str:
     if key == "run":
         return Path(value).name
     if key in ("store", "eval_store"):
-        return Path(value).name
+        return store_name(value)
     if "/" in key or key == "value":
         return "-" if value < 0 else f"{100 * value:.1f}"
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """A Markdown table of the rows: metrics in percent, parameters in millions, run and store by folder name."""
-    cols = columns(rows)
+    """A Markdown table of the rows: metrics in percent, parameters in millions, run and store by folder name (the
+    evaluation store by its ``eval_name``)."""
+    cols = [c for c in columns(rows) if c not in ("eval_fingerprint", "eval_name")]
+    shown = lambda r, c: str(r["eval_name"]) if c == "eval_store" and r.get("eval_name") else _shown(c, r.get(c))  # noqa: E731
     lines = ["| " + " | ".join(c.replace("_", " ") for c in cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_shown(c, r.get(c)) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(shown(r, c) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 

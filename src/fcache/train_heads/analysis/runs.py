@@ -1,16 +1,17 @@
 """``fcache runs [FOLDER...]``: the RUN folders under some folders, each with its status, progress and best metric.
 
-A run's status, from its files alone (nothing else records a live training process):
+A run's status, from its files (the process training into a folder holds its RUN lease, ``runlease.py``):
 
 - ``finished``: its saved weights (``model.safetensors``) are those of its last iteration (``--iters``);
 - ``early-stopped``: they are those of the iteration where ``--patience`` stopped it (no evaluation improved);
+- ``running``: neither, and a live process holds its lease;
 - ``diverged``: its loss stopped being finite (the loop logs ``{"event": "diverged"}`` into metrics.jsonl; resuming
   from the last checkpoint truncates the record away, so a resumed run is running again);
-- ``running``: neither, and a file of the folder changed recently: within ``stale_after`` seconds (default 10
-  minutes), or within three of the run's own longest gaps between two metrics records when those are longer (a slow
-  run that logs rarely is not taken for a stopped one);
-- ``stopped``: neither, and nothing changed for longer: interrupted, killed, or ``--stop-at`` reached; ``--resume``
-  continues it;
+- ``stopped``: none of these, and the holder of its lease is gone (the run was killed): ``--resume`` continues it;
+- without a lease (the run ended or was interrupted, or an earlier release trained it, which took none), ``running``
+  when a file of the folder changed within ``stale_after`` seconds (default 10 minutes), or within three of the run's
+  own longest gaps between two metrics records when those are longer (a slow run that logs rarely is not taken for a
+  stopped one), else ``stopped`` (interrupted, killed, or ``--stop-at`` reached: ``--resume`` continues it);
 - ``damaged``: its config.json or metrics.jsonl cannot be read (the line says why); the other runs are listed as usual.
 """
 
@@ -31,6 +32,7 @@ from fcache.train_heads.checkpoints import MODEL
 from fcache.train_heads.config import RunsConfig
 from fcache.train_heads.metricslog import METRICS
 from fcache.train_heads.runfolder import CONFIG, RunDir
+from fcache.train_heads.runlease import holder
 
 STALE_AFTER_S = float(RunsConfig.stale_after)  # the --stale-after default
 STATUSES = ("finished", "early-stopped", "running", "stopped", "diverged", "damaged")
@@ -78,12 +80,17 @@ def run_status(path: str | Path, *, now: float | None = None, stale_after: float
     saved = saved_iteration(run)
     changed = last_change(run)
     age = (time.time() if now is None else now) - changed
+    lease = holder(run.path)
     if saved == cfg.iters:
         status = "finished"
     elif any(r.get("event") == "early_stop" and r.get("iter") == saved for r in records):  # --patience
         status = "early-stopped"
+    elif lease is not None and lease[1]:
+        status = "running"
     elif any(r.get("event") == "diverged" for r in records):
         status = "diverged"
+    elif lease is not None:  # its holder is gone
+        status = "stopped"
     else:
         status = "running" if age <= recent_window(records, stale_after) else "stopped"
     metric = main_metric(cfg.task)
@@ -102,13 +109,15 @@ def run_status(path: str | Path, *, now: float | None = None, stale_after: float
         "best": best[metric] if best else None,
         "best_iter": best.get("iter") if best else None,
         "seconds_since_change": round(age, 1),
+        "process": {k: lease[0].get(k) for k in ("command", "pid", "host")} if lease is not None and status == "running" else None,
         "error": next((r.get("error") for r in reversed(records) if r.get("event") == "diverged"), None) if status == "diverged" else None,
     }
 
 
 def damaged(run: RunDir, error: str) -> dict[str, Any]:
     """The line of a RUN folder whose records cannot be read: its path, status ``damaged`` and why."""
-    keys = ("task", "head", "iters_done", "iters", "saved_iter", "eval_store", "metric", "best", "best_iter", "seconds_since_change")
+    keys = ("task", "head", "iters_done", "iters", "saved_iter", "eval_store", "metric", "best", "best_iter", "seconds_since_change",
+            "process")  # fmt: skip
     return {"run": str(run.path), **dict.fromkeys(keys), "status": "damaged", "error": error}
 
 

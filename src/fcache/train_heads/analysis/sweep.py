@@ -28,7 +28,7 @@ from fcache.common.errors import InputError
 from fcache.common.flags import flags_of, setting_value
 from fcache.store import FeatureStore
 from fcache.store.backends import is_url
-from fcache.train_heads.analysis.report import write_outputs
+from fcache.train_heads.analysis.report import check_out, write_outputs
 from fcache.train_heads.config import RENAMED, SweepConfig, TrainConfig
 from fcache.train_heads.defaults import with_defaults
 from fcache.train_heads.runfolder import RunDir
@@ -252,6 +252,8 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, say: Callable[[str], N
     if cfg.device:  # operational: the variants (and their folders) stay those of the SPEC
         spec = dataclasses.replace(spec, fixed=(*((k, v) for k, v in spec.fixed if k != "device"), ("device", cfg.device)))
     out = Path(cfg.out) if cfg.out else default_out(spec)
+    own = (RUNS, *([Path(spec.path).name] if Path(spec.path).resolve().parent == out.resolve() else []))  # the SPEC may live in OUT
+    check_out(out, keep=own)  # the report's folder, before any variant trains
     variants = plan(spec, out)
     pending = [v for v in variants if not v.finished]
     say(f"{len(variants)} variant(s): {len(variants) - len(pending)} finished already, {len(pending)} to train, in {out}")
@@ -259,7 +261,7 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, say: Callable[[str], N
     threads = spec.threads or (worker_threads(target) if target else None)
     with dask_client(target) as client:
         failed = train_all(pending, client, threads, progress and client is None, say) if pending else {}
-    report = write_outputs([v.cfg.out for v in variants if is_finished(v.cfg.out)], out)
+    report = write_outputs([v.cfg.out for v in variants if is_finished(v.cfg.out)], out, keep=own)
     return {
         "out": str(out),
         "variants": len(variants),
