@@ -16,7 +16,8 @@ from PIL import Image
 
 from fcache import store as fstore
 from fcache.cli import main
-from fcache.train_heads.segmentation.labelmaps import file_name, read_label_png
+from fcache.common.outputs import output_names
+from fcache.train_heads.segmentation.labelmaps import read_label_png
 from helpers import refused
 from media import coco_dataset, image_folder
 
@@ -87,6 +88,7 @@ def test_detection_predictions_equal_eval(tmp_path):
     cli("predict", str(tmp_path / "run"), str(store), "--out", str(cached), "--score-thr", "0", "--batch-size", "2", "--draw", *CPU[2:])
     from_store = json.loads((cached / "predictions.json").read_text())
     assert [{k: v for k, v in d.items() if k not in ("file_name", "category_name")} for d in from_store] == evaluated
+    assert all(d["file_name"] == names[d["image_id"]] for d in from_store)  # the image's file name, not the store's key
     overlays = sorted((cached / "overlays").iterdir())
     assert len(overlays) == 4 and Image.open(overlays[0]).width > 2 * 512  # prediction and ground truth side by side
 
@@ -101,8 +103,9 @@ def test_segmentation_label_maps_equal_eval_with_test_views(tmp_path):
     cli("predict", str(tmp_path / "run"), str(images / "*.jpg"), "--out", str(out), "--random-init", "--test-views", "flip,ms",
         "--batch-size", "1", "--draw", *CPU[2:])  # fmt: skip
     equal = []
-    for key in fstore.open(store).keys:
-        evaluated = read_label_png(Path(summary["out"]) / "labels" / f"{file_name(str(key))}.png")
+    keys = [str(k) for k in fstore.open(store).keys]
+    for key, name in zip(keys, output_names(keys), strict=True):
+        evaluated = read_label_png(Path(summary["out"]) / "labels" / f"{name}.png")
         predicted = read_label_png(out / "labels" / f"{Path(str(key)).stem}.png")
         assert predicted.shape == evaluated.shape  # original resolution
         equal.append(float((predicted == evaluated).mean()))
