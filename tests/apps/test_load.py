@@ -27,11 +27,11 @@ def test_one_input_gives_one_prediction_and_a_list_a_list(probe_run):
     path = sorted(probe_run.images.rglob("*.jpg"))[0]
     (listed,) = model([str(path)])
     pixels = np.array(Image.open(path).convert("RGB"))
-    for one in (str(path), path, Image.open(path), pixels, torch.from_numpy(pixels)):
-        got = model(one)
-        assert isinstance(got, dict) and got["top"] == listed["top"], type(one)
-        assert torch.allclose(got["probs"], listed["probs"], atol=1e-6)
-    assert len(model((path, Image.open(path)))) == 2 and len(model(np.stack([pixels, pixels]))) == 2
+    singles = [model(one) for one in (str(path), Image.open(path), pixels)]
+    for got in [*singles, *model((path, torch.from_numpy(pixels)))]:  # a batch of two may differ in the last bits
+        assert isinstance(got, dict) and [c["name"] for c in got["top"]] == [c["name"] for c in listed["top"]]
+        assert torch.allclose(got["probs"], listed["probs"], atol=1e-5)
+    assert len(model(np.stack([pixels, pixels]))) == 2
     for empty in (Image.new("RGB", (0, 0)), np.zeros((0, 7, 3), np.uint8)):
         with pytest.raises(InputError, match="no pixels") as e:
             model(empty)
