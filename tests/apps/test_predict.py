@@ -149,7 +149,12 @@ def test_video_predictions_equal_eval(tmp_path):
     summary = train_and_eval(store, tmp_path / "run", "video", "temporal:blocks=1,dim=32", 2)
     out = tmp_path / "pred"
     cli("predict", str(tmp_path / "run"), str(clips), "--out", str(out), "--random-init", "--batch-size", "4", *CPU[2:])
-    _compare_labels(_label_records(Path(summary["out"]) / "predictions.jsonl"), _label_records(out / "predictions.jsonl"), "video")
+    evaluated = _label_records(Path(summary["out"]) / "predictions.jsonl")
+    _compare_labels(evaluated, _label_records(out / "predictions.jsonl"), "video")
+    cli("predict", str(tmp_path / "run"), str(store), "--out", str(tmp_path / "cached"), *CPU[2:])
+    cached = _label_records(tmp_path / "cached" / "predictions.jsonl")
+    assert {k: r["label"] for k, r in cached.items()} == {k: r["label"] for k, r in evaluated.items()}  # the store's labels
+    assert min(r["label"] for r in cached.values()) >= 0
 
 
 def test_predict_refuses_the_wrong_backbone_flags_and_writes_nothing_into_run(tmp_path):
