@@ -104,9 +104,9 @@ def check_outputs(cfg: PredictConfig, files: Sequence[str] = ()) -> OwnedFolder:
     held = next((f for f in files if inside(f, cfg.out)), None)
     if held is not None:
         raise InputError(f"--out {cfg.out} holds the input {held}; give a folder apart from the inputs (a rerun would read its outputs)")
+    check_writable(cfg.out, "--out")
     folder = OwnedFolder(cfg.out, "--out", MARKER)
     folder.check()
-    check_writable(cfg.out, "--out")
     return folder
 
 
