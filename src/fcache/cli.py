@@ -296,20 +296,25 @@ def eval_run(run: str, as_json: bool, **kw: Any) -> None:
 @user_errors
 def predict(run: str, inputs: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     """Run the head trained in RUN, with its frozen backbone rebuilt from RUN's record, on INPUTs: images, folders,
-    globs, or videos (video heads); or on one feature store (its cached features, no backbone).
+    globs, or videos (video heads); or on one feature store, a folder or s3://... (its cached features, no backbone).
 
     Writes into OUT: detection predictions.json (COCO results in original pixels); segmentation labels/<name>.png
     (label maps at original resolution, class palette); depth depth/<name>.png (16-bit, millimetres, original
-    resolution); video and classification predictions.jsonl (top-k classes).
-    The predictions equal `fcache eval`'s on a store of the same images. Nothing is written into RUN.
+    resolution); video and classification predictions.jsonl (top-k classes); errors.jsonl (inputs that could not be
+    used). The predictions equal `fcache eval`'s on a store of the same images. OUT is new, empty or an earlier
+    predict's (its files are replaced); nothing is written into RUN or an input's folder.
+    Exit code 0 when every input was predicted, 3 when some were skipped, 1 when --on-error fail stopped at one.
     """
-    from fcache.apps.predict import run_predict
+    from fcache.apps.predict import run_predict, summary_line
+    from fcache.common.errors import SampleFailed
 
-    summary = run_predict(PredictConfig(run=run, inputs=inputs, **kw), progress=not as_json)
-    if as_json:
-        click.echo(json.dumps(summary, indent=1))
-    else:
-        click.echo(f"{summary['task']}: {summary['inputs']} input(s) -> {', '.join(summary['files'])}")
+    try:
+        summary = run_predict(PredictConfig(run=run, inputs=inputs, **kw), progress=not as_json)
+    except SampleFailed as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(summary, indent=1) if as_json else summary_line(summary))
+    sys.exit(summary["exit_code"])
 
 
 @main.command()

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 import fcache
 from fcache.cli import main
 from fcache.train_heads.evaluation import load_head
-from media import image_folder
+from helpers import refused
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "train_heads"))
 from dethelpers import build_detection_store  # noqa: E402
@@ -102,22 +102,12 @@ def cli(*args: str) -> None:
     assert r.exit_code == 0, r.output
 
 
-@pytest.fixture(scope="module")
-def probe(tmp_path_factory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("probe")
-    folder = image_folder(d / "imgs", n=4)
-    cli("extract", "--dataset", "folder", "--root", str(folder), "--levels", "p5", *BACKBONE, "--out", str(d / "s.zarr"))
-    cli("train-head", "--store", str(d / "s.zarr"), "--task", "classification", "--head", "linear", "--out", str(d / "run"),
-        "--iters", "3", "--lr", "1e-2", *CPU)  # fmt: skip
-    return d / "run", next(folder.rglob("*.jpg"))
-
-
 @pytest.mark.parametrize("fmt", ["pt2", "onnx", "safetensors"])
-def test_probe_exports_give_fcache_loads_probabilities(probe, tmp_path, fmt):
+def test_probe_exports_give_fcache_loads_probabilities(probe_run, tmp_path, fmt):
     if fmt == "onnx":
         pytest.importorskip("onnxruntime")
         pytest.importorskip("onnxscript")
-    run, image = probe
+    run, image = probe_run.run, sorted(probe_run.images.rglob("*.jpg"))[0]
     summary = export(run, tmp_path / f"probe.{fmt}", fmt, "--random-init")
     config = json.loads(Path(summary["config"]).read_text())
     assert config["task"] == "classification" and config["classes"] == ["cats", "dogs"]
@@ -165,3 +155,20 @@ def test_detection_exports_the_neck_and_says_so(tmp_path):
         want = load_head(tmp_path / "run").model.neck(feats)
     got = fresh("pt2", Path(summary["out"]), {"args": [feats]}, tmp_path)
     assert set(got) == set(want) and all(np.allclose(got[k].numpy(), want[k].numpy(), atol=1e-5) for k in want)
+
+
+def test_export_never_lands_on_the_runs_files_nor_on_a_file_of_the_users(probe_run, tmp_path):
+    run = probe_run.run
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    args = ["export", str(run), "--format", "safetensors", "--head-only", "--out"]
+    for name in ("model.safetensors", "config.json", "probe.safetensors"):
+        refused(CliRunner().invoke(main, [*args, str(run / name)]), f"--out {run / name}", "RUN folder")
+    mine, theirs = tmp_path / "mine.safetensors", tmp_path / "theirs.safetensors"
+    mine.write_bytes(b"mine")
+    (tmp_path / "theirs.safetensors.json").write_text("{}")
+    refused(CliRunner().invoke(main, [*args, str(mine)]), "not an earlier fcache export")
+    refused(CliRunner().invoke(main, [*args, str(theirs)]), "theirs.safetensors.json", "not an earlier fcache export")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before and mine.read_bytes() == b"mine"
+    assert not theirs.exists() and (tmp_path / "theirs.safetensors.json").read_text() == "{}"
+    first = export(run, tmp_path / "e.safetensors", "safetensors", "--head-only")
+    assert export(run, tmp_path / "e.safetensors", "safetensors", "--head-only") == first  # a rerun replaces its own export

@@ -16,7 +16,8 @@ from PIL import Image
 
 from fcache import store as fstore
 from fcache.cli import main
-from fcache.train_heads.segmentation.labelmaps import file_name, read_label_png
+from fcache.common.outputs import output_names
+from fcache.train_heads.segmentation.labelmaps import read_label_png
 from helpers import refused
 from media import coco_dataset, image_folder
 
@@ -87,6 +88,7 @@ def test_detection_predictions_equal_eval(tmp_path):
     cli("predict", str(tmp_path / "run"), str(store), "--out", str(cached), "--score-thr", "0", "--batch-size", "2", "--draw", *CPU[2:])
     from_store = json.loads((cached / "predictions.json").read_text())
     assert [{k: v for k, v in d.items() if k not in ("file_name", "category_name")} for d in from_store] == evaluated
+    assert all(d["file_name"] == names[d["image_id"]] for d in from_store)  # the image's file name, not the store's key
     overlays = sorted((cached / "overlays").iterdir())
     assert len(overlays) == 4 and Image.open(overlays[0]).width > 2 * 512  # prediction and ground truth side by side
 
@@ -101,8 +103,9 @@ def test_segmentation_label_maps_equal_eval_with_test_views(tmp_path):
     cli("predict", str(tmp_path / "run"), str(images / "*.jpg"), "--out", str(out), "--random-init", "--test-views", "flip,ms",
         "--batch-size", "1", "--draw", *CPU[2:])  # fmt: skip
     equal = []
-    for key in fstore.open(store).keys:
-        evaluated = read_label_png(Path(summary["out"]) / "labels" / f"{file_name(str(key))}.png")
+    keys = [str(k) for k in fstore.open(store).keys]
+    for key, name in zip(keys, output_names(keys), strict=True):
+        evaluated = read_label_png(Path(summary["out"]) / "labels" / f"{name}.png")
         predicted = read_label_png(out / "labels" / f"{Path(str(key)).stem}.png")
         assert predicted.shape == evaluated.shape  # original resolution
         equal.append(float((predicted == evaluated).mean()))
@@ -146,14 +149,20 @@ def test_video_predictions_equal_eval(tmp_path):
     summary = train_and_eval(store, tmp_path / "run", "video", "temporal:blocks=1,dim=32", 2)
     out = tmp_path / "pred"
     cli("predict", str(tmp_path / "run"), str(clips), "--out", str(out), "--random-init", "--batch-size", "4", *CPU[2:])
-    _compare_labels(_label_records(Path(summary["out"]) / "predictions.jsonl"), _label_records(out / "predictions.jsonl"), "video")
+    evaluated = _label_records(Path(summary["out"]) / "predictions.jsonl")
+    _compare_labels(evaluated, _label_records(out / "predictions.jsonl"), "video")
+    cli("predict", str(tmp_path / "run"), str(store), "--out", str(tmp_path / "cached"), *CPU[2:])
+    cached = _label_records(tmp_path / "cached" / "predictions.jsonl")
+    assert {k: r["label"] for k, r in cached.items()} == {k: r["label"] for k, r in evaluated.items()}  # the store's labels
+    assert min(r["label"] for r in cached.values()) >= 0
 
 
 def test_predict_refuses_the_wrong_backbone_flags_and_writes_nothing_into_run(tmp_path):
     folder = image_folder(tmp_path / "imgs", n=2)
     store = extract(tmp_path / "cls.zarr", "--dataset", "folder", "--root", str(folder), "--levels", "p5")
     run = tmp_path / "run"
-    cli("train-head", "--store", str(store), "--task", "classification", "--head", "linear", "--out", str(run), "--iters", "1", *CPU)
+    cli("train-head", "--store", str(store), "--task", "classification", "--head", "linear", "--out", str(run), "--iters", "1",
+        "--batch-size", "2", *CPU)  # fmt: skip
     before = sorted(p.name for p in run.iterdir())
     args = ["predict", str(run), str(folder), "--out", str(tmp_path / "p"), "--device", "cpu"]
     refused(CliRunner().invoke(main, args), "random-init backbone (seed 0)", "--random-init")

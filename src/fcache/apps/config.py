@@ -9,19 +9,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fcache.common.devices import DEVICE_HELP
-from fcache.common.errors import InputError
+from fcache.common.errors import ON_ERROR, InputError
 from fcache.common.flags import check_flags, flag, required, split_csv
+from fcache.store.access import ReadAccess
 
 FORMATS = ("pt2", "onnx", "safetensors")  # fcache export --format: torch.export, ONNX, the weights with their description
 
 
 @dataclass(frozen=True)
-class PredictConfig:
-    """``fcache predict RUN INPUT...``: where the predictions go and how they are made."""
+class PredictConfig(ReadAccess):
+    """``fcache predict RUN INPUT...``: where the predictions go and how they are made (``--storage-options``,
+    ``--cache-dir``: for a store in object storage as the input)."""
 
     run: str
     inputs: tuple[str, ...]
-    out: str = required("Folder for the predictions (and overlays).", path="folder")
+    out: str = required("Folder for the predictions: new, empty, or an earlier predict's (whose files it replaces).", path="folder")
     weights: str = flag("", "The weights file of the run's store.", path="file", show_default=False)
     random_init: bool = flag(False, "The run was trained on random-init features: rebuild them (same seed).", show_default=False)
     device: str = flag("auto", DEVICE_HELP)
@@ -36,11 +38,16 @@ class PredictConfig:
     crops: int | None = flag(None, "Video: spatial crops per clip [default: the training store's].", show_default=False, min=1, max=16)
     draw: bool = flag(False, "Also write overlays/<name>.png (with the ground truth beside, for a store with targets).", show_default=False)
     annotations: str = flag("", "Detection: a COCO json whose image ids the predictions should carry.", show_default=False)
+    on_error: str = flag("skip", "skip: record an unreadable input in OUT/errors.jsonl and go on; fail: stop at the first.",
+                         choices=ON_ERROR)  # fmt: skip
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(self.inputs))
         object.__setattr__(self, "test_views", tuple(self.test_views))
         check_flags(self)
+        self.check_access()
+        if self.on_error not in ON_ERROR:
+            raise InputError(f"--on-error {self.on_error}: use {' or '.join(ON_ERROR)}")
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fcache.apps.config import ExportConfig
+from fcache.apps.config import FORMATS, ExportConfig
 from fcache.common.errors import InputError
+from fcache.common.outputs import check_outside
 from fcache.train_heads.tasks import task_def
 
 # the resize + pad of the plain view exactly as fcache extract renders it (extract.views.render), for images of (w, h)
@@ -167,28 +168,55 @@ def config_of(parts: Parts, cfg: ExportConfig, graph: Graph) -> dict[str, Any]:
     }
 
 
-def run_export(cfg: ExportConfig) -> dict[str, Any]:
-    """Write the artifact and its JSON config; returns a summary."""
-    from fcache.common.files import check_writable
+def config_path(out: Path) -> Path:
+    return out.with_name(f"{out.name}.json")
 
+
+def check_out(cfg: ExportConfig) -> None:
+    """``--out`` never lands on a RUN's files nor on a file of the user's: it lies outside RUN, and FILE and FILE.json
+    are new or an earlier export's (FILE.json holding its config), which a rerun replaces."""
+    out = Path(cfg.out)
+    check_outside(out, "--out", [(cfg.run, "the RUN folder")])
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder; give the file to write")
+    if not (out.exists() or config_path(out).exists()):
+        return
+    try:
+        earlier = json.loads(config_path(out).read_text())
+        ours = isinstance(earlier, dict) and earlier.get("format") in FORMATS and "record" in earlier and "preprocessing" in earlier
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        held = config_path(out) if config_path(out).exists() else out
+        raise InputError(f"--out {out}: {held} exists and is not an earlier fcache export (no export config beside it); give a new path")
+
+
+def run_export(cfg: ExportConfig) -> dict[str, Any]:
+    """Write the artifact and its JSON config (each whole or not at all); returns a summary."""
+    from fcache.common.files import atomic_file, check_writable
+
+    check_out(cfg)
     check_writable(cfg.out, "--out", folder=False)
     parts = Parts.of(cfg)
     graph = Graph(parts).eval()
     out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     config = config_of(parts, cfg, graph)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if cfg.format == "safetensors":
-        _safetensors(graph, out, config)
+        with atomic_file(out) as tmp:
+            _safetensors(graph, tmp, config)
     else:
         args = example_inputs(parts, cfg.batch_size)
         with torch.inference_mode():
             program = torch.export.export(graph, args, strict=False)
         if cfg.format == "pt2":
-            torch.export.save(program, str(out))
-        else:
+            with atomic_file(out) as tmp:
+                torch.export.save(program, str(tmp))
+        else:  # in place: a graph over 2 GB keeps its weights in FILE.data, named after the file it is written as
             _onnx(program, out, config)
-    (out.parent / f"{out.name}.json").write_text(json.dumps(config, indent=1) + "\n")
-    return {"run": cfg.run, "task": parts.task, "format": cfg.format, "out": str(out), "config": f"{out}.json",
+    with atomic_file(config_path(out)) as tmp:
+        tmp.write_text(json.dumps(config, indent=1) + "\n")
+    return {"run": cfg.run, "task": parts.task, "format": cfg.format, "out": str(out), "config": str(config_path(out)),
             "outputs": config["outputs"]}  # fmt: skip
 
 
@@ -211,10 +239,7 @@ def _onnx(program: Any, out: Path, config: dict[str, Any]) -> None:
 def _safetensors(graph: Graph, out: Path, config: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
-    from fcache.common.files import atomic_file
-
     weights = {f"head.{k}": v.detach().cpu().contiguous() for k, v in graph.head.state_dict().items()}
     if graph.backbone is not None:
         weights |= {f"backbone.{k}": v.detach().cpu().contiguous() for k, v in graph.backbone.state_dict().items()}
-    with atomic_file(out) as tmp:
-        save_file(weights, str(tmp), metadata={"fcache.export": json.dumps(config, sort_keys=True)})
+    save_file(weights, str(out), metadata={"fcache.export": json.dumps(config, sort_keys=True)})

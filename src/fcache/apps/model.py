@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +27,20 @@ from torch import nn
 from fcache.common.devices import resolve_device
 from fcache.common.errors import InputError
 from fcache.extract.backbones import Backbone
-from fcache.extract.decode import Decoded, SampleError, clip_indices, decode_image, decode_video, to_rgb
+from fcache.extract.decode import (
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    Decoded,
+    SampleError,
+    clip_indices,
+    decode_image,
+    decode_video,
+    to_rgb,
+)
 from fcache.extract.rebuild import backbone_of
 from fcache.extract.stages import view_images
 from fcache.extract.views import expand_test_views
-from fcache.spec import Geometry, Manifest, Preprocessing, StorageSpec, Targets
+from fcache.spec import Geometry, Manifest, Preprocessing, Status, StorageSpec, Targets
 from fcache.train_heads.data import KEY, VIEW_GEOMETRY, VIEW_NAMES, Collate
 from fcache.train_heads.evaluation import load_head
 from fcache.train_heads.optim import autocast
@@ -40,6 +49,7 @@ from fcache.train_heads.task import OutputOptions, Task
 from fcache.train_heads.tasks import task_def
 
 Input = Any  # a path, a PIL image, an (H, W, 3) / (3, H, W) uint8 array or tensor; video: a path or (N, H, W, 3) frames
+OnError = Callable[[int, str, SampleError], bool]  # (input index, its name, why it cannot be used) -> go on?
 
 
 @dataclass
@@ -82,7 +92,8 @@ def check_weights(record: TrainingRecord, weights: str, random_init: bool) -> No
 class TrainedModel(nn.Module):
     """Frozen backbone + trained head of a RUN, with the run's preprocessing and its task's postprocessing.
 
-    ``model(inputs)`` returns one prediction per input, as its task presents it (``TaskDef.outputs.present``): detection
+    ``model(x)`` of one input (a path, a PIL image, the array of one image or video) returns its prediction, and
+    ``model([x, ...])`` (or a batch array) a list of them, as its task presents it (``TaskDef.outputs.present``): detection
     a list of COCO result records (bbox xywh in original pixels, score, category id and name, RLE mask) with a score of
     at least ``score_thr``; segmentation an (H, W) int64 tensor of class indices at the input's resolution; depth an
     (H, W) float32 tensor of metres at the input's resolution; classification and video a dict with ``probs`` (K,) and
@@ -152,17 +163,31 @@ class TrainedModel(nn.Module):
 
     # -- inputs -------------------------------------------------------------------------------------------------
     def decode(self, x: Input, index: int) -> tuple[str, Decoded]:
-        """(name, decoded pixels) of one input, decoded as ``fcache extract`` decodes."""
-        name = str(x) if isinstance(x, (str, Path)) else f"input{index}"
-        try:
-            if isinstance(x, (str, Path)):
-                if self.video:
-                    p = self.manifest.preprocessing
-                    return name, decode_video(x, frames=int(p.frames or 1), clips=p.clips)
-                return name, decode_image(x)
-            return name, self._decode_array(x)
-        except SampleError as e:
-            raise InputError(f"cannot read {name}: {e.message}") from None
+        """(name, decoded pixels) of one input, decoded as ``fcache extract`` decodes; SampleError for a file that cannot
+        be used (its message names the file), InputError for an array or image that is no input."""
+        if isinstance(x, (str, Path)):
+            name = str(x)
+            self._check_kind(name)
+            if self.video:
+                p = self.manifest.preprocessing
+                decoded = decode_video(x, frames=int(p.frames or 1), clips=p.clips)
+            else:
+                decoded = decode_image(x)
+        else:
+            name, decoded = f"input{index}", self._decode_array(x)
+        pixels = decoded.image if decoded.image is not None else decoded.frames
+        if pixels is not None and min(pixels.shape[-3:-1]) < 1:
+            raise InputError(f"{name}: the image has no pixels ({pixels.shape[-2]}x{pixels.shape[-3]}); give an image of at least 1x1")
+        return name, decoded
+
+    def _check_kind(self, path: str) -> None:
+        """A video file given to an image head (or an image to a video head) is named for what it is."""
+        suffix = Path(path).suffix.lower()
+        other, takes = (IMAGE_EXTENSIONS, "videos") if self.video else (VIDEO_EXTENSIONS, "images")
+        if suffix in other:
+            wanted = ", ".join(VIDEO_EXTENSIONS if self.video else IMAGE_EXTENSIONS)
+            what = "an image" if self.video else "a video"
+            raise SampleError(Status.DECODE_ERROR, f"{path}: {what} ({suffix}); a {self.task.name} head takes {takes} ({wanted})")
 
     def _decode_array(self, x: Any) -> Decoded:
         from PIL import Image
@@ -175,6 +200,8 @@ class TrainedModel(nn.Module):
         if self.video:
             if a.ndim != 4 or a.shape[-1] != 3:
                 raise InputError(f"a video input is (frames, H, W, 3) uint8 (got shape {a.shape})")
+            if len(a) == 0:
+                raise InputError("a video input has no frames (shape (0, H, W, 3))")
             p = self.manifest.preprocessing
             idx = clip_indices(len(a), int(p.frames or 1), p.clips)
             return Decoded(frames=np.ascontiguousarray(a[idx]), times=np.zeros(len(idx)))
@@ -184,10 +211,24 @@ class TrainedModel(nn.Module):
             raise InputError(f"an image input is (H, W, 3) or (3, H, W) uint8 (got shape {a.shape})")
         return Decoded(image=np.ascontiguousarray(a))
 
+    def single(self, x: Any) -> bool:
+        """Whether ``x`` is one input (a path, a PIL image, the array of one image or video) rather than several."""
+        from PIL import Image
+
+        if isinstance(x, (str, Path, Image.Image)):
+            return True
+        return isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim == (4 if self.video else 3)
+
     # -- the online path ----------------------------------------------------------------------------------------
-    def samples(self, inputs: Iterable[Input]) -> Iterator[Sample]:
+    def samples(self, inputs: Iterable[Input], on_error: OnError | None = None) -> Iterator[Sample]:
         """Each input decoded, cut into its views and run through the backbone (batches of ``batch_size`` view images
-        over consecutive inputs, as extraction batches them), in input order."""
+        over consecutive inputs, as extraction batches them), in input order.
+
+        Args:
+            on_error: called with (index, name, error) for an input that cannot be used, which is then left out; it
+                returns whether to go on (False: the inputs before it are finished and no further one is read).
+                None: such an input raises InputError (one line naming it).
+        """
         waiting: list[tuple[_Open, torch.Tensor]] = []  # view images queued for the next forward
         opened: deque[_Open] = deque()
 
@@ -203,8 +244,15 @@ class TrainedModel(nn.Module):
                 yield entry.sample
 
         for k, x in enumerate(inputs):
-            name, decoded = self.decode(x, k)
-            geoms, images = view_images(decoded, name, self.manifest)  # (V or V * T, 3, S, S)
+            try:
+                name, decoded = self.decode(x, k)
+                geoms, images = view_images(decoded, name, self.manifest)  # (V or V * T, 3, S, S)
+            except SampleError as e:
+                if on_error is None:
+                    raise InputError(e.message) from None
+                if on_error(k, str(x) if isinstance(x, (str, Path)) else f"input{k}", e):
+                    continue
+                break
             entry = _Open(Sample(k, name, decoded, np.stack([g.to_array() for g in geoms]), {}), len(images))
             opened.append(entry)
             for img in images:
@@ -240,11 +288,13 @@ class TrainedModel(nn.Module):
         with autocast(self.device, self.record.config.precision):
             return self.task.predict(self.head, batch)
 
-    def run(self, inputs: Iterable[Input], image_ids: dict[str, int] | None = None) -> Iterator[tuple[Sample, Any]]:
-        """(sample, the task's prediction) of every input, heads run on batches of ``batch_size`` samples."""
+    def run(self, inputs: Iterable[Input], image_ids: dict[str, int] | None = None, on_error: OnError | None = None
+            ) -> Iterator[tuple[Sample, Any]]:  # fmt: skip
+        """(sample, the task's prediction) of every input, heads run on batches of ``batch_size`` samples; inputs that
+        cannot be used go to ``on_error`` (see :meth:`samples`)."""
         self.head.eval()
         group: list[Sample] = []
-        for s in self.samples(inputs):
+        for s in self.samples(inputs, on_error):
             group.append(s)
             if len(group) == self.batch_size:
                 yield from self._run_group(group, image_ids)
@@ -257,8 +307,11 @@ class TrainedModel(nn.Module):
         items: list[Mapping[str, Any]] = [self.item(s, image_id=ids.get(Path(s.name).name)) for s in group]
         yield from zip(group, self.predict_items(items), strict=True)
 
-    def forward(self, inputs: Sequence[Input]) -> list[Any]:
-        """One user-facing prediction per input (see the class docstring)."""
+    def forward(self, inputs: Input | Sequence[Input]) -> Any:
+        """The user-facing prediction of one input, or a list of them for a list (or a batch array) of inputs (see the
+        class docstring)."""
+        if self.single(inputs):
+            return self.forward([inputs])[0]
         return [self.present(s, p) for s, p in self.run(inputs)]
 
     @property

@@ -64,6 +64,9 @@ class DivergedError(FcacheError):
     """The training loss stopped being finite."""
 
 
+ON_ERROR = ("skip", "fail")  # --on-error: record a bad sample (or input) and go on, or stop at the first
+
+
 class SampleFailed(FcacheError):
     """``--on-error fail``: the first failed sample stops the run (exit code 1, committed units kept)."""
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fcache.common.devices import DEVICE_HELP
-from fcache.common.errors import InputError
+from fcache.common.errors import ON_ERROR, InputError
 from fcache.common.flags import check_flags, flag, from_flags, split_csv
 from fcache.spec import LEVEL_NAMES, SourceConfig
 from fcache.store.access import StoreAccess
@@ -81,7 +81,7 @@ class ExtractConfig(StoreAccess):
     num_workers: int = flag(2, "DataLoader processes decoding media.", min=0, max=1024)
     device: str = flag("auto", DEVICE_HELP)
     limit: int = flag(0, "Only the first N samples.", show_default=False, min=0)
-    on_error: str = flag("skip", "skip: record a bad sample and go on; fail: stop at the first.", choices=("skip", "fail"))
+    on_error: str = flag("skip", "skip: record a bad sample and go on; fail: stop at the first.", choices=ON_ERROR)
     writers: int = flag(
         0, "Threads encoding + compressing + committing units [default: one per 2 cores].", show_default=False, min=0, max=1024
     )
@@ -128,8 +128,8 @@ class ExtractConfig(StoreAccess):
         lo, hi = self.view_scale
         if not lo <= hi:
             raise InputError(f"--view-scale {lo},{hi}: need LO <= HI")
-        if self.on_error not in ("skip", "fail"):
-            raise InputError(f"--on-error {self.on_error}: use skip or fail")
+        if self.on_error not in ON_ERROR:
+            raise InputError(f"--on-error {self.on_error}: use {' or '.join(ON_ERROR)}")
         resolve_device(self.device)
         self.options()
         self.target()

@@ -125,11 +125,23 @@ class OutputOptions:
     top_k: int = 5  # label tasks: classes listed per input
 
 
+@dataclass(frozen=True)
+class NamedInput:
+    """One input of ``fcache predict`` as its files name it."""
+
+    key: str  # its name: the path relative to the folder it was found in, its file name, or a store's sample key
+    file: str  # its path; a store's sample: its key
+    stem: str  # what its output files are called (``common.outputs.output_names``): ``labels/<stem>.png``
+    targets: Mapping[str, Any] | None = None  # a store's sample: its targets as evaluation reads them; None for a file
+
+
 class PredictionFiles(Protocol):
     """The files one ``fcache predict`` writes for a task, filled as samples arrive."""
 
-    def add(self, name: str, file: str, prediction: Any) -> None:
-        """One input's prediction; ``name``: what its output files are called (a relative path), ``file``: its path."""
+    entries: tuple[str, ...]  # the names it may write into the output folder (files or folders), made when first written
+
+    def add(self, item: NamedInput, prediction: Any) -> None:
+        """One input's prediction."""
         ...
 
     def finish(self) -> dict[str, Any]:

@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fcache.spec import Targets
 from fcache.store import FeatureStore
 from fcache.train_heads.classification.scoring import PREDICTIONS, prediction_records
 from fcache.train_heads.pictures import enlarge
-from fcache.train_heads.task import ExportDef, OutputOptions, Outputs, PerClass
+from fcache.train_heads.task import ExportDef, NamedInput, OutputOptions, Outputs, PerClass
 
 
 def top_classes(task: Any, mean: np.ndarray, k: int) -> list[dict[str, Any]]:
@@ -35,16 +36,20 @@ def present(task: Any, prediction: Mapping[str, Any], options: OutputOptions) ->
 class RecordFiles:
     """``predictions.jsonl``: per input, ``fcache eval``'s record and the ``top_k`` classes with names and scores."""
 
+    entries: tuple[str, ...] = (PREDICTIONS,)
+
     def __init__(self, task: Any, out: Path, options: OutputOptions, view_names: Sequence[str]) -> None:
         self.task, self.path, self.options, self.view_names = task, out / PREDICTIONS, options, list(view_names)
         self.lines: list[dict[str, Any]] = []
 
-    def add(self, name: str, file: str, prediction: Any) -> None:
+    def add(self, item: NamedInput, prediction: Any) -> None:
+        """The record of one input; a store's sample carries its label (-1: none)."""
         probs = np.asarray(prediction["probs"])  # (V, K)
         views = self.view_names or [f"view{v}" for v in range(len(probs))]
-        (rec,) = prediction_records([name], np.array([-1]), probs[None], views[: len(probs)], self.task.label_names)
+        label = int(np.asarray(item.targets[Targets.LABEL])) if item.targets and Targets.LABEL in item.targets else -1
+        (rec,) = prediction_records([item.key], np.array([label]), probs[None], views[: len(probs)], self.task.label_names)
         top = [c | {"score": round(c["score"], 6)} for c in top_classes(self.task, probs.mean(axis=0), self.options.top_k)]
-        self.lines.append(rec | {"file": file, "top": top})
+        self.lines.append(rec | {"file": item.file, "top": top})
 
     def finish(self) -> dict[str, Any]:
         from fcache.common.files import atomic_file

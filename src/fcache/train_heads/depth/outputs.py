@@ -16,8 +16,7 @@ from fcache.spec import Targets
 from fcache.store import FeatureStore
 from fcache.train_heads.depth.maps import colour, depth_range, read_depth_png
 from fcache.train_heads.pictures import LIMIT, enlarge, read_json
-from fcache.train_heads.segmentation.labelmaps import file_name
-from fcache.train_heads.task import ExportDef, OutputOptions, Outputs, PerClass
+from fcache.train_heads.task import ExportDef, NamedInput, OutputOptions, Outputs, PerClass
 
 DEPTH_JSON = "depth.json"  # the metrics and the per-range table, written into RUN/eval/<store> by evaluation
 DEPTH = "depth"  # the folder of predicted depth PNGs (eval and predict outputs)
@@ -31,15 +30,17 @@ def present(task: Any, prediction: Mapping[str, Any], options: OutputOptions) ->
 class DepthFiles:
     """``depth/<name>.png``: each input's depth map, 16-bit millimetres."""
 
+    entries: tuple[str, ...] = (DEPTH,)
+
     def __init__(self, task: Any, out: Path, options: OutputOptions, view_names: Sequence[str]) -> None:
         self.folder = out / DEPTH
-        self.folder.mkdir(exist_ok=True)
 
-    def add(self, name: str, file: str, prediction: Any) -> None:
-        (self.folder / f"{file_name(name)}.png").write_bytes(prediction["depth"])
+    def add(self, item: NamedInput, prediction: Any) -> None:
+        self.folder.mkdir(exist_ok=True)
+        (self.folder / f"{item.stem}.png").write_bytes(prediction["depth"])
 
     def finish(self) -> dict[str, Any]:
-        return {"files": [str(self.folder)]}
+        return {"files": [str(self.folder)] if self.folder.is_dir() else []}
 
 
 def truth(store: FeatureStore, index: int, raw: Mapping[str, Any]) -> np.ndarray:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from fcache.common.errors import InputError
 from fcache.common.files import write_json
+from fcache.common.outputs import output_names
 from fcache.spec import Geometry, LevelSpec, Targets
 from fcache.store import FeatureStore
 from fcache.train_heads.data import KEY, VIEW_GEOMETRY, VIEW_NAMES
@@ -32,7 +33,6 @@ from fcache.train_heads.depth.maps import depth_png, view_depth
 from fcache.train_heads.depth.outputs import DEPTH, DEPTH_JSON, EXPORT, OUTPUTS, per_class, pictures
 from fcache.train_heads.depth.synthetic import BENCH
 from fcache.train_heads.headspec import HeadDef, HeadSpec, Param, select_levels
-from fcache.train_heads.segmentation.labelmaps import file_name
 from fcache.train_heads.segmentation.targets import ground_truth, to_canvas, to_original
 from fcache.train_heads.segmentation.task import multi_view_name
 from fcache.train_heads.task import Batch, TaskDef
@@ -184,9 +184,10 @@ def view_geometry(raw: dict[str, Any], g: Geometry) -> list[Geometry]:
 
 def write_depth_maps(folder: Path, raw: Sequence[Mapping[str, Any]], predictions: Sequence[Any]) -> None:
     """``depth/<sample key>.png``: each sample's predicted depth, 16-bit millimetres."""
+    names = output_names([str(r.get(KEY, k)) for k, r in enumerate(raw)], "samples")
     folder.mkdir(parents=True, exist_ok=True)
-    for k, (r, p) in enumerate(zip(raw, predictions, strict=True)):
-        (folder / f"{file_name(str(r.get(KEY, k)))}.png").write_bytes(p["depth"])
+    for name, p in zip(names, predictions, strict=True):
+        (folder / f"{name}.png").write_bytes(p["depth"])
 
 
 def check_store(store: FeatureStore) -> None:

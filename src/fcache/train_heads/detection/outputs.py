@@ -18,7 +18,7 @@ from fcache.common.files import write_json
 from fcache.spec import Targets
 from fcache.store import FeatureStore
 from fcache.train_heads.pictures import LIMIT, PER_IMAGE, enlarge, read_json
-from fcache.train_heads.task import ExportDef, OutputOptions, Outputs, PerClass
+from fcache.train_heads.task import ExportDef, NamedInput, OutputOptions, Outputs, PerClass
 
 DETECTIONS = "detections.json"  # the COCO results of an evaluation, written into RUN/eval/<store>
 DETECTION_JSON = "detection.json"  # AP of each category per family, written into RUN/eval/<store> by evaluation
@@ -35,14 +35,24 @@ def present(task: Any, prediction: list[dict[str, Any]], options: OutputOptions)
     return [d | {"category_name": names.get(d["category_id"], "")} for d in prediction if d["score"] >= options.score_thr]
 
 
+def image_record(targets: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A store sample's image record (its COCO ``images[]`` entry); {} without one."""
+    text = str(np.asarray(targets[Targets.IMAGE]).item()) if targets and Targets.IMAGE in targets else ""
+    return json.loads(text) if text else {}
+
+
 class DetectionFiles:
-    """``predictions.json``: the COCO results of every input (file name and category name added)."""
+    """``predictions.json``: the COCO results of every input (file name and category name added; a store's sample
+    names the file its image record names)."""
+
+    entries: tuple[str, ...] = (PREDICTIONS_JSON,)
 
     def __init__(self, task: Any, out: Path, options: OutputOptions, view_names: Sequence[str]) -> None:
         self.task, self.out, self.options = task, out, options
         self.detections: list[dict[str, Any]] = []
 
-    def add(self, name: str, file: str, prediction: Any) -> None:
+    def add(self, item: NamedInput, prediction: Any) -> None:
+        file = str(image_record(item.targets).get("file_name") or item.file)
         self.detections += [d | {"file_name": file} for d in present(self.task, prediction, self.options)]
 
     def finish(self) -> dict[str, Any]:

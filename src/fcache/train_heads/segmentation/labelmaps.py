@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import colorsys
 import io
-import re
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +45,3 @@ def read_label_png(path: str | Path | bytes) -> np.ndarray:
     """The (H, W) class indices of a label PNG (its palette ignored)."""
     im = Image.open(io.BytesIO(path) if isinstance(path, bytes) else path)
     return np.asarray(im)
-
-
-def file_name(key: str) -> str:
-    """A sample key (a relative path, an id) as a flat file name without its extension: ``a/b/c.jpg`` -> ``a__b__c``."""
-    stem = re.sub(r"\.[A-Za-z0-9]{1,5}$", "", str(key))
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", stem.replace("/", "__")) or "sample"

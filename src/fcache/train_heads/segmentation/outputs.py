@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from fcache.spec import Targets
 from fcache.store import FeatureStore
 from fcache.train_heads.pictures import LIMIT, enlarge, read_json
-from fcache.train_heads.segmentation.labelmaps import file_name, read_label_png
-from fcache.train_heads.task import ExportDef, OutputOptions, Outputs, PerClass
+from fcache.train_heads.segmentation.labelmaps import read_label_png
+from fcache.train_heads.task import ExportDef, NamedInput, OutputOptions, Outputs, PerClass
 
 SEGMENTATION_JSON = "segmentation.json"  # per-class IoU and accuracy, written into RUN/eval/<store> by evaluation
 LABELS = "labels"  # the folder of predicted label maps (indexed PNGs at original resolution), in eval and predict outputs
@@ -32,15 +32,17 @@ def present(task: Any, prediction: Mapping[str, Any], options: OutputOptions) ->
 class LabelFiles:
     """``labels/<name>.png``: each input's label map."""
 
+    entries: tuple[str, ...] = (LABELS,)
+
     def __init__(self, task: Any, out: Path, options: OutputOptions, view_names: Sequence[str]) -> None:
         self.folder = out / LABELS
-        self.folder.mkdir(exist_ok=True)
 
-    def add(self, name: str, file: str, prediction: Any) -> None:
-        (self.folder / f"{file_name(name)}.png").write_bytes(prediction["labels"])
+    def add(self, item: NamedInput, prediction: Any) -> None:
+        self.folder.mkdir(exist_ok=True)
+        (self.folder / f"{item.stem}.png").write_bytes(prediction["labels"])
 
     def finish(self) -> dict[str, Any]:
-        return {"files": [str(self.folder)]}
+        return {"files": [str(self.folder)] if self.folder.is_dir() else []}
 
 
 def truth(store: FeatureStore, index: int, raw: Mapping[str, Any]) -> np.ndarray:

@@ -21,13 +21,14 @@ from torch import Tensor, nn
 
 from fcache.common.errors import InputError
 from fcache.common.files import write_json
+from fcache.common.outputs import output_names
 from fcache.spec import Geometry, LevelSpec, Targets
 from fcache.store import FeatureStore
 from fcache.train_heads.data import KEY, VIEW_GEOMETRY, VIEW_NAMES
 from fcache.train_heads.headspec import HeadDef, HeadSpec, Param, select_levels
 from fcache.train_heads.necks.base import NORMS
 from fcache.train_heads.segmentation import metrics as M
-from fcache.train_heads.segmentation.labelmaps import file_name, label_png
+from fcache.train_heads.segmentation.labelmaps import label_png
 from fcache.train_heads.segmentation.mask2former import build_mask2former
 from fcache.train_heads.segmentation.outputs import EXPORT, LABELS, OUTPUTS, SEGMENTATION_JSON, per_class, pictures
 from fcache.train_heads.segmentation.synthetic import BENCH
@@ -190,9 +191,10 @@ def write_label_maps(folder: Path, raw: Sequence[Mapping[str, Any]], predictions
     written = [(r.get(KEY), p["labels"]) for r, p in zip(raw, predictions, strict=True) if "labels" in p]
     if not written:
         return
+    names = output_names([str(key if key is not None else k) for k, (key, _) in enumerate(written)], "samples")
     folder.mkdir(parents=True, exist_ok=True)
-    for k, (key, png) in enumerate(written):
-        (folder / f"{file_name(str(key if key is not None else k))}.png").write_bytes(png)
+    for name, (_, png) in zip(names, written, strict=True):
+        (folder / f"{name}.png").write_bytes(png)
 
 
 def _truth(raw: dict[str, Any], g: Geometry) -> np.ndarray | None:
