@@ -10,6 +10,7 @@ import pytest
 import torch
 from dethelpers import build_detection_store
 
+from fcache import store as fstore
 from fcache.common.rng import rng_scope
 from fcache.store.dtypes import DTYPES
 from fcache.store.transit import Buffers
@@ -76,6 +77,20 @@ def test_workers_hand_stored_batches_over_in_shared_memory(tmp_path):
     first = {lv: x.data_ptr() for lv, x in batches[0].to(CPU, buffers).features.items()}
     assert {lv: x.data_ptr() for lv, x in batches[1].to(CPU, buffers).features.items()} == first  # decoded into the same memory
     _same(_steps(cfg, p, as_float, None, steps=2), _steps(cfg, p, stored, Buffers(), steps=2, workers=2))
+
+
+@pytest.mark.parametrize(("form", "read_path"), [("bf16", "direct"), ("int3", "zarr"), ("pca8", "zarr")])
+def test_items_of_every_view_decode_to_the_float32_items_on_either_read_path(form, read_path, tmp_path):
+    store = fstore.open(build_detection_store(tmp_path / "s.zarr", dtype=form, codec="zstd"), read_path=read_path)
+    picked = [(1, None), (0, None)]  # every view of each sample (eval's AllViews)
+    batch = store.read_stored(store.level_names, picked)
+    want = store.read_many([(lv, i, None) for i, _ in picked for lv in store.level_names])
+    for j, lv in enumerate(store.level_names):
+        got = batch[lv].decode()
+        assert got.shape == (2, store.num_views, *want[j].shape[1:]) and store.num_views == 2
+        for k in range(len(picked)):
+            assert torch.equal(got[k], torch.from_numpy(want[k * len(store.level_names) + j]))
+            assert torch.equal(batch[lv].row(k).decode(), got[k])  # an item's own row decodes alone
 
 
 @pytest.mark.gpu
