@@ -11,6 +11,8 @@ where the features come from:
     workers' shared memory;
   - ``memory``: the same batches read beforehand, float32 in the process's private memory;
   - ``shm``: those float32 batches in shared memory, as DataLoader workers deliver float32 tensors.
+First, per batch in the benchmark's process (``--rounds 0``: only this): reading it as float32 or as stored values,
+and decoding the stored batch into reused buffers (``Batch.to``: the part of the loading that stays in the step).
 Each round times ``--steps`` steps per variant after one warm-up step; the ratio to ``memory`` is taken per round and
 reported as the median and the range over the rounds (the machine is shared: interleaving keeps its load the same for
 all variants). Goal: ``store`` / ``memory`` <= 1.10.
@@ -108,6 +110,27 @@ def variants(bench: Bench, steps: int, workers: int) -> dict[str, Callable[[], I
     }
 
 
+def loader_costs(bench: Bench, repeats: int = 5) -> dict[str, float]:
+    """Median seconds per batch, in this process: a batch read as float32 or as stored values (what workers do ahead of
+    the step), and the stored batch's decoding into reused float32 buffers (``Batch.to``: what stays in the step)."""
+
+    def median_of(run: Callable[[], Any]) -> float:
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    stored, as_float, buffers = iter(bench.loader(0)), iter(bench.loader(0, stored=False)), Buffers()
+    batch = next(stored)
+    return {
+        "read_float32_s": median_of(lambda: next(as_float)),
+        "read_stored_s": median_of(lambda: next(stored)),
+        "decode_s": median_of(lambda: batch.to(DEVICE, buffers)),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="swinv2-b")
@@ -128,6 +151,10 @@ def main() -> None:
         store = synthetic_store(tmp / "bench.zarr", "detection", bb.info, samples=4 * args.batch, shard_size=args.batch,
                                 dtype=args.dtype, frames=0, seed=0)  # fmt: skip
         bench = Bench(store, args.head, args.batch, args.num_workers)
+        costs = loader_costs(bench)
+        print("per batch in one process: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in costs.items()), file=sys.stderr)
+        if not args.rounds:
+            return
         make = variants(bench, args.steps, args.num_workers)
         times: dict[str, list[float]] = {n: [] for n in names}
         reference: list[float] | None = None
