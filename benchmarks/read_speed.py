@@ -3,9 +3,11 @@
 For two chunk shapes (A: demo-sized, SwinV2-T@256 in fp16; B: SwinV2-L@1024 in bf16, p2..p5, 47 MB per sample),
 a store of synthetic backbone-like features (bf16 precision, per-channel scale and shift) is written with fcache's
 own writer, then read as training reads it: random samples in batches of 8, every level, through the torch
-Dataset (``FeatureDataset.__getitems__``: float32 out), and as the direct path returns them before that conversion
-(``ShardFetcher.read``: stored values). The baseline is raw Blosc decoding of the very same chunk
-frames, already in memory, on one thread and on the reader's pool of threads. MB are the stored dtype's bytes.
+Dataset as the training loader reads it (``FeatureDataset(stored=True).__getitems__`` and the batch's levels
+collated, ``fcache.store.transit.stack``: the stored values the training device decodes; ``ratio_vs_raw_pool``), as
+float32 tensors (``stored=False``: the Dataset's own decoding, what training received before), and as the direct path
+returns them (``ShardFetcher.read``: stored values in fresh arrays). The baseline is raw Blosc decoding of the very same
+chunk frames, already in memory, on one thread and on the reader's pool of threads. MB are the stored dtype's bytes.
 
 Compact forms (``--forms``): the same features stored in bf16 and in each compact form, read through the Dataset on
 the same threads; the ratio of samples/s against the bf16 store is the goal's (decoding must not slow training:
@@ -55,6 +57,7 @@ from fcache.spec import (  # noqa: E402
 from fcache.store import layout  # noqa: E402
 from fcache.store.dtypes import DTYPES  # noqa: E402
 from fcache.store.fetch import decoder  # noqa: E402
+from fcache.store.transit import stack  # noqa: E402
 
 # name -> (input px, ((level, channels, stride), ...), dtype, shard size)
 SHAPES = {
@@ -143,16 +146,23 @@ def raw_decode_mb_s(work: list[tuple[bytes, np.ndarray]], pool: bool) -> float:
     return total / (time.perf_counter() - t) / 1e6
 
 
-def dataset_mb_s(path: Path, zarr_path: bool) -> tuple[float, float]:
-    """MB/s and samples/s of random batches through the Dataset (all levels, view 0), one pass over the store."""
+def dataset_mb_s(path: Path, zarr_path: bool, stored: bool = False) -> tuple[float, float]:
+    """MB/s and samples/s of random batches through the Dataset (all levels, view 0), one pass over the store; with
+    ``stored`` the stored values collated per level, as the training loader delivers them to the device."""
     store = fstore.open(path, read_path="zarr" if zarr_path else "direct")
-    ds = store.dataset()
+    ds = store.dataset(stored=stored)
     per_sample = stored_bytes(store)
     order = np.random.default_rng(1).permutation(len(ds))
-    ds.__getitems__([int(j) for j in order[:BATCH]])  # indexes, handles, threads
+
+    def batch(js: np.ndarray) -> None:
+        items = ds.__getitems__([int(j) for j in js])
+        for lv in ds.levels if stored else ():
+            stack([it["features"][lv] for it in items])
+
+    batch(order[:BATCH])  # indexes, handles, threads
     t = time.perf_counter()
     for k in range(0, len(order), BATCH):
-        ds.__getitems__([int(j) for j in order[k : k + BATCH]])
+        batch(order[k : k + BATCH])
     dt = time.perf_counter() - t
     return per_sample * len(order) / dt / 1e6, len(order) / dt
 
@@ -230,7 +240,8 @@ def main() -> None:
             work = frames(store)
             raw1 = max(raw_decode_mb_s(work, pool=False) for _ in range(args.rounds))
             rawp = max(raw_decode_mb_s(work, pool=True) for _ in range(args.rounds))
-            direct = max((dataset_mb_s(path, zarr_path=False) for _ in range(args.rounds)), key=lambda r: r[0])
+            direct = max((dataset_mb_s(path, zarr_path=False, stored=True) for _ in range(args.rounds)), key=lambda r: r[0])
+            as_float = max((dataset_mb_s(path, zarr_path=False) for _ in range(args.rounds)), key=lambda r: r[0])
             raw_values = max(stored_mb_s(path) for _ in range(args.rounds))
             plain = max((dataset_mb_s(path, zarr_path=True) for _ in range(args.rounds)), key=lambda r: r[0])
             row = {
@@ -243,6 +254,8 @@ def main() -> None:
                 "dataset_samples_s": direct[1],
                 "ratio_vs_raw_pool": direct[0] / rawp,
                 "ratio_vs_raw_1t": direct[0] / raw1,
+                "float32_MB_s": as_float[0],
+                "float32_ratio_vs_raw_pool": as_float[0] / rawp,
                 "stored_MB_s": raw_values,
                 "stored_ratio_vs_raw_pool": raw_values / rawp,
                 "zarr_path_MB_s": plain[0],
@@ -269,7 +282,8 @@ def main() -> None:
         print(f"results: {save('read_speed', {'args': vars(args), 'compact': compact})}")
         return
     cols = ["shape", "MB_per_sample", "raw_1t_MB_s", "raw_pool_MB_s", "stored_MB_s", "stored_ratio_vs_raw_pool", "dataset_MB_s",
-            "ratio_vs_raw_pool", "zarr_path_MB_s", "zarr_ratio_vs_raw_pool", "write_samples_s", "write_MB_s"]  # fmt: skip
+            "ratio_vs_raw_pool", "float32_MB_s", "float32_ratio_vs_raw_pool", "zarr_path_MB_s", "zarr_ratio_vs_raw_pool", "write_samples_s",
+            "write_MB_s"]  # fmt: skip
     print(f"read and write speed against raw Blosc decode of the same chunks ({os.cpu_count()} cores, best of {args.rounds})")
     print(table(rows, cols))
     for row in rows:

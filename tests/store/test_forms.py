@@ -122,9 +122,14 @@ def test_torch_decode_equals_numpy_decode_bit_for_bit(form):
     enc = encode(x, form, basis=basis)
     want = decode(enc.values, form, enc.scales, width=9, basis=basis)
     side = None if enc.scales is None else torch.from_numpy(enc.scales)
-    got = decode_torch(torch.from_numpy(enc.values), form, side, width=9, basis=None if basis is None else torch.from_numpy(basis))
+    tb = None if basis is None else torch.from_numpy(basis)
+    got = decode_torch(torch.from_numpy(enc.values), form, side, width=9, basis=tb)
     assert got.dtype == torch.float32
     np.testing.assert_array_equal(got.numpy(), want)
+    out = torch.full(want.shape, float("nan"))  # a reused buffer: decoded into in place, the same bits
+    into = decode_torch(torch.from_numpy(enc.values), form, side, width=9, basis=tb, out=out)
+    np.testing.assert_array_equal(into.numpy(), want)
+    assert into.data_ptr() == out.data_ptr() and torch.equal(out, into)
 
 
 def test_a_packed_form_needs_the_width():

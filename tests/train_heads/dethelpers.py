@@ -31,6 +31,7 @@ from fcache.spec import (
     keys_digest,
 )
 from fcache.store import TargetSpec
+from fcache.store.dtypes import stored
 from fcache.train_heads.detection.model import build_detector
 from fcache.train_heads.detection.task import parse_detection_head
 
@@ -129,12 +130,14 @@ def encode_features(
     return out
 
 
-def manifest(n: int, levels: tuple[LevelSpec, ...], views: int, kind: str = "coco", task: str = "detection") -> tuple[Manifest, list[str]]:
+def manifest(
+    n: int, levels: tuple[LevelSpec, ...], views: int, kind: str = "coco", task: str = "detection", dtype: str = "fp32", codec: str = "none"
+) -> tuple[Manifest, list[str]]:
     keys = [str(i + 1) for i in range(n)]
     m = Manifest(
         backbone=BackboneInfo("synthetic", "synthetic", "random-init", CANVAS, 8, levels),
         preprocessing=Preprocessing(views=views, view_flip=views > 1),
-        storage=StorageSpec(dtype="fp32", codec="none", shard_size=4),
+        storage=StorageSpec(dtype=dtype, codec=codec, shard_size=4),
         dataset=DatasetInfo(SourceConfig(kind, ""), n=n, digest=keys_digest(keys), task=task),
         fcache_version="test",
     )
@@ -161,12 +164,14 @@ def build_detection_store(
     with_annotations: bool = True,
     crop_first_view: bool = False,
     stuff: bool = False,
+    dtype: str = "fp32",
+    codec: str = "none",
 ) -> Path:
     """A store of len(objects) images; view 0 plain, view 1 mirrored. ``with_annotations=False`` gives a classification store;
     ``crop_first_view`` makes view 0 a crop (as an extraction with random training views does); ``stuff`` adds COCO-stuff
-    style label maps (``stuff_map``)."""
+    style label maps (``stuff_map``). ``dtype``: any stored form (a projected one fitted on the first image's plain view)."""
     n = len(objects)
-    m, keys = manifest(n, levels, views, *(() if with_annotations else ("folder", "classification")))
+    m, keys = manifest(n, levels, views, *(() if with_annotations else ("folder", "classification")), dtype=dtype, codec=codec)
     if with_annotations:
         targets = {"image": TargetSpec("str"), "annotations": TargetSpec("str")}
         attrs = {"categories": CATEGORIES}
@@ -174,7 +179,9 @@ def build_detection_store(
         targets, attrs = {"label": TargetSpec("int64", fill=-1)}, {}
     if stuff:
         targets[Targets.STUFF] = TargetSpec("uint8", (ORIG_H, ORIG_W), fill=Targets.IGNORE)
-    writer = fstore.create(path, m, keys, targets=targets, target_attrs=attrs)
+    first = encode_features(objects[0], plain(), levels, np.random.default_rng(1))
+    bases = {lv.name: b for lv in levels if (b := stored(dtype).fit(first[lv.name])) is not None}
+    writer = fstore.create(path, m, keys, targets=targets, target_attrs=attrs, bases=bases)
     if with_annotations:
         images = [json.dumps({"id": i + 1, "width": ORIG_W, "height": ORIG_H, "file_name": f"{i + 1}.jpg"}) for i in range(n)]
         anns = [json.dumps(annotations(i + 1, objs)) for i, objs in enumerate(objects)]

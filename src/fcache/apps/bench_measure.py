@@ -32,6 +32,7 @@ def measure(setting: str, cfg: BenchConfig, store: str) -> dict[str, Any]:
 def _steps(setting: str, cfg: BenchConfig, store: str) -> dict[str, Any]:
     from fcache.extract.backbones import parameter_count
     from fcache.extract.rebuild import backbone_of
+    from fcache.store.transit import Buffers
     from fcache.train_heads.config import TrainConfig
     from fcache.train_heads.data import train_loader
     from fcache.train_heads.defaults import with_defaults
@@ -57,11 +58,11 @@ def _steps(setting: str, cfg: BenchConfig, store: str) -> dict[str, Any]:
             backbone_params = parameter_count(backbone.model)
             optimizer.add_param_group({"params": list(backbone.model.parameters()), "weight_decay": tcfg.weight_decay})
     images = _images(cfg).to(device)
-    times = []
+    times, buffers = [], Buffers()
     for k, batch in enumerate(batches):
         _sync(device)
         t = time.perf_counter()
-        batch = batch.to(device)
+        batch = batch.to(device, buffers)  # as train_pass: the stored values decoded on the device
         if backbone is not None:
             batch.features = _backbone_features(backbone, images, setting, device, cfg.frames)
         train_step(model, optimizer, p.task, batch, tcfg, device, k)

@@ -15,9 +15,10 @@ if TYPE_CHECKING:
     from fcache.store import layout
     from fcache.store.checks import Problem, VerifyReport, verify
     from fcache.store.copy import CopySummary, copy_store
+    from fcache.store.dataset import FeatureDataset
     from fcache.store.info import describe
     from fcache.store.layout import Unit
-    from fcache.store.reader import FeatureDataset, FeatureStore
+    from fcache.store.reader import FeatureStore
     from fcache.store.reader import open_store as open
     from fcache.store.webdataset import WdsExport, export_wds
     from fcache.store.writer import StoreWriter, TargetSpec, create
@@ -26,7 +27,7 @@ _EXPORTS = {
     "CorruptStoreError": ("fcache.common.errors", "CorruptStoreError"),
     "Fp16OverflowError": ("fcache.common.errors", "Fp16OverflowError"),
     "StoreError": ("fcache.common.errors", "StoreError"),
-    "FeatureDataset": ("fcache.store.reader", "FeatureDataset"),
+    "FeatureDataset": ("fcache.store.dataset", "FeatureDataset"),
     "FeatureStore": ("fcache.store.reader", "FeatureStore"),
     "open": ("fcache.store.reader", "open_store"),
     "Problem": ("fcache.store.checks", "Problem"),
@@ -71,6 +72,6 @@ def __getattr__(name: str) -> Any:
         module, attr = _EXPORTS[name]
         return getattr(importlib.import_module(module), attr)
     if name in ("layout", "dtypes", "codecs", "reader", "writer", "checks", "info", "lease", "leases", "records", "backends", "access",
-                "cache", "fetch", "copy", "webdataset"):  # fmt: skip
+                "cache", "fetch", "copy", "webdataset", "dataset", "transit"):  # fmt: skip
         return importlib.import_module(f"fcache.store.{name}")
     raise AttributeError(f"module 'fcache.store' has no attribute {name!r}")

@@ -27,10 +27,11 @@ if TYPE_CHECKING:
 FP16_MAX = float(np.finfo(np.float16).max)
 ERROR_SAMPLE = 1 << 20  # values per item on which the quantisation error is measured exactly
 
-# float (..., C, H, W), basis -> values, side (..., C); values, side, width, basis -> float32 (..., C, H, width)
+# float (..., C, H, W), basis -> values, side (..., C); values, side, width, basis -> float32 (..., C, H, width); the torch
+# decode also takes a float32 tensor of the result's shape that it may decode into in place (``out``), and returns the result
 Encode = Callable[["torch.Tensor", "torch.Tensor | None"], "tuple[torch.Tensor, torch.Tensor | None]"]
 Decode = Callable[[np.ndarray, "np.ndarray | None", int, "np.ndarray | None"], np.ndarray]
-DecodeTorch = Callable[["torch.Tensor", "torch.Tensor | None", int, "torch.Tensor | None"], "torch.Tensor"]
+DecodeTorch = Callable[["torch.Tensor", "torch.Tensor | None", int, "torch.Tensor | None", "torch.Tensor | None"], "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,8 @@ def _int_decode(values: np.ndarray, scales: np.ndarray | None, width: int, basis
 
 
 def _int_decode_torch(values: torch.Tensor, scales: torch.Tensor | None, width: int, basis: torch.Tensor | None,
-                      bits: int) -> torch.Tensor:  # fmt: skip
-    return quant.int_decode_torch(values, scales, width, bits)
+                      out: torch.Tensor | None, bits: int) -> torch.Tensor:  # fmt: skip
+    return quant.int_decode_torch(values, scales, width, bits, out)
 
 
 def _int8(t: torch.Tensor, basis: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,8 +124,9 @@ def _as_float32(values: np.ndarray, side: np.ndarray | None, width: int, basis: 
     return values.astype(np.float32, copy=False)
 
 
-def _as_float32_torch(values: torch.Tensor, side: torch.Tensor | None, width: int, basis: torch.Tensor | None) -> torch.Tensor:
-    return values.float()
+def _as_float32_torch(values: torch.Tensor, side: torch.Tensor | None, width: int, basis: torch.Tensor | None,
+                      out: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    return values.float() if out is None else out.copy_(values)
 
 
 def bf16_bits_to_float32(b: np.ndarray) -> np.ndarray:
@@ -135,10 +137,11 @@ def _bf16_decode(values: np.ndarray, side: np.ndarray | None, width: int, basis:
     return quant.bf16_to_float32(values)
 
 
-def _bf16_decode_torch(values: torch.Tensor, side: torch.Tensor | None, width: int, basis: torch.Tensor | None) -> torch.Tensor:
+def _bf16_decode_torch(values: torch.Tensor, side: torch.Tensor | None, width: int, basis: torch.Tensor | None,
+                       out: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
     import torch
 
-    return quant.from_bf16_bits(values.view(torch.int16))
+    return quant.from_bf16_bits(values.view(torch.int16), out)
 
 
 def _int8_decode(values: np.ndarray, scales: np.ndarray | None, width: int, basis: np.ndarray | None) -> np.ndarray:
@@ -147,10 +150,13 @@ def _int8_decode(values: np.ndarray, scales: np.ndarray | None, width: int, basi
     return values.astype(np.float32) * scales[..., None, None]
 
 
-def _int8_decode_torch(values: torch.Tensor, scales: torch.Tensor | None, width: int, basis: torch.Tensor | None) -> torch.Tensor:
+def _int8_decode_torch(values: torch.Tensor, scales: torch.Tensor | None, width: int, basis: torch.Tensor | None,
+                       out: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    import torch
+
     if scales is None:
         raise ValueError("int8 features need their scales to be decoded")
-    return values.float() * scales.float()[..., None, None]
+    return torch.mul(values, scales.float()[..., None, None], out=out)  # int8 x float32 in float32: values.float() * scales
 
 
 def _int_form(bits: int, tolerance: float) -> StoredDtype:
@@ -250,7 +256,7 @@ def encode(x: np.ndarray | torch.Tensor, dtype: str, level: str = "", basis: np.
     b = None if basis is None else (torch.from_numpy(np.asarray(basis, dtype=np.float32)) if isinstance(basis, np.ndarray) else basis)
     b = None if b is None else b.to(t.device)
     values, side = d.encode(t, b)
-    sq_err, sq_ref = _error(t, d.decode_torch(values, side, t.shape[-1], b))
+    sq_err, sq_ref = _error(t, d.decode_torch(values, side, t.shape[-1], b, None))
     host = values.cpu().numpy().view(d.numpy)
     side_host = None if side is None or d.side is None else side.cpu().numpy().view(d.side)
     return Encoded(values=host, scales=side_host, sq_err=sq_err, sq_ref=sq_ref)
@@ -275,11 +281,18 @@ def decode(
 
 
 def decode_torch(
-    values: torch.Tensor, dtype: str, scales: torch.Tensor | None = None, width: int | None = None, basis: torch.Tensor | None = None
+    values: torch.Tensor,
+    dtype: str,
+    scales: torch.Tensor | None = None,
+    width: int | None = None,
+    basis: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``decode`` in torch, on the tensors' device (equal to ``decode`` bit for bit on CPU)."""
+    """``decode`` in torch, on the tensors' device (equal to ``decode`` bit for bit on CPU). ``out``: a float32 tensor of
+    the result's shape on that device, which the forms that convert value by value (all but the packed and projected
+    ones) decode into in place (a buffer reused from batch to batch); the result is returned either way."""
     d = stored(dtype)
-    return d.decode_torch(values, scales, _width(d, values.shape[-1], width), basis)
+    return d.decode_torch(values, scales, _width(d, values.shape[-1], width), basis, out)
 
 
 def _width(d: StoredDtype, stored_width: int, width: int | None) -> int:

@@ -89,26 +89,35 @@ class ShardFetcher:
     def supports(self, level: str) -> bool:
         return self.layouts.get(level) is not None
 
-    def read(self, requests: Sequence[tuple[str, int, int | None]], convert: Convert | None = None) -> list[np.ndarray]:
+    def read(
+        self, requests: Sequence[tuple[str, int, int | None]], convert: Convert | None = None, out: Sequence[np.ndarray] | None = None
+    ) -> list[np.ndarray]:
         """Stored values of each (level, sample, view): (C, H, W), or with view None all views (V, C, H, W) (video: T first).
 
         ``convert(chunk, values)`` is applied to each chunk by the thread that decoded it, while it is in cache (e.g. to
-        float32); ``chunk`` is (level, unit, index of the sample-view in the unit's shard)."""
+        float32); ``chunk`` is (level, unit, index of the sample-view in the unit's shard). ``out``: an array per request,
+        C-contiguous, of its values' shape and the stored dtype's item size, which its chunks are decompressed straight
+        into (and which is returned), instead of fresh arrays."""
         shards = sorted({(lv, self._unit(i).index) for lv, i, _ in requests})
         self._load_indexes(shards)
         wanted: list[tuple[str, int, int]] = []  # (level, unit, chunk within the shard)
+        into: list[np.ndarray] = []  # with ``out``: each wanted chunk's destination
         plan: list[list[int]] = []
-        for lv, i, view in requests:
+        for r, (lv, i, view) in enumerate(requests):
             views = range(self.manifest.num_views) if view is None else [view]
             unit = self._unit(i)
             plan.append([len(wanted) + k for k in range(len(views))])
             wanted += [(lv, unit.index, (i - unit.start) * self.manifest.num_views + v) for v in views]
-        chunks = self._chunks(wanted, convert)
-        out = []
+            if out is not None:
+                into += [out[r]] if view is not None else list(out[r])
+        chunks = self._chunks(wanted, convert, into if out is not None else None)
+        if out is not None:
+            return list(out)
+        got = []
         for (_, _, view), idx in zip(requests, plan, strict=True):
             values = [chunks[k] for k in idx]
-            out.append(values[0] if view is not None else np.stack(values))
-        return out
+            got.append(values[0] if view is not None else np.stack(values))
+        return got
 
     # -- indexes ------------------------------------------------------------------------------------
     def _load_indexes(self, shards: Sequence[tuple[str, int]]) -> None:
@@ -147,11 +156,19 @@ class ShardFetcher:
         return np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
 
     # -- chunks -------------------------------------------------------------------------------------
-    def _chunks(self, wanted: Sequence[Chunk], convert: Convert | None = None) -> list[np.ndarray]:
+    def _chunks(
+        self, wanted: Sequence[Chunk], convert: Convert | None = None, into: Sequence[np.ndarray] | None = None
+    ) -> list[np.ndarray]:
         done = convert or (lambda w, v: v)
+        dest = (lambda k: into[k]) if into is not None else (lambda k: None)
         if not self.backend.remote and self.cache is None:  # local disk: each decoding thread reads its own chunk
             ranges = {w: self._range(w) for w in dict.fromkeys(wanted)}
-            return list(decoder().map(lambda w: done(w, self._decode(w, self.backend.get_ranges([ranges[w]])[0])), wanted))
+
+            def read_one(k: int) -> np.ndarray:
+                w = wanted[k]
+                return done(w, self._decode(w, self.backend.get_ranges([ranges[w]])[0], dest(k)))
+
+            return list(decoder().map(read_one, range(len(wanted))))
         raws: dict[tuple[str, int, int], bytes] = {}
         if self.cache is not None:
             for w in set(wanted):
@@ -161,16 +178,17 @@ class ShardFetcher:
         from_cache = set(raws)
         raws |= self._fetch([w for w in dict.fromkeys(wanted) if w not in raws])
 
-        def decoded(w: tuple[str, int, int]) -> np.ndarray:
+        def decoded(k: int) -> np.ndarray:
+            w = wanted[k]
             try:
-                return done(w, self._decode(w, raws[w]))
+                return done(w, self._decode(w, raws[w], dest(k)))
             except CorruptStoreError:
                 if self.cache is None or w not in from_cache:
                     raise
                 self.cache.drop(self._cache_name(w[0], w[1]), f"c{w[2]}")  # a damaged cache entry: read it from the store
-                return done(w, self._decode(w, self._fetch([w])[w]))
+                return done(w, self._decode(w, self._fetch([w])[w], dest(k)))
 
-        return list(decoder().map(decoded, wanted))
+        return list(decoder().map(decoded, range(len(wanted))))
 
     def _range(self, w: tuple[str, int, int]) -> Range:
         lv, u, k = w
@@ -187,10 +205,14 @@ class ShardFetcher:
                 self.cache.put(self._cache_name(lv, u), f"c{k}", data)
         return got
 
-    def _decode(self, w: tuple[str, int, int], raw: bytes) -> np.ndarray:
+    def _decode(self, w: tuple[str, int, int], raw: bytes, out: np.ndarray | None = None) -> np.ndarray:
         lv, u, _ = w
         chunked = self._layout(lv)
-        values = np.empty(chunked.chunk_shape[2:], dtype=chunked.dtype)  # decoded straight into a fresh, writable array
+        if out is None:
+            values = np.empty(chunked.chunk_shape[2:], dtype=chunked.dtype)  # decoded straight into a fresh, writable array
+        else:
+            assert out.flags.c_contiguous and out.shape == tuple(chunked.chunk_shape[2:]) and out.itemsize == chunked.dtype.itemsize
+            values = out
         data: Any = raw
         for codec in reversed(chunked.codecs):
             if codec["name"] == "crc32c":
@@ -209,7 +231,7 @@ class ShardFetcher:
             if len(data) != values.nbytes:
                 raise CorruptStoreError(self._damaged(lv, u, "a chunk has the wrong size"))
             values.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, dtype=np.uint8)
-        return values.astype(self.numpy[lv], copy=False)
+        return values if out is not None else values.astype(self.numpy[lv], copy=False)
 
     # -- names --------------------------------------------------------------------------------------
     def _unit(self, i: int) -> layout.Unit:

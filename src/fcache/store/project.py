@@ -75,17 +75,20 @@ def encode(t: torch.Tensor, basis: torch.Tensor | None, ratio: int) -> tuple[tor
     return values.to(torch.int8), quant.bf16_bits(scales)
 
 
-def decode_torch(values: torch.Tensor, scales: torch.Tensor | None, width: int, basis: torch.Tensor | None, ratio: int) -> torch.Tensor:
-    """int8 coefficients (..., k, H, W) -> float32 (..., C, H, W) on the tensors' device."""
+def decode_torch(
+    values: torch.Tensor, scales: torch.Tensor | None, width: int, basis: torch.Tensor | None, out: torch.Tensor | None, ratio: int
+) -> torch.Tensor:
+    """int8 coefficients (..., k, H, W) -> float32 (..., C, H, W) on the tensors' device (into ``out`` when given)."""
     import torch
 
     check_basis(basis, values.shape[-3])
     if scales is None or basis is None:
         raise ValueError("projected features need their scales to be decoded")
     b = (basis if isinstance(basis, torch.Tensor) else torch.from_numpy(basis)).to(values.device, torch.float32)
-    whole = torch.matmul(b[1:].T, values.float().flatten(-2))  # (..., C, HW): sums of whole numbers, exact
+    flat = None if out is None else out.flatten(-2)  # (..., C, HW), a view of ``out``
+    whole = torch.matmul(b[1:].T, values.float().flatten(-2), out=flat)  # sums of whole numbers, exact
     s = quant.from_bf16_bits(scales.view(torch.int16))[..., None]  # (..., 1, 1)
-    return (whole * s + b[0][:, None]).unflatten(-1, values.shape[-2:])
+    return whole.mul_(s).add_(b[0][:, None]).unflatten(-1, values.shape[-2:])
 
 
 def decode(values: np.ndarray, scales: np.ndarray | None, width: int, basis: np.ndarray | None, ratio: int) -> np.ndarray:

@@ -48,11 +48,11 @@ def bf16_bits(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.bfloat16).view(torch.int16)
 
 
-def from_bf16_bits(b: torch.Tensor) -> torch.Tensor:
-    """Raw bfloat16 bits (int16 or uint16) -> float32."""
+def from_bf16_bits(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Raw bfloat16 bits (int16 or uint16) -> float32 (into ``out`` when given)."""
     import torch
 
-    return b.view(torch.bfloat16).float()
+    return b.view(torch.bfloat16).float() if out is None else out.copy_(b.view(torch.bfloat16))
 
 
 def best_scales(t: torch.Tensor, q: int, search: int = SEARCH_VALUES, width: int | None = None) -> torch.Tensor:
@@ -155,7 +155,10 @@ def int_decode(values: np.ndarray, scales: np.ndarray | None, width: int, bits: 
     return out if out.shape[-1] == width else np.ascontiguousarray(out[..., :width])
 
 
-def int_decode_torch(values: torch.Tensor, scales: torch.Tensor | None, width: int, bits: int) -> torch.Tensor:
+def int_decode_torch(
+    values: torch.Tensor, scales: torch.Tensor | None, width: int, bits: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``int_decode`` in torch, on the tensors' device (into ``out`` when given)."""
     import torch
 
     if scales is None:
@@ -163,11 +166,12 @@ def int_decode_torch(values: torch.Tensor, scales: torch.Tensor | None, width: i
     s = from_bf16_bits(scales.view(torch.int16))[..., None, None]
     per_byte = slots(bits)
     if per_byte == 1:
-        return values.float() * s
+        return torch.mul(values, s, out=out)  # int8 x float32 in float32: values.float() * s
     u = values.view(torch.uint8)
     slot, mask = 8 // per_byte, (1 << (8 // per_byte)) - 1
-    parts = torch.stack([(u >> (slot * k)) & mask for k in range(per_byte)], dim=-1).reshape(*u.shape[:-1], -1)
-    return (parts[..., :width].float() - ((1 << (bits - 1)) - 1)) * s
+    parts = torch.stack([(u >> (slot * k)) & mask for k in range(per_byte)], dim=-1).reshape(*u.shape[:-1], -1)[..., :width]
+    v = parts.float() if out is None else out.copy_(parts)
+    return v.sub_((1 << (bits - 1)) - 1).mul_(s)
 
 
 def bf16_to_float32(b: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Reading a store: level specs, geometry, targets, a torch Dataset of float32 NCHW features, dask arrays.
+"""Reading a store: level specs, geometry, targets, features (float32 NCHW, or the stored values a training device decodes:
+``fcache.store.transit``), dask arrays; its torch Dataset is ``fcache.store.dataset``.
 
 Only committed units are visible: statuses of uncommitted units read as pending, and a shard whose
 file is missing or has another size than its ledger record raises instead of returning fill values.
@@ -25,8 +26,10 @@ from fcache.store import layout
 from fcache.store.backends import Backend, open_backend, parse_size
 from fcache.store.cache import DiskCache
 from fcache.store.consistency import check_consistent
+from fcache.store.dataset import FeatureDataset
 from fcache.store.dtypes import decode, stored
 from fcache.store.fetch import ShardFetcher
+from fcache.store.transit import LevelCode, Stored, empty, torch_dtype
 from fcache.store.webdataset import WdsExport, is_export
 
 GEOMETRY_UNITS_KEPT = 64  # units of geometry a reader keeps (a few KB each)
@@ -100,6 +103,7 @@ class FeatureStore:
         self._fetcher_pid = -1
         self._scales: dict[tuple[str, int], np.ndarray] = {}  # (level, unit) -> scales of the unit's sample-views
         self._geometry_units: dict[int, np.ndarray] = {}
+        self._codes: dict[str, LevelCode] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         return {"backend": self.backend, "cache": self.cache, "read_path": self.read_path}
@@ -234,8 +238,12 @@ class FeatureStore:
         self.manifest.level(level)
         if self.fetcher is not None and self.fetcher.supports(level):
             return self.read_many([(level, i, view)])[0]
+        return self._decoded(level, *self._zarr_values(level, i, view))
+
+    def _zarr_values(self, level: str, i: int, view: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Stored values and side data of sample ``i`` (view ``view``, or all) through zarr's own path."""
         self.check_shards([(level, i)])
-        return self._decoded(level, (i,) if view is None else (i, view), layout.unit_of(i, self.manifest.storage.shard_size, self.n))
+        return self._stored(level, (i,) if view is None else (i, view), layout.unit_of(i, self.manifest.storage.shard_size, self.n))
 
     def read_unit(self, level: str, unit: layout.Unit) -> np.ndarray:
         """Float32 features of every sample of a committed unit: (n, V, C, H, W) (video: T before C), the samples
@@ -246,21 +254,22 @@ class FeatureStore:
             raise StoreError(f"unit {unit.name} of {self.root} is not committed (samples {unit.start}-{unit.stop - 1})")
         with_features = [unit.start + j for j, s in enumerate(rec.status) if Status(s).has_features]
         self.check_shards([(level, i) for i in with_features[:1]])
-        return self._decoded(level, slice(unit.start, unit.stop), unit)
+        return self._decoded(level, *self._stored(level, slice(unit.start, unit.stop), unit))
 
-    def _decoded(self, level: str, sel: Any, unit: layout.Unit) -> np.ndarray:
-        """``features/<level>[sel]`` (and its scales) decoded to float32; CorruptStoreError naming the unit's shard."""
-        form = self.manifest.storage.form(level)
+    def _decoded(self, level: str, values: np.ndarray, side: np.ndarray | None) -> np.ndarray:
+        return decode(values, self.manifest.storage.form(level), side, self.width(level), self.bases.get(level))
+
+    def _stored(self, level: str, sel: Any, unit: layout.Unit) -> tuple[np.ndarray, np.ndarray | None]:
+        """``features/<level>[sel]`` and its scales as stored; CorruptStoreError naming the unit's shard."""
         try:
-            values = self.array(f"{layout.FEATURES}/{level}")[sel]
-            scales = self.array(f"{layout.SCALES}/{level}")[sel] if stored(form).scaled else None
+            values = np.asarray(self.array(f"{layout.FEATURES}/{level}")[sel])
+            scaled = stored(self.manifest.storage.form(level)).scaled
+            return values, np.asarray(self.array(f"{layout.SCALES}/{level}")[sel]) if scaled else None
         except (ValueError, RuntimeError) as e:
             raise CorruptStoreError(
                 f"{self.root}: level {level}, shard {unit.index} (samples {unit.start}-{unit.stop - 1}) is corrupt ({e}); "
                 f"run `fcache verify {self.root}` and re-extract that unit"
             ) from e
-        side = None if scales is None else np.asarray(scales)
-        return decode(np.asarray(values), form, side, self.width(level), self.bases.get(level))
 
     def width(self, level: str) -> int:
         """W of a level's maps (its stored values may be packed along it)."""
@@ -271,25 +280,82 @@ class FeatureStore:
         fetcher = self.fetcher
         if fetcher is None or not all(fetcher.supports(lv) for lv, _, _ in requests):
             return [self.read(lv, i, v) for lv, i, v in requests]
+        scales = self._unit_scales(requests)
+        forms = {lv: self.manifest.storage.form(lv) for lv, _, _ in requests}
+        widths, bases, views = {lv: self.width(lv) for lv in forms}, self.bases, self.num_views
+
+        def to_float(chunk: tuple[str, int, int], values: np.ndarray) -> np.ndarray:
+            lv, u, k = chunk
+            side = scales[(lv, u)][k // views, k % views] if (lv, u) in scales else None
+            return decode(values, forms[lv], side, widths[lv], bases.get(lv))
+
+        return fetcher.read(requests, convert=to_float)  # to float32 by the thread that decoded each chunk
+
+    def _unit_scales(self, requests: Sequence[tuple[str, int, int | None]]) -> dict[tuple[str, int], np.ndarray]:
+        """Checks the requests (levels, committed samples, shards) and gives the side data of each scaled level's units they
+        touch, by (level, unit index): (samples, V, ..., C) (the last units read are kept)."""
         for lv, _, _ in requests:
             self.manifest.level(lv)
         self.check_shards([(lv, i) for lv, i, _ in requests])
-        storage, views = self.manifest.storage, self.num_views
-        forms = {lv: storage.form(lv) for lv, _, _ in requests}
-        scaled = sorted(lv for lv, form in forms.items() if stored(form).scaled)
+        storage = self.manifest.storage
+        scaled = {lv for lv, _, _ in requests if stored(storage.form(lv)).scaled}
         units = sorted({(lv, layout.unit_of(i, storage.shard_size, self.n)) for lv, i, _ in requests if lv in scaled}, key=str)
         scales = {(lv, u.index): self._scales[(lv, u.index)] for lv, u in units if (lv, u.index) in self._scales}
         todo = [(lv, u) for lv, u in units if (lv, u.index) not in scales]
         for (lv, u), s in zip(todo, self._gather_scales(todo), strict=True):
             self._scales[(lv, u.index)] = scales[(lv, u.index)] = s
-        widths, bases = {lv: self.width(lv) for lv in forms}, self.bases
+        return scales
 
-        def to_float(chunk: tuple[str, int, int], values: np.ndarray) -> np.ndarray:
-            lv, u, k = chunk
-            side = scales[(lv, u)][k // views, k % views] if lv in scaled else None
-            return decode(values, forms[lv], side, widths[lv], bases.get(lv))
+    def code(self, level: str) -> LevelCode:
+        """How ``level``'s stored values decode on a training device (its form, width and basis as a tensor)."""
+        if level not in self._codes:
+            basis = self.bases.get(level)
+            self._codes[level] = LevelCode(
+                self.manifest.storage.form(level), self.width(level), None if basis is None else torch.from_numpy(basis)
+            )
+        return self._codes[level]
 
-        return fetcher.read(requests, convert=to_float)  # to float32 by the thread that decoded each chunk
+    def read_stored(self, levels: Sequence[str], picked: Sequence[tuple[int, int | None]]) -> dict[str, Stored]:
+        """The stored values and side data of ``levels`` of each (sample, view) of ``picked`` (view None: all views), for a
+        training device to decode (``fcache.store.transit``): one batch per level, (n, ...) tensors whose row k is
+        ``picked[k]``'s (``Stored.row``). Each chunk is decompressed straight into its row (in shared memory inside a
+        DataLoader worker); ``read_many`` gives the same values decoded to float32."""
+        every = {v is None for _, v in picked}
+        assert len(every) <= 1, "all views of every sample, or one view of each"
+        lead = (self.num_views,) if every == {True} else ()
+        forms = {lv: stored(self.manifest.storage.form(lv)) for lv in levels}
+        shapes = {lv: self.manifest.level_shape(lv) for lv in levels}
+        values = {lv: empty((len(picked), *lead, *forms[lv].stored_shape(shapes[lv])), torch_dtype(forms[lv].numpy)) for lv in levels}
+        requests = [(lv, i, v) for i, v in picked for lv in levels]
+        rows = [values[lv][k].numpy() for k in range(len(picked)) for lv in levels]
+        sides = self._read_stored_into(requests, rows)
+        out = {}
+        for j, lv in enumerate(levels):
+            d, side = forms[lv], None
+            if d.side is not None:
+                side = empty((len(picked), *lead, *d.side_shape(shapes[lv])), torch_dtype(d.side))
+                for k in range(len(picked)):
+                    dst = side[k].numpy()
+                    dst[...] = np.asarray(sides[k * len(levels) + j]).view(dst.dtype)
+            out[lv] = Stored(values[lv], side, self.code(lv))
+        return out
+
+    def _read_stored_into(self, requests: Sequence[tuple[str, int, int | None]], rows: Sequence[np.ndarray]) -> list[np.ndarray | None]:
+        """Each request's stored values written into its row; its side data (None for a form without)."""
+        fetcher = self.fetcher
+        if fetcher is None or not all(fetcher.supports(lv) for lv, _, _ in requests):
+            got = [self._zarr_values(lv, i, v) for lv, i, v in requests]
+            for (values, _), row in zip(got, rows, strict=True):
+                row.view(values.dtype)[...] = values
+            return [side for _, side in got]
+        scales = self._unit_scales(requests)
+        fetcher.read(requests, out=rows)
+        sides: list[np.ndarray | None] = []
+        for lv, i, v in requests:
+            unit = layout.unit_of(i, self.manifest.storage.shard_size, self.n)
+            per_unit = scales.get((lv, unit.index))
+            sides.append(None if per_unit is None else per_unit[i - unit.start] if v is None else per_unit[i - unit.start, v])
+        return sides
 
     def _gather_scales(self, todo: Sequence[tuple[str, layout.Unit]]) -> list[np.ndarray]:
         by_level: dict[str, list[layout.Unit]] = {}
@@ -359,9 +425,10 @@ class FeatureStore:
         views: Sequence[int] | None = None,
         seed: int = 0,
         targets: Sequence[str] = (),
+        stored: bool = False,
     ) -> FeatureDataset:
         """A torch Dataset over ok samples (or ``indices``). See :class:`FeatureDataset`."""
-        return FeatureDataset(self, levels, indices=indices, view=view, views=views, seed=seed, targets=targets)
+        return FeatureDataset(self, levels, indices=indices, view=view, views=views, seed=seed, targets=targets, stored=stored)
 
     def to_dask(self, level: str) -> Any:
         """Float32 dask array (N, V, C, H, W) (video: (N, V, T, C, H, W)), decoded lazily, one dask chunk per
@@ -380,80 +447,6 @@ class FeatureStore:
             return da.map_blocks(lambda v, s: decode(v, form, s[..., 0, 0], width, basis), raw, scales[..., None, None],
                                  dtype=np.float32, chunks=chunks)  # fmt: skip
         return raw.map_blocks(decode, form, None, width, basis, dtype=np.float32, chunks=chunks)
-
-
-class FeatureDataset(torch.utils.data.Dataset):
-    """Items ``{"index", "view", "features": {level: float32 tensor}, "geometry", "targets"}``.
-
-    Item ``j`` is sample ``indices[j]``. Its view is ``view`` when an int; with ``view="random"``
-    one of ``views`` drawn from (seed, epoch, sample), so each epoch sees a fresh view of every
-    sample, reproducibly. An item may also be asked for as ``(j, view)``. Safe in DataLoader workers.
-    """
-
-    def __init__(
-        self,
-        store: FeatureStore,
-        levels: Sequence[str] | None = None,
-        *,
-        indices: Sequence[int] | np.ndarray | None = None,
-        view: int | str = 0,
-        views: Sequence[int] | None = None,
-        seed: int = 0,
-        targets: Sequence[str] = (),
-    ) -> None:
-        self.store = store
-        self.levels = tuple(levels) if levels is not None else store.level_names
-        for lv in self.levels:
-            store.manifest.level(lv)
-        self.indices = np.asarray(store.ok_indices if indices is None else indices, dtype=np.int64)
-        if isinstance(view, str) and view != "random":
-            raise ValueError(f"view must be an int or 'random', got {view!r}")
-        self.view = view
-        self.views = tuple(views) if views is not None else store.manifest.train_views
-        self.seed, self.epoch = seed, 0
-        self.targets = tuple(targets)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def view_of(self, i: int) -> int:
-        if self.view != "random":
-            return int(self.view)
-        rng = np.random.default_rng((self.seed, self.epoch, int(i)))
-        return int(self.views[rng.integers(len(self.views))])
-
-    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
-        return self.__getitems__([item])[0]
-
-    def __getitems__(self, items: Sequence[int | tuple[int, int]]) -> list[dict[str, Any]]:
-        """Several items at once (a DataLoader batch): all their levels are read and decoded together (``read_many``);
-        a remote store reads their targets concurrently too."""
-        picked = []
-        for item in items:
-            j, v = item if isinstance(item, tuple) else (item, None)
-            i = int(self.indices[j])
-            picked.append((i, self.view_of(i) if v is None else int(v)))
-        values = self.store.read_many([(lv, i, v) for i, v in picked for lv in self.levels])
-        if self.store.backend.remote:
-            targets = {name: self.store.targets_many(name, [i for i, _ in picked]) for name in self.targets}
-        else:
-            targets = {name: [self.store.target(name, i) for i, _ in picked] for name in self.targets}
-        out = []
-        for k, (i, v) in enumerate(picked):
-            feats = values[k * len(self.levels) : (k + 1) * len(self.levels)]
-            out.append(
-                {
-                    "index": i,
-                    "view": v,
-                    "features": {lv: torch.from_numpy(x) for lv, x in zip(self.levels, feats, strict=True)},
-                    "geometry": torch.from_numpy(self.store.geometry_rows(i)[v].copy()),
-                    "targets": {name: targets[name][k] for name in self.targets},
-                }
-            )
-        return out
 
 
 def _plain(values: np.ndarray) -> Any:

@@ -3,14 +3,17 @@
 Training (:func:`train_loader`): a DataLoader over ``EpochItems`` (item ``(epoch, j)``: sample j with the view of that
 epoch) whose batches come from ``TrainBatches`` (one seeded permutation per epoch, cut into full batches, from any
 iteration on, optionally one rank's slice) and are collated by ``Collate`` (task targets computed in the workers).
-The batch order is a pure function of (seed, iteration), which is what makes resume bit-exact.
+The batch order is a pure function of (seed, iteration), which is what makes resume bit-exact. Features travel as the
+store's values (fp16, bfloat16 bits, int8, the compact forms: half the bytes of float32 or less, decompressed straight
+into the batch's tensors, pinned for a GPU) and become float32 on the training device, the first operation of a step
+(``Batch.to``, ``fcache.store.transit``): the same float32 values, bit for bit, as the Dataset's own decoding.
 
 Evaluation (:func:`eval_data`): view 0 of every ok sample, or, for a task whose ``TaskDef.eval_views`` is ``all``,
 items with every view of a sample at once (``AllViews``), so the task can average them (segmentation's ms+flip,
 video's clip x crop protocol, classification's test views). An ``AllViews`` item is shaped like a ``FeatureDataset``
 item except that each level holds all V views, (V, C, H, W) or for video (V, T, C, H, W); ``geometry`` is view 0's;
 every view's geometry, the view names and the sample's key travel in ``targets`` under ``VIEW_GEOMETRY``,
-``VIEW_NAMES`` and ``KEY``.
+``VIEW_NAMES`` and ``KEY``. Evaluation datasets hold stored values too.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from fcache.common.errors import InputError
 from fcache.spec import GEOMETRY_FIELDS, Geometry, LevelSpec
 from fcache.store import FeatureStore
+from fcache.store.dataset import features_of
+from fcache.store.transit import Stored, stack, stack_rows
 from fcache.train_heads.task import Batch, Task
 
 KEY = "key"  # the sample's source id (samples/key)
@@ -38,17 +43,21 @@ VIEW_NAMES = "view_names"  # the V names of manifest.view_names
 
 @dataclass
 class Collate:
-    """DataLoader collate_fn: items -> Batch (task targets computed in the worker)."""
+    """DataLoader collate_fn: items -> Batch (task targets computed in the worker). Float32 features are stacked per
+    level; stored values (``fcache.store.transit.Stored``) stay stored, in the tensor they were read into when the items
+    are the rows of one read, for the device to decode (``Batch.to``). Inside a worker a batch is made in shared memory."""
 
     task: Task
     with_targets: bool = True
 
     def __call__(self, items: list[Mapping[str, Any]]) -> Batch:
         geometry = [Geometry.from_array(np.asarray(it["geometry"])) for it in items]
-        features = {lv: torch.stack([it["features"][lv] for it in items]) for lv in items[0]["features"]}
+        levels = items[0]["features"]
+        features = {lv: stack_rows([it["features"][lv] for it in items]) for lv, x in levels.items() if not isinstance(x, Stored)}
+        stored = {lv: stack([it["features"][lv] for it in items]) for lv, x in levels.items() if isinstance(x, Stored)}
         targets = [self.task.targets(it, g) for it, g in zip(items, geometry, strict=True)] if self.with_targets else []
         raw = [dict(it.get("targets", {})) for it in items]
-        return Batch([int(it["index"]) for it in items], [int(it["view"]) for it in items], features, geometry, targets, raw)
+        return Batch([int(it["index"]) for it in items], [int(it["view"]) for it in items], features, geometry, targets, raw, stored)
 
 
 class EpochItems(Dataset):
@@ -190,13 +199,14 @@ class Prefetch:
 
 
 def training_items(store: FeatureStore, task: Task, indices: np.ndarray, levels: Sequence[str], seed: int) -> Any:
-    """The store's Dataset of the chosen samples; with several training views, one drawn per sample and epoch.
+    """The store's Dataset of the chosen samples; with several training views, one drawn per sample and epoch. Its items
+    hold the stored values, which the loop decodes on its device (``Batch.to``).
 
     ``levels=()`` gives the same items without features (for features computed online).
     """
     views = store.manifest.train_views
     view = "random" if len(views) > 1 else 0
-    return store.dataset(list(levels), indices=indices.tolist(), view=view, views=views, seed=seed, targets=task.target_names)
+    return store.dataset(list(levels), indices=indices.tolist(), view=view, views=views, seed=seed, targets=task.target_names, stored=True)
 
 
 class AllViews(Dataset):
@@ -216,18 +226,17 @@ class AllViews(Dataset):
     def __getitems__(self, js: Sequence[int]) -> list[dict[str, Any]]:
         """A batch of samples, every view of every level read at once (concurrently from a remote store)."""
         picked = [int(self.indices[j]) for j in js]
-        values = self.store.read_many([(lv, i, None) for i in picked for lv in self.levels])  # each (V, ...)
+        features = features_of(self.store, self.levels, [(i, None) for i in picked], stored=True)  # each (V, ...)
         out = []
         for k, i in enumerate(picked):
             geometry = self.store.geometry_array[i]  # (V, fields)
             targets: dict[str, Any] = {name: self.store.target(name, i) for name in self.targets}
             targets |= {KEY: str(self.store.keys[i]), VIEW_GEOMETRY: geometry.copy(), VIEW_NAMES: self.view_names}
-            feats = values[k * len(self.levels) : (k + 1) * len(self.levels)]
             out.append(
                 {
                     "index": i,
                     "view": 0,
-                    "features": {lv: torch.from_numpy(x) for lv, x in zip(self.levels, feats, strict=True)},
+                    "features": features[k],
                     "geometry": torch.from_numpy(geometry[0].copy()),
                     "targets": targets,
                 }
@@ -257,4 +266,4 @@ def eval_data(store: FeatureStore, task: Task, levels: tuple[LevelSpec, ...], vi
     names = [lv.name for lv in levels]
     if views == "all":
         return AllViews(store, names, task.eval_target_names)
-    return store.dataset(names, view=0, targets=task.eval_target_names)
+    return store.dataset(names, view=0, targets=task.eval_target_names, stored=True)

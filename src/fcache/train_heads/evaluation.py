@@ -88,7 +88,8 @@ def predict_all(
 ) -> tuple[list[dict[str, Any]], list[Any]]:
     """Every item's raw targets and the task's prediction, in dataset order (under ``precision``'s autocast)."""
     model.to(device).eval()
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=Collate(task, with_targets=False), num_workers=num_workers)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=Collate(task, with_targets=False), num_workers=num_workers,
+                        pin_memory=device.type == "cuda")  # fmt: skip
     raw: list[dict[str, Any]] = []
     predictions: list[Any] = []
     for batch in tqdm(loader, desc=f"eval {task.name}", unit="batch", file=sys.stderr, disable=not progress):

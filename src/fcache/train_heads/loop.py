@@ -39,6 +39,7 @@ from fcache.common.devices import peak_memory_gb
 from fcache.common.errors import DivergedError, InputError
 from fcache.common.rng import RngState, rng_scope, rng_state, seeded_state
 from fcache.spec import LevelSpec
+from fcache.store.transit import Buffers
 from fcache.train_heads import distributed as ddp
 from fcache.train_heads.config import TrainConfig
 from fcache.train_heads.data import train_loader
@@ -215,11 +216,12 @@ def train_pass(
     batches = train_loader(data, heads[0].task, batch_size=cfg.samples_per_iter, seed=cfg.seed, start=start, stop=stop,
                            num_workers=cfg.num_workers, prefetch=cfg.prefetch, device=device, rank=dist.rank, world=dist.world)  # fmt: skip
     bar = progress_bar(heads, cfg.iters, start, shown=progress and dist.is_main)
+    buffers = Buffers()  # each level's float32 features, decoded into the same memory every batch (CPU)
     t0 = time.perf_counter()
     try:
         with bar:  # closed before anything is said about an interruption
             for it, batch in zip(range(start, stop), batches, strict=True):
-                batch = batch.to(device)
+                batch = batch.to(device, buffers)  # stored values -> float32 on the device: the step's first operation
                 for h, s in zip(heads, states, strict=True):
                     if it < s.start or not s.active:
                         continue

@@ -28,27 +28,43 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
 
     from fcache.store import FeatureStore
+    from fcache.store.transit import Buffers, Stored
 
 
 @dataclass
 class Batch:
-    """Collated items: features stacked per level, the rest per sample."""
+    """Collated items: features stacked per level, the rest per sample. Features read from a store travel as their stored
+    values (``stored``) and become float32 ``features`` on the device the batch is moved to (``to``)."""
 
     index: list[int]
     view: list[int]
-    features: dict[str, Tensor]  # level -> (B, C, H, W)
+    features: dict[str, Tensor]  # level -> (B, C, H, W) float32
     geometry: list[Geometry]
     targets: list[Any]  # task-specific training targets in view coordinates (empty when evaluating)
     raw: list[dict[str, Any]]  # each item's targets as read: the ground truth for evaluation
+    stored: dict[str, Stored] = field(default_factory=dict)  # level -> stored values, decoded by ``to``
 
-    def to(self, device: torch.device) -> Batch:
+    def to(self, device: torch.device, buffers: Buffers | None = None) -> Batch:
+        """The batch on ``device``, every level float32 there: stored values are copied (from pinned memory, without
+        blocking, on a GPU) and decoded as the first operations on the device, into ``buffers`` (reused from batch to batch
+        on a CPU) when given."""
+        from fcache.store.transit import decode
+
         nb = device.type == "cuda"
         feats = {k: v.to(device, non_blocking=nb) for k, v in self.features.items()}
+        feats |= {k: decode(s.to(device, non_blocking=nb), k, buffers) for k, s in self.stored.items()}
         targets = [_to(t, device) for t in self.targets]
         return Batch(self.index, self.view, feats, self.geometry, targets, self.raw)
 
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked memory (the DataLoader's ``pin_memory`` calls it), for asynchronous copies to a GPU."""
+        feats = {k: v.pin_memory() for k, v in self.features.items()}
+        stored = {k: s.pin_memory() for k, s in self.stored.items()}
+        return Batch(self.index, self.view, feats, self.geometry, [_pin(t) for t in self.targets], self.raw, stored)
+
     def chunks(self, k: int) -> list[Batch]:
         """``k`` consecutive equal micro-batches (gradient accumulation); ``[self]`` for one."""
+        assert not self.stored, "a batch is cut after Batch.to has decoded its stored values"
         if k == 1:
             return [self]
         n = len(self.index)
@@ -60,6 +76,18 @@ class Batch:
             )  # fmt: skip
             for s in cut
         ]
+
+
+def _pin(x: Any) -> Any:
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.pin_memory()
+    if isinstance(x, Mapping):
+        return {k: _pin(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return type(x)(_pin(v) for v in x)
+    return x
 
 
 def _to(x: Any, device: torch.device) -> Any:
