@@ -144,7 +144,8 @@ class OwnedFolder:
         self.earlier()
 
     def claim(self, entries: Iterable[str], **record: Any) -> None:
-        """Remove the earlier run's outputs, make the folder and write the marker listing ``entries`` (and ``record``)."""
+        """Remove the earlier run's outputs, make the folder and write the marker listing ``entries`` (and ``record``),
+        before any of them is written: a run that stops before :meth:`record` leaves a folder a rerun replaces."""
         for name in self.earlier():
             entry = self.path / name
             if entry.is_dir() and not entry.is_symlink():
@@ -152,14 +153,17 @@ class OwnedFolder:
             else:
                 entry.unlink()
         self.path.mkdir(parents=True, exist_ok=True)
-        self.record(entries, **record)
+        write_json(self.path / self.marker, {**record, "entries": self._names(entries), "sha256": {}})
 
     def record(self, entries: Iterable[str], **record: Any) -> None:
-        """(Re)write the marker: ``entries``, the sha256 of each that is a file now, and whatever the command records of
-        its run. Called after claiming (nothing written yet) and again once the entries are written."""
-        names = sorted(set(entries) - self.keep - {self.marker})
+        """Rewrite the marker once the run has written its outputs: those of ``entries`` it wrote, the sha256 of each
+        that is a file, and whatever the command records of its run."""
+        names = [n for n in self._names(entries) if (self.path / n).exists() or (self.path / n).is_symlink()]
         files = [n for n in names if (self.path / n).is_file() and not (self.path / n).is_symlink()]
         write_json(self.path / self.marker, {**record, "entries": names, "sha256": {n: digest(self.path / n) for n in files}})
+
+    def _names(self, entries: Iterable[str]) -> list[str]:
+        return sorted(set(entries) - self.keep - {self.marker})
 
     def _unchanged(self, name: str, sha: str | None) -> bool:
         entry = self.path / name
