@@ -11,7 +11,7 @@ import unicodedata
 import pytest
 
 from fcache.common.errors import InputError
-from fcache.common.outputs import OwnedFolder, check_outside, output_names
+from fcache.common.outputs import OwnedFolder, check_outside, digest, output_names
 
 
 def test_names_keep_the_inputs_name_unicode_included():
@@ -77,3 +77,67 @@ def test_a_rerun_replaces_its_own_earlier_outputs_only(tmp_path):
     with pytest.raises(InputError, match="did not write"):
         folder.check()
     assert (outside / "k.txt").read_text() == "k"
+
+
+def test_a_file_changed_since_it_was_written_is_refused_and_an_unchanged_one_replaced(tmp_path):
+    out = tmp_path / "out"
+    folder = OwnedFolder(out, "--out", ".marker.json", who="fcache report")
+    folder.claim(["a.md", "b.csv", "figs", "never.txt"])
+    (out / "a.md").write_text("a")
+    (out / "b.csv").write_text("b")
+    (out / "figs").mkdir()
+    folder.record(["a.md", "b.csv", "figs", "never.txt"], run="r")
+    marker = json.loads((out / ".marker.json").read_text())
+    assert marker == {
+        "run": "r",
+        "entries": ["a.md", "b.csv", "figs"],
+        "sha256": {"a.md": digest(out / "a.md"), "b.csv": digest(out / "b.csv")},
+    }
+    assert folder.earlier() == ["a.md", "b.csv", "figs"]
+    (out / "a.md").write_text("a, and my notes")
+    (out / "never.txt").write_text("mine")  # a name the run did not write in the end: the user's
+    with pytest.raises(InputError, match=r"holds files fcache report did not write \(a.md \(changed since\), never.txt\)"):
+        folder.claim(["a.md"])
+    assert (out / "a.md").read_text() == "a, and my notes" and (out / "b.csv").read_text() == "b" and (out / "figs").is_dir()
+    (out / "a.md").write_text("a")  # as written again: the folder is fcache's once more
+    (out / "never.txt").unlink()
+    folder.claim(["a.md"])
+    assert sorted(os.listdir(out)) == [".marker.json"]
+
+
+def test_a_run_that_stopped_after_claiming_leaves_a_folder_a_rerun_replaces(tmp_path):
+    out = tmp_path / "out"
+    folder = OwnedFolder(out, "--out", "predict.json")
+    folder.claim(["predictions.json", "labels"])
+    (out / "predictions.json").write_text("[half")  # the run stopped here: no record, no sha256
+    (out / "labels").mkdir()
+    (out / "labels" / "x.png").write_bytes(b"png")
+    assert folder.earlier() == ["labels", "predictions.json"]
+    folder.claim(["predictions.json"])
+    assert sorted(os.listdir(out)) == ["predict.json"]
+
+
+def test_folders_of_earlier_releases_are_recognised(tmp_path):
+    old = tmp_path / "predict"  # predict.json with entries and no sha256
+    old.mkdir()
+    (old / "labels").mkdir()
+    (old / "predictions.json").write_text("[]")
+    (old / "predict.json").write_text(json.dumps({"entries": ["labels", "predictions.json"], "run": "r"}))
+    assert OwnedFolder(old, "--out", "predict.json").earlier() == ["labels", "predictions.json"]
+    flat = tmp_path / "report"  # a report's name -> sha256
+    flat.mkdir()
+    (flat / "report.md").write_text("# report")
+    (flat / ".w.json").write_text(json.dumps({"report.md": digest(flat / "report.md")}))
+    assert OwnedFolder(flat, "--out", ".w.json").earlier() == ["report.md"]
+    (flat / "report.md").write_text("# report, edited")
+    with pytest.raises(InputError, match="changed since"):
+        OwnedFolder(flat, "--out", ".w.json").earlier()
+    bare = tmp_path / "bare"  # no marker: what ``legacy`` names is the command's, anything else is refused
+    bare.mkdir()
+    (bare / "cka.json").write_text("{}")
+    folder = OwnedFolder(bare, "--out", ".m.json", legacy=lambda p: ["cka.json", "cka.png"])
+    assert folder.earlier() == ["cka.json"]
+    (bare / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"did not write \(notes.txt\)"):
+        folder.claim(["cka.json"])
+    assert sorted(os.listdir(bare)) == ["cka.json", "notes.txt"]

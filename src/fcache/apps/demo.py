@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,8 +21,7 @@ if TYPE_CHECKING:
 import numpy as np
 
 from fcache.apps.config import DemoConfig
-from fcache.common.errors import InputError
-from fcache.common.files import check_writable
+from fcache.common.outputs import OwnedFolder
 
 CATEGORIES = ({"id": 1, "name": "square"}, {"id": 2, "name": "disc"}, {"id": 3, "name": "triangle"})
 COLORS = {1: (230, 40, 40), 2: (40, 200, 60), 3: (40, 90, 235)}
@@ -102,18 +100,16 @@ def build_dataset(root: Path, n: int, seed: int, long_side: int = 256) -> tuple[
     return root / "images", ann_path
 
 
-DEMO_ENTRIES = {"data", "train.zarr", "val.zarr", "run", "report"}  # what a demo's --out folder holds
+DEMO_ENTRIES = ("data", "train.zarr", "val.zarr", "run", "report")  # what a demo's --out folder holds
+MARKER = ".fcache-demo.json"  # the demo folder's marker (common.outputs.OwnedFolder)
 
 
-def check_out(out: Path) -> None:
-    """A rerun replaces an earlier demo's folder; a folder holding anything else is refused (nothing of yours is deleted)."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise InputError(f"--out {out} is not a folder; give a new folder for the demo")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES) if out.is_dir() else []
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
-        raise InputError(f"--out {out} holds files the demo did not write ({shown}); give a new or empty folder")
-    check_writable(out, "--out")
+def demo_folder(out: Path) -> OwnedFolder:
+    """The demo's folder, checked: a rerun replaces an earlier demo's (one written before the marker, without it, is
+    told by its entries); a folder holding anything else is refused (nothing of yours is deleted)."""
+    folder = OwnedFolder(out, "--out", MARKER, who="the demo", legacy=lambda _: DEMO_ENTRIES)
+    folder.check()
+    return folder
 
 
 def extract_settings(cfg: DemoConfig) -> dict[str, Any]:
@@ -141,8 +137,8 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
     from fcache.train_heads.training import prepare_training, run_train
 
     out = Path(cfg.out)
-    check_out(out)
-    shutil.rmtree(out, ignore_errors=True)
+    folder = demo_folder(out)
+    folder.claim(DEMO_ENTRIES)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     stores = {}
@@ -179,6 +175,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
     (report / "metrics.json").write_text(json.dumps(metrics, indent=1))
     plot_losses(out / "run" / "metrics.jsonl", report / "loss.png")
     draw_predictions(out / "run" / "eval" / "val" / "detections.json", out / "data" / "val", report / "predictions.png")
+    folder.record(DEMO_ENTRIES)
     return metrics
 
 

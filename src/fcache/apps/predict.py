@@ -36,7 +36,6 @@ import numpy as np
 
 from fcache.apps.config import PredictConfig
 from fcache.common.errors import InputError, SampleFailed
-from fcache.common.files import check_writable
 from fcache.common.outputs import OwnedFolder, check_outside, inside, output_names
 from fcache.extract.decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, SampleError
 from fcache.store.backends import is_url
@@ -104,7 +103,6 @@ def check_outputs(cfg: PredictConfig, files: Sequence[str] = ()) -> OwnedFolder:
     held = next((f for f in files if inside(f, cfg.out)), None)
     if held is not None:
         raise InputError(f"--out {cfg.out} holds the input {held}; give a folder apart from the inputs (a rerun would read its outputs)")
-    check_writable(cfg.out, "--out")
     folder = OwnedFolder(cfg.out, "--out", MARKER)
     folder.check()
     return folder

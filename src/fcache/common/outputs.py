@@ -2,8 +2,9 @@
 a file of the user's, and one file per input named after it.
 
 - :func:`check_outside`: an output that is, or lies inside, a folder it must not touch (the RUN, an input folder).
-- :class:`OwnedFolder`: an output folder one command owns: new, empty, or one it wrote before (its marker file lists
-  what it wrote), whose earlier outputs a rerun replaces; a folder holding anything else is refused, untouched.
+- :class:`OwnedFolder`: an output folder one command owns (``fcache predict``, ``report``, ``sweep``, ``cka``, ``demo``):
+  new, empty, or one it wrote before (its marker file lists what it wrote, with the sha256 of each file), whose earlier
+  outputs a rerun replaces; a folder holding anything else, or a file changed since, is refused, untouched.
 - :func:`output_names`: the file name of each input (``fcache predict``) or sample (``fcache eval``'s label and depth
   maps): the input's own name, Unicode kept (every filesystem fcache writes to takes it); where it must be changed,
   it gets a short hash of the input's name; two inputs that would still share a name are refused.
@@ -17,12 +18,12 @@ import re
 import shutil
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from fcache.common.errors import InputError
-from fcache.common.files import write_json
+from fcache.common.files import check_writable, write_json
 
 EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,5}$")  # dropped from a name: labels/<name>.png
 UNSAFE = frozenset('\\:*?"<>|')  # characters FAT, exFAT and NTFS mounts (and SMB shares) refuse in a name
@@ -94,12 +95,28 @@ def check_outside(out: str | Path, flag: str, folders: Iterable[tuple[str | Path
 
 
 class OwnedFolder:
-    """An output folder a command owns, known by its marker file (``predict.json``): the marker, written before
-    anything else, lists the entries the command writes there, so a rerun (even after a crash) removes its earlier
-    outputs and nothing else. A folder without the marker must be new or empty."""
+    """An output folder a command owns, known by its marker file (``predict.json``, ``.fcache-report.json``): the
+    marker, written before anything else, lists the entries the command writes there, and once they are written the
+    sha256 of each that is a file. A rerun removes those entries and nothing else: a file changed since (by the user)
+    is refused, not replaced; an entry without its sha256 (a folder, or one claimed by a run that stopped before it
+    finished) is the command's whatever it holds. A folder without the marker must be new or empty, or one that
+    ``legacy`` recognises (an earlier release's, which recorded nothing: ``legacy`` gives the entries it wrote).
 
-    def __init__(self, path: str | Path, flag: str, marker: str) -> None:
-        self.path, self.flag, self.marker = Path(path), flag, marker
+    ``keep``: names in the folder that are the caller's own and never touched (a sweep's ``runs``); ``who`` names the
+    writer in the message (``fcache report``)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        flag: str,
+        marker: str,
+        *,
+        who: str = "fcache",
+        keep: Iterable[str] = (),
+        legacy: Callable[[Path], Iterable[str]] | None = None,
+    ) -> None:
+        self.path, self.flag, self.marker, self.who = Path(path), flag, marker, who
+        self.keep, self.legacy = frozenset(keep), legacy
 
     def earlier(self) -> list[str]:
         """The entries an earlier run of the command wrote here; InputError when the folder holds anything else."""
@@ -107,19 +124,28 @@ class OwnedFolder:
         if p.is_symlink() or (p.exists() and not p.is_dir()):
             raise InputError(f"{self.flag} {p} is not a folder; give a new or empty folder")
         present = sorted(c.name for c in p.iterdir()) if p.is_dir() else []
-        listed = self._listed() if self.marker in present else []
-        foreign = [name for name in present if name not in (*listed, self.marker)] if listed is not None else present
+        earlier_release = self.legacy(p) if self.legacy is not None and present else ()
+        listed = self._listed() if self.marker in present else dict.fromkeys(earlier_release)
+        own = {self.marker} if listed is not None else set()
+        listed = listed or {}
+        foreign = [
+            name + ("" if name not in listed else " (changed since)")
+            for name in present
+            if name not in self.keep | own and not (name in listed and self._unchanged(name, listed[name]))
+        ]
         if foreign:
             shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
-            raise InputError(f"{self.flag} {p} holds files fcache did not write ({shown}); give a new or empty folder")
-        return [name for name in listed or [] if name in present]
+            raise InputError(f"{self.flag} {p} holds files {self.who} did not write ({shown}); give a new or empty folder")
+        return [name for name in listed if name in present and name not in self.keep]
 
     def check(self) -> None:
         """Refuse a folder this command may not write into, before anything is written."""
+        check_writable(self.path, self.flag)
         self.earlier()
 
     def claim(self, entries: Iterable[str], **record: Any) -> None:
-        """Remove the earlier run's outputs, make the folder and write the marker listing ``entries`` (and ``record``)."""
+        """Remove the earlier run's outputs, make the folder and write the marker listing ``entries`` (and ``record``),
+        before any of them is written: a run that stops before :meth:`record` leaves a folder a rerun replaces."""
         for name in self.earlier():
             entry = self.path / name
             if entry.is_dir() and not entry.is_symlink():
@@ -127,17 +153,47 @@ class OwnedFolder:
             else:
                 entry.unlink()
         self.path.mkdir(parents=True, exist_ok=True)
-        self.record(entries, **record)
+        write_json(self.path / self.marker, {**record, "entries": self._names(entries), "sha256": {}})
 
     def record(self, entries: Iterable[str], **record: Any) -> None:
-        """(Re)write the marker: ``entries`` and whatever the command records of its run."""
-        write_json(self.path / self.marker, {**record, "entries": sorted(set(entries))})
+        """Rewrite the marker once the run has written its outputs: those of ``entries`` it wrote, the sha256 of each
+        that is a file, and whatever the command records of its run."""
+        names = [n for n in self._names(entries) if (self.path / n).exists() or (self.path / n).is_symlink()]
+        files = [n for n in names if (self.path / n).is_file() and not (self.path / n).is_symlink()]
+        write_json(self.path / self.marker, {**record, "entries": names, "sha256": {n: digest(self.path / n) for n in files}})
 
-    def _listed(self) -> list[str] | None:
-        """The marker's entries: plain names in this folder; None for a marker fcache did not write."""
+    def _names(self, entries: Iterable[str]) -> list[str]:
+        return sorted(set(entries) - self.keep - {self.marker})
+
+    def _unchanged(self, name: str, sha: str | None) -> bool:
+        entry = self.path / name
+        return sha is None or (entry.is_file() and not entry.is_symlink() and digest(entry) == sha)
+
+    def _listed(self) -> dict[str, str | None] | None:
+        """The marker's entries (name -> sha256, None where it records none): plain names in this folder; None for a
+        marker fcache did not write. Reads the marker of every release: ``entries`` without ``sha256``, and a report's
+        name -> sha256 without ``entries``."""
         try:
-            entries = json.loads((self.path / self.marker).read_text())["entries"]
-        except (OSError, ValueError, KeyError, TypeError):
+            data = json.loads((self.path / self.marker).read_text())
+        except (OSError, ValueError):
             return None
-        plain = isinstance(entries, list) and all(isinstance(e, str) and e not in ("", ".", "..") and "/" not in e for e in entries)
-        return entries if plain else None
+        if isinstance(data, dict) and "entries" not in data and all(isinstance(v, str) for v in data.values()):
+            data = {"entries": list(data), "sha256": data}
+        if (
+            not isinstance(data, dict)
+            or not isinstance(entries := data.get("entries"), list)
+            or not isinstance(sha := data.get("sha256", {}), dict)
+        ):
+            return None
+        plain = all(isinstance(e, str) and e not in ("", ".", "..") and "/" not in e for e in entries)
+        hashes = all(isinstance(sha.get(e), (str, type(None))) for e in entries)
+        return {e: sha.get(e) for e in entries} if plain and hashes else None
+
+
+def digest(path: Path) -> str:
+    """The sha256 of a file's bytes (hex), read in blocks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

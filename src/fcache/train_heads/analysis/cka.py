@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from fcache.common.errors import InputError
-from fcache.common.files import check_writable
+from fcache.common.outputs import OwnedFolder
 from fcache.train_heads.config import MIN_EXAMPLES, CkaConfig
 from fcache.train_heads.necks.base import Tap
 
@@ -188,21 +188,20 @@ def heatmap(result: dict[str, dict[str, Any]], png: Path, title: str) -> None:
 
 
 CKA_JSON, CKA_PNG = "cka.json", "cka.png"
+MARKER = ".fcache-cka.json"  # the output folder's marker (common.outputs.OwnedFolder)
 
 
-def check_out(out: Path, flag: str) -> None:
-    """Refuse an output folder that cannot be written or holds anything but an earlier ``fcache cka``'s two files
-    (which a rerun replaces), before anything is computed."""
-    check_writable(out, flag)
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in (CKA_JSON, CKA_PNG)) if out.is_dir() else []
-    if foreign:
-        raise InputError(f"{flag} {out} holds files fcache cka did not write ({', '.join(foreign[:5])}); give a new or empty folder")
+def out_folder(out: Path, flag: str) -> OwnedFolder:
+    """``fcache cka``'s output folder: new, empty or an earlier cka's (one written before the marker, without it,
+    holds its two files), whose files a rerun replaces."""
+    return OwnedFolder(out, flag, MARKER, who="fcache cka", legacy=lambda _: (CKA_JSON, CKA_PNG))
 
 
-def write(result: dict[str, dict[str, Any]], out: Path, title: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CKA_JSON).write_text(json.dumps(result, indent=1))
-    heatmap(result, out / CKA_PNG, title)
+def write(result: dict[str, dict[str, Any]], folder: OwnedFolder, title: str) -> None:
+    folder.claim([CKA_JSON, CKA_PNG])
+    (folder.path / CKA_JSON).write_text(json.dumps(result, indent=1))
+    heatmap(result, folder.path / CKA_PNG, title)
+    folder.record([CKA_JSON, CKA_PNG])
 
 
 def run_cka(cfg: CkaConfig, progress: bool = True) -> dict[str, Any]:
@@ -215,7 +214,8 @@ def run_cka(cfg: CkaConfig, progress: bool = True) -> dict[str, Any]:
     from fcache.train_heads.evaluation import load_trained
     from fcache.train_heads.tasks import task_def
 
-    check_out(Path(cfg.out or Path(cfg.run) / "cka"), "--out" if cfg.out else "RUN/cka")
+    folder = out_folder(Path(cfg.out or Path(cfg.run) / "cka"), "--out" if cfg.out else "RUN/cka")
+    folder.check()
     t = load_trained(cfg.run, cfg.store, cfg.open_kwargs())
     task, model, store = t.task, t.model, t.store
     data = eval_data(store, task, t.levels, task_def(task.name).eval_views)
@@ -237,6 +237,5 @@ def run_cka(cfg: CkaConfig, progress: bool = True) -> dict[str, Any]:
     result = analyse(batches())
     if not result:
         raise InputError(f"{cfg.run}: nothing to analyse (the head has no neck or cascade to tap, or too few samples)")
-    out = Path(cfg.out or Path(cfg.run) / "cka")
-    write(result, out, f"linear CKA, {t.task.head} at iteration {t.iteration}, {full} samples of {Path(str(store.root)).name}")
-    return {"out": str(out), "samples": full, "groups": result}
+    write(result, folder, f"linear CKA, {t.task.head} at iteration {t.iteration}, {full} samples of {Path(str(store.root)).name}")
+    return {"out": str(folder.path), "samples": full, "groups": result}

@@ -4,29 +4,32 @@ every run (CSV and Markdown), the metric against trainable parameters, the loss 
 with ``--per-class``, and a ``report.md`` that shows them together.
 
 Reads RUN folders only (``config.json``, ``metrics.jsonl``, ``eval/<store>/``), so it works on runs trained anywhere,
-any time. The report folder is fcache's: ``.fcache-report.json`` lists the files a report wrote there with their sha256,
-and a later report replaces them only while they are unchanged; a folder holding anything else (a file of the user's,
+any time. The report folder is fcache's (``common.outputs.OwnedFolder``, marker ``.fcache-report.json``): a later report
+replaces the files a report wrote there while they are unchanged; a folder holding anything else (a file of the user's,
 one edited since) is refused before anything is written (:func:`check_out`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from fcache.common.errors import InputError
-from fcache.common.files import check_writable, write_json
+from fcache.common.outputs import OwnedFolder
 from fcache.train_heads.analysis import leaderboard as lb
 from fcache.train_heads.analysis.figures import loss_curves, plot_losses, plot_metric
 from fcache.train_heads.analysis.results import CSV_NAME, MARKDOWN_NAME, collect, main_metric, write_results
 from fcache.train_heads.runfolder import CONFIG
 
 LOSS_PLOT, METRIC_PLOT, REPORT = "losses.png", "results.png", "report.md"
-WRITTEN = ".fcache-report.json"  # the files the last report wrote into its folder: name -> sha256
+WRITTEN = ".fcache-report.json"  # the report folder's marker: the files the last report wrote, with their sha256
 REPORT_TITLE = "# fcache report: "  # how report.md begins (a folder of an earlier release, without WRITTEN, is told by it)
+
+REPORT_FILES = (
+    *(lb.LEADERBOARD_MD, lb.LEADERBOARD_CSV, CSV_NAME, MARKDOWN_NAME, lb.PER_CLASS_MD, REPORT),
+    *(name for png in (METRIC_PLOT, LOSS_PLOT) for name in (png, str(Path(png).with_suffix(".pdf")))),
+)  # every file a report may write
 
 __all__ = ["check_out", "find_runs", "format_report", "loss_curves", "write_outputs", "write_report"]
 
@@ -80,63 +83,43 @@ def entry_record(e: lb.Entry) -> dict[str, Any]:
     }
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _written(out: Path) -> dict[str, str | None]:
-    """The files an earlier report wrote into ``out`` (name -> sha256; None: any content, for a report of an earlier
-    release, which recorded none: the report files when its report.md is fcache's)."""
-    try:
-        listed = json.loads((out / WRITTEN).read_text())
-    except (OSError, ValueError):
-        listed = None
-    if isinstance(listed, dict) and all(isinstance(v, str) for v in listed.values()):
-        return listed
+def _previous_release(out: Path) -> list[str]:
+    """The files a report of the previous release wrote into ``out`` (it recorded none): all a report writes, when its
+    report.md is fcache's."""
     try:
         ours = (out / REPORT).read_text().startswith(REPORT_TITLE)
     except (OSError, UnicodeDecodeError):
         ours = False
-    names = (lb.LEADERBOARD_MD, lb.LEADERBOARD_CSV, CSV_NAME, MARKDOWN_NAME, lb.PER_CLASS_MD, REPORT, METRIC_PLOT, LOSS_PLOT)
-    return dict.fromkeys([*names, *(str(Path(n).with_suffix(".pdf")) for n in (METRIC_PLOT, LOSS_PLOT))]) if ours else {}
+    return list(REPORT_FILES) if ours else []
 
 
-def check_out(out: str | Path, keep: Sequence[str] = ()) -> dict[str, str | None]:
-    """Refuse a report folder that cannot be written or holds anything an earlier report did not write there (or has
-    changed since); ``keep``: names in it that are the caller's own (a sweep's ``runs``). Returns what the earlier
-    report wrote (name -> sha256), which the new one replaces.
+def report_folder(out: str | Path, keep: Sequence[str] = ()) -> OwnedFolder:
+    """The report folder ``out`` (``common.outputs.OwnedFolder``, marker ``.fcache-report.json``); ``keep``: names in it
+    that are the caller's own (a sweep's ``runs``)."""
+    return OwnedFolder(out, "--out", WRITTEN, who="fcache report", keep=keep, legacy=_previous_release)
+
+
+def check_out(out: str | Path, keep: Sequence[str] = ()) -> None:
+    """Refuse a report folder that cannot be written or holds anything an earlier report did not write there (or that
+    changed since), before anything is written; ``keep``: names in it that are the caller's own (a sweep's ``runs``).
 
     Raises:
-        InputError: naming the folder and what it holds of the user's, before anything is written.
+        InputError: naming the folder and what it holds of the user's.
     """
-    out = Path(out)
-    check_writable(out, "--out")
-    if not out.is_dir():
-        return {}
-    written = _written(out)
-    foreign = sorted(
-        p.name + ("/" if p.is_dir() else "")
-        for p in out.iterdir()
-        if p.name not in (*keep, WRITTEN)
-        and (p.name not in written or not p.is_file() or written[p.name] not in (None, _digest(p)))
-    )  # fmt: skip
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
-        raise InputError(
-            f"--out {out} holds files fcache report did not write, or that changed since ({shown}); give a new or empty folder"
-        )
-    return written
+    report_folder(out, keep).check()
 
 
 def write_outputs(runs: Sequence[str | Path], out: str | Path, *, per_class: bool = False, keep: Sequence[str] = ()) -> dict[str, Any]:
     """Every report file for the RUN folders ``runs`` in ``out`` (checked first: :func:`check_out`, ``keep`` the
     caller's own names in it); returns a summary: the files, rows and leaderboard."""
     out = Path(out)
-    earlier = check_out(out, keep)
+    folder = report_folder(out, keep)
+    folder.check()
     damaged: dict[str, str] = {}
     rows = collect(runs, damaged)
     if len(damaged) == len(runs):  # nothing to show: nothing is written
         raise InputError(f"no RUN folder can be read: {'; '.join(damaged.values())}")
+    folder.claim(REPORT_FILES)
     write_results(rows, out)
     board = lb.entries(rows)
     (out / lb.LEADERBOARD_MD).write_text(lb.markdown(board))
@@ -153,9 +136,7 @@ def write_outputs(runs: Sequence[str | Path], out: str | Path, *, per_class: boo
         files["per_class"] = out / lb.PER_CLASS_MD
     (out / REPORT).write_text(_report_md(rows, board, tables if per_class else None, damaged))
     files["report"] = out / REPORT
-    for name in set(earlier) - {p.name for p in files.values()}:  # an earlier report's file this one does not write
-        (out / name).unlink(missing_ok=True)
-    write_json(out / WRITTEN, {p.name: _digest(p) for p in files.values()})
+    folder.record(p.name for p in files.values())
     return {
         "out": str(out),
         "runs": len({r["run"] for r in rows}),
