@@ -97,7 +97,10 @@ def fidelity(lossless: Path, form: Path) -> tuple[float, float]:
 
 
 def train(s: SetDef, store: Path, val: Path, out: Path, seed: int, iters_scale: float) -> float:
-    """Train the set's head on ``store`` with ``seed``; its main metric on ``val``."""
+    """Train the set's head on ``store`` with ``seed``; its main metric on ``val``. A run finished before in ``out``
+    (``--keep`` of an earlier, interrupted benchmark) is evaluated instead of trained again."""
+    if (out / "model.safetensors").is_file():
+        return evaluate(s, out, val)
     fields = {"num_workers": 0, "device": "cpu", "logger": "none", "log_every": 50, **s.train}
     fields["iters"] = max(1, round(fields["iters"] * iters_scale))
     fields |= {"checkpoint_every": fields["iters"], "warmup": min(fields.get("warmup") or 0, fields["iters"] // 5)}
@@ -215,7 +218,12 @@ def main() -> None:
     ap.add_argument("--iters-scale", type=float, default=1.0, help="training iterations, times each set's")
     ap.add_argument("--demo", action="store_true", help="the demo check instead (section 4)")
     ap.add_argument("--demo-flags", default="--max-error 0.25", help="with --demo: extract flags of the compact val store")
-    ap.add_argument("--keep", default="", help="folder to keep the stores and runs in (default: a temporary one)")
+    ap.add_argument(
+        "--keep",
+        default="",
+        help="folder to keep the stores and runs in (default: a temporary one); "
+        "rerun with the same folder and settings to reuse the stores and finished runs of an interrupted run",
+    )
     args = ap.parse_args()
     root = Path(args.keep or tempfile.mkdtemp(prefix="fcache-compact-"))
     t = time.perf_counter()
