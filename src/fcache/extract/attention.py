@@ -29,18 +29,12 @@ LOGIT_SCALE_MAX = math.log(1.0 / 0.01)  # SwinV2's clamp of the learned logit sc
 
 
 def cosine_window_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    logit_scale: torch.Tensor,
-    bias: torch.Tensor,
-    mask: torch.Tensor | None,
-    dropout_p: float = 0.0,
+    qkv: torch.Tensor, logit_scale: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None, dropout_p: float = 0.0
 ) -> torch.Tensor:
     """SwinV2's scaled cosine attention of windows through SDPA.
 
     Args:
-        q, k, v: (B * nW, nH, N, d), windows of one image consecutive (timm's ``window_partition`` order).
+        qkv: (3, B * nW, nH, N, d) queries, keys and values, the windows of an image consecutive (timm's order).
         logit_scale: nH learned logit scales (any shape with nH elements), clamped and exponentiated here.
         bias: (nH, N, N) relative position bias.
         mask: (nW, N, N) shifted-window mask (0 or -100), or None.
@@ -48,7 +42,10 @@ def cosine_window_attention(
     Returns:
         (B * nW, nH, N, d).
     """
-    bw, heads, n, d = q.shape
+    _, bw, heads, n, d = qkv.shape
+    if mask is not None:
+        qkv = qkv.contiguous()  # so that q, k and v are viewed as (B, nW * nH, N, d) below
+    q, k, v = qkv.unbind(0)
     scale = torch.clamp(logit_scale.reshape(heads, 1, 1), max=LOGIT_SCALE_MAX).exp()
     q = F.normalize(q, dim=-1) * scale.to(q.dtype)
     k = F.normalize(k, dim=-1)
@@ -58,9 +55,9 @@ def cosine_window_attention(
     windows = mask.shape[0]
     images = bw // windows
     full = (bias.unsqueeze(0) + mask.to(q.dtype).unsqueeze(1)).reshape(1, windows * heads, n, n)  # (1, nW * nH, N, N)
-    q, k, v = (t.contiguous().view(images, windows * heads, n, d) for t in (q, k, v))
+    q, k, v = (t.reshape(images, windows * heads, n, d) for t in (q, k, v))  # views: qkv is contiguous
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=full.expand(images, -1, -1, -1), dropout_p=dropout_p, scale=1.0)
-    return out.view(bw, heads, n, d)
+    return out.reshape(bw, heads, n, d)
 
 
 class SdpaWindowAttention(WindowAttention):
@@ -74,10 +71,10 @@ class SdpaWindowAttention(WindowAttention):
             qkv = self.qkv(x) + torch.cat((self.q_bias, cast(torch.Tensor, self.k_bias), self.v_bias))
         else:
             qkv = F.linear(x, weight=self.qkv.weight, bias=torch.cat((self.q_bias, cast(torch.Tensor, self.k_bias), self.v_bias)))
-        q, k, v = qkv.reshape(bw, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B * nW, nH, N, d)
+        qkv = qkv.reshape(bw, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B * nW, nH, N, d)
         table = cast(nn.Module, self.cpb_mlp)(self.relative_coords_table).view(-1, self.num_heads)
         bias = table[cast(torch.Tensor, self.relative_position_index).view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()  # (nH, N, N)
-        out = cosine_window_attention(q, k, v, self.logit_scale, 16 * torch.sigmoid(bias), mask, _dropout(self))
+        out = cosine_window_attention(qkv, self.logit_scale, 16 * torch.sigmoid(bias), mask, _dropout(self))
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(bw, n, c)))
 
 
@@ -86,10 +83,9 @@ class SdpaWindowMultiHeadAttention(WindowMultiHeadAttention):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         bw, n, c = x.shape  # (B * nW, N, C)
-        qkv = self.qkv(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B * nW, nH, N, d)
+        qkv = self.qkv(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)  # (3, B * nW, nH, N, d)
         bias = self._relative_positional_encodings()[0]  # (nH, N, N)
-        out = cosine_window_attention(q, k, v, self.logit_scale, bias, mask, _dropout(self))
+        out = cosine_window_attention(qkv, self.logit_scale, bias, mask, _dropout(self))
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(bw, n, -1)))
 
 
