@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 
 from fcache.cli import main
-from fcache.extract import swinv2_giant
+from fcache.extract import attention, swinv2_giant
 from fcache.extract.attention import SdpaWindowAttention, SdpaWindowMultiHeadAttention, set_attention
 from fcache.extract.backbones import build_backbone
 from media import image_folder
@@ -65,8 +65,8 @@ def giant(size: int, seed: int) -> torch.nn.Module:
 def both(model: torch.nn.Module, x: torch.Tensor, autocast: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The model's outputs with timm's attention, then through SDPA (the model is left with timm's)."""
     outs = []
-    for attention in ("timm", "sdpa"):
-        set_attention(model, attention)
+    for name in ("timm", "sdpa"):
+        set_attention(model, name)
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             outs.append([t.float() for t in model.forward_intermediates(x, intermediates_only=True)])
     set_attention(model, "timm")
@@ -99,6 +99,16 @@ def test_sdpa_equals_timm_at_the_giants_shapes():
     want, got = both(model, x)
     assert_fp32_equal(want, got)
     assert sum(isinstance(m, SdpaWindowAttention) for m in model.modules()) == 0  # left with timm's
+
+
+def test_shifted_windows_in_chunks(monkeypatch):
+    """Shifted windows go through SDPA a few at a time (bounded memory for their masks): one window per call here."""
+    name, kw, size = CASES["B-w12"]
+    model = timm_model(name, size, seed=1, **kw)
+    monkeypatch.setattr(attention, "MASK_ELEMENTS", 1)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+    want, got = both(model, x)
+    assert_fp32_equal(want, got)
 
 
 def test_shifted_masks_are_used():

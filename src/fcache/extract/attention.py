@@ -26,6 +26,7 @@ from torch import nn
 from fcache.extract.config import check_attention
 
 LOGIT_SCALE_MAX = math.log(1.0 / 0.01)  # SwinV2's clamp of the learned logit scale (at most 100)
+MASK_ELEMENTS = 1 << 24  # shifted windows: the most bias + mask values built at once (64 MB in fp32)
 
 
 def cosine_window_attention(
@@ -44,7 +45,7 @@ def cosine_window_attention(
     """
     _, bw, heads, n, d = qkv.shape
     if mask is not None:
-        qkv = qkv.contiguous()  # so that q, k and v are viewed as (B, nW * nH, N, d) below
+        qkv = qkv.contiguous()  # so that q, k and v are viewed as (B, nW, nH, N, d) below
     q, k, v = qkv.unbind(0)
     scale = torch.clamp(logit_scale.reshape(heads, 1, 1), max=LOGIT_SCALE_MAX).exp()
     q = F.normalize(q, dim=-1) * scale.to(q.dtype)
@@ -54,10 +55,15 @@ def cosine_window_attention(
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(bw, heads, n, n), dropout_p=dropout_p, scale=1.0)
     windows = mask.shape[0]
     images = bw // windows
-    full = (bias.unsqueeze(0) + mask.to(q.dtype).unsqueeze(1)).reshape(1, windows * heads, n, n)  # (1, nW * nH, N, N)
-    q, k, v = (t.reshape(images, windows * heads, n, d) for t in (q, k, v))  # views: qkv is contiguous
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=full.expand(images, -1, -1, -1), dropout_p=dropout_p, scale=1.0)
-    return out.reshape(bw, heads, n, d)
+    q, k, v = (t.reshape(images, windows, heads, n, d) for t in (q, k, v))  # views: qkv is contiguous
+    step = max(1, MASK_ELEMENTS // (heads * n * n))
+    outs = []
+    for w in range(0, windows, step):  # a few windows at a time: the bias plus their masks is built for them only
+        part = (bias.unsqueeze(0) + mask[w : w + step].to(q.dtype).unsqueeze(1)).flatten(0, 1)  # (w * nH, N, N)
+        qw, kw, vw = (t[:, w : w + step].flatten(1, 2) for t in (q, k, v))  # (B, w * nH, N, d), views
+        out = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=part.expand(images, -1, -1, -1), dropout_p=dropout_p, scale=1.0)
+        outs.append(out.reshape(images, -1, heads, n, d))
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)).reshape(bw, heads, n, d)
 
 
 class SdpaWindowAttention(WindowAttention):
