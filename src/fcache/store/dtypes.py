@@ -269,9 +269,8 @@ def _error(t: torch.Tensor, got: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     n = t.shape[0] if t.ndim > 0 else 1
     step = max(1, t.numel() // ERROR_SAMPLE)
     ref = t.reshape(n, -1)[:, ::step].to(torch.float64, copy=True)
-    err = (
-        got.reshape(n, -1)[:, ::step].to(torch.float64, copy=True).sub_(ref).square_().sum(dim=1) * step
-    )  # in place: fresh float64 buffers cost more than the arithmetic
+    got = got.reshape(n, -1)[:, ::step].to(torch.float64, copy=True)
+    err = got.sub_(ref).square_().sum(dim=1) * step  # in place: fresh float64 buffers cost more than the arithmetic
     return err.cpu().numpy(), (ref.square_().sum(dim=1) * step).cpu().numpy()
 
 
