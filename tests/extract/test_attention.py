@@ -172,6 +172,7 @@ def test_swinv2_cr_models_are_swapped_and_unknown_attention_is_refused():
     assert r.exit_code == 2 and "flash" in r.stderr
 
 
+@pytest.mark.slow  # two extractions and two recomputing verifies
 def test_stores_verify_against_the_other_attention(tmp_path):
     """Each attention's store passes ``verify --recompute`` with the other at 1e-6 relative RMSE (fp32 stores)."""
     src = randomise(timm.create_model("swinv2_tiny_window16_256", pretrained=False, img_size=64), seed=10)
