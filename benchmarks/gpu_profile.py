@@ -6,14 +6,18 @@
    (``fcache.apps.bench.PAPER``): head from the store vs frozen backbone online vs full finetune (time per iteration,
    peak memory, trainable parameters; the paper's frozen / full-finetune figures beside ours), and SwinV2-G from
    the store only (its features' shapes, no weights). A setting that runs out of memory is an error row;
-3. extraction overhead: swinv2-l at 1024, pipeline images/s over bare forward images/s (goal >= 0.90).
-Usage: python benchmarks/gpu_profile.py [--out DIR] [--skip memory,tables,extract] [--tasks ...] [--models ...] [--smoke]
+3. extraction: swinv2-l at 1024 per attention (fcache's SDPA, timm's own; ``--extract-variants`` adds e.g.
+   ``sdpa+compile``), alternating, twice: pipeline images/s over bare forward images/s (goal >= 0.90), the speed-ups
+   over timm's attention, the bare forward's peak memory and first forward (compilation) time.
+Usage: python benchmarks/gpu_profile.py [--out DIR] [--skip memory,tables,extract] [--tasks ...] [--models ...]
+       [--extract-variants sdpa,timm] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 import traceback
@@ -30,6 +34,7 @@ SIZE, DEVICE = 1024, "cuda"  # --smoke: 128 on the CPU, to check the script itse
 SKIP: set[str] = set()
 SMOKE = False
 TASKS, MODELS = tuple(PAPER), ("swinv2-t", "swinv2-b", "swinv2-l")
+VARIANTS = ["sdpa", "timm"]  # the extraction part's (benchmarks/extract.py's variants); speed-ups are over "timm"
 # Tables 7 and 8 (memory GB, s/iter): (frozen, full finetune) per task and backbone; None where the paper has none (>80G)
 PAPER_FIGURES: dict[tuple[str, str], tuple[tuple[float, float | None], tuple[float, float | None]]] = {
     ("detection", "swinv2-t"): ((9.74, 9.78), (0.44, 0.46)),
@@ -91,31 +96,64 @@ def _with_paper(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def extract() -> list[dict]:
+    """SwinV2-L at SIZE, batch 8 (bf16 autocast on CUDA), per attention: bare forward, pipeline, their ratio, the
+    speed-up over timm's attention, and the peak memory of the bare forward; the attentions alternate, twice."""
     import tempfile
 
     from common import photo_folder
-    from extract import bare_images_per_s, pipeline
+    from extract import build, pipeline, timed_forwards
 
     tmp = Path(tempfile.mkdtemp(prefix="fcache-gpu-"))
     photo_folder(tmp / "images", 48, size=(SIZE, SIZE * 3 // 4))
-    bare = bare_images_per_s("swinv2-l", SIZE, 8, DEVICE, seconds=10)
-    pipe = pipeline("swinv2-l", SIZE, 8, 8, DEVICE, tmp / "images", tmp / "s.zarr")
-    timing = {k: v for k, v in pipe.items() if k.endswith("_s") and k != "images_per_s"}
-    row = {"model": "swinv2-l", "size": SIZE, "batch": 8, "bare_img_s": bare, "pipeline_img_s": pipe["images_per_s"]}
-    return [{**row, "ratio": pipe["images_per_s"] / bare, **timing}]
+    x = torch.randn(8, 3, SIZE, SIZE)
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for _ in range(1 if SMOKE else 2):
+        for variant in VARIANTS:
+            bb = build("swinv2-l", SIZE, DEVICE, variant)
+            t = time.perf_counter()
+            bb.forward(x)  # warm-up (and compilation)
+            first = time.perf_counter() - t
+            _reset_peak()
+            bare = timed_forwards(bb, x, seconds=2 if SMOKE else 10)
+            peak = _peak_gb()
+            pipe = pipeline("swinv2-l", SIZE, 8, 8, DEVICE, tmp / "images", tmp / "s.zarr", backbone=bb)
+            runs[variant].append({"bare_img_s": bare, "pipeline_img_s": pipe["images_per_s"], "forward_peak_gb": peak,
+                                  "first_forward_s": first} | pipe)  # fmt: skip
+            del bb
+    rows = []
+    for variant, measured in runs.items():
+        med = {k: statistics.median(m[k] for m in measured) for k in measured[0] if k != "images_per_s"}
+        row = {"model": "swinv2-l", "size": SIZE, "batch": 8, "variant": variant, **med}
+        rows.append(row | {"ratio": med["pipeline_img_s"] / med["bare_img_s"]})
+    base = next((r for r in rows if r["variant"] == "timm"), None)
+    for row in rows if base else ():
+        row["pipeline_vs_timm"] = row["pipeline_img_s"] / base["pipeline_img_s"]
+        row["bare_vs_timm"] = row["bare_img_s"] / base["bare_img_s"]
+    return rows
+
+
+def _reset_peak() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gb() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
 
 
 def main() -> None:
-    global SIZE, DEVICE, SMOKE, TASKS, MODELS
+    global SIZE, DEVICE, SMOKE, TASKS, MODELS, VARIANTS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="")
     ap.add_argument("--skip", default="", help="parts to skip: memory, tables, extract, or memory-plain (the un-checkpointed row)")
     ap.add_argument("--tasks", default=",".join(TASKS), help="tasks of the tables part")
     ap.add_argument("--models", default=",".join(MODELS), help="backbones measured in all three settings (swinv2-g always from the store)")
+    ap.add_argument("--extract-variants", default=",".join(VARIANTS), help="extraction part: ATTENTION[+compile],... (e.g. sdpa+compile)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, swinv2-t only: checks the script, measures nothing")
     args = ap.parse_args()
     SKIP.update(args.skip.split(","))
     TASKS, MODELS = tuple(args.tasks.split(",")), tuple(args.models.split(","))
+    VARIANTS = args.extract_variants.split(",")
     if args.smoke:
         SIZE, DEVICE, SMOKE, MODELS = 128, "cpu", True, ("swinv2-t",)
     elif not torch.cuda.is_available():

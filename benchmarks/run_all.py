@@ -22,7 +22,7 @@ from common import RESULTS, table  # noqa: E402
 # script -> CPU-friendly arguments (the whole set runs in about 15 minutes on 2 cores)
 SCRIPTS = {
     "store_io": ["--samples", "8", "--size", "512"],
-    "extract": ["--sizes", "256:0,512:1", "--images", "48", "--batch-size", "4"],
+    "extract": ["--sizes", "256:0,512:1", "--images", "32", "--repeats", "2"],  # sdpa and timm attention, interleaved
     "heads": ["--configs", "swinv2-t@256:4,swinv2-b@512:2", "--heads", "fpn:rois=128;bifpn:layers=5,rois=128", "--iters", "3"],
     "seg_heads": [],
     "video_heads": [],
@@ -33,7 +33,7 @@ SCRIPTS = {
     "compact": ["--seeds", "2", "--scale", "0.5", "--iters-scale", "0.25"],  # in full: python benchmarks/compact.py
 }
 QUICK = {
-    "extract": ["--sizes", "256:0", "--images", "8"],
+    "extract": ["--sizes", "256:0", "--images", "8", "--repeats", "1", "--seconds", "1"],
     "heads": ["--configs", "swinv2-t@256:2", "--heads", "fpn:rois=128", "--iters", "1"],
     "heads_per_pass": ["--sizes", "256", "--iters", "4", "--rounds", "1"],
     "distribution": ["--images", "16"],

@@ -91,13 +91,13 @@ def test_every_commands_options_are_its_configs_flags():
     from fcache.apps.bench import BenchConfig
     from fcache.apps.config import FORMATS, DemoConfig, ExportConfig, PredictConfig
     from fcache.common.flags import flags_of
-    from fcache.extract.config import ExtractConfig, PlanConfig
+    from fcache.extract.config import BackboneCompute, ExtractConfig, PlanConfig
     from fcache.spec import SourceConfig
     from fcache.store.config import CopyConfig, ExportWdsConfig, InfoConfig, RecodeConfig, VerifyConfig
     from fcache.train_heads.config import CkaConfig, EvalConfig, ReportConfig, RunsConfig, SweepConfig, TrainConfig
 
     configs = {
-        "info": (InfoConfig,), "verify": (VerifyConfig,), "copy": (CopyConfig,), "recode": (RecodeConfig,),
+        "info": (InfoConfig,), "verify": (VerifyConfig, BackboneCompute), "copy": (CopyConfig,), "recode": (RecodeConfig,),
         "export-wds": (ExportWdsConfig,), "extract": (SourceConfig, ExtractConfig), "plan": (SourceConfig, ExtractConfig, PlanConfig),
         "train-head": (TrainConfig,),
         "eval": (EvalConfig,), "predict": (PredictConfig,), "export": (ExportConfig,), "sweep": (SweepConfig,),

@@ -19,7 +19,7 @@ from fcache._version import __version__
 from fcache.apps.bench import BenchConfig
 from fcache.apps.config import DemoConfig, ExportConfig, PredictConfig
 from fcache.commandline import Fcache, StoreLocation, options_of, user_errors, with_settings
-from fcache.extract.config import ExtractConfig, PlanConfig
+from fcache.extract.config import BackboneCompute, ExtractConfig, PlanConfig
 from fcache.spec import SourceConfig
 from fcache.store.config import CopyConfig, ExportWdsConfig, InfoConfig, RecodeConfig, VerifyConfig
 from fcache.train_heads.config import CkaConfig, EvalConfig, ReportConfig, RunsConfig, SweepConfig, TrainConfig
@@ -51,10 +51,10 @@ def info(store: str, as_json: bool, **kw: Any) -> None:
 
 @main.command()
 @click.argument("store", type=StoreLocation())
-@options_of(VerifyConfig)
+@options_of(VerifyConfig, BackboneCompute)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
-def verify(store: str, as_json: bool, **kw: Any) -> None:
+def verify(store: str, as_json: bool, attention: str, **kw: Any) -> None:
     """Check STORE against its ledger: temporaries, missing or changed shards, CRCs, statuses, NaN/Inf.
 
     Names each bad file with its sample range. Exit code 0 when the store is sound, 1 otherwise.
@@ -79,7 +79,13 @@ def verify(store: str, as_json: bool, **kw: Any) -> None:
         from fcache.extract.recompute import recompute as run_recompute
 
         report.problems += run_recompute(
-            store, cfg.recompute, weights=cfg.weights, device=cfg.device, tolerance=cfg.tolerance, storage_options=options
+            store,
+            cfg.recompute,
+            weights=cfg.weights,
+            device=cfg.device,
+            tolerance=cfg.tolerance,
+            storage_options=options,
+            attention=attention,
         )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))

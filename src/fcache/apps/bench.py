@@ -31,6 +31,7 @@ from typing import Any
 from fcache.common.devices import DEVICE_HELP, resolve_device
 from fcache.common.errors import InputError
 from fcache.common.flags import flag
+from fcache.extract.config import BackboneCompute, check_attention
 
 SETTINGS = ("store", "online", "finetune")
 
@@ -46,7 +47,7 @@ def __getattr__(name: str) -> Any:
 
 
 @dataclass(frozen=True)
-class BenchConfig:
+class BenchConfig(BackboneCompute):
     """``fcache bench`` flags; 0 and "" take the task's value for the backbone (the paper's where it has one: ``PAPER``)."""
 
     task: str = flag("detection", "The task whose heads are measured (Tables 7/8: detection, segmentation, video).",
@@ -73,6 +74,7 @@ class BenchConfig:
     def __post_init__(self) -> None:
         from fcache.train_heads.tasks import task_def
 
+        check_attention(self.attention)
         bench = task_def(self.task).bench
         resolved = {
             "input_size": self.input_size or bench.input_size_of.get(self.model, bench.input_size),

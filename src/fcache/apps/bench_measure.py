@@ -52,7 +52,7 @@ def _steps(setting: str, cfg: BenchConfig, store: str) -> dict[str, Any]:
     optimizer = make_optimizer(model, tcfg)
     backbone, backbone_params = None, 0
     if setting != "store":
-        backbone = backbone_of(p.store.manifest, device=cfg.device)  # the store's backbone, rebuilt from its manifest
+        backbone = backbone_of(p.store.manifest, device=cfg.device, attention=cfg.attention)  # the store's, from its manifest
         if setting == "finetune":
             backbone.model.train().requires_grad_(True)
             backbone_params = parameter_count(backbone.model)

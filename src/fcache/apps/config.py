@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from fcache.common.devices import DEVICE_HELP
 from fcache.common.errors import ON_ERROR, InputError
 from fcache.common.flags import check_flags, flag, required, split_csv
+from fcache.extract.config import BackboneCompute, check_attention
 from fcache.store.access import ReadAccess
 
 FORMATS = ("pt2", "onnx", "safetensors")  # fcache export --format: torch.export, ONNX, the weights with their description
 
 
 @dataclass(frozen=True)
-class PredictConfig(ReadAccess):
+class PredictConfig(ReadAccess, BackboneCompute):
     """``fcache predict RUN INPUT...``: where the predictions go and how they are made (``--storage-options``,
     ``--cache-dir``: for a store in object storage as the input)."""
 
@@ -48,6 +49,7 @@ class PredictConfig(ReadAccess):
         self.check_access()
         if self.on_error not in ON_ERROR:
             raise InputError(f"--on-error {self.on_error}: use {' or '.join(ON_ERROR)}")
+        check_attention(self.attention)
 
 
 @dataclass(frozen=True)

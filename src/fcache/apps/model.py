@@ -124,6 +124,7 @@ class TrainedModel(nn.Module):
         batch_size: int = 8,
         score_thr: float = 0.0,
         top_k: int = 5,
+        attention: str = "sdpa",
     ) -> TrainedModel:
         """Rebuild the run's backbone (its recorded model, weights, input size, levels and normalisation) and head.
 
@@ -134,6 +135,7 @@ class TrainedModel(nn.Module):
             test_views: ``flip`` and/or ``ms``, as ``fcache extract --test-views``: views averaged by the heads whose task
                 evaluates every view (segmentation, depth, classification; detection evaluates the plain view only).
             clips, crops: video views (default: the training store's).
+            attention: how the backbone computes its window attention, as ``--attention`` (``sdpa`` or ``timm``).
         """
         head = load_head(run)
         record = head.record
@@ -145,7 +147,7 @@ class TrainedModel(nn.Module):
             reads = "clips x crops (--clips, --crops)" if features.preprocessing.frames is not None else "the plain view only"
             raise InputError(f"--test-views adds views a head averages; a {tdef.name} head reads {reads}")
         manifest = inference_manifest(features.backbone, features.preprocessing, features.dataset, views, clips, crops)
-        backbone = backbone_of(manifest, weights=weights, device=resolve_device(device))
+        backbone = backbone_of(manifest, weights=weights, device=resolve_device(device), attention=attention)
         built = Preprocessing(mean=backbone.mean, std=backbone.std, resize=manifest.preprocessing.resize, seed=manifest.preprocessing.seed)
         diffs = identity_differences((backbone.info, built), (features.backbone, features.preprocessing), record.levels)
         if diffs:

@@ -137,7 +137,7 @@ def run_predict(cfg: PredictConfig, *, progress: bool = True) -> dict[str, Any]:
 
     model = TrainedModel.from_run(
         cfg.run, weights=cfg.weights, random_init=cfg.random_init, device=cfg.device, test_views=cfg.test_views, clips=cfg.clips,
-        crops=cfg.crops, batch_size=cfg.batch_size, score_thr=cfg.score_thr, top_k=cfg.top_k,
+        crops=cfg.crops, batch_size=cfg.batch_size, score_thr=cfg.score_thr, top_k=cfg.top_k, attention=cfg.attention,
     )  # fmt: skip
     return _predict_files(cfg, model, files, stems, ids, Writer(cfg, model.task, model.manifest.view_names, folder), progress)
 

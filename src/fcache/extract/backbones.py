@@ -24,6 +24,8 @@ from fcache.common.devices import resolve_device
 from fcache.common.errors import InputError
 from fcache.common.rng import rng_scope
 from fcache.extract import swinv2_giant
+from fcache.extract.attention import set_attention
+from fcache.extract.config import check_attention
 from fcache.spec import BackboneInfo, LevelSpec, level_name
 from fcache.store.layout import sha256_file
 
@@ -120,6 +122,7 @@ def build_backbone(
     device: str = "cpu",
     meta: bool = False,
     window: int | None = None,
+    attention: str = "sdpa",
 ) -> Backbone:
     """Create the frozen backbone in eval mode.
 
@@ -128,6 +131,7 @@ def build_backbone(
         random_init: random weights (tests, demo), seeded by ``seed``; never implied.
         meta: build on the meta device (shapes and level specs only, no memory: ``fcache plan``).
         window: attention window; None keeps the model's own (for SwinV2-G: ``default_window(model, "")``).
+        attention: how SwinV2 window attention is computed (``extract.attention``): ``sdpa`` or ``timm``'s own.
     """
     alias, timm_name = resolve(model)
     if weights and random_init:
@@ -137,6 +141,7 @@ def build_backbone(
         raise InputError(f"{alias} weights were never published: pass --weights FILE with your checkpoint, or --random-init")
     if window is not None and window < 1:
         raise InputError(f"--window {window}: must be at least 1")
+    check_attention(attention)
     pretrained = not (weights or random_init or meta)
     with rng_scope(seed=seed, cuda=False), torch.device("meta") if meta else contextlib.nullcontext():  # random init from seed
         if d is not None and d.build is not None:
@@ -148,6 +153,7 @@ def build_backbone(
     weights_id = RANDOM_INIT if random_init or meta else f"timm:{timm_name}"
     if weights:
         weights_id = load_weights(full, weights)
+    set_attention(full, attention)
     nhwc = getattr(full, "output_fmt", "NCHW") == "NHWC"
     cfg: dict[str, Any] = dict(getattr(full, "pretrained_cfg", {}) or {})
     mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))

@@ -21,6 +21,11 @@ from fcache.store.access import StoreAccess
 LEVELS = tuple(LEVEL_NAMES.values())
 DEFAULT_LEVELS = ("p2", "p3", "p4", "p5")
 DEFAULT_DTYPE = "fp16"
+# --attention: how the backbone computes its window attention (``fcache.extract.attention`` swaps timm's modules)
+ATTENTIONS = {
+    "sdpa": "torch's fused scaled_dot_product_attention",
+    "timm": "timm's own forward (explicit matmuls and softmax)",
+}
 
 
 def parse_levels(text: str) -> tuple[str, ...]:
@@ -40,6 +45,23 @@ def check_levels(names: tuple[str, ...]) -> tuple[str, ...]:
     return names
 
 
+def check_attention(name: str) -> str:
+    """A known ``--attention``."""
+    if name not in ATTENTIONS:
+        raise InputError(f"--attention {name}: choose one of {', '.join(ATTENTIONS)}")
+    return name
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackboneCompute:
+    """How the frozen backbone computes, for every command that builds one. Not recorded in a store: its features
+    agree within floating-point rounding either way (as with --device or --batch-size), so a store written with one
+    passes ``fcache verify --recompute`` with the other, and resuming may switch."""
+
+    attention: str = flag("sdpa", "How SwinV2 window attention is computed: " + "; ".join(f"{k}: {v}" for k, v in ATTENTIONS.items()) + ".",
+                          choices=tuple(ATTENTIONS))  # fmt: skip
+
+
 def parse_pair(text: str) -> tuple[float, float]:
     """``LO,HI`` -> two floats."""
     try:
@@ -50,7 +72,7 @@ def parse_pair(text: str) -> tuple[float, float]:
 
 
 @dataclass(frozen=True)
-class ExtractConfig(StoreAccess):
+class ExtractConfig(StoreAccess, BackboneCompute):
     """Everything ``fcache extract`` (and ``fcache plan``) needs; ``source`` is recorded in the store's manifest."""
 
     source: SourceConfig
@@ -119,6 +141,7 @@ class ExtractConfig(StoreAccess):
         if self.max_error is not None and self.dtype != DEFAULT_DTYPE:
             raise InputError(f"--dtype {self.dtype} and --max-error: --max-error chooses every level's form; give one of them")
         parse_codec(self.codec)
+        check_attention(self.attention)
         try:
             check_levels(tuple(self.levels))
         except InputError as e:

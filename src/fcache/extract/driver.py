@@ -103,6 +103,7 @@ def prepare(cfg: ExtractConfig, *, meta: bool = False, source: Source | None = N
         device=resolve_device(cfg.device),
         meta=meta,
         window=cfg.window or default_window(cfg.model, source.task),
+        attention=cfg.attention,
     )
     keys = [r.key for r in refs]
     dataset = DatasetInfo(

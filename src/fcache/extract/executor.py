@@ -55,6 +55,7 @@ class WorkerJob:
     decode_processes: int
     decode_timeout: float
     on_error: str
+    attention: str = "sdpa"
 
 
 @dataclass
@@ -112,7 +113,7 @@ class UnitWorkers(WorkerPlugin):
                     torch.set_num_threads(self.job.torch_threads)
                 if self.device.startswith("cuda:"):
                     torch.cuda.set_device(self.device)  # this worker's GPU is also its current device
-                bb = backbone_of(manifest, weights=self.job.weights, device=self.device)
+                bb = backbone_of(manifest, weights=self.job.weights, device=self.device, attention=self.job.attention)
                 if bb.info.to_dict() != manifest.backbone.to_dict():
                     raise InputError(f"worker {socket.gethostname()} built another backbone than the store's; give it the same --weights")
                 self._backbone = bb
@@ -192,6 +193,7 @@ def worker_job(cfg: ExtractConfig, target: ClusterTarget, source: Source) -> Wor
         decode_processes=max(1, cfg.num_workers),
         decode_timeout=cfg.source.decode_timeout,
         on_error=cfg.on_error,
+        attention=cfg.attention,
     )
 
 

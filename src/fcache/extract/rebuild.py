@@ -25,14 +25,14 @@ class Rebuilt:
     backbone: Backbone
 
 
-def rebuild(manifest: Manifest, keys: list[str], *, weights: str = "", device: str = "cpu") -> Rebuilt:
+def rebuild(manifest: Manifest, keys: list[str], *, weights: str = "", device: str = "cpu", attention: str = "sdpa") -> Rebuilt:
     """The source (listing exactly ``keys``) and backbone that produced a store.
 
     Raises:
         ValueError: a weights file is needed or differs, or the dataset no longer lists the store's samples.
     """
     ds = manifest.dataset
-    backbone = backbone_of(manifest, weights=weights, device=device)
+    backbone = backbone_of(manifest, weights=weights, device=device, attention=attention)
     source = build_source(ds.source)
     refs = source.samples()
     if [r.key for r in refs[: len(keys)]] != list(keys):
@@ -40,8 +40,9 @@ def rebuild(manifest: Manifest, keys: list[str], *, weights: str = "", device: s
     return Rebuilt(source, refs[: len(keys)], backbone)
 
 
-def backbone_of(manifest: Manifest, *, weights: str = "", device: str = "cpu") -> Backbone:
-    """The frozen backbone that produced (or produces) a store, built from its manifest.
+def backbone_of(manifest: Manifest, *, weights: str = "", device: str = "cpu", attention: str = "sdpa") -> Backbone:
+    """The frozen backbone that produced (or produces) a store, built from its manifest (``attention``: how it computes
+    its window attention, which the manifest does not record: either gives the store's features).
 
     Raises:
         ValueError: the store was extracted from a weights file and ``weights`` is missing or another file.
@@ -59,6 +60,7 @@ def backbone_of(manifest: Manifest, *, weights: str = "", device: str = "cpu") -
         seed=pre.seed,
         device=device,
         window=bb.window,
+        attention=attention,
     )
     if from_file and backbone.info.weights != bb.weights:
         raise InputError(f"--weights {weights} is not the file the store was extracted with (its sha256 differs)")

@@ -28,11 +28,12 @@ def recompute(
     seed: int = 0,
     tolerance: float | None = None,
     storage_options: dict | None = None,
+    attention: str = "sdpa",
 ) -> list[Problem]:
     """Problems found re-extracting ``k`` random samples that have features (empty when all agree)."""
     s = fstore.FeatureStore(path, storage_options=storage_options)
     m = s.manifest
-    r = rebuild(m, [str(x) for x in s.keys], weights=weights, device=device)
+    r = rebuild(m, [str(x) for x in s.keys], weights=weights, device=device, attention=attention)
     chosen = np.random.default_rng(seed).choice(s.ok_indices, size=min(k, len(s.ok_indices)), replace=False)
     tols = {lv: tolerance if tolerance is not None else stored(m.storage.form(lv)).tolerance for lv in s.level_names}
     dataset = SampleDataset(r.source, r.refs, [int(i) for i in sorted(chosen)], m)

@@ -129,8 +129,7 @@ def render(image: np.ndarray, g: Geometry, mean: tuple[float, ...], std: tuple[f
         arr = arr[:, ::-1]
     s = int(g.canvas)
     out = torch.zeros(3, s, s, dtype=torch.float32)
-    pix = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float().div_(255)  # (3, vh, vw)
-    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    sd = torch.tensor(std, dtype=torch.float32)[:, None, None]
-    out[:, :vh, :vw] = (pix - m) / sd
+    pix = out[:, :vh, :vw]  # (3, vh, vw), normalised in place
+    pix.copy_(torch.from_numpy(np.array(arr)).permute(2, 0, 1)).div_(255)
+    pix.sub_(torch.tensor(mean, dtype=torch.float32)[:, None, None]).div_(torch.tensor(std, dtype=torch.float32)[:, None, None])
     return out

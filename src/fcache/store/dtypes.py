@@ -264,11 +264,14 @@ def encode(x: np.ndarray | torch.Tensor, dtype: str, level: str = "", basis: np.
 
 def _error(t: torch.Tensor, got: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Per item (first axis): sums of squared reconstruction error and of squared reference, on the strided subset."""
+    import torch
+
     n = t.shape[0] if t.ndim > 0 else 1
     step = max(1, t.numel() // ERROR_SAMPLE)
-    ref = t.reshape(n, -1)[:, ::step].double()
-    err = (got.reshape(n, -1)[:, ::step].double() - ref).square().sum(dim=1) * step
-    return err.cpu().numpy(), (ref.square().sum(dim=1) * step).cpu().numpy()
+    ref = t.reshape(n, -1)[:, ::step].to(torch.float64, copy=True)
+    got = got.reshape(n, -1)[:, ::step].to(torch.float64, copy=True)
+    err = got.sub_(ref).square_().sum(dim=1) * step  # in place: fresh float64 buffers cost more than the arithmetic
+    return err.cpu().numpy(), (ref.square_().sum(dim=1) * step).cpu().numpy()
 
 
 def decode(
