@@ -3,7 +3,7 @@
 A generated COCO json of N images (COCO train2017's shape: ~7.3 annotations per image, polygons with COCO's spread of
 vertex counts, ~1% crowd RLEs, the images' own fields), empty image files, and a store with the real layout, shard
 size and ledger but tiny feature maps (p4 and p5, 2 channels of 4 x 4 and 2 x 2, fp16) so the bytes stay small.
-No backbone runs (`plan --no-run` builds SwinV2-L at 1024 on the meta device). Each step runs in a fresh process:
+No backbone runs (`plan --no-run` counts SwinV2-L at 1024 from its configuration: no torch). Each step runs in a fresh process:
 ``seconds`` is the step itself in wall-clock time (imports and its prerequisites excluded: they do not grow with N),
 ``cpu_s`` the CPU time of the step's process over the same span (steadier on a busy machine), ``process_s`` the
 whole process, ``rss_mb`` its peak resident memory (wait4). json_load is the baseline: a bare ``json.load``.
@@ -162,7 +162,6 @@ def step_validate(work: Path) -> dict[str, Any]:
 
 
 def step_plan(work: Path) -> dict[str, Any]:
-    import timm  # noqa: F401 -- imports are not the step
     from click.testing import CliRunner
 
     from fcache.cli import main
@@ -240,6 +239,7 @@ def step_open(work: Path) -> dict[str, Any]:
 
 
 def step_info(work: Path) -> dict[str, Any]:
+    from fcache.store import reader as _  # noqa: F401 -- imports are not the step (torch: ~1.3 s of CPU, whatever N)
     from fcache.store.info import describe, format_info
 
     t = Clock()

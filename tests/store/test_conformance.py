@@ -20,8 +20,10 @@ from click.testing import CliRunner
 from fcache import store as fstore
 from fcache.cli import main
 from fcache.spec import Status
+from fcache.store.backends import open_backend
 from fcache.store.dtypes import DTYPES as STORED
 from fcache.store.dtypes import bf16_bits_to_float32, decode
+from fcache.store.info import describe
 from helpers import decoded, fitted_bases, make_manifest, sample_features, write_all
 
 
@@ -208,6 +210,21 @@ class StoreConformance:
         assert p2["form"] == self.dtype and p2["bits_per_value"] == pytest.approx(8 * p2["disk_bytes"] / math.prod(p2["shape"]))
         text = CliRunner().invoke(main, ["info", str(path)]).output
         assert "p5" in text and "3/3 committed" in text
+
+    def test_info_sizes_equal_a_listings_sum(self, built, monkeypatch):
+        """info reads sizes from the ledger and by key, never listing: a listing's sums are what it must find."""
+        path, m = built
+        backend = open_backend(path)
+        with monkeypatch.context() as patched:
+            patched.setattr(type(backend), "listing", lambda *a, **k: pytest.fail("info listed the store"))
+            d = describe(path)
+        listing = backend.listing()
+        for lv in d["levels"]:
+            arrays = ("features", "scales", "basis")
+            assert lv["disk_bytes"] == sum(size for k, size in listing.items() if k.startswith(tuple(f"{a}/{lv['name']}/" for a in arrays)))
+        writer = fstore.StoreWriter(path)
+        owned = {k for u in writer.units for k in writer.unit_keys(u)}
+        assert d["units_bytes"] == sum(size for k, size in listing.items() if k in owned) > 0
 
     def test_verify_clean(self, built):
         path, _ = built

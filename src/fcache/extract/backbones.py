@@ -1,5 +1,5 @@
-"""The frozen base network B(.) of the paper: the BACKBONES table (timm SwinV2 and the paper's SwinV2-G), weights
-in timm's or the official Swin layout, and an NCHW feature forward.
+"""The frozen base network B(.) of the paper: the backbones of ``extract.catalog``'s BACKBONES table (timm SwinV2
+and the paper's SwinV2-G) or any timm model built, weights in timm's or the official Swin layout, an NCHW feature forward.
 
 Level specs come from the model's own ``feature_info`` (channels, reduction), never from a table.
 Larger input, same window (paper §3.3): ``input_size`` is set at model creation, the window stays as pretrained
@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,48 +23,14 @@ from timm.models._features import FeatureListNet
 from fcache.common.devices import resolve_device
 from fcache.common.errors import InputError
 from fcache.common.rng import rng_scope
-from fcache.extract import swinv2_giant
 from fcache.extract.attention import set_attention
+from fcache.extract.catalog import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, RANDOM_INIT, default_window, pick_levels, resolve
 from fcache.extract.config import check_attention
 from fcache.spec import BackboneInfo, LevelSpec, level_name
 from fcache.store.layout import sha256_file
 
-
-@dataclass(frozen=True)
-class BackboneDef:
-    """A named backbone: a timm model (with its pretrained tag), or a builder for a variant timm does not register.
-
-    Attributes:
-        timm_name: the timm model name and tag; for a built model, what it is (recorded in the manifest).
-        build: ``(input_size, window) -> model`` when timm has no such variant.
-        published: False when no weights were ever released (``--weights`` or ``--random-init`` required).
-        windows: task -> window, for a model without a pretrained window; ``default_window`` for other tasks.
-    """
-
-    timm_name: str
-    build: Callable[[int, int], torch.nn.Module] | None = None
-    published: bool = True
-    windows: Mapping[str, int] = field(default_factory=dict)
-    default_window: int | None = None
-
-
-# the paper's backbones (ImageNet-22K-pretrained tags where timm has them, as the paper uses)
-BACKBONES: dict[str, BackboneDef] = {
-    "swinv2-t": BackboneDef("swinv2_tiny_window16_256.ms_in1k"),
-    "swinv2-s": BackboneDef("swinv2_small_window16_256.ms_in1k"),
-    "swinv2-b": BackboneDef("swinv2_base_window12_192.ms_in22k"),
-    "swinv2-l": BackboneDef("swinv2_large_window12_192.ms_in22k"),
-    "swinv2-g": BackboneDef(
-        swinv2_giant.DESCRIPTION,
-        build=swinv2_giant.build_swinv2_giant,
-        published=False,
-        windows=swinv2_giant.WINDOWS,
-        default_window=swinv2_giant.DEFAULT_WINDOW,
-    ),
-    "swinv2-g-timm": BackboneDef("swinv2_cr_giant_224", published=False),  # timm's 2.6B giant, depths (2, 2, 42, 2)
-}
-RANDOM_INIT = "random-init"
 SIMMIM_ONLY = ("mask_token",)  # SimMIM's pretraining-only parameter of the encoder
+__all__ = ["BACKBONES", "RANDOM_INIT", "Backbone", "build_backbone", "default_window", "resolve"]  # the table's names re-exported
 
 
 @dataclass
@@ -90,25 +56,6 @@ class Backbone:
         outs = self.model(images)
         nchw = (f.permute(0, 3, 1, 2) if self.nhwc else f for f in outs)  # (B, C, H, W), contiguous as the store holds it
         return {lv.name: f.contiguous() for lv, f in zip(self.info.levels, nchw, strict=True)}
-
-
-def resolve(model: str) -> tuple[str, str]:
-    """(alias, timm name with tag) of ``model``: one of BACKBONES or any timm model name."""
-    if model in BACKBONES:
-        return model, BACKBONES[model].timm_name
-    base = model.split(".")[0]
-    if not timm.is_model(base):
-        raise InputError(f"unknown model {model!r}: use one of {', '.join(BACKBONES)} or a timm model name (see timm.list_models())")
-    return model, model
-
-
-def default_window(model: str, task: str) -> int | None:
-    """The window ``model`` is built with for ``task`` when none is asked for: the paper's for a model without a
-    pretrained one (SwinV2-G: detection 32, segmentation 40, video 16), else None (the model's own)."""
-    d = BACKBONES.get(model)
-    if d is None or d.default_window is None:
-        return None
-    return d.windows.get(task, d.default_window)
 
 
 def build_backbone(
@@ -156,7 +103,7 @@ def build_backbone(
     set_attention(full, attention)
     nhwc = getattr(full, "output_fmt", "NCHW") == "NHWC"
     cfg: dict[str, Any] = dict(getattr(full, "pretrained_cfg", {}) or {})
-    mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
+    mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
     wrapped, specs = _features(full, levels)
     if not meta:
         wrapped = wrapped.to(resolve_device(device)).eval().requires_grad_(False)
@@ -198,11 +145,7 @@ def _features(full: torch.nn.Module, levels: Sequence[str] | None) -> tuple[Feat
     """Wrap the model to return the wanted levels; their specs from its feature_info."""
     info: list[dict[str, Any]] = list(cast(Any, full).feature_info)  # dicts: num_chs, reduction, module
     by_name = {level_name(int(d["reduction"])): k for k, d in enumerate(info) if int(d["reduction"]) in (4, 8, 16, 32, 64)}
-    wanted = list(levels) if levels else [n for n in ("p2", "p3", "p4", "p5") if n in by_name]
-    missing = [n for n in wanted if n not in by_name]
-    if missing:
-        raise InputError(f"the model has no level {', '.join(missing)}; it offers {', '.join(sorted(by_name))}")
-    order = sorted(wanted, key=lambda n: by_name[n])
+    order = pick_levels(sorted(by_name, key=by_name.__getitem__), levels)
     indices = tuple(by_name[n] for n in order)
     specs = tuple(LevelSpec(n, int(info[by_name[n]]["num_chs"]), int(info[by_name[n]]["reduction"])) for n in order)
     try:  # timm builds SwinV2's features with flattened stages, convnets' without: take whichever fits

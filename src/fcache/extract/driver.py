@@ -24,16 +24,16 @@ from tqdm import tqdm
 from fcache import store as fstore
 from fcache.common.cluster import ClusterTarget
 from fcache.common.devices import resolve_device
-from fcache.common.errors import InputError, Interrupted
+from fcache.common.errors import Interrupted
 from fcache.extract import space
 from fcache.extract.backbones import Backbone, build_backbone, default_window
 from fcache.extract.choose import chosen_storage, existing_manifest
 from fcache.extract.config import ExtractConfig
+from fcache.extract.manifests import manifest_of, selected_samples
 from fcache.extract.sources import build_source
 from fcache.extract.sources.base import SampleRef, Source, write_driver_targets
 from fcache.extract.stages import Batcher, SampleDataset, SampleItem, UnitAssembler, check_sample
-from fcache.extract.views import expand_test_views
-from fcache.spec import DatasetInfo, Manifest, Preprocessing, StorageSpec, keys_digest
+from fcache.spec import Manifest
 from fcache.store import layout
 from fcache.store.backends import ROOT_META, Backend, open_backend
 from fcache.store.info import human
@@ -64,23 +64,6 @@ class ExtractSummary:
         return {**asdict(self), "exit_code": self.exit_code}
 
 
-def preprocessing_of(cfg: ExtractConfig, backbone: Backbone) -> Preprocessing:
-    """How samples become backbone inputs: the backbone's normalisation and the views the flags ask for."""
-    video, src = cfg.video, cfg.source
-    return Preprocessing(
-        mean=backbone.mean,
-        std=backbone.std,
-        views=1 if video else cfg.views,
-        view_scale=tuple(cfg.view_scale) if cfg.views > 1 and not video else (1.0, 1.0),  # type: ignore[arg-type]
-        view_flip=cfg.view_flip and cfg.views > 1 and not video,
-        test_views=() if video else expand_test_views(cfg.test_views),
-        seed=cfg.seed,
-        frames=src.frames if video else None,
-        clips=src.clips if video else 1,
-        crops=src.crops if video else 1,
-    )
-
-
 def prepare(cfg: ExtractConfig, *, meta: bool = False, source: Source | None = None) -> tuple[Source, list[SampleRef], Backbone, Manifest]:
     """Validate the config and the dataset's metadata, build the backbone and the manifest (no writes).
 
@@ -88,11 +71,7 @@ def prepare(cfg: ExtractConfig, *, meta: bool = False, source: Source | None = N
     """
     cfg.validate()
     source = source or build_source(cfg.source)
-    refs = source.samples()
-    if cfg.limit:
-        refs = refs[: cfg.limit]
-    if not refs:
-        raise InputError(f"{cfg.source.root}: the dataset has no samples; check --root/--annotations/--split")
+    refs = selected_samples(cfg, source)
     backbone = build_backbone(
         cfg.model,
         input_size=cfg.input_size,
@@ -105,16 +84,7 @@ def prepare(cfg: ExtractConfig, *, meta: bool = False, source: Source | None = N
         window=cfg.window or default_window(cfg.model, source.task),
         attention=cfg.attention,
     )
-    keys = [r.key for r in refs]
-    dataset = DatasetInfo(
-        source=cfg.source, n=len(refs), digest=keys_digest(keys), task=source.task, label_names=tuple(source.label_names())
-    )
-    manifest = Manifest(
-        backbone=backbone.info,
-        preprocessing=preprocessing_of(cfg, backbone),
-        storage=StorageSpec(dtype=cfg.dtype, codec=cfg.codec, shard_size=cfg.shard_size),
-        dataset=dataset,
-    )
+    manifest = manifest_of(cfg, source, refs, backbone.info, backbone.mean, backbone.std)
     return source, refs, backbone, manifest
 
 

@@ -1,7 +1,8 @@
 """``fcache plan``: how big a store will be and how long its extraction will take, before committing to it.
 
-Shapes come from the backbone built on the meta device (no weights, no memory: works for SwinV2-G);
-the compression ratio and time per image from a short real run into a temporary folder, or, with
+Shapes, parameters and FLOPs of a known backbone come from its configuration (``extract.catalog``: no torch, no
+build); any other model, or one given ``--weights`` (checked), is built on the meta device (no memory: any size works).
+The compression ratio and time per image from a short real run into a temporary folder, or, with
 ``--no-run``, the time from a throughput measured on a device class (``THROUGHPUT``) where there is one for the
 model and input size, else from the forward's FLOPs at an assumed sustained throughput; the plan says which.
 With an ``--out``, the plan shows that filesystem's free space against the estimate (``fcache.extract.space``).
@@ -15,8 +16,11 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fcache.common.devices import resolve_device
 from fcache.extract import plan_forms, space
+from fcache.extract.catalog import Described, default_window, described
 from fcache.extract.config import ExtractConfig
+from fcache.extract.manifests import manifest_of, selected_samples
 from fcache.extract.sources import build_source
 from fcache.extract.throughput import THROUGHPUT
 from fcache.store.info import human
@@ -34,16 +38,19 @@ def plan(
     With ``codecs`` (or ``--max-error``), every stored form measured per level (``fcache.extract.plan_forms``); the
     sizes are those of ``--dtype``, or of the forms ``--max-error`` picks.
 
-    The flags and the dataset's metadata are checked before torch is imported: parsing a COCO-train json peaks at its
-    text plus its objects, and that peak then does not sit on top of torch's memory.
+    The flags and the dataset's metadata are checked before torch is imported, if it is at all (``--no-run`` of a
+    catalogued backbone never does): parsing a COCO-train json peaks at its text plus its objects, and that peak then
+    does not sit on top of torch's memory. The device is checked only for the short run.
     """
-    dataclasses.replace(cfg, device="cpu").validate()  # the device is checked by prepare (it needs torch)
+    dataclasses.replace(cfg, device="cpu").validate()
     source = build_source(cfg.source)
-    source.samples()
-    from fcache.extract.backbones import parameter_count
-    from fcache.extract.driver import prepare
-
-    _, refs, backbone, manifest = prepare(cfg, meta=True, source=source)
+    refs = selected_samples(cfg, source)
+    if not no_run:  # the short run uses the device; a plan alone does not (plan for another machine)
+        resolve_device(cfg.device)
+    window = cfg.window or default_window(cfg.model, source.task)
+    bb = None if cfg.weights else described(cfg.model, input_size=cfg.input_size, levels=cfg.levels, window=window)
+    bb = bb or _built(cfg, window)
+    manifest = manifest_of(cfg, source, refs, bb.info, bb.mean, bb.std)
     n, views = len(refs), manifest.num_views
     forms = plan_forms.measure_forms(cfg, min(measure, n), n) if not no_run and (codecs or cfg.max_error is not None) else None
     manifest = plan_forms.with_picks(manifest, forms, cfg.max_error)
@@ -55,12 +62,11 @@ def plan(
         for lv in manifest.levels
     ]  # fmt: skip
     per_sample = sum(per_level.values())
-    flops = forward_flops(backbone.model, cfg.input_size)
     measured = THROUGHPUT.get((device_class, cfg.model, cfg.input_size))
     out: dict[str, Any] = {
         "model": manifest.backbone.timm_name,
         "alias": manifest.backbone.alias,
-        "backbone_params": parameter_count(backbone.model),
+        "backbone_params": bb.parameters,
         "input_size": cfg.input_size,
         "window": manifest.backbone.window,
         "dtype": cfg.dtype,
@@ -73,10 +79,10 @@ def plan(
         "levels": levels,
         "bytes_per_sample": per_sample,
         "total_bytes": per_sample * n,
-        "gflops_per_image": flops / 1e9,
+        "gflops_per_image": bb.flops / 1e9,
         "device_class": device_class,
         "estimate": "flops",
-        "seconds_per_image": flops / (assume_tflops * 1e12),
+        "seconds_per_image": bb.flops / (assume_tflops * 1e12),
         "assumed_tflops": assume_tflops,
     }
     if measured is not None:
@@ -99,6 +105,19 @@ def plan(
         need = space.needed(cfg.out, manifest)
         out |= {"out": cfg.out, "free_bytes": space.free_bytes(cfg.out), "needed_bytes": need.bytes, "needed": need.describe()}
     return out
+
+
+def _built(cfg: ExtractConfig, window: int | None) -> Described:
+    """The backbone built on the meta device and counted: a model the catalog does not describe, or ``--weights`` (the
+    checkpoint is checked against the model as extract will)."""
+    from fcache.extract.backbones import build_backbone, parameter_count
+
+    backbone = build_backbone(
+        cfg.model, input_size=cfg.input_size, levels=cfg.levels, weights=cfg.weights or None, random_init=cfg.random_init, meta=True,
+        window=window,
+    )  # fmt: skip
+    flops = forward_flops(backbone.model, cfg.input_size)
+    return Described(backbone.info, backbone.mean, backbone.std, parameter_count(backbone.model), flops)
 
 
 def forward_flops(model: torch.nn.Module, input_size: int) -> float:

@@ -13,15 +13,16 @@ only. timm's own 2.6B giant (depths (2, 2, 42, 2)) stays available as ``swinv2-g
 
 Window (the paper's appendix, "Swin-G setting"): 32 for COCO at 1024, 40 for ADE20K at 640, 16 for
 Kinetics-400; ``WINDOWS`` keys them by task, and other tasks take ``DEFAULT_WINDOW``.
+Importing this module imports no torch (``fcache plan`` reads its configuration); building does.
 """
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import torch
-from timm.models.swin_transformer_v2 import SwinTransformerV2
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
 
 CONFIG: dict[str, Any] = {"embed_dim": 512, "depths": (2, 2, 42, 4), "num_heads": (16, 32, 64, 128)}
 EXTRA_NORM_EVERY = 6
@@ -32,12 +33,16 @@ DESCRIPTION = "timm SwinTransformerV2, embed 512, depths 2-2-42-4, heads 16-32-6
 
 def build_swinv2_giant(input_size: int, window: int) -> SwinTransformerV2:
     """SwinV2-G without a classifier (``num_classes=0``), on the current default device; maps of any multiple of 32."""
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+
     model = SwinTransformerV2(img_size=input_size, window_size=window, num_classes=0, strict_img_size=False, **CONFIG)
     return add_extra_norms(model, EXTRA_NORM_EVERY)
 
 
 def add_extra_norms(model: SwinTransformerV2, every: int) -> SwinTransformerV2:
     """A LayerNorm ``norm3`` after every ``every``-th block of each stage, applied to the block's output."""
+    from torch import nn
+
     for stage in cast(nn.ModuleList, model.layers):
         for i, block in enumerate(cast(nn.Sequential, stage.blocks)):
             if (i + 1) % every == 0:
@@ -47,5 +52,5 @@ def add_extra_norms(model: SwinTransformerV2, every: int) -> SwinTransformerV2:
     return model
 
 
-def _apply_norm3(block: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-    return cast(nn.LayerNorm, block.norm3)(output)  # (B, H, W, C): the main branch after both residual adds
+def _apply_norm3(block: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+    return cast("torch.nn.LayerNorm", block.norm3)(output)  # (B, H, W, C): the main branch after both residual adds

@@ -18,23 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fcache.common.errors import InputError
+from fcache.extract.manifests import expand_test_views
 from fcache.spec import Geometry, Preprocessing
 
-MS_SCALES = (0.5, 0.75)
-
-
-def expand_test_views(tokens: tuple[str, ...]) -> tuple[str, ...]:
-    """``("flip", "ms")`` -> the named test views stored after the training views."""
-    unknown = set(tokens) - {"flip", "ms"}
-    if unknown:
-        raise InputError(f"unknown test view(s) {', '.join(sorted(unknown))}; use flip and/or ms")
-    names = ["flip"] if "flip" in tokens else []
-    for s in MS_SCALES if "ms" in tokens else ():
-        names.append(f"s{s}")
-        if "flip" in tokens:
-            names.append(f"s{s}+flip")
-    return tuple(names)
+__all__ = ["expand_test_views", "image_views", "render", "video_views"]
 
 
 def sample_rng(seed: int, key: str) -> np.random.Generator:

@@ -1,4 +1,5 @@
-"""Codecs of feature chunks: Blosc (zstd, zstd:LEVEL, lz4, or none) with the form's shuffle, then CRC32C always."""
+"""Codecs of feature chunks: Blosc (zstd, zstd:LEVEL, lz4, or none) with the form's shuffle, then CRC32C always; and
+of the per-sample strings (keys, JSON targets): vlen-utf8 then zstd, encoded here a chunk at a time at numcodecs' speed."""
 
 from __future__ import annotations
 
@@ -56,3 +57,35 @@ def side_bytes(side: np.ndarray) -> int:
     from numcodecs import Zstd
 
     return len(Zstd(level=0).encode(np.ascontiguousarray(side)))
+
+
+STRING_ZSTD_LEVEL = 0  # zarr's default for strings (zstd's own default level)
+
+
+def string_codecs() -> dict[str, Any]:
+    """``create_array`` arguments of a 1-D string array (keys, JSON targets): vlen-utf8, then zstd."""
+    from zarr.codecs import VLenUTF8Codec, ZstdCodec
+
+    return {"serializer": VLenUTF8Codec(), "compressors": ZstdCodec(level=STRING_ZSTD_LEVEL)}
+
+
+def is_string_array(array: Any) -> bool:
+    """A zarr array stored with ``string_codecs`` (what ``string_chunks`` encodes)."""
+    codecs = string_codecs()
+    return array.ndim == 1 and array.serializer == codecs["serializer"] and tuple(array.compressors) == (codecs["compressors"],)
+
+
+def string_chunks(values: np.ndarray, chunk: int) -> list[bytes]:
+    """The stored bytes of consecutive ``chunk``-sized chunks of a ``string_codecs`` array holding ``values`` (the last
+    chunk padded with "", as zarr stores an edge chunk): numcodecs' VLenUTF8 and Zstd, the codecs zarr's call, without
+    zarr's per-chunk cost (~0.5 ms of CPU: seconds for the 7,393 chunks of each string array at COCO-train size)."""
+    from numcodecs import VLenUTF8, Zstd
+
+    vlen, zstd = VLenUTF8(), Zstd(level=STRING_ZSTD_LEVEL, checksum=False)
+    out = []
+    for start in range(0, len(values), chunk):
+        block = np.full(chunk, "", dtype=object)
+        part = values[start : start + chunk]
+        block[: len(part)] = part
+        out.append(zstd.encode(vlen.encode(block)))
+    return out

@@ -1,11 +1,19 @@
-"""``fcache info``: what a store holds, how big it is on disk (or in the bucket), and how well it compressed."""
+"""``fcache info``: what a store holds, how big it is on disk (or in the bucket), and how well it compressed.
+
+Sizes come from the ledger (each committed unit's record holds the size of every object it wrote) and the few
+store-wide objects (arrays' metadata, a projected form's basis) asked for by key: no listing, on any backend.
+"""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import zarr
+from zarr.core.common import ZARR_JSON  # every node's metadata
 
 from fcache.store import layout
 from fcache.store.backends import Backend
@@ -17,14 +25,14 @@ def describe(path: str | Path | Backend, storage_options: Mapping[str, Any] | No
 
     Per level: ``form``; ``disk_bytes`` (values, scales and side data); ``bits_per_value``, those bytes over the values
     of the committed samples; ``quantisation_error``, the relative RMSE measured while writing; ``chosen``, what the
-    ``--max-error`` choice measured on the first unit (``rel_rmse``, ``bits``), or None."""
+    ``--max-error`` choice measured on the first unit (``rel_rmse``, ``bits``), or None. ``units_bytes``: every object
+    the committed units wrote (features, scales, samples, targets), as their ledger records say."""
     from fcache.store.reader import FeatureStore  # here: ``human`` is imported by light modules (no torch)
 
     store = FeatureStore(path, storage_options=storage_options)
-    stored_bytes = store.backend.listing()
     m = store.manifest
     committed = sum(rec.samples for rec in store.ledger.values())
-    levels = [_level(store, lv.name, committed, stored_bytes) for lv in store.levels]
+    levels = [_level(store, lv.name, committed, _level_bytes(store, lv.name)) for lv in store.levels]
     disk_total = sum(lv["disk_bytes"] for lv in levels)
     raw_total = sum(lv["raw_bytes"] for lv in levels)
     values_total = sum(8 * lv["disk_bytes"] / lv["bits_per_value"] for lv in levels if lv["bits_per_value"])
@@ -38,7 +46,7 @@ def describe(path: str | Path | Backend, storage_options: Mapping[str, Any] | No
         "status_counts": store.status_counts(),
         "levels": levels,
         "disk_bytes": disk_total,
-        "store_bytes": sum(stored_bytes.values()),
+        "units_bytes": sum(rec.bytes for rec in store.ledger.values()),
         "compression_ratio": raw_total / disk_total if disk_total else 0.0,
         "bits_per_value": 8 * disk_total / values_total if values_total else 0.0,
         "max_error": m.storage.max_error,
@@ -46,16 +54,26 @@ def describe(path: str | Path | Backend, storage_options: Mapping[str, Any] | No
     }
 
 
-def _level(store: Any, level: str, committed: int, stored_bytes: Mapping[str, int]) -> dict[str, Any]:
-    """One level's row of ``describe``: its form, bytes (values, scales, basis), bits per value and errors."""
+def _level_bytes(store: Any, level: str) -> int:
+    """Bytes of a level's arrays (values, scales, basis): the committed units' objects as the ledger recorded them,
+    the arrays' metadata and the basis by key."""
+    d = stored(store.manifest.storage.form(level))
+    arrays = [f"{layout.FEATURES}/{level}", *([f"{layout.SCALES}/{level}"] if d.scaled else [])]
+    prefixes = tuple(a + "/" for a in arrays)
+    units = sum(f.size for rec in store.ledger.values() for key, f in rec.files.items() if key.startswith(prefixes))
+    keys = [f"{a}/{ZARR_JSON}" for a in arrays]
+    if d.fitted:
+        basis = zarr.open_array(store.backend.zarr_store(), path=f"{layout.BASIS}/{level}", mode="r", zarr_format=3)
+        chunks = itertools.product(*map(range, basis.cdata_shape))
+        keys += [f"{layout.BASIS}/{level}/{ZARR_JSON}", *(f"{layout.BASIS}/{level}/{basis.metadata.encode_chunk_key(c)}" for c in chunks)]
+    return units + sum(size or 0 for size in store.backend.sizes(keys))
+
+
+def _level(store: Any, level: str, committed: int, disk: int) -> dict[str, Any]:
+    """One level's row of ``describe``: its form, ``disk`` bytes (values, scales, basis), bits per value and errors."""
     m = store.manifest
     lv, form = m.level(level), m.storage.form(level)
     d, shape = stored(form), m.level_shape(level)
-    disk = _bytes_under(stored_bytes, f"{layout.FEATURES}/{level}")
-    if d.scaled:
-        disk += _bytes_under(stored_bytes, f"{layout.SCALES}/{level}")
-    if d.fitted:
-        disk += _bytes_under(stored_bytes, f"{layout.BASIS}/{level}")
     values = committed * store.num_views * math.prod(shape)
     side = math.prod(d.side_shape(shape)) * d.side.itemsize if d.side is not None else 0
     raw = committed * store.num_views * (math.prod(d.stored_shape(shape)) * d.numpy.itemsize + side)
@@ -122,7 +140,3 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
-
-
-def _bytes_under(sizes: Mapping[str, int], prefix: str) -> int:
-    return sum(size for key, size in sizes.items() if key.startswith(prefix + "/"))

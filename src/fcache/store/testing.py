@@ -69,6 +69,8 @@ class BackendTests(ABC):
         (tmp_path / "upload").write_bytes(TEN * 3)
         backend.put_file("x/file", tmp_path / "upload")
         assert self.raw_get(backend, "x/file") == TEN * 3
+        backend.put_many({"x/y": TEN, "m/0": b"0", "m/1": b""})
+        assert [self.raw_get(backend, k) for k in ("x/y", "m/0", "m/1")] == [TEN, b"0", b""] and backend.temporaries() == []
 
     def test_delete_and_listing(self, backend: Backend) -> None:
         for key, data in {"a": b"1", "x/y": TEN, "x/z/w": b"333"}.items():

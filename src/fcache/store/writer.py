@@ -28,7 +28,7 @@ from fcache.spec import GEOMETRY_FIELDS, Manifest, Status, keys_digest
 from fcache.store import layout
 from fcache.store.backends import Backend, open_backend
 from fcache.store.backends.zarrstores import Recording
-from fcache.store.codecs import chunk_codecs
+from fcache.store.codecs import chunk_codecs, is_string_array, string_chunks, string_codecs
 from fcache.store.dtypes import Encoded, encode, stored
 from fcache.store.layout import Unit
 from fcache.store.leases import Lease
@@ -37,6 +37,7 @@ from fcache.store.records import FileRecord, LedgerRecord
 WRITE_CONFIG: Any = {"write_empty_chunks": True}
 LOCK_TIMEOUT_S = 600.0
 LOCK_HEARTBEAT_S = 60.0
+KEYS_CHUNK = 1 << 16  # samples per chunk of samples/key: read whole by every reader, a couple of objects for COCO train
 LEFTOVER_TOPS = (layout.FEATURES, layout.SCALES, layout.BASIS, "samples", layout.TARGETS, layout.LEDGER, layout.ERRORS, layout.ROOT_META)
 
 
@@ -149,7 +150,15 @@ def _build(store: Any, m: Manifest, keys: Sequence[str], targets: dict[str, Targ
     n, s, v = m.dataset.n, m.storage.shard_size, m.num_views
     g = zarr.open_group(store, mode="a", zarr_format=3)
     _feature_arrays(g, m, bases)
-    keys_array = g.create_array(layout.KEYS, shape=(n,), chunks=(s,), dtype=str, config=WRITE_CONFIG, dimension_names=("sample",))
+    keys_array = g.create_array(
+        layout.KEYS,
+        shape=(n,),
+        chunks=(min(n, KEYS_CHUNK),),
+        dtype=str,
+        config=WRITE_CONFIG,
+        dimension_names=("sample",),
+        **string_codecs(),
+    )
     keys_array[:] = np.array(list(keys), dtype=object)
     g.create_array(layout.STATUS, shape=(n,), chunks=(s,), dtype="uint8", fill_value=int(Status.PENDING), dimension_names=("sample",))
     g.create_array(
@@ -165,7 +174,7 @@ def _build(store: Any, m: Manifest, keys: Sequence[str], targets: dict[str, Targ
     for name, t in targets.items():
         dims = ("sample", *(f"{name}_{k}" for k in range(len(t.shape))))
         if t.dtype == "str":
-            tg.create_array(name, shape=(n,), chunks=(s,), dtype=str, dimension_names=dims)
+            tg.create_array(name, shape=(n,), chunks=(s,), dtype=str, dimension_names=dims, **string_codecs())
         else:
             tg.create_array(name, shape=(n, *t.shape), chunks=(1, *t.shape), shards=(s, *t.shape), dtype=t.dtype, fill_value=t.fill,
                             dimension_names=dims)  # fmt: skip
@@ -279,10 +288,17 @@ class StoreWriter:
         return [u for u in self.units if u.index not in done]
 
     def write_targets(self, name: str, values: np.ndarray, start: int = 0, store: Any = None) -> None:
-        """Driver-side: fill ``targets/<name>`` before any unit runs (e.g. annotations known from metadata)."""
+        """Driver-side: fill ``targets/<name>`` before any unit runs (e.g. annotations known from metadata); whole chunks
+        of strings are encoded here and put at once (``codecs.string_chunks``), anything else goes through zarr."""
         arr = self._array(f"{layout.TARGETS}/{name}", store)
         if arr.dtype.kind in "OT":
             values = np.asarray(values, dtype=object)
+            chunk, stop = arr.chunks[0], start + len(values)
+            if store is None and start % chunk == 0 and (stop % chunk == 0 or stop == arr.shape[0]) and is_string_array(arr):
+                first = start // chunk
+                chunks = string_chunks(values, chunk)
+                self.backend.put_many({layout.shard_key(arr.path, first + k, 1): data for k, data in enumerate(chunks)})
+                return
         arr[start : start + len(values)] = values
 
     def write_unit(

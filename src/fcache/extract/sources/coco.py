@@ -230,6 +230,9 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+_ENCODER = json.JSONEncoder(default=_plain)  # json.dumps(..., default=_plain) without making an encoder per document
+
+
 def fast_annotations(
     annotations: Any, images: Mapping[int, Mapping[str, Any]], category_ids: set[int], *, drop_degenerate: bool
 ) -> dict[int, list[dict[str, Any]]] | None:
@@ -428,8 +431,8 @@ class CocoSource:
         images = self._load()
         ids = [int(r.key) for r in refs]
         return {
-            Targets.IMAGE: np.array([json.dumps(images[i], default=_plain) for i in ids], dtype=object),
-            Targets.ANNOTATIONS: np.array([json.dumps(self._anns.get(i, []), default=_plain) for i in ids], dtype=object),
+            Targets.IMAGE: np.array([_ENCODER.encode(images[i]) for i in ids], dtype=object),
+            Targets.ANNOTATIONS: np.array([_ENCODER.encode(self._anns.get(i, [])) for i in ids], dtype=object),
         }
 
     def decode(self, ref: SampleRef) -> Decoded:

@@ -91,6 +91,11 @@ class Backend(ABC):
     def put(self, key: str, data: bytes) -> None:
         """Write a whole object (replacing it); readers see the old bytes or the new, never a part."""
 
+    def put_many(self, objects: Mapping[str, bytes]) -> None:
+        """Write several whole objects (concurrently where that pays), each as ``put`` does."""
+        for key, data in objects.items():
+            self.put(key, data)
+
     @abstractmethod
     def put_file(self, key: str, path: str | Path) -> None:
         """Upload a local file as the object ``key`` (streamed; multipart on object storage), replacing it whole."""

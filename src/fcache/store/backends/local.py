@@ -12,7 +12,7 @@ import hashlib
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +84,17 @@ class LocalBackend(Backend):
         return out
 
     def put(self, key: str, data: bytes) -> None:
+        self._replace(key, data, flush=True)
+
+    def put_many(self, objects: Mapping[str, bytes]) -> None:
+        """Each object whole by a rename, not flushed to the disk one by one (as zarr writes chunks): thousands of small
+        objects, the driver's targets of a new store."""
+        for key, data in objects.items():
+            self._replace(key, data, flush=False)
+
+    def _replace(self, key: str, data: bytes, flush: bool) -> None:
         path = self.path(key)
-        tmp = self._write_temp(path, data)
+        tmp = self._write_temp(path, data, flush)
         try:
             os.replace(tmp, path)
         finally:
@@ -207,13 +216,14 @@ class LocalBackend(Backend):
                 for tmp in p.parent.glob(f"{p.name}.*{TEMP_SUFFIX}"):
                     tmp.unlink(missing_ok=True)
 
-    def _write_temp(self, path: Path, data: bytes) -> Path:
+    def _write_temp(self, path: Path, data: bytes, flush: bool = True) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}{TEMP_SUFFIX}")
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if flush:
+                f.flush()
+                os.fsync(f.fileno())
         return tmp
 
 

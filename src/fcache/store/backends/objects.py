@@ -22,7 +22,7 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -171,6 +171,9 @@ class ObjectBackend(Backend):
 
     def put(self, key: str, data: bytes) -> None:
         self._sync(self.fs._pipe_file(self.path(key), data))
+
+    def put_many(self, objects: Mapping[str, bytes]) -> None:
+        self._sync(_gather([self.fs._pipe_file(self.path(k), data) for k, data in objects.items()]))
 
     def put_file(self, key: str, path: str | Path) -> None:
         self._sync(self.fs._put_file(str(path), self.path(key)))
