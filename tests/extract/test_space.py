@@ -23,6 +23,7 @@ BASE = dict(model="swinv2-t", random_init=True, input_size=128, num_workers=0, d
 PER_SAMPLE = 2 * (96 * 32 * 32 + 192 * 16 * 16 + 384 * 8 * 8 + 768 * 4 * 4)  # swinv2-t at 128 px, fp16, p2..p5: 368,640 B
 P345 = 2 * (192 * 16 * 16 + 384 * 8 * 8 + 768 * 4 * 4)
 INT8 = PER_SAMPLE // 2 + 4 * (96 + 192 + 384 + 768)  # int8 values and a float32 scale per channel
+INT4 = PER_SAMPLE // 4 + 2 * (96 + 192 + 384 + 768)  # two int4 values per byte and a 16-bit scale per channel
 
 
 def cfg(**kw) -> ExtractConfig:
@@ -48,8 +49,8 @@ def test_sizes_and_alternatives_follow_the_plan_arithmetic(folder):
     _, _, _, manifest = prepare(cfg(dataset="folder", root=str(folder)), meta=True)
     assert space.level_bytes(manifest) == {"p2": 2 * 96 * 32 * 32, "p3": 2 * 192 * 16 * 16, "p4": 2 * 384 * 8 * 8, "p5": 2 * 768 * 4 * 4}
     assert sum(space.level_bytes(manifest, "int8").values()) == INT8
-    assert space.alternatives(manifest, 5, None) == {"--levels p3,p4,p5": 5 * P345, "--dtype int8": 5 * INT8}
-    assert space.alternatives(manifest, 5, 2.0) == {"--levels p3,p4,p5": 5 * P345 // 2, "--dtype int8": 5 * INT8 // 2}
+    assert space.alternatives(manifest, 5, None) == {"--levels p3,p4,p5": 5 * P345, "--dtype int8": 5 * INT8, "--dtype int4": 5 * INT4}
+    assert space.alternatives(manifest, 5, 2.0) == {"--levels p3,p4,p5": 5 * P345 // 2, "--dtype int8": 5 * INT8 // 2, "--dtype int4": 5 * INT4 // 2}
     assert space.needed("", manifest).bytes == 5 * PER_SAMPLE
     assert space.free_bytes("s3://bucket/store.zarr") is None  # object storage: not checked
 
@@ -59,7 +60,7 @@ def test_extract_refuses_a_store_bigger_than_the_free_space(folder, tmp_path, mo
     out = tmp_path / "deep" / "s.zarr"
     r = CliRunner().invoke(main, ["extract", *folder_flags(folder, "--shard-size", "2", "--out", str(out))])
     refused(r, f"--out {out} needs about 1.8 MB (uncompressed", "for 5 samples but its filesystem has 1.8 MB free",
-            "--levels p3,p4,p5 needs about 860.2 KB", "--dtype int8 needs about 950.4 KB", "--no-space-check")  # fmt: skip
+            "--levels p3,p4,p5 needs about 860.2 KB", "--dtype int8 needs about 950.4 KB", "--dtype int4 needs about 475.2 KB", "--no-space-check")  # fmt: skip
     assert not out.exists() and list(tmp_path.iterdir()) == []  # nothing created, not even the parent
     r = CliRunner().invoke(main, ["extract", *folder_flags(folder, "--shard-size", "2", "--out", str(out), "--no-space-check")])
     assert r.exit_code == 0, r.output
@@ -88,11 +89,11 @@ def test_plan_shows_totals_free_space_and_the_assumption_of_its_time(folder, tmp
     assert r.exit_code == 0, r.output
     p = json.loads(r.output)
     assert (p["total_bytes"], p["needed_bytes"], p["free_bytes"]) == (5 * PER_SAMPLE, 5 * PER_SAMPLE, 2 * PER_SAMPLE)
-    assert p["alternatives"] == {"--levels p3,p4,p5": 5 * P345, "--dtype int8": 5 * INT8}
+    assert p["alternatives"] == {"--levels p3,p4,p5": 5 * P345, "--dtype int8": 5 * INT8, "--dtype int4": 5 * INT4}
     assert p["estimate"] == "flops" and p["seconds_per_image"] == pytest.approx(p["gflops_per_image"] * 1e9 / 100e12)
     text = CliRunner().invoke(main, ["plan", *folder_flags(folder, "--no-run", "--out", str(tmp_path / "s.zarr"))]).output
     assert "whole dataset: 5 samples x 1 views x 4 levels = 1.8 MB uncompressed" in text
-    assert "smaller: --levels p3,p4,p5 860.2 KB, --dtype int8 950.4 KB" in text
+    assert "smaller: --levels p3,p4,p5 860.2 KB, --dtype int8 950.4 KB, --dtype int4 475.2 KB" in text
     assert f"free space at {tmp_path / 's.zarr'}: 737.3 KB; extract needs 1.8 MB (uncompressed" in text and "NOT enough" in text
     assert "assumed 100 TFLOP/s sustained: no throughput measured for swinv2-t @ 128 on h100" in text
     assert not (tmp_path / "s.zarr").exists()
