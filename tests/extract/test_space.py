@@ -50,7 +50,11 @@ def test_sizes_and_alternatives_follow_the_plan_arithmetic(folder):
     assert space.level_bytes(manifest) == {"p2": 2 * 96 * 32 * 32, "p3": 2 * 192 * 16 * 16, "p4": 2 * 384 * 8 * 8, "p5": 2 * 768 * 4 * 4}
     assert sum(space.level_bytes(manifest, "int8").values()) == INT8
     assert space.alternatives(manifest, 5, None) == {"--levels p3,p4,p5": 5 * P345, "--dtype int8": 5 * INT8, "--dtype int4": 5 * INT4}
-    assert space.alternatives(manifest, 5, 2.0) == {"--levels p3,p4,p5": 5 * P345 // 2, "--dtype int8": 5 * INT8 // 2, "--dtype int4": 5 * INT4 // 2}
+    assert space.alternatives(manifest, 5, 2.0) == {
+        "--levels p3,p4,p5": 5 * P345 // 2,
+        "--dtype int8": 5 * INT8 // 2,
+        "--dtype int4": 5 * INT4 // 2,
+    }
     assert space.needed("", manifest).bytes == 5 * PER_SAMPLE
     assert space.free_bytes("s3://bucket/store.zarr") is None  # object storage: not checked
 
@@ -60,7 +64,8 @@ def test_extract_refuses_a_store_bigger_than_the_free_space(folder, tmp_path, mo
     out = tmp_path / "deep" / "s.zarr"
     r = CliRunner().invoke(main, ["extract", *folder_flags(folder, "--shard-size", "2", "--out", str(out))])
     refused(r, f"--out {out} needs about 1.8 MB (uncompressed", "for 5 samples but its filesystem has 1.8 MB free",
-            "--levels p3,p4,p5 needs about 860.2 KB", "--dtype int8 needs about 950.4 KB", "--dtype int4 needs about 475.2 KB", "--no-space-check")  # fmt: skip
+            "--levels p3,p4,p5 needs about 860.2 KB", "--dtype int8 needs about 950.4 KB", "--dtype int4 needs about 475.2 KB",
+            "--no-space-check")  # fmt: skip
     assert not out.exists() and list(tmp_path.iterdir()) == []  # nothing created, not even the parent
     r = CliRunner().invoke(main, ["extract", *folder_flags(folder, "--shard-size", "2", "--out", str(out), "--no-space-check")])
     assert r.exit_code == 0, r.output

@@ -82,7 +82,7 @@ def test_linear_probe_learns_the_labels_the_features_carry(stores, tmp_path):
 
 def test_refusals(stores, tmp_path):
     out = tmp_path / "run"
-    one = ["--iters", "1", *QUICK]
+    one = ["--iters", "1", "--batch-size", "4", *QUICK]
     refused(train(stores["flat"], out, *one), "has no class labels (a folder store with targets: none)", "--task classification needs")
     refused(train(stores["train"], out, *one, task="video"), "is an image store", "--task video needs per-frame features")
     refused(train(stores["train"], out, *one, head="linear:level=p4"), "reads level p4 but the store holds only p5")

@@ -153,7 +153,7 @@ def test_tensorboard_events_and_csv_equal_metrics_jsonl(store, tmp_path):
     quiet(config(store, out, resume=True, **flags))  # from 2: what 3..5 logged is dropped from every log, then logged again
     want: dict[str, list[tuple[int, float]]] = {}
     for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):
-        prefix, skip = ("eval/", {"event", "iter", "store", "samples", "eval_dir"}) if r.get("event") else ("train/", {"iter"})
+        prefix, skip = ("eval/", {"event", "iter", "store", "form", "samples", "eval_dir"}) if r.get("event") else ("train/", {"iter"})
         for k, v in r.items():
             if k not in skip:
                 want.setdefault(prefix + k, []).append((r["iter"], v))

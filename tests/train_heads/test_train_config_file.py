@@ -45,7 +45,8 @@ def test_a_config_file_trains_as_its_flags_would_and_flags_beside_it_win(store, 
     assert r.exit_code == 0, r.output
     assert recorded(tmp_path / "yaml") == recorded(tmp_path / "flags")  # --seed 0 beside the file won over its seed: 5
     json_file = tmp_path / "run.json"
-    json_file.write_text(json.dumps({"store": str(store), "task": "classification", "head": "linear", "iters": 3, "out": "ignored"}))
+    spec = {"store": str(store), "task": "classification", "head": "linear", "iters": 3, "batch-size": 4, "out": "ignored"}
+    json_file.write_text(json.dumps(spec))
     r = train("--config", str(json_file), "--out", str(tmp_path / "json"), *QUIET)
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["iters"]["total"] == 3 and recorded(tmp_path / "json")["iters"] == 3

@@ -178,7 +178,8 @@ def test_refusals(motion, damaged, temporal_run, tmp_path):
 
     def run(store, head, task="video"):
         return CliRunner().invoke(
-            main, ["train-head", "--store", str(store), "--task", task, "--head", head, "--out", str(out), "--iters", "1"]
+            main,
+            ["train-head", "--store", str(store), "--task", task, "--head", head, "--out", str(out), "--iters", "1", "--batch-size", "4"],
         )
 
     refused(run(train, "linear", task="classification"), "is a video store; train its clips with --task video")

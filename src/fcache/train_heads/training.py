@@ -38,7 +38,7 @@ from fcache.train_heads.evaluation import check_levels, check_same_backbone, eva
 from fcache.train_heads.loggers import RunLog, resolve_logger
 from fcache.train_heads.loop import Head, HeadState, TrainResult, build_model, start_head, train_pass, trainable_parameters
 from fcache.train_heads.optim import check_precision
-from fcache.train_heads.runfolder import RunDir
+from fcache.train_heads.runfolder import CONFIG, RunDir
 from fcache.train_heads.runlease import RunLease
 from fcache.train_heads.runrecord import FeatureSource, TrainingRecord
 from fcache.train_heads.task import Task
@@ -109,13 +109,14 @@ def prepare_training(cfg: TrainConfig, stores: dict[str, FeatureStore] | None = 
     task = tdef.from_store(store, cfg.head)
     levels = task.levels(store.levels)
     indices = train_indices(store, cfg.train_fraction, cfg.seed)
-    check_batch(cfg, len(indices), len(store.ok_indices))
     val = _open(cfg.val_store, opened, cfg) if cfg.val_store else None
     if val is not None:
         tdef.check_eval_store(task, val)
         check_levels(val, levels)
         check_same_backbone(FeatureSource.of(store.manifest), val, levels)
         eval_data(val, task, levels, tdef.eval_views)
+    if not (cfg.resume and (Path(cfg.out) / CONFIG).is_file()):  # a RUN an earlier release trained so resumes as it was
+        check_batch(cfg, len(indices), len(store.ok_indices))
     model = build_model(task, levels, cfg.seed)
     return Prepared(store, task, levels, indices, val, model, trainable_parameters(model))
 
