@@ -99,6 +99,7 @@ def test_plan_shows_totals_free_space_and_the_assumption_of_its_time(folder, tmp
     text = CliRunner().invoke(main, ["plan", *folder_flags(folder, "--no-run", "--out", str(tmp_path / "s.zarr"))]).output
     assert "whole dataset: 5 samples x 1 views x 4 levels = 1.8 MB uncompressed" in text
     assert "smaller: --levels p3,p4,p5 860.2 KB, --dtype int8 950.4 KB, --dtype int4 475.2 KB" in text
+    assert "or a budget: --max-error 0.1 stores each level in its smallest form within that relative RMSE" in text
     assert f"free space at {tmp_path / 's.zarr'}: 737.3 KB; extract needs 1.8 MB (uncompressed" in text and "NOT enough" in text
     assert "assumed 100 TFLOP/s sustained: no throughput measured for swinv2-t @ 128 on h100" in text
     assert not (tmp_path / "s.zarr").exists()

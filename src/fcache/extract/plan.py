@@ -169,6 +169,11 @@ def format_plan(p: dict[str, Any]) -> str:
     lines += ["", whole]
     if p["alternatives"]:
         lines.append("smaller: " + ", ".join(f"{flag} {human(b)}" for flag, b in p["alternatives"].items()))
+    if p["max_error"] is None:
+        lines.append(
+            f"or a budget: --max-error {plan_forms.ADVISED_MAX_ERROR:g} stores each level in its smallest form within that "
+            "relative RMSE, measured on your features (--codecs shows every form's bits and error here)"
+        )
     if "out" in p:
         lines.append(_space_line(p))
     if "forms_table" in p:
