@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +147,15 @@ def source_of(kind: str, root, **settings):
     from fcache.spec import SourceConfig
 
     return build_source(SourceConfig(kind, str(root), **{k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}))
+
+
+def extract_killed_after(args: list[str], out: Path, units: int = 2) -> int:
+    """``fcache extract ARGS --out OUT`` in a process SIGKILLed once ``units`` units are committed; the units committed."""
+    proc = subprocess.Popen([sys.executable, "-m", "fcache", "extract", *args, "--out", str(out)], stderr=subprocess.DEVNULL)
+    done = out / "ledger" / "done"
+    deadline = time.time() + 120
+    while len(list(done.glob("*.json"))) < units and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return len(list(done.glob("*.json")))

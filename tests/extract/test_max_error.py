@@ -4,10 +4,6 @@ compact forms under `verify --recompute`."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -20,7 +16,7 @@ from fcache.extract.choose import sample_features
 from fcache.extract.driver import prepare, run_extract
 from fcache.store.dtypes import DTYPES
 from fcache.store.forms import measure_all, pick
-from helpers import refused
+from helpers import extract_killed_after, refused
 from media import image_folder
 
 
@@ -107,13 +103,7 @@ def test_a_resumed_run_keeps_the_recorded_choice(tmp_path, folder, compact, monk
     uninterrupted run."""
     args = folder_flags(folder, "--shard-size", "1", "--batch-size", "1", "--max-error", "0.25")
     killed = tmp_path / "killed.zarr"
-    proc = subprocess.Popen([sys.executable, "-m", "fcache", "extract", *args, "--out", str(killed)], stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while len(list((killed / "ledger" / "done").glob("*.json"))) < 2 and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert 2 <= len(list((killed / "ledger" / "done").glob("*.json"))) < 5
+    assert 2 <= extract_killed_after(args, killed) < 5
     chosen = fstore.FeatureStore(killed).manifest.storage
 
     def measuring(*a, **k):

@@ -21,6 +21,7 @@ from fcache.extract.config import ExtractConfig
 from fcache.extract.driver import run_extract
 from fcache.extract.views import image_views, render
 from fcache.spec import Status, Targets
+from helpers import extract_killed_after
 from media import coco_dataset, image_folder
 
 BASE = dict(model="swinv2-t", random_init=True, input_size=128, shard_size=2, batch_size=3, num_workers=0, seed=0)
@@ -121,13 +122,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, folder):
     r = subprocess.run([sys.executable, "-m", "fcache", "extract", *args, "--out", str(ref), "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     killed = tmp_path / "killed.zarr"
-    proc = subprocess.Popen([sys.executable, "-m", "fcache", "extract", *args, "--out", str(killed)], stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while len(list((killed / "ledger" / "done").glob("*.json"))) < 2 and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = len(list((killed / "ledger" / "done").glob("*.json")))
+    done = extract_killed_after(args, killed)
     assert 2 <= done < 5
     r = subprocess.run([sys.executable, "-m", "fcache", "extract", *args, "--out", str(killed), "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

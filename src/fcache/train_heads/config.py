@@ -91,7 +91,12 @@ class TrainConfig(ReadAccess, Record):
     patience: int | None = flag(
         None, "Stop early when P evaluations in a row did not improve the best main metric.", show_default=False, min=1
     )
-    batch_size: int = flag(None, "Samples per iteration [default: per task: 16, video and classification 64].", show_default=False, min=1)
+    batch_size: int = flag(
+        None,
+        "Samples per iteration, at most the training set's [default: per task: 16, video and classification 64].",
+        show_default=False,
+        min=1,
+    )
     grad_accum: int = flag(1, "Accumulate the gradients of K batches of --batch-size per iteration (K x batch samples per step).",
                            min=1, max=4096)  # fmt: skip
     lr: float = flag(None, "Base AdamW learning rate [default: per task and head].", show_default=False, above=0, max=100)
