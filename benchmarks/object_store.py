@@ -7,13 +7,15 @@ features like a backbone's (ReLU'd, fp16). The same folder is then served over t
 sleeps 0 or 20 ms per request: injected first-byte latency. A reader reads the same random sample-views in batches
 of k (``FeatureStore.read_many``: k range requests in flight at once), after one pass that reads each shard's index,
 through each S3 read client (``--clients``: s3fs, the one before obstore, and obstore), the clients interleaved at
-every k. MB/s are the stored dtype's uncompressed bytes per second, the median of ``--repeats`` passes; ``spread``
+every k; then the same sample-views in the same order read ahead (``FeatureStore.read_stream(window=k)``: k range
+requests kept in flight, each chunk decoded as it lands; the passes one stream, timed pass by pass), what an in-order
+reader (an epoch's batches) gets. MB/s are the stored dtype's uncompressed bytes per second, the median of ``--repeats`` passes; ``spread``
 is (max - min) / median of the 20 ms passes. Local disk is read two ways: zarr's own path (``read_path="zarr"``, one
 sample-view at a time, once) and the direct path on the local files (``ShardFetcher``: kept indexes, direct range
 reads, measured again at every k, between the clients); ratios are against the faster. ``cached`` reads through
 ``--cache-dir`` after a first pass filled it (the first client only: no request leaves the cache). The second table
 times the ranged GETs alone (no decoding): requests per second and the client's CPU per request at 0 ms.
-The summary names the smallest k that reaches 0.8 (and 1.0) of the local-disk rate at 20 ms, per client.
+The summary names the smallest k that reaches 0.8 (and 1.0) of the local-disk rate at 20 ms, per client and read path.
 Usage: python benchmarks/object_store.py [--sizes demo,swinv2-l] [--conc 1,2,4,8,16,32,64] [--repeats 3]
                                          [--clients s3fs,obstore] [--no-cached]
 """
@@ -58,7 +60,8 @@ SIZES = {  # name -> (input size, channels of p3, samples, shard size, sample-vi
 BUCKET = "bench"
 READERS = {"s3fs": "fsspec", "obstore": "obstore"}  # --clients name -> ObjectBackend's reader
 COLS = ["chunks", "k", "client", "local zarr MB/s", "local direct MB/s", "S3 0ms MB/s", "S3 20ms MB/s", "spread 20ms", "ratio 20ms",
-        "S3 20ms cached MB/s", "ratio cached"]  # fmt: skip
+        "ahead 20ms MB/s", "spread ahead", "ratio ahead 20ms", "S3 20ms cached MB/s", "ratio cached"]  # fmt: skip
+PATHS = {"ratio 20ms": "batches (read_many)", "ratio ahead 20ms": "read-ahead (read_stream)"}  # the summary's columns
 GET_COLS = ["chunks", "k", "client", "GETs/s 0ms", "CPU ms per GET 0ms", "GETs/s 20ms"]
 
 
@@ -110,12 +113,24 @@ def passes(store: fstore.FeatureStore | ShardFetcher, picks: list[int], k: int, 
     return rates
 
 
+def streamed(store: fstore.FeatureStore, picks: list[int], k: int, repeats: int) -> list[float]:
+    """MB/s of each of ``repeats`` passes reading ``picks`` (view 0 of level p3) read ahead, k requests in flight: one
+    stream of all the passes, as an epoch's batches follow each other (the first pass also fills the window)."""
+    per = int(np.prod(store.manifest.level_shape("p3"))) * 2
+    rates, t = [], time.perf_counter()
+    for n, _ in enumerate(store.read_stream([("p3", i, 0) for _ in range(repeats) for i in picks], window=k), 1):
+        if n % len(picks) == 0:
+            rates.append(len(picks) * per / (time.perf_counter() - t) / 1e6)
+            t = time.perf_counter()
+    return rates
+
+
 def gets(store: fstore.FeatureStore, picks: list[int], k: int, repeats: int) -> tuple[float, float]:
     """Median ranged GETs per second (the chunks of ``picks``, k at once, not decoded) and the CPU seconds per GET."""
     fetcher = store.fetcher
     assert fetcher is not None
     views = store.manifest.num_views
-    ranges = [fetcher._range(("p3", fetcher._unit(i).index, (i - fetcher._unit(i).start) * views)) for i in picks]  # view 0's chunk
+    ranges = [fetcher.range_of(("p3", fetcher._unit(i).index, (i - fetcher._unit(i).start) * views)) for i in picks]  # view 0's chunk
     rates, cpu = [], []
     for _ in range(repeats):
         t, c = time.perf_counter(), time.process_time()
@@ -160,6 +175,9 @@ def run(size: str, conc: list[int], repeats: int, root: Path, clients: list[str]
                 at20 = passes(stores[20], picks, k, repeats)
                 row["S3 20ms MB/s"], row["spread 20ms"] = statistics.median(at20), spread(at20)
                 row["ratio 20ms"] = row["S3 20ms MB/s"] / local_rate
+                ahead = streamed(stores[20], picks, k, repeats)
+                row["ahead 20ms MB/s"], row["spread ahead"] = statistics.median(ahead), spread(ahead)
+                row["ratio ahead 20ms"] = row["ahead 20ms MB/s"] / local_rate
                 if cached and c == 0:
                     cache = root / f"cache-{size}-{k}"
                     warm = opened(url, servers[20][1], client, cache)
@@ -208,10 +226,11 @@ def main() -> None:
     for size in args.sizes.split(","):
         for client in clients:
             mine = [r for r in rows if r["chunks"] == size and r["client"] == client]
-            got = {f"k for {g}": next((r["k"] for r in mine if r["ratio 20ms"] >= g), None) for g in (0.8, 1.0)}
-            summary[f"{size} {client}"] = got
-            k8, k10 = got["k for 0.8"], got["k for 1.0"]
-            print(f"{size}, {client}: with 20 ms per request, 0.8 of the local-disk rate at k = {k8}, 1.0 at k = {k10}")
+            for col, path in PATHS.items():
+                got = {f"k for {g}": next((r["k"] for r in mine if r[col] >= g), None) for g in (0.8, 1.0)}
+                summary[f"{size} {client} {path}"] = got
+                k8, k10 = got["k for 0.8"], got["k for 1.0"]
+                print(f"{size}, {client}, {path}: with 20 ms per request, 0.8 of the local-disk rate at k = {k8}, 1.0 at k = {k10}")
     # other work on the machine: every figure here is CPU-bound on a small machine
     print(f"load average (1 minute) at the start and after each size: {', '.join(f'{v:.1f}' for v in loads)} on {os.cpu_count()} cores")
     payload = {"rows": rows, "gets": get_rows, "summary": summary, "load_averages": loads, "cores": os.cpu_count()}

@@ -77,17 +77,20 @@ class StoreConformance:
                     np.testing.assert_array_equal(got, want[lv])
 
     def test_direct_reads_equal_zarrs(self, built):
-        """The direct read path (``fcache.store.fetch``: kept shard indexes, byte ranges) gives zarr's values bit for bit."""
+        """The direct read path (``fcache.store.fetch``: kept shard indexes, byte ranges) gives zarr's values bit for bit, read
+        a batch at a time (``read_many``) or read ahead (``read_stream``)."""
         path, m = built
         direct = fstore.open(path)
         assert all(direct.fetcher is not None and direct.fetcher.supports(lv) for lv in direct.level_names)
         plain = pickle.loads(pickle.dumps(fstore.open(path, read_path="zarr")))  # as a DataLoader worker gets it
         assert plain.fetcher is None
         requests = [(lv, int(i), v) for i in direct.ok_indices for lv in direct.level_names for v in (None, self.views - 1)]
-        for (lv, i, v), got in zip(requests, direct.read_many(requests), strict=True):
+        streamed = list(direct.read_stream(iter(requests), window=3))  # read ahead: 3 requests in flight, refilled
+        for (lv, i, v), got, ahead in zip(requests, direct.read_many(requests), streamed, strict=True):
             want = plain.read(lv, i, v)
-            assert got.dtype == want.dtype == np.float32 and got.flags.writeable
+            assert got.dtype == want.dtype == ahead.dtype == np.float32 and got.flags.writeable and ahead.flags.writeable
             np.testing.assert_array_equal(got, want)
+            np.testing.assert_array_equal(ahead, want)
 
     def test_stored_bits(self, built):
         path, m = built

@@ -98,16 +98,14 @@ class ShardFetcher:
         float32); ``chunk`` is (level, unit, index of the sample-view in the unit's shard). ``out``: an array per request,
         C-contiguous, of its values' shape and the stored dtype's item size, which its chunks are decompressed straight
         into (and which is returned), instead of fresh arrays."""
-        shards = sorted({(lv, self._unit(i).index) for lv, i, _ in requests})
-        self._load_indexes(shards)
+        self.load_indexes(requests)
         wanted: list[tuple[str, int, int]] = []  # (level, unit, chunk within the shard)
         into: list[np.ndarray] = []  # with ``out``: each wanted chunk's destination
         plan: list[list[int]] = []
         for r, (lv, i, view) in enumerate(requests):
-            views = range(self.manifest.num_views) if view is None else [view]
-            unit = self._unit(i)
-            plan.append([len(wanted) + k for k in range(len(views))])
-            wanted += [(lv, unit.index, (i - unit.start) * self.manifest.num_views + v) for v in views]
+            mine = self.chunks_of((lv, i, view))
+            plan.append([len(wanted) + k for k in range(len(mine))])
+            wanted += mine
             if out is not None:
                 into += [out[r]] if view is not None else list(out[r])
         chunks = self._chunks(wanted, convert, into if out is not None else None)
@@ -118,6 +116,29 @@ class ShardFetcher:
             values = [chunks[k] for k in idx]
             got.append(values[0] if view is not None else np.stack(values))
         return got
+
+    def chunks_of(self, request: tuple[str, int, int | None]) -> list[Chunk]:
+        """The chunks holding one (level, sample, view) request: one, or with view None each view's."""
+        lv, i, view = request
+        unit = self._unit(i)
+        views = range(self.manifest.num_views) if view is None else [view]
+        return [(lv, unit.index, (i - unit.start) * self.manifest.num_views + v) for v in views]
+
+    def load_indexes(self, requests: Sequence[tuple[str, int, int | None]]) -> None:
+        """The shard indexes of these requests' chunks, read (all at once) where not kept yet."""
+        self._load_indexes(sorted({(lv, self._unit(i).index) for lv, i, _ in requests}))
+
+    # -- the disk cache, one chunk at a time (fcache.store.readahead) ----------------------------------------
+    def cache_get(self, w: Chunk) -> bytes | None:
+        return self.cache.get(self._cache_name(w[0], w[1]), f"c{w[2]}") if self.cache is not None else None
+
+    def cache_put(self, w: Chunk, raw: bytes) -> None:
+        if self.cache is not None:
+            self.cache.put(self._cache_name(w[0], w[1]), f"c{w[2]}", raw)
+
+    def cache_drop(self, w: Chunk) -> None:
+        if self.cache is not None:
+            self.cache.drop(self._cache_name(w[0], w[1]), f"c{w[2]}")
 
     # -- indexes ------------------------------------------------------------------------------------
     def _load_indexes(self, shards: Sequence[tuple[str, int]]) -> None:
@@ -162,11 +183,11 @@ class ShardFetcher:
         done = convert or (lambda w, v: v)
         dest = (lambda k: into[k]) if into is not None else (lambda k: None)
         if not self.backend.remote and self.cache is None:  # local disk: each decoding thread reads its own chunk
-            ranges = {w: self._range(w) for w in dict.fromkeys(wanted)}
+            ranges = {w: self.range_of(w) for w in dict.fromkeys(wanted)}
 
             def read_one(k: int) -> np.ndarray:
                 w = wanted[k]
-                return done(w, self._decode(w, self.backend.get_ranges([ranges[w]])[0], dest(k)))
+                return done(w, self.decode(w, self.backend.get_ranges([ranges[w]])[0], dest(k)))
 
             return list(decoder().map(read_one, range(len(wanted))))
         raws: dict[tuple[str, int, int], bytes] = {}
@@ -176,21 +197,21 @@ class ShardFetcher:
                 if hit is not None:
                     raws[w] = hit
         from_cache = set(raws)
-        raws |= self._fetch([w for w in dict.fromkeys(wanted) if w not in raws])
+        raws |= self.fetch([w for w in dict.fromkeys(wanted) if w not in raws])
 
         def decoded(k: int) -> np.ndarray:
             w = wanted[k]
             try:
-                return done(w, self._decode(w, raws[w], dest(k)))
+                return done(w, self.decode(w, raws[w], dest(k)))
             except CorruptStoreError:
                 if self.cache is None or w not in from_cache:
                     raise
                 self.cache.drop(self._cache_name(w[0], w[1]), f"c{w[2]}")  # a damaged cache entry: read it from the store
-                return done(w, self._decode(w, self._fetch([w])[w], dest(k)))
+                return done(w, self.decode(w, self.fetch([w])[w], dest(k)))
 
         return list(decoder().map(decoded, range(len(wanted))))
 
-    def _range(self, w: tuple[str, int, int]) -> Range:
+    def range_of(self, w: tuple[str, int, int]) -> Range:
         lv, u, k = w
         with self._lock:
             offset, nbytes = self._indexes[(lv, u)][k]
@@ -198,14 +219,14 @@ class ShardFetcher:
             raise CorruptStoreError(self._damaged(lv, u, f"chunk {k} is absent from its shard"))
         return Range(self._key(lv, u), int(offset), int(offset + nbytes))
 
-    def _fetch(self, wanted: Sequence[tuple[str, int, int]]) -> dict[tuple[str, int, int], bytes]:
-        got = dict(zip(wanted, self.backend.get_ranges([self._range(w) for w in wanted]), strict=True))
+    def fetch(self, wanted: Sequence[tuple[str, int, int]]) -> dict[tuple[str, int, int], bytes]:
+        got = dict(zip(wanted, self.backend.get_ranges([self.range_of(w) for w in wanted]), strict=True))
         if self.cache is not None:
             for (lv, u, k), data in got.items():
                 self.cache.put(self._cache_name(lv, u), f"c{k}", data)
         return got
 
-    def _decode(self, w: tuple[str, int, int], raw: bytes, out: np.ndarray | None = None) -> np.ndarray:
+    def decode(self, w: tuple[str, int, int], raw: bytes, out: np.ndarray | None = None) -> np.ndarray:
         lv, u, _ = w
         chunked = self._layout(lv)
         if out is None:

@@ -10,7 +10,7 @@ request per sample-view, a batch's requests all in flight at once, an optional l
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from fcache.store.consistency import check_consistent
 from fcache.store.dataset import FeatureDataset
 from fcache.store.dtypes import decode, stored
 from fcache.store.fetch import ShardFetcher
+from fcache.store.readahead import READ_AHEAD, ReadAhead, blocks
 from fcache.store.transit import LevelCode, Stored, empty, torch_dtype
 from fcache.store.webdataset import WdsExport, is_export
 
@@ -280,16 +281,31 @@ class FeatureStore:
         fetcher = self.fetcher
         if fetcher is None or not all(fetcher.supports(lv) for lv, _, _ in requests):
             return [self.read(lv, i, v) for lv, i, v in requests]
-        scales = self._unit_scales(requests)
-        forms = {lv: self.manifest.storage.form(lv) for lv, _, _ in requests}
-        widths, bases, views = {lv: self.width(lv) for lv in forms}, self.bases, self.num_views
+        return fetcher.read(requests, convert=self._to_float(self._unit_scales(requests)))  # by the thread that decoded each chunk
+
+    def read_stream(self, requests: Iterable[tuple[str, int, int | None]], window: int = READ_AHEAD) -> Iterator[np.ndarray]:
+        """``read(level, i, view)`` of each request in order, read ahead (``fcache.store.readahead``): ``window`` range
+        requests kept in flight while the chunks that landed decode. The values of ``read_many``, bit for bit."""
+        fetcher = self.fetcher
+        if fetcher is None or not all(fetcher.supports(lv.name) for lv in self.manifest.levels):
+            for block in blocks(requests, window):
+                yield from self.read_many(block)
+            return
+        scales: dict[tuple[str, int], np.ndarray] = {}
+        yield from ReadAhead(fetcher, requests, window, self._to_float(scales), lambda block: scales.update(self._unit_scales(block)))
+
+    def _to_float(self, scales: Mapping[tuple[str, int], np.ndarray]) -> Callable[[tuple[str, int, int], np.ndarray], np.ndarray]:
+        """A chunk's stored values to float32 features (``scales``: the side data of its unit, from ``_unit_scales``)."""
+        names = [lv.name for lv in self.manifest.levels]
+        forms, widths = {lv: self.manifest.storage.form(lv) for lv in names}, {lv: self.width(lv) for lv in names}
+        bases, views = self.bases, self.num_views
 
         def to_float(chunk: tuple[str, int, int], values: np.ndarray) -> np.ndarray:
             lv, u, k = chunk
             side = scales[(lv, u)][k // views, k % views] if (lv, u) in scales else None
             return decode(values, forms[lv], side, widths[lv], bases.get(lv))
 
-        return fetcher.read(requests, convert=to_float)  # to float32 by the thread that decoded each chunk
+        return to_float
 
     def _unit_scales(self, requests: Sequence[tuple[str, int, int | None]]) -> dict[tuple[str, int], np.ndarray]:
         """Checks the requests (levels, committed samples, shards) and gives the side data of each scaled level's units they

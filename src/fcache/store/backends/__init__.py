@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,16 @@ class Backend(ABC):
     @abstractmethod
     def get_ranges(self, ranges: Sequence[Range]) -> list[bytes]:
         """Byte ranges of objects, all requests in flight at once on object storage. FileNotFoundError if one is missing."""
+
+    def range_future(self, r: Range) -> Future[bytes]:
+        """One range read started now, without waiting: its bytes (or its error, as ``get_ranges`` raises it) in a future.
+        Object storage sends it at once, in flight beside the others started; here it is read before returning."""
+        done: Future[bytes] = Future()
+        try:
+            done.set_result(self.get_ranges([r])[0])
+        except Exception as e:  # noqa: BLE001 - handed to whoever waits on the future
+            done.set_exception(e)
+        return done
 
     @abstractmethod
     def sizes(self, keys: Sequence[str]) -> list[int | None]:

@@ -23,6 +23,7 @@ import os
 import time
 import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -106,8 +107,12 @@ class ObjectBackend(Backend):
 
     def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
         """``_sync``, with a missing bucket or an unreachable endpoint as one line naming this store."""
+        return _sync(self._named(coro))
+
+    async def _named(self, coro: Coroutine[Any, Any, T]) -> T:
+        """``coro``'s result, with a missing bucket or an unreachable endpoint as one line naming this store."""
         try:
-            return _sync(coro)
+            return await coro
         except FileNotFoundError as e:
             if "NoSuchBucket" in str(e) or "specified bucket does not exist" in str(e).lower():
                 raise StoreError(f"{self.url}: the bucket {self.bucket!r} does not exist; create it or check the URL") from None
@@ -157,11 +162,22 @@ class ObjectBackend(Backend):
         if self.read_client == "obstore":
             assert self.reads is not None
             return self._sync(self.reads.get_ranges(fs, [self.object_key(r.key) for r in ranges], ranges))
+        return self._sync(_gather([self._range(fs, r) for r in ranges]))
 
-        async def one(r: Range) -> bytes:
-            return bytes(await fs._cat_file(self.path(r.key), start=r.start, end=r.stop))
+    def range_future(self, r: Range) -> Future[bytes]:
+        """The range read sent now on zarr's event loop, in flight beside every other one started."""
+        fs = self.fs
+        if self.read_client == "obstore":
+            assert self.reads is not None
+            coro = self.reads.get_range(fs, self.object_key(r.key), r)
+        else:
+            coro = self._range(fs, r)
+        from zarr.core.sync import _get_loop
 
-        return self._sync(_gather([one(r) for r in ranges]))
+        return asyncio.run_coroutine_threadsafe(self._named(coro), _get_loop())
+
+    async def _range(self, fs: Any, r: Range) -> bytes:
+        return bytes(await fs._cat_file(self.path(r.key), start=r.start, end=r.stop))
 
     def sizes(self, keys: Sequence[str]) -> list[int | None]:
         if self.read_client == "obstore":

@@ -88,20 +88,20 @@ class ObstoreReads:
         """The bytes of each range (``paths[i]``: the object key of ``ranges[i]``), one request each, all in flight.
         (obstore's ``get_ranges`` merges ranges of one object less than 1 MiB apart and sends 10 at once: slower for
         chunks read at random, measured at k = 64 in benchmarks/object_store.py's conditions.)"""
+        from fcache.store.backends.objects import _gather
+
+        return await _gather([self.get_range(fs, p, r) for p, r in zip(paths, ranges, strict=True)])
+
+    async def get_range(self, fs: Any, path: str, r: Range) -> bytes:
+        """The bytes of one range of the object ``path``, one request."""
         import obstore
 
         store = await self.store(fs)
-
-        async def one(path: str, r: Range) -> bytes:
-            if r.start >= 0 and r.stop is not None:
-                return bytes(await obstore.get_range_async(store, path, start=r.start, end=r.stop)) if r.stop > r.start else b""
-            span: Any = {"suffix": -r.start} if r.start < 0 else {"offset": r.start}
-            result = await obstore.get_async(store, path, options={"range": span})
-            return bytes(await result.bytes_async())
-
-        from fcache.store.backends.objects import _gather
-
-        return await _gather([one(p, r) for p, r in zip(paths, ranges, strict=True)])
+        if r.start >= 0 and r.stop is not None:
+            return bytes(await obstore.get_range_async(store, path, start=r.start, end=r.stop)) if r.stop > r.start else b""
+        span: Any = {"suffix": -r.start} if r.start < 0 else {"offset": r.start}
+        result = await obstore.get_async(store, path, options={"range": span})
+        return bytes(await result.bytes_async())
 
     async def size(self, fs: Any, path: str) -> int | None:
         import obstore

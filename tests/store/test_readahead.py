@@ -1,0 +1,129 @@
+"""Read-ahead (``FeatureStore.read_stream``, ``fcache.store.readahead``) on a loopback S3 server: the values of
+``read_many`` and of the local store, at most ``window`` range requests in flight (counted) and the window kept full,
+the errors ``read_many`` raises at the request that meets them, and no thread left behind when it fails or is closed.
+(That it equals ``read_many`` for every stored form, locally, on S3 and on GCS: test_conformance's direct-read test.)"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+
+import numpy as np
+import pytest
+
+from fcache import store as fstore
+from fcache.store import layout
+from fcache.store.backends import Range
+from fcache.store.backends.objects import ObjectBackend
+from helpers import build_store
+
+KW = dict(n=12, shard_size=4, views=2, dtype="int8")  # scaled values: side data per unit
+
+
+@pytest.fixture(scope="module")
+def stores(s3_server, tmp_path_factory) -> tuple[str, fstore.FeatureStore]:
+    """A small store in S3 and the same store on local disk."""
+    local = build_store(tmp_path_factory.mktemp("ra") / "s.zarr", failed=(5,), **KW)
+    return str(build_store(s3_server.bucket() + "/s.zarr", failed=(5,), **KW)), fstore.open(local)
+
+
+class Counted:
+    """``ObjectBackend.range_future`` wrapped: range requests in flight now, and the most at once."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = self.most = self.sent = 0
+        self.lock = threading.Lock()
+        original = ObjectBackend.range_future
+
+        def counted(backend: ObjectBackend, r: Range) -> Future[bytes]:
+            with self.lock:
+                self.now, self.sent = self.now + 1, self.sent + 1
+                self.most = max(self.most, self.now)
+            f = original(backend, r)
+            f.add_done_callback(self.done)  # before the read-ahead's own: counted down before its slot is freed
+            return f
+
+        monkeypatch.setattr(ObjectBackend, "range_future", counted)
+
+    def done(self, _: Future[bytes]) -> None:
+        with self.lock:
+            self.now -= 1
+
+
+def requests_of(s: fstore.FeatureStore) -> list[tuple[str, int, int | None]]:
+    return [(lv, int(i), v) for i in s.ok_indices for lv in ("p2", "p5") for v in (1, None, 0)]
+
+
+def no_feeder_left() -> bool:
+    return not any(t.name == "fcache-readahead" for t in threading.enumerate())
+
+
+def test_read_ahead_equals_read_many_and_keeps_its_window(stores, monkeypatch):
+    url, local = stores
+    for reader in ("obstore", "fsspec"):
+        if reader == "obstore":
+            pytest.importorskip("obstore")
+        s = fstore.open(ObjectBackend(url, reader=reader))
+        requests = requests_of(s)
+        want = s.read_many(requests)
+        count = Counted(monkeypatch)
+        got = list(s.read_stream(requests, window=4))
+        chunks = sum(2 if v is None else 1 for _, _, v in requests)
+        assert (count.sent, count.most, count.now) == (chunks, 4, 0)  # one request per chunk, 4 at once at most and at best
+        for (lv, i, v), a, b in zip(requests, want, got, strict=True):
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(b, local.read(lv, i, v))
+        monkeypatch.undo()
+    assert no_feeder_left()
+
+
+def test_a_missing_object_raises_read_manys_error_where_the_stream_meets_it(stores, s3_bucket):
+    url = build_store(s3_bucket + "/s.zarr", **KW)
+    requests = [("p2", i, 0) for i in range(12)]
+    s = fstore.open(url)
+    s.backend.delete([layout.shard_key("features/p2", 2, 5)])  # samples 8-11
+    with pytest.raises(fstore.CorruptStoreError) as many:
+        fstore.open(url).read_many(requests)
+    got = []
+    with pytest.raises(fstore.CorruptStoreError) as ahead:
+        for values in s.read_stream(requests, window=4):
+            got.append(values)
+    assert str(ahead.value) == str(many.value) and "is missing" in str(many.value)
+    assert len(got) == 8  # the samples before the missing shard were handed over
+    assert no_feeder_left()
+
+
+def test_a_failing_request_raises_its_error_and_leaves_nothing_running(stores, monkeypatch):
+    url, _ = stores
+    s = fstore.open(ObjectBackend(url, reader="fsspec"))
+    requests = [("p2", i, 0) for i in (0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11)]
+    bad = layout.shard_key("features/p2", 1, 5)
+    original = ObjectBackend._range
+
+    async def failing(backend, fs, r: Range) -> bytes:
+        if r.key == bad:
+            raise OSError("the request failed")
+        return await original(backend, fs, r)
+
+    s.read_many(requests[:1])  # every shard's index read first, so that only the chunk requests fail
+    s.read_many(requests[4:5])
+    monkeypatch.setattr(ObjectBackend, "_range", failing)
+    with pytest.raises(OSError, match="^the request failed$"):
+        s.read_many(requests)
+    count = Counted(monkeypatch)
+    got = []
+    with pytest.raises(OSError, match="^the request failed$"):
+        for values in s.read_stream(requests, window=3):
+            got.append(values)
+    assert len(got) == 4 and count.now == 0 and no_feeder_left()
+
+
+def test_closing_the_stream_early_stops_it(stores, monkeypatch):
+    url, _ = stores
+    s = fstore.open(url)
+    count = Counted(monkeypatch)
+    stream = s.read_stream(requests_of(s), window=4)
+    first = [next(stream) for _ in range(3)]
+    stream.close()
+    assert len(first) == 3 and count.now == 0 and count.sent <= 3 + 2 * 4 + 1  # held ahead: 2 windows of chunks at most
+    assert no_feeder_left()
