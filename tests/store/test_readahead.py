@@ -10,6 +10,7 @@ from concurrent.futures import Future
 
 import numpy as np
 import pytest
+import torch
 
 from fcache import store as fstore
 from fcache.store import layout
@@ -127,3 +128,29 @@ def test_closing_the_stream_early_stops_it(stores, monkeypatch):
     stream.close()
     assert len(first) == 3 and count.now == 0 and count.sent <= 3 + 2 * 4 + 1  # held ahead: 2 windows of chunks at most
     assert no_feeder_left()
+
+
+def test_expected_requests_are_taken_while_they_match_then_read_as_usual(stores, s3_bucket):
+    url, local = stores
+    s = fstore.open(url)
+    picked = [(int(i), 1) for i in local.ok_indices]
+    told = [(lv, i, v) for i, v in picked for lv in ("p2", "p5")]
+    s.expect(told[:8] + [("p2", 0, 0)] + told[8:], window=3)  # a wrong guess after the first four samples
+    for first, part in ((True, picked[:4]), (False, picked[4:])):
+        got, want = s.read_stored(["p2", "p5"], part), local.read_stored(["p2", "p5"], part)
+        for lv in ("p2", "p5"):
+            assert torch.equal(got[lv].values, want[lv].values) and torch.equal(got[lv].side, want[lv].side)
+        assert s.expecting == first  # the guess that did not match ended it
+    assert no_feeder_left()
+    broken = build_store(s3_bucket + "/s.zarr", **KW)
+    b = fstore.open(broken)
+    b.backend.delete([layout.shard_key("features/p2", 1, 5)])
+    b.expect([("p2", i, 0) for i in range(12)], window=3)
+    assert b.read_stored(["p2"], [(0, 0), (1, 0)])["p2"].values.shape[0] == 2
+    with pytest.raises(fstore.CorruptStoreError) as ahead:
+        b.read_stored(["p2"], [(4, 0)])
+    with pytest.raises(fstore.CorruptStoreError) as many:
+        fstore.open(broken).read_many([("p2", 4, 0)])
+    assert str(ahead.value) == str(many.value)  # raised by the store's own check, as read_many raises it
+    b.expect(None)
+    assert not b.expecting and no_feeder_left()

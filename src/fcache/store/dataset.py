@@ -54,10 +54,11 @@ class FeatureDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def view_of(self, i: int) -> int:
+    def view_of(self, i: int, epoch: int | None = None) -> int:
+        """The view of sample ``i`` in ``epoch`` (the current one by default)."""
         if self.view != "random":
             return int(self.view)
-        rng = np.random.default_rng((self.seed, self.epoch, int(i)))
+        rng = np.random.default_rng((self.seed, self.epoch if epoch is None else epoch, int(i)))
         return int(self.views[rng.integers(len(self.views))])
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
@@ -66,11 +67,7 @@ class FeatureDataset(torch.utils.data.Dataset):
     def __getitems__(self, items: Sequence[int | tuple[int, int]]) -> list[dict[str, Any]]:
         """Several items at once (a DataLoader batch): all their levels are read and decoded together (``read_many``, or
         ``read_stored`` into one tensor per level that collation keeps); a remote store reads their targets concurrently too."""
-        picked: list[tuple[int, int | None]] = []
-        for item in items:
-            j, v = item if isinstance(item, tuple) else (item, None)
-            i = int(self.indices[j])
-            picked.append((i, self.view_of(i) if v is None else int(v)))
+        picked = self.picked(items)
         features = features_of(self.store, self.levels, picked, stored=self.stored)
         if self.store.backend.remote:
             targets = {name: self.store.targets_many(name, [i for i, _ in picked]) for name in self.targets}
@@ -86,6 +83,19 @@ class FeatureDataset(torch.utils.data.Dataset):
             }
             for k, (i, v) in enumerate(picked)
         ]
+
+    def picked(self, items: Sequence[int | tuple[int, int]], epoch: int | None = None) -> list[tuple[int, int | None]]:
+        """The (sample, view) of each item in ``epoch`` (the current one by default)."""
+        picked: list[tuple[int, int | None]] = []
+        for item in items:
+            j, v = item if isinstance(item, tuple) else (item, None)
+            i = int(self.indices[j])
+            picked.append((i, self.view_of(i, epoch) if v is None else int(v)))
+        return picked
+
+    def requests(self, items: Sequence[int | tuple[int, int]], epoch: int | None = None) -> list[tuple[str, int, int | None]]:
+        """The store requests reading ``items`` makes, in its order (what ``FeatureStore.expect`` is told)."""
+        return [(lv, i, v) for i, v in self.picked(items, epoch) for lv in self.levels] if self.stored else []
 
 
 def features_of(

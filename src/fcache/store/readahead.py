@@ -14,6 +14,7 @@ what is in flight, so no thread outlives it. On local disk (no cache) each decod
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -50,24 +51,39 @@ class ReadAhead:
         self.ready: queue.Queue[Any] = queue.Queue()  # (request, its chunks' futures) in request order; END; an error
         self.stop = threading.Event()
         self.pending: list[Future[Any]] = []  # each chunk's future, done once its request returned and it is decoded
+        self.feeder: threading.Thread | None = None
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        feeder = threading.Thread(target=self._feed, name="fcache-readahead", daemon=True)
-        feeder.start()
+        return (values for _, values in self.pairs())
+
+    def start(self) -> None:
+        """Send the first requests now (else at the first value asked for)."""
+        if self.feeder is None:
+            self.feeder = threading.Thread(target=self._feed, name="fcache-readahead", daemon=True)
+            self.feeder.start()
+
+    def close(self) -> None:
+        """Stop sending, and wait for what is in flight and decoding: no thread outlives it, nothing writes after it."""
+        self.stop.set()
+        if self.feeder is not None:
+            self.feeder.join()
+        for f in list(self.pending):
+            f.exception()
+
+    def pairs(self) -> Iterator[tuple[Request, np.ndarray]]:
+        """Each request with its values, in order."""
+        self.start()
         try:
             while (item := self.ready.get()) is not END:
                 if isinstance(item, BaseException):
                     raise item
-                (_, _, view), chunks = item
+                request, chunks = item
                 values = [c.result() for c in chunks]
                 for _ in chunks:
                     self.held.release()
-                yield values[0] if view is not None else np.stack(values)
+                yield request, values[0] if request[2] is not None else np.stack(values)
         finally:
-            self.stop.set()
-            feeder.join()
-            for f in list(self.pending):  # nothing left running: no decode writes after the caller moved on
-                f.exception()
+            self.close()
 
     # -- the feeder thread ---------------------------------------------------------------------------------
     def _feed(self) -> None:
@@ -137,6 +153,47 @@ class ReadAhead:
             assert f.cache is not None
             f.cache_drop(w)  # a damaged cache entry: read it from the store
             return done(w, f.decode(w, f.fetch([w])[w]))
+
+
+class Expected:
+    """The requests a process will ask for next, told in advance and read ahead (``FeatureStore.expect``): ``take`` hands
+    over the values of the requests asked for while they are the ones expected. The first that is not, or an error of
+    the read-ahead, ends it: those requests are then read as usual, so a wrong guess costs requests, never values, and an
+    error is raised by the read that asked for the request (as ``read_many`` raises it), not by a guess."""
+
+    def __init__(self, stream: ReadAhead) -> None:
+        self.stream = stream
+        self.pairs: Iterator[tuple[Request, np.ndarray]] | None = stream.pairs()
+        self.pid = os.getpid()
+        stream.start()
+
+    @property
+    def open(self) -> bool:
+        if self.pid != os.getpid():  # forked: the read-ahead's threads stayed in the parent
+            self.pairs = None
+        return self.pairs is not None
+
+    def take(self, requests: Sequence[Request]) -> list[np.ndarray]:
+        """The values of the leading requests that are the next ones expected."""
+        got: list[np.ndarray] = []
+        for request in requests:
+            if not self.open or self.pairs is None:
+                break
+            try:
+                expected, values = next(self.pairs)
+            except Exception:  # noqa: BLE001 - the read of a guess failed: the read that asks for it tells
+                self.close()
+                break
+            if expected != request:
+                self.close()
+                break
+            got.append(values)
+        return got
+
+    def close(self) -> None:
+        if self.open and self.pairs is not None:
+            self.pairs = None
+            self.stream.close()
 
 
 def blocks(items: Iterable[Request], n: int) -> Iterator[list[Request]]:

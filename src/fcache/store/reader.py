@@ -29,7 +29,7 @@ from fcache.store.consistency import check_consistent
 from fcache.store.dataset import FeatureDataset
 from fcache.store.dtypes import decode, stored
 from fcache.store.fetch import ShardFetcher
-from fcache.store.readahead import READ_AHEAD, ReadAhead, blocks
+from fcache.store.readahead import READ_AHEAD, Expected, ReadAhead, blocks
 from fcache.store.transit import LevelCode, Stored, empty, torch_dtype
 from fcache.store.webdataset import WdsExport, is_export
 
@@ -105,6 +105,7 @@ class FeatureStore:
         self._scales: dict[tuple[str, int], np.ndarray] = {}  # (level, unit) -> scales of the unit's sample-views
         self._geometry_units: dict[int, np.ndarray] = {}
         self._codes: dict[str, LevelCode] = {}
+        self._expected: Expected | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"backend": self.backend, "cache": self.cache, "read_path": self.read_path}
@@ -294,6 +295,22 @@ class FeatureStore:
         scales: dict[tuple[str, int], np.ndarray] = {}
         yield from ReadAhead(fetcher, requests, window, self._to_float(scales), lambda block: scales.update(self._unit_scales(block)))
 
+    def expect(self, requests: Iterable[tuple[str, int, int | None]] | None, window: int = READ_AHEAD) -> None:
+        """Tell this process's reader the requests its next ``read_stored`` calls will ask for, in order: they are read ahead
+        (``window`` range requests in flight) and taken while they match (``fcache.store.readahead.Expected``). None:
+        stop reading ahead."""
+        if self._expected is not None:
+            self._expected.close()
+            self._expected = None
+        fetcher = self.fetcher
+        if requests is not None and fetcher is not None and all(fetcher.supports(lv.name) for lv in self.manifest.levels):
+            self._expected = Expected(ReadAhead(fetcher, requests, window, None, lambda block: None))
+
+    @property
+    def expecting(self) -> bool:
+        """Whether requests told to ``expect`` are still being read ahead (not ended by a mismatch or their end)."""
+        return self._expected is not None and self._expected.open
+
     def _to_float(self, scales: Mapping[tuple[str, int], np.ndarray]) -> Callable[[tuple[str, int, int], np.ndarray], np.ndarray]:
         """A chunk's stored values to float32 features (``scales``: the side data of its unit, from ``_unit_scales``)."""
         names = [lv.name for lv in self.manifest.levels]
@@ -365,7 +382,11 @@ class FeatureStore:
                 row.view(values.dtype)[...] = values
             return [side for _, side in got]
         scales = self._unit_scales(requests)
-        fetcher.read(requests, out=rows)
+        taken = self._expected.take(requests) if self._expected is not None else []
+        for row, values in zip(rows, taken, strict=False):
+            row.view(values.dtype)[...] = values
+        if len(taken) < len(requests):
+            fetcher.read(requests[len(taken) :], out=rows[len(taken) :])
         sides: list[np.ndarray | None] = []
         for lv, i, v in requests:
             unit = layout.unit_of(i, self.manifest.storage.shard_size, self.n)

@@ -19,6 +19,8 @@ every view's geometry, the view names and the sample's key travel in ``targets``
 from __future__ import annotations
 
 import contextlib
+import copy
+import os
 import queue
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -33,6 +35,7 @@ from fcache.common.errors import InputError
 from fcache.spec import GEOMETRY_FIELDS, Geometry, LevelSpec
 from fcache.store import FeatureStore
 from fcache.store.dataset import features_of
+from fcache.store.readahead import READ_AHEAD
 from fcache.store.transit import Stored, stack, stack_rows
 from fcache.train_heads.task import Batch, Task
 
@@ -61,10 +64,17 @@ class Collate:
 
 
 class EpochItems(Dataset):
-    """Item ``(epoch, j)`` is ``data[j]`` as seen in ``epoch`` (``set_epoch`` picks its view). Stateless across workers."""
+    """Item ``(epoch, j)`` is ``data[j]`` as seen in ``epoch`` (``set_epoch`` picks its view). Stateless across workers.
 
-    def __init__(self, data: Dataset) -> None:
-        self.data = data
+    Given the loader's ``plan`` and ``read_ahead`` > 0, a process reading a store in object storage tells the store, at
+    its first batch, the requests of every batch it will be handed (the DataLoader hands a worker every
+    ``num_workers``-th batch, in order), so that they are read ahead, ``read_ahead`` range requests in flight across
+    batch boundaries (``FeatureStore.expect``). A batch it was not expecting reads as before and starts it again there.
+    """
+
+    def __init__(self, data: Dataset, plan: TrainBatches | None = None, read_ahead: int = 0) -> None:
+        self.data, self.plan, self.read_ahead = data, copy.copy(plan), read_ahead
+        self._next: tuple[int, int] | None = None  # (process, the batch it expects next)
 
     def __len__(self) -> int:
         return len(self.data)  # type: ignore[arg-type]
@@ -80,12 +90,39 @@ class EpochItems(Dataset):
         many = getattr(self.data, "__getitems__", None)
         if many is None:
             return [self[k] for k in keys]
+        self._expect(keys)
         out: list[Any] = []
         for epoch in dict.fromkeys(e for e, _ in keys):  # a batch spans at most two epochs
             if hasattr(self.data, "set_epoch"):
                 self.data.set_epoch(epoch)
             out += many([j for e, j in keys if e == epoch])
         return out
+
+    def _expect(self, keys: list[tuple[int, int]]) -> None:
+        """At a batch the store is not reading ahead for: tell it this one and every one this process will be handed next."""
+        store = getattr(self.data, "store", None)
+        if not self.read_ahead or self.plan is None or store is None or not store.backend.remote or not hasattr(self.data, "requests"):
+            return
+        step = getattr(torch.utils.data.get_worker_info(), "num_workers", 1)
+        if store.expecting and self._next is not None and self._next[0] == os.getpid() and self.plan.batch(self._next[1]) == keys:
+            self._next = (os.getpid(), self._next[1] + step)
+            return
+        it = self.plan.iteration_of(keys)
+        self._next = None if it is None else (os.getpid(), it + step)
+        store.expect(None if it is None else self._requests(range(it, self.plan.stop, step)), self.read_ahead)
+
+    def _requests(self, iterations: range) -> Iterator[tuple[str, int, int | None]]:
+        assert self.plan is not None
+        for it in iterations:
+            keys = self.plan.batch(it)
+            for epoch in dict.fromkeys(e for e, _ in keys):
+                yield from self.data.requests([j for e, j in keys if e == epoch], epoch)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        """Stop reading ahead in this process."""
+        store = getattr(self.data, "store", None)
+        if store is not None and self.read_ahead:
+            store.expect(None)
 
 
 class TrainBatches(Sampler[list[tuple[int, int]]]):
@@ -100,22 +137,35 @@ class TrainBatches(Sampler[list[tuple[int, int]]]):
         assert batch_size % world == 0, "ddp.check_batch refuses uneven slices first"
         self.n, self.batch_size, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
         self.rank, self.world = rank, world
-        self._perm: tuple[int, np.ndarray] | None = None
+        self._perm: tuple[int, np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng((self.seed, epoch)).permutation(self.n))
-        return self._perm[1]
+    def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's permutation and its inverse."""
+        kept = self._perm
+        if kept is None or kept[0] != epoch:
+            perm = np.random.default_rng((self.seed, epoch)).permutation(self.n)
+            kept = self._perm = (epoch, perm, np.argsort(perm))
+        return kept[1], kept[2]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        local = self.batch_size // self.world
         for it in range(self.start, self.stop):
-            first = it * self.batch_size + self.rank * local
-            positions = range(first, first + local)
-            yield [(p // self.n, int(self._order(p // self.n)[p % self.n])) for p in positions]
+            yield self.batch(it)
+
+    def batch(self, it: int) -> list[tuple[int, int]]:
+        """Batch ``it``: its (epoch, item) keys."""
+        local = self.batch_size // self.world
+        first = it * self.batch_size + self.rank * local
+        return [(p // self.n, int(self._order(p // self.n)[0][p % self.n])) for p in range(first, first + local)]
+
+    def iteration_of(self, keys: Sequence[tuple[int, int]]) -> int | None:
+        """Which batch ``keys`` is (None: none of these)."""
+        epoch, j = keys[0]
+        p = epoch * self.n + int(self._order(epoch)[1][j]) - self.rank * (self.batch_size // self.world)
+        it = p // self.batch_size
+        return it if self.start <= it < self.stop and self.batch(it) == list(keys) else None
 
 
 def train_loader(
@@ -131,16 +181,20 @@ def train_loader(
     device: torch.device | None = None,
     rank: int = 0,
     world: int = 1,
+    read_ahead: int = READ_AHEAD,
 ) -> DataLoader | Prefetch:
     """Batches ``start..stop-1`` of ``data`` (items with their epoch's view), collated with ``task``'s training targets.
 
     The loader never touches the global RNG (its own generator is seeded), so heads sampling from it stay exact.
     Each worker reads ``prefetch`` batches ahead; without workers, a store in object storage is still read
-    ``prefetch`` batches ahead, by a thread (``Prefetch``), so the head never waits on the network.
+    ``prefetch`` batches ahead, by a thread (``Prefetch``), so the head never waits on the network. From a store in
+    object storage each reading process also keeps ``read_ahead`` range requests in flight over the batches it will be
+    handed (``EpochItems``; 0: batch by batch).
     """
+    plan = TrainBatches(len(data), batch_size, seed, start, stop, rank=rank, world=world)  # type: ignore[arg-type]
     loader = DataLoader(
-        EpochItems(data),
-        batch_sampler=TrainBatches(len(data), batch_size, seed, start, stop, rank=rank, world=world),  # type: ignore[arg-type]
+        EpochItems(data, plan, read_ahead),
+        batch_sampler=plan,
         collate_fn=Collate(task, with_targets=True),
         num_workers=num_workers,
         prefetch_factor=prefetch if num_workers else None,
@@ -196,6 +250,9 @@ class Prefetch:
             while thread.is_alive():
                 with contextlib.suppress(queue.Empty):
                     ahead.get(timeout=0.1)
+            close = getattr(self.loader.dataset, "close", None)
+            if close is not None:
+                close()
 
 
 def training_items(store: FeatureStore, task: Task, indices: np.ndarray, levels: Sequence[str], seed: int) -> Any:

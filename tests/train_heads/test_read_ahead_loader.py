@@ -1,0 +1,79 @@
+"""The training loader over a store in object storage reads ahead (``EpochItems`` + ``FeatureStore.expect``): its
+batches equal the local store's read batch by batch, with and without workers, across epochs and random views; a
+process takes the batches it is handed from the read-ahead, and one it did not expect starts it again from there."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from fcache import store as fstore
+from fcache.store.fetch import ShardFetcher
+from fcache.train_heads.data import EpochItems, TrainBatches, train_loader
+from helpers import build_store
+
+KW = dict(n=10, shard_size=4, views=2, dtype="int8")  # scaled: side data travels with the values
+TASK = SimpleNamespace(targets=lambda item, geometry: None)  # Collate's only use of a task here
+
+
+@pytest.fixture(scope="module")
+def stores(s3_server, tmp_path_factory) -> tuple[str, str]:
+    local = build_store(tmp_path_factory.mktemp("ahead") / "s.zarr", **KW)
+    return str(build_store(s3_server.bucket() + "/s.zarr", **KW)), str(local)
+
+
+def items(path: str):
+    s = fstore.open(path)
+    return s.dataset(["p2", "p5"], view="random", views=(0, 1), seed=4, stored=True)
+
+
+def batches(path: str, workers: int, read_ahead: int) -> list:
+    loader = train_loader(items(path), TASK, batch_size=4, seed=1, start=1, stop=7, num_workers=workers, read_ahead=read_ahead)
+    return list(loader)  # 6 batches of 4 over 10 samples: three epochs, each with its views
+
+
+def same(a, b) -> None:
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b, strict=True):
+        assert x.index == y.index and x.view == y.view and list(x.stored) == list(y.stored) == ["p2", "p5"]
+        for lv in x.stored:
+            assert torch.equal(x.stored[lv].values, y.stored[lv].values) and torch.equal(x.stored[lv].side, y.stored[lv].side)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_batches_read_ahead_equal_the_local_stores(stores, workers):
+    remote, local = stores
+    want = batches(local, 0, 0)
+    assert len({v for b in want for v in b.view}) == 2  # both views drawn
+    same(batches(remote, workers, 3), want)
+    assert not any(t.name == "fcache-readahead" for t in threading.enumerate())
+
+
+def test_a_process_takes_its_batches_from_the_read_ahead(stores, monkeypatch):
+    remote, local = stores
+    plan = TrainBatches(10, 4, seed=1, start=0, stop=9)
+    ahead, plain = EpochItems(items(remote), plan, read_ahead=3), EpochItems(items(local))
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: SimpleNamespace(num_workers=2))  # worker 0 of 2
+    reads = []
+    original = ShardFetcher.read
+
+    def read(self, requests, **kw):
+        if self.backend.remote:
+            reads.append(len(requests))
+        return original(self, requests, **kw)
+
+    monkeypatch.setattr(ShardFetcher, "read", read)
+    for it in (0, 2, 4, 5, 7, 8):  # 5 and 8: not this worker's next batch (4 + 2, 7 + 2): read ahead again from there
+        keys = plan.batch(it)
+        got, want = ahead.__getitems__(keys), plain.__getitems__(keys)
+        assert reads == [], it  # nothing read batch by batch
+        for g, w in zip(got, want, strict=True):
+            assert (g["index"], g["view"]) == (w["index"], w["view"])
+            for lv in ("p2", "p5"):
+                np.testing.assert_array_equal(g["features"][lv].values.numpy(), w["features"][lv].values.numpy())
+    ahead.close()
+    assert not ahead.data.store.expecting and not any(t.name == "fcache-readahead" for t in threading.enumerate())
