@@ -18,7 +18,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +30,7 @@ from fcache.spec import Manifest
 from fcache.store import layout
 from fcache.store.backends import Backend, Range
 from fcache.store.cache import DiskCache
-from fcache.store.dtypes import stored
+from fcache.store.dtypes import decode, stored
 from fcache.store.records import LedgerRecord
 
 EMPTY = np.uint64(2**64 - 1)
@@ -276,6 +276,21 @@ class ShardFetcher:
             f"{self.backend.url}: level {level}, shard {unit} (samples {u.start}-{u.stop - 1}) is corrupt: {what}; "
             f"run `fcache verify {self.backend.url}` and re-extract that unit"
         )
+
+
+def to_float32(manifest: Manifest, bases: Mapping[str, np.ndarray], scales: Mapping[tuple[str, int], np.ndarray]) -> Convert:
+    """A chunk's stored values to float32 features (``scales``: each scaled level's side data by (level, unit), (samples,
+    V, ..., C), filled before its chunks decode)."""
+    names = [lv.name for lv in manifest.levels]
+    forms = {lv: manifest.storage.form(lv) for lv in names}
+    widths, views = {lv: manifest.level_shape(lv)[-1] for lv in names}, manifest.num_views
+
+    def convert(chunk: Chunk, values: np.ndarray) -> np.ndarray:
+        lv, u, k = chunk
+        side = scales[(lv, u)][k // views, k % views] if (lv, u) in scales else None
+        return decode(values, forms[lv], side, widths[lv], bases.get(lv))
+
+    return convert
 
 
 _POOL: tuple[int, ThreadPoolExecutor] | None = None

@@ -198,6 +198,8 @@ class Expected:
 
 def blocks(items: Iterable[Request], n: int) -> Iterator[list[Request]]:
     """``items`` in lists of ``n`` (the last may be shorter)."""
+    if n < 1:
+        raise ValueError(f"window must be at least 1, not {n}")
     it = iter(items)
     while block := list(islice(it, n)):
         yield block

@@ -10,7 +10,7 @@ request per sample-view, a batch's requests all in flight at once, an optional l
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from fcache.store.cache import DiskCache
 from fcache.store.consistency import check_consistent
 from fcache.store.dataset import FeatureDataset
 from fcache.store.dtypes import decode, stored
-from fcache.store.fetch import ShardFetcher
+from fcache.store.fetch import Convert, ShardFetcher, to_float32
 from fcache.store.readahead import READ_AHEAD, Expected, ReadAhead, blocks
 from fcache.store.transit import LevelCode, Stored, empty, torch_dtype
 from fcache.store.webdataset import WdsExport, is_export
@@ -301,28 +301,17 @@ class FeatureStore:
         stop reading ahead."""
         if self._expected is not None:
             self._expected.close()
-            self._expected = None
         fetcher = self.fetcher
-        if requests is not None and fetcher is not None and all(fetcher.supports(lv.name) for lv in self.manifest.levels):
-            self._expected = Expected(ReadAhead(fetcher, requests, window, None, lambda block: None))
+        direct = fetcher is not None and all(fetcher.supports(lv.name) for lv in self.manifest.levels)
+        self._expected = Expected(ReadAhead(fetcher, requests, window, None, lambda _: None)) if requests and direct else None  # type: ignore[arg-type]
 
     @property
     def expecting(self) -> bool:
         """Whether requests told to ``expect`` are still being read ahead (not ended by a mismatch or their end)."""
         return self._expected is not None and self._expected.open
 
-    def _to_float(self, scales: Mapping[tuple[str, int], np.ndarray]) -> Callable[[tuple[str, int, int], np.ndarray], np.ndarray]:
-        """A chunk's stored values to float32 features (``scales``: the side data of its unit, from ``_unit_scales``)."""
-        names = [lv.name for lv in self.manifest.levels]
-        forms, widths = {lv: self.manifest.storage.form(lv) for lv in names}, {lv: self.width(lv) for lv in names}
-        bases, views = self.bases, self.num_views
-
-        def to_float(chunk: tuple[str, int, int], values: np.ndarray) -> np.ndarray:
-            lv, u, k = chunk
-            side = scales[(lv, u)][k // views, k % views] if (lv, u) in scales else None
-            return decode(values, forms[lv], side, widths[lv], bases.get(lv))
-
-        return to_float
+    def _to_float(self, scales: Mapping[tuple[str, int], np.ndarray]) -> Convert:
+        return to_float32(self.manifest, self.bases, scales)
 
     def _unit_scales(self, requests: Sequence[tuple[str, int, int | None]]) -> dict[tuple[str, int], np.ndarray]:
         """Checks the requests (levels, committed samples, shards) and gives the side data of each scaled level's units they
