@@ -1,6 +1,7 @@
 """The training loader over a store in object storage reads ahead (``EpochItems`` + ``FeatureStore.expect``): its
 batches equal the local store's read batch by batch, with and without workers, across epochs and random views; a
-process takes the batches it is handed from the read-ahead, and one it did not expect starts it again from there."""
+process takes the batches it is handed from the read-ahead, and one it did not expect starts it again from there;
+evaluation's in-order batches (one view, or all views of each sample) likewise."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 from fcache import store as fstore
 from fcache.store.fetch import ShardFetcher
-from fcache.train_heads.data import EpochItems, TrainBatches, train_loader
+from fcache.train_heads.data import AllViews, Collate, EpochItems, InOrder, TrainBatches, train_loader
 from helpers import build_store
 
 KW = dict(n=10, shard_size=4, views=2, dtype="int8")  # scaled: side data travels with the values
@@ -53,12 +54,9 @@ def test_loader_batches_read_ahead_equal_the_local_stores(stores, workers):
     assert not any(t.name == "fcache-readahead" for t in threading.enumerate())
 
 
-def test_a_process_takes_its_batches_from_the_read_ahead(stores, monkeypatch):
-    remote, local = stores
-    plan = TrainBatches(10, 4, seed=1, start=0, stop=9)
-    ahead, plain = EpochItems(items(remote), plan, read_ahead=3), EpochItems(items(local))
-    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: SimpleNamespace(num_workers=2))  # worker 0 of 2
-    reads = []
+def counted_reads(monkeypatch) -> list[int]:
+    """Requests a remote store's fetcher reads batch by batch (not read ahead)."""
+    reads: list[int] = []
     original = ShardFetcher.read
 
     def read(self, requests, **kw):
@@ -67,6 +65,35 @@ def test_a_process_takes_its_batches_from_the_read_ahead(stores, monkeypatch):
         return original(self, requests, **kw)
 
     monkeypatch.setattr(ShardFetcher, "read", read)
+    return reads
+
+
+@pytest.mark.parametrize("views", ["one", "all"])
+def test_evaluation_batches_read_ahead_in_order_equal_the_local_stores(stores, views, monkeypatch):
+    remote, local = stores
+
+    def loaded(path: str, workers: int) -> list:
+        s = fstore.open(path)
+        data = AllViews(s, ["p2", "p5"], ()) if views == "all" else s.dataset(["p2", "p5"], view=1, stored=True)
+        items = InOrder(data, 3, read_ahead=4)
+        got = list(torch.utils.data.DataLoader(items, batch_size=3, collate_fn=Collate(TASK, with_targets=False), num_workers=workers))
+        items.close()
+        return got
+
+    want = loaded(local, 0)
+    assert len(want) == 4  # 10 samples in batches of 3: the last is short
+    same(loaded(remote, 2), want)
+    reads = counted_reads(monkeypatch)
+    same(loaded(remote, 0), want)
+    assert reads == [] and not any(t.name == "fcache-readahead" for t in threading.enumerate())
+
+
+def test_a_process_takes_its_batches_from_the_read_ahead(stores, monkeypatch):
+    remote, local = stores
+    plan = TrainBatches(10, 4, seed=1, start=0, stop=9)
+    ahead, plain = EpochItems(items(remote), plan, read_ahead=3), EpochItems(items(local))
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: SimpleNamespace(num_workers=2))  # worker 0 of 2
+    reads = counted_reads(monkeypatch)
     for it in (0, 2, 4, 5, 7, 8):  # 5 and 8: not this worker's next batch (4 + 2, 7 + 2): read ahead again from there
         keys = plan.batch(it)
         got, want = ahead.__getitems__(keys), plain.__getitems__(keys)

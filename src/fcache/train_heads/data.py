@@ -25,7 +25,7 @@ import queue
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -63,42 +63,35 @@ class Collate:
         return Batch([int(it["index"]) for it in items], [int(it["view"]) for it in items], features, geometry, targets, raw, stored)
 
 
-class EpochItems(Dataset):
-    """Item ``(epoch, j)`` is ``data[j]`` as seen in ``epoch`` (``set_epoch`` picks its view). Stateless across workers.
+class Plan(Protocol):
+    """The order a DataLoader's batches come in: batch ``it``'s keys, and which batch some keys are."""
 
-    Given the loader's ``plan`` and ``read_ahead`` > 0, a process reading a store in object storage tells the store, at
-    its first batch, the requests of every batch it will be handed (the DataLoader hands a worker every
-    ``num_workers``-th batch, in order), so that they are read ahead, ``read_ahead`` range requests in flight across
-    batch boundaries (``FeatureStore.expect``). A batch it was not expecting reads as before and starts it again there.
-    """
+    stop: int
 
-    def __init__(self, data: Dataset, plan: TrainBatches | None = None, read_ahead: int = 0) -> None:
+    def batch(self, it: int) -> list[Any]: ...
+
+    def iteration_of(self, keys: Sequence[Any]) -> int | None: ...
+
+
+class ReadsAhead(Dataset):
+    """Items of a store's Dataset whose batches come in a known order (``plan``). With ``read_ahead`` > 0, a process reading a
+    store in object storage tells the store, at a batch it did not expect, the requests of that batch and of every one it
+    will be handed after it (a DataLoader hands a worker every ``num_workers``-th batch, in order), so that they are read
+    ahead, ``read_ahead`` range requests in flight across batch boundaries (``FeatureStore.expect``: a wrong guess
+    costs requests, never values)."""
+
+    def __init__(self, data: Dataset, plan: Plan | None, read_ahead: int) -> None:
         self.data, self.plan, self.read_ahead = data, copy.copy(plan), read_ahead
         self._next: tuple[int, int] | None = None  # (process, the batch it expects next)
 
     def __len__(self) -> int:
         return len(self.data)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        epoch, j = key
-        if hasattr(self.data, "set_epoch"):
-            self.data.set_epoch(epoch)
-        return self.data[j]
+    def requests_of(self, keys: list[Any]) -> Iterator[tuple[str, int, int | None]]:
+        """The store requests reading the batch ``keys`` makes, in its order."""
+        yield from self.data.requests(keys)  # type: ignore[attr-defined]
 
-    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
-        """A batch: read at once where the dataset can (``FeatureDataset``: concurrent requests to a remote store)."""
-        many = getattr(self.data, "__getitems__", None)
-        if many is None:
-            return [self[k] for k in keys]
-        self._expect(keys)
-        out: list[Any] = []
-        for epoch in dict.fromkeys(e for e, _ in keys):  # a batch spans at most two epochs
-            if hasattr(self.data, "set_epoch"):
-                self.data.set_epoch(epoch)
-            out += many([j for e, j in keys if e == epoch])
-        return out
-
-    def _expect(self, keys: list[tuple[int, int]]) -> None:
+    def expect(self, keys: list[Any]) -> None:
         """At a batch the store is not reading ahead for: tell it this one and every one this process will be handed next."""
         store = getattr(self.data, "store", None)
         if not self.read_ahead or self.plan is None or store is None or not store.backend.remote or not hasattr(self.data, "requests"):
@@ -114,15 +107,78 @@ class EpochItems(Dataset):
     def _requests(self, iterations: range) -> Iterator[tuple[str, int, int | None]]:
         assert self.plan is not None
         for it in iterations:
-            keys = self.plan.batch(it)
-            for epoch in dict.fromkeys(e for e, _ in keys):
-                yield from self.data.requests([j for e, j in keys if e == epoch], epoch)  # type: ignore[attr-defined]
+            yield from self.requests_of(self.plan.batch(it))
 
     def close(self) -> None:
         """Stop reading ahead in this process."""
         store = getattr(self.data, "store", None)
         if store is not None and self.read_ahead:
             store.expect(None)
+
+
+class EpochItems(ReadsAhead):
+    """Item ``(epoch, j)`` is ``data[j]`` as seen in ``epoch`` (``set_epoch`` picks its view). Stateless across workers.
+    Its batches are read ahead in the order of ``plan`` (``TrainBatches``) when given."""
+
+    def __init__(self, data: Dataset, plan: TrainBatches | None = None, read_ahead: int = 0) -> None:
+        super().__init__(data, plan, read_ahead)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, j = key
+        if hasattr(self.data, "set_epoch"):
+            self.data.set_epoch(epoch)
+        return self.data[j]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
+        """A batch: read at once where the dataset can (``FeatureDataset``: concurrent requests to a remote store)."""
+        many = getattr(self.data, "__getitems__", None)
+        if many is None:
+            return [self[k] for k in keys]
+        self.expect(keys)
+        out: list[Any] = []
+        for epoch in dict.fromkeys(e for e, _ in keys):  # a batch spans at most two epochs
+            if hasattr(self.data, "set_epoch"):
+                self.data.set_epoch(epoch)
+            out += many([j for e, j in keys if e == epoch])
+        return out
+
+    def requests_of(self, keys: list[tuple[int, int]]) -> Iterator[tuple[str, int, int | None]]:
+        for epoch in dict.fromkeys(e for e, _ in keys):
+            yield from self.data.requests([j for e, j in keys if e == epoch], epoch)  # type: ignore[attr-defined]
+
+
+class InOrder(ReadsAhead):
+    """``data`` read in batches of ``batch_size`` in order (evaluation, predict), read ahead from a store in object storage."""
+
+    def __init__(self, data: Dataset, batch_size: int, read_ahead: int = READ_AHEAD) -> None:
+        super().__init__(data, InBatches(len(data), batch_size), read_ahead)  # type: ignore[arg-type]
+
+    def __getitem__(self, j: int) -> Any:
+        return self.data[j]
+
+    def __getitems__(self, js: list[int]) -> list[Any]:
+        self.expect(list(js))
+        many = getattr(self.data, "__getitems__", None)
+        return many(js) if many is not None else [self.data[j] for j in js]
+
+
+@dataclass(frozen=True)
+class InBatches:
+    """Items ``0..n-1`` in order, in batches of ``batch_size`` (a DataLoader's ``batch_size`` without shuffling)."""
+
+    n: int
+    batch_size: int
+
+    @property
+    def stop(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def batch(self, it: int) -> list[int]:
+        return list(range(it * self.batch_size, min(self.n, (it + 1) * self.batch_size)))
+
+    def iteration_of(self, keys: Sequence[int]) -> int | None:
+        it = int(keys[0]) // self.batch_size
+        return it if self.batch(it) == list(keys) else None
 
 
 class TrainBatches(Sampler[list[tuple[int, int]]]):
@@ -279,6 +335,10 @@ class AllViews(Dataset):
 
     def __getitem__(self, j: int) -> dict[str, Any]:
         return self.__getitems__([j])[0]
+
+    def requests(self, js: Sequence[int], epoch: int | None = None) -> list[tuple[str, int, int | None]]:
+        """The store requests reading items ``js`` makes, in its order (``FeatureStore.expect``)."""
+        return [(lv, int(self.indices[j]), None) for j in js for lv in self.levels]
 
     def __getitems__(self, js: Sequence[int]) -> list[dict[str, Any]]:
         """A batch of samples, every view of every level read at once (concurrently from a remote store)."""

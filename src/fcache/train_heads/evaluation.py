@@ -29,7 +29,7 @@ from fcache.spec import LevelSpec
 from fcache.store import FeatureStore
 from fcache.store.info import forms_text
 from fcache.train_heads.config import EvalConfig
-from fcache.train_heads.data import Collate, eval_data
+from fcache.train_heads.data import Collate, InOrder, eval_data
 from fcache.train_heads.loop import build_model
 from fcache.train_heads.optim import autocast
 from fcache.train_heads.runfolder import EVAL_METRICS, RunDir
@@ -88,14 +88,18 @@ def predict_all(
 ) -> tuple[list[dict[str, Any]], list[Any]]:
     """Every item's raw targets and the task's prediction, in dataset order (under ``precision``'s autocast)."""
     model.to(device).eval()
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=Collate(task, with_targets=False), num_workers=num_workers,
+    items = InOrder(data, batch_size)  # read ahead from a store in object storage
+    loader = DataLoader(items, batch_size=batch_size, shuffle=False, collate_fn=Collate(task, with_targets=False), num_workers=num_workers,
                         pin_memory=device.type == "cuda")  # fmt: skip
     raw: list[dict[str, Any]] = []
     predictions: list[Any] = []
-    for batch in tqdm(loader, desc=f"eval {task.name}", unit="batch", file=sys.stderr, disable=not progress):
-        with autocast(device, precision):
-            predictions += task.predict(model, batch.to(device))
-        raw += batch.raw
+    try:
+        for batch in tqdm(loader, desc=f"eval {task.name}", unit="batch", file=sys.stderr, disable=not progress):
+            with autocast(device, precision):
+                predictions += task.predict(model, batch.to(device))
+            raw += batch.raw
+    finally:
+        items.close()
     return raw, predictions
 
 
