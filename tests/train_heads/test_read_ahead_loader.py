@@ -68,20 +68,21 @@ def counted_reads(monkeypatch) -> list[int]:
     return reads
 
 
-@pytest.mark.parametrize("views", ["one", "all"])
+@pytest.mark.parametrize("views", ["one", "all", "chosen"])
 def test_evaluation_batches_read_ahead_in_order_equal_the_local_stores(stores, views, monkeypatch):
+    """Evaluation and predict (every item), cka (chosen items: ``indices``)."""
     remote, local = stores
 
     def loaded(path: str, workers: int) -> list:
         s = fstore.open(path)
         data = AllViews(s, ["p2", "p5"], ()) if views == "all" else s.dataset(["p2", "p5"], view=1, stored=True)
-        items = InOrder(data, 3, read_ahead=4)
+        items = InOrder(data, 3, read_ahead=4, indices=[8, 0, 6, 3, 5, 9, 1] if views == "chosen" else None)
         got = list(torch.utils.data.DataLoader(items, batch_size=3, collate_fn=Collate(TASK, with_targets=False), num_workers=workers))
         items.close()
         return got
 
     want = loaded(local, 0)
-    assert len(want) == 4  # 10 samples in batches of 3: the last is short
+    assert len(want) == (3 if views == "chosen" else 4)  # 7 or 10 items in batches of 3: the last is short
     same(loaded(remote, 2), want)
     reads = counted_reads(monkeypatch)
     same(loaded(remote, 0), want)

@@ -66,7 +66,8 @@ class Collate:
 class Plan(Protocol):
     """The order a DataLoader's batches come in: batch ``it``'s keys, and which batch some keys are."""
 
-    stop: int
+    @property
+    def stop(self) -> int: ...
 
     def batch(self, it: int) -> list[Any]: ...
 
@@ -148,18 +149,27 @@ class EpochItems(ReadsAhead):
 
 
 class InOrder(ReadsAhead):
-    """``data`` read in batches of ``batch_size`` in order (evaluation, predict), read ahead from a store in object storage."""
+    """Items ``data[indices[k]]`` (every item by default) read in batches of ``batch_size`` in order (evaluation, predict,
+    cka), read ahead from a store in object storage."""
 
-    def __init__(self, data: Dataset, batch_size: int, read_ahead: int = READ_AHEAD) -> None:
-        super().__init__(data, InBatches(len(data), batch_size), read_ahead)  # type: ignore[arg-type]
+    def __init__(self, data: Dataset, batch_size: int, read_ahead: int = READ_AHEAD, indices: Sequence[int] | None = None) -> None:
+        self.indices = list(range(len(data))) if indices is None else [int(j) for j in indices]  # type: ignore[arg-type]
+        super().__init__(data, InBatches(len(self.indices), batch_size), read_ahead)
 
-    def __getitem__(self, j: int) -> Any:
-        return self.data[j]
+    def __len__(self) -> int:
+        return len(self.indices)
 
-    def __getitems__(self, js: list[int]) -> list[Any]:
-        self.expect(list(js))
+    def __getitem__(self, k: int) -> Any:
+        return self.data[self.indices[k]]
+
+    def __getitems__(self, ks: list[int]) -> list[Any]:
+        self.expect(list(ks))
+        js = [self.indices[k] for k in ks]
         many = getattr(self.data, "__getitems__", None)
         return many(js) if many is not None else [self.data[j] for j in js]
+
+    def requests_of(self, keys: list[int]) -> Iterator[tuple[str, int, int | None]]:
+        yield from self.data.requests([self.indices[k] for k in keys])  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)

@@ -210,7 +210,7 @@ def run_cka(cfg: CkaConfig, progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm
 
     from fcache.common.devices import resolve_device
-    from fcache.train_heads.data import Collate, eval_data
+    from fcache.train_heads.data import Collate, InOrder, eval_data
     from fcache.train_heads.evaluation import load_trained
     from fcache.train_heads.tasks import task_def
 
@@ -223,7 +223,7 @@ def run_cka(cfg: CkaConfig, progress: bool = True) -> dict[str, Any]:
     n = len(data)  # type: ignore[arg-type]
     chosen = np.sort(rng.choice(n, size=min(cfg.samples, n), replace=False))
     full = len(chosen) - len(chosen) % cfg.batch_size  # whole minibatches only
-    subset = torch.utils.data.Subset(data, chosen[:full].tolist())
+    subset = InOrder(data, cfg.batch_size, indices=chosen[:full].tolist())  # read ahead from a store in object storage
     loader = torch.utils.data.DataLoader(subset, batch_size=cfg.batch_size, collate_fn=Collate(task, with_targets=False))
     device = torch.device(resolve_device(cfg.device))
     model.to(device).eval()
@@ -234,7 +234,10 @@ def run_cka(cfg: CkaConfig, progress: bool = True) -> dict[str, Any]:
                 task.predict(model, batch.to(device))
                 yield taps()
 
-    result = analyse(batches())
+    try:
+        result = analyse(batches())
+    finally:
+        subset.close()
     if not result:
         raise InputError(f"{cfg.run}: nothing to analyse (the head has no neck or cascade to tap, or too few samples)")
     write(result, folder, f"linear CKA, {t.task.head} at iteration {t.iteration}, {full} samples of {Path(str(store.root)).name}")
