@@ -61,6 +61,14 @@ class BackendTests(ABC):
         with pytest.raises(FileNotFoundError):
             backend.get_ranges([Range("nope", 0, 1)])
 
+    def test_range_futures_read_what_get_ranges_reads(self, backend: Backend) -> None:
+        self.raw_put(backend, "x/y", TEN)
+        ranges = [Range("x/y", 2, 5), Range("x/y", -3, None), Range("x/y", 7, None), Range("nope", 0, 1)]
+        futures = [backend.range_future(r) for r in ranges]  # all started before any is waited on
+        assert [f.result(timeout=60) for f in futures[:3]] == backend.get_ranges(ranges[:3]) == [b"234", b"789", b"789"]
+        with pytest.raises(FileNotFoundError):
+            futures[3].result(timeout=60)
+
     def test_put_replaces_objects_whole(self, backend: Backend, tmp_path: Path) -> None:
         backend.put("x/y", TEN)
         assert self.raw_get(backend, "x/y") == TEN
