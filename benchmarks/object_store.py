@@ -14,7 +14,11 @@ is (max - min) / median of the 20 ms passes. Local disk is read two ways: zarr's
 sample-view at a time, once) and the direct path on the local files (``ShardFetcher``: kept indexes, direct range
 reads, measured again at every k, between the clients); ratios are against the faster. ``cached`` reads through
 ``--cache-dir`` after a first pass filled it (the first client only: no request leaves the cache). The second table
-times the ranged GETs alone (no decoding): requests per second and the client's CPU per request at 0 ms.
+times the ranged GETs alone (no decoding): requests per second and the client's CPU per request at 0 ms. The third
+reads the same sample-views through the training loader (``train_loader``: batches of k, no workers, the stored values
+a training device decodes, epochs of the same samples), batch by batch and read ahead (k requests in flight), as a
+ratio to the same loader on the local store (whose stored values, not converted to float32, read faster than the
+first table's local path).
 The summary names the smallest k that reaches 0.8 (and 1.0) of the local-disk rate at 20 ms, per client and read path.
 Usage: python benchmarks/object_store.py [--sizes demo,swinv2-l] [--conc 1,2,4,8,16,32,64] [--repeats 3]
                                          [--clients s3fs,obstore] [--no-cached]
@@ -32,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -52,6 +57,7 @@ from fcache.spec import (  # noqa: E402
 from fcache.store.backends.objects import ObjectBackend  # noqa: E402
 from fcache.store.dtypes import decode  # noqa: E402
 from fcache.store.fetch import ShardFetcher, decoder  # noqa: E402
+from fcache.train_heads.data import train_loader  # noqa: E402
 
 SIZES = {  # name -> (input size, channels of p3, samples, shard size, sample-views read per pass)
     "demo": (256, 192, 256, 16, 128),
@@ -63,6 +69,9 @@ COLS = ["chunks", "k", "client", "local zarr MB/s", "local direct MB/s", "S3 0ms
         "ahead 20ms MB/s", "spread ahead", "ratio ahead 20ms", "S3 20ms cached MB/s", "ratio cached"]  # fmt: skip
 PATHS = {"ratio 20ms": "batches (read_many)", "ratio ahead 20ms": "read-ahead (read_stream)"}  # the summary's columns
 GET_COLS = ["chunks", "k", "client", "GETs/s 0ms", "CPU ms per GET 0ms", "GETs/s 20ms"]
+LOADER_COLS = ["chunks", "k", "client", "loader local MB/s", "loader 20ms MB/s", "loader ahead 20ms MB/s", "loader ratio",
+               "loader ratio ahead"]  # fmt: skip
+NO_TARGETS = SimpleNamespace(targets=lambda item, geometry: None)  # the loader's collation asks a task for nothing else here
 
 
 def build(root: Path, size: str) -> Path:
@@ -125,6 +134,22 @@ def streamed(store: fstore.FeatureStore, picks: list[int], k: int, repeats: int)
     return rates
 
 
+def loaded(store: fstore.FeatureStore, picks: list[int], k: int, repeats: int, read_ahead: int) -> list[float]:
+    """MB/s of each of ``repeats`` epochs of the training loader over ``picks`` (stored values of p3, batches of k, no
+    workers: its prefetch thread reads), ``read_ahead`` range requests kept in flight (0: batch by batch)."""
+    per = int(np.prod(store.manifest.level_shape("p3"))) * 2
+    data = store.dataset(["p3"], indices=picks, stored=True)
+    per_epoch = len(picks) // k
+    batches = train_loader(data, NO_TARGETS, batch_size=k, seed=0, start=0, stop=repeats * per_epoch, num_workers=0,  # type: ignore[arg-type]
+                           read_ahead=read_ahead)  # fmt: skip
+    rates, t = [], time.perf_counter()
+    for n, _ in enumerate(batches, 1):
+        if n % per_epoch == 0:
+            rates.append(per_epoch * k * per / (time.perf_counter() - t) / 1e6)
+            t = time.perf_counter()
+    return rates
+
+
 def gets(store: fstore.FeatureStore, picks: list[int], k: int, repeats: int) -> tuple[float, float]:
     """Median ranged GETs per second (the chunks of ``picks``, k at once, not decoded) and the CPU seconds per GET."""
     fetcher = store.fetcher
@@ -153,7 +178,9 @@ def spread(rates: list[float]) -> float:
     return (max(rates) - min(rates)) / statistics.median(rates)
 
 
-def run(size: str, conc: list[int], repeats: int, root: Path, clients: list[str], cached: bool) -> tuple[list[dict], list[dict]]:
+def run(
+    size: str, conc: list[int], repeats: int, root: Path, clients: list[str], cached: bool
+) -> tuple[list[dict], list[dict], list[dict]]:
     path = build(root, size)
     n, picks_n = SIZES[size][2], SIZES[size][4]
     picks = [int(i) for i in np.random.default_rng(1).choice(n, size=picks_n, replace=False)]
@@ -161,7 +188,7 @@ def run(size: str, conc: list[int], repeats: int, root: Path, clients: list[str]
     passes(local, picks, 1, 1)  # page cache warm
     zarr_rate = statistics.median(passes(local, picks, 1, repeats))  # zarr's own read path
     direct = ShardFetcher(local.backend, local.manifest, local.ledger, None)  # the remote read path on the local files
-    rows, get_rows = [], []
+    rows, get_rows, loader_rows = [], [], []
     servers = {d: serve(root, d) for d in (0, 20)}
     try:
         url = f"s3://{BUCKET}/{path.name}"
@@ -189,11 +216,16 @@ def run(size: str, conc: list[int], repeats: int, root: Path, clients: list[str]
                 get_rows.append({"chunks": size, "k": k, "client": client, "GETs/s 0ms": rate0, "CPU ms per GET 0ms": cpu0 * 1e3,
                                  "GETs/s 20ms": gets(stores[20], picks, k, repeats)[0]})  # fmt: skip
                 rows.append(row)
+                local_loader = statistics.median(loaded(local, picks, k, repeats, 0))
+                batched, ahead = (statistics.median(loaded(stores[20], picks, k, repeats, a)) for a in (0, k))
+                loader_rows.append({"chunks": size, "k": k, "client": client, "loader local MB/s": local_loader,
+                                    "loader 20ms MB/s": batched, "loader ahead 20ms MB/s": ahead, "loader ratio": batched / local_loader,
+                                    "loader ratio ahead": ahead / local_loader})  # fmt: skip
                 print(table([row], COLS).splitlines()[-1], flush=True)
     finally:
         for proc, _ in servers.values():
             proc.terminate()
-    return rows, get_rows
+    return rows, get_rows, loader_rows
 
 
 def main() -> None:
@@ -213,15 +245,17 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="fcache-objbench-"))
     rows: list[dict] = []
     get_rows: list[dict] = []
+    loader_rows: list[dict] = []
     loads = [os.getloadavg()[0]]
     try:
         for size in args.sizes.split(","):
-            got, got_gets = run(size, conc, args.repeats, root, clients, args.cached)
-            rows, get_rows, loads = rows + got, get_rows + got_gets, loads + [os.getloadavg()[0]]
+            got, got_gets, got_loader = run(size, conc, args.repeats, root, clients, args.cached)
+            rows, get_rows, loader_rows, loads = rows + got, get_rows + got_gets, loader_rows + got_loader, loads + [os.getloadavg()[0]]
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(table(rows, COLS))
     print(table(get_rows, GET_COLS))
+    print(table(loader_rows, LOADER_COLS))
     summary: dict[str, dict] = {}
     for size in args.sizes.split(","):
         for client in clients:
@@ -233,7 +267,7 @@ def main() -> None:
                 print(f"{size}, {client}, {path}: with 20 ms per request, 0.8 of the local-disk rate at k = {k8}, 1.0 at k = {k10}")
     # other work on the machine: every figure here is CPU-bound on a small machine
     print(f"load average (1 minute) at the start and after each size: {', '.join(f'{v:.1f}' for v in loads)} on {os.cpu_count()} cores")
-    payload = {"rows": rows, "gets": get_rows, "summary": summary, "load_averages": loads, "cores": os.cpu_count()}
+    payload = {"rows": rows, "gets": get_rows, "loader": loader_rows, "summary": summary, "load_averages": loads, "cores": os.cpu_count()}
     print(f"results: {save('object_store', payload)}")
 
 
