@@ -105,3 +105,20 @@ def test_a_process_takes_its_batches_from_the_read_ahead(stores, monkeypatch):
                 np.testing.assert_array_equal(g["features"][lv].values.numpy(), w["features"][lv].values.numpy())
     ahead.close()
     assert not ahead.data.store.expecting and not any(t.name == "fcache-readahead" for t in threading.enumerate())
+
+
+def test_workers_forked_from_a_process_reading_ahead_read_ahead_of_their_own(stores):
+    remote, local = stores
+    data = fstore.open(remote).dataset(["p2", "p5"], view=1, stored=True)
+    data.store.expect([("p2", 9, 1)], window=2)  # the main process reads ahead when its workers are forked
+    assert data.store.expecting
+    items = InOrder(data, 3, read_ahead=4)
+    loader = torch.utils.data.DataLoader(items, batch_size=3, collate_fn=Collate(TASK, with_targets=False), num_workers=2, timeout=120)
+    want = torch.utils.data.DataLoader(
+        InOrder(fstore.open(local).dataset(["p2", "p5"], view=1, stored=True), 3),
+        batch_size=3,
+        collate_fn=Collate(TASK, with_targets=False),
+    )
+    same(list(loader), list(want))  # no worker waits on the parent's read-ahead
+    data.store.expect(None)
+    assert not any(t.name == "fcache-readahead" for t in threading.enumerate())

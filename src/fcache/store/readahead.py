@@ -52,6 +52,7 @@ class ReadAhead:
         self.stop = threading.Event()
         self.pending: list[Future[Any]] = []  # each chunk's future, done once its request returned and it is decoded
         self.feeder: threading.Thread | None = None
+        self.pid = os.getpid()
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return (values for _, values in self.pairs())
@@ -64,6 +65,8 @@ class ReadAhead:
 
     def close(self) -> None:
         """Stop sending, and wait for what is in flight and decoding: no thread outlives it, nothing writes after it."""
+        if os.getpid() != self.pid:  # a forked copy: its threads and requests stayed in the parent
+            return
         self.stop.set()
         if self.feeder is not None:
             self.feeder.join()
