@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fcache import store as fstore
-from fcache.store import layout
+from fcache.store import layout, readahead
 from fcache.store.backends import Range
 from fcache.store.backends.objects import ObjectBackend
 from helpers import build_store
@@ -154,3 +154,15 @@ def test_expected_requests_are_taken_while_they_match_then_read_as_usual(stores,
     assert str(ahead.value) == str(many.value)  # raised by the store's own check, as read_many raises it
     b.expect(None)
     assert not b.expecting and no_feeder_left()
+
+
+def test_large_chunks_get_a_smaller_window(stores, monkeypatch):
+    url, local = stores
+    s = fstore.open(url)
+    chunk = max(int(np.prod(s.manifest.level_shape(lv))) for lv in s.level_names)  # int8: one byte per value
+    monkeypatch.setattr(readahead, "HELD_BYTES", 3 * chunk)  # three of the largest chunks
+    count = Counted(monkeypatch)
+    requests = requests_of(s)
+    for (lv, i, v), got in zip(requests, s.read_stream(requests, window=8), strict=True):
+        np.testing.assert_array_equal(got, local.read(lv, i, v))
+    assert count.most == 3 and count.now == 0

@@ -5,15 +5,17 @@ as it lands, the results handed over in request order (``FeatureStore.read_strea
 storage every batch costs at least one round trip beside its decoding: with 20 ms per request and k = 16 that bounds
 demo-size chunks near 0.44 of the local rate. Here a feeder thread sends the next request as soon as one of the
 ``window`` in flight returns (``Backend.range_future``), and the fetcher's decoding threads decode each chunk while
-the others travel. At most ``window`` requests are in flight and at most ``2 * window`` chunks are held ahead of the
-consumer. The values equal ``ShardFetcher.read``'s bit for bit (the same decode, the same ``convert``); the errors
-are the ones it raises, at the request that meets them; closing the iterator early stops the feeder and waits for
-what is in flight, so no thread outlives it. On local disk (no cache) each decoding thread reads its own chunk, as
-``read`` does.
+the others travel. At most ``window`` requests are in flight, and at most ``2 * window`` chunks and ``HELD_BYTES`` of
+decoded chunks are held ahead of the consumer (large chunks, which need few requests in flight to read at the local
+rate, get a smaller window). The values equal ``ShardFetcher.read``'s bit for bit (the same decode, the same
+``convert``); the errors are the ones it raises, at the request that meets them; closing the iterator early stops the
+feeder and waits for what is in flight, so no thread outlives it. On local disk (no cache) each decoding thread reads
+its own chunk, as ``read`` does.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import threading
@@ -30,6 +32,7 @@ from fcache.store.fetch import Chunk, Convert, ShardFetcher, decoder
 Request = tuple[str, int, int | None]
 Prepare = Callable[[Sequence[Request]], None]
 READ_AHEAD = 16  # range requests kept in flight by default: demo-size chunks at 20 ms per request reach the local rate near it
+HELD_BYTES = 256 * 2**20  # chunks a read-ahead holds at most, counted in stored bytes (fewer in flight where chunks are large)
 END = object()
 WAIT = 0.05  # seconds between looks at the stop flag while the window is full
 
@@ -46,8 +49,10 @@ class ReadAhead:
             raise ValueError(f"window must be at least 1, not {window}")
         self.fetcher, self.window, self.convert, self.prepare = fetcher, window, convert, prepare
         self.requests = iter(requests)
-        self.in_flight = threading.BoundedSemaphore(window)  # range requests sent and not yet answered
-        self.held = threading.BoundedSemaphore(2 * window)  # chunks sent and not yet handed over
+        biggest = max((math.prod(c.chunk_shape[2:]) * c.dtype.itemsize for c in fetcher.layouts.values() if c), default=1)
+        held = max(1, min(2 * window, HELD_BYTES // biggest))
+        self.in_flight = threading.BoundedSemaphore(min(window, held))  # range requests sent and not yet answered
+        self.held = threading.BoundedSemaphore(held)  # chunks sent and not yet handed over
         self.ready: queue.Queue[Any] = queue.Queue()  # (request, its chunks' futures) in request order; END; an error
         self.stop = threading.Event()
         self.pending: list[Future[Any]] = []  # each chunk's future, done once its request returned and it is decoded
