@@ -12,6 +12,9 @@ batch to the next (``Buffers``). The float32 values are the ones the numpy decod
 from __future__ import annotations
 
 import math
+import os
+import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -98,13 +101,66 @@ def torch_dtype(dtype: np.dtype) -> torch.dtype:
 
 
 def empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU tensor; inside a DataLoader worker in shared memory, so it reaches the training process without
-    a copy (what torch's default collation does)."""
+    """An uninitialised CPU tensor, which its caller fills whole: inside a DataLoader worker in shared memory, so it reaches
+    the training process without a copy (what torch's default collation does); elsewhere one of ``recycled()``'s."""
     if torch.utils.data.get_worker_info() is None:
-        return torch.empty(tuple(shape), dtype=dtype)
+        return recycled().empty(tuple(shape), dtype)
     nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
     strides = [math.prod(shape[k + 1 :]) for k in range(len(shape))]
     return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, tuple(shape), strides)
+
+
+class Recycled:
+    """Arrays for the batches a process reads, each handed out again once nothing holds it any more.
+
+    A batch of SwinV2-L@1024 features is hundreds of MB: a fresh array costs the kernel a fault and a zeroed page per
+    4 KB every batch (a quarter of the CPU time of reading it, measured at shape B of ``benchmarks/read_speed.py``). An
+    array is handed out as a tensor over it (``torch.from_numpy``), which, with every view, row and storage made from
+    it, holds a reference to the array: the array is free when only this pool refers to it. The ``KEPT`` most recently
+    used arrays are kept; their values are whatever the last batch left, and every caller overwrites all of them."""
+
+    KEPT = 16
+
+    def __init__(self) -> None:
+        self._arrays: list[np.ndarray] = []  # least recently handed out first
+        self._probe = [np.empty(0)]
+        self._lock = threading.Lock()
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        np_dtype = _numpy_dtype(dtype)
+        if np_dtype is None:
+            return torch.empty(shape, dtype=dtype)
+        with self._lock:
+            for k in reversed(range(len(self._arrays))):  # the most recently used first: its pages are the warmest
+                if self._arrays[k].shape == shape and self._arrays[k].dtype == np_dtype and self._free(k):
+                    self._arrays.append(self._arrays.pop(k))
+                    return torch.from_numpy(self._arrays[-1])
+            array = torch.empty(shape, dtype=dtype).numpy()  # not np.empty: numpy asks for huge pages, slower to fault in
+            self._arrays.append(array)
+            del self._arrays[: -self.KEPT]
+            return torch.from_numpy(array)
+
+    def _free(self, k: int) -> bool:
+        """Whether only the list refers to array k: counted the way a probe held only by a list is."""
+        return sys.getrefcount(self._arrays[k]) == sys.getrefcount(self._probe[0])
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype | None:
+    try:
+        return torch.empty(0, dtype=dtype).numpy().dtype
+    except TypeError:  # bfloat16 and other dtypes numpy lacks
+        return None
+
+
+_RECYCLED: tuple[int, Recycled] | None = None
+
+
+def recycled() -> Recycled:
+    """This process's ``Recycled`` arrays (a forked child makes its own)."""
+    global _RECYCLED
+    if _RECYCLED is None or _RECYCLED[0] != os.getpid():
+        _RECYCLED = (os.getpid(), Recycled())
+    return _RECYCLED[1]
 
 
 def stack_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
