@@ -8,6 +8,9 @@ collated, ``fcache.store.transit.stack``: the stored values the training device 
 float32 tensors (``stored=False``: the Dataset's own decoding, what training received before), and as the direct path
 returns them (``ShardFetcher.read``: stored values in fresh arrays). The baseline is raw Blosc decoding of the very same
 chunk frames, already in memory, on one thread and on the reader's pool of threads. MB are the stored dtype's bytes.
+Each round takes every reading once (interleaved); a figure is the best of the rounds. ``cpu_ratio_vs_raw_pool``:
+the CPU seconds (all threads) of raw pool decoding over those of the training loader's read, the least of the rounds
+each: how much work the loader adds to the codec's, which a loaded machine changes much less than the wall ratio.
 
 Compact forms (``--forms``): the same features stored in bf16 and in each compact form, read through the Dataset on
 the same threads; the ratio of samples/s against the bf16 store is the goal's (decoding must not slow training:
@@ -134,21 +137,22 @@ def stored_bytes(store: fstore.FeatureStore) -> int:
     return sum(int(np.prod(d[lv].stored_shape(m.level_shape(lv)))) * d[lv].numpy.itemsize for lv in store.level_names)
 
 
-def raw_decode_mb_s(work: list[tuple[bytes, np.ndarray]], pool: bool) -> float:
+def raw_decode_mb_s(work: list[tuple[bytes, np.ndarray]], pool: bool) -> tuple[float, float]:
+    """MB/s of raw decoding and its CPU seconds (every thread of the process)."""
     from numcodecs import blosc
 
     def one(item: tuple[bytes, np.ndarray]) -> int:
         blosc.decompress(item[0], item[1])
         return item[1].nbytes
 
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     total = sum(decoder().map(one, work)) if pool else sum(map(one, work))
-    return total / (time.perf_counter() - t) / 1e6
+    return total / (time.perf_counter() - t) / 1e6, time.process_time() - cpu
 
 
-def dataset_mb_s(path: Path, zarr_path: bool, stored: bool = False) -> tuple[float, float]:
-    """MB/s and samples/s of random batches through the Dataset (all levels, view 0), one pass over the store; with
-    ``stored`` the stored values collated per level, as the training loader delivers them to the device."""
+def dataset_mb_s(path: Path, zarr_path: bool, stored: bool = False) -> tuple[float, float, float]:
+    """MB/s, samples/s and CPU seconds of random batches through the Dataset (all levels, view 0), one pass over the
+    store; with ``stored`` the stored values collated per level, as the training loader delivers them to the device."""
     store = fstore.open(path, read_path="zarr" if zarr_path else "direct")
     ds = store.dataset(stored=stored)
     per_sample = stored_bytes(store)
@@ -160,11 +164,11 @@ def dataset_mb_s(path: Path, zarr_path: bool, stored: bool = False) -> tuple[flo
             stack([it["features"][lv] for it in items])
 
     batch(order[:BATCH])  # indexes, handles, threads
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     for k in range(0, len(order), BATCH):
         batch(order[k : k + BATCH])
     dt = time.perf_counter() - t
-    return per_sample * len(order) / dt / 1e6, len(order) / dt
+    return per_sample * len(order) / dt / 1e6, len(order) / dt, time.process_time() - cpu
 
 
 def stored_mb_s(path: Path) -> float:
@@ -178,6 +182,19 @@ def stored_mb_s(path: Path) -> float:
     for k in range(0, len(order), BATCH):
         fetcher.read([(lv, i, 0) for i in order[k : k + BATCH] for lv in store.level_names])
     return stored_bytes(store) * len(order) / (time.perf_counter() - t) / 1e6
+
+
+def one_round(path: Path, work: list[tuple[bytes, np.ndarray]]) -> dict[str, tuple[float, ...]]:
+    """Every reading of a shape once (MB/s first, CPU seconds last where measured): rounds interleave them, so a change
+    of load on a shared machine falls on all of them alike."""
+    return {
+        "raw1": raw_decode_mb_s(work, pool=False),
+        "rawp": raw_decode_mb_s(work, pool=True),
+        "direct": dataset_mb_s(path, zarr_path=False, stored=True),
+        "float32": dataset_mb_s(path, zarr_path=False),
+        "stored": (stored_mb_s(path),),
+        "zarr": dataset_mb_s(path, zarr_path=True),
+    }
 
 
 def compact_rows(root: Path, name: str, n: int, forms: list[str], rounds: int) -> list[dict]:
@@ -238,12 +255,11 @@ def main() -> None:
             store = fstore.open(path)
             per_sample = stored_bytes(store)
             work = frames(store)
-            raw1 = max(raw_decode_mb_s(work, pool=False) for _ in range(args.rounds))
-            rawp = max(raw_decode_mb_s(work, pool=True) for _ in range(args.rounds))
-            direct = max((dataset_mb_s(path, zarr_path=False, stored=True) for _ in range(args.rounds)), key=lambda r: r[0])
-            as_float = max((dataset_mb_s(path, zarr_path=False) for _ in range(args.rounds)), key=lambda r: r[0])
-            raw_values = max(stored_mb_s(path) for _ in range(args.rounds))
-            plain = max((dataset_mb_s(path, zarr_path=True) for _ in range(args.rounds)), key=lambda r: r[0])
+            rounds = [one_round(path, work) for _ in range(args.rounds)]
+            best = {k: max((r[k] for r in rounds), key=lambda m: m[0]) for k in rounds[0]}
+            raw1, rawp, raw_values = best["raw1"][0], best["rawp"][0], best["stored"][0]
+            direct, as_float, plain = best["direct"], best["float32"], best["zarr"]
+            cpu = {k: min(r[k][-1] for r in rounds) for k in ("rawp", "direct")}
             row = {
                 "shape": name,
                 "MB_per_sample": per_sample / 1e6,
@@ -253,6 +269,7 @@ def main() -> None:
                 "dataset_MB_s": direct[0],
                 "dataset_samples_s": direct[1],
                 "ratio_vs_raw_pool": direct[0] / rawp,
+                "cpu_ratio_vs_raw_pool": cpu["rawp"] / cpu["direct"],
                 "ratio_vs_raw_1t": direct[0] / raw1,
                 "float32_MB_s": as_float[0],
                 "float32_ratio_vs_raw_pool": as_float[0] / rawp,
@@ -282,8 +299,8 @@ def main() -> None:
         print(f"results: {save('read_speed', {'args': vars(args), 'compact': compact})}")
         return
     cols = ["shape", "MB_per_sample", "raw_1t_MB_s", "raw_pool_MB_s", "stored_MB_s", "stored_ratio_vs_raw_pool", "dataset_MB_s",
-            "ratio_vs_raw_pool", "float32_MB_s", "float32_ratio_vs_raw_pool", "zarr_path_MB_s", "zarr_ratio_vs_raw_pool", "write_samples_s",
-            "write_MB_s"]  # fmt: skip
+            "ratio_vs_raw_pool", "cpu_ratio_vs_raw_pool", "float32_MB_s", "float32_ratio_vs_raw_pool", "zarr_path_MB_s",
+            "zarr_ratio_vs_raw_pool", "write_samples_s", "write_MB_s"]  # fmt: skip
     print(f"read and write speed against raw Blosc decode of the same chunks ({os.cpu_count()} cores, best of {args.rounds})")
     print(table(rows, cols))
     for row in rows:

@@ -4,9 +4,10 @@ decode (``fcache.store.dtypes``), the first operation of a training step.
 
 Training reads half the bytes (or less) it would read as float32 and the loader never converts: the decoding threads
 write the stored values of a batch straight into its tensors (in shared memory inside a DataLoader worker, so the batch
-reaches the training process without a copy), collation keeps those tensors (``stack``), and the training device
-decodes each level in one go: on a GPU after a copy from pinned memory, on a CPU into float32 buffers reused from one
-batch to the next (``Buffers``). The float32 values are the ones the numpy decode of the Dataset gives, bit for bit.
+reaches the training process without a copy; elsewhere into arrays reused once nothing holds them, ``Recycled``),
+collation keeps those tensors (``stack``), and the training device decodes each level in one go: on a GPU after a copy
+from pinned memory, on a CPU into float32 buffers reused from one batch to the next (``Buffers``). The float32 values
+are the ones the numpy decode of the Dataset gives, bit for bit.
 """
 
 from __future__ import annotations
