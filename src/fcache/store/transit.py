@@ -120,7 +120,7 @@ class Recycled:
     it, holds a reference to the array: the array is free when only this pool refers to it. The ``KEPT`` most recently
     used arrays are kept; their values are whatever the last batch left, and every caller overwrites all of them."""
 
-    KEPT = 16
+    KEPT = 32  # four batches of four levels with side data: the one read, two read ahead (``Prefetch``), the loop's
 
     def __init__(self) -> None:
         self._arrays: list[np.ndarray] = []  # least recently handed out first
