@@ -300,8 +300,8 @@ THREADS = max(1, min(8, os.cpu_count() or 1))  # decoding threads of a process
 
 def largest_first(work: Callable[[int], T], sizes: Sequence[int]) -> list[T]:
     """``[work(k) for k in range(len(sizes))]`` on the decoding threads, the largest first, each thread taking the next
-    when it is done: the last to finish are small, so no thread waits long on another's last chunk (a SwinV2-L p2 chunk
-    takes ~40 ms to decode, its p5 chunk ~1 ms), and a batch costs one task per thread instead of one per chunk."""
+    when it is done: the last to finish are small, so one thread seldom waits long on the other's last chunk, and a batch
+    costs one pool task per thread instead of one per chunk."""
     todo = iter(sorted(range(len(sizes)), key=sizes.__getitem__, reverse=True))
     out: list[Any] = [None] * len(sizes)
     lock, failed = threading.Lock(), threading.Event()
