@@ -29,6 +29,7 @@ SCRIPTS = {
     "distribution": ["--images", "64"],
     "heads_per_pass": ["--sizes", "256", "--rounds", "2"],
     "read_speed": ["--samples-a", "64", "--samples-b", "8", "--forms", "int4,int3,pca8"],
+    "handover": ["--shapes", "A,B", "--samples", "16"],
     "scale": ["--n", "2000"],  # full COCO-train size: python benchmarks/scale.py --n 10000,40000,118287 (docs/performance.md, "Scale")
     "compact": ["--seeds", "2", "--scale", "0.5", "--iters-scale", "0.25"],  # in full: python benchmarks/compact.py
 }
@@ -38,6 +39,7 @@ QUICK = {
     "heads_per_pass": ["--sizes", "256", "--iters", "4", "--rounds", "1"],
     "distribution": ["--images", "16"],
     "read_speed": ["--samples-a", "32", "--samples-b", "8", "--rounds", "1", "--forms", "int4"],
+    "handover": ["--shapes", "A", "--samples", "16", "--passes", "1"],
     "scale": ["--n", "500", "--steps", "json_load,validate,create,commit,open,info,verify_fast,to_dask"],
     "compact": ["--sets", "video", "--seeds", "1", "--scale", "0.25", "--iters-scale", "0.1"],
 }
