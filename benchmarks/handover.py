@@ -5,8 +5,9 @@ The training loader's Dataset (``FeatureDataset(stored=True)``, collated by ``fc
 chunk shapes of ``read_speed.py`` (A: demo size, B: SwinV2-L@1024), random batches, and the step's first operation
 (each level decoded to float32 into reused ``transit.Buffers``). Per batch: CPU milliseconds and minor page faults of
 the reading (in the training process without workers, in a worker with them) and of the training process (receiving
-and decoding, torch's own threads included), and the batches per second. Fresh pages cost a fault and a zeroed page each; the training process
-reads its own batches into arrays it reuses (``transit.Recycled``), a worker into fresh shared memory.
+and decoding, torch's own threads included), and the batches per second. Fresh pages cost a fault and a zeroed page
+each; the training process reads its own batches into arrays it reuses (``transit.Recycled``), a worker into fresh
+shared memory.
 
 Usage: python benchmarks/handover.py [--shapes B] [--samples 16] [--batch 2] [--workers 0,2] [--passes 2]
 """
