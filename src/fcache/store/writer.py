@@ -33,6 +33,7 @@ from fcache.store.dtypes import Encoded, encode, stored
 from fcache.store.layout import Unit
 from fcache.store.leases import Lease
 from fcache.store.records import FileRecord, LedgerRecord
+from fcache.store.shards import shard_bytes, sharded_as_features
 
 WRITE_CONFIG: Any = {"write_empty_chunks": True}
 LOCK_TIMEOUT_S = 600.0
@@ -341,7 +342,7 @@ class StoreWriter:
             store = Recording(self.backend.zarr_store(read_only=False))
             for name, enc in encoded.items():
                 step(f"level:{name}")
-                self._array(f"{layout.FEATURES}/{name}", store)[unit.start : unit.stop] = enc.values
+                self._write_features(unit, name, enc.values, store)
                 if enc.scales is not None:
                     self._array(f"{layout.SCALES}/{name}", store)[unit.start : unit.stop] = enc.scales
             step("samples")
@@ -378,6 +379,18 @@ class StoreWriter:
             raise
         finally:
             lock.release()
+
+    def _write_features(self, unit: Unit, name: str, values: np.ndarray, store: Any) -> None:
+        """The unit's shard of ``features/<name>``, built by ``shards.shard_bytes`` when the array is laid out as new
+        stores' are (the same bytes as zarr's), else through zarr."""
+        arr = self._array(f"{layout.FEATURES}/{name}", store)
+        codec, form = self.manifest.storage.codec, self.manifest.storage.form(name)
+        if not sharded_as_features(arr, codec, form) or unit.start != unit.index * arr.shards[0]:  # type: ignore[index]
+            arr[unit.start : unit.stop] = values
+            return
+        data = shard_bytes(values, arr.shards[0], codec, form)  # type: ignore[index]
+        if data is not None:
+            _put(store, {layout.shard_key(arr.path, unit.index, arr.ndim): data})
 
     def _file_records(self, keys: Sequence[str], written: Mapping[str, tuple[int, str]]) -> dict[str, FileRecord]:
         """Size and sha256 of the unit's objects: as sent for those just written, read back for the driver's targets."""
