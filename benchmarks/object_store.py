@@ -188,6 +188,7 @@ def run(
     passes(local, picks, 1, 1)  # page cache warm
     zarr_rate = statistics.median(passes(local, picks, 1, repeats))  # zarr's own read path
     direct = ShardFetcher(local.backend, local.manifest, local.ledger, None)  # the remote read path on the local files
+    local_direct = fstore.FeatureStore(path)  # the training loader on the local files reads through the direct path too
     rows, get_rows, loader_rows = [], [], []
     servers = {d: serve(root, d) for d in (0, 20)}
     try:
@@ -216,7 +217,7 @@ def run(
                 get_rows.append({"chunks": size, "k": k, "client": client, "GETs/s 0ms": rate0, "CPU ms per GET 0ms": cpu0 * 1e3,
                                  "GETs/s 20ms": gets(stores[20], picks, k, repeats)[0]})  # fmt: skip
                 rows.append(row)
-                local_loader = statistics.median(loaded(local, picks, k, repeats, 0))
+                local_loader = statistics.median(loaded(local_direct, picks, k, repeats, 0))
                 batched, ahead = (statistics.median(loaded(stores[20], picks, k, repeats, a)) for a in (0, k))
                 loader_rows.append({"chunks": size, "k": k, "client": client, "loader local MB/s": local_loader,
                                     "loader 20ms MB/s": batched, "loader ahead 20ms MB/s": ahead, "loader ratio": batched / local_loader,
