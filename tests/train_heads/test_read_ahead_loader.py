@@ -122,3 +122,33 @@ def test_workers_forked_from_a_process_reading_ahead_read_ahead_of_their_own(sto
     same(list(loader), list(want))  # no worker waits on the parent's read-ahead
     data.store.expect(None)
     assert not any(t.name == "fcache-readahead" for t in threading.enumerate())
+
+
+def test_the_read_ahead_flag_reaches_the_training_and_evaluation_loaders(tmp_path, monkeypatch) -> None:
+    import json
+
+    from test_cls_probe import QUICK, colour_images, extract, train
+
+    from fcache.train_heads import evaluation, loop
+    from fcache.train_heads.config import TrainConfig
+
+    seen: list[tuple[str, int]] = []
+    real_loader, real_in_order = loop.train_loader, evaluation.InOrder
+
+    def loader(*a, **kw):
+        seen.append(("train", kw["read_ahead"]))
+        return real_loader(*a, **kw)
+
+    def in_order(data, batch_size, read_ahead, **kw):
+        seen.append(("eval", read_ahead))
+        return real_in_order(data, batch_size, read_ahead, **kw)
+
+    monkeypatch.setattr(loop, "train_loader", loader)
+    monkeypatch.setattr(evaluation, "InOrder", in_order)
+    store = extract(colour_images(tmp_path / "images", 2, seed=0), tmp_path / "s.zarr")
+    r = train(store, tmp_path / "run", "--val-store", str(store), "--iters", "2", "--batch-size", "2", "--read-ahead", "5", *QUICK)
+    assert r.exit_code == 0, r.output
+    assert seen and set(seen) == {("train", 5), ("eval", 5)}
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["read_ahead"] == 5
+    cfg = TrainConfig(store="s", out="o", head="linear", iters=1)
+    assert "read_ahead" not in cfg.identity()  # operational: a run resumes with another window

@@ -20,6 +20,7 @@ from fcache.common.errors import InputError
 from fcache.common.flags import check_flags, flag, required
 from fcache.common.records import Record
 from fcache.store.access import ReadAccess
+from fcache.store.readahead import READ_AHEAD
 
 SCHEDULES = ("step", "cosine", "linear")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 on CUDA, fp32 elsewhere
@@ -28,8 +29,9 @@ LOGGERS = ("auto", "tensorboard", "wandb", "none")  # auto: TensorBoard when it 
 WARMUP_FIELDS = ("warmup", "warmup_epochs")
 
 # Fields that do not change what is trained: they may differ when a run is resumed.
-OPERATIONAL = ("store", "val_store", "out", "num_workers", "prefetch", "device", "checkpoint_every", "log_every", "resume", "stop_at",
-               "eval_every", "keep_best", "keep_last", "patience", "logger", "storage_options", "cache_dir", "cache_size")  # fmt: skip
+OPERATIONAL = ("store", "val_store", "out", "num_workers", "prefetch", "read_ahead", "device", "checkpoint_every", "log_every", "resume",
+               "stop_at", "eval_every", "keep_best", "keep_last", "patience", "logger", "storage_options", "cache_dir",
+               "cache_size")  # fmt: skip
 RENAMED = {"steps": "lr_steps"}  # config.json and SPEC files of earlier releases: old field name -> new
 
 
@@ -124,6 +126,9 @@ class TrainConfig(ReadAccess, Record):
     train_fraction: float = flag(1.0, "Train on a seeded subset (Table 6: 0.01, 0.1).", above=0, max=1)
     num_workers: int = flag(2, "DataLoader worker processes.", min=0, max=1024)
     prefetch: int = flag(2, "Batches each DataLoader worker reads ahead (bounded prefetch).", min=1, max=1024)
+    read_ahead: int = flag(READ_AHEAD, "From a store in object storage: range requests each reading process keeps in flight "
+                           "across batches, training and evaluation (0: batch by batch). More carry more where requests are "
+                           "slow; at most 256 MB of chunks are held.", min=0, max=4096)  # fmt: skip
     device: str = flag("auto", DEVICE_HELP)
     checkpoint_every: int = flag(1000, "Iterations between checkpoints.", min=1)
     keep_last: int = flag(1, "Checkpoints kept: the newest K checkpoint-<iter>.pt.", min=1, max=1_000_000)

@@ -28,6 +28,7 @@ from fcache.common.files import check_writable, write_json
 from fcache.spec import LevelSpec
 from fcache.store import FeatureStore
 from fcache.store.info import forms_text
+from fcache.store.readahead import READ_AHEAD
 from fcache.train_heads.config import EvalConfig
 from fcache.train_heads.data import Collate, InOrder, eval_data
 from fcache.train_heads.loop import build_model
@@ -85,10 +86,12 @@ def predict_all(
     device: torch.device,
     progress: bool = True,
     precision: str = "auto",
+    read_ahead: int = READ_AHEAD,
 ) -> tuple[list[dict[str, Any]], list[Any]]:
-    """Every item's raw targets and the task's prediction, in dataset order (under ``precision``'s autocast)."""
+    """Every item's raw targets and the task's prediction, in dataset order (under ``precision``'s autocast); from a
+    store in object storage ``read_ahead`` range requests kept in flight across batches."""
     model.to(device).eval()
-    items = InOrder(data, batch_size)  # read ahead from a store in object storage
+    items = InOrder(data, batch_size, read_ahead)
     loader = DataLoader(items, batch_size=batch_size, shuffle=False, collate_fn=Collate(task, with_targets=False), num_workers=num_workers,
                         pin_memory=device.type == "cuda")  # fmt: skip
     raw: list[dict[str, Any]] = []
@@ -114,10 +117,11 @@ def evaluate(
     out: Path | None = None,
     progress: bool = True,
     precision: str = "auto",
+    read_ahead: int = READ_AHEAD,
 ) -> dict[str, float]:
     """Predict every item of ``data`` and score the predictions with the task's metric."""
     raw, predictions = predict_all(task, model, data, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress,
-                                   precision=precision)  # fmt: skip
+                                   precision=precision, read_ahead=read_ahead)  # fmt: skip
     return task.evaluate(raw, predictions, out)
 
 
@@ -135,6 +139,7 @@ def evaluate_into(
     *,
     precision: str = "auto",
     log: Callable[[dict[str, Any]], None] | None = None,
+    read_ahead: int = READ_AHEAD,
 ) -> dict[str, float]:
     """Score ``model`` on ``store`` as its task evaluates; prediction files and metrics.json go into RUN/eval/<store>,
     the metrics also into metrics.jsonl (with the store they come from; ``log``: also elsewhere, e.g. TensorBoard)."""
@@ -142,7 +147,7 @@ def evaluate_into(
     out = run.eval_dir(store.root, store.manifest.fingerprint)
     metrics = evaluate(
         task, model, data, batch_size=batch_size, num_workers=num_workers, device=torch.device(resolve_device(device)), out=out,
-        progress=progress, precision=precision,
+        progress=progress, precision=precision, read_ahead=read_ahead,
     )  # fmt: skip
     samples = len(data)  # type: ignore[arg-type]
     record = EvalRecord(iter=iteration, store=str(store.root), samples=samples, eval_dir=str(out.relative_to(run.path)), metrics=metrics,

@@ -214,7 +214,8 @@ def train_pass(
     cfg, device = heads[0].cfg, torch.device(heads[0].cfg.device)  # what decides the batches is every head's (check_shared)
     start, stop = pass_range(cfg, states, data, dist)
     batches = train_loader(data, heads[0].task, batch_size=cfg.samples_per_iter, seed=cfg.seed, start=start, stop=stop,
-                           num_workers=cfg.num_workers, prefetch=cfg.prefetch, device=device, rank=dist.rank, world=dist.world)  # fmt: skip
+                           num_workers=cfg.num_workers, prefetch=cfg.prefetch, device=device, rank=dist.rank, world=dist.world,
+                           read_ahead=cfg.read_ahead)  # fmt: skip
     bar = progress_bar(heads, cfg.iters, start, shown=progress and dist.is_main)
     buffers = Buffers()  # each level's float32 features, decoded into the same memory every batch (CPU)
     t0 = time.perf_counter()

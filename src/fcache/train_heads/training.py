@@ -166,7 +166,7 @@ def validation(cfg: TrainConfig, p: Prepared) -> Validation | None:
 
     def evaluate(model: nn.Module, iteration: int, logs: RunLog) -> dict[str, float]:
         metrics = evaluate_into(logs.run, p.task, model, val, p.levels, cfg.batch_size, cfg.num_workers, cfg.device, iteration, False,
-                                precision=cfg.precision, log=logs.log)  # fmt: skip
+                                precision=cfg.precision, log=logs.log, read_ahead=cfg.read_ahead)  # fmt: skip
         if logs.sink is not None:
             logs.pictures(iteration, tdef.pictures(logs.run.eval_dir(val.root, val.manifest.fingerprint)))
         return metrics
