@@ -88,7 +88,7 @@ def scripted(monkeypatch):
     """Evaluations that score SCRIPTED in turn (and log as the real ones do)."""
     calls: list[int] = []
 
-    def fake(run, task, model, store, levels, batch_size, num_workers, device, iteration, progress, *, precision, log):
+    def fake(run, task, model, store, levels, batch_size, num_workers, device, iteration, progress, *, precision, log, read_ahead):
         metrics = {"avg/top1": SCRIPTED[len(calls)], "avg/top5": 1.0}
         calls.append(iteration)
         log({"event": "eval", "iter": iteration, "store": str(store.root), "samples": 12, "eval_dir": "eval/x"} | metrics)
