@@ -137,9 +137,14 @@ class ShardFetcher:
         if self.cache is not None:
             self.cache.put(self._cache_name(w[0], w[1]), f"c{w[2]}", raw)
 
-    def cache_drop(self, w: Chunk) -> None:
-        if self.cache is not None:
+    def decode_cached(self, w: Chunk, raw: bytes, out: np.ndarray | None = None) -> np.ndarray:
+        """``decode`` of chunk ``w`` as the disk cache held it; a damaged cache entry is dropped and read from the store."""
+        try:
+            return self.decode(w, raw, out)
+        except CorruptStoreError:
+            assert self.cache is not None
             self.cache.drop(self._cache_name(w[0], w[1]), f"c{w[2]}")
+            return self.decode(w, self.fetch([w])[w], out)
 
     # -- indexes ------------------------------------------------------------------------------------
     def _load_indexes(self, shards: Sequence[tuple[str, int]]) -> None:
@@ -191,24 +196,14 @@ class ShardFetcher:
                 return done(w, self.decode(w, self.backend.get_ranges([ranges[w]])[0], dest(k)))
 
             return largest_first(read_one, [(ranges[w].stop or 0) - ranges[w].start for w in wanted])
-        raws: dict[tuple[str, int, int], bytes] = {}
-        if self.cache is not None:
-            for w in set(wanted):
-                hit = self.cache.get(self._cache_name(w[0], w[1]), f"c{w[2]}")
-                if hit is not None:
-                    raws[w] = hit
+        hits = {w: self.cache_get(w) for w in set(wanted)}
+        raws = {w: raw for w, raw in hits.items() if raw is not None}
         from_cache = set(raws)
         raws |= self.fetch([w for w in dict.fromkeys(wanted) if w not in raws])
 
         def decoded(k: int) -> np.ndarray:
             w = wanted[k]
-            try:
-                return done(w, self.decode(w, raws[w], dest(k)))
-            except CorruptStoreError:
-                if self.cache is None or w not in from_cache:
-                    raise
-                self.cache.drop(self._cache_name(w[0], w[1]), f"c{w[2]}")  # a damaged cache entry: read it from the store
-                return done(w, self.decode(w, self.fetch([w])[w], dest(k)))
+            return done(w, (self.decode_cached if w in from_cache else self.decode)(w, raws[w], dest(k)))
 
         return list(decoder().map(decoded, range(len(wanted))))
 
@@ -222,9 +217,8 @@ class ShardFetcher:
 
     def fetch(self, wanted: Sequence[tuple[str, int, int]]) -> dict[tuple[str, int, int], bytes]:
         got = dict(zip(wanted, self.backend.get_ranges([self.range_of(w) for w in wanted]), strict=True))
-        if self.cache is not None:
-            for (lv, u, k), data in got.items():
-                self.cache.put(self._cache_name(lv, u), f"c{k}", data)
+        for w, data in got.items():
+            self.cache_put(w, data)
         return got
 
     def decode(self, w: tuple[str, int, int], raw: bytes, out: np.ndarray | None = None) -> np.ndarray:

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from fcache.common.errors import CorruptStoreError
 from fcache.store.fetch import Chunk, Convert, ShardFetcher, decoder
 
 Request = tuple[str, int, int | None]
@@ -154,13 +153,7 @@ class ReadAhead:
             out.set_exception(e)
 
     def _from_cache(self, w: Chunk, raw: bytes, done: Convert) -> np.ndarray:
-        f = self.fetcher
-        try:
-            return done(w, f.decode(w, raw))
-        except CorruptStoreError:
-            assert f.cache is not None
-            f.cache_drop(w)  # a damaged cache entry: read it from the store
-            return done(w, f.decode(w, f.fetch([w])[w]))
+        return done(w, self.fetcher.decode_cached(w, raw))
 
 
 class Expected:
