@@ -36,6 +36,22 @@ def test_importing_the_command_imports_neither_torch_nor_zarr():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_info_reads_a_store_without_importing_torch(tmp_path):
+    """`fcache info` reads the manifest and the ledger only: the reader imports torch where features are read."""
+    from helpers import build_store
+
+    store = build_store(tmp_path / "s.zarr")
+    code = (
+        "import sys; from click.testing import CliRunner; from fcache.cli import main; "
+        f"r = CliRunner().invoke(main, ['info', '--json', {str(store)!r}]); "
+        "assert r.exit_code == 0, r.output; import json; assert json.loads(r.output)['samples'] > 0; "
+        "assert 'torch' not in sys.modules; from fcache.store import open as o; "
+        f"o({str(store)!r}).dataset(); assert 'torch' in sys.modules"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
 def test_flags_come_from_the_config_fields():
     """A setting is written once, as a config field: its flag, default and choices follow from it."""
     from fcache.extract.sources import SOURCES

@@ -113,6 +113,19 @@ def test_exif_orientation_6_is_applied_and_returned(rgb: np.ndarray) -> None:
     assert decode_image_bytes(encode(rgb, "PNG"), name="x").orientation == 1
 
 
+def test_rgb_images_decode_to_the_pixels_of_pillows_rgb_conversion(rgb: np.ndarray) -> None:
+    """An RGB image is read as it is (``convert`` would only copy it): the same pixels as Pillow's converted image, in
+    a C-contiguous (H, W, 3) uint8 array; other modes still go through ``convert``."""
+    for fmt in ("JPEG", "PNG"):
+        data = encode(rgb, fmt)
+        want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        got = decode_image_bytes(data, name="x").image
+        assert got.dtype == np.uint8 and got.shape == (*rgb.shape[:2], 3) and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, want)
+    gray = Image.fromarray(rgb[..., 0])  # an L image still goes through convert
+    np.testing.assert_array_equal(decode_image_bytes(encode(gray, "PNG"), name="x").image, np.stack([rgb[..., 0]] * 3, axis=-1))
+
+
 def test_animated_gif_gives_its_first_frame() -> None:
     out = decode_image_bytes(animated_gif(((255, 0, 0), (0, 255, 0), (0, 0, 255))), name="x").image
     assert out.shape == (8, 8, 3)

@@ -199,7 +199,7 @@ def _rgb_array(im: Image.Image) -> np.ndarray:
     if im.mode in _ALPHA_MODES or "transparency" in im.info:
         rgba = np.asarray(im.convert("RGBA")).astype(np.uint16)
         return ((rgba[..., :3] * rgba[..., 3:] + 127) // 255).astype(np.uint8)  # composited onto black
-    return np.ascontiguousarray(np.asarray(im.convert("RGB")))
+    return np.ascontiguousarray(np.asarray(im if im.mode == "RGB" else im.convert("RGB")))  # convert would copy an RGB image
 
 
 @contextlib.contextmanager

@@ -13,10 +13,9 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import zarr
 
 from fcache.common.errors import CorruptStoreError, InputError, StoreError
@@ -26,12 +25,14 @@ from fcache.store import layout
 from fcache.store.backends import Backend, open_backend, parse_size
 from fcache.store.cache import DiskCache
 from fcache.store.consistency import check_consistent
-from fcache.store.dataset import FeatureDataset
 from fcache.store.dtypes import decode, stored
 from fcache.store.fetch import Convert, ShardFetcher, to_float32
 from fcache.store.readahead import READ_AHEAD, Expected, ReadAhead, blocks
-from fcache.store.transit import LevelCode, Stored, empty, torch_dtype
-from fcache.store.webdataset import WdsExport, is_export
+
+if TYPE_CHECKING:  # these import torch: imported where features are read, so reading a store's metadata (fcache info) does not
+    from fcache.store.dataset import FeatureDataset
+    from fcache.store.transit import LevelCode, Stored
+    from fcache.store.webdataset import WdsExport
 
 GEOMETRY_UNITS_KEPT = 64  # units of geometry a reader keeps (a few KB each)
 READ_PATHS = ("direct", "zarr")  # fcache.store.fetch's (kept shard indexes, byte ranges), or zarr's own (to compare the two)
@@ -54,7 +55,9 @@ def open_store(
         read_path: how features are read (``READ_PATHS``): ``direct`` (``fcache.store.fetch``) or zarr's own path.
     """
     backend = open_backend(path, storage_options)
-    if layout.read_manifest_attrs(backend) is None and is_export(backend):
+    if layout.read_manifest_attrs(backend) is None and _is_export(backend):
+        from fcache.store.webdataset import WdsExport
+
         return WdsExport(backend)
     return FeatureStore(backend, cache_dir=cache_dir, cache_size=cache_size, read_path=read_path)
 
@@ -81,7 +84,7 @@ class FeatureStore:
         self.backend = open_backend(path, storage_options)
         self.root = self.backend.root
         attrs = layout.read_manifest_attrs(self.backend)
-        if attrs is None and is_export(self.backend):
+        if attrs is None and _is_export(self.backend):
             raise StoreError(
                 f"{self.root} is a webdataset export, which is read as a stream (fcache.store.open(...).stream()); "
                 "this needs random access: give the store it was exported from"
@@ -331,6 +334,10 @@ class FeatureStore:
     def code(self, level: str) -> LevelCode:
         """How ``level``'s stored values decode on a training device (its form, width and basis as a tensor)."""
         if level not in self._codes:
+            import torch
+
+            from fcache.store.transit import LevelCode
+
             basis = self.bases.get(level)
             self._codes[level] = LevelCode(
                 self.manifest.storage.form(level), self.width(level), None if basis is None else torch.from_numpy(basis)
@@ -342,6 +349,8 @@ class FeatureStore:
         training device to decode (``fcache.store.transit``): one batch per level, (n, ...) tensors whose row k is
         ``picked[k]``'s (``Stored.row``). Each chunk is decompressed straight into its row (in shared memory inside a
         DataLoader worker); ``read_many`` gives the same values decoded to float32."""
+        from fcache.store.transit import Stored, empty, torch_dtype
+
         every = {v is None for _, v in picked}
         assert len(every) <= 1, "all views of every sample, or one view of each"
         lead = (self.num_views,) if every == {True} else ()
@@ -454,6 +463,8 @@ class FeatureStore:
         stored: bool = False,
     ) -> FeatureDataset:
         """A torch Dataset over ok samples (or ``indices``). See :class:`FeatureDataset`."""
+        from fcache.store.dataset import FeatureDataset
+
         return FeatureDataset(self, levels, indices=indices, view=view, views=views, seed=seed, targets=targets, stored=stored)
 
     def to_dask(self, level: str) -> Any:
@@ -492,3 +503,10 @@ def _gather(arr: zarr.Array, selections: Sequence[Any]) -> list[np.ndarray]:
         return list(await asyncio.gather(*(arr._async_array.getitem(sel) for sel in selections)))
 
     return [np.asarray(v) for v in sync(read_all())]
+
+
+def _is_export(backend: Backend) -> bool:
+    """Whether ``backend`` holds a webdataset export (``fcache.store.webdataset``, which imports torch) and no store."""
+    from fcache.store.webdataset import is_export
+
+    return is_export(backend)
