@@ -239,12 +239,19 @@ def step_open(work: Path) -> dict[str, Any]:
 
 
 def step_info(work: Path) -> dict[str, Any]:
-    from fcache.store import reader as _  # noqa: F401 -- imports are not the step (torch: ~1.3 s of CPU, whatever N)
+    """``describe`` and ``format_info`` (imports are not the step), then ``fcache info`` as a user runs it: a process of
+    its own, from interpreter start to exit (``command_s``, ``command_cpu_s``)."""
+    from fcache.store import reader as _  # noqa: F401
     from fcache.store.info import describe, format_info
 
     t = Clock()
     text = format_info(describe(work / "store.zarr"))
-    return {**t.times(), "lines": len(text.splitlines())}
+    out = {**t.times(), "lines": len(text.splitlines())}
+    w = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "fcache", "info", str(work / "store.zarr")], stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "fcache info failed"
+    return {**out, "command_s": time.perf_counter() - w, "command_cpu_s": usage.ru_utime + usage.ru_stime}
 
 
 def _verify(work: Path, **kw: Any) -> dict[str, Any]:
@@ -439,7 +446,8 @@ def main() -> None:
     finally:
         if not args.keep and not args.work:
             shutil.rmtree(base, ignore_errors=True)
-    cols = ["step", "n", "seconds", "cpu_s", "rss_mb", "process_s", "time_vs_json_load", "cpu_vs_json_load", "rss_vs_json_load", "tasks"]
+    cols = ["step", "n", "seconds", "cpu_s", "rss_mb", "process_s", "time_vs_json_load", "cpu_vs_json_load", "rss_vs_json_load", "tasks",
+            "command_s", "command_cpu_s"]  # fmt: skip
     path = save("scale", {"args": vars(args), "rows": rows})
     if args.json:
         print(json.dumps(rows, indent=1))
