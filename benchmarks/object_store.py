@@ -9,8 +9,11 @@ of k (``FeatureStore.read_many``: k range requests in flight at once), after one
 through each S3 read client (``--clients``: s3fs, the one before obstore, and obstore), the clients interleaved at
 every k; then the same sample-views in the same order read ahead (``FeatureStore.read_stream(window=k)``: k range
 requests kept in flight, each chunk decoded as it lands; the passes one stream, timed pass by pass), what an in-order
-reader (an epoch's batches) gets. MB/s are the stored dtype's uncompressed bytes per second, the median of ``--repeats`` passes; ``spread``
-is (max - min) / median of the 20 ms passes. Local disk is read two ways: zarr's own path (``read_path="zarr"``, one
+reader (an epoch's batches) gets. "in order" reads as many samples in index order (from sample 0), as evaluation,
+predict and export read a store: read ahead, chunks back to back in a shard go in one request (up to
+``readahead.RUN_BYTES``), against the direct path on the local files in the same order. MB/s are the stored dtype's
+uncompressed bytes per second, the median of ``--repeats`` passes; ``spread`` is (max - min) / median of the 20 ms
+passes. Local disk is read two ways: zarr's own path (``read_path="zarr"``, one
 sample-view at a time, once) and the direct path on the local files (``ShardFetcher``: kept indexes, direct range
 reads, measured again at every k, between the clients); ratios are against the faster. ``cached`` reads through
 ``--cache-dir`` after a first pass filled it (the first client only: no request leaves the cache). The second table
@@ -66,8 +69,10 @@ SIZES = {  # name -> (input size, channels of p3, samples, shard size, sample-vi
 BUCKET = "bench"
 READERS = {"s3fs": "fsspec", "obstore": "obstore"}  # --clients name -> ObjectBackend's reader
 COLS = ["chunks", "k", "client", "local zarr MB/s", "local direct MB/s", "S3 0ms MB/s", "S3 20ms MB/s", "spread 20ms", "ratio 20ms",
-        "ahead 20ms MB/s", "spread ahead", "ratio ahead 20ms", "S3 20ms cached MB/s", "ratio cached"]  # fmt: skip
-PATHS = {"ratio 20ms": "batches (read_many)", "ratio ahead 20ms": "read-ahead (read_stream)"}  # the summary's columns
+        "ahead 20ms MB/s", "spread ahead", "ratio ahead 20ms", "local direct in order MB/s", "ahead in order 20ms MB/s",
+        "ratio ahead in order 20ms", "S3 20ms cached MB/s", "ratio cached"]  # fmt: skip
+PATHS = {"ratio 20ms": "batches (read_many)", "ratio ahead 20ms": "read-ahead (read_stream)",
+         "ratio ahead in order 20ms": "read-ahead in index order (read_stream)"}  # the summary's columns  # fmt: skip
 GET_COLS = ["chunks", "k", "client", "GETs/s 0ms", "CPU ms per GET 0ms", "GETs/s 20ms"]
 LOADER_COLS = ["chunks", "k", "client", "loader local MB/s", "loader 20ms MB/s", "loader ahead 20ms MB/s", "loader ratio",
                "loader ratio ahead"]  # fmt: skip
@@ -184,6 +189,7 @@ def run(
     path = build(root, size)
     n, picks_n = SIZES[size][2], SIZES[size][4]
     picks = [int(i) for i in np.random.default_rng(1).choice(n, size=picks_n, replace=False)]
+    in_order = list(range(picks_n))  # as many samples, read as an evaluation reads them
     local = fstore.FeatureStore(path, read_path="zarr")
     passes(local, picks, 1, 1)  # page cache warm
     zarr_rate = statistics.median(passes(local, picks, 1, repeats))  # zarr's own read path
@@ -206,6 +212,9 @@ def run(
                 ahead = streamed(stores[20], picks, k, repeats)
                 row["ahead 20ms MB/s"], row["spread ahead"] = statistics.median(ahead), spread(ahead)
                 row["ratio ahead 20ms"] = row["ahead 20ms MB/s"] / local_rate
+                row["local direct in order MB/s"] = statistics.median(passes(direct, in_order, len(in_order), repeats))
+                row["ahead in order 20ms MB/s"] = statistics.median(streamed(stores[20], in_order, k, repeats))
+                row["ratio ahead in order 20ms"] = row["ahead in order 20ms MB/s"] / row["local direct in order MB/s"]
                 if cached and c == 0:
                     cache = root / f"cache-{size}-{k}"
                     warm = opened(url, servers[20][1], client, cache)

@@ -249,7 +249,7 @@ def step_info(work: Path) -> dict[str, Any]:
     out = {**t.times(), "lines": len(text.splitlines())}
     w = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "fcache", "info", str(work / "store.zarr")], stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
+    _pid, status, usage = os.wait4(proc.pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, "fcache info failed"
     return {**out, "command_s": time.perf_counter() - w, "command_cpu_s": usage.ru_utime + usage.ru_stime}
 

@@ -1,6 +1,7 @@
 """Read-ahead (``FeatureStore.read_stream``, ``fcache.store.readahead``) on a loopback S3 server: the values of
 ``read_many`` and of the local store, at most ``window`` range requests in flight (counted) and the window kept full,
-the errors ``read_many`` raises at the request that meets them, and no thread left behind when it fails or is closed.
+one request for chunks back to back in one object (a shard read in order), the errors ``read_many`` raises at the
+request that meets them, and no thread left behind when it fails or is closed.
 (That it equals ``read_many`` for every stored form, locally, on S3 and on GCS: test_conformance's direct-read test.)"""
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def test_read_ahead_equals_read_many_and_keeps_its_window(stores, monkeypatch):
         count = Counted(monkeypatch)
         got = list(s.read_stream(requests, window=4))
         chunks = sum(2 if v is None else 1 for _, _, v in requests)
-        assert (count.sent, count.most, count.now) == (chunks, 4, 0)  # one request per chunk, 4 at once at most and at best
+        assert count.sent < chunks and (count.most, count.now) == (4, 0)  # 4 at once at most and at best; a request
+        # reads the views of a sample where they lie back to back (test_chunks_back_to_back_are_read_by_one_request)
         for (lv, i, v), a, b in zip(requests, want, got, strict=True):
             np.testing.assert_array_equal(a, b)
             np.testing.assert_array_equal(b, local.read(lv, i, v))
@@ -166,3 +168,58 @@ def test_large_chunks_get_a_smaller_window(stores, monkeypatch):
     for (lv, i, v), got in zip(requests, s.read_stream(requests, window=8), strict=True):
         np.testing.assert_array_equal(got, local.read(lv, i, v))
     assert count.most == 3 and count.now == 0
+
+
+@pytest.fixture(scope="module")
+def one_view(s3_server, tmp_path_factory) -> tuple[str, fstore.FeatureStore]:
+    """12 samples of one view in shards of 4 (uncompressed), in S3 and on local disk: a shard's chunks lie back to back in
+    index order."""
+    kw = dict(n=12, shard_size=4, views=1, dtype="fp16", codec="none")  # chunks of one size
+    local = build_store(tmp_path_factory.mktemp("rv") / "s.zarr", **kw)
+    return str(build_store(s3_server.bucket() + "/one-view.zarr", **kw)), fstore.open(local)
+
+
+def test_chunks_back_to_back_are_read_by_one_request(one_view, monkeypatch):
+    url, local = one_view
+    s = fstore.open(url)
+    in_order = [("p2", i, 0) for i in range(12)]
+    s.read_many(in_order[::4])  # the shard indexes, read before counting
+    chunk = s.fetcher.range_of(s.fetcher.chunks_of(in_order[0])[0])
+    cases = [
+        (in_order, 4, None, 3),  # a block of 4 requests is one shard: one request each
+        (in_order, 4, 2 * (chunk.stop - chunk.start), 6),  # runs cut at RUN_BYTES (chunks of one size here)
+        (in_order, 3, None, 6),  # blocks of 3 across shards of 4: a run ends with its block and with its shard
+        ([("p2", i, 0) for i in (3, 7, 11, 2, 6, 10, 1, 5, 9, 0, 4, 8)], 4, None, 12),  # never back to back
+        ([r for i in range(12) for r in (("p2", i, 0), ("p5", i, 0))], 8, None, 6),  # two objects at once: a run each
+    ]
+    for requests, window, run_bytes, sent in cases:
+        if run_bytes is not None:
+            monkeypatch.setattr(readahead, "RUN_BYTES", run_bytes)
+        count = Counted(monkeypatch)
+        for (lv, i, v), got in zip(requests, s.read_stream(requests, window=window), strict=True):
+            np.testing.assert_array_equal(got, local.read(lv, i, v))
+        assert (count.sent, count.now) == (sent, 0), (requests[:3], window)
+        monkeypatch.undo()
+    assert no_feeder_left()
+
+
+def test_requests_before_an_error_get_their_values_from_a_run_not_sent_yet(one_view, monkeypatch):
+    url, local = one_view
+    s = fstore.open(url)
+    in_order = [("p2", i, 0) for i in range(12)]
+    original = type(s.fetcher).range_of
+
+    def absent_at_6(fetcher, w):
+        if w == s.fetcher.chunks_of(("p2", 6, 0))[0]:
+            raise fstore.CorruptStoreError("chunk 2 is absent from its shard")
+        return original(fetcher, w)
+
+    monkeypatch.setattr(type(s.fetcher), "range_of", absent_at_6)
+    got = []
+    with pytest.raises(fstore.CorruptStoreError, match="absent"):
+        for values in s.read_stream(in_order, window=4):  # 4 and 5 wait in a run when 6 fails
+            got.append(values)
+    assert len(got) == 6
+    for (lv, i, v), values in zip(in_order[:6], got, strict=True):
+        np.testing.assert_array_equal(values, local.read(lv, i, v))
+    assert no_feeder_left()

@@ -5,7 +5,10 @@ as it lands, the results handed over in request order (``FeatureStore.read_strea
 storage every batch costs at least one round trip beside its decoding: with 20 ms per request and k = 16 that bounds
 demo-size chunks near 0.44 of the local rate. Here a feeder thread sends the next request as soon as one of the
 ``window`` in flight returns (``Backend.range_future``), and the fetcher's decoding threads decode each chunk while
-the others travel. At most ``window`` requests are in flight, and at most ``2 * window`` chunks and ``HELD_BYTES`` of
+the others travel. Chunks that lie back to back in one object (the samples of a shard read in order, as evaluation,
+predict and export read them, or a sample's views) are read by one range request of up to ``RUN_BYTES``: a reader in
+index order sends a request per run of chunks, not per chunk, so a window of 16 requests carries up to 16 runs.
+At most ``window`` requests are in flight, and at most ``2 * window`` runs of chunks and ``HELD_BYTES`` of
 decoded chunks are held ahead of the consumer (large chunks, which need few requests in flight to read at the local
 rate, get a smaller window). The values equal ``ShardFetcher.read``'s bit for bit (the same decode, the same
 ``convert``); the errors are the ones it raises, at the request that meets them; closing the iterator early stops the
@@ -15,6 +18,7 @@ its own chunk, as ``read`` does.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
@@ -26,12 +30,14 @@ from typing import Any
 
 import numpy as np
 
+from fcache.store.backends import Range
 from fcache.store.fetch import Chunk, Convert, ShardFetcher, decoder
 
 Request = tuple[str, int, int | None]
 Prepare = Callable[[Sequence[Request]], None]
 READ_AHEAD = 16  # range requests kept in flight by default: demo-size chunks at 20 ms per request reach the local rate near it
 HELD_BYTES = 256 * 2**20  # chunks a read-ahead holds at most, counted in stored bytes (fewer in flight where chunks are large)
+RUN_BYTES = 2 * 2**20  # the most bytes one range request reads for chunks that lie back to back in one object
 END = object()
 WAIT = 0.05  # seconds between looks at the stop flag while the window is full
 
@@ -49,9 +55,10 @@ class ReadAhead:
         self.fetcher, self.window, self.convert, self.prepare = fetcher, window, convert, prepare
         self.requests = iter(requests)
         biggest = max((math.prod(c.chunk_shape[2:]) * c.dtype.itemsize for c in fetcher.layouts.values() if c), default=1)
-        held = max(1, min(2 * window, HELD_BYTES // biggest))
+        held = max(1, min(2 * window * max(1, RUN_BYTES // biggest), HELD_BYTES // biggest))
         self.in_flight = threading.BoundedSemaphore(min(window, held))  # range requests sent and not yet answered
         self.held = threading.BoundedSemaphore(held)  # chunks sent and not yet handed over
+        self.runs: dict[str, Run] = {}  # per object, the chunks back to back not sent yet (``_start``, ``_send_runs``)
         self.ready: queue.Queue[Any] = queue.Queue()  # (request, its chunks' futures) in request order; END; an error
         self.stop = threading.Event()
         self.pending: list[Future[Any]] = []  # each chunk's future, done once its request returned and it is decoded
@@ -74,6 +81,7 @@ class ReadAhead:
         self.stop.set()
         if self.feeder is not None:
             self.feeder.join()
+        self._fail_runs(RuntimeError("read-ahead stopped"))  # chunks of runs never sent: nobody waits for them now
         for f in list(self.pending):
             f.exception()
 
@@ -102,14 +110,30 @@ class ReadAhead:
                 self.fetcher.load_indexes(block)
                 for request in block:
                     chunks = self.fetcher.chunks_of(request)
-                    if not self._take(self.held, len(chunks)):
+                    if not self._take_held(len(chunks)):
                         return
                     started = [self._start(w) for w in chunks]
                     self.pending = [p for p in self.pending if not p.done()] + started
                     self.ready.put((request, started))
+                if not self._send_runs():
+                    return
             self.ready.put(END)
         except BaseException as e:  # noqa: BLE001 - raised in the consumer, in order
+            # the chunks of the requests before it are read still, so the consumer gets their values first (where their
+            # requests cannot be sent, they fail where they are handed over)
+            with contextlib.suppress(BaseException):
+                self._send_runs()
+            self._fail_runs(e)
             self.ready.put(e)
+
+    def _take_held(self, n: int) -> bool:
+        """``n`` slots of ``held``; the runs not sent yet go first when it must wait (the consumer may wait for them)."""
+        got = 0
+        while got < n and self.held.acquire(blocking=False):
+            got += 1
+        if got == n:
+            return True
+        return self._send_runs() and self._take(self.held, n - got)
 
     def _take(self, sem: threading.BoundedSemaphore, n: int = 1) -> bool:
         """Take ``n`` slots of ``sem``; False once the consumer has stopped."""
@@ -128,22 +152,50 @@ class ReadAhead:
         hit = f.cache_get(w)
         if hit is not None:
             return decoder().submit(self._from_cache, w, hit, done)
-        if not self._take(self.in_flight):
-            cancelled: Future[np.ndarray] = Future()
-            cancelled.set_exception(RuntimeError("read-ahead stopped"))
-            return cancelled
         out: Future[np.ndarray] = Future()
-        sent = f.backend.range_future(f.range_of(w))
+        r = f.range_of(w)
+        run = self.runs.get(r.key)
+        if run is not None and run.extends(r):
+            run.add(w, r, out)
+            return out
+        if run is not None and not self._send(run):
+            out.set_exception(RuntimeError("read-ahead stopped"))
+            return out
+        self.runs[r.key] = Run(r, w, out)
+        return out
+
+    def _send_runs(self) -> bool:
+        """Send every run not sent yet; False once the consumer has stopped."""
+        while self.runs:
+            if not self._send(self.runs.pop(next(iter(self.runs)))):
+                return False
+        return True
+
+    def _send(self, run: Run) -> bool:
+        """One range request for ``run``'s chunks, each decoded as the request lands; False once the consumer has stopped."""
+        if not self._take(self.in_flight):
+            run.fail(RuntimeError("read-ahead stopped"))
+            return False
+        sent = self.fetcher.backend.range_future(Range(run.key, run.start, run.stop))
+        done = self.convert or (lambda _, v: v)
 
         def landed(got: Future[bytes]) -> None:
             self.in_flight.release()
-            if got.exception() is not None:
-                out.set_exception(got.exception())
+            error = got.exception()
+            if error is not None:
+                run.fail(error)
                 return
-            decoder().submit(self._decoded, w, got.result(), done, out)
+            data = memoryview(got.result())
+            for w, a, z, out in run.chunks:
+                decoder().submit(self._decoded, w, bytes(data[a - run.start : z - run.start]), done, out)
 
         sent.add_done_callback(landed)
-        return out
+        return True
+
+    def _fail_runs(self, e: BaseException) -> None:
+        for run in self.runs.values():
+            run.fail(e)
+        self.runs.clear()
 
     def _decoded(self, w: Chunk, raw: bytes, done: Convert, out: Future[np.ndarray]) -> None:
         try:
@@ -154,6 +206,29 @@ class ReadAhead:
 
     def _from_cache(self, w: Chunk, raw: bytes, done: Convert) -> np.ndarray:
         return done(w, self.fetcher.decode_cached(w, raw))
+
+
+class Run:
+    """Chunks back to back in one object, read by one range request: each with its byte range and its future."""
+
+    def __init__(self, r: Range, w: Chunk, out: Future[np.ndarray]) -> None:
+        assert r.stop is not None
+        self.key, self.start, self.stop = r.key, r.start, r.stop
+        self.chunks: list[tuple[Chunk, int, int, Future[np.ndarray]]] = [(w, r.start, r.stop, out)]
+
+    def extends(self, r: Range) -> bool:
+        """Whether ``r`` starts where the run ends, in its object, and the run with it stays within ``RUN_BYTES``."""
+        return r.key == self.key and r.start == self.stop and r.stop is not None and r.stop - self.start <= RUN_BYTES
+
+    def add(self, w: Chunk, r: Range, out: Future[np.ndarray]) -> None:
+        assert self.extends(r) and r.stop is not None
+        self.chunks.append((w, r.start, r.stop, out))
+        self.stop = r.stop
+
+    def fail(self, e: BaseException) -> None:
+        for *_, out in self.chunks:
+            if not out.done():
+                out.set_exception(e)
 
 
 class Expected:
