@@ -10,6 +10,7 @@ with sdpa, SwinV2-T at 512 on a 2-core CPU). On a shared machine the CPU time is
 ``bare_cpu_ms`` is the process's CPU per image of the bare forward, ``cpu_bare/pipe`` that over the pipeline's CPU per
 image (decode workers included): the share of the pipeline's work that is the forward (exact with ``--threads 1``,
 where no OpenMP thread spins while waiting).
+``decode_cpu_ms`` is the CPU per photo of the loader's work for it (decode, views, render) in one thread.
 ``--memory SIZE``: the peak resident memory one forward (batch 1) adds at SIZE, per variant, each in a fresh process.
 Usage: python benchmarks/extract.py [--models swinv2-t,swinv2-b] [--sizes 256:0,512:1] [--variants sdpa,timm]
        [--repeats 3] [--images 16] [--batch-size 4] [--seconds 4] [--skip-pipeline] [--memory 1024]
@@ -42,7 +43,7 @@ from fcache.extract.config import ExtractConfig  # noqa: E402
 BASELINE = "timm"  # speed-ups are over this variant, measured in the same run
 COLUMNS = ["model", "size", "batch", "workers", "variant", "bare_img_s", "bare_spread", "pipeline_img_s", "pipe_spread",
            "pipe/bare", "bare_vs_timm", "pipe_vs_timm", "compile_s", "bare_cpu_ms", "cpu_bare/pipe", "loader_wait_s",
-           "forward_s", "writer_wait_s"]  # fmt: skip
+           "forward_s", "writer_wait_s", "decode_cpu_ms"]  # fmt: skip
 
 
 def build(model: str, size: int, device: str, variant: str) -> Backbone:
@@ -148,7 +149,26 @@ def measure(model: str, size: int, workers: int, args: argparse.Namespace, root:
                 shutil.rmtree(out.parent, ignore_errors=True)
             print(f"  {model}@{size} {v} rep {rep}: bare {bare[v][-1][0]:.2f} img/s"
                   + (f", pipeline {pipe[v][-1]['images_per_s']:.2f}" if pipe[v] else ""), file=sys.stderr, flush=True)  # fmt: skip
-    return rows_of(model, size, workers, args, bare, pipe, compile_s)
+    rows = rows_of(model, size, workers, args, bare, pipe, compile_s)
+    decoding = decode_cpu_ms(model, size, root)
+    return [{**r, "decode_cpu_ms": decoding} for r in rows]
+
+
+def decode_cpu_ms(model: str, size: int, root: Path, passes: int = 3) -> float:
+    """CPU ms per photo of what the pipeline's loader does for it (decode, views, render; ``load_sample``) in one thread,
+    the median of ``passes`` passes over the photos in ``root``."""
+    from fcache.extract.stages import load_sample
+
+    cfg = ExtractConfig.from_flags(dataset="folder", root=str(root), out=str(root.parent / "unused.zarr"), model=model,
+                                   random_init=True, input_size=size)  # fmt: skip
+    source, refs, _, m = driver.prepare(cfg, meta=True)
+    per = []
+    for _ in range(passes + 1):  # the first pass warms the page cache
+        t = time.thread_time()
+        for i, ref in enumerate(refs):
+            load_sample(source, ref, i, m)
+        per.append((time.thread_time() - t) / len(refs) * 1e3)
+    return statistics.median(per[1:])
 
 
 def rows_of(model: str, size: int, workers: int, args: argparse.Namespace, bare: dict[str, list[tuple[float, float]]],

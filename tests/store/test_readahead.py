@@ -7,6 +7,7 @@ request that meets them, and no thread left behind when it fails or is closed.
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future
 
 import numpy as np
@@ -223,3 +224,36 @@ def test_requests_before_an_error_get_their_values_from_a_run_not_sent_yet(one_v
     for (lv, i, v), values in zip(in_order[:6], got, strict=True):
         np.testing.assert_array_equal(values, local.read(lv, i, v))
     assert no_feeder_left()
+
+
+def test_a_request_for_every_view_fits_however_large_the_chunks(stores, monkeypatch):
+    """Held ahead: at most ``HELD_BYTES`` of chunks, but always every view of one sample (a request's chunks together)."""
+    url, local = stores
+    s = fstore.open(url)
+    chunk = max(int(np.prod(s.manifest.level_shape(lv))) for lv in s.level_names)
+    monkeypatch.setattr(readahead, "HELD_BYTES", chunk)  # one chunk; a request for both views needs two
+    requests = [("p2", int(i), None) for i in local.ok_indices]
+    stream = s.read_stream(requests, window=4)
+    got = []
+    reader = threading.Thread(target=lambda: got.extend(stream), daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    assert not reader.is_alive(), "the read-ahead waits for room it can never have"
+    for (lv, i, v), values in zip(requests, got, strict=True):
+        np.testing.assert_array_equal(values, local.read(lv, i, v))
+
+
+def test_runs_are_not_cut_when_the_consumer_is_slower(one_view, monkeypatch):
+    """With room for one block's chunks only and a consumer slower than the requests, each block still goes in one
+    request per shard: the slots of a block's chunks are taken before its runs are formed."""
+    url, local = one_view
+    s = fstore.open(url)
+    in_order = [("p2", i, 0) for i in range(12)]
+    s.read_many(in_order[::4])
+    chunk = max(int(np.prod(s.manifest.level_shape(lv))) for lv in s.level_names) * 2  # the largest chunk, fp16
+    monkeypatch.setattr(readahead, "HELD_BYTES", 4 * chunk)
+    count = Counted(monkeypatch)
+    for (lv, i, v), got in zip(in_order, s.read_stream(in_order, window=4), strict=True):
+        time.sleep(0.02)
+        np.testing.assert_array_equal(got, local.read(lv, i, v))
+    assert (count.sent, count.now) == (3, 0)

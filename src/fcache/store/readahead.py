@@ -56,8 +56,10 @@ class ReadAhead:
         self.requests = iter(requests)
         biggest = max((math.prod(c.chunk_shape[2:]) * c.dtype.itemsize for c in fetcher.layouts.values() if c), default=1)
         held = max(1, min(2 * window * max(1, RUN_BYTES // biggest), HELD_BYTES // biggest))
+        held = max(held, fetcher.manifest.num_views)  # every view of one sample at least: a request's chunks always fit
         self.in_flight = threading.BoundedSemaphore(min(window, held))  # range requests sent and not yet answered
         self.held = threading.BoundedSemaphore(held)  # chunks sent and not yet handed over
+        self.capacity = held
         self.runs: dict[str, Run] = {}  # per object, the chunks back to back not sent yet (``_start``, ``_send_runs``)
         self.ready: queue.Queue[Any] = queue.Queue()  # (request, its chunks' futures) in request order; END; an error
         self.stop = threading.Event()
@@ -108,15 +110,17 @@ class ReadAhead:
                     return
                 self.prepare(block)
                 self.fetcher.load_indexes(block)
-                for request in block:
-                    chunks = self.fetcher.chunks_of(request)
-                    if not self._take_held(len(chunks)):
+                for part in self._parts(block):
+                    # the slots of a part's chunks are taken while no run waits to be sent (the consumer may wait for
+                    # one), so that its runs are cut only by RUN_BYTES and where chunks are not back to back
+                    if not self._take(self.held, sum(len(chunks) for _, chunks in part)):
                         return
-                    started = [self._start(w) for w in chunks]
-                    self.pending = [p for p in self.pending if not p.done()] + started
-                    self.ready.put((request, started))
-                if not self._send_runs():
-                    return
+                    for request, chunks in part:
+                        started = [self._start(w) for w in chunks]
+                        self.pending = [p for p in self.pending if not p.done()] + started
+                        self.ready.put((request, started))
+                    if not self._send_runs():
+                        return
             self.ready.put(END)
         except BaseException as e:  # noqa: BLE001 - raised in the consumer, in order
             # the chunks of the requests before it are read still, so the consumer gets their values first (where their
@@ -126,14 +130,19 @@ class ReadAhead:
             self._fail_runs(e)
             self.ready.put(e)
 
-    def _take_held(self, n: int) -> bool:
-        """``n`` slots of ``held``; the runs not sent yet go first when it must wait (the consumer may wait for them)."""
-        got = 0
-        while got < n and self.held.acquire(blocking=False):
-            got += 1
-        if got == n:
-            return True
-        return self._send_runs() and self._take(self.held, n - got)
+    def _parts(self, block: list[Request]) -> Iterator[list[tuple[Request, list[Chunk]]]]:
+        """``block``'s requests with their chunks, in parts of at most ``held`` chunks (one request at least)."""
+        part: list[tuple[Request, list[Chunk]]] = []
+        count = 0
+        for request in block:
+            chunks = self.fetcher.chunks_of(request)
+            if part and count + len(chunks) > self.capacity:
+                yield part
+                part, count = [], 0
+            part.append((request, chunks))
+            count += len(chunks)
+        if part:
+            yield part
 
     def _take(self, sem: threading.BoundedSemaphore, n: int = 1) -> bool:
         """Take ``n`` slots of ``sem``; False once the consumer has stopped."""
