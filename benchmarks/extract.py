@@ -10,7 +10,8 @@ with sdpa, SwinV2-T at 512 on a 2-core CPU). On a shared machine the CPU time is
 ``bare_cpu_ms`` is the process's CPU per image of the bare forward, ``cpu_bare/pipe`` that over the pipeline's CPU per
 image (decode workers included): the share of the pipeline's work that is the forward (exact with ``--threads 1``,
 where no OpenMP thread spins while waiting).
-``decode_cpu_ms`` is the CPU per photo of the loader's work for it (decode, views, render) in one thread.
+``decode_cpu_ms`` is the CPU per photo of the loader's work for it (decode, views, render) in the calling thread (what
+torch's other threads take of normalising is not counted; all of it with ``--threads 1``).
 ``--memory SIZE``: the peak resident memory one forward (batch 1) adds at SIZE, per variant, each in a fresh process.
 Usage: python benchmarks/extract.py [--models swinv2-t,swinv2-b] [--sizes 256:0,512:1] [--variants sdpa,timm]
        [--repeats 3] [--images 16] [--batch-size 4] [--seconds 4] [--skip-pipeline] [--memory 1024]
@@ -155,8 +156,8 @@ def measure(model: str, size: int, workers: int, args: argparse.Namespace, root:
 
 
 def decode_cpu_ms(model: str, size: int, root: Path, passes: int = 3) -> float:
-    """CPU ms per photo of what the pipeline's loader does for it (decode, views, render; ``load_sample``) in one thread,
-    the median of ``passes`` passes over the photos in ``root``."""
+    """CPU ms per photo of what the pipeline's loader does for it (decode, views, render; ``load_sample``) in the calling
+    thread, the median of ``passes`` passes over the photos in ``root``."""
     from fcache.extract.stages import load_sample
 
     cfg = ExtractConfig.from_flags(dataset="folder", root=str(root), out=str(root.parent / "unused.zarr"), model=model,

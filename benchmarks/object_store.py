@@ -13,9 +13,9 @@ reader (an epoch's batches) gets. "in order" reads as many samples in index orde
 predict and export read a store: read ahead, chunks back to back in a shard go in one request (up to
 ``readahead.RUN_BYTES``), against the direct path on the local files in the same order. MB/s are the stored dtype's
 uncompressed bytes per second, the median of ``--repeats`` passes; ``spread`` is (max - min) / median of the 20 ms
-passes. Local disk is read two ways: zarr's own path (``read_path="zarr"``, one
-sample-view at a time, once) and the direct path on the local files (``ShardFetcher``: kept indexes, direct range
-reads, measured again at every k, between the clients); ratios are against the faster. ``cached`` reads through
+passes. Local disk is read two ways: zarr's own path (``read_path="zarr"``, one sample-view at a time, once) and the
+direct path on the local files (``ShardFetcher``: kept indexes, direct range reads, measured again at every k, between
+the clients); ratios are against the faster. ``cached`` reads through
 ``--cache-dir`` after a first pass filled it (the first client only: no request leaves the cache). The second table
 times the ranged GETs alone (no decoding): requests per second and the client's CPU per request at 0 ms. The third
 reads the same sample-views through the training loader (``train_loader``: batches of k, no workers, the stored values

@@ -247,11 +247,9 @@ def step_info(work: Path) -> dict[str, Any]:
     t = Clock()
     text = format_info(describe(work / "store.zarr"))
     out = {**t.times(), "lines": len(text.splitlines())}
-    w = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "fcache", "info", str(work / "store.zarr")], stdout=subprocess.DEVNULL)
-    _pid, status, usage = os.wait4(proc.pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, "fcache info failed"
-    return {**out, "command_s": time.perf_counter() - w, "command_cpu_s": usage.ru_utime + usage.ru_stime}
+    code, seconds, usage = waited([sys.executable, "-m", "fcache", "info", str(work / "store.zarr")], subprocess.DEVNULL)
+    assert code == 0, "fcache info failed"
+    return {**out, "command_s": seconds, "command_cpu_s": usage.ru_utime + usage.ru_stime}
 
 
 def _verify(work: Path, **kw: Any) -> dict[str, Any]:
@@ -369,21 +367,25 @@ def run_step(name: str, work: Path) -> dict[str, Any]:
     """One step in a fresh process: its own result, the process's wall time and peak RSS (from wait4)."""
     out = work / f".{name}.out"
     hidden = _hide_half_ledger(work) if name == "resume_half" else []
-    t = time.perf_counter()
     try:
         with open(out, "w") as f:
-            proc = subprocess.Popen([sys.executable, __file__, "--step", name, "--work", str(work)], stdout=f)
-            _, status, usage = os.wait4(proc.pid, 0)
-        process_s = time.perf_counter() - t
+            code, process_s, usage = waited([sys.executable, __file__, "--step", name, "--work", str(work)], f)
     finally:
         for src, dst in hidden:
             os.replace(dst, src)
-    proc.returncode = os.waitstatus_to_exitcode(status)
     lines = out.read_text().strip().splitlines()
-    if proc.returncode or not lines:
-        return {"step": name, "error": f"exit code {proc.returncode}"}
+    if code or not lines:
+        return {"step": name, "error": f"exit code {code}"}
     result = json.loads(lines[-1])
     return {"step": name, **result, "process_s": process_s, "rss_mb": usage.ru_maxrss / 1024}
+
+
+def waited(cmd: list[str], stdout: Any) -> tuple[int, float, Any]:
+    """``cmd`` run to its end: its exit code, wall seconds and resource usage (wait4: CPU, peak RSS)."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=stdout)
+    _, status, usage = os.wait4(proc.pid, 0)
+    return os.waitstatus_to_exitcode(status), time.perf_counter() - t, usage
 
 
 def _hide_half_ledger(work: Path) -> list[tuple[Path, Path]]:

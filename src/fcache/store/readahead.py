@@ -52,7 +52,8 @@ class ReadAhead:
     def __init__(self, fetcher: ShardFetcher, requests: Iterable[Request], window: int, convert: Convert | None, prepare: Prepare) -> None:
         if window < 1:
             raise ValueError(f"window must be at least 1, not {window}")
-        self.fetcher, self.window, self.convert, self.prepare = fetcher, window, convert, prepare
+        self.fetcher, self.window, self.prepare = fetcher, window, prepare
+        self.done: Convert = convert or (lambda _, v: v)
         self.requests = iter(requests)
         biggest = max((math.prod(c.chunk_shape[2:]) * c.dtype.itemsize for c in fetcher.layouts.values() if c), default=1)
         held = max(1, min(2 * window * max(1, RUN_BYTES // biggest), HELD_BYTES // biggest))
@@ -153,9 +154,9 @@ class ReadAhead:
         return True
 
     def _start(self, w: Chunk) -> Future[np.ndarray]:
-        """Chunk ``w`` read and decoded: at once from the cache or local disk, else once its range request returns."""
-        f = self.fetcher
-        done = self.convert or (lambda _, v: v)
+        """Chunk ``w`` read and decoded: at once from the cache or local disk, else once the range request of its run
+        (``Run``: the chunks back to back with it in its object) returns."""
+        f, done = self.fetcher, self.done
         if not f.backend.remote and f.cache is None:
             return decoder().submit(lambda: done(w, f.decode(w, f.backend.get_ranges([f.range_of(w)])[0])))
         hit = f.cache_get(w)
@@ -186,7 +187,6 @@ class ReadAhead:
             run.fail(RuntimeError("read-ahead stopped"))
             return False
         sent = self.fetcher.backend.range_future(Range(run.key, run.start, run.stop))
-        done = self.convert or (lambda _, v: v)
 
         def landed(got: Future[bytes]) -> None:
             self.in_flight.release()
@@ -196,7 +196,7 @@ class ReadAhead:
                 return
             data = memoryview(got.result())
             for w, a, z, out in run.chunks:
-                decoder().submit(self._decoded, w, bytes(data[a - run.start : z - run.start]), done, out)
+                decoder().submit(self._decoded, w, bytes(data[a - run.start : z - run.start]), self.done, out)
 
         sent.add_done_callback(landed)
         return True

@@ -290,8 +290,8 @@ class FeatureStore:
     def read_stream(self, requests: Iterable[tuple[str, int, int | None]], window: int = READ_AHEAD) -> Iterator[np.ndarray]:
         """``read(level, i, view)`` of each request in order, read ahead (``fcache.store.readahead``): ``window`` range
         requests kept in flight while the chunks that landed decode. The values of ``read_many``, bit for bit."""
-        fetcher = self.fetcher
-        if fetcher is None or not all(fetcher.supports(lv.name) for lv in self.manifest.levels):
+        fetcher = self._direct()
+        if fetcher is None:
             for block in blocks(requests, window):
                 yield from self.read_many(block)
             return
@@ -304,14 +304,18 @@ class FeatureStore:
         stop reading ahead."""
         if self._expected is not None:
             self._expected.close()
-        fetcher = self.fetcher
-        direct = fetcher is not None and all(fetcher.supports(lv.name) for lv in self.manifest.levels)
-        self._expected = Expected(ReadAhead(fetcher, requests, window, None, lambda _: None)) if requests and direct else None  # type: ignore[arg-type]
+        fetcher = self._direct()
+        self._expected = Expected(ReadAhead(fetcher, requests, window, None, lambda _: None)) if requests and fetcher is not None else None
 
     @property
     def expecting(self) -> bool:
         """Whether requests told to ``expect`` are still being read ahead (not ended by a mismatch or their end)."""
         return self._expected is not None and self._expected.open
+
+    def _direct(self) -> ShardFetcher | None:
+        """The fetcher where it reads every level of the store (read ahead), else None (zarr's own path)."""
+        fetcher = self.fetcher
+        return fetcher if fetcher is not None and all(fetcher.supports(lv.name) for lv in self.manifest.levels) else None
 
     def _to_float(self, scales: Mapping[tuple[str, int], np.ndarray]) -> Convert:
         return to_float32(self.manifest, self.bases, scales)
